@@ -1,0 +1,1 @@
+//! Certificate authorities, OpenSSH certificates and the trust store.

@@ -1,0 +1,18 @@
+//! Tether keeps reverse tunnels between clusters.
+//!
+//! A *leaf* cluster's agents dial out to the *root* cluster's proxies over SSH; through those
+//! tunnels, clients in the root reach the servers the leaf allows. The layers, from the wire up:
+//!
+//! - [`protocol`]: wire messages, target names and their limits (no I/O).
+//! - [`identity`]: certificate authorities, certificates and the trust store.
+//! - [`stream`]: flow-controlled byte streams over SSH channels.
+//! - [`proxy`]: the tunnel server, its registry of remote sites and the client entry.
+//! - [`agent`]: the leaf side: tunnels, the pool and the allow-list.
+//!
+//! Only the `operator` module talks to Kubernetes; the data plane runs without it.
+
+pub mod agent;
+pub mod identity;
+pub mod protocol;
+pub mod proxy;
+pub mod stream;

@@ -1,0 +1,9 @@
+//! Wire messages and names shared by the proxy and the agent, with their limits.
+//!
+//! Nothing here does I/O: it is the vocabulary both ends agree on.
+
+pub mod dial;
+pub mod target;
+
+pub use dial::{DialError, DialErrorKind};
+pub use target::{ClusterName, Endpoint, Target, TargetParseError};

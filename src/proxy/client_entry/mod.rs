@@ -1,0 +1,1 @@
+//! The client entry: HTTP CONNECT and SOCKS5 in front of the tunnels.
