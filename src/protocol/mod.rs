@@ -2,7 +2,9 @@
 //!
 //! Nothing here does I/O: it is the vocabulary both ends agree on.
 
+pub mod control;
 pub mod dial;
+pub mod stream;
 pub mod target;
 
 pub use dial::{DialError, DialErrorKind};
