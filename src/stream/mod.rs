@@ -24,3 +24,7 @@ impl Splice for tokio::net::TcpStream {
         Ok(())
     }
 }
+
+pub mod tunnel;
+
+pub use tunnel::{StreamLimits, TunnelStream};

@@ -1,0 +1,341 @@
+//! A tunnel stream: one SSH channel carrying one TCP connection's bytes, with credit-based flow
+//! control so a stalled reader never stalls the SSH connection it shares with other streams.
+//!
+//! Each side reads its channel's messages as soon as they arrive (so russh's per-channel queue
+//! never fills and never blocks the connection's session loop) and keeps them in a queue bounded
+//! by the credit it has granted. Bytes are granted back only when they have been written to the
+//! local side, so a reader that stops reading stops its sender after at most one window.
+
+use std::collections::VecDeque;
+use std::io;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::{Buf, Bytes, BytesMut};
+use futures::FutureExt;
+use russh::ChannelMsg;
+use russh::{ChannelId, ChannelReadHalf, ChannelWriteHalf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::Notify;
+
+use super::Splice;
+use crate::protocol::stream::{CONTROL_EXT, StreamControl};
+use crate::protocol::{DialError, DialErrorKind};
+
+/// Default credit per stream and direction: the most a side buffers for a stalled reader.
+pub const DEFAULT_WINDOW: u32 = 512 * 1024;
+
+/// Largest chunk read from the local side at once (an SSH packet is at most 32 KiB; russh splits).
+const READ_CHUNK: usize = 64 * 1024;
+
+/// Sizes of one stream's flow control.
+#[derive(Debug, Clone, Copy)]
+pub struct StreamLimits {
+    /// Credit granted to the peer: the bound on bytes buffered for this stream's local writer.
+    pub window: u32,
+}
+
+impl Default for StreamLimits {
+    fn default() -> Self {
+        Self {
+            window: DEFAULT_WINDOW,
+        }
+    }
+}
+
+/// One end of a tunnelled stream, ready to be spliced to a local socket.
+pub struct TunnelStream<S: From<(ChannelId, ChannelMsg)> + Send + Sync + 'static> {
+    read: ChannelReadHalf,
+    write: ChannelWriteHalf<S>,
+    limits: StreamLimits,
+}
+
+impl<S: From<(ChannelId, ChannelMsg)> + Send + Sync + 'static> TunnelStream<S> {
+    /// Wraps an open channel whose dial has succeeded.
+    pub fn new(read: ChannelReadHalf, write: ChannelWriteHalf<S>, limits: StreamLimits) -> Self {
+        Self {
+            read,
+            write,
+            limits,
+        }
+    }
+
+    /// The dialling side: waits for the agent's answer to the dial, at most `timeout`.
+    pub async fn await_dial(
+        mut read: ChannelReadHalf,
+        write: ChannelWriteHalf<S>,
+        limits: StreamLimits,
+        timeout: Duration,
+    ) -> Result<Self, DialError> {
+        let answer = tokio::time::timeout(timeout, async {
+            loop {
+                match read.wait().await {
+                    Some(ChannelMsg::ExtendedData { data, ext }) if ext == CONTROL_EXT => {
+                        return match StreamControl::decode(&data) {
+                            Ok(StreamControl::DialOk) => Ok(()),
+                            Ok(StreamControl::DialFailed(e)) => Err(e),
+                            Ok(other) => Err(DialError::new(
+                                DialErrorKind::Other,
+                                format!("agent sent {other:?} before answering the dial"),
+                            )),
+                            Err(e) => Err(DialError::new(
+                                DialErrorKind::Other,
+                                format!("agent sent a malformed answer: {e}"),
+                            )),
+                        };
+                    }
+                    Some(ChannelMsg::Close | ChannelMsg::Eof) | None => {
+                        return Err(DialError::new(
+                            DialErrorKind::Other,
+                            "the tunnel closed before the agent answered the dial",
+                        ));
+                    }
+                    Some(ChannelMsg::Data { .. }) => {
+                        return Err(DialError::new(
+                            DialErrorKind::Other,
+                            "agent sent data before answering the dial",
+                        ));
+                    }
+                    Some(_) => {}
+                }
+            }
+        })
+        .await;
+        match answer {
+            Ok(Ok(())) => Ok(Self::new(read, write, limits)),
+            Ok(Err(e)) => {
+                let _ = write.close().await;
+                Err(e)
+            }
+            Err(_) => {
+                let _ = write.close().await;
+                Err(DialError::new(
+                    DialErrorKind::TimedOut,
+                    format!("the agent did not answer within {timeout:?}"),
+                ))
+            }
+        }
+    }
+}
+
+/// What one side of a stream shares between its two directions.
+#[derive(Default)]
+struct Shared {
+    /// Bytes this side may still send (granted by the peer, not yet used).
+    send_credit: AtomicU64,
+    /// Woken when the peer grants credit.
+    credit_arrived: Notify,
+    /// Bytes written to the local side since the last grant, waiting to be granted back.
+    to_grant: AtomicU64,
+    /// Woken when `to_grant` grows past the batching threshold.
+    grant_ready: Notify,
+    /// Set once the local side reached EOF and the channel's EOF has been sent.
+    uplink_eof: AtomicBool,
+    /// Woken when `uplink_eof` is set.
+    uplink_eof_set: Notify,
+    /// Woken when the downlink has finished: both directions ended, or the peer closed.
+    downlink_done: Notify,
+}
+
+impl<S: From<(ChannelId, ChannelMsg)> + Send + Sync + 'static> Splice for TunnelStream<S> {
+    async fn splice<L>(self, local: L) -> io::Result<()>
+    where
+        L: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let TunnelStream {
+            read,
+            write,
+            limits,
+        } = self;
+        let shared = Shared::default();
+        let (local_read, local_write) = tokio::io::split(local);
+        // The first grant opens the peer's window; later ones return what was consumed.
+        write
+            .extended_data_bytes(CONTROL_EXT, StreamControl::Credit(limits.window).encode())
+            .await
+            .map_err(ssh_io)?;
+        let down = downlink(read, local_write, &shared, limits);
+        let up = uplink(&write, local_read, &shared);
+        // The first error ends both directions; a clean end comes from the downlink once both
+        // directions have seen EOF, or when the peer closes.
+        let result = tokio::try_join!(down, up).map(|_| ());
+        let _ = write.close().await;
+        result
+    }
+}
+
+/// Channel → local: drains the channel at once into a queue bounded by the granted window, and
+/// writes the queue to the local side as fast as it accepts.
+async fn downlink<W: AsyncWrite + Unpin>(
+    mut read: ChannelReadHalf,
+    mut local: W,
+    shared: &Shared,
+    limits: StreamLimits,
+) -> io::Result<()> {
+    let result = async {
+        let window = u64::from(limits.window);
+        let grant_threshold = (window / 4).max(1);
+        let mut queue: VecDeque<Bytes> = VecDeque::new();
+        // Bytes the peer may still send us: what we granted minus what arrived.
+        let mut allowance = window;
+        let mut eof = false;
+        let mut local_closed = false;
+        loop {
+            if eof && queue.is_empty() && !local_closed {
+                local.flush().await?;
+                local.shutdown().await?;
+                local_closed = true;
+            }
+            if local_closed && shared.uplink_eof.load(Ordering::Acquire) {
+                return Ok(());
+            }
+            tokio::select! {
+                biased;
+                msg = read.wait() => match msg {
+                    Some(ChannelMsg::Data { data }) => {
+                        let len = data.len() as u64;
+                        if eof || len > allowance {
+                            return Err(io::Error::new(
+                                io::ErrorKind::InvalidData,
+                                format!("peer sent {len} bytes beyond its credit of {allowance}"),
+                            ));
+                        }
+                        allowance -= len;
+                        if !data.is_empty() {
+                            queue.push_back(data);
+                        }
+                    }
+                    Some(ChannelMsg::ExtendedData { data, ext }) if ext == CONTROL_EXT => {
+                        match StreamControl::decode(&data) {
+                            Ok(StreamControl::Credit(n)) => {
+                                shared.send_credit.fetch_add(u64::from(n), Ordering::AcqRel);
+                                shared.credit_arrived.notify_one();
+                            }
+                            Ok(other) => {
+                                return Err(io::Error::new(
+                                    io::ErrorKind::InvalidData,
+                                    format!("unexpected control frame {other:?} mid-stream"),
+                                ));
+                            }
+                            Err(e) => return Err(io::Error::new(io::ErrorKind::InvalidData, e)),
+                        }
+                    }
+                    Some(ChannelMsg::Eof) => eof = true,
+                    Some(ChannelMsg::Close) | None => return Ok(()),
+                    Some(_) => {}
+                },
+                () = shared.uplink_eof_set.notified() => {}
+                written = local.write(queue.front().map(|b| &b[..]).unwrap_or(&[])), if !queue.is_empty() => {
+                    let n = written?;
+                    if n == 0 {
+                        return Err(io::ErrorKind::WriteZero.into());
+                    }
+                    if let Some(front) = queue.front_mut() {
+                        front.advance(n);
+                        if front.is_empty() {
+                            queue.pop_front();
+                        }
+                    }
+                    allowance += n as u64;
+                    let pending = shared.to_grant.fetch_add(n as u64, Ordering::AcqRel) + n as u64;
+                    if pending >= grant_threshold {
+                        shared.grant_ready.notify_one();
+                    }
+                    if queue.is_empty() {
+                        local.flush().await?;
+                    }
+                }
+            }
+        }
+    }
+    .await;
+    shared.downlink_done.notify_one();
+    result
+}
+
+/// Local → channel: reads the local side only while the peer has granted credit, and returns
+/// grants for what the downlink consumed.
+async fn uplink<S, R>(
+    write: &ChannelWriteHalf<S>,
+    mut local: R,
+    shared: &Shared,
+) -> io::Result<()>
+where
+    S: From<(ChannelId, ChannelMsg)> + Send + Sync + 'static,
+    R: AsyncRead + Unpin,
+{
+    let mut local_eof = false;
+    let mut busy = false;
+    loop {
+        tokio::select! {
+            biased;
+            () = shared.downlink_done.notified() => return Ok(()),
+            () = shared.grant_ready.notified() => {
+                let grant = shared.to_grant.swap(0, Ordering::AcqRel);
+                if grant > 0 {
+                    let grant = u32::try_from(grant).unwrap_or(u32::MAX);
+                    write
+                        .extended_data_bytes(CONTROL_EXT, StreamControl::Credit(grant).encode())
+                        .await
+                        .map_err(ssh_io)?;
+                }
+            }
+            chunk = read_with_credit(&mut local, shared, &mut busy), if !local_eof => {
+                match chunk? {
+                    None => {
+                        local_eof = true;
+                        write.eof().await.map_err(ssh_io)?;
+                        shared.uplink_eof.store(true, Ordering::Release);
+                        shared.uplink_eof_set.notify_one();
+                    }
+                    Some(data) => {
+                        shared.send_credit.fetch_sub(data.len() as u64, Ordering::AcqRel);
+                        write.data_bytes(data).await.map_err(ssh_io)?;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Waits for send credit, then reads at most that much from the local side. `None` at EOF.
+/// Cancel-safe: nothing is taken from the local side until a read completes.
+///
+/// An idle stream waits with a one-byte probe rather than a full buffer, so thousands of idle
+/// streams cost no read buffers; a stream that is moving data (`busy`) reads straight into one.
+async fn read_with_credit<R: AsyncRead + Unpin>(
+    local: &mut R,
+    shared: &Shared,
+    busy: &mut bool,
+) -> io::Result<Option<Bytes>> {
+    let credit = loop {
+        let credit = shared.send_credit.load(Ordering::Acquire);
+        if credit > 0 {
+            break credit;
+        }
+        shared.credit_arrived.notified().await;
+    };
+    let size = (credit as usize).min(READ_CHUNK);
+    if *busy {
+        let mut buf = BytesMut::with_capacity(size);
+        let n = local.read_buf(&mut buf).await?;
+        *busy = n == size;
+        return Ok((n > 0).then(|| buf.freeze()));
+    }
+    let mut probe = [0u8; 1];
+    if local.read(&mut probe).await? == 0 {
+        return Ok(None);
+    }
+    let mut buf = BytesMut::with_capacity(size);
+    buf.extend_from_slice(&probe);
+    // Take whatever else is already there without waiting for more.
+    if let Some(more) = local.read_buf(&mut buf).now_or_never() {
+        let n = more?;
+        *busy = n + 1 == size;
+    }
+    Ok(Some(buf.freeze()))
+}
+
+fn ssh_io(e: russh::Error) -> io::Error {
+    io::Error::new(io::ErrorKind::BrokenPipe, e)
+}
