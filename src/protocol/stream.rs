@@ -145,10 +145,7 @@ mod tests {
             StreamControl::decode(&[1, 0, 0]),
             Err(FrameError::Length { kind: 1, .. })
         ));
-        assert_eq!(
-            StreamControl::decode(&[9]),
-            Err(FrameError::UnknownType(9))
-        );
+        assert_eq!(StreamControl::decode(&[9]), Err(FrameError::UnknownType(9)));
         assert_eq!(
             StreamControl::decode(&[3, 2, 0xff, 0xfe]),
             Err(FrameError::NotUtf8)

@@ -33,7 +33,9 @@ pub enum TargetParseError {
     Shape(String),
     #[error("invalid port in {0:?}: expected 1-65535")]
     Port(String),
-    #[error("invalid host {0:?}: empty, too long (over 253 bytes) or containing characters a host name cannot have")]
+    #[error(
+        "invalid host {0:?}: empty, too long (over 253 bytes) or containing characters a host name cannot have"
+    )]
     Host(String),
 }
 

@@ -1,6 +1,15 @@
 //! The root side: the tunnel server, its registry of remote sites, and the client entry.
 
 pub mod client_entry;
+pub mod config;
+mod control;
 pub mod dialer;
+mod handler;
+pub mod limits;
+pub mod server;
+pub mod sites;
 
+pub use config::{HeartbeatPolicy, ProxyConfig, ProxyLimits};
 pub use dialer::Dialer;
+pub use server::{ProxyConn, ProxyDialer, ProxyServer};
+pub use sites::{SiteInfo, SiteStatus, Sites};

@@ -180,18 +180,21 @@ async fn downlink<W: AsyncWrite + Unpin>(
         let mut allowance = window;
         let mut eof = false;
         let mut local_closed = false;
+        // The peer closed the channel: nothing more will arrive.
+        let mut closed = false;
         loop {
-            if eof && queue.is_empty() && !local_closed {
+            // The peer's EOF, or its close, ends this direction once the queue is written out.
+            if (eof || closed) && queue.is_empty() && !local_closed {
                 local.flush().await?;
                 local.shutdown().await?;
                 local_closed = true;
             }
-            if local_closed && shared.uplink_eof.load(Ordering::Acquire) {
+            if local_closed && (closed || shared.uplink_eof.load(Ordering::Acquire)) {
                 return Ok(());
             }
             tokio::select! {
                 biased;
-                msg = read.wait() => match msg {
+                msg = read.wait(), if !closed => match msg {
                     Some(ChannelMsg::Data { data }) => {
                         let len = data.len() as u64;
                         if eof || len > allowance {
@@ -221,7 +224,7 @@ async fn downlink<W: AsyncWrite + Unpin>(
                         }
                     }
                     Some(ChannelMsg::Eof) => eof = true,
-                    Some(ChannelMsg::Close) | None => return Ok(()),
+                    Some(ChannelMsg::Close) | None => closed = true,
                     Some(_) => {}
                 },
                 () = shared.uplink_eof_set.notified() => {}
@@ -255,11 +258,7 @@ async fn downlink<W: AsyncWrite + Unpin>(
 
 /// Local → channel: reads the local side only while the peer has granted credit, and returns
 /// grants for what the downlink consumed.
-async fn uplink<S, R>(
-    write: &ChannelWriteHalf<S>,
-    mut local: R,
-    shared: &Shared,
-) -> io::Result<()>
+async fn uplink<S, R>(write: &ChannelWriteHalf<S>, mut local: R, shared: &Shared) -> io::Result<()>
 where
     S: From<(ChannelId, ChannelMsg)> + Send + Sync + 'static,
     R: AsyncRead + Unpin,

@@ -1,0 +1,466 @@
+//! One agent connection to one proxy: authenticate both ways, keep heartbeats, serve dials.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use russh::client::{self, Handle, Msg, Session};
+use russh::{Channel, ChannelMsg, ChannelOpenFailure, ChannelReadHalf, ChannelWriteHalf};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use super::config::AgentConfig;
+use super::connect::connect;
+use crate::identity::verify_host_certificate;
+use crate::protocol::control::{
+    self, AgentMessage, CONTROL_SUBSYSTEM, FrameReader, ProxyInfo, ProxyMessage,
+};
+use crate::protocol::stream::{CONTROL_EXT, StreamControl};
+use crate::protocol::{DialError, DialErrorKind, Endpoint, ssh};
+use crate::stream::{Splice, TunnelStream};
+
+/// Why a tunnel could not be set up or ended.
+#[derive(Debug, thiserror::Error)]
+pub enum TunnelError {
+    #[error("could not reach the proxy at {addr}: {source}")]
+    Connect {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("timed out after {0:?} connecting to the proxy")]
+    Timeout(Duration),
+    #[error("SSH: {0}")]
+    Ssh(#[from] russh::Error),
+    #[error("the proxy refused the agent's certificate")]
+    AuthRefused,
+    #[error("control channel: {0}")]
+    Control(String),
+    #[error("the proxy stopped answering heartbeats ({0:?} of silence)")]
+    Stale(Duration),
+    #[error("the proxy closed the tunnel")]
+    Closed,
+    #[error("the proxy is draining: {0}")]
+    Drained(String),
+}
+
+/// What a tunnel reports while it lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TunnelEvent {
+    /// The hello completed; dials may arrive.
+    Connected { proxy_id: String },
+    /// The proxy announced the proxies of its cluster.
+    Discovery {
+        proxy_id: String,
+        proxies: Vec<ProxyInfo>,
+    },
+}
+
+/// Verifies the proxy, answers dials.
+struct AgentHandler {
+    config: Arc<AgentConfig>,
+    /// The proxy ID read from its host certificate during key exchange.
+    proxy_id: Arc<Mutex<Option<String>>>,
+    tasks: TaskTracker,
+}
+
+impl client::Handler for AgentHandler {
+    type Error = russh::Error;
+
+    async fn check_server_key(
+        &mut self,
+        key: &russh::keys::PublicKeyOrCertificate,
+    ) -> Result<bool, Self::Error> {
+        match key {
+            russh::keys::PublicKeyOrCertificate::Certificate(cert) => {
+                match verify_host_certificate(
+                    cert,
+                    &self.config.root_cas,
+                    &self.config.root_cluster,
+                    SystemTime::now(),
+                ) {
+                    Ok(id) => {
+                        *self.proxy_id.lock().unwrap_or_else(|p| p.into_inner()) = Some(id);
+                        Ok(true)
+                    }
+                    Err(e) => {
+                        warn!(reason = %e, "refusing the proxy's host certificate");
+                        Ok(false)
+                    }
+                }
+            }
+            russh::keys::PublicKeyOrCertificate::PublicKey { .. } => {
+                warn!(
+                    "refusing the proxy: it presented a bare host key, not a certificate signed by the root CA"
+                );
+                Ok(false)
+            }
+        }
+    }
+
+    async fn server_channel_open_forwarded_tcpip(
+        &mut self,
+        channel: Channel<Msg>,
+        connected_address: &str,
+        connected_port: u32,
+        _originator_address: &str,
+        _originator_port: u32,
+        reply: russh::client::ChannelOpenHandle,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let endpoint = Endpoint::from_wire(connected_address, connected_port);
+        let config = self.config.clone();
+        let span = info_span!("dial", target = %connected_address, port = connected_port);
+        self.tasks.spawn(
+            async move {
+                reply.accept().await;
+                serve_dial(config, channel, endpoint).await;
+            }
+            .instrument(span),
+        );
+        Ok(())
+    }
+
+    async fn server_channel_open_session(
+        &mut self,
+        _channel: Channel<Msg>,
+        reply: russh::client::ChannelOpenHandle,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        warn!("refused a session channel opened by the proxy");
+        reply
+            .reject(ChannelOpenFailure::AdministrativelyProhibited)
+            .await;
+        Ok(())
+    }
+
+    async fn server_channel_open_direct_tcpip(
+        &mut self,
+        _channel: Channel<Msg>,
+        _host: &str,
+        _port: u32,
+        _oa: &str,
+        _op: u32,
+        reply: russh::client::ChannelOpenHandle,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        reply
+            .reject(ChannelOpenFailure::AdministrativelyProhibited)
+            .await;
+        Ok(())
+    }
+
+    async fn server_channel_open_x11(
+        &mut self,
+        _channel: Channel<Msg>,
+        _oa: &str,
+        _op: u32,
+        reply: russh::client::ChannelOpenHandle,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        reply
+            .reject(ChannelOpenFailure::AdministrativelyProhibited)
+            .await;
+        Ok(())
+    }
+
+    async fn server_channel_open_agent_forward(
+        &mut self,
+        _channel: Channel<Msg>,
+        reply: russh::client::ChannelOpenHandle,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        reply
+            .reject(ChannelOpenFailure::AdministrativelyProhibited)
+            .await;
+        Ok(())
+    }
+
+    async fn server_channel_open_forwarded_streamlocal(
+        &mut self,
+        _channel: Channel<Msg>,
+        _path: &str,
+        reply: russh::client::ChannelOpenHandle,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        reply
+            .reject(ChannelOpenFailure::AdministrativelyProhibited)
+            .await;
+        Ok(())
+    }
+}
+
+/// Connects to the target the proxy asked for, answers the dial, then carries the bytes.
+async fn serve_dial(
+    config: Arc<AgentConfig>,
+    channel: Channel<Msg>,
+    endpoint: Result<Endpoint, crate::protocol::TargetParseError>,
+) {
+    let (read, write) = channel.split();
+    let connected = match endpoint {
+        Err(e) => Err(DialError::new(DialErrorKind::Other, e.to_string())),
+        Ok(Endpoint::ApiServer) => dial_api_server(&config).await,
+        Ok(Endpoint::Host { host, port }) => {
+            let allow = config.allow.load();
+            connect(&allow, &host, port, config.dial_timeout)
+                .await
+                .map(|(s, _)| s)
+        }
+    };
+    match connected {
+        Ok(target) => {
+            let ok = StreamControl::DialOk.encode();
+            if write.extended_data_bytes(CONTROL_EXT, ok).await.is_err() {
+                return;
+            }
+            let stream = TunnelStream::new(read, write, config.stream);
+            if let Err(e) = stream.splice(target).await {
+                debug!(error = %e, "stream ended with an error");
+            }
+        }
+        Err(e) => {
+            info!(error = %e, "dial refused");
+            let frame = StreamControl::DialFailed(e).encode();
+            let _ = write.extended_data_bytes(CONTROL_EXT, frame).await;
+            let _ = write.close().await;
+        }
+    }
+}
+
+async fn dial_api_server(config: &AgentConfig) -> Result<TcpStream, DialError> {
+    let Some(addr) = &config.api_server else {
+        return Err(DialError::new(
+            DialErrorKind::Forbidden,
+            "this agent exposes no API server",
+        ));
+    };
+    match tokio::time::timeout(config.dial_timeout, TcpStream::connect(addr.as_str())).await {
+        Ok(Ok(s)) => {
+            let _ = s.set_nodelay(true);
+            Ok(s)
+        }
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => Err(DialError::new(
+            DialErrorKind::Refused,
+            format!("the API server at {addr} refused the connection"),
+        )),
+        Ok(Err(e)) => Err(DialError::new(
+            DialErrorKind::Other,
+            format!("the API server at {addr}: {e}"),
+        )),
+        Err(_) => Err(DialError::new(
+            DialErrorKind::TimedOut,
+            format!("the API server at {addr} did not answer"),
+        )),
+    }
+}
+
+/// A tunnel whose hello completed.
+pub struct Tunnel {
+    /// The proxy this tunnel reached.
+    pub proxy_id: String,
+    handle: Handle<AgentHandler>,
+    read: ChannelReadHalf,
+    write: ChannelWriteHalf<Msg>,
+    frames: FrameReader,
+    interval: Duration,
+    missed: u32,
+    tasks: TaskTracker,
+}
+
+impl Tunnel {
+    /// Dials the proxy address, authenticates both ways and completes the control hello.
+    pub async fn connect(config: Arc<AgentConfig>) -> Result<Tunnel, TunnelError> {
+        let deadline = config.connect_timeout;
+        tokio::time::timeout(deadline, Self::connect_inner(config))
+            .await
+            .map_err(|_| TunnelError::Timeout(deadline))?
+    }
+
+    async fn connect_inner(config: Arc<AgentConfig>) -> Result<Tunnel, TunnelError> {
+        let socket = TcpStream::connect(config.proxy_addr.as_str())
+            .await
+            .map_err(|source| TunnelError::Connect {
+                addr: config.proxy_addr.clone(),
+                source,
+            })?;
+        let _ = socket.set_nodelay(true);
+        let ssh_config = Arc::new(client::Config {
+            preferred: ssh::preferred(),
+            window_size: ssh::SSH_WINDOW,
+            maximum_packet_size: ssh::MAX_PACKET_SIZE,
+            channel_buffer_size: ssh::CHANNEL_BUFFER,
+            inactivity_timeout: None,
+            nodelay: true,
+            ..client::Config::default()
+        });
+        let proxy_id = Arc::new(Mutex::new(None));
+        let tasks = TaskTracker::new();
+        let handler = AgentHandler {
+            config: config.clone(),
+            proxy_id: proxy_id.clone(),
+            tasks: tasks.clone(),
+        };
+        let mut handle = client::connect_stream(ssh_config, socket, handler).await?;
+        let identity = &config.identity;
+        let auth = handle
+            .authenticate_openssh_cert(
+                config.cluster.as_str(),
+                Arc::new(identity.key.clone()),
+                identity.certificate.clone(),
+            )
+            .await?;
+        if !auth.success() {
+            return Err(TunnelError::AuthRefused);
+        }
+        let proxy_id = proxy_id
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .ok_or_else(|| TunnelError::Control("the proxy's identity was not verified".into()))?;
+
+        let channel = handle.channel_open_session().await?;
+        channel.request_subsystem(true, CONTROL_SUBSYSTEM).await?;
+        let (mut read, write) = channel.split();
+        let hello = AgentMessage::Hello {
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            heartbeat_interval_ms: config.heartbeat_interval.as_millis() as u64,
+        };
+        send(&write, &hello).await?;
+        let mut frames = FrameReader::default();
+        let (interval, missed) = loop {
+            match next_message(&mut read, &mut frames).await? {
+                ProxyMessage::Welcome {
+                    heartbeat_interval_ms,
+                    missed_heartbeats,
+                    ..
+                } => {
+                    break (
+                        Duration::from_millis(heartbeat_interval_ms.max(1)),
+                        missed_heartbeats.max(1),
+                    );
+                }
+                other => debug!(?other, "ignored before welcome"),
+            }
+        };
+        info!(proxy = %proxy_id, ?interval, "tunnel connected");
+        Ok(Tunnel {
+            proxy_id,
+            handle,
+            read,
+            write,
+            frames,
+            interval,
+            missed,
+            tasks,
+        })
+    }
+
+    /// Keeps heartbeats until the tunnel fails, the proxy drains it, or `stop` is cancelled.
+    /// Discovery announcements go to `events`.
+    pub async fn run(
+        mut self,
+        stop: CancellationToken,
+        events: Option<mpsc::Sender<TunnelEvent>>,
+    ) -> Result<(), TunnelError> {
+        let result = self.heartbeat_loop(&stop, events.as_ref()).await;
+        let reason = match &result {
+            Ok(()) => "agent stopping".to_owned(),
+            Err(e) => e.to_string(),
+        };
+        let _ = self
+            .handle
+            .disconnect(russh::Disconnect::ByApplication, &reason, "")
+            .await;
+        self.tasks.close();
+        result
+    }
+
+    async fn heartbeat_loop(
+        &mut self,
+        stop: &CancellationToken,
+        events: Option<&mpsc::Sender<TunnelEvent>>,
+    ) -> Result<(), TunnelError> {
+        let mut ticker = tokio::time::interval(self.interval);
+        let mut seq = 0u64;
+        let mut last_pong = Instant::now();
+        let stale_after = self.interval * self.missed;
+        if let Some(tx) = events {
+            let _ = tx
+                .send(TunnelEvent::Connected {
+                    proxy_id: self.proxy_id.clone(),
+                })
+                .await;
+        }
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return Ok(()),
+                _ = ticker.tick() => {
+                    if last_pong.elapsed() > stale_after {
+                        return Err(TunnelError::Stale(last_pong.elapsed()));
+                    }
+                    seq += 1;
+                    send(&self.write, &AgentMessage::Ping { seq }).await?;
+                }
+                msg = self.read.wait() => {
+                    let data = match msg {
+                        Some(ChannelMsg::Data { data }) => data,
+                        Some(ChannelMsg::Eof | ChannelMsg::Close) | None => return Err(TunnelError::Closed),
+                        Some(_) => continue,
+                    };
+                    self.frames.push(&data).map_err(|e| TunnelError::Control(e.to_string()))?;
+                    while let Some(msg) = self.frames.next::<ProxyMessage>().map_err(|e| TunnelError::Control(e.to_string()))? {
+                        match msg {
+                            ProxyMessage::Pong { .. } => last_pong = Instant::now(),
+                            ProxyMessage::Discovery { proxies } => {
+                                if let Some(tx) = events {
+                                    let event = TunnelEvent::Discovery { proxy_id: self.proxy_id.clone(), proxies };
+                                    let _ = tx.send(event).await;
+                                }
+                            }
+                            ProxyMessage::Reconnect { reason } => {
+                                let _ = send(&self.write, &AgentMessage::ReconnectAck).await;
+                                return Err(TunnelError::Drained(reason));
+                            }
+                            ProxyMessage::Welcome { .. } => {
+                                return Err(TunnelError::Control("a second welcome".into()));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+async fn send(write: &ChannelWriteHalf<Msg>, msg: &AgentMessage) -> Result<(), TunnelError> {
+    let bytes = control::encode(msg).map_err(|e| TunnelError::Control(e.to_string()))?;
+    write.data_bytes(bytes).await?;
+    Ok(())
+}
+
+async fn next_message(
+    read: &mut ChannelReadHalf,
+    frames: &mut FrameReader,
+) -> Result<ProxyMessage, TunnelError> {
+    loop {
+        if let Some(msg) = frames
+            .next::<ProxyMessage>()
+            .map_err(|e| TunnelError::Control(e.to_string()))?
+        {
+            return Ok(msg);
+        }
+        match read.wait().await {
+            Some(ChannelMsg::Data { data }) => frames
+                .push(&data)
+                .map_err(|e| TunnelError::Control(e.to_string()))?,
+            Some(ChannelMsg::Failure) => {
+                return Err(TunnelError::Control(
+                    "the proxy refused the control subsystem".into(),
+                ));
+            }
+            Some(ChannelMsg::Eof | ChannelMsg::Close) | None => return Err(TunnelError::Closed),
+            Some(_) => {}
+        }
+    }
+}

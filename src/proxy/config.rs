@@ -1,0 +1,105 @@
+//! What a proxy needs to run, and the limits that keep it standing under abuse.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+
+use crate::identity::{Identity, TrustStore};
+use crate::protocol::ClusterName;
+use crate::stream::StreamLimits;
+
+/// Heartbeat settings, as the proxy enforces them.
+#[derive(Debug, Clone, Copy)]
+pub struct HeartbeatPolicy {
+    /// Interval used when the agent asks for none, and the proxy's own default. 15 s stays far
+    /// below cloud load balancers' idle timeouts (AWS NLB 350 s, Azure 240 s, GCP 600 s).
+    pub interval: Duration,
+    /// Shortest interval an agent may ask for (protects the proxy from chatty agents).
+    pub min_interval: Duration,
+    /// Longest interval an agent may ask for (keeps offline detection timely).
+    pub max_interval: Duration,
+    /// A tunnel is offline, and closed, after this many intervals without a heartbeat.
+    pub missed: u32,
+}
+
+impl Default for HeartbeatPolicy {
+    fn default() -> Self {
+        Self {
+            interval: Duration::from_secs(15),
+            min_interval: Duration::from_millis(50),
+            max_interval: Duration::from_secs(300),
+            missed: 3,
+        }
+    }
+}
+
+impl HeartbeatPolicy {
+    /// The interval granted to an agent that asks for `requested` (zero = no preference).
+    pub fn negotiate(&self, requested: Duration) -> Duration {
+        if requested.is_zero() {
+            self.interval
+        } else {
+            requested.clamp(self.min_interval, self.max_interval)
+        }
+    }
+}
+
+/// Limits on what agents and clients may make a proxy hold. Every excess is refused and logged.
+#[derive(Debug, Clone, Copy)]
+pub struct ProxyLimits {
+    /// Concurrent connections from one source IP. Many agents may share a NAT address, so this
+    /// is generous; it stops one host from exhausting the proxy.
+    pub max_connections_per_ip: usize,
+    /// Connections, in total.
+    pub max_connections: usize,
+    /// SSH handshakes (version exchange, key exchange, authentication) in progress at once;
+    /// handshakes are the expensive part of a connection.
+    pub max_handshakes: usize,
+    /// Time allowed from TCP accept to successful authentication and, for agents, to the
+    /// control channel's hello.
+    pub handshake_timeout: Duration,
+    /// Open streams per tunnel; each may buffer up to one stream window.
+    pub max_streams_per_tunnel: usize,
+    /// How long a dial may take, agent's answer included.
+    pub dial_timeout: Duration,
+}
+
+impl Default for ProxyLimits {
+    fn default() -> Self {
+        Self {
+            max_connections_per_ip: 512,
+            max_connections: 10_000,
+            max_handshakes: 64,
+            handshake_timeout: Duration::from_secs(15),
+            max_streams_per_tunnel: 4096,
+            dial_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Configuration of one proxy replica.
+#[derive(Clone)]
+pub struct ProxyConfig {
+    /// This root cluster's name; also names the direct (local) cluster.
+    pub cluster: ClusterName,
+    /// This replica's ID, as in its host certificate's principal `<id>.<cluster>`.
+    pub proxy_id: String,
+    /// Where agents and `tether dial` clients connect.
+    pub listen: SocketAddr,
+    /// The host key and certificate presented to agents.
+    pub host_identity: Arc<Identity>,
+    /// Cluster name → CA keys accepted for agents. Swappable at run time (the operator
+    /// replaces it when a leaf joins or leaves); the root's own CA signs client certificates.
+    pub trust: Arc<ArcSwap<TrustStore>>,
+    /// Heartbeat enforcement.
+    pub heartbeat: HeartbeatPolicy,
+    /// Connection, handshake and stream limits.
+    pub limits: ProxyLimits,
+    /// Flow control of each stream.
+    pub stream: StreamLimits,
+    /// Whether clients may dial the local cluster directly, and where (the seed's
+    /// `DirectCluster`). `None` refuses dials to the local cluster.
+    pub direct: Option<Arc<crate::agent::allow_list::AllowList>>,
+}

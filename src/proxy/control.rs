@@ -1,0 +1,216 @@
+//! The proxy's side of a tunnel's control channel: hello, heartbeats, discovery and drain.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use russh::server::{Handle, Msg};
+use russh::{Channel, ChannelMsg, ChannelReadHalf, ChannelWriteHalf};
+use tokio::sync::oneshot;
+use tracing::{debug, info, warn};
+
+use super::server::ProxyShared;
+use super::sites::Tunnel;
+use crate::protocol::ClusterName;
+use crate::protocol::control::{self, AgentMessage, FrameReader, ProxyMessage};
+
+/// How often the full proxy list is re-sent even when nothing changed, so an agent that missed
+/// one recovers.
+pub const DISCOVERY_REFRESH: Duration = Duration::from_secs(120);
+
+/// Why a control channel ended.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlEnd {
+    #[error("the agent closed the control channel")]
+    Closed,
+    #[error("no heartbeat for {0:?}")]
+    MissedHeartbeats(Duration),
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    #[error("the agent did not say hello within {0:?}")]
+    NoHello(Duration),
+    #[error("sending failed: {0}")]
+    Send(#[from] russh::Error),
+}
+
+/// Runs one agent's control channel until it ends; the tunnel is registered for dials while it
+/// runs.
+pub(super) async fn run(
+    shared: Arc<ProxyShared>,
+    channel: Channel<Msg>,
+    cluster: ClusterName,
+    peer: SocketAddr,
+    handle: Handle,
+    ready: oneshot::Sender<()>,
+) {
+    let (mut read, write) = channel.split();
+    let mut frames = FrameReader::default();
+    let timeout = shared.config.limits.handshake_timeout;
+    let hello = match tokio::time::timeout(timeout, next_message(&mut read, &mut frames)).await {
+        Ok(Ok(AgentMessage::Hello {
+            version,
+            heartbeat_interval_ms,
+        })) => {
+            debug!(%version, heartbeat_interval_ms, "agent hello");
+            Duration::from_millis(heartbeat_interval_ms)
+        }
+        Ok(Ok(other)) => {
+            warn!(?other, "agent did not start with hello; closing");
+            return;
+        }
+        Ok(Err(e)) => {
+            warn!(error = %e, "control channel failed before hello");
+            return;
+        }
+        Err(_) => {
+            warn!(error = %ControlEnd::NoHello(timeout), "closing");
+            return;
+        }
+    };
+    let policy = shared.config.heartbeat;
+    let interval = policy.negotiate(hello);
+    let tunnel = Arc::new(Tunnel::new(
+        shared.sites.next_tunnel_id(),
+        cluster.clone(),
+        peer,
+        handle,
+        interval,
+        policy.missed,
+    ));
+    let welcome = ProxyMessage::Welcome {
+        proxy_id: shared.config.proxy_id.clone(),
+        heartbeat_interval_ms: interval.as_millis() as u64,
+        missed_heartbeats: policy.missed,
+    };
+    if let Err(e) = send(&write, &welcome).await {
+        warn!(error = %e, "could not welcome the agent");
+        return;
+    }
+    tunnel.heartbeat();
+    shared.sites.add(tunnel.clone());
+    let _ = ready.send(());
+    info!(tunnel = tunnel.id, ?interval, "tunnel online");
+
+    let end = serve(&shared, &tunnel, &mut read, &write, &mut frames).await;
+    shared.sites.remove_tunnel(&cluster, tunnel.id);
+    match &end {
+        ControlEnd::Closed => info!(tunnel = tunnel.id, "tunnel closed by the agent"),
+        other => warn!(tunnel = tunnel.id, reason = %other, "tunnel closed"),
+    }
+    tunnel.disconnect(&end.to_string()).await;
+}
+
+async fn serve(
+    shared: &ProxyShared,
+    tunnel: &Tunnel,
+    read: &mut ChannelReadHalf,
+    write: &ChannelWriteHalf<Msg>,
+    frames: &mut FrameReader,
+) -> ControlEnd {
+    let mut peers = shared.peers.subscribe();
+    let mut watchdog = tokio::time::interval(tunnel.interval);
+    let mut refresh = tokio::time::interval(DISCOVERY_REFRESH);
+    refresh.reset();
+    let mut discovered = false;
+    let mut draining = false;
+    loop {
+        let result: Result<(), ControlEnd> = tokio::select! {
+            msg = read.wait() => match msg {
+                Some(ChannelMsg::Data { data }) => {
+                    match handle_data(&data, frames, tunnel, write, &mut discovered, shared).await {
+                        Ok(()) => Ok(()),
+                        Err(e) => Err(e),
+                    }
+                }
+                Some(ChannelMsg::Eof | ChannelMsg::Close) | None => Err(ControlEnd::Closed),
+                Some(_) => Ok(()),
+            },
+            _ = watchdog.tick() => {
+                if tunnel.is_offline() {
+                    Err(ControlEnd::MissedHeartbeats(tunnel.since_heartbeat()))
+                } else {
+                    Ok(())
+                }
+            }
+            Ok(()) = peers.changed() => send_discovery(shared, write).await,
+            _ = refresh.tick() => send_discovery(shared, write).await,
+            () = shared.draining.cancelled(), if !draining => {
+                draining = true;
+                let reason = "proxy is shutting down".to_owned();
+                send(write, &ProxyMessage::Reconnect { reason }).await
+            }
+        };
+        if let Err(end) = result {
+            return end;
+        }
+    }
+}
+
+async fn handle_data(
+    data: &[u8],
+    frames: &mut FrameReader,
+    tunnel: &Tunnel,
+    write: &ChannelWriteHalf<Msg>,
+    discovered: &mut bool,
+    shared: &ProxyShared,
+) -> Result<(), ControlEnd> {
+    frames
+        .push(data)
+        .map_err(|e| ControlEnd::Protocol(e.to_string()))?;
+    while let Some(msg) = frames
+        .next::<AgentMessage>()
+        .map_err(|e| ControlEnd::Protocol(e.to_string()))?
+    {
+        match msg {
+            AgentMessage::Ping { seq } => {
+                tunnel.heartbeat();
+                send(write, &ProxyMessage::Pong { seq }).await?;
+                if !*discovered {
+                    *discovered = true;
+                    send_discovery(shared, write).await?;
+                }
+            }
+            AgentMessage::ReconnectAck => debug!(tunnel = tunnel.id, "agent acknowledged drain"),
+            AgentMessage::Hello { .. } => {
+                return Err(ControlEnd::Protocol("a second hello".into()));
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn send_discovery(
+    shared: &ProxyShared,
+    write: &ChannelWriteHalf<Msg>,
+) -> Result<(), ControlEnd> {
+    let proxies = shared.peers.borrow().clone();
+    send(write, &ProxyMessage::Discovery { proxies }).await
+}
+
+async fn send(write: &ChannelWriteHalf<Msg>, msg: &ProxyMessage) -> Result<(), ControlEnd> {
+    let bytes = control::encode(msg).map_err(|e| ControlEnd::Protocol(e.to_string()))?;
+    write.data_bytes(bytes).await?;
+    Ok(())
+}
+
+/// Reads until one whole agent message has arrived.
+async fn next_message(
+    read: &mut ChannelReadHalf,
+    frames: &mut FrameReader,
+) -> Result<AgentMessage, ControlEnd> {
+    loop {
+        if let Some(msg) = frames
+            .next::<AgentMessage>()
+            .map_err(|e| ControlEnd::Protocol(e.to_string()))?
+        {
+            return Ok(msg);
+        }
+        match read.wait().await {
+            Some(ChannelMsg::Data { data }) => frames
+                .push(&data)
+                .map_err(|e| ControlEnd::Protocol(e.to_string()))?,
+            Some(ChannelMsg::Eof | ChannelMsg::Close) | None => return Err(ControlEnd::Closed),
+            Some(_) => {}
+        }
+    }
+}

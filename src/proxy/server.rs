@@ -1,0 +1,349 @@
+//! The proxy's listener and lifecycle (the seed's `Server`: start, close, wait), and the
+//! dialer every client entry uses.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use russh::server::Config as SshConfig;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{oneshot, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use super::Dialer;
+use super::config::ProxyConfig;
+use super::handler::ConnectionHandler;
+use super::limits::ConnectionLimiter;
+use super::sites::{ProxyStream, SiteInfo, Sites};
+use crate::protocol::control::ProxyInfo;
+use crate::protocol::{ClusterName, DialError, DialErrorKind, Endpoint, Target, ssh};
+use crate::stream::Splice;
+
+/// State shared by every connection of one proxy.
+pub struct ProxyShared {
+    /// The configuration the proxy started with.
+    pub config: ProxyConfig,
+    /// Remote sites and their tunnels.
+    pub sites: Sites,
+    /// The proxies of this cluster, as discovery announces them.
+    pub peers: watch::Sender<Vec<ProxyInfo>>,
+    /// Cancelled when the proxy starts draining: agents are told to reconnect elsewhere.
+    pub draining: CancellationToken,
+    /// Cancelled when the proxy stops: every connection closes.
+    pub stopped: CancellationToken,
+    /// Every task the proxy spawned, so shutdown can wait for them.
+    pub tasks: TaskTracker,
+    /// Admission control.
+    pub limiter: Arc<ConnectionLimiter>,
+    ssh: Arc<SshConfig>,
+}
+
+/// A running proxy.
+pub struct ProxyServer {
+    shared: Arc<ProxyShared>,
+    local_addr: SocketAddr,
+}
+
+impl ProxyServer {
+    /// Binds the tunnel listener and starts accepting agents and clients.
+    pub async fn start(config: ProxyConfig) -> io::Result<Self> {
+        let listener = TcpListener::bind(config.listen).await?;
+        let local_addr = listener.local_addr()?;
+        let ssh = SshConfig {
+            keys: vec![config.host_identity.key.clone()],
+            certificates: vec![config.host_identity.certificate.clone()],
+            methods: russh::MethodSet::from(&[russh::MethodKind::PublicKey][..]),
+            preferred: ssh::preferred(),
+            window_size: ssh::SSH_WINDOW,
+            maximum_packet_size: ssh::MAX_PACKET_SIZE,
+            channel_buffer_size: ssh::CHANNEL_BUFFER,
+            auth_rejection_time: Duration::from_millis(250),
+            auth_rejection_time_initial: Some(Duration::ZERO),
+            max_auth_attempts: 3,
+            inactivity_timeout: None,
+            nodelay: true,
+            ..SshConfig::default()
+        };
+        let me = ProxyInfo {
+            id: config.proxy_id.clone(),
+            generation: 0,
+        };
+        let shared = Arc::new(ProxyShared {
+            limiter: ConnectionLimiter::new(config.limits),
+            config,
+            sites: Sites::default(),
+            peers: watch::channel(vec![me]).0,
+            draining: CancellationToken::new(),
+            stopped: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+            ssh: Arc::new(ssh),
+        });
+        let span = info_span!("proxy", id = %shared.config.proxy_id, listen = %local_addr);
+        shared
+            .tasks
+            .spawn(accept_loop(shared.clone(), listener).instrument(span));
+        info!(proxy = %shared.config.proxy_id, %local_addr, "proxy listening");
+        Ok(Self { shared, local_addr })
+    }
+
+    /// Where agents connect.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The registry of remote sites.
+    pub fn sites(&self) -> &Sites {
+        &self.shared.sites
+    }
+
+    /// The status of one site (the seed's `GetSite`).
+    pub fn site(&self, cluster: &ClusterName) -> Option<SiteInfo> {
+        self.shared.sites.get(cluster)
+    }
+
+    /// Forgets a site and closes its tunnels (the seed's `RemoveSite`).
+    pub async fn remove_site(&self, cluster: &ClusterName) -> bool {
+        match self.shared.sites.remove_site(cluster) {
+            Some(tunnels) => {
+                for t in tunnels {
+                    t.disconnect("site removed").await;
+                }
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// A dialer for client entries.
+    pub fn dialer(&self) -> ProxyDialer {
+        ProxyDialer::new(self.shared.clone())
+    }
+
+    /// Replaces the proxy list that discovery announces.
+    pub fn set_peers(&self, peers: Vec<ProxyInfo>) {
+        self.shared.peers.send_if_modified(|current| {
+            let changed = *current != peers;
+            *current = peers;
+            changed
+        });
+    }
+
+    /// The shared state, for admin views and tests.
+    pub fn shared(&self) -> &Arc<ProxyShared> {
+        &self.shared
+    }
+
+    /// Graceful shutdown: stops accepting, tells agents to reconnect elsewhere, lets streams
+    /// finish for up to `grace`, then closes everything.
+    pub async fn shutdown(&self, grace: Duration) {
+        self.shared.draining.cancel();
+        self.shared.tasks.close();
+        let drained = async {
+            loop {
+                let busy = self
+                    .shared
+                    .sites
+                    .list()
+                    .iter()
+                    .flat_map(|s| &s.tunnels)
+                    .any(|t| t.open_streams > 0);
+                if !busy {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        };
+        let _ = tokio::time::timeout(grace, drained).await;
+        self.close();
+        self.wait().await;
+    }
+
+    /// Closes every connection now (the seed's `Close`).
+    pub fn close(&self) {
+        self.shared.draining.cancel();
+        self.shared.stopped.cancel();
+        self.shared.tasks.close();
+    }
+
+    /// Waits until every task has finished (the seed's `Wait`).
+    pub async fn wait(&self) {
+        self.shared.tasks.wait().await;
+    }
+}
+
+async fn accept_loop(shared: Arc<ProxyShared>, listener: TcpListener) {
+    loop {
+        let accepted = tokio::select! {
+            () = shared.draining.cancelled() => return,
+            a = listener.accept() => a,
+        };
+        let (socket, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                // Running out of file descriptors is transient; don't spin on it.
+                warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let (permit, handshake) = match shared.limiter.admit(peer.ip()) {
+            Ok(p) => p,
+            Err(refusal) => {
+                warn!(%peer, reason = %refusal, "connection refused");
+                continue;
+            }
+        };
+        let span = info_span!("connection", %peer);
+        let conn_shared = shared.clone();
+        shared.tasks.spawn(
+            async move {
+                let _permit = permit;
+                serve_connection(conn_shared, socket, peer, handshake).await;
+            }
+            .instrument(span),
+        );
+    }
+}
+
+async fn serve_connection(
+    shared: Arc<ProxyShared>,
+    socket: TcpStream,
+    peer: SocketAddr,
+    handshake: tokio::sync::OwnedSemaphorePermit,
+) {
+    let _ = socket.set_nodelay(true);
+    let (ready_tx, ready_rx) = oneshot::channel();
+    let handler = ConnectionHandler::new(shared.clone(), peer, ready_tx);
+    let deadline = shared.config.limits.handshake_timeout;
+    let setup = async {
+        let session = russh::server::run_stream(shared.ssh.clone(), socket, handler).await?;
+        Ok::<_, russh::Error>(session)
+    };
+    let mut session = match tokio::time::timeout(deadline, setup).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            debug!(error = %e, "SSH setup failed");
+            return;
+        }
+        Err(_) => {
+            warn!(timeout = ?deadline, "dropped a connection that did not complete the SSH version exchange in time");
+            return;
+        }
+    };
+    let handle = session.handle();
+    let remaining = tokio::time::timeout(deadline, ready_rx);
+    tokio::select! {
+        r = remaining => match r {
+            Ok(Ok(())) => drop(handshake),
+            _ => {
+                warn!(timeout = ?deadline, "dropped a connection that did not authenticate and set up in time");
+                let _ = handle.disconnect(russh::Disconnect::ByApplication, "handshake timeout".into(), String::new()).await;
+                return;
+            }
+        },
+        end = &mut session => {
+            debug!(result = ?end.err(), "connection ended during handshake");
+            return;
+        }
+    }
+    tokio::select! {
+        end = &mut session => {
+            if let Err(e) = end {
+                debug!(error = %e, "connection ended with an error");
+            }
+        }
+        () = shared.stopped.cancelled() => {
+            let _ = handle.disconnect(russh::Disconnect::ByApplication, "proxy stopped".into(), String::new()).await;
+        }
+    }
+}
+
+/// Dials targets through tunnels, or directly in the local cluster.
+#[derive(Clone)]
+pub struct ProxyDialer {
+    shared: Arc<ProxyShared>,
+}
+
+impl ProxyDialer {
+    pub(super) fn new(shared: Arc<ProxyShared>) -> Self {
+        Self { shared }
+    }
+}
+
+/// A connection made by [`ProxyDialer`].
+pub enum ProxyConn {
+    /// Through a leaf's tunnel.
+    Tunnel(ProxyStream),
+    /// Straight to a server of the local cluster.
+    Direct(TcpStream),
+}
+
+impl Splice for ProxyConn {
+    async fn splice<L>(self, local: L) -> io::Result<()>
+    where
+        L: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        match self {
+            ProxyConn::Tunnel(s) => s.splice(local).await,
+            ProxyConn::Direct(s) => s.splice(local).await,
+        }
+    }
+}
+
+impl Dialer for ProxyDialer {
+    type Conn = ProxyConn;
+
+    async fn dial(&self, target: Target, client: SocketAddr) -> Result<ProxyConn, DialError> {
+        let config = &self.shared.config;
+        if target.cluster == config.cluster {
+            return self.dial_direct(&target).await.map(ProxyConn::Direct);
+        }
+        // One retry on another tunnel if the first one turns out to be dead.
+        let mut last = None;
+        for _ in 0..2 {
+            let tunnel = self.shared.sites.pick(&target.cluster)?;
+            match tunnel
+                .dial(
+                    &target.endpoint,
+                    client,
+                    config.limits.max_streams_per_tunnel,
+                    config.stream,
+                    config.limits.dial_timeout,
+                )
+                .await
+            {
+                Ok(s) => return Ok(ProxyConn::Tunnel(s)),
+                Err(e) if e.kind == DialErrorKind::NoTunnel => last = Some(e),
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| DialError::new(DialErrorKind::NoTunnel, "no tunnel")))
+    }
+}
+
+impl ProxyDialer {
+    async fn dial_direct(&self, target: &Target) -> Result<TcpStream, DialError> {
+        let config = &self.shared.config;
+        let Some(allow) = &config.direct else {
+            return Err(DialError::new(
+                DialErrorKind::Forbidden,
+                format!(
+                    "direct dials into the local cluster {} are disabled",
+                    config.cluster
+                ),
+            ));
+        };
+        let Endpoint::Host { host, port } = &target.endpoint else {
+            return Err(DialError::new(
+                DialErrorKind::Forbidden,
+                "the local API server is not reachable through the proxy",
+            ));
+        };
+        crate::agent::connect::connect(allow, host, *port, config.limits.dial_timeout)
+            .await
+            .map(|(stream, _)| stream)
+    }
+}

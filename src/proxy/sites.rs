@@ -1,0 +1,385 @@
+//! The registry of remote sites (the seed's `RemoteSite`): per leaf cluster, its live tunnels,
+//! their heartbeats, and how dials choose among them.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant, SystemTime};
+
+use russh::server::{Handle, Msg};
+use tokio::sync::watch;
+
+use crate::protocol::{ClusterName, DialError, DialErrorKind, Endpoint};
+use crate::stream::{Splice, StreamLimits, TunnelStream};
+
+/// Whether a site's agents are keeping their heartbeats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SiteStatus {
+    /// At least one tunnel has sent a heartbeat within the allowed misses.
+    Online,
+    /// No tunnel, or every tunnel has missed its heartbeats.
+    Offline,
+}
+
+impl std::fmt::Display for SiteStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            SiteStatus::Online => "online",
+            SiteStatus::Offline => "offline",
+        })
+    }
+}
+
+/// One agent connection to this proxy.
+pub struct Tunnel {
+    /// Unique per proxy process; tells two tunnels of one site apart in logs and removal.
+    pub id: u64,
+    /// The leaf cluster the agent authenticated as.
+    pub cluster: ClusterName,
+    /// The agent's address as this proxy sees it (its NAT's, usually).
+    pub peer: SocketAddr,
+    /// When the control channel came up.
+    pub connected_at: SystemTime,
+    /// Opens channels to the agent.
+    handle: Handle,
+    /// Milliseconds since `epoch` of the last heartbeat; an atomic so heartbeats never lock.
+    last_heartbeat_ms: AtomicU64,
+    /// The process-local clock origin for `last_heartbeat_ms`.
+    epoch: Instant,
+    /// Heartbeat interval agreed with this agent.
+    pub interval: Duration,
+    /// Silence after which the tunnel counts as offline (and is closed).
+    pub offline_after: Duration,
+    /// Streams currently open, to enforce the per-tunnel limit and spread load.
+    open_streams: AtomicUsize,
+}
+
+impl Tunnel {
+    /// A tunnel whose control channel just completed its hello.
+    pub fn new(
+        id: u64,
+        cluster: ClusterName,
+        peer: SocketAddr,
+        handle: Handle,
+        interval: Duration,
+        missed: u32,
+    ) -> Self {
+        Self {
+            id,
+            cluster,
+            peer,
+            connected_at: SystemTime::now(),
+            handle,
+            last_heartbeat_ms: AtomicU64::new(0),
+            epoch: Instant::now(),
+            interval,
+            offline_after: interval * missed.max(1),
+            open_streams: AtomicUsize::new(0),
+        }
+    }
+
+    /// Records a heartbeat now.
+    pub fn heartbeat(&self) {
+        let ms = self.epoch.elapsed().as_millis() as u64;
+        self.last_heartbeat_ms.store(ms, Ordering::Release);
+    }
+
+    /// Time since the last heartbeat (or since connecting).
+    pub fn since_heartbeat(&self) -> Duration {
+        let last = Duration::from_millis(self.last_heartbeat_ms.load(Ordering::Acquire));
+        self.epoch.elapsed().saturating_sub(last)
+    }
+
+    /// When the last heartbeat arrived, in wall-clock time.
+    pub fn last_heartbeat(&self) -> SystemTime {
+        SystemTime::now() - self.since_heartbeat()
+    }
+
+    /// A heartbeat is late when more than one interval and a half have passed.
+    pub fn is_late(&self) -> bool {
+        self.since_heartbeat() > self.interval + self.interval / 2
+    }
+
+    /// Offline: silent for `offline_after`.
+    pub fn is_offline(&self) -> bool {
+        self.since_heartbeat() > self.offline_after
+    }
+
+    /// Streams open now.
+    pub fn open_streams(&self) -> usize {
+        self.open_streams.load(Ordering::Acquire)
+    }
+
+    /// Closes the agent's connection.
+    pub async fn disconnect(&self, reason: &str) {
+        let _ = self
+            .handle
+            .disconnect(
+                russh::Disconnect::ByApplication,
+                reason.to_owned(),
+                String::new(),
+            )
+            .await;
+    }
+
+    /// Opens a stream to `endpoint` through this tunnel.
+    pub async fn dial(
+        self: &Arc<Self>,
+        endpoint: &Endpoint,
+        client: SocketAddr,
+        max_streams: usize,
+        limits: StreamLimits,
+        timeout: Duration,
+    ) -> Result<ProxyStream, DialError> {
+        let guard = StreamGuard::acquire(self, max_streams)?;
+        let (address, port) = endpoint.to_wire();
+        let open = self.handle.channel_open_forwarded_tcpip(
+            address,
+            port,
+            client.ip().to_string(),
+            u32::from(client.port()),
+        );
+        let started = Instant::now();
+        let channel = match tokio::time::timeout(timeout, open).await {
+            Ok(Ok(channel)) => channel,
+            Ok(Err(e)) => {
+                return Err(DialError::new(
+                    DialErrorKind::NoTunnel,
+                    format!("the tunnel to {} refused a stream: {e}", self.cluster),
+                ));
+            }
+            Err(_) => {
+                return Err(DialError::new(
+                    DialErrorKind::TimedOut,
+                    format!("the agent of {} did not accept a stream", self.cluster),
+                ));
+            }
+        };
+        let (read, write) = channel.split();
+        let remaining = timeout.saturating_sub(started.elapsed());
+        let stream = TunnelStream::await_dial(read, write, limits, remaining).await?;
+        Ok(ProxyStream {
+            stream,
+            _guard: guard,
+        })
+    }
+}
+
+/// Counts one open stream against its tunnel's limit for as long as it lives.
+struct StreamGuard(Arc<Tunnel>);
+
+impl StreamGuard {
+    fn acquire(tunnel: &Arc<Tunnel>, max: usize) -> Result<Self, DialError> {
+        let previous = tunnel.open_streams.fetch_add(1, Ordering::AcqRel);
+        let guard = StreamGuard(tunnel.clone());
+        if previous >= max {
+            return Err(DialError::new(
+                DialErrorKind::Other,
+                format!(
+                    "the tunnel to {} already carries {max} streams, its limit",
+                    tunnel.cluster
+                ),
+            ));
+        }
+        Ok(guard)
+    }
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        self.0.open_streams.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A stream through a tunnel, counted against the tunnel's limit until it ends.
+pub struct ProxyStream {
+    stream: TunnelStream<Msg>,
+    _guard: StreamGuard,
+}
+
+impl Splice for ProxyStream {
+    async fn splice<L>(self, local: L) -> std::io::Result<()>
+    where
+        L: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let ProxyStream { stream, _guard } = self;
+        stream.splice(local).await
+    }
+}
+
+/// What is known of one leaf cluster.
+struct Site {
+    tunnels: Vec<Arc<Tunnel>>,
+    last_connected: Option<SystemTime>,
+    /// Rotates among equally loaded tunnels.
+    next: usize,
+}
+
+/// A snapshot of one tunnel, for status views.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct TunnelInfo {
+    pub id: u64,
+    pub peer: SocketAddr,
+    pub connected_at: SystemTime,
+    pub last_heartbeat: SystemTime,
+    pub open_streams: usize,
+    pub late: bool,
+    pub offline: bool,
+}
+
+/// A snapshot of one site, for status views (the seed's `GetStatus`, `GetLastConnected`).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SiteInfo {
+    pub name: ClusterName,
+    pub status: SiteStatus,
+    pub last_connected: Option<SystemTime>,
+    pub tunnels: Vec<TunnelInfo>,
+}
+
+/// All remote sites known to this proxy.
+///
+/// Locks are std locks held only for map operations, never across an await.
+pub struct Sites {
+    sites: RwLock<HashMap<ClusterName, Site>>,
+    /// Bumped on every change, so watchers (status writers, tests) can wait for one.
+    changes: watch::Sender<u64>,
+    /// Hands out tunnel IDs.
+    next_id: AtomicU64,
+}
+
+impl Default for Sites {
+    fn default() -> Self {
+        Self {
+            sites: RwLock::default(),
+            changes: watch::channel(0).0,
+            next_id: AtomicU64::new(1),
+        }
+    }
+}
+
+impl Sites {
+    /// A fresh tunnel ID.
+    pub fn next_tunnel_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    fn changed(&self) {
+        self.changes.send_modify(|n| *n += 1);
+    }
+
+    /// A receiver that sees a new value after every change.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    /// Adds a tunnel whose hello has completed.
+    pub fn add(&self, tunnel: Arc<Tunnel>) {
+        {
+            let mut sites = self.sites.write().unwrap_or_else(|p| p.into_inner());
+            let site = sites.entry(tunnel.cluster.clone()).or_insert(Site {
+                tunnels: Vec::new(),
+                last_connected: None,
+                next: 0,
+            });
+            site.last_connected = Some(SystemTime::now());
+            site.tunnels.push(tunnel);
+        }
+        self.changed();
+    }
+
+    /// Removes a tunnel that has closed. The site stays known, offline, with its last-connected
+    /// time.
+    pub fn remove_tunnel(&self, cluster: &ClusterName, id: u64) {
+        {
+            let mut sites = self.sites.write().unwrap_or_else(|p| p.into_inner());
+            if let Some(site) = sites.get_mut(cluster) {
+                site.tunnels.retain(|t| t.id != id);
+                site.last_connected = Some(SystemTime::now());
+            }
+        }
+        self.changed();
+    }
+
+    /// Forgets a site and returns its tunnels so the caller can close them.
+    pub fn remove_site(&self, cluster: &ClusterName) -> Option<Vec<Arc<Tunnel>>> {
+        let removed = self
+            .sites
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(cluster)
+            .map(|s| s.tunnels);
+        if removed.is_some() {
+            self.changed();
+        }
+        removed
+    }
+
+    /// The status of one site.
+    pub fn get(&self, cluster: &ClusterName) -> Option<SiteInfo> {
+        let sites = self.sites.read().unwrap_or_else(|p| p.into_inner());
+        sites.get(cluster).map(|s| info(cluster, s))
+    }
+
+    /// The status of every known site, sorted by name.
+    pub fn list(&self) -> Vec<SiteInfo> {
+        let sites = self.sites.read().unwrap_or_else(|p| p.into_inner());
+        let mut out: Vec<SiteInfo> = sites.iter().map(|(n, s)| info(n, s)).collect();
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        out
+    }
+
+    /// Chooses the tunnel a new stream to `cluster` should use: among tunnels whose heartbeats
+    /// are on time, the least loaded, rotating among ties; late tunnels only if no other.
+    pub fn pick(&self, cluster: &ClusterName) -> Result<Arc<Tunnel>, DialError> {
+        let mut sites = self.sites.write().unwrap_or_else(|p| p.into_inner());
+        let site = sites.get_mut(cluster).ok_or_else(|| {
+            DialError::new(
+                DialErrorKind::NoTunnel,
+                format!("cluster {cluster} is not connected to this proxy"),
+            )
+        })?;
+        let n = site.tunnels.len();
+        if n == 0 {
+            return Err(DialError::new(
+                DialErrorKind::NoTunnel,
+                format!("cluster {cluster} is offline: no tunnel is connected"),
+            ));
+        }
+        let start = site.next % n;
+        site.next = site.next.wrapping_add(1);
+        let best = (0..n)
+            .map(|i| &site.tunnels[(start + i) % n])
+            .min_by_key(|t| (t.is_late(), t.open_streams()))
+            .cloned();
+        best.ok_or_else(|| DialError::new(DialErrorKind::NoTunnel, "no tunnel"))
+    }
+}
+
+fn info(name: &ClusterName, site: &Site) -> SiteInfo {
+    let tunnels: Vec<TunnelInfo> = site
+        .tunnels
+        .iter()
+        .map(|t| TunnelInfo {
+            id: t.id,
+            peer: t.peer,
+            connected_at: t.connected_at,
+            last_heartbeat: t.last_heartbeat(),
+            open_streams: t.open_streams(),
+            late: t.is_late(),
+            offline: t.is_offline(),
+        })
+        .collect();
+    let online = tunnels.iter().any(|t| !t.offline);
+    SiteInfo {
+        name: name.clone(),
+        status: if online {
+            SiteStatus::Online
+        } else {
+            SiteStatus::Offline
+        },
+        last_connected: site.last_connected,
+        tunnels,
+    }
+}
