@@ -12,6 +12,7 @@
 //! Only the `operator` module talks to Kubernetes; the data plane runs without it.
 
 pub mod agent;
+pub mod client;
 pub mod demo;
 pub mod identity;
 pub mod protocol;

@@ -1,12 +1,385 @@
-//! The `tether` command line.
+//! The `tether` command line: argument parsing and wiring only; the work is in the library.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use arc_swap::ArcSwap;
+use clap::{Args, Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+use tether::agent::allow_list::AllowList;
+use tether::agent::{Agent, AgentConfig, Backoff};
+use tether::client::{DialClient, DialClientConfig};
+use tether::identity::{CertificateAuthority, Identity, TrustStore, parse_ca_keys};
+use tether::protocol::control::ProxyInfo;
+use tether::protocol::{ClusterName, Endpoint, Target};
+use tether::proxy::{HeartbeatPolicy, ProxyConfig, ProxyLimits, ProxyServer};
+use tether::stream::StreamLimits;
+
+#[derive(Parser)]
+#[command(name = "tether", version, about = "Reverse tunnels between clusters")]
+struct Cli {
+    /// Log format.
+    #[arg(long, global = true, default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a root proxy and a leaf agent on loopback and dial through the tunnel.
+    Demo,
+    /// Manage a cluster's certificate authority.
+    #[command(subcommand)]
+    Ca(CaCommand),
+    /// Issue certificates signed by a cluster's CA.
+    #[command(subcommand)]
+    Cert(CertCommand),
+    /// Run a proxy: the tunnel server agents dial into.
+    Proxy(ProxyArgs),
+    /// Run an agent: dial out to the root's proxies and serve dials it allows.
+    Agent(AgentArgs),
+    /// Reach HOST:PORT in CLUSTER through a proxy, over stdin/stdout (works as ProxyCommand).
+    Dial(DialArgs),
+}
+
+#[derive(Subcommand)]
+enum CaCommand {
+    /// Create a CA key pair: OUT (private, mode 0600) and OUT.pub.
+    Init {
+        /// The cluster the CA belongs to.
+        #[arg(long)]
+        cluster: ClusterName,
+        /// Path of the private key to write.
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+#[derive(Args)]
+struct CaRef {
+    /// The CA's private key file.
+    #[arg(long)]
+    ca: PathBuf,
+    /// The cluster the CA belongs to.
+    #[arg(long)]
+    cluster: ClusterName,
+    /// Path of the key to write; the certificate goes to OUT-cert.pub.
+    #[arg(long)]
+    out: PathBuf,
+    /// How long the certificate is valid.
+    #[arg(long, default_value = "90d", value_parser = humantime::parse_duration)]
+    validity: Duration,
+}
+
+#[derive(Subcommand)]
+enum CertCommand {
+    /// A proxy host certificate, principal `<proxy-id>.<cluster>`.
+    Host {
+        #[command(flatten)]
+        ca: CaRef,
+        /// The proxy replica's ID.
+        #[arg(long)]
+        proxy_id: String,
+    },
+    /// An agent user certificate for the CA's cluster.
+    Agent {
+        #[command(flatten)]
+        ca: CaRef,
+    },
+    /// A client user certificate (for `tether dial`).
+    Client {
+        #[command(flatten)]
+        ca: CaRef,
+        /// The client's name.
+        #[arg(long)]
+        name: String,
+    },
+}
+
+#[derive(Args)]
+struct ProxyArgs {
+    /// This (root) cluster's name.
+    #[arg(long, env = "TETHER_CLUSTER")]
+    cluster: ClusterName,
+    /// This replica's ID (its host certificate names it).
+    #[arg(long, env = "TETHER_PROXY_ID")]
+    proxy_id: String,
+    /// Where agents and clients connect. Loopback unless you say otherwise.
+    #[arg(long, default_value = "127.0.0.1:3024")]
+    listen: SocketAddr,
+    /// The host key; its certificate is read from IDENTITY-cert.pub.
+    #[arg(long)]
+    identity: PathBuf,
+    /// Directory of `<cluster>.pub` files: the CAs trusted for each cluster.
+    #[arg(long)]
+    trust_dir: PathBuf,
+    /// Heartbeat interval for agents that ask for none.
+    #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
+    heartbeat_interval: Duration,
+    /// A tunnel is offline, and closed, after this many missed heartbeats.
+    #[arg(long, default_value_t = 3)]
+    missed_heartbeats: u32,
+    /// Other proxies of this cluster to announce in discovery (IDs); this one is always included.
+    #[arg(long = "peer")]
+    peers: Vec<String>,
+    /// Allow-list for direct dials into this cluster (none: direct dials refused).
+    #[arg(long = "direct-allow")]
+    direct_allow: Vec<String>,
+    /// Concurrent connections per source IP.
+    #[arg(long, default_value_t = ProxyLimits::default().max_connections_per_ip)]
+    max_connections_per_ip: usize,
+    /// SSH handshakes in progress at once.
+    #[arg(long, default_value_t = ProxyLimits::default().max_handshakes)]
+    max_handshakes: usize,
+    /// Time allowed for a connection to authenticate and set up.
+    #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
+    handshake_timeout: Duration,
+    /// Open streams per tunnel.
+    #[arg(long, default_value_t = ProxyLimits::default().max_streams_per_tunnel)]
+    max_streams_per_tunnel: usize,
+    /// On SIGTERM, how long streams may finish before the proxy exits.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    shutdown_grace: Duration,
+}
+
+#[derive(Args)]
+struct AgentArgs {
+    /// This (leaf) cluster's name.
+    #[arg(long, env = "TETHER_CLUSTER")]
+    cluster: ClusterName,
+    /// The root cluster's name.
+    #[arg(long)]
+    root_cluster: ClusterName,
+    /// The proxies' address, HOST:PORT (resolved anew on every attempt).
+    #[arg(long)]
+    proxy: String,
+    /// The agent's key; its certificate is read from IDENTITY-cert.pub.
+    #[arg(long)]
+    identity: PathBuf,
+    /// File of CA public keys trusted to sign the proxies' host certificates.
+    #[arg(long)]
+    root_ca: PathBuf,
+    /// A target the root may reach: CIDR:PORTS or HOST:PORTS (repeatable; none = deny all).
+    #[arg(long = "allow")]
+    allow: Vec<String>,
+    /// Address that `_apiserver.<cluster>.tether` reaches.
+    #[arg(long)]
+    api_server: Option<String>,
+    /// Heartbeat interval to ask of the proxy.
+    #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
+    heartbeat_interval: Duration,
+    /// Timeout for a dialled target to answer.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    dial_timeout: Duration,
+}
+
+#[derive(Args)]
+struct DialArgs {
+    /// The cluster the target is in.
+    cluster: ClusterName,
+    /// The target, HOST:PORT (`_apiserver:443` for the cluster's API server).
+    target: String,
+    /// The proxy's address.
+    #[arg(long)]
+    proxy: String,
+    /// The root cluster's name.
+    #[arg(long)]
+    root_cluster: ClusterName,
+    /// The client key; its certificate is read from IDENTITY-cert.pub.
+    #[arg(long)]
+    identity: PathBuf,
+    /// File of CA public keys trusted to sign the proxies' host certificates.
+    #[arg(long)]
+    root_ca: PathBuf,
+}
 
 fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_writer(std::io::stderr)
-        .init();
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,russh=warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if cli.log_format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    runtime.block_on(tether::demo::run())
+    runtime.block_on(run(cli.command))
+}
+
+async fn run(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Demo => tether::demo::run().await,
+        Command::Ca(CaCommand::Init { cluster, out }) => {
+            let ca = CertificateAuthority::generate(cluster)?;
+            ca.save(&out)?;
+            println!(
+                "wrote {} and {}.pub ({})",
+                out.display(),
+                out.display(),
+                tether::identity::fingerprint(ca.public_key())
+            );
+            Ok(())
+        }
+        Command::Cert(cert) => issue(cert),
+        Command::Proxy(args) => run_proxy(args).await,
+        Command::Agent(args) => run_agent(args).await,
+        Command::Dial(args) => run_dial(args).await,
+    }
+}
+
+fn issue(command: CertCommand) -> anyhow::Result<()> {
+    let (ca_ref, identity) = match &command {
+        CertCommand::Host { ca, proxy_id } => {
+            let authority = CertificateAuthority::load(&ca.ca, ca.cluster.clone())?;
+            (
+                ca,
+                Identity::generate_host(&authority, proxy_id, ca.validity)?,
+            )
+        }
+        CertCommand::Agent { ca } => {
+            let authority = CertificateAuthority::load(&ca.ca, ca.cluster.clone())?;
+            (ca, Identity::generate_agent(&authority, ca.validity)?)
+        }
+        CertCommand::Client { ca, name } => {
+            let authority = CertificateAuthority::load(&ca.ca, ca.cluster.clone())?;
+            (
+                ca,
+                Identity::generate_client(&authority, name, ca.validity)?,
+            )
+        }
+    };
+    identity.save(&ca_ref.out)?;
+    println!(
+        "wrote {0} and {0}-cert.pub (key id {1:?})",
+        ca_ref.out.display(),
+        identity.certificate.key_id()
+    );
+    Ok(())
+}
+
+fn read_cas(path: &Path) -> anyhow::Result<Vec<tether::identity::PublicKey>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading root CA keys from {}", path.display()))?;
+    Ok(parse_ca_keys(&text, path)?)
+}
+
+async fn run_proxy(args: ProxyArgs) -> anyhow::Result<()> {
+    let trust = TrustStore::load_dir(&args.trust_dir)?;
+    let direct = if args.direct_allow.is_empty() {
+        None
+    } else {
+        Some(Arc::new(AllowList::parse(&args.direct_allow)?))
+    };
+    let config = ProxyConfig {
+        cluster: args.cluster,
+        proxy_id: args.proxy_id.clone(),
+        listen: args.listen,
+        host_identity: Arc::new(Identity::load(&args.identity)?),
+        trust: Arc::new(ArcSwap::from_pointee(trust)),
+        heartbeat: HeartbeatPolicy {
+            interval: args.heartbeat_interval,
+            missed: args.missed_heartbeats,
+            ..HeartbeatPolicy::default()
+        },
+        limits: ProxyLimits {
+            max_connections_per_ip: args.max_connections_per_ip,
+            max_handshakes: args.max_handshakes,
+            handshake_timeout: args.handshake_timeout,
+            max_streams_per_tunnel: args.max_streams_per_tunnel,
+            ..ProxyLimits::default()
+        },
+        stream: StreamLimits::default(),
+        direct,
+    };
+    let proxy = ProxyServer::start(config).await?;
+    let mut peers = vec![ProxyInfo {
+        id: args.proxy_id.clone(),
+        generation: 0,
+    }];
+    peers.extend(
+        args.peers
+            .into_iter()
+            .map(|id| ProxyInfo { id, generation: 0 }),
+    );
+    proxy.set_peers(peers);
+    println!("listening on {}", proxy.local_addr());
+    shutdown_signal().await;
+    tracing::info!(grace = ?args.shutdown_grace, "draining");
+    proxy.shutdown(args.shutdown_grace).await;
+    Ok(())
+}
+
+async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
+    let config = AgentConfig {
+        cluster: args.cluster,
+        root_cluster: args.root_cluster,
+        proxy_addr: args.proxy,
+        identity: Arc::new(Identity::load(&args.identity)?),
+        root_cas: read_cas(&args.root_ca)?,
+        allow: Arc::new(ArcSwap::from_pointee(AllowList::parse(&args.allow)?)),
+        api_server: args.api_server,
+        heartbeat_interval: args.heartbeat_interval,
+        connect_timeout: Duration::from_secs(15),
+        dial_timeout: args.dial_timeout,
+        backoff: Backoff::default(),
+        stream: StreamLimits::default(),
+    };
+    let agent = Agent::new(config);
+    let stop = CancellationToken::new();
+    let signal_stop = stop.clone();
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        signal_stop.cancel();
+    });
+    agent.run(stop).await;
+    Ok(())
+}
+
+async fn run_dial(args: DialArgs) -> anyhow::Result<()> {
+    let target = Target {
+        cluster: args.cluster,
+        endpoint: Endpoint::parse(&args.target)?,
+    };
+    let config = DialClientConfig {
+        proxy_addr: args.proxy,
+        root_cluster: args.root_cluster,
+        root_cas: read_cas(&args.root_ca)?,
+        identity: Arc::new(Identity::load(&args.identity)?),
+        timeout: Duration::from_secs(15),
+    };
+    let client = DialClient::connect(&config).await?;
+    let stdio = tokio::io::join(tokio::io::stdin(), tokio::io::stdout());
+    client.splice(&target, stdio).await?;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
 }

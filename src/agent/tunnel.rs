@@ -1,7 +1,7 @@
 //! One agent connection to one proxy: authenticate both ways, keep heartbeats, serve dials.
 
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use russh::client::{self, Handle, Msg, Session};
 use russh::{Channel, ChannelMsg, ChannelOpenFailure, ChannelReadHalf, ChannelWriteHalf};
@@ -13,7 +13,6 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::config::AgentConfig;
 use super::connect::connect;
-use crate::identity::verify_host_certificate;
 use crate::protocol::control::{
     self, AgentMessage, CONTROL_SUBSYSTEM, FrameReader, ProxyInfo, ProxyMessage,
 };
@@ -72,28 +71,13 @@ impl client::Handler for AgentHandler {
         &mut self,
         key: &russh::keys::PublicKeyOrCertificate,
     ) -> Result<bool, Self::Error> {
-        match key {
-            russh::keys::PublicKeyOrCertificate::Certificate(cert) => {
-                match verify_host_certificate(
-                    cert,
-                    &self.config.root_cas,
-                    &self.config.root_cluster,
-                    SystemTime::now(),
-                ) {
-                    Ok(id) => {
-                        *self.proxy_id.lock().unwrap_or_else(|p| p.into_inner()) = Some(id);
-                        Ok(true)
-                    }
-                    Err(e) => {
-                        warn!(reason = %e, "refusing the proxy's host certificate");
-                        Ok(false)
-                    }
-                }
+        match ssh::verify_proxy_key(key, &self.config.root_cas, &self.config.root_cluster) {
+            Ok(id) => {
+                *self.proxy_id.lock().unwrap_or_else(|p| p.into_inner()) = Some(id);
+                Ok(true)
             }
-            russh::keys::PublicKeyOrCertificate::PublicKey { .. } => {
-                warn!(
-                    "refusing the proxy: it presented a bare host key, not a certificate signed by the root CA"
-                );
+            Err(reason) => {
+                warn!(%reason, "refusing the proxy");
                 Ok(false)
             }
         }

@@ -29,7 +29,9 @@ pub enum TargetParseError {
         "invalid cluster name {0:?}: use 1-63 lowercase letters, digits or '-', starting and ending with a letter or digit"
     )]
     ClusterName(String),
-    #[error("invalid target {0:?}: expected HOST.CLUSTER.tether:PORT")]
+    #[error(
+        "invalid target {0:?}: expected HOST.CLUSTER.tether:PORT (or HOST:PORT where the cluster is given apart)"
+    )]
     Shape(String),
     #[error("invalid port in {0:?}: expected 1-65535")]
     Port(String),
@@ -112,6 +114,28 @@ impl Endpoint {
         Ok(Endpoint::Host { host, port })
     }
 
+    /// Parses `HOST:PORT`, `[V6]:PORT` or `_apiserver[:PORT]`, as `tether dial` takes them.
+    pub fn parse(text: &str) -> Result<Self, TargetParseError> {
+        if text == API_SERVER_LABEL
+            || text
+                .strip_prefix(API_SERVER_LABEL)
+                .is_some_and(|r| r.starts_with(':'))
+        {
+            return Ok(Endpoint::ApiServer);
+        }
+        let (host, port) = text
+            .rsplit_once(':')
+            .ok_or_else(|| TargetParseError::Shape(text.to_owned()))?;
+        let port: u16 = port
+            .parse()
+            .map_err(|_| TargetParseError::Port(text.to_owned()))?;
+        let host = host
+            .strip_prefix('[')
+            .and_then(|h| h.strip_suffix(']'))
+            .unwrap_or(host);
+        Endpoint::host(host, port)
+    }
+
     /// The (address, port) pair carried in a `forwarded-tcpip` channel open.
     pub fn to_wire(&self) -> (&str, u32) {
         match self {
@@ -188,6 +212,25 @@ impl Target {
     }
 }
 
+impl Target {
+    /// The client-facing name, `HOST.CLUSTER.tether` (the inverse of [`Target::from_name`]),
+    /// and the port (0 for the API server, whose port the agent knows).
+    pub fn to_name(&self) -> (String, u16) {
+        match &self.endpoint {
+            Endpoint::Host { host, port } if host.contains(':') => {
+                (format!("[{host}].{}.{TETHER_SUFFIX}", self.cluster), *port)
+            }
+            Endpoint::Host { host, port } => {
+                (format!("{host}.{}.{TETHER_SUFFIX}", self.cluster), *port)
+            }
+            Endpoint::ApiServer => (
+                format!("{API_SERVER_LABEL}.{}.{TETHER_SUFFIX}", self.cluster),
+                0,
+            ),
+        }
+    }
+}
+
 impl fmt::Display for Target {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{} in cluster {}", self.endpoint, self.cluster)
@@ -231,6 +274,14 @@ mod tests {
         );
         let t = Target::parse("_apiserver.leaf.tether:443").unwrap();
         assert_eq!(t.endpoint, Endpoint::ApiServer);
+        for name in [
+            "[fd00::1].leaf.tether",
+            "db.x.leaf.tether",
+            "_apiserver.leaf.tether",
+        ] {
+            let t = Target::from_name(name, 80).unwrap();
+            assert_eq!(t.to_name().0, name);
+        }
     }
 
     #[test]
@@ -255,6 +306,20 @@ mod tests {
             Target::parse("a b.leaf.tether:80"),
             Err(TargetParseError::Host(_))
         ));
+    }
+
+    #[test]
+    fn parses_host_port_forms() {
+        assert_eq!(
+            Endpoint::parse("db:5432").unwrap(),
+            Endpoint::host("db", 5432).unwrap()
+        );
+        assert_eq!(
+            Endpoint::parse("[::1]:22").unwrap(),
+            Endpoint::host("::1", 22).unwrap()
+        );
+        assert_eq!(Endpoint::parse("_apiserver").unwrap(), Endpoint::ApiServer);
+        assert!(Endpoint::parse("db").is_err());
     }
 
     #[test]

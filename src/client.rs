@@ -1,0 +1,140 @@
+//! `tether dial`: a root-side client that reaches a target through the proxy over SSH, with a
+//! client certificate from the root's CA. It copies stdin/stdout, so it works as an ssh
+//! `ProxyCommand`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use russh::client::{self, Handle};
+use russh::keys::PublicKey;
+use tokio::net::TcpStream;
+use tracing::warn;
+
+use crate::identity::Identity;
+use crate::protocol::{ClusterName, Target, ssh};
+
+/// Where and as whom to dial.
+pub struct DialClientConfig {
+    /// The proxy's address.
+    pub proxy_addr: String,
+    /// The root cluster; the proxy's host certificate must name it.
+    pub root_cluster: ClusterName,
+    /// CA keys trusted to sign proxy host certificates.
+    pub root_cas: Vec<PublicKey>,
+    /// The client's key and certificate (role `client`).
+    pub identity: Arc<Identity>,
+    /// Connect and handshake timeout.
+    pub timeout: Duration,
+}
+
+/// Why a client dial failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("could not reach the proxy at {addr}: {source}")]
+    Connect {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("timed out after {0:?}")]
+    Timeout(Duration),
+    #[error("SSH: {0}")]
+    Ssh(#[from] russh::Error),
+    #[error("the client certificate has no principal to log in as")]
+    NoPrincipal,
+    #[error("the proxy refused the client certificate")]
+    AuthRefused,
+    #[error(
+        "the proxy refused the dial to {0}: not permitted, or the target is unreachable (the proxy's log says which)"
+    )]
+    Refused(Target),
+    #[error("I/O: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+struct ProxyCheck {
+    root_cas: Vec<PublicKey>,
+    root_cluster: ClusterName,
+}
+
+impl client::Handler for ProxyCheck {
+    type Error = russh::Error;
+
+    async fn check_server_key(
+        &mut self,
+        key: &russh::keys::PublicKeyOrCertificate,
+    ) -> Result<bool, Self::Error> {
+        match ssh::verify_proxy_key(key, &self.root_cas, &self.root_cluster) {
+            Ok(_) => Ok(true),
+            Err(reason) => {
+                warn!(%reason, "refusing the proxy");
+                Ok(false)
+            }
+        }
+    }
+}
+
+/// An authenticated SSH connection to a proxy, ready to open streams.
+pub struct DialClient {
+    handle: Handle<ProxyCheck>,
+}
+
+impl DialClient {
+    /// Connects and authenticates.
+    pub async fn connect(config: &DialClientConfig) -> Result<Self, ClientError> {
+        tokio::time::timeout(config.timeout, Self::connect_inner(config))
+            .await
+            .map_err(|_| ClientError::Timeout(config.timeout))?
+    }
+
+    async fn connect_inner(config: &DialClientConfig) -> Result<Self, ClientError> {
+        let socket = TcpStream::connect(config.proxy_addr.as_str())
+            .await
+            .map_err(|source| ClientError::Connect {
+                addr: config.proxy_addr.clone(),
+                source,
+            })?;
+        let _ = socket.set_nodelay(true);
+        let ssh_config = Arc::new(client::Config {
+            preferred: ssh::preferred(),
+            window_size: ssh::SSH_WINDOW,
+            maximum_packet_size: ssh::MAX_PACKET_SIZE,
+            channel_buffer_size: ssh::CHANNEL_BUFFER,
+            nodelay: true,
+            ..client::Config::default()
+        });
+        let check = ProxyCheck {
+            root_cas: config.root_cas.clone(),
+            root_cluster: config.root_cluster.clone(),
+        };
+        let mut handle = client::connect_stream(ssh_config, socket, check).await?;
+        let cert = &config.identity.certificate;
+        let user = cert
+            .valid_principals()
+            .first()
+            .ok_or(ClientError::NoPrincipal)?
+            .clone();
+        let auth = handle
+            .authenticate_openssh_cert(user, Arc::new(config.identity.key.clone()), cert.clone())
+            .await?;
+        if !auth.success() {
+            return Err(ClientError::AuthRefused);
+        }
+        Ok(Self { handle })
+    }
+
+    /// Opens a stream to `target` and copies it to and from `local` until both sides end.
+    pub async fn splice<L>(&self, target: &Target, mut local: L) -> Result<(), ClientError>
+    where
+        L: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
+        let (name, port) = target.to_name();
+        let channel = self
+            .handle
+            .channel_open_direct_tcpip(name, u32::from(port), "127.0.0.1", 0)
+            .await
+            .map_err(|_| ClientError::Refused(target.clone()))?;
+        let mut stream = channel.into_stream();
+        tokio::io::copy_bidirectional(&mut stream, &mut local).await?;
+        Ok(())
+    }
+}
