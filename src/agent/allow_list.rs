@@ -448,9 +448,8 @@ pub fn canonical_ip(ip: IpAddr) -> IpAddr {
             }
             let segments = v6.segments();
             if segments[..6] == [0; 6] && v6 > Ipv6Addr::LOCALHOST {
-                if let Some(v4) = v6.to_ipv4() {
-                    return IpAddr::V4(v4);
-                }
+                let [.., a, b, c, d] = v6.octets();
+                return IpAddr::V4(Ipv4Addr::new(a, b, c, d));
             }
             ip
         }
@@ -461,8 +460,8 @@ pub fn canonical_ip(ip: IpAddr) -> IpAddr {
 ///
 /// Unspecified addresses (`0.0.0.0`, `::`, and the rest of `0.0.0.0/8`) reach the local host
 /// on Linux or are invalid destinations; broadcast and multicast are not TCP destinations at
-/// all. A broad rule such as `0.0.0.0/0:*` must not make them reachable. Call this on a
-/// [`canonical_ip`].
+/// all. A broad rule such as `0.0.0.0/0:*` must not make them reachable. `ip` is
+/// canonicalised ([`canonical_ip`]) first, so mapped forms cannot slip past.
 pub fn never_allowed_reason(ip: IpAddr) -> Option<&'static str> {
     match canonical_ip(ip) {
         IpAddr::V4(v4) if v4.octets()[0] == 0 => Some("an unspecified address"),
