@@ -1,0 +1,749 @@
+//! Which targets an agent may dial on behalf of the root's proxy.
+//!
+//! The agent sits inside a leaf cluster and connects wherever the root asks; without a list
+//! of permitted targets a compromised or misconfigured root could reach anything the agent's
+//! pod can reach. The list is therefore default-deny: an empty [`AllowList`] permits nothing.
+//!
+//! Rule syntax, one rule per string:
+//!
+//! * `10.0.0.0/8:80,443,8000-8100`: an IPv4 network and ports;
+//! * `192.168.1.5:22`: a single IPv4 address (a `/32`);
+//! * `[fd00::/8]:443`, `[::1]:22`: IPv6 networks and addresses, always in brackets;
+//! * `db.internal:5432`: an exact host name (case-insensitive, a trailing dot is ignored);
+//! * `*.svc.cluster.local:*`: every name with one or more labels before `.svc.cluster.local`.
+//!
+//! Ports are `*` (any), a port `N`, a range `A-B`, or a comma-separated list of ports and
+//! ranges. Port 0 is never valid.
+//!
+//! Some addresses are never permitted whatever the rules say (see [`never_allowed_reason`]),
+//! and IPv4-mapped or IPv4-compatible IPv6 addresses are judged as the IPv4 address they
+//! carry (see [`canonical_ip`]), so `::ffff:127.0.0.1` can neither bypass nor escape a rule
+//! written for `127.0.0.1`.
+
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::str::FromStr;
+
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// The longest host name DNS can carry, in its textual form without the trailing dot.
+const MAX_NAME_LEN: usize = 253;
+/// The longest DNS label.
+const MAX_LABEL_LEN: usize = 63;
+
+/// A rule that failed to parse, quoting the rule and saying what is wrong with it, so that
+/// an operator can fix the configuration without guessing.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid allow-list rule {rule:?}: {reason}")]
+pub struct AllowListError {
+    /// The rule as it was written.
+    pub rule: String,
+    /// What is wrong with it.
+    pub reason: String,
+}
+
+impl AllowListError {
+    fn new(rule: &str, reason: impl Into<String>) -> Self {
+        Self {
+            rule: rule.to_owned(),
+            reason: reason.into(),
+        }
+    }
+}
+
+/// The set of rules an agent checks every dial against. The default (empty) list denies
+/// everything, so forgetting to configure an agent fails closed.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct AllowList {
+    rules: Vec<Rule>,
+}
+
+impl AllowList {
+    /// Parses every rule, failing on the first invalid one, so that a typo in the
+    /// configuration stops the agent instead of silently narrowing or widening the list.
+    pub fn parse<I, S>(rules: I) -> Result<Self, AllowListError>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        let rules = rules
+            .into_iter()
+            .map(|rule| rule.as_ref().parse())
+            .collect::<Result<Vec<Rule>, _>>()?;
+        Ok(Self { rules })
+    }
+
+    /// The rules, in the order they were given, for logging and status reports.
+    pub fn rules(&self) -> &[Rule] {
+        &self.rules
+    }
+
+    /// Whether the list has no rules (and so permits nothing).
+    pub fn is_empty(&self) -> bool {
+        self.rules.is_empty()
+    }
+
+    /// Whether a connection to `ip` port `port` is permitted by an address rule.
+    ///
+    /// The address is canonicalised first ([`canonical_ip`]) and never-allowed addresses
+    /// ([`never_allowed_reason`]) are refused whatever the rules say. Host-name rules play no
+    /// part here: an address is judged by what it is, not by which name led to it.
+    pub fn permits_ip(&self, ip: IpAddr, port: u16) -> bool {
+        let ip = canonical_ip(ip);
+        if port == 0 || never_allowed_reason(ip).is_some() {
+            return false;
+        }
+        self.rules.iter().any(|rule| match &rule.host {
+            RuleHost::Net(net) => net.contains(&ip) && rule.ports.contains(port),
+            RuleHost::Name(_) | RuleHost::Suffix(_) => false,
+        })
+    }
+
+    /// Whether a host-name rule permits `name` port `port`. Only name rules count: a name
+    /// that is not permitted here may still be dialled if every address it resolves to is
+    /// permitted by [`AllowList::permits_ip`].
+    ///
+    /// The comparison is case-insensitive and ignores one trailing dot; names that are not
+    /// syntactically valid DNS names are never permitted.
+    pub fn permits_name(&self, name: &str, port: u16) -> bool {
+        if port == 0 {
+            return false;
+        }
+        let Some(name) = normalise_name(name) else {
+            return false;
+        };
+        if is_numeric_host_form(&name) {
+            return false;
+        }
+        self.rules.iter().any(|rule| {
+            let host_matches = match &rule.host {
+                RuleHost::Net(_) => false,
+                RuleHost::Name(exact) => *exact == name,
+                // `suffix` starts with a dot, so a match leaves at least one whole label
+                // before it (labels are never empty in a normalised name).
+                RuleHost::Suffix(suffix) => {
+                    name.len() > suffix.len() && name.ends_with(suffix.as_str())
+                }
+            };
+            host_matches && rule.ports.contains(port)
+        })
+    }
+
+    /// Whether some address rule covers `port` at all. Lets the connector refuse a name
+    /// without resolving it when no resolved address could possibly be permitted, so that
+    /// a default-deny agent does not even leak DNS queries.
+    pub(crate) fn has_ip_rule_for_port(&self, port: u16) -> bool {
+        port != 0
+            && self
+                .rules
+                .iter()
+                .any(|rule| matches!(rule.host, RuleHost::Net(_)) && rule.ports.contains(port))
+    }
+}
+
+/// One allow-list entry: which hosts and which ports on them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rule {
+    host: RuleHost,
+    ports: Ports,
+}
+
+/// The host part of a rule.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum RuleHost {
+    /// An IP network (a single address is a full-length prefix).
+    Net(IpNet),
+    /// An exact host name, lowercase, without a trailing dot.
+    Name(String),
+    /// A wildcard: the suffix including its leading dot (`.svc.cluster.local`), lowercase.
+    Suffix(String),
+}
+
+/// The port part of a rule.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Ports {
+    /// `*`: every port from 1 to 65535.
+    Any,
+    /// Inclusive ranges; a single port is a range of one.
+    List(Vec<(u16, u16)>),
+}
+
+impl Ports {
+    fn contains(&self, port: u16) -> bool {
+        port != 0
+            && match self {
+                Ports::Any => true,
+                Ports::List(ranges) => ranges.iter().any(|&(lo, hi)| lo <= port && port <= hi),
+            }
+    }
+
+    fn parse(rule: &str, text: &str) -> Result<Self, AllowListError> {
+        if text == "*" {
+            return Ok(Ports::Any);
+        }
+        if text.is_empty() {
+            return Err(AllowListError::new(
+                rule,
+                "no ports after ':' (use '*' for any port)",
+            ));
+        }
+        let mut ranges = Vec::new();
+        for item in text.split(',') {
+            let item = item.trim();
+            if item.is_empty() {
+                return Err(AllowListError::new(rule, "empty entry in the port list"));
+            }
+            if item == "*" {
+                return Err(AllowListError::new(
+                    rule,
+                    "'*' must be the whole port list, not one entry of it",
+                ));
+            }
+            let range = match item.split_once('-') {
+                Some((lo, hi)) => {
+                    let lo = parse_port(rule, lo.trim())?;
+                    let hi = parse_port(rule, hi.trim())?;
+                    if lo > hi {
+                        return Err(AllowListError::new(
+                            rule,
+                            format!("port range {lo}-{hi} runs backwards"),
+                        ));
+                    }
+                    (lo, hi)
+                }
+                None => {
+                    let port = parse_port(rule, item)?;
+                    (port, port)
+                }
+            };
+            ranges.push(range);
+        }
+        Ok(Ports::List(ranges))
+    }
+}
+
+fn parse_port(rule: &str, text: &str) -> Result<u16, AllowListError> {
+    if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(AllowListError::new(
+            rule,
+            format!("{text:?} is not a port number"),
+        ));
+    }
+    match text.parse::<u16>() {
+        Ok(0) => Err(AllowListError::new(rule, "port 0 is not a valid port")),
+        Ok(port) => Ok(port),
+        Err(_) => Err(AllowListError::new(
+            rule,
+            format!("port {text} is out of range (1-65535)"),
+        )),
+    }
+}
+
+impl fmt::Display for Ports {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Ports::Any => f.write_str("*"),
+            Ports::List(ranges) => {
+                for (i, &(lo, hi)) in ranges.iter().enumerate() {
+                    if i > 0 {
+                        f.write_str(",")?;
+                    }
+                    if lo == hi {
+                        write!(f, "{lo}")?;
+                    } else {
+                        write!(f, "{lo}-{hi}")?;
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+impl FromStr for Rule {
+    type Err = AllowListError;
+
+    fn from_str(rule: &str) -> Result<Self, Self::Err> {
+        let text = rule.trim();
+        if text.is_empty() {
+            return Err(AllowListError::new(rule, "empty rule"));
+        }
+        let (host_text, ports_text, bracketed) = if let Some(rest) = text.strip_prefix('[') {
+            let Some((inside, after)) = rest.split_once(']') else {
+                return Err(AllowListError::new(rule, "'[' without a matching ']'"));
+            };
+            let Some(ports) = after.strip_prefix(':') else {
+                return Err(AllowListError::new(
+                    rule,
+                    "expected ':PORTS' after the bracketed address",
+                ));
+            };
+            (inside, ports, true)
+        } else {
+            let Some((host, ports)) = text.rsplit_once(':') else {
+                return Err(AllowListError::new(
+                    rule,
+                    "missing ':PORTS' (use ':*' for any port)",
+                ));
+            };
+            if host.contains(':') {
+                return Err(AllowListError::new(
+                    rule,
+                    "IPv6 addresses must be written in brackets, e.g. [fd00::/8]:443",
+                ));
+            }
+            (host, ports, false)
+        };
+        let host = parse_rule_host(rule, host_text.trim(), bracketed)?;
+        let ports = Ports::parse(rule, ports_text.trim())?;
+        Ok(Rule { host, ports })
+    }
+}
+
+fn parse_rule_host(rule: &str, text: &str, bracketed: bool) -> Result<RuleHost, AllowListError> {
+    if text.is_empty() {
+        return Err(AllowListError::new(rule, "no host before ':'"));
+    }
+    if bracketed {
+        let net = if text.contains('/') {
+            text.parse::<Ipv6Net>().map_err(|_| {
+                AllowListError::new(rule, format!("{text:?} is not an IPv6 network"))
+            })?
+        } else {
+            let ip = text.parse::<Ipv6Addr>().map_err(|_| {
+                AllowListError::new(
+                    rule,
+                    format!("{text:?} is not an IPv6 address (brackets are only for IPv6)"),
+                )
+            })?;
+            Ipv6Net::from(ip)
+        };
+        if net != net.trunc() {
+            return Err(AllowListError::new(
+                rule,
+                format!("{net} has host bits set; did you mean {}?", net.trunc()),
+            ));
+        }
+        if mapped_v6_net(net) {
+            return Err(AllowListError::new(
+                rule,
+                "IPv4-mapped or IPv4-compatible IPv6 addresses are judged as IPv4; \
+                 write the rule in IPv4 form",
+            ));
+        }
+        return Ok(RuleHost::Net(IpNet::V6(net)));
+    }
+    if text.contains('/') {
+        let net = text
+            .parse::<Ipv4Net>()
+            .map_err(|_| AllowListError::new(rule, format!("{text:?} is not an IPv4 network")))?;
+        if net != net.trunc() {
+            return Err(AllowListError::new(
+                rule,
+                format!("{net} has host bits set; did you mean {}?", net.trunc()),
+            ));
+        }
+        return Ok(RuleHost::Net(IpNet::V4(net)));
+    }
+    if let Ok(ip) = text.parse::<Ipv4Addr>() {
+        return Ok(RuleHost::Net(IpNet::V4(Ipv4Net::from(ip))));
+    }
+    if text == "*" || text == "*." {
+        return Err(AllowListError::new(
+            rule,
+            "'*' alone is not allowed as a host; list networks (e.g. 0.0.0.0/0) or name \
+             suffixes (e.g. *.example.com) explicitly",
+        ));
+    }
+    let (wildcard, name_text) = match text.strip_prefix("*.") {
+        Some(suffix) => (true, suffix),
+        None => (false, text),
+    };
+    if name_text.contains('*') {
+        return Err(AllowListError::new(
+            rule,
+            "'*' is only allowed as the whole first label, as in *.example.com",
+        ));
+    }
+    let Some(name) = normalise_name(name_text) else {
+        return Err(AllowListError::new(
+            rule,
+            format!(
+                "{name_text:?} is not a valid host name (labels of letters, digits, '-' \
+                 and '_', each 1-{MAX_LABEL_LEN} long, at most {MAX_NAME_LEN} in all)"
+            ),
+        ));
+    };
+    if is_numeric_host_form(&name) {
+        return Err(AllowListError::new(
+            rule,
+            format!(
+                "{name_text:?} is an ambiguous numeric address form; write the address \
+                 as a dotted quad (a.b.c.d)"
+            ),
+        ));
+    }
+    Ok(if wildcard {
+        RuleHost::Suffix(format!(".{name}"))
+    } else {
+        RuleHost::Name(name)
+    })
+}
+
+/// Whether a v6 rule lies within the IPv4-mapped (`::ffff:0:0/96`) or IPv4-compatible
+/// (`::/96`, less `::` and `::1`) ranges; such addresses are always judged as IPv4, so a v6
+/// rule for them could never match and would only mislead.
+fn mapped_v6_net(net: Ipv6Net) -> bool {
+    if net.prefix_len() < 96 {
+        return false;
+    }
+    let segments = net.network().segments();
+    let mapped = segments[..5] == [0; 5] && segments[5] == 0xffff;
+    let compatible = segments[..6] == [0; 6]
+        && !(net.prefix_len() == 128 && net.network() <= Ipv6Addr::LOCALHOST);
+    mapped || compatible
+}
+
+impl fmt::Display for Rule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.host {
+            RuleHost::Net(IpNet::V4(net)) if net.prefix_len() == 32 => write!(f, "{}", net.addr()),
+            RuleHost::Net(IpNet::V4(net)) => write!(f, "{net}"),
+            RuleHost::Net(IpNet::V6(net)) if net.prefix_len() == 128 => {
+                write!(f, "[{}]", net.addr())
+            }
+            RuleHost::Net(IpNet::V6(net)) => write!(f, "[{net}]"),
+            RuleHost::Name(name) => f.write_str(name),
+            RuleHost::Suffix(suffix) => write!(f, "*{suffix}"),
+        }?;
+        write!(f, ":{}", self.ports)
+    }
+}
+
+impl Serialize for Rule {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Rule {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// The address a connection to `ip` really reaches, for judging it: IPv4-mapped
+/// (`::ffff:a.b.c.d`) and IPv4-compatible (`::a.b.c.d`) IPv6 addresses become the IPv4
+/// address they carry. `::` and `::1` stay IPv6 (they are the unspecified and loopback
+/// addresses, not compatible ones).
+pub fn canonical_ip(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => {
+            if let Some(v4) = v6.to_ipv4_mapped() {
+                return IpAddr::V4(v4);
+            }
+            let segments = v6.segments();
+            if segments[..6] == [0; 6] && v6 > Ipv6Addr::LOCALHOST {
+                let [.., a, b, c, d] = v6.octets();
+                return IpAddr::V4(Ipv4Addr::new(a, b, c, d));
+            }
+            ip
+        }
+    }
+}
+
+/// Why `ip` may never be dialled whatever the rules say, or `None` if rules decide.
+///
+/// Unspecified addresses (`0.0.0.0`, `::`, and the rest of `0.0.0.0/8`) reach the local host
+/// on Linux or are invalid destinations; broadcast and multicast are not TCP destinations at
+/// all. A broad rule such as `0.0.0.0/0:*` must not make them reachable. `ip` is
+/// canonicalised ([`canonical_ip`]) first, so mapped forms cannot slip past.
+pub fn never_allowed_reason(ip: IpAddr) -> Option<&'static str> {
+    match canonical_ip(ip) {
+        IpAddr::V4(v4) if v4.octets()[0] == 0 => Some("an unspecified address"),
+        IpAddr::V4(v4) if v4.is_broadcast() => Some("the broadcast address"),
+        IpAddr::V4(v4) if v4.is_multicast() => Some("a multicast address"),
+        IpAddr::V6(v6) if v6.is_unspecified() => Some("an unspecified address"),
+        IpAddr::V6(v6) if v6.is_multicast() => Some("a multicast address"),
+        _ => None,
+    }
+}
+
+/// `name` lowercased without one trailing dot, if it is a syntactically valid DNS name
+/// (labels of ASCII letters, digits, `-` and `_`, 1-63 long, at most 253 in all).
+pub(crate) fn normalise_name(name: &str) -> Option<String> {
+    let name = name.strip_suffix('.').unwrap_or(name);
+    if name.is_empty() || name.len() > MAX_NAME_LEN {
+        return None;
+    }
+    let valid = name.split('.').all(|label| {
+        !label.is_empty()
+            && label.len() <= MAX_LABEL_LEN
+            && label
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    });
+    valid.then(|| name.to_ascii_lowercase())
+}
+
+/// Whether `host` is a numeric IPv4 form that `inet_aton` (and so `getaddrinfo`) would read
+/// as an address although it is not a canonical dotted quad: `2130706433`, `0177.0.0.1`,
+/// `0x7f.1`, `127.1` and mixtures. Such forms are refused outright so that no rule check on
+/// the text can be bypassed by the resolver's own interpretation of it.
+///
+/// Every dot-separated part being a decimal, octal or hex number (a trailing dot ignored) is
+/// enough; no real host name looks like that, since top-level domains are never numeric.
+pub(crate) fn is_numeric_host_form(host: &str) -> bool {
+    let host = host.strip_suffix('.').unwrap_or(host);
+    !host.is_empty()
+        && host.split('.').all(|part| {
+            let digits = part.strip_prefix("0x").or_else(|| part.strip_prefix("0X"));
+            match digits {
+                Some(hex) => hex.bytes().all(|b| b.is_ascii_hexdigit()),
+                None => !part.is_empty() && part.bytes().all(|b| b.is_ascii_digit()),
+            }
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn list(rules: &[&str]) -> AllowList {
+        match AllowList::parse(rules) {
+            Ok(list) => list,
+            Err(err) => panic!("{err}"),
+        }
+    }
+
+    fn ip(text: &str) -> IpAddr {
+        text.parse().expect("test address")
+    }
+
+    fn parse_err(rule: &str) -> AllowListError {
+        match rule.parse::<Rule>() {
+            Ok(parsed) => panic!("{rule:?} parsed as {parsed}"),
+            Err(err) => err,
+        }
+    }
+
+    #[test]
+    fn round_trips() {
+        for rule in [
+            "10.0.0.0/8:80,443,8000-8100",
+            "192.168.1.5:22",
+            "[fd00::/8]:443",
+            "[::1]:22",
+            "db.internal:5432",
+            "*.svc.cluster.local:*",
+            "0.0.0.0/0:1-65535",
+            "_http._tcp.example.com:80",
+        ] {
+            let parsed: Rule = rule.parse().expect(rule);
+            assert_eq!(parsed.to_string(), rule);
+            assert_eq!(parsed.to_string().parse::<Rule>(), Ok(parsed));
+        }
+    }
+
+    #[test]
+    fn normalises_on_parse() {
+        let cases = [
+            ("DB.Internal.:5432", "db.internal:5432"),
+            ("192.168.1.5/32:22", "192.168.1.5:22"),
+            ("[::1/128]:22", "[::1]:22"),
+            (" 10.0.0.0/8 : 80 , 443 ", "10.0.0.0/8:80,443"),
+            ("*.Example.COM.:8000-8000", "*.example.com:8000"),
+        ];
+        for (rule, shown) in cases {
+            let parsed: Rule = rule.trim().parse().expect(rule);
+            assert_eq!(parsed.to_string(), shown);
+        }
+    }
+
+    #[test]
+    fn serde_as_strings() {
+        let list = list(&["10.0.0.0/8:80", "*.svc:*"]);
+        let json = serde_json::to_string(&list).expect("serialise");
+        assert_eq!(json, r#"["10.0.0.0/8:80","*.svc:*"]"#);
+        let back: AllowList = serde_json::from_str(&json).expect("deserialise");
+        assert_eq!(back, list);
+        let bad = serde_json::from_str::<AllowList>(r#"["10.0.0.0/8:0"]"#);
+        let err = bad.expect_err("port 0").to_string();
+        assert!(err.contains("port 0"), "{err}");
+    }
+
+    #[test]
+    fn parse_errors_quote_the_rule_and_say_why() {
+        let cases = [
+            ("", "empty rule"),
+            ("10.0.0.1", "missing ':PORTS'"),
+            ("10.0.0.1:", "no ports"),
+            (":80", "no host"),
+            ("fd00::1:80", "in brackets"),
+            ("[fd00::1:80", "matching ']'"),
+            ("[fd00::1]80", "expected ':PORTS'"),
+            ("[10.0.0.1]:80", "not an IPv6 address"),
+            ("[fd00::/129]:80", "not an IPv6 network"),
+            ("[fd00::1/8]:80", "host bits set"),
+            ("[::ffff:127.0.0.1]:80", "judged as IPv4"),
+            ("[::ffff:0:0/96]:80", "judged as IPv4"),
+            ("10.0.0.0/33:80", "not an IPv4 network"),
+            ("10.0.0.1/8:80", "did you mean 10.0.0.0/8"),
+            ("*:80", "'*' alone"),
+            ("a.*.com:80", "whole first label"),
+            ("*foo.com:80", "whole first label"),
+            ("bad host:80", "not a valid host name"),
+            ("a..b:80", "not a valid host name"),
+            ("127.1:80", "ambiguous numeric"),
+            ("0x7f.0.0.1:80", "ambiguous numeric"),
+            ("host:0", "port 0"),
+            ("host:65536", "out of range"),
+            ("host:http", "not a port number"),
+            ("host:-5", "not a port number"),
+            ("host:90-80", "runs backwards"),
+            ("host:80,,81", "empty entry"),
+            ("host:80,*", "whole port list"),
+        ];
+        for (rule, why) in cases {
+            let err = parse_err(rule);
+            assert_eq!(err.rule, rule);
+            let text = err.to_string();
+            assert!(text.contains(&format!("{rule:?}")), "{text}");
+            assert!(text.contains(why), "{rule:?}: {text}");
+        }
+        let err = AllowList::parse(["10.0.0.0/8:80", "nope"]).expect_err("second rule");
+        assert_eq!(err.rule, "nope");
+    }
+
+    #[test]
+    fn default_denies_everything() {
+        let empty = AllowList::default();
+        assert!(empty.is_empty());
+        assert!(empty.rules().is_empty());
+        assert!(!empty.permits_ip(ip("127.0.0.1"), 80));
+        assert!(!empty.permits_name("localhost", 80));
+        assert!(!empty.has_ip_rule_for_port(80));
+    }
+
+    #[test]
+    fn ip_rules_and_ports() {
+        let list = list(&[
+            "10.0.0.0/8:80,443,8000-8100",
+            "192.168.1.5:22",
+            "[fd00::/8]:*",
+        ]);
+        assert!(!list.is_empty());
+        assert_eq!(list.rules().len(), 3);
+        assert!(list.permits_ip(ip("10.1.2.3"), 80));
+        assert!(list.permits_ip(ip("10.255.255.255"), 8000));
+        assert!(list.permits_ip(ip("10.0.0.1"), 8100));
+        assert!(!list.permits_ip(ip("10.0.0.1"), 7999));
+        assert!(!list.permits_ip(ip("10.0.0.1"), 8101));
+        assert!(!list.permits_ip(ip("11.0.0.1"), 80));
+        assert!(list.permits_ip(ip("192.168.1.5"), 22));
+        assert!(!list.permits_ip(ip("192.168.1.6"), 22));
+        assert!(!list.permits_ip(ip("192.168.1.5"), 23));
+        assert!(list.permits_ip(ip("fd12::1"), 65535));
+        assert!(!list.permits_ip(ip("fd12::1"), 0));
+        assert!(!list.permits_ip(ip("fe80::1"), 443));
+        // Name rules never match addresses and vice versa.
+        assert!(!list.permits_name("10.1.2.3", 80));
+    }
+
+    #[test]
+    fn never_allowed_addresses() {
+        let list = list(&["0.0.0.0/0:*", "[::/0]:*"]);
+        for never in [
+            "0.0.0.0",
+            "0.1.2.3",
+            "::",
+            "255.255.255.255",
+            "224.0.0.1",
+            "239.1.2.3",
+            "ff02::1",
+            "::ffff:0.0.0.0",
+            "::ffff:255.255.255.255",
+            "::ffff:224.0.0.1",
+        ] {
+            assert!(!list.permits_ip(ip(never), 80), "{never}");
+            assert!(never_allowed_reason(ip(never)).is_some(), "{never}");
+        }
+        assert!(list.permits_ip(ip("127.0.0.1"), 80));
+        assert!(list.permits_ip(ip("::1"), 80));
+        assert!(list.permits_ip(ip("8.8.8.8"), 80));
+    }
+
+    #[test]
+    fn mapped_addresses_are_judged_as_ipv4() {
+        assert_eq!(canonical_ip(ip("::ffff:127.0.0.1")), ip("127.0.0.1"));
+        assert_eq!(canonical_ip(ip("::127.0.0.1")), ip("127.0.0.1"));
+        assert_eq!(canonical_ip(ip("::1")), ip("::1"));
+        assert_eq!(canonical_ip(ip("::")), ip("::"));
+        assert_eq!(canonical_ip(ip("fd00::1")), ip("fd00::1"));
+
+        let tens = list(&["10.0.0.0/8:*"]);
+        assert!(!tens.permits_ip(ip("::ffff:127.0.0.1"), 80));
+        assert!(tens.permits_ip(ip("::ffff:10.0.0.1"), 80));
+
+        let loopback = list(&["127.0.0.1/32:80"]);
+        assert!(loopback.permits_ip(ip("::ffff:127.0.0.1"), 80));
+        assert!(loopback.permits_ip(ip("::127.0.0.1"), 80));
+        assert!(!loopback.permits_ip(ip("::ffff:127.0.0.2"), 80));
+        assert!(!loopback.permits_ip(ip("::1"), 80));
+
+        // A v6 catch-all does not reach IPv4 through mapped addresses.
+        let v6_only = list(&["[::/0]:*"]);
+        assert!(!v6_only.permits_ip(ip("::ffff:127.0.0.1"), 80));
+    }
+
+    #[test]
+    fn name_rules() {
+        let list = list(&["db.internal:5432", "*.svc.cluster.local:*", "*.invalid:80"]);
+        assert!(list.permits_name("db.internal", 5432));
+        assert!(list.permits_name("DB.Internal.", 5432));
+        assert!(!list.permits_name("db.internal", 5433));
+        assert!(!list.permits_name("x.db.internal", 5432));
+        assert!(!list.permits_name("db.internal..", 5432));
+        assert!(list.permits_name("api.default.svc.cluster.local", 443));
+        assert!(list.permits_name("a.b.svc.cluster.local", 1));
+        assert!(!list.permits_name("svc.cluster.local", 443));
+        assert!(!list.permits_name("xsvc.cluster.local", 443));
+        assert!(!list.permits_name(".svc.cluster.local", 443));
+        assert!(!list.permits_name("a.svc.cluster.local", 0));
+        assert!(list.permits_name("nonexistent.invalid", 80));
+        assert!(!list.permits_name("nonexistent.invalid", 81));
+        assert!(!list.permits_name("bad name.invalid", 80));
+        assert!(!list.permits_ip(ip("10.0.0.1"), 5432));
+        assert!(!list.has_ip_rule_for_port(5432));
+    }
+
+    #[test]
+    fn numeric_forms() {
+        for numeric in [
+            "2130706433",
+            "0177.0.0.1",
+            "0x7f.1",
+            "0x7f.0.0.1",
+            "127.1",
+            "017700000001",
+            "0x7F.0.1",
+            "127.0.0.1.",
+            "1.2.3.4.5",
+        ] {
+            assert!(is_numeric_host_form(numeric), "{numeric}");
+        }
+        for name in [
+            "localhost",
+            "1e100.net",
+            "0x7f.example",
+            "123.example.com",
+            "",
+        ] {
+            assert!(!is_numeric_host_form(name), "{name}");
+        }
+    }
+}
