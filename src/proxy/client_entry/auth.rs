@@ -19,13 +19,20 @@ pub enum TokenFileError {
     /// The file could not be read.
     #[error("cannot read client token file {path}: {source}")]
     Io {
+        /// The file named in the configuration.
         path: PathBuf,
+        /// What the operating system said.
         #[source]
         source: std::io::Error,
     },
     /// A line is malformed; `reason` says how (without quoting the line, which holds a token).
     #[error("client token file, line {line}: {reason}")]
-    Line { line: usize, reason: &'static str },
+    Line {
+        /// 1-based line number.
+        line: usize,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
 }
 
 type TokenDigest = [u8; 32];

@@ -97,7 +97,9 @@ pub async fn serve<D: Dialer>(
     dialer: Arc<D>,
     shutdown: impl Future,
 ) {
-    let permits = Arc::new(Semaphore::new(config.max_connections));
+    let permits = Arc::new(Semaphore::new(
+        config.max_connections.min(Semaphore::MAX_PERMITS),
+    ));
     let mut tasks = JoinSet::new();
     let mut refusals = RefusalLog::default();
     let mut shutdown = pin!(shutdown);
