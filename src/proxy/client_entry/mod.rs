@@ -1,1 +1,314 @@
 //! The client entry: HTTP CONNECT and SOCKS5 in front of the tunnels.
+//!
+//! Root-side clients (curl, `ssh -o ProxyCommand='nc -X connect ...'`, SOCKS-aware tools) name a
+//! target as `HOST.CLUSTER.tether:PORT`; the entry authenticates them, asks the [`Dialer`] for a
+//! connection and splices the two. Both protocols share one port: a first byte of `0x05` means
+//! SOCKS5, anything else is read as HTTP.
+//!
+//! Every client must authenticate with a named token ([`ClientTokens`]); the name appears in the
+//! logs, the token never does.
+
+mod auth;
+mod http;
+mod prefixed;
+mod socks;
+#[cfg(test)]
+mod tests;
+
+use std::future::Future;
+use std::io;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::pin::pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinSet;
+use tokio::time::timeout;
+use tracing::{Instrument, debug, error, info, info_span, warn};
+
+pub use auth::{ClientTokens, MIN_TOKEN_LEN, TokenFileError};
+
+use crate::protocol::Target;
+use crate::stream::Splice;
+
+use super::Dialer;
+use prefixed::Prefixed;
+
+/// Settings of the client entry. Built once and shared by every connection.
+#[derive(Debug, Clone)]
+pub struct ClientEntryConfig {
+    /// Where to listen. Defaults to loopback (`127.0.0.1`, any free port) because anyone who can
+    /// connect can try tokens: exposing the entry beyond the host must be a deliberate choice.
+    pub listen: SocketAddr,
+    /// Most connections served at once, handshaking or tunnelling. Connections beyond it are
+    /// closed as soon as they are accepted (and logged) so that a flood cannot exhaust file
+    /// descriptors or memory, nor starve clients already connected.
+    pub max_connections: usize,
+    /// How long a client has to finish its handshake (and to read our replies). A client that
+    /// sends nothing, or too little, is dropped when it runs out so that it cannot hold a
+    /// connection slot forever.
+    pub handshake_timeout: Duration,
+    /// Largest HTTP request head read. Bounds the memory a single client can make us hold
+    /// before it has authenticated.
+    pub max_header_bytes: usize,
+    /// The clients allowed in. Empty means nobody: there is no anonymous access.
+    pub tokens: ClientTokens,
+}
+
+impl Default for ClientEntryConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
+            max_connections: 1024,
+            handshake_timeout: Duration::from_secs(10),
+            max_header_bytes: 8 * 1024,
+            tokens: ClientTokens::default(),
+        }
+    }
+}
+
+impl ClientEntryConfig {
+    /// The defaults, with `tokens` as the allowed clients.
+    pub fn new(tokens: ClientTokens) -> Self {
+        Self {
+            tokens,
+            ..Self::default()
+        }
+    }
+
+    /// Binds [`ClientEntryConfig::listen`], ready for [`serve`].
+    pub async fn bind(&self) -> io::Result<TcpListener> {
+        TcpListener::bind(self.listen).await
+    }
+}
+
+/// Serves clients on `listener` until `shutdown` resolves, then stops accepting and waits for the
+/// connections in flight to end. Each connection runs in its own task with a tracing span naming
+/// the peer (and, once known, the client's name and target).
+///
+/// To bound the wait for open tunnels, wrap the call in [`tokio::time::timeout`]: dropping the
+/// returned future aborts every remaining connection.
+pub async fn serve<D: Dialer>(
+    listener: TcpListener,
+    config: Arc<ClientEntryConfig>,
+    dialer: Arc<D>,
+    shutdown: impl Future,
+) {
+    let permits = Arc::new(Semaphore::new(
+        config.max_connections.min(Semaphore::MAX_PERMITS),
+    ));
+    let mut tasks = JoinSet::new();
+    let mut refusals = RefusalLog::default();
+    let mut shutdown = pin!(shutdown);
+    if let Ok(addr) = listener.local_addr() {
+        info!(%addr, "client entry listening");
+    }
+    loop {
+        tokio::select! {
+            biased;
+            _ = &mut shutdown => break,
+            Some(done) = tasks.join_next(), if !tasks.is_empty() => report(done),
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    let Ok(permit) = permits.clone().try_acquire_owned() else {
+                        refusals.note(peer, config.max_connections);
+                        drop(stream);
+                        continue;
+                    };
+                    let span = info_span!(
+                        "client",
+                        %peer,
+                        user = tracing::field::Empty,
+                        target = tracing::field::Empty,
+                    );
+                    let work = handle(stream, peer, config.clone(), dialer.clone(), permit);
+                    tasks.spawn(work.instrument(span));
+                }
+                Err(e) => {
+                    // Usually out of file descriptors: back off instead of spinning.
+                    warn!(error = %e, "accepting a client connection failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+        }
+    }
+    drop(listener);
+    info!(
+        open = tasks.len(),
+        "client entry stopped accepting; waiting for open connections"
+    );
+    while let Some(done) = tasks.join_next().await {
+        report(done);
+    }
+}
+
+fn report(done: Result<(), tokio::task::JoinError>) {
+    if let Err(e) = done
+        && e.is_panic()
+    {
+        error!("a client connection task panicked");
+    }
+}
+
+/// Logs refused connections at most once a second, with a count of those not logged.
+#[derive(Default)]
+struct RefusalLog {
+    last: Option<Instant>,
+    suppressed: u64,
+}
+
+impl RefusalLog {
+    fn note(&mut self, peer: SocketAddr, max: usize) {
+        let now = Instant::now();
+        if self
+            .last
+            .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1))
+        {
+            warn!(%peer, max_connections = max, also_refused = self.suppressed,
+                "connection limit reached; refusing client");
+            self.last = Some(now);
+            self.suppressed = 0;
+        } else {
+            self.suppressed += 1;
+        }
+    }
+}
+
+/// Which protocol a client spoke, to answer it in kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Protocol {
+    Http,
+    Socks5,
+}
+
+/// What a successful handshake yields.
+struct Request {
+    target: Target,
+    /// The authenticated client's name.
+    user: String,
+    /// Bytes the client sent after its request, to be delivered through the tunnel first.
+    leftover: Vec<u8>,
+}
+
+/// Why a handshake did not produce a request.
+#[derive(Debug, thiserror::Error)]
+enum HandshakeError {
+    /// The client was told no (the reply is already written); the text is for the log.
+    #[error("{0}")]
+    Rejected(String),
+    /// The client hung up before finishing.
+    #[error("client closed the connection during the handshake")]
+    Closed,
+    #[error(transparent)]
+    Io(io::Error),
+}
+
+impl From<io::Error> for HandshakeError {
+    fn from(e: io::Error) -> Self {
+        if e.kind() == io::ErrorKind::UnexpectedEof {
+            HandshakeError::Closed
+        } else {
+            HandshakeError::Io(e)
+        }
+    }
+}
+
+async fn handle<D: Dialer>(
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    config: Arc<ClientEntryConfig>,
+    dialer: Arc<D>,
+    _permit: OwnedSemaphorePermit,
+) {
+    let _ = stream.set_nodelay(true);
+    let limit = config.handshake_timeout;
+    let handshake = timeout(limit, async {
+        let first = stream.read_u8().await?;
+        if first == socks::VERSION {
+            Ok((
+                Protocol::Socks5,
+                socks::handshake(&mut stream, &config).await?,
+            ))
+        } else {
+            Ok((
+                Protocol::Http,
+                http::handshake(&mut stream, first, &config).await?,
+            ))
+        }
+    })
+    .await;
+    let (protocol, request) = match handshake {
+        Ok(Ok(accepted)) => accepted,
+        Err(_) => return info!(timeout = ?limit, "handshake timed out; dropping client"),
+        Ok(Err(HandshakeError::Rejected(why))) => {
+            info!(reason = %why, "client rejected");
+            return close_gracefully(stream, limit).await;
+        }
+        Ok(Err(e)) => return debug!(error = %e, "handshake failed"),
+    };
+    let Request {
+        target,
+        user,
+        leftover,
+    } = request;
+    let span = tracing::Span::current();
+    span.record("user", user.as_str());
+    span.record("target", tracing::field::display(&target));
+
+    match dialer.dial(target, peer).await {
+        Err(e) => {
+            info!(kind = e.kind.as_str(), error = %e.message, "dial failed");
+            let write = async {
+                match protocol {
+                    Protocol::Http => http::write_dial_error(&mut stream, &e).await,
+                    Protocol::Socks5 => socks::write_dial_error(&mut stream, &e).await,
+                }
+            };
+            if let Ok(Ok(())) = timeout(limit, write).await {
+                close_gracefully(stream, limit).await;
+            }
+        }
+        Ok(conn) => {
+            let write = async {
+                match protocol {
+                    Protocol::Http => http::write_established(&mut stream).await,
+                    Protocol::Socks5 => socks::write_established(&mut stream).await,
+                }
+            };
+            match timeout(limit, write).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return debug!(error = %e, "client gone before the tunnel opened"),
+                Err(_) => return info!("client did not read the reply; dropping it"),
+            }
+            info!("tunnel open");
+            match conn.splice(Prefixed::new(leftover, stream)).await {
+                Ok(()) => info!("tunnel closed"),
+                Err(e) => info!(error = %e, "tunnel ended with an error"),
+            }
+        }
+    }
+}
+
+/// Closes after an error reply without losing it: send FIN, then read (and discard) what the
+/// client still sends for a moment, because closing a socket with unread input sends a reset
+/// that can destroy the reply before the client reads it.
+async fn close_gracefully(mut stream: TcpStream, limit: Duration) {
+    const MAX_DRAIN: usize = 64 * 1024;
+    if stream.shutdown().await.is_err() {
+        return;
+    }
+    let drain = async {
+        let mut sink = [0u8; 4096];
+        let mut total = 0;
+        while total < MAX_DRAIN {
+            match stream.read(&mut sink).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => total += n,
+            }
+        }
+    };
+    let _ = timeout(limit.min(Duration::from_secs(2)), drain).await;
+}

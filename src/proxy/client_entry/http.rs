@@ -1,0 +1,241 @@
+//! HTTP CONNECT: `CONNECT HOST.CLUSTER.tether:PORT HTTP/1.1` with `Proxy-Authorization`.
+//!
+//! Only CONNECT is served: the entry makes byte tunnels and never interprets what flows through
+//! them. Any other method gets `405` with a line saying how to use the proxy.
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use super::auth::{ClientTokens, base64_decode};
+use super::{ClientEntryConfig, HandshakeError, Request};
+use crate::protocol::{DialError, DialErrorKind, Target};
+
+/// Most header lines accepted in a request head.
+const MAX_HEADERS: usize = 64;
+
+const USAGE: &str = "tether: this proxy only tunnels with CONNECT to HOST.CLUSTER.tether:PORT \
+(for example `curl --proxytunnel --proxy http://NAME:TOKEN@PROXY URL`)\n";
+
+/// What the request head said, copied out of the read buffer.
+enum Head {
+    Partial,
+    Complete {
+        len: usize,
+        method: String,
+        target: String,
+        authorization: Option<String>,
+    },
+    TooManyHeaders,
+    Invalid,
+}
+
+fn parse_head(buf: &[u8]) -> Head {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut headers);
+    match req.parse(buf) {
+        Ok(httparse::Status::Partial) => Head::Partial,
+        Ok(httparse::Status::Complete(len)) => Head::Complete {
+            len,
+            method: req.method.unwrap_or_default().to_owned(),
+            target: req.path.unwrap_or_default().to_owned(),
+            authorization: req
+                .headers
+                .iter()
+                .find(|h| h.name.eq_ignore_ascii_case("proxy-authorization"))
+                .and_then(|h| std::str::from_utf8(h.value).ok())
+                .map(str::to_owned),
+        },
+        Err(httparse::Error::TooManyHeaders) => Head::TooManyHeaders,
+        Err(_) => Head::Invalid,
+    }
+}
+
+/// Reads and checks the request head. `first` is the byte already read to sniff the protocol.
+/// On success, bytes the client sent after the head are in [`Request::leftover`].
+pub(super) async fn handshake(
+    stream: &mut TcpStream,
+    first: u8,
+    config: &ClientEntryConfig,
+) -> Result<Request, HandshakeError> {
+    let max = config.max_header_bytes.max(1);
+    let mut buf = Vec::with_capacity(max.min(4096));
+    buf.push(first);
+    let (len, method, target, authorization) = loop {
+        match parse_head(&buf) {
+            Head::Complete {
+                len,
+                method,
+                target,
+                authorization,
+            } => break (len, method, target, authorization),
+            Head::Partial if buf.len() < max => {}
+            Head::Partial | Head::TooManyHeaders => {
+                return reject(
+                    stream,
+                    431,
+                    "Request Header Fields Too Large",
+                    "",
+                    "tether: request head too large\n",
+                    "request head too large",
+                )
+                .await;
+            }
+            Head::Invalid => {
+                return reject(
+                    stream,
+                    400,
+                    "Bad Request",
+                    "",
+                    "tether: malformed HTTP request\n",
+                    "malformed HTTP request",
+                )
+                .await;
+            }
+        }
+        let start = buf.len();
+        buf.resize(max, 0);
+        let n = stream.read(&mut buf[start..]).await?;
+        buf.truncate(start + n);
+        if n == 0 {
+            return Err(HandshakeError::Closed);
+        }
+    };
+
+    if method != "CONNECT" {
+        return reject(
+            stream,
+            405,
+            "Method Not Allowed",
+            "Allow: CONNECT\r\n",
+            USAGE,
+            "HTTP method other than CONNECT",
+        )
+        .await;
+    }
+    let Some(user) = authenticate(authorization.as_deref(), &config.tokens) else {
+        return reject(
+            stream,
+            407,
+            "Proxy Authentication Required",
+            "Proxy-Authenticate: Basic realm=\"tether\"\r\n",
+            "tether: authentication required (Basic NAME:TOKEN or Bearer TOKEN)\n",
+            if authorization.is_some() {
+                "authentication failed"
+            } else {
+                "no credentials"
+            },
+        )
+        .await;
+    };
+    let target = match parse_target(&target) {
+        Ok(t) => t,
+        Err(e) => {
+            let body = format!("tether: {e}\n");
+            let why = format!("user {user}: bad target: {e}");
+            return reject(stream, 400, "Bad Request", "", &body, &why).await;
+        }
+    };
+    Ok(Request {
+        target,
+        user,
+        leftover: buf.split_off(len),
+    })
+}
+
+/// Checks a `Proxy-Authorization` value (Bearer or Basic); the client's name on success.
+fn authenticate(value: Option<&str>, tokens: &ClientTokens) -> Option<String> {
+    let (scheme, credentials) = value?.trim().split_once(' ')?;
+    let credentials = credentials.trim();
+    if scheme.eq_ignore_ascii_case("bearer") {
+        return tokens
+            .verify_bearer(credentials.as_bytes())
+            .map(str::to_owned);
+    }
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return None;
+    }
+    let decoded = base64_decode(credentials)?;
+    let colon = decoded.iter().position(|&b| b == b':')?;
+    let name = std::str::from_utf8(&decoded[..colon]).ok()?;
+    tokens
+        .verify(name, &decoded[colon + 1..])
+        .then(|| name.to_owned())
+}
+
+/// Parses the authority-form request target `HOST.CLUSTER.tether:PORT`.
+fn parse_target(authority: &str) -> Result<Target, String> {
+    let (name, port) = authority.rsplit_once(':').ok_or_else(|| {
+        format!("invalid target {authority:?}: expected HOST.CLUSTER.tether:PORT")
+    })?;
+    let port: u16 = port
+        .parse()
+        .map_err(|_| format!("invalid port in {authority:?}: expected 1-65535"))?;
+    Target::from_name(name, port).map_err(|e| e.to_string())
+}
+
+/// Writes a complete plain-text response and reports the rejection (`why` is for the log).
+async fn reject(
+    stream: &mut TcpStream,
+    status: u16,
+    reason: &str,
+    headers: &str,
+    body: &str,
+    why: &str,
+) -> Result<Request, HandshakeError> {
+    respond(stream, status, reason, headers, body).await?;
+    Err(HandshakeError::Rejected(format!("HTTP {status}: {why}")))
+}
+
+async fn respond(
+    stream: &mut TcpStream,
+    status: u16,
+    reason: &str,
+    headers: &str,
+    body: &str,
+) -> std::io::Result<()> {
+    let response = format!(
+        "HTTP/1.1 {status} {reason}\r\n{headers}Content-Type: text/plain; charset=utf-8\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(response.as_bytes()).await?;
+    stream.flush().await
+}
+
+/// The status for a failed dial:
+///
+/// | kind | status |
+/// | --- | --- |
+/// | Forbidden | 403 Forbidden |
+/// | NoTunnel | 503 Service Unavailable (the site's tunnel is down: retry later) |
+/// | TimedOut | 504 Gateway Timeout |
+/// | Refused, NameNotResolved, Unreachable, Other | 502 Bad Gateway |
+pub(super) fn dial_error_status(kind: DialErrorKind) -> (u16, &'static str) {
+    match kind {
+        DialErrorKind::Forbidden => (403, "Forbidden"),
+        DialErrorKind::NoTunnel => (503, "Service Unavailable"),
+        DialErrorKind::TimedOut => (504, "Gateway Timeout"),
+        DialErrorKind::Refused
+        | DialErrorKind::NameNotResolved
+        | DialErrorKind::Unreachable
+        | DialErrorKind::Other => (502, "Bad Gateway"),
+    }
+}
+
+/// Tells the client why the dial failed, with the error's message as the body.
+pub(super) async fn write_dial_error(
+    stream: &mut TcpStream,
+    error: &DialError,
+) -> std::io::Result<()> {
+    let (status, reason) = dial_error_status(error.kind);
+    let body = format!("tether: {}\n", error.to_string().replace(['\r', '\n'], " "));
+    respond(stream, status, reason, "", &body).await
+}
+
+/// Tells the client the tunnel is open.
+pub(super) async fn write_established(stream: &mut TcpStream) -> std::io::Result<()> {
+    stream
+        .write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        .await?;
+    stream.flush().await
+}
