@@ -120,13 +120,21 @@ async fn crd_apply_status_watch_and_kubectl() {
     assert_eq!(created.spec.size, 1);
     assert!(created.status.is_none());
 
-    // Watch from now on; the stream must see the applied change.
+    // Start watching: the initial list yields w1 as created; what follows
+    // can only come from watch events.
     let mut seen = watcher(
         widgets.clone(),
         watcher::Config::default().fields("metadata.name=w1"),
     )
     .applied_objects()
     .boxed();
+    let initial = timeout(DEADLINE, seen.try_next())
+        .await
+        .expect("watcher's initial list in time")
+        .expect("watch stream")
+        .expect("watch stream ended");
+    assert_eq!(initial.spec.size, 1);
+    assert!(initial.status.is_none());
 
     let spec = json!({
         "apiVersion": "smoke.tether.dev/v1alpha1",

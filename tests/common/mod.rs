@@ -176,7 +176,7 @@ impl ControlPlane {
             .unwrap_or_else(|e| panic!("running {name}: {e}"))
     }
 
-    /// Creates a namespace unique to this call (`<prefix>-<n>-<random>`) and
+    /// Creates a namespace unique to this control plane (`<prefix>-<n>`) and
     /// its `default` ServiceAccount, and returns its name.
     pub async fn new_namespace(&self, prefix: &str) -> String {
         let n = self.namespaces.fetch_add(1, Ordering::Relaxed);
@@ -186,11 +186,7 @@ impl ControlPlane {
             .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
             .collect();
         prefix.truncate(40);
-        let name = format!(
-            "{}-{n}-{:06x}",
-            prefix.trim_matches('-'),
-            rand::random::<u32>() & 0xff_ffff
-        );
+        let name = format!("{}-{n}", prefix.trim_matches('-'));
         let client = self.kube_client();
         let ns = Namespace {
             metadata: ObjectMeta {
