@@ -16,6 +16,7 @@ use tether::client::{DialClient, DialClientConfig};
 use tether::identity::{CertificateAuthority, Identity, TrustStore, parse_ca_keys};
 use tether::protocol::control::ProxyInfo;
 use tether::protocol::{ClusterName, Endpoint, Target};
+use tether::proxy::client_entry::{self, ClientEntryConfig, ClientTokens};
 use tether::proxy::{HeartbeatPolicy, ProxyConfig, ProxyLimits, ProxyServer};
 use tether::stream::StreamLimits;
 
@@ -142,6 +143,12 @@ struct ProxyArgs {
     /// Open streams per tunnel.
     #[arg(long, default_value_t = ProxyLimits::default().max_streams_per_tunnel)]
     max_streams_per_tunnel: usize,
+    /// Also serve HTTP CONNECT and SOCKS5 clients here (loopback unless you say otherwise).
+    #[arg(long, requires = "client_tokens")]
+    client_listen: Option<SocketAddr>,
+    /// File of `name:token` lines: the clients allowed on the HTTP CONNECT / SOCKS5 entry.
+    #[arg(long)]
+    client_tokens: Option<PathBuf>,
     /// On SIGTERM, how long streams may finish before the proxy exits.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     shutdown_grace: Duration,
@@ -313,9 +320,35 @@ async fn run_proxy(args: ProxyArgs) -> anyhow::Result<()> {
     );
     proxy.set_peers(peers);
     println!("listening on {}", proxy.local_addr());
+    let stop = CancellationToken::new();
+    let entry = match (&args.client_listen, &args.client_tokens) {
+        (Some(listen), Some(tokens)) => {
+            let config = ClientEntryConfig {
+                listen: *listen,
+                ..ClientEntryConfig::new(ClientTokens::load(tokens)?)
+            };
+            let listener = config.bind().await?;
+            println!(
+                "client entry (HTTP CONNECT, SOCKS5) on {}",
+                listener.local_addr()?
+            );
+            let stopped = stop.clone();
+            Some(tokio::spawn(client_entry::serve(
+                listener,
+                Arc::new(config),
+                Arc::new(proxy.dialer()),
+                async move { stopped.cancelled().await },
+            )))
+        }
+        _ => None,
+    };
     shutdown_signal().await;
+    stop.cancel();
     tracing::info!(grace = ?args.shutdown_grace, "draining");
     proxy.shutdown(args.shutdown_grace).await;
+    if let Some(entry) = entry {
+        entry.abort();
+    }
     Ok(())
 }
 

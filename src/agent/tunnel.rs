@@ -252,6 +252,15 @@ pub struct Tunnel {
     tasks: TaskTracker,
 }
 
+impl std::fmt::Debug for Tunnel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tunnel")
+            .field("proxy_id", &self.proxy_id)
+            .field("interval", &self.interval)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Tunnel {
     /// Dials the proxy address, authenticates both ways and completes the control hello.
     pub async fn connect(config: Arc<AgentConfig>) -> Result<Tunnel, TunnelError> {
@@ -262,6 +271,7 @@ impl Tunnel {
     }
 
     async fn connect_inner(config: Arc<AgentConfig>) -> Result<Tunnel, TunnelError> {
+        warn_if_certificate_invalid(&config.identity.certificate);
         let socket = TcpStream::connect(config.proxy_addr.as_str())
             .await
             .map_err(|source| TunnelError::Connect {
@@ -393,7 +403,7 @@ impl Tunnel {
                         Some(_) => continue,
                     };
                     self.frames.push(&data).map_err(|e| TunnelError::Control(e.to_string()))?;
-                    while let Some(msg) = self.frames.next::<ProxyMessage>().map_err(|e| TunnelError::Control(e.to_string()))? {
+                    while let Some(msg) = self.frames.next_message::<ProxyMessage>().map_err(|e| TunnelError::Control(e.to_string()))? {
                         match msg {
                             ProxyMessage::Pong { .. } => last_pong = Instant::now(),
                             ProxyMessage::Discovery { proxies } => {
@@ -417,6 +427,17 @@ impl Tunnel {
     }
 }
 
+/// The proxy will refuse a certificate outside its validity window; say so on the agent's side
+/// too, where the operator who must renew it is looking.
+fn warn_if_certificate_invalid(cert: &russh::keys::Certificate) {
+    let now = std::time::SystemTime::now();
+    if cert.valid_before_time().is_some_and(|t| now > t) {
+        warn!(key_id = cert.key_id(), valid_before = ?cert.valid_before_time(), "the agent's certificate has expired; issue a new one");
+    } else if cert.valid_after_time().is_some_and(|t| now < t) {
+        warn!(key_id = cert.key_id(), valid_after = ?cert.valid_after_time(), "the agent's certificate is not valid yet; check the clock");
+    }
+}
+
 async fn send(write: &ChannelWriteHalf<Msg>, msg: &AgentMessage) -> Result<(), TunnelError> {
     let bytes = control::encode(msg).map_err(|e| TunnelError::Control(e.to_string()))?;
     write.data_bytes(bytes).await?;
@@ -429,7 +450,7 @@ async fn next_message(
 ) -> Result<ProxyMessage, TunnelError> {
     loop {
         if let Some(msg) = frames
-            .next::<ProxyMessage>()
+            .next_message::<ProxyMessage>()
             .map_err(|e| TunnelError::Control(e.to_string()))?
         {
             return Ok(msg);

@@ -107,7 +107,9 @@ impl FrameReader {
     }
 
     /// Takes the next complete message, if one has arrived.
-    pub fn next<T: for<'de> Deserialize<'de>>(&mut self) -> Result<Option<T>, ControlError> {
+    pub fn next_message<T: for<'de> Deserialize<'de>>(
+        &mut self,
+    ) -> Result<Option<T>, ControlError> {
         let Some(len) = self.pending_len() else {
             return Ok(None);
         };
@@ -152,7 +154,7 @@ mod tests {
             let mut out = Vec::new();
             for c in wire.chunks(chunk) {
                 r.push(c).unwrap();
-                while let Some(m) = r.next::<ProxyMessage>().unwrap() {
+                while let Some(m) = r.next_message::<ProxyMessage>().unwrap() {
                     out.push(m);
                 }
             }
@@ -170,7 +172,7 @@ mod tests {
         let mut r = FrameReader::default();
         r.push(&[0, 0, 0, 2, b'{', b'x']).unwrap();
         assert!(matches!(
-            r.next::<AgentMessage>(),
+            r.next_message::<AgentMessage>(),
             Err(ControlError::Malformed(_))
         ));
         let mut r = FrameReader::default();

@@ -158,7 +158,7 @@ async fn handle_data(
         .push(data)
         .map_err(|e| ControlEnd::Protocol(e.to_string()))?;
     while let Some(msg) = frames
-        .next::<AgentMessage>()
+        .next_message::<AgentMessage>()
         .map_err(|e| ControlEnd::Protocol(e.to_string()))?
     {
         match msg {
@@ -200,7 +200,7 @@ async fn next_message(
 ) -> Result<AgentMessage, ControlEnd> {
     loop {
         if let Some(msg) = frames
-            .next::<AgentMessage>()
+            .next_message::<AgentMessage>()
             .map_err(|e| ControlEnd::Protocol(e.to_string()))?
         {
             return Ok(msg);

@@ -1,0 +1,226 @@
+//! Who may connect: both sides check certificates, refuse with a clear log line, and the proxy
+//! survives garbage, silence and bursts.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tether::agent::allow_list::AllowList;
+use tether::agent::{Tunnel, TunnelError};
+use tether::identity::{CertificateAuthority, Identity, ROLE_EXTENSION};
+use tether::protocol::{ClusterName, DialErrorKind};
+use tether::proxy::{ProxyLimits, ProxyServer};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::support::*;
+
+async fn agent_attempt(
+    pki: &tether::demo::Pki,
+    proxy: &ProxyServer,
+    tune: impl FnOnce(&mut tether::agent::AgentConfig),
+) -> Result<Tunnel, TunnelError> {
+    let mut config = pki
+        .agent_config(&proxy.local_addr().to_string(), AllowList::default())
+        .expect("agent config");
+    tune(&mut config);
+    Tunnel::connect(Arc::new(config)).await
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn an_agent_of_an_unknown_cluster_is_refused_with_a_reason() {
+    let logs = LogCapture::default();
+    let _guard = logs.install();
+    let pki = pki();
+    let proxy = ProxyServer::start(pki.proxy_config("p1").expect("config"))
+        .await
+        .expect("proxy");
+    let stranger =
+        CertificateAuthority::generate(ClusterName::new("stranger").expect("name")).expect("ca");
+    let result = agent_attempt(&pki, &proxy, |c| {
+        c.cluster = stranger.cluster().clone();
+        c.identity =
+            Arc::new(Identity::generate_agent(&stranger, Duration::from_secs(60)).expect("id"));
+    })
+    .await;
+    assert!(
+        matches!(result, Err(TunnelError::AuthRefused)),
+        "{result:?}"
+    );
+    logs.wait_for("no certificate authority is trusted for cluster \"stranger\"")
+        .await;
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn an_agent_certificate_from_the_wrong_ca_is_refused() {
+    let logs = LogCapture::default();
+    let _guard = logs.install();
+    let pki = pki();
+    let proxy = ProxyServer::start(pki.proxy_config("p1").expect("config"))
+        .await
+        .expect("proxy");
+    // Same cluster name, another CA.
+    let impostor = CertificateAuthority::generate(leaf()).expect("ca");
+    let result = agent_attempt(&pki, &proxy, |c| {
+        c.identity =
+            Arc::new(Identity::generate_agent(&impostor, Duration::from_secs(60)).expect("id"));
+    })
+    .await;
+    assert!(
+        matches!(result, Err(TunnelError::AuthRefused)),
+        "{result:?}"
+    );
+    logs.wait_for("which is not a trusted certificate authority of cluster leaf")
+        .await;
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn an_expired_agent_certificate_is_refused() {
+    let logs = LogCapture::default();
+    let _guard = logs.install();
+    let pki = pki();
+    let proxy = ProxyServer::start(pki.proxy_config("p1").expect("config"))
+        .await
+        .expect("proxy");
+    let identity = Identity::generate_agent(&pki.leaf, Duration::from_secs(60)).expect("id");
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock")
+        .as_secs();
+    let mut builder = russh::keys::ssh_key::certificate::Builder::new(
+        vec![7u8; 32],
+        identity.key.public_key(),
+        now - 7200,
+        now - 3600,
+    )
+    .expect("builder");
+    builder
+        .cert_type(russh::keys::ssh_key::certificate::CertType::User)
+        .expect("type");
+    builder.key_id("agent leaf").expect("key id");
+    builder.valid_principal("leaf").expect("principal");
+    builder.extension(ROLE_EXTENSION, "agent").expect("role");
+    let expired = builder.sign(pki.leaf.private_key()).expect("sign");
+    let result = agent_attempt(&pki, &proxy, |c| {
+        c.identity = Arc::new(Identity {
+            key: identity.key.clone(),
+            certificate: expired,
+        });
+    })
+    .await;
+    assert!(
+        matches!(result, Err(TunnelError::AuthRefused)),
+        "{result:?}"
+    );
+    logs.wait_for("expired").await;
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn the_agent_refuses_a_proxy_whose_host_certificate_it_does_not_trust() {
+    let logs = LogCapture::default();
+    let _guard = logs.install();
+    let pki = pki();
+    let rogue = crate::support::pki();
+    let proxy = ProxyServer::start(rogue.proxy_config("p1").expect("config"))
+        .await
+        .expect("proxy");
+    // The agent trusts the real root CA only.
+    let result = agent_attempt(&rogue, &proxy, |c| {
+        c.root_cas = vec![pki.root.public_key().clone()];
+    })
+    .await;
+    assert!(result.is_err(), "the agent connected to an untrusted proxy");
+    logs.wait_for("refusing the proxy").await;
+    logs.wait_for("not a trusted certificate authority").await;
+    assert!(proxy.sites().list().is_empty());
+}
+
+#[tokio::test]
+async fn garbage_and_silence_are_dropped_by_the_handshake_timeout() {
+    let pki = pki();
+    let mut config = pki.proxy_config("p1").expect("config");
+    config.limits.handshake_timeout = Duration::from_millis(500);
+    let proxy = ProxyServer::start(config).await.expect("proxy");
+    let addr = proxy.local_addr();
+
+    let mut silent = TcpStream::connect(addr).await.expect("connect");
+    let mut garbage = TcpStream::connect(addr).await.expect("connect");
+    garbage
+        .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n\x00\x01\x02garbage")
+        .await
+        .expect("write");
+    for (name, conn) in [("silent", &mut silent), ("garbage", &mut garbage)] {
+        within(
+            &format!("the {name} client to be dropped"),
+            Duration::from_secs(5),
+            async {
+                let mut buf = [0u8; 1024];
+                // The proxy may send its version line first; then it must close.
+                loop {
+                    match conn.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(_) => {}
+                    }
+                }
+            },
+        )
+        .await;
+    }
+    wait_for("connections to be released", Duration::from_secs(5), || {
+        proxy.shared().limiter.connections() == 0
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_connections_is_held_by_the_limits_and_agents_keep_working() {
+    let limits = ProxyLimits {
+        max_connections_per_ip: 200,
+        max_handshakes: 32,
+        handshake_timeout: Duration::from_secs(2),
+        ..ProxyLimits::default()
+    };
+    let rig = Rig::start(
+        &["127.0.0.1/32:*".to_owned()],
+        |p| p.limits = limits,
+        |_| {},
+    )
+    .await;
+    let echo = echo_server().await.expect("echo");
+    let addr = rig.proxy.local_addr();
+    let limiter = rig.proxy.shared().limiter.clone();
+    let peak = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let watcher = {
+        let (limiter, peak) = (limiter.clone(), peak.clone());
+        tokio::spawn(async move {
+            loop {
+                peak.fetch_max(limiter.connections(), std::sync::atomic::Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        })
+    };
+    let mut held = Vec::new();
+    for _ in 0..2000 {
+        if let Ok(s) = TcpStream::connect(addr).await {
+            held.push(s);
+        }
+    }
+    // While the burst is held open, the agent's tunnel still serves dials.
+    let (mut stream, _t) = attach(rig.dial(echo).await.expect("dial during burst"), 4096);
+    let back = within(
+        "echo during burst",
+        Duration::from_secs(10),
+        echo_round_trip(&mut stream, b"ok"),
+    )
+    .await;
+    assert_eq!(back, b"ok");
+    drop(held);
+    watcher.abort();
+    let peak = peak.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(peak <= 200, "{peak} connections were held, over the limit");
+    rig.wait_online().await;
+    let refused = rig.dial_name("10.9.9.9.leaf.tether:80").await;
+    assert_eq!(
+        refused.err().map(|e| e.kind),
+        Some(DialErrorKind::Forbidden)
+    );
+}

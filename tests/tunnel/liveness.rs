@@ -1,0 +1,127 @@
+//! Heartbeats and reconnection: a site goes offline when its agent freezes and comes back.
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use tether::agent::AgentEvent;
+use tether::identity::Identity;
+use tether::proxy::{ProxyServer, SiteStatus};
+
+use crate::support::*;
+
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn signal(pid: u32, sig: &str) {
+    let status = Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(status.success(), "kill {sig} {pid} failed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_agent_goes_offline_after_the_missed_heartbeats_and_comes_back() {
+    let pki = pki();
+    let mut config = pki.proxy_config("p1").expect("config");
+    config.heartbeat.missed = 3;
+    let proxy = ProxyServer::start(config).await.expect("proxy");
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let key = dir.path().join("agent");
+    Identity::generate_agent(&pki.leaf, Duration::from_secs(3600))
+        .expect("identity")
+        .save(&key)
+        .expect("save identity");
+    let root_ca = dir.path().join("root-ca.pub");
+    std::fs::write(
+        &root_ca,
+        pki.root.public_key().to_openssh().expect("encode CA"),
+    )
+    .expect("write CA");
+    let child = Command::new(env!("CARGO_BIN_EXE_tether"))
+        .args(["agent", "--cluster", "leaf", "--root-cluster", "root"])
+        .arg("--proxy")
+        .arg(proxy.local_addr().to_string())
+        .arg("--identity")
+        .arg(&key)
+        .arg("--root-ca")
+        .arg(&root_ca)
+        .args(["--heartbeat-interval", "100ms"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("agent starts");
+    let agent = KillOnDrop(child);
+    let status = |proxy: &ProxyServer| proxy.site(&leaf()).map(|s| s.status);
+
+    wait_for("online", Duration::from_secs(20), || {
+        status(&proxy) == Some(SiteStatus::Online)
+    })
+    .await;
+    signal(agent.0.id(), "-STOP");
+    let frozen_at = std::time::Instant::now();
+    wait_for(
+        "offline after missed heartbeats",
+        Duration::from_secs(10),
+        || status(&proxy) == Some(SiteStatus::Offline),
+    )
+    .await;
+    // 3 missed intervals of 100 ms after the last heartbeat, which came at most one interval
+    // before the freeze: not before 200 ms.
+    assert!(
+        frozen_at.elapsed() >= Duration::from_millis(200),
+        "offline after only {:?}",
+        frozen_at.elapsed()
+    );
+    let info = proxy.site(&leaf()).expect("site still known");
+    assert!(info.last_connected.is_some());
+    signal(agent.0.id(), "-CONT");
+    wait_for("online again", Duration::from_secs(20), || {
+        status(&proxy) == Some(SiteStatus::Online)
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_reconnects_after_the_proxy_restarts() {
+    let mut rig = Rig::start(&[], |_| {}, |_| {}).await;
+    let addr = rig.proxy.local_addr();
+    rig.proxy.close();
+    rig.proxy.wait().await;
+    within("the agent to notice", Duration::from_secs(10), async {
+        loop {
+            if let Ok(AgentEvent::Disconnected { .. }) = rig.events.recv().await {
+                break;
+            }
+        }
+    })
+    .await;
+    let mut config = rig.pki.proxy_config("p1-restarted").expect("config");
+    config.listen = addr;
+    let restarted = ProxyServer::start(config)
+        .await
+        .expect("rebind the same port");
+    within("the agent to reconnect", Duration::from_secs(30), async {
+        loop {
+            if let Ok(AgentEvent::Connected { proxy_id }) = rig.events.recv().await {
+                assert_eq!(proxy_id, "p1-restarted");
+                break;
+            }
+        }
+    })
+    .await;
+    wait_for("online on the new proxy", Duration::from_secs(10), || {
+        restarted
+            .site(&leaf())
+            .is_some_and(|s| s.status == SiteStatus::Online)
+    })
+    .await;
+    rig.stop.cancel();
+}

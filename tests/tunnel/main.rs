@@ -1,0 +1,10 @@
+//! The tunnel core, end to end on loopback: a real proxy and agent speaking SSH.
+
+#[path = "../support/mod.rs"]
+mod support;
+
+mod auth;
+mod data;
+mod entry;
+mod liveness;
+mod policy;

@@ -1,0 +1,129 @@
+//! The agent dials only what its allow-list permits, however the address is spelled.
+
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use tether::agent::allow_list::AllowList;
+use tether::protocol::DialErrorKind;
+
+use crate::support::*;
+
+/// Every spelling of "this machine" that a careless check would let through.
+const ALIASES: &[&str] = &[
+    "0.0.0.0",
+    "[::]",
+    "[::ffff:127.0.0.1]",
+    "[::1]",
+    "2130706433",
+    "0177.0.0.1",
+    "0x7f.0.0.1",
+    "127.1",
+    "localhost",
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aliases_of_a_forbidden_address_are_refused() {
+    let rig = Rig::start(&["10.0.0.0/8:*".to_owned()], |_| {}, |_| {}).await;
+    let echo = echo_server().await.expect("echo");
+    for host in ALIASES {
+        let name = format!("{host}.leaf.tether:{}", echo.port());
+        let err = rig
+            .dial_name(&name)
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("{name} got through an allow-list of 10.0.0.0/8"));
+        assert_eq!(err.kind, DialErrorKind::Forbidden, "{name}: {err}");
+        assert!(
+            err.message.contains("allow-list")
+                || err.message.contains("never dials")
+                || err.message.contains("numeric"),
+            "{name}: the reason should say why: {err}"
+        );
+    }
+    let err = rig
+        .dial_name(&format!("localhost.leaf.tether:{}", echo.port()))
+        .await
+        .err()
+        .expect("refused");
+    assert!(
+        err.message.contains("resolves to"),
+        "a name that resolves elsewhere says where: {err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_allowed_address_and_port_get_through() {
+    let echo = echo_server().await.expect("echo");
+    let rig = Rig::start(&[format!("127.0.0.1/32:{}", echo.port())], |_| {}, |_| {}).await;
+    // The same address in its IPv4-mapped form is the same address: allowed.
+    let conn = rig
+        .dial_name(&format!("[::ffff:127.0.0.1].leaf.tether:{}", echo.port()))
+        .await
+        .expect("mapped form of an allowed address");
+    let (mut stream, _t) = attach(conn, 4096);
+    assert_eq!(echo_round_trip(&mut stream, b"ok").await, b"ok");
+    for host in ["0.0.0.0", "2130706433", "0177.0.0.1", "127.1"] {
+        let name = format!("{host}.leaf.tether:{}", echo.port());
+        let err = rig.dial_name(&name).await.err().expect("refused");
+        assert_eq!(err.kind, DialErrorKind::Forbidden, "{name}: {err}");
+    }
+    let other_port = if echo.port() == 65535 {
+        1
+    } else {
+        echo.port() + 1
+    };
+    let err = rig
+        .dial_name(&format!("127.0.0.1.leaf.tether:{other_port}"))
+        .await
+        .err()
+        .expect("another port is refused");
+    assert_eq!(err.kind, DialErrorKind::Forbidden, "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn editing_the_allow_list_applies_to_new_dials_without_dropping_the_tunnel() {
+    let echo = echo_server().await.expect("echo");
+    let mut handle: Option<Arc<ArcSwap<AllowList>>> = None;
+    let rig = Rig::start(&[], |_| {}, |a| handle = Some(a.allow.clone())).await;
+    let allow = handle.expect("allow-list handle");
+    let tunnel_before = rig.proxy.site(&leaf()).expect("site").tunnels[0].id;
+    let err = rig.dial(echo).await.err().expect("denied by default");
+    assert_eq!(err.kind, DialErrorKind::Forbidden);
+    allow.store(Arc::new(
+        AllowList::parse([format!("127.0.0.1/32:{}", echo.port())]).expect("rules"),
+    ));
+    let (mut stream, _t) = attach(rig.dial(echo).await.expect("allowed now"), 4096);
+    assert_eq!(echo_round_trip(&mut stream, b"hi").await, b"hi");
+    let site = rig.proxy.site(&leaf()).expect("site");
+    assert_eq!(site.tunnels.len(), 1);
+    assert_eq!(site.tunnels[0].id, tunnel_before, "the tunnel was replaced");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_and_unresolvable_targets_say_which() {
+    let rig = Rig::start(
+        &["127.0.0.1/32:*".to_owned(), "*.invalid:*".to_owned()],
+        |_| {},
+        |_| {},
+    )
+    .await;
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr")
+    };
+    let err = rig.dial(closed).await.err().expect("refused");
+    assert_eq!(err.kind, DialErrorKind::Refused, "{err}");
+    let err = rig
+        .dial_name("nowhere.invalid.leaf.tether:80")
+        .await
+        .err()
+        .expect("unresolvable");
+    assert_eq!(err.kind, DialErrorKind::NameNotResolved, "{err}");
+    let err = rig
+        .dial_name("db.other-cluster.tether:80")
+        .await
+        .err()
+        .expect("unknown cluster");
+    assert_eq!(err.kind, DialErrorKind::NoTunnel, "{err}");
+    assert!(err.message.contains("other-cluster"), "{err}");
+}
