@@ -7,6 +7,7 @@
 pub mod allow_list;
 pub mod config;
 pub mod connect;
+pub mod status;
 pub mod tunnel;
 
 use std::sync::Arc;
