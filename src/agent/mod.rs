@@ -1,23 +1,26 @@
 //! The leaf side: agents that dial out to the root's proxies and serve dials through them.
 //!
-//! An [`Agent`] keeps one tunnel to a proxy address alive: it connects, verifies the proxy's
-//! host certificate, authenticates with its own, keeps heartbeats, and reconnects with jittered
-//! exponential backoff whenever the tunnel fails (the seed's `Agent`).
+//! An [`Agent`] keeps tunnels to a proxy address alive: each [`Tunnel`] verifies the proxy's
+//! host certificate, authenticates with the agent's own, keeps heartbeats and serves dials; the
+//! [`pool::Pool`] holds one tunnel per proxy that discovery announces and reconnects with
+//! jittered exponential backoff whenever one fails (the seed's `Agent` and `AgentPool`).
 
 pub mod allow_list;
+pub mod claims;
 pub mod config;
 pub mod connect;
+pub mod pool;
 pub mod status;
 pub mod tunnel;
 
 use std::sync::Arc;
-use std::time::Instant;
 
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::{broadcast, watch};
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
 
 pub use config::{AgentConfig, Backoff};
+pub use pool::PoolLimits;
+pub use status::{PoolStatus, ProxyTunnelStatus, TunnelState};
 pub use tunnel::{Tunnel, TunnelError, TunnelEvent};
 
 /// An agent's state changes, for logs, status and tests (the seed's `ConnectedEvent`).
@@ -33,83 +36,42 @@ pub enum AgentEvent {
     Closed,
 }
 
-/// Keeps one tunnel alive until cancelled.
+/// An agent for one tunnel target: a [`pool::Pool`] that holds a tunnel to every proxy the
+/// target's load balancer leads to.
 pub struct Agent {
-    config: Arc<AgentConfig>,
-    events: broadcast::Sender<AgentEvent>,
+    pool: pool::Pool,
 }
 
 impl Agent {
-    /// An agent with `config`; nothing runs until [`Agent::run`].
+    /// An agent with `config` and default pacing; nothing runs until [`Agent::run`].
     pub fn new(config: AgentConfig) -> Self {
+        Self::with_limits(config, pool::PoolLimits::default())
+    }
+
+    /// An agent with explicit pool pacing.
+    pub fn with_limits(config: AgentConfig, limits: pool::PoolLimits) -> Self {
         Self {
-            config: Arc::new(config),
-            events: broadcast::channel(64).0,
+            pool: pool::Pool::new(Arc::new(config), limits),
         }
     }
 
     /// Subscribes to state changes.
     pub fn events(&self) -> broadcast::Receiver<AgentEvent> {
-        self.events.subscribe()
+        self.pool.events()
+    }
+
+    /// The tunnels held, per proxy; updated on every change.
+    pub fn status(&self) -> watch::Receiver<PoolStatus> {
+        self.pool.status()
+    }
+
+    /// Connections made to the target so far.
+    pub fn attempts(&self) -> u64 {
+        self.pool.attempts()
     }
 
     /// Runs until `stop` is cancelled.
     pub async fn run(&self, stop: CancellationToken) {
-        let mut attempt = 0u32;
-        loop {
-            if stop.is_cancelled() {
-                break;
-            }
-            let _ = self.events.send(AgentEvent::Connecting);
-            let started = Instant::now();
-            let result = tokio::select! {
-                () = stop.cancelled() => break,
-                r = Tunnel::connect(self.config.clone()) => r,
-            };
-            let reason = match result {
-                Ok(tunnel) => {
-                    attempt = 0;
-                    let proxy_id = tunnel.proxy_id.clone();
-                    let _ = self.events.send(AgentEvent::Connected {
-                        proxy_id: proxy_id.clone(),
-                    });
-                    let (tx, mut rx) = mpsc::channel(8);
-                    let run = tunnel.run(stop.clone(), Some(tx));
-                    tokio::pin!(run);
-                    let end = loop {
-                        tokio::select! {
-                            end = &mut run => break end,
-                            Some(_event) = rx.recv() => {}
-                        }
-                    };
-                    match end {
-                        Ok(()) => "stopped".to_owned(),
-                        Err(e) => {
-                            warn!(proxy = %proxy_id, error = %e, "tunnel lost");
-                            e.to_string()
-                        }
-                    }
-                }
-                Err(e) => {
-                    warn!(proxy = %self.config.proxy_addr, error = %e, "could not open a tunnel");
-                    e.to_string()
-                }
-            };
-            let _ = self.events.send(AgentEvent::Disconnected { reason });
-            if stop.is_cancelled() {
-                break;
-            }
-            if started.elapsed() >= self.config.backoff.reset_after {
-                attempt = 0;
-            }
-            let delay = self.config.backoff.delay(attempt);
-            attempt = attempt.saturating_add(1);
-            info!(?delay, "reconnecting after a pause");
-            tokio::select! {
-                () = stop.cancelled() => break,
-                () = tokio::time::sleep(delay) => {}
-            }
-        }
-        let _ = self.events.send(AgentEvent::Closed);
+        self.pool.run(stop).await
     }
 }

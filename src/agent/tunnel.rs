@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, info_span, warn};
 
+use super::claims::{Claim, Claims};
 use super::config::AgentConfig;
 use super::connect::connect;
 use crate::protocol::control::{
@@ -42,6 +43,10 @@ pub enum TunnelError {
     Closed,
     #[error("the proxy is draining: {0}")]
     Drained(String),
+    #[error("landed on proxy {0}, which already holds a tunnel")]
+    AlreadyClaimed(String),
+    #[error("refused the proxy: {0}")]
+    UntrustedProxy(String),
 }
 
 /// What a tunnel reports while it lives.
@@ -56,11 +61,16 @@ pub enum TunnelEvent {
     },
 }
 
+/// What key exchange concluded about the proxy: its ID and claim, or why it was refused.
+type Verdict = Result<(String, Option<Claim>), TunnelError>;
+
 /// Verifies the proxy, answers dials.
 struct AgentHandler {
     config: Arc<AgentConfig>,
-    /// The proxy ID read from its host certificate during key exchange.
-    proxy_id: Arc<Mutex<Option<String>>>,
+    /// What key exchange learned: the proxy's claim, or why it was refused.
+    verdict: Arc<Mutex<Option<Verdict>>>,
+    /// Proxies already held; `None` when the caller does not track claims.
+    claims: Option<Claims>,
     tasks: TaskTracker,
 }
 
@@ -71,16 +81,29 @@ impl client::Handler for AgentHandler {
         &mut self,
         key: &russh::keys::PublicKeyOrCertificate,
     ) -> Result<bool, Self::Error> {
-        match ssh::verify_proxy_key(key, &self.config.root_cas, &self.config.root_cluster) {
-            Ok(id) => {
-                *self.proxy_id.lock().unwrap_or_else(|p| p.into_inner()) = Some(id);
-                Ok(true)
-            }
+        let verdict = match ssh::verify_proxy_key(
+            key,
+            &self.config.root_cas,
+            &self.config.root_cluster,
+        ) {
+            Ok(id) => match &self.claims {
+                None => Ok((id, None)),
+                Some(claims) => match claims.try_claim(&id) {
+                    Some(claim) => Ok((id, Some(claim))),
+                    None => {
+                        debug!(proxy = %id, "already holding a tunnel to this proxy; closing early");
+                        Err(TunnelError::AlreadyClaimed(id))
+                    }
+                },
+            },
             Err(reason) => {
                 warn!(%reason, "refusing the proxy");
-                Ok(false)
+                Err(TunnelError::UntrustedProxy(reason))
             }
-        }
+        };
+        let accept = verdict.is_ok();
+        *self.verdict.lock().unwrap_or_else(|p| p.into_inner()) = Some(verdict);
+        Ok(accept)
     }
 
     async fn server_channel_open_forwarded_tcpip(
@@ -243,6 +266,8 @@ async fn dial_api_server(config: &AgentConfig) -> Result<TcpStream, DialError> {
 pub struct Tunnel {
     /// The proxy this tunnel reached.
     pub proxy_id: String,
+    /// Keeps the proxy claimed for as long as the tunnel lives.
+    _claim: Option<Claim>,
     handle: Handle<AgentHandler>,
     read: ChannelReadHalf,
     write: ChannelWriteHalf<Msg>,
@@ -264,13 +289,25 @@ impl std::fmt::Debug for Tunnel {
 impl Tunnel {
     /// Dials the proxy address, authenticates both ways and completes the control hello.
     pub async fn connect(config: Arc<AgentConfig>) -> Result<Tunnel, TunnelError> {
+        Self::connect_claiming(config, None).await
+    }
+
+    /// Like [`Tunnel::connect`], but refuses, during key exchange, a proxy already in `claims`,
+    /// and claims the one it reaches for the tunnel's lifetime.
+    pub async fn connect_claiming(
+        config: Arc<AgentConfig>,
+        claims: Option<Claims>,
+    ) -> Result<Tunnel, TunnelError> {
         let deadline = config.connect_timeout;
-        tokio::time::timeout(deadline, Self::connect_inner(config))
+        tokio::time::timeout(deadline, Self::connect_inner(config, claims))
             .await
             .map_err(|_| TunnelError::Timeout(deadline))?
     }
 
-    async fn connect_inner(config: Arc<AgentConfig>) -> Result<Tunnel, TunnelError> {
+    async fn connect_inner(
+        config: Arc<AgentConfig>,
+        claims: Option<Claims>,
+    ) -> Result<Tunnel, TunnelError> {
         warn_if_certificate_invalid(&config.identity.certificate);
         let socket = TcpStream::connect(config.proxy_addr.as_str())
             .await
@@ -288,14 +325,33 @@ impl Tunnel {
             nodelay: true,
             ..client::Config::default()
         });
-        let proxy_id = Arc::new(Mutex::new(None));
+        let verdict = Arc::new(Mutex::new(None));
         let tasks = TaskTracker::new();
         let handler = AgentHandler {
             config: config.clone(),
-            proxy_id: proxy_id.clone(),
+            verdict: verdict.clone(),
+            claims,
             tasks: tasks.clone(),
         };
-        let mut handle = client::connect_stream(ssh_config, socket, handler).await?;
+        let take_verdict = || verdict.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let mut handle = match client::connect_stream(ssh_config, socket, handler).await {
+            Ok(h) => h,
+            Err(e) => {
+                return Err(match take_verdict() {
+                    Some(Err(refusal)) => refusal,
+                    _ => TunnelError::Ssh(e),
+                });
+            }
+        };
+        let (proxy_id, claim) = match take_verdict() {
+            Some(Ok(v)) => v,
+            Some(Err(refusal)) => return Err(refusal),
+            None => {
+                return Err(TunnelError::Control(
+                    "the proxy's identity was not verified".into(),
+                ));
+            }
+        };
         let identity = &config.identity;
         let auth = handle
             .authenticate_openssh_cert(
@@ -307,12 +363,6 @@ impl Tunnel {
         if !auth.success() {
             return Err(TunnelError::AuthRefused);
         }
-        let proxy_id = proxy_id
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-            .ok_or_else(|| TunnelError::Control("the proxy's identity was not verified".into()))?;
-
         let channel = handle.channel_open_session().await?;
         channel.request_subsystem(true, CONTROL_SUBSYSTEM).await?;
         let (mut read, write) = channel.split();
@@ -340,6 +390,7 @@ impl Tunnel {
         info!(proxy = %proxy_id, ?interval, "tunnel connected");
         Ok(Tunnel {
             proxy_id,
+            _claim: claim,
             handle,
             read,
             write,

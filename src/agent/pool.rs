@@ -1,0 +1,312 @@
+//! The agent pool (the seed's `AgentPool` with discovering agents): for one tunnel target, hold
+//! exactly one tunnel to every live proxy, reaching them only through the load-balanced address.
+//!
+//! The first tunnel's proxy announces its peers (discovery). While some announced proxy has no
+//! tunnel, the pool keeps dialling the load balancer, a bounded number of dials at a time; a
+//! dial that lands on a proxy already held is refused during key exchange and costs one TCP and
+//! key-exchange round. Landing on held proxies is normal and retried after a short jitter;
+//! real failures back off exponentially, so a fleet does not stampede a restarting root
+//! (Teleport's RFD 48). Proxies no longer announced are forgotten after `forget_after` and
+//! their tunnels closed.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime};
+
+use tokio::sync::{broadcast, mpsc, watch};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use super::AgentEvent;
+use super::claims::Claims;
+use super::config::AgentConfig;
+use super::status::{PoolStatus, ProxyTunnelStatus, TunnelState};
+use super::tunnel::{Tunnel, TunnelError, TunnelEvent};
+use crate::protocol::control::ProxyInfo;
+
+/// How the pool paces itself.
+#[derive(Debug, Clone, Copy)]
+pub struct PoolLimits {
+    /// Dials in flight at once. Small, so an agent never floods a load balancer or a NAT
+    /// gateway's port table.
+    pub max_concurrent_dials: usize,
+    /// Upper bound of the random pause after landing on an already-held proxy.
+    pub duplicate_jitter: Duration,
+    /// A proxy not announced by any discovery for this long is forgotten and its tunnel
+    /// closed. Discovery repeats every 2 minutes, so the default survives a lost message.
+    pub forget_after: Duration,
+}
+
+impl Default for PoolLimits {
+    fn default() -> Self {
+        Self {
+            max_concurrent_dials: 2,
+            duplicate_jitter: Duration::from_millis(50),
+            forget_after: Duration::from_secs(300),
+        }
+    }
+}
+
+/// The longest pause between dials that keep landing on held proxies.
+const MAX_DUPLICATE_PAUSE: Duration = Duration::from_secs(5);
+
+/// A proxy the pool knows of.
+struct Known {
+    generation: u64,
+    last_announced: Instant,
+}
+
+/// A tunnel the pool holds.
+struct Held {
+    state: TunnelState,
+    since: SystemTime,
+    stop: CancellationToken,
+}
+
+/// Why the pool woke up.
+enum Outcome {
+    Dialled(Result<Tunnel, TunnelError>),
+    Ended {
+        proxy_id: String,
+        result: Result<(), TunnelError>,
+    },
+}
+
+/// Keeps one tunnel per live proxy for one target.
+pub struct Pool {
+    config: Arc<AgentConfig>,
+    limits: PoolLimits,
+    events: broadcast::Sender<AgentEvent>,
+    status: watch::Sender<PoolStatus>,
+    attempts: AtomicU64,
+}
+
+impl Pool {
+    /// A pool for `config`; nothing runs until [`Pool::run`].
+    pub fn new(config: Arc<AgentConfig>, limits: PoolLimits) -> Self {
+        Self {
+            config,
+            limits,
+            events: broadcast::channel(256).0,
+            status: watch::channel(PoolStatus::default()).0,
+            attempts: AtomicU64::new(0),
+        }
+    }
+
+    /// Subscribes to tunnel state changes.
+    pub fn events(&self) -> broadcast::Receiver<AgentEvent> {
+        self.events.subscribe()
+    }
+
+    /// The current status; changes whenever a tunnel or the proxy set does.
+    pub fn status(&self) -> watch::Receiver<PoolStatus> {
+        self.status.subscribe()
+    }
+
+    /// Dials made so far (each TCP connection to the target counts once).
+    pub fn attempts(&self) -> u64 {
+        self.attempts.load(Ordering::Relaxed)
+    }
+
+    /// Runs until `stop` is cancelled; then closes every tunnel.
+    pub async fn run(&self, stop: CancellationToken) {
+        let claims = Claims::default();
+        let mut known: HashMap<String, Known> = HashMap::new();
+        // The latest announcement: the proxies to hold. Older announcements only delay forgetting.
+        let mut wanted: HashSet<String> = HashSet::new();
+        let mut duplicates = 0u32;
+        let mut held: HashMap<String, Held> = HashMap::new();
+        let mut tasks: JoinSet<Outcome> = JoinSet::new();
+        let (tunnel_tx, mut tunnel_rx) = mpsc::channel::<TunnelEvent>(256);
+        let mut dialling = 0usize;
+        let mut failures = 0u32;
+        let mut next_dial = tokio::time::Instant::now();
+        let mut last_error: Option<String> = None;
+        let mut expiry =
+            tokio::time::interval((self.limits.forget_after / 4).max(Duration::from_millis(10)));
+
+        loop {
+            // Dial while some proxy is missing: before any discovery, until one tunnel exists.
+            let missing = if wanted.is_empty() {
+                usize::from(held.is_empty())
+            } else {
+                wanted.iter().filter(|id| !held.contains_key(*id)).count()
+            };
+            while dialling < missing.min(self.limits.max_concurrent_dials)
+                && tokio::time::Instant::now() >= next_dial
+            {
+                dialling += 1;
+                self.attempts.fetch_add(1, Ordering::Relaxed);
+                let _ = self.events.send(AgentEvent::Connecting);
+                let (config, claims) = (self.config.clone(), claims.clone());
+                tasks.spawn(
+                    async move {
+                        Outcome::Dialled(Tunnel::connect_claiming(config, Some(claims)).await)
+                    }
+                    .instrument(info_span!("dial_proxy")),
+                );
+            }
+            self.publish(&wanted, &held, &last_error);
+
+            let wait_for_dial = dialling < missing.min(self.limits.max_concurrent_dials);
+            tokio::select! {
+                () = stop.cancelled() => break,
+                Some(joined) = tasks.join_next() => {
+                    let Ok(outcome) = joined else { continue };
+                    match outcome {
+                        Outcome::Dialled(Ok(tunnel)) => {
+                            dialling -= 1;
+                            failures = 0;
+                            duplicates = 0;
+                            last_error = None;
+                            let proxy_id = tunnel.proxy_id.clone();
+                            info!(proxy = %proxy_id, "holding a tunnel");
+                            let tunnel_stop = stop.child_token();
+                            held.insert(proxy_id.clone(), Held {
+                                state: TunnelState::Connected,
+                                since: SystemTime::now(),
+                                stop: tunnel_stop.clone(),
+                            });
+                            let _ = self.events.send(AgentEvent::Connected { proxy_id: proxy_id.clone() });
+                            let tx = tunnel_tx.clone();
+                            tasks.spawn(async move {
+                                let result = tunnel.run(tunnel_stop, Some(tx)).await;
+                                Outcome::Ended { proxy_id, result }
+                            }.instrument(info_span!("tunnel")));
+                        }
+                        Outcome::Dialled(Err(TunnelError::AlreadyClaimed(id))) => {
+                            dialling -= 1;
+                            debug!(proxy = %id, "landed on a held proxy");
+                            // A load balancer that keeps choosing held proxies is slowed down
+                            // against, not hammered: the pause grows ×1.5 per repeat, up to 5 s.
+                            let pause = self
+                                .limits
+                                .duplicate_jitter
+                                .mul_f64(1.5f64.powi(duplicates.min(20) as i32))
+                                .min(MAX_DUPLICATE_PAUSE);
+                            duplicates = duplicates.saturating_add(1);
+                            next_dial = tokio::time::Instant::now() + jitter(pause);
+                        }
+                        Outcome::Dialled(Err(e)) => {
+                            dialling -= 1;
+                            warn!(error = %e, "could not open a tunnel");
+                            last_error = Some(e.to_string());
+                            next_dial = tokio::time::Instant::now() + self.config.backoff.delay(failures);
+                            failures = failures.saturating_add(1);
+                        }
+                        Outcome::Ended { proxy_id, result } => {
+                            let reason = match &result {
+                                Ok(()) => "stopped".to_owned(),
+                                Err(e) => e.to_string(),
+                            };
+                            if let Err(e) = &result {
+                                warn!(proxy = %proxy_id, error = %e, "tunnel lost");
+                            }
+                            held.remove(&proxy_id);
+                            if matches!(result, Err(TunnelError::Drained(_))) {
+                                // The proxy is going away: stop wanting it until it is announced
+                                // again (a restarted replica announces itself on its first
+                                // heartbeat with the others' tunnels).
+                                wanted.remove(&proxy_id);
+                                known.remove(&proxy_id);
+                            }
+                            let _ = self.events.send(AgentEvent::Disconnected { reason });
+                            next_dial = next_dial.max(tokio::time::Instant::now() + jitter(self.limits.duplicate_jitter));
+                        }
+                    }
+                }
+                Some(event) = tunnel_rx.recv() => {
+                    if let TunnelEvent::Discovery { proxy_id, proxies } = event {
+                        debug!(from = %proxy_id, count = proxies.len(), "discovery");
+                        let announced: HashSet<String> = proxies.iter().map(|p| p.id.clone()).collect();
+                        if announced != wanted {
+                            duplicates = 0;
+                            wanted = announced;
+                        }
+                        self.discovered(&mut known, proxies);
+                    }
+                }
+                _ = expiry.tick() => {
+                    let forget_after = self.limits.forget_after;
+                    known.retain(|id, k| {
+                        let keep = wanted.contains(id) || k.last_announced.elapsed() < forget_after;
+                        if !keep {
+                            info!(proxy = %id, "forgetting a proxy no longer announced");
+                            if let Some(h) = held.get(id) {
+                                h.stop.cancel();
+                            }
+                        }
+                        keep
+                    });
+                }
+                () = tokio::time::sleep_until(next_dial), if wait_for_dial => {}
+            }
+        }
+        for h in held.values() {
+            h.stop.cancel();
+        }
+        while tasks.join_next().await.is_some() {}
+        self.status.send_replace(PoolStatus::default());
+        let _ = self.events.send(AgentEvent::Closed);
+    }
+
+    fn discovered(&self, known: &mut HashMap<String, Known>, proxies: Vec<ProxyInfo>) {
+        let now = Instant::now();
+        for p in proxies {
+            let entry = known.entry(p.id).or_insert(Known {
+                generation: p.generation,
+                last_announced: now,
+            });
+            entry.last_announced = now;
+            entry.generation = p.generation;
+        }
+    }
+
+    fn publish(
+        &self,
+        wanted: &HashSet<String>,
+        held: &HashMap<String, Held>,
+        last_error: &Option<String>,
+    ) {
+        let mut ids: Vec<&String> = wanted.iter().chain(held.keys()).collect();
+        ids.sort();
+        ids.dedup();
+        let mut proxies: Vec<ProxyTunnelStatus> = ids
+            .into_iter()
+            .map(|id| match held.get(id) {
+                Some(h) => ProxyTunnelStatus {
+                    proxy_id: id.clone(),
+                    state: h.state,
+                    connected_since: Some(h.since),
+                    last_heartbeat: None,
+                },
+                None => ProxyTunnelStatus {
+                    proxy_id: id.clone(),
+                    state: TunnelState::Connecting,
+                    connected_since: None,
+                    last_heartbeat: None,
+                },
+            })
+            .collect();
+        proxies.sort_by(|a, b| a.proxy_id.cmp(&b.proxy_id));
+        let status = PoolStatus {
+            expected: wanted.len().max(held.len()),
+            proxies,
+            last_error: last_error.clone(),
+        };
+        self.status.send_if_modified(|current| {
+            let changed = *current != status;
+            if changed {
+                *current = status;
+            }
+            changed
+        });
+    }
+}
+
+/// A uniformly random duration in [0, max].
+fn jitter(max: Duration) -> Duration {
+    max.mul_f64(rand::random::<f64>())
+}
