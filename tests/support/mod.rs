@@ -2,6 +2,8 @@
 //! target servers, log capture, and waiting for conditions with a deadline.
 #![allow(dead_code)]
 
+pub mod haproxy;
+
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};

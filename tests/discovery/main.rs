@@ -1,0 +1,206 @@
+//! Many proxies behind one load balancer (real haproxy): agents converge to a tunnel per proxy.
+
+#[path = "../support/mod.rs"]
+mod support;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tether::agent::allow_list::AllowList;
+use tether::agent::{Agent, PoolStatus};
+use tether::demo::Pki;
+use tether::protocol::control::ProxyInfo;
+use tether::proxy::ProxyServer;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use support::haproxy::{Haproxy, free_port};
+use support::*;
+
+/// The root cluster: proxies that all announce the same peer list.
+struct Root {
+    pki: Arc<Pki>,
+    proxies: Vec<(String, ProxyServer)>,
+}
+
+impl Root {
+    async fn start(pki: Arc<Pki>, ids: &[&str]) -> Root {
+        let mut root = Root {
+            pki,
+            proxies: Vec::new(),
+        };
+        for id in ids {
+            root.add(id, None).await;
+        }
+        root
+    }
+
+    async fn add(&mut self, id: &str, listen: Option<SocketAddr>) {
+        let mut config = self.pki.proxy_config(id).expect("config");
+        if let Some(addr) = listen {
+            config.listen = addr;
+        }
+        let proxy = ProxyServer::start(config).await.expect("proxy starts");
+        self.proxies.push((id.to_owned(), proxy));
+        self.announce();
+    }
+
+    async fn remove(&mut self, id: &str) {
+        let i = self
+            .proxies
+            .iter()
+            .position(|(p, _)| p == id)
+            .expect("known proxy");
+        let (_, proxy) = self.proxies.remove(i);
+        self.announce();
+        proxy.close();
+        proxy.wait().await;
+    }
+
+    /// Every proxy announces every proxy, as the EndpointSlice watch will make them do.
+    fn announce(&self) {
+        let peers: Vec<ProxyInfo> = self
+            .proxies
+            .iter()
+            .map(|(id, _)| ProxyInfo {
+                id: id.clone(),
+                generation: 0,
+            })
+            .collect();
+        for (_, p) in &self.proxies {
+            p.set_peers(peers.clone());
+        }
+    }
+
+    fn addrs(&self) -> Vec<SocketAddr> {
+        self.proxies.iter().map(|(_, p)| p.local_addr()).collect()
+    }
+
+    /// Proxies holding a tunnel from the leaf.
+    fn holding(&self) -> usize {
+        self.proxies
+            .iter()
+            .filter(|(_, p)| p.site(&leaf()).is_some_and(|s| !s.tunnels.is_empty()))
+            .count()
+    }
+}
+
+fn start_agent(pki: &Pki, lb: SocketAddr) -> (Arc<Agent>, CancellationToken) {
+    let config = pki
+        .agent_config(&lb.to_string(), AllowList::default())
+        .expect("agent config");
+    let agent = Arc::new(Agent::new(config));
+    let stop = CancellationToken::new();
+    tokio::spawn({
+        let (agent, stop) = (agent.clone(), stop.clone());
+        async move { agent.run(stop).await }
+    });
+    (agent, stop)
+}
+
+async fn wait_connected(status: &mut watch::Receiver<PoolStatus>, n: usize, deadline: Duration) {
+    within(
+        &format!("{n} tunnels"),
+        deadline,
+        status.wait_for(|s| s.connected() == n && s.expected == n),
+    )
+    .await
+    .expect("status channel open");
+}
+
+async fn converge(balance: &str) -> (u64, Duration) {
+    let pki = Arc::new(pki());
+    let root = Root::start(pki.clone(), &["p1", "p2", "p3", "p4", "p5"]).await;
+    let lb = Haproxy::start(balance, &root.addrs());
+    let started = Instant::now();
+    let (agent, stop) = start_agent(&pki, lb.addr);
+    wait_connected(&mut agent.status(), 5, Duration::from_secs(30)).await;
+    let took = started.elapsed();
+    wait_for("every proxy to see its tunnel", Duration::from_secs(5), || {
+        root.holding() == 5
+    })
+    .await;
+    stop.cancel();
+    (agent.attempts(), took)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_agent_reaches_all_five_proxies_behind_a_random_balancer() {
+    let (attempts, took) = converge("random").await;
+    eprintln!("balance random: 5/5 tunnels after {attempts} attempts in {took:?}");
+    // Collecting 5 of 5 at random takes 11.4 draws on average; 40 is far in the tail.
+    assert!(attempts <= 40, "{attempts} attempts");
+    assert!(took < Duration::from_secs(10), "took {took:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_agent_reaches_all_five_proxies_behind_a_round_robin_balancer() {
+    let (attempts, took) = converge("roundrobin").await;
+    eprintln!("balance roundrobin: 5/5 tunnels after {attempts} attempts in {took:?}");
+    assert!(attempts <= 12, "{attempts} attempts");
+    assert!(took < Duration::from_secs(10), "took {took:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_proxy_gets_a_tunnel_and_a_removed_one_is_let_go_without_a_storm() {
+    let pki = Arc::new(pki());
+    let mut root = Root::start(pki.clone(), &["p1", "p2", "p3", "p4", "p5"]).await;
+    // haproxy knows the sixth slot from the start; nothing listens there yet.
+    let sixth = free_port();
+    let mut backends = root.addrs();
+    backends.push(sixth);
+    let lb = Haproxy::start("random", &backends);
+    let (agent, stop) = start_agent(&pki, lb.addr);
+    let mut status = agent.status();
+    wait_connected(&mut status, 5, Duration::from_secs(30)).await;
+
+    root.add("p6", Some(sixth)).await;
+    // Discovery goes out as soon as the peer set changes; well inside two refresh intervals.
+    wait_connected(&mut status, 6, Duration::from_secs(20)).await;
+
+    root.remove("p3").await;
+    wait_connected(&mut status, 5, Duration::from_secs(20)).await;
+    let settled = agent.attempts();
+    // Give a reconnect storm every chance to show itself.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let extra = agent.attempts() - settled;
+    assert!(extra <= 2, "{extra} dials after the proxy set settled");
+    assert!(
+        status.borrow().proxies.iter().all(|p| p.proxy_id != "p3"),
+        "the removed proxy is still wanted"
+    );
+    stop.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hundred_agents_converge_on_five_proxies_with_bounded_attempts() {
+    let pki = Arc::new(pki());
+    let root = Root::start(pki.clone(), &["p1", "p2", "p3", "p4", "p5"]).await;
+    let lb = Haproxy::start("roundrobin", &root.addrs());
+    let agents: Vec<_> = (0..100).map(|_| start_agent(&pki, lb.addr)).collect();
+    within("100 agents × 5 tunnels", Duration::from_secs(120), async {
+        for (agent, _) in &agents {
+            agent
+                .status()
+                .wait_for(|s| s.connected() == 5)
+                .await
+                .expect("status");
+        }
+    })
+    .await;
+    let attempts: Vec<u64> = agents.iter().map(|(a, _)| a.attempts()).collect();
+    let max = attempts.iter().max().copied().unwrap_or(0);
+    let total: u64 = attempts.iter().sum();
+    eprintln!("100 agents: {total} attempts in all, at most {max} for one agent");
+    assert!(max <= 60, "one agent needed {max} attempts");
+    let tunnels: usize = root
+        .proxies
+        .iter()
+        .map(|(_, p)| p.site(&leaf()).map_or(0, |s| s.tunnels.len()))
+        .sum();
+    assert_eq!(tunnels, 500);
+    for (_, stop) in &agents {
+        stop.cancel();
+    }
+}
