@@ -122,18 +122,28 @@ impl DialClient {
         Ok(Self { handle })
     }
 
+    /// Opens a stream to `target`; `originator` is the address the proxy is told the stream
+    /// comes from.
+    pub async fn open(
+        &self,
+        target: &Target,
+        originator: &str,
+    ) -> Result<russh::ChannelStream<client::Msg>, ClientError> {
+        let (name, port) = target.to_name();
+        let channel = self
+            .handle
+            .channel_open_direct_tcpip(name, u32::from(port), originator, 0)
+            .await
+            .map_err(|_| ClientError::Refused(target.clone()))?;
+        Ok(channel.into_stream())
+    }
+
     /// Opens a stream to `target` and copies it to and from `local` until both sides end.
     pub async fn splice<L>(&self, target: &Target, mut local: L) -> Result<(), ClientError>
     where
         L: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     {
-        let (name, port) = target.to_name();
-        let channel = self
-            .handle
-            .channel_open_direct_tcpip(name, u32::from(port), "127.0.0.1", 0)
-            .await
-            .map_err(|_| ClientError::Refused(target.clone()))?;
-        let mut stream = channel.into_stream();
+        let mut stream = self.open(target, "127.0.0.1").await?;
         tokio::io::copy_bidirectional(&mut stream, &mut local).await?;
         Ok(())
     }

@@ -14,7 +14,7 @@ use crate::agent::allow_list::AllowList;
 use crate::agent::{Agent, AgentConfig, AgentEvent, Backoff};
 use crate::identity::{CertificateAuthority, Identity, IdentityError, TrustStore};
 use crate::protocol::{ClusterName, Target};
-use crate::proxy::{Dialer, HeartbeatPolicy, ProxyConfig, ProxyLimits, ProxyServer};
+use crate::proxy::{Dialer, HeartbeatPolicy, PeeringConfig, ProxyConfig, ProxyLimits, ProxyServer};
 use crate::stream::{Splice, StreamLimits};
 
 /// How long demo and test certificates stay valid.
@@ -57,6 +57,13 @@ impl Pki {
             limits: ProxyLimits::default(),
             stream: StreamLimits::default(),
             direct: None,
+            peering: Some(PeeringConfig {
+                identity: Arc::new(Identity::generate_client(
+                    &self.root,
+                    &format!("proxy-{proxy_id}"),
+                    VALIDITY,
+                )?),
+            }),
         })
     }
 

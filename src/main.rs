@@ -14,10 +14,9 @@ use tether::agent::allow_list::AllowList;
 use tether::agent::{Agent, AgentConfig, Backoff};
 use tether::client::{DialClient, DialClientConfig};
 use tether::identity::{CertificateAuthority, Identity, TrustStore, parse_ca_keys};
-use tether::protocol::control::ProxyInfo;
 use tether::protocol::{ClusterName, Endpoint, Target};
 use tether::proxy::client_entry::{self, ClientEntryConfig, ClientTokens};
-use tether::proxy::{HeartbeatPolicy, ProxyConfig, ProxyLimits, ProxyServer};
+use tether::proxy::{HeartbeatPolicy, Peer, PeeringConfig, ProxyConfig, ProxyLimits, ProxyServer};
 use tether::stream::StreamLimits;
 
 #[derive(Parser)]
@@ -125,9 +124,14 @@ struct ProxyArgs {
     /// A tunnel is offline, and closed, after this many missed heartbeats.
     #[arg(long, default_value_t = 3)]
     missed_heartbeats: u32,
-    /// Other proxies of this cluster to announce in discovery (IDs); this one is always included.
-    #[arg(long = "peer")]
-    peers: Vec<String>,
+    /// Another proxy of this cluster, `ID` or `ID=HOST:PORT` (repeatable): announced to agents,
+    /// and, with an address and `--peer-identity`, asked to serve dials this proxy has no
+    /// tunnel for. This proxy is always included.
+    #[arg(long = "peer", value_parser = parse_peer)]
+    peers: Vec<Peer>,
+    /// Client key (certificate from this cluster's CA) used to forward dials to peers.
+    #[arg(long)]
+    peer_identity: Option<PathBuf>,
     /// Allow-list for direct dials into this cluster (none: direct dials refused).
     #[arg(long = "direct-allow")]
     direct_allow: Vec<String>,
@@ -307,17 +311,20 @@ async fn run_proxy(args: ProxyArgs) -> anyhow::Result<()> {
         },
         stream: StreamLimits::default(),
         direct,
+        peering: match &args.peer_identity {
+            Some(path) => Some(PeeringConfig {
+                identity: Arc::new(Identity::load(path)?),
+            }),
+            None => None,
+        },
     };
     let proxy = ProxyServer::start(config).await?;
-    let mut peers = vec![ProxyInfo {
+    let mut peers = vec![Peer {
         id: args.proxy_id.clone(),
+        addr: Some(proxy.local_addr()),
         generation: 0,
     }];
-    peers.extend(
-        args.peers
-            .into_iter()
-            .map(|id| ProxyInfo { id, generation: 0 }),
-    );
+    peers.extend(args.peers.into_iter().filter(|p| p.id != args.proxy_id));
     proxy.set_peers(peers);
     println!("listening on {}", proxy.local_addr());
     let stop = CancellationToken::new();
@@ -394,6 +401,24 @@ async fn run_dial(args: DialArgs) -> anyhow::Result<()> {
     let stdio = tokio::io::join(tokio::io::stdin(), tokio::io::stdout());
     client.splice(&target, stdio).await?;
     Ok(())
+}
+
+fn parse_peer(text: &str) -> Result<Peer, String> {
+    let (id, addr) = match text.split_once('=') {
+        Some((id, addr)) => {
+            let addr = addr
+                .parse()
+                .map_err(|e| format!("peer address {addr:?}: {e}"))?;
+            (id, Some(addr))
+        }
+        None => (text, None),
+    };
+    tether::identity::validate_proxy_id(id).map_err(|e| format!("peer ID {id:?}: {e}"))?;
+    Ok(Peer {
+        id: id.to_owned(),
+        addr,
+        generation: 0,
+    })
 }
 
 async fn shutdown_signal() {

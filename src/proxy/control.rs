@@ -183,7 +183,7 @@ async fn send_discovery(
     shared: &ProxyShared,
     write: &ChannelWriteHalf<Msg>,
 ) -> Result<(), ControlEnd> {
-    let proxies = shared.peers.borrow().clone();
+    let proxies = shared.peers.borrow().iter().map(|p| p.info()).collect();
     send(write, &ProxyMessage::Discovery { proxies }).await
 }
 

@@ -16,6 +16,7 @@ use tokio::sync::oneshot;
 use tracing::{Instrument, info, info_span, warn};
 
 use super::Dialer;
+use super::peers::PEER_ORIGINATOR;
 use super::server::{ProxyDialer, ProxyShared};
 use crate::protocol::control::CONTROL_SUBSYSTEM;
 use crate::protocol::{ClusterName, DialErrorKind, Target};
@@ -158,11 +159,12 @@ impl Handler for ConnectionHandler {
         channel: Channel<Msg>,
         host_to_connect: &str,
         port_to_connect: u32,
-        _originator_address: &str,
+        originator_address: &str,
         _originator_port: u32,
         reply: russh::server::ChannelOpenHandle,
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
+        let from_peer = originator_address == PEER_ORIGINATOR;
         let Some(Peer::Client(name)) = self.peer.clone() else {
             warn!(peer = %self.peer_addr, "refused direct-tcpip from a non-client");
             reply
@@ -186,7 +188,12 @@ impl Handler for ConnectionHandler {
         let span = info_span!("client_stream", client = %name, target = %target);
         self.shared.tasks.spawn(
             async move {
-                match dialer.dial(target, client).await {
+                let dialled = if from_peer {
+                    dialer.dial_local(&target, client).await
+                } else {
+                    dialer.dial(target, client).await
+                };
+                match dialled {
                     Ok(conn) => {
                         reply.accept().await;
                         if let Err(e) = conn.splice(channel.into_stream()).await {

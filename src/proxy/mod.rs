@@ -6,10 +6,12 @@ mod control;
 pub mod dialer;
 mod handler;
 pub mod limits;
+pub mod peers;
 pub mod server;
 pub mod sites;
 
 pub use config::{HeartbeatPolicy, ProxyConfig, ProxyLimits};
 pub use dialer::Dialer;
+pub use peers::{Peer, PeeringConfig};
 pub use server::{ProxyConn, ProxyDialer, ProxyServer};
 pub use sites::{SiteInfo, SiteStatus, Sites};

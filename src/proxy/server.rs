@@ -17,8 +17,8 @@ use super::Dialer;
 use super::config::ProxyConfig;
 use super::handler::ConnectionHandler;
 use super::limits::ConnectionLimiter;
+use super::peers::{Peer, PeerStream, dial_via_peers};
 use super::sites::{ProxyStream, SiteInfo, Sites};
-use crate::protocol::control::ProxyInfo;
 use crate::protocol::{ClusterName, DialError, DialErrorKind, Endpoint, Target, ssh};
 use crate::stream::Splice;
 
@@ -28,8 +28,8 @@ pub struct ProxyShared {
     pub config: ProxyConfig,
     /// Remote sites and their tunnels.
     pub sites: Sites,
-    /// The proxies of this cluster, as discovery announces them.
-    pub peers: watch::Sender<Vec<ProxyInfo>>,
+    /// The proxies of this cluster: discovery announces them, peering dials them.
+    pub peers: watch::Sender<Vec<Peer>>,
     /// Cancelled when the proxy starts draining: agents are told to reconnect elsewhere.
     pub draining: CancellationToken,
     /// Cancelled when the proxy stops: every connection closes.
@@ -67,8 +67,9 @@ impl ProxyServer {
             nodelay: true,
             ..SshConfig::default()
         };
-        let me = ProxyInfo {
+        let me = Peer {
             id: config.proxy_id.clone(),
+            addr: Some(local_addr),
             generation: 0,
         };
         let shared = Arc::new(ProxyShared {
@@ -122,8 +123,8 @@ impl ProxyServer {
         ProxyDialer::new(self.shared.clone())
     }
 
-    /// Replaces the proxy list that discovery announces.
-    pub fn set_peers(&self, peers: Vec<ProxyInfo>) {
+    /// Replaces the proxy list that discovery announces and peering uses.
+    pub fn set_peers(&self, peers: Vec<Peer>) {
         self.shared.peers.send_if_modified(|current| {
             let changed = *current != peers;
             *current = peers;
@@ -279,6 +280,8 @@ pub enum ProxyConn {
     Tunnel(ProxyStream),
     /// Straight to a server of the local cluster.
     Direct(TcpStream),
+    /// Through a peer proxy that holds a tunnel to the site.
+    Peer(PeerStream),
 }
 
 impl Splice for ProxyConn {
@@ -289,6 +292,7 @@ impl Splice for ProxyConn {
         match self {
             ProxyConn::Tunnel(s) => s.splice(local).await,
             ProxyConn::Direct(s) => s.splice(local).await,
+            ProxyConn::Peer(s) => s.splice(local).await,
         }
     }
 }
@@ -301,6 +305,39 @@ impl Dialer for ProxyDialer {
         if target.cluster == config.cluster {
             return self.dial_direct(&target).await.map(ProxyConn::Direct);
         }
+        match self.dial_local(&target, client).await {
+            Err(e) if e.kind == DialErrorKind::NoTunnel => match &config.peering {
+                Some(peering) => {
+                    let peers = self.shared.peers.borrow().clone();
+                    let root_cas = config.trust.load().cas(&config.cluster).to_vec();
+                    dial_via_peers(
+                        peering,
+                        &peers,
+                        &config.proxy_id,
+                        &config.cluster,
+                        root_cas,
+                        &target,
+                        config.limits.dial_timeout,
+                    )
+                    .await
+                    .map(ProxyConn::Peer)
+                }
+                None => Err(e),
+            },
+            other => other,
+        }
+    }
+}
+
+impl ProxyDialer {
+    /// Dials through this proxy's own tunnels only (never through peers): what a peer's
+    /// forwarded request gets.
+    pub async fn dial_local(
+        &self,
+        target: &Target,
+        client: SocketAddr,
+    ) -> Result<ProxyConn, DialError> {
+        let config = &self.shared.config;
         // One retry on another tunnel if the first one turns out to be dead.
         let mut last = None;
         for _ in 0..2 {

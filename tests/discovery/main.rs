@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 use tether::agent::allow_list::AllowList;
 use tether::agent::{Agent, PoolStatus};
 use tether::demo::Pki;
-use tether::protocol::control::ProxyInfo;
-use tether::proxy::ProxyServer;
+use tether::protocol::Target;
+use tether::proxy::{Dialer, Peer, ProxyServer};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -60,11 +60,12 @@ impl Root {
 
     /// Every proxy announces every proxy, as the EndpointSlice watch will make them do.
     fn announce(&self) {
-        let peers: Vec<ProxyInfo> = self
+        let peers: Vec<Peer> = self
             .proxies
             .iter()
-            .map(|(id, _)| ProxyInfo {
+            .map(|(id, p)| Peer {
                 id: id.clone(),
+                addr: Some(p.local_addr()),
                 generation: 0,
             })
             .collect();
@@ -117,9 +118,11 @@ async fn converge(balance: &str) -> (u64, Duration) {
     let (agent, stop) = start_agent(&pki, lb.addr);
     wait_connected(&mut agent.status(), 5, Duration::from_secs(30)).await;
     let took = started.elapsed();
-    wait_for("every proxy to see its tunnel", Duration::from_secs(5), || {
-        root.holding() == 5
-    })
+    wait_for(
+        "every proxy to see its tunnel",
+        Duration::from_secs(5),
+        || root.holding() == 5,
+    )
     .await;
     stop.cancel();
     (agent.attempts(), took)
@@ -203,4 +206,57 @@ async fn a_hundred_agents_converge_on_five_proxies_with_bounded_attempts() {
     for (_, stop) in &agents {
         stop.cancel();
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dial_entering_a_proxy_without_a_tunnel_is_served_by_a_peer() {
+    let pki = Arc::new(pki());
+    let echo = echo_server().await.expect("echo");
+    let p1 = ProxyServer::start(pki.proxy_config("p1").expect("config"))
+        .await
+        .expect("p1");
+    let p3 = ProxyServer::start(pki.proxy_config("p3").expect("config"))
+        .await
+        .expect("p3");
+    // p1 announces only itself, so the agent holds a tunnel to p1 alone; p3 knows p1 as a peer.
+    let peer = |id: &str, p: &ProxyServer| Peer {
+        id: id.to_owned(),
+        addr: Some(p.local_addr()),
+        generation: 0,
+    };
+    p3.set_peers(vec![peer("p1", &p1), peer("p3", &p3)]);
+    let config = pki
+        .agent_config(
+            &p1.local_addr().to_string(),
+            AllowList::parse([format!("127.0.0.1/32:{}", echo.port())]).expect("rules"),
+        )
+        .expect("agent config");
+    let agent = Arc::new(Agent::new(config));
+    let stop = CancellationToken::new();
+    tokio::spawn({
+        let (agent, stop) = (agent.clone(), stop.clone());
+        async move { agent.run(stop).await }
+    });
+    wait_connected(&mut agent.status(), 1, Duration::from_secs(20)).await;
+    assert!(p3.site(&leaf()).is_none(), "p3 holds no tunnel of its own");
+
+    let target = Target::parse(&format!("127.0.0.1.leaf.tether:{}", echo.port())).expect("t");
+    let conn = p3
+        .dialer()
+        .dial(target, "127.0.0.1:1".parse().expect("addr"))
+        .await
+        .expect("served through the peer");
+    let (mut stream, _t) = attach(conn, 4096);
+    assert_eq!(echo_round_trip(&mut stream, b"via p1").await, b"via p1");
+
+    let nowhere = Target::parse("db.elsewhere.tether:5432").expect("t");
+    let err = p3
+        .dialer()
+        .dial(nowhere, "127.0.0.1:1".parse().expect("addr"))
+        .await
+        .err()
+        .expect("no proxy has that cluster");
+    assert_eq!(err.kind, tether::protocol::DialErrorKind::NoTunnel);
+    assert!(err.message.contains("peers"), "{err}");
+    stop.cancel();
 }
