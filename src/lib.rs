@@ -11,6 +11,7 @@
 //!
 //! Only the `operator` module talks to Kubernetes; the data plane runs without it.
 
+pub mod admin;
 pub mod agent;
 pub mod client;
 pub mod demo;

@@ -153,6 +153,9 @@ struct ProxyArgs {
     /// File of `name:token` lines: the clients allowed on the HTTP CONNECT / SOCKS5 entry.
     #[arg(long)]
     client_tokens: Option<PathBuf>,
+    /// Serve /healthz, /readyz and /status here.
+    #[arg(long)]
+    admin_listen: Option<SocketAddr>,
     /// On SIGTERM, how long streams may finish before the proxy exits.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     shutdown_grace: Duration,
@@ -187,6 +190,9 @@ struct AgentArgs {
     /// Timeout for a dialled target to answer.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     dial_timeout: Duration,
+    /// Serve /healthz, /readyz and /status here.
+    #[arg(long)]
+    admin_listen: Option<SocketAddr>,
 }
 
 #[derive(Args)]
@@ -349,6 +355,16 @@ async fn run_proxy(args: ProxyArgs) -> anyhow::Result<()> {
         }
         _ => None,
     };
+    if let Some(addr) = args.admin_listen {
+        let listener = tokio::net::TcpListener::bind(addr).await?;
+        println!("admin endpoint on {}", listener.local_addr()?);
+        let stopped = stop.clone();
+        tokio::spawn(tether::admin::serve(
+            listener,
+            proxy.shared().clone(),
+            async move { stopped.cancelled().await },
+        ));
+    }
     shutdown_signal().await;
     stop.cancel();
     tracing::info!(grace = ?args.shutdown_grace, "draining");
@@ -374,8 +390,16 @@ async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
         backoff: Backoff::default(),
         stream: StreamLimits::default(),
     };
-    let agent = Agent::new(config);
+    let agent = Arc::new(Agent::new(config));
     let stop = CancellationToken::new();
+    if let Some(addr) = args.admin_listen {
+        let listener = tokio::net::TcpListener::bind(addr).await?;
+        println!("admin endpoint on {}", listener.local_addr()?);
+        let stopped = stop.clone();
+        tokio::spawn(tether::admin::serve(listener, agent.clone(), async move {
+            stopped.cancelled().await
+        }));
+    }
     let signal_stop = stop.clone();
     tokio::spawn(async move {
         shutdown_signal().await;

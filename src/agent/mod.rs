@@ -75,3 +75,13 @@ impl Agent {
         self.pool.run(stop).await
     }
 }
+
+impl crate::admin::Component for Agent {
+    fn ready(&self) -> bool {
+        self.pool.status().borrow().connected() > 0
+    }
+
+    fn status(&self) -> serde_json::Value {
+        serde_json::to_value(&*self.pool.status().borrow()).unwrap_or_default()
+    }
+}

@@ -120,6 +120,7 @@ impl Pool {
         let mut held: HashMap<String, Held> = HashMap::new();
         let mut tasks: JoinSet<Outcome> = JoinSet::new();
         let (tunnel_tx, mut tunnel_rx) = mpsc::channel::<TunnelEvent>(256);
+        let held_report = watch::channel(Vec::<String>::new()).0;
         let mut dialling = 0usize;
         let mut failures = 0u32;
         let mut next_dial = tokio::time::Instant::now();
@@ -130,7 +131,7 @@ impl Pool {
         loop {
             // Dial while some proxy is missing: before any discovery, until one tunnel exists.
             let missing = if wanted.is_empty() {
-                usize::from(held.is_empty())
+                usize::from(!held.values().any(|h| h.state == TunnelState::Connected))
             } else {
                 wanted.iter().filter(|id| !held.contains_key(*id)).count()
             };
@@ -149,6 +150,19 @@ impl Pool {
                 );
             }
             self.publish(&wanted, &held, &last_error);
+            let mut holding: Vec<String> = held
+                .iter()
+                .filter(|(_, h)| h.state == TunnelState::Connected)
+                .map(|(id, _)| id.clone())
+                .collect();
+            holding.sort();
+            held_report.send_if_modified(|current| {
+                let changed = *current != holding;
+                if changed {
+                    *current = holding;
+                }
+                changed
+            });
 
             let wait_for_dial = dialling < missing.min(self.limits.max_concurrent_dials);
             tokio::select! {
@@ -171,6 +185,7 @@ impl Pool {
                             });
                             let _ = self.events.send(AgentEvent::Connected { proxy_id: proxy_id.clone() });
                             let tx = tunnel_tx.clone();
+                            let tunnel = tunnel.report_held(held_report.subscribe());
                             tasks.spawn(async move {
                                 let result = tunnel.run(tunnel_stop, Some(tx)).await;
                                 Outcome::Ended { proxy_id, result }
@@ -205,19 +220,19 @@ impl Pool {
                                 warn!(proxy = %proxy_id, error = %e, "tunnel lost");
                             }
                             held.remove(&proxy_id);
-                            if matches!(result, Err(TunnelError::Drained(_))) {
-                                // The proxy is going away: stop wanting it until it is announced
-                                // again (a restarted replica announces itself on its first
-                                // heartbeat with the others' tunnels).
-                                wanted.remove(&proxy_id);
-                                known.remove(&proxy_id);
-                            }
                             let _ = self.events.send(AgentEvent::Disconnected { reason });
                             next_dial = next_dial.max(tokio::time::Instant::now() + jitter(self.limits.duplicate_jitter));
                         }
                     }
                 }
                 Some(event) = tunnel_rx.recv() => {
+                    if let TunnelEvent::Draining { proxy_id } = &event
+                        && let Some(h) = held.get_mut(proxy_id)
+                    {
+                        // Not wanted less: once it closes, the pool redials, and the load
+                        // balancer leads to the replica's successor, or to it after a restart.
+                        h.state = TunnelState::Draining;
+                    }
                     if let TunnelEvent::Discovery { proxy_id, proxies } = event {
                         debug!(from = %proxy_id, count = proxies.len(), "discovery");
                         let announced: HashSet<String> = proxies.iter().map(|p| p.id.clone()).collect();

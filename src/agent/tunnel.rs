@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use russh::client::{self, Handle, Msg, Session};
 use russh::{Channel, ChannelMsg, ChannelOpenFailure, ChannelReadHalf, ChannelWriteHalf};
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, info_span, warn};
@@ -59,6 +59,8 @@ pub enum TunnelEvent {
         proxy_id: String,
         proxies: Vec<ProxyInfo>,
     },
+    /// The proxy is draining: it will close the tunnel once its streams finish.
+    Draining { proxy_id: String },
 }
 
 /// What key exchange concluded about the proxy: its ID and claim, or why it was refused.
@@ -268,6 +270,8 @@ pub struct Tunnel {
     pub proxy_id: String,
     /// Keeps the proxy claimed for as long as the tunnel lives.
     _claim: Option<Claim>,
+    /// The proxies the agent holds, reported with every heartbeat.
+    held: Option<watch::Receiver<Vec<String>>>,
     handle: Handle<AgentHandler>,
     read: ChannelReadHalf,
     write: ChannelWriteHalf<Msg>,
@@ -391,6 +395,7 @@ impl Tunnel {
         Ok(Tunnel {
             proxy_id,
             _claim: claim,
+            held: None,
             handle,
             read,
             write,
@@ -399,6 +404,12 @@ impl Tunnel {
             missed,
             tasks,
         })
+    }
+
+    /// Reports the proxies in `held` with every heartbeat.
+    pub fn report_held(mut self, held: watch::Receiver<Vec<String>>) -> Self {
+        self.held = Some(held);
+        self
     }
 
     /// Keeps heartbeats until the tunnel fails, the proxy drains it, or `stop` is cancelled.
@@ -430,6 +441,9 @@ impl Tunnel {
         let mut seq = 0u64;
         let mut last_pong = Instant::now();
         let stale_after = self.interval * self.missed;
+        // Set when the proxy asked us to leave: keep serving the streams in flight until it
+        // closes the tunnel, but take no new ones (the proxy sends none).
+        let mut draining: Option<String> = None;
         if let Some(tx) = events {
             let _ = tx
                 .send(TunnelEvent::Connected {
@@ -445,12 +459,18 @@ impl Tunnel {
                         return Err(TunnelError::Stale(last_pong.elapsed()));
                     }
                     seq += 1;
-                    send(&self.write, &AgentMessage::Ping { seq }).await?;
+                    let held = self.held.as_ref().map(|h| h.borrow().clone()).unwrap_or_default();
+                    send(&self.write, &AgentMessage::Ping { seq, held }).await?;
                 }
                 msg = self.read.wait() => {
                     let data = match msg {
                         Some(ChannelMsg::Data { data }) => data,
-                        Some(ChannelMsg::Eof | ChannelMsg::Close) | None => return Err(TunnelError::Closed),
+                        Some(ChannelMsg::Eof | ChannelMsg::Close) | None => {
+                            return Err(match draining.take() {
+                                Some(reason) => TunnelError::Drained(reason),
+                                None => TunnelError::Closed,
+                            });
+                        }
                         Some(_) => continue,
                     };
                     self.frames.push(&data).map_err(|e| TunnelError::Control(e.to_string()))?;
@@ -464,8 +484,12 @@ impl Tunnel {
                                 }
                             }
                             ProxyMessage::Reconnect { reason } => {
-                                let _ = send(&self.write, &AgentMessage::ReconnectAck).await;
-                                return Err(TunnelError::Drained(reason));
+                                info!(proxy = %self.proxy_id, %reason, "proxy is draining; finishing its streams");
+                                send(&self.write, &AgentMessage::ReconnectAck).await?;
+                                if let Some(tx) = events {
+                                    let _ = tx.send(TunnelEvent::Draining { proxy_id: self.proxy_id.clone() }).await;
+                                }
+                                draining = Some(reason);
                             }
                             ProxyMessage::Welcome { .. } => {
                                 return Err(TunnelError::Control("a second welcome".into()));

@@ -35,7 +35,13 @@ pub enum AgentMessage {
         heartbeat_interval_ms: u64,
     },
     /// A heartbeat; the proxy answers with `Pong` carrying the same sequence number.
-    Ping { seq: u64 },
+    Ping {
+        seq: u64,
+        /// The proxies this agent holds tunnels to now, so every proxy can tell which of its
+        /// peers hold the site's tunnels.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        held: Vec<String>,
+    },
     /// The agent has seen a `Reconnect` and is leaving.
     ReconnectAck,
 }

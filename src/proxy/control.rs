@@ -162,8 +162,9 @@ async fn handle_data(
         .map_err(|e| ControlEnd::Protocol(e.to_string()))?
     {
         match msg {
-            AgentMessage::Ping { seq } => {
+            AgentMessage::Ping { seq, held } => {
                 tunnel.heartbeat();
+                tunnel.set_held_by(held);
                 send(write, &ProxyMessage::Pong { seq }).await?;
                 if !*discovered {
                     *discovered = true;

@@ -280,8 +280,8 @@ pub enum ProxyConn {
     Tunnel(ProxyStream),
     /// Straight to a server of the local cluster.
     Direct(TcpStream),
-    /// Through a peer proxy that holds a tunnel to the site.
-    Peer(PeerStream),
+    /// Through a peer proxy that holds a tunnel to the site (boxed: it carries an SSH client).
+    Peer(Box<PeerStream>),
 }
 
 impl Splice for ProxyConn {
@@ -292,7 +292,7 @@ impl Splice for ProxyConn {
         match self {
             ProxyConn::Tunnel(s) => s.splice(local).await,
             ProxyConn::Direct(s) => s.splice(local).await,
-            ProxyConn::Peer(s) => s.splice(local).await,
+            ProxyConn::Peer(s) => (*s).splice(local).await,
         }
     }
 }
@@ -320,7 +320,7 @@ impl Dialer for ProxyDialer {
                         config.limits.dial_timeout,
                     )
                     .await
-                    .map(ProxyConn::Peer)
+                    .map(|s| ProxyConn::Peer(Box::new(s)))
                 }
                 None => Err(e),
             },
@@ -382,5 +382,21 @@ impl ProxyDialer {
         crate::agent::connect::connect(allow, host, *port, config.limits.dial_timeout)
             .await
             .map(|(stream, _)| stream)
+    }
+}
+
+impl crate::admin::Component for ProxyShared {
+    fn ready(&self) -> bool {
+        !self.draining.is_cancelled() && !self.peers.borrow().is_empty()
+    }
+
+    fn status(&self) -> serde_json::Value {
+        serde_json::json!({
+            "proxy": self.config.proxy_id,
+            "cluster": self.config.cluster,
+            "draining": self.draining.is_cancelled(),
+            "peers": self.peers.borrow().iter().map(|p| &p.id).collect::<Vec<_>>(),
+            "sites": self.sites.list(),
+        })
     }
 }

@@ -54,6 +54,8 @@ pub struct Tunnel {
     pub offline_after: Duration,
     /// Streams currently open, to enforce the per-tunnel limit and spread load.
     open_streams: AtomicUsize,
+    /// The proxies the agent last reported holding tunnels to (its heartbeat says).
+    held_by: std::sync::Mutex<Vec<String>>,
 }
 
 impl Tunnel {
@@ -77,7 +79,13 @@ impl Tunnel {
             interval,
             offline_after: interval * missed.max(1),
             open_streams: AtomicUsize::new(0),
+            held_by: std::sync::Mutex::new(Vec::new()),
         }
+    }
+
+    /// Records which proxies the agent holds tunnels to.
+    pub fn set_held_by(&self, proxies: Vec<String>) {
+        *self.held_by.lock().unwrap_or_else(|p| p.into_inner()) = proxies;
     }
 
     /// Records a heartbeat now.
@@ -236,6 +244,8 @@ pub struct SiteInfo {
     pub status: SiteStatus,
     pub last_connected: Option<SystemTime>,
     pub tunnels: Vec<TunnelInfo>,
+    /// Every proxy of the cluster that holds a tunnel from this site, as its agents report.
+    pub held_by: Vec<String>,
 }
 
 /// All remote sites known to this proxy.
@@ -372,6 +382,13 @@ fn info(name: &ClusterName, site: &Site) -> SiteInfo {
         })
         .collect();
     let online = tunnels.iter().any(|t| !t.offline);
+    let mut held_by: Vec<String> = site
+        .tunnels
+        .iter()
+        .flat_map(|t| t.held_by.lock().unwrap_or_else(|p| p.into_inner()).clone())
+        .collect();
+    held_by.sort();
+    held_by.dedup();
     SiteInfo {
         name: name.clone(),
         status: if online {
@@ -381,5 +398,6 @@ fn info(name: &ClusterName, site: &Site) -> SiteInfo {
         },
         last_connected: site.last_connected,
         tunnels,
+        held_by,
     }
 }

@@ -3,6 +3,8 @@
 #[path = "../support/mod.rs"]
 mod support;
 
+mod restarts;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -19,13 +21,13 @@ use support::haproxy::{Haproxy, free_port};
 use support::*;
 
 /// The root cluster: proxies that all announce the same peer list.
-struct Root {
-    pki: Arc<Pki>,
-    proxies: Vec<(String, ProxyServer)>,
+pub(crate) struct Root {
+    pub(crate) pki: Arc<Pki>,
+    pub(crate) proxies: Vec<(String, ProxyServer)>,
 }
 
 impl Root {
-    async fn start(pki: Arc<Pki>, ids: &[&str]) -> Root {
+    pub(crate) async fn start(pki: Arc<Pki>, ids: &[&str]) -> Root {
         let mut root = Root {
             pki,
             proxies: Vec::new(),
@@ -36,7 +38,7 @@ impl Root {
         root
     }
 
-    async fn add(&mut self, id: &str, listen: Option<SocketAddr>) {
+    pub(crate) async fn add(&mut self, id: &str, listen: Option<SocketAddr>) {
         let mut config = self.pki.proxy_config(id).expect("config");
         if let Some(addr) = listen {
             config.listen = addr;
@@ -59,7 +61,7 @@ impl Root {
     }
 
     /// Every proxy announces every proxy, as the EndpointSlice watch will make them do.
-    fn announce(&self) {
+    pub(crate) fn announce(&self) {
         let peers: Vec<Peer> = self
             .proxies
             .iter()
@@ -74,7 +76,7 @@ impl Root {
         }
     }
 
-    fn addrs(&self) -> Vec<SocketAddr> {
+    pub(crate) fn addrs(&self) -> Vec<SocketAddr> {
         self.proxies.iter().map(|(_, p)| p.local_addr()).collect()
     }
 
@@ -100,7 +102,11 @@ fn start_agent(pki: &Pki, lb: SocketAddr) -> (Arc<Agent>, CancellationToken) {
     (agent, stop)
 }
 
-async fn wait_connected(status: &mut watch::Receiver<PoolStatus>, n: usize, deadline: Duration) {
+pub(crate) async fn wait_connected(
+    status: &mut watch::Receiver<PoolStatus>,
+    n: usize,
+    deadline: Duration,
+) {
     within(
         &format!("{n} tunnels"),
         deadline,

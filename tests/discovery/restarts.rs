@@ -1,0 +1,323 @@
+//! Proxies restarting under a steady dial load: with drain, no dial fails; after kill -9, new
+//! dials succeed once the loss is detected, and the restarted proxy gets its tunnel back.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream as StdStream};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tether::agent::Agent;
+use tether::agent::allow_list::AllowList;
+use tether::identity::Identity;
+use tether::protocol::Target;
+use tether::proxy::{Dialer, ProxyDialer, ProxyServer};
+use tokio_util::sync::CancellationToken;
+
+use crate::support::haproxy::{Haproxy, free_port};
+use crate::support::*;
+use crate::{Root, wait_connected};
+
+/// Dials the echo server through a randomly chosen live proxy, over and over.
+struct Load {
+    ok: Arc<AtomicU64>,
+    failures: Arc<Mutex<Vec<(Instant, String)>>>,
+    stop: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Load {
+    fn start(live: Arc<Mutex<Vec<ProxyDialer>>>, echo: SocketAddr) -> Load {
+        let ok = Arc::new(AtomicU64::new(0));
+        let failures = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let task = tokio::spawn({
+            let (ok, failures, stop) = (ok.clone(), failures.clone(), stop.clone());
+            async move {
+                let target =
+                    Target::parse(&format!("127.0.0.1.leaf.tether:{}", echo.port())).expect("t");
+                let mut i = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    i += 1;
+                    let dialer = {
+                        let live = live.lock().expect("lock");
+                        live[(i as usize) % live.len()].clone()
+                    };
+                    let message = format!("dial {i}");
+                    let result = async {
+                        let conn = dialer
+                            .dial(target.clone(), "127.0.0.1:1".parse().expect("addr"))
+                            .await
+                            .map_err(|e| e.to_string())?;
+                        let (mut stream, _t) = attach(conn, 4096);
+                        let back = echo_round_trip(&mut stream, message.as_bytes()).await;
+                        if back == message.as_bytes() {
+                            Ok(())
+                        } else {
+                            Err(format!("echo came back as {back:?}"))
+                        }
+                    };
+                    match tokio::time::timeout(Duration::from_secs(10), result).await {
+                        Ok(Ok(())) => {
+                            ok.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Ok(Err(e)) => failures.lock().expect("lock").push((Instant::now(), e)),
+                        Err(_) => failures
+                            .lock()
+                            .expect("lock")
+                            .push((Instant::now(), "timed out".into())),
+                    }
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+        });
+        Load {
+            ok,
+            failures,
+            stop,
+            task,
+        }
+    }
+
+    async fn finish(self) -> (u64, Vec<(Instant, String)>) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.task.await.expect("load task");
+        let failures = self.failures.lock().expect("lock").clone();
+        (self.ok.load(Ordering::Relaxed), failures)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolling_restart_with_drain_fails_no_dial() {
+    let pki = Arc::new(pki());
+    let echo = echo_server().await.expect("echo");
+    let ids = ["p1", "p2", "p3", "p4", "p5"];
+    let mut root = Root::start(pki.clone(), &ids).await;
+    let lb = Haproxy::start("random", &root.addrs());
+    let config = pki
+        .agent_config(
+            &lb.addr.to_string(),
+            AllowList::parse([format!("127.0.0.1/32:{}", echo.port())]).expect("rules"),
+        )
+        .expect("agent config");
+    let agent = Arc::new(Agent::new(config));
+    let stop = CancellationToken::new();
+    tokio::spawn({
+        let (agent, stop) = (agent.clone(), stop.clone());
+        async move { agent.run(stop).await }
+    });
+    let mut status = agent.status();
+    wait_connected(&mut status, 5, Duration::from_secs(30)).await;
+
+    let live = Arc::new(Mutex::new(
+        root.proxies
+            .iter()
+            .map(|(_, p)| p.dialer())
+            .collect::<Vec<_>>(),
+    ));
+    let load = Load::start(live.clone(), echo);
+    for id in ids {
+        let i = root
+            .proxies
+            .iter()
+            .position(|(p, _)| p == id)
+            .expect("proxy");
+        let (_, proxy) = root.proxies.remove(i);
+        let addr = proxy.local_addr();
+        // Clients stop being sent to it (its load balancer would take it out), then it drains.
+        *live.lock().expect("lock") = root.proxies.iter().map(|(_, p)| p.dialer()).collect();
+        proxy.shutdown(Duration::from_secs(5)).await;
+        root.add(id, Some(addr)).await;
+        live.lock()
+            .expect("lock")
+            .push(root.proxies.last().expect("added").1.dialer());
+        wait_connected(&mut status, 5, Duration::from_secs(30)).await;
+    }
+    let (ok, failures) = load.finish().await;
+    eprintln!(
+        "rolling restart: {ok} dials succeeded, {} failed",
+        failures.len()
+    );
+    assert!(failures.is_empty(), "failed dials: {failures:?}");
+    assert!(ok > 20, "only {ok} dials ran");
+    stop.cancel();
+}
+
+/// A `tether proxy` process, killed on drop.
+struct ProxyProcess(Child);
+
+impl Drop for ProxyProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn_proxy(
+    dir: &std::path::Path,
+    id: &str,
+    listen: SocketAddr,
+    admin: SocketAddr,
+    peers: &[(String, SocketAddr)],
+) -> ProxyProcess {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_tether"));
+    cmd.args(["proxy", "--cluster", "root", "--proxy-id", id])
+        .arg("--listen")
+        .arg(listen.to_string())
+        .arg("--admin-listen")
+        .arg(admin.to_string())
+        .arg("--identity")
+        .arg(dir.join(id))
+        .arg("--trust-dir")
+        .arg(dir.join("trust"))
+        .arg("--peer-identity")
+        .arg(dir.join("peer"))
+        .args(["--heartbeat-interval", "200ms", "--shutdown-grace", "2s"]);
+    for (peer, addr) in peers {
+        cmd.arg("--peer").arg(format!("{peer}={addr}"));
+    }
+    ProxyProcess(
+        cmd.stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("tether proxy starts"),
+    )
+}
+
+/// GET `path` from an admin endpoint; `None` while it is not answering.
+fn admin_get(addr: SocketAddr, path: &str) -> Option<String> {
+    let mut s = StdStream::connect_timeout(&addr, Duration::from_millis(500)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    out.split_once("\r\n\r\n").map(|(_, body)| body.to_owned())
+}
+
+fn holds_leaf(admin: SocketAddr) -> bool {
+    admin_get(admin, "/status").is_some_and(|body| {
+        serde_json::from_str::<serde_json::Value>(&body).is_ok_and(|v| {
+            v["sites"].as_array().is_some_and(|sites| {
+                sites.iter().any(|s| {
+                    s["name"] == "leaf" && s["tunnels"].as_array().is_some_and(|t| !t.is_empty())
+                })
+            })
+        })
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_kill_9_dials_recover_and_the_restarted_proxy_gets_its_tunnel_back() {
+    let pki = pki();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ids = ["p1", "p2", "p3", "p4", "p5"];
+    for id in ids {
+        Identity::generate_host(&pki.root, id, Duration::from_secs(3600))
+            .expect("host identity")
+            .save(&dir.path().join(id))
+            .expect("save");
+    }
+    Identity::generate_client(&pki.root, "proxy-peering", Duration::from_secs(3600))
+        .expect("peer identity")
+        .save(&dir.path().join("peer"))
+        .expect("save");
+    std::fs::create_dir(dir.path().join("trust")).expect("trust dir");
+    for ca in [&pki.root, &pki.leaf] {
+        std::fs::write(
+            dir.path()
+                .join("trust")
+                .join(format!("{}.pub", ca.cluster())),
+            ca.public_key().to_openssh().expect("encode"),
+        )
+        .expect("write trust");
+    }
+    let listen: Vec<SocketAddr> = ids.iter().map(|_| free_port()).collect();
+    let admin: Vec<SocketAddr> = ids.iter().map(|_| free_port()).collect();
+    let peers: Vec<(String, SocketAddr)> = ids
+        .iter()
+        .zip(&listen)
+        .map(|(id, a)| (id.to_string(), *a))
+        .collect();
+    let mut procs: Vec<ProxyProcess> = (0..5)
+        .map(|i| spawn_proxy(dir.path(), ids[i], listen[i], admin[i], &peers))
+        .collect();
+    let lb = Haproxy::start("random", &listen);
+    let echo = echo_server().await.expect("echo");
+    let config = pki
+        .agent_config(
+            &lb.addr.to_string(),
+            AllowList::parse([format!("127.0.0.1/32:{}", echo.port())]).expect("rules"),
+        )
+        .expect("agent config");
+    let agent = Arc::new(Agent::new(config));
+    let stop = CancellationToken::new();
+    tokio::spawn({
+        let (agent, stop) = (agent.clone(), stop.clone());
+        async move { agent.run(stop).await }
+    });
+    let mut status = agent.status();
+    wait_connected(&mut status, 5, Duration::from_secs(60)).await;
+
+    // Root-side clients enter through an in-process proxy that holds no tunnel of its own and
+    // forwards every dial to one of the five: the dial load exercises them all.
+    let entry = ProxyServer::start(pki.proxy_config("entry").expect("config"))
+        .await
+        .expect("entry proxy");
+    entry.set_peers(
+        peers
+            .iter()
+            .map(|(id, addr)| tether::proxy::Peer {
+                id: id.clone(),
+                addr: Some(*addr),
+                generation: 0,
+            })
+            .collect(),
+    );
+    let live = Arc::new(Mutex::new(vec![entry.dialer()]));
+    let load = Load::start(live, echo);
+    wait_for("dials to flow", Duration::from_secs(20), || {
+        load.ok.load(Ordering::Relaxed) > 20
+    })
+    .await;
+
+    let killed_at = Instant::now();
+    procs[1].0.kill().expect("kill -9 p2");
+    let _ = procs[1].0.wait();
+    // The agent notices (its SSH connection drops at once on a kill) and holds 4, while the
+    // other proxies still announce p2 (its endpoint has not gone yet).
+    within(
+        "the agent to see the loss",
+        Duration::from_secs(20),
+        status.wait_for(|s| s.connected() == 4),
+    )
+    .await
+    .expect("status");
+    let detected = Instant::now();
+    let before = load.ok.load(Ordering::Relaxed);
+    wait_for(
+        "dials to go on through the rest",
+        Duration::from_secs(20),
+        || load.ok.load(Ordering::Relaxed) > before + 20,
+    )
+    .await;
+
+    procs[1] = spawn_proxy(dir.path(), "p2", listen[1], admin[1], &peers);
+    wait_for(
+        "the restarted p2 to hold the leaf's tunnel",
+        Duration::from_secs(60),
+        || holds_leaf(admin[1]),
+    )
+    .await;
+    wait_connected(&mut status, 5, Duration::from_secs(30)).await;
+    let (ok, failures) = load.finish().await;
+    let late: Vec<_> = failures.iter().filter(|(t, _)| *t > detected).collect();
+    eprintln!(
+        "kill -9: {ok} dials ok, {} failed ({} after the loss was detected, {:?} after the kill)",
+        failures.len(),
+        late.len(),
+        detected - killed_at
+    );
+    assert!(late.is_empty(), "dials failed after detection: {late:?}");
+    stop.cancel();
+}
