@@ -11,10 +11,12 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::agent::allow_list::AllowList;
-use crate::agent::{Agent, AgentConfig, AgentEvent, Backoff};
+use crate::agent::{Agent, AgentConfig, Backoff};
 use crate::identity::{CertificateAuthority, Identity, IdentityError, TrustStore};
 use crate::protocol::{ClusterName, Target};
-use crate::proxy::{Dialer, HeartbeatPolicy, PeeringConfig, ProxyConfig, ProxyLimits, ProxyServer};
+use crate::proxy::{
+    Dialer, HeartbeatPolicy, Peer, PeeringConfig, ProxyConfig, ProxyLimits, ProxyServer,
+};
 use crate::stream::{Splice, StreamLimits};
 
 /// How long demo and test certificates stay valid.
@@ -106,51 +108,97 @@ pub async fn echo_server() -> std::io::Result<SocketAddr> {
     Ok(addr)
 }
 
+/// A minimal TCP load balancer for the demo (the tests use a real haproxy): each connection
+/// goes to a random backend.
+async fn load_balancer(backends: Vec<SocketAddr>) -> std::io::Result<SocketAddr> {
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((mut client, _)) = listener.accept().await {
+            let backend = backends[rand::random_range(0..backends.len())];
+            tokio::spawn(async move {
+                if let Ok(mut server) = tokio::net::TcpStream::connect(backend).await {
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                }
+            });
+        }
+    });
+    Ok(addr)
+}
+
 /// Runs the demo, printing each step.
 pub async fn run() -> anyhow::Result<()> {
-    println!("tether demo: one root proxy and one leaf agent on loopback\n");
+    println!(
+        "tether demo: three root proxies behind a load balancer, one leaf agent, on loopback\n"
+    );
     let pki = Pki::generate(ClusterName::new("root")?, ClusterName::new("leaf")?)?;
     println!(
         "1. created CAs for clusters 'root' ({}) and 'leaf' ({})",
         crate::identity::fingerprint(pki.root.public_key()),
         crate::identity::fingerprint(pki.leaf.public_key())
     );
-    let proxy = ProxyServer::start(pki.proxy_config("proxy-1")?).await?;
-    println!(
-        "2. proxy 'proxy-1' listening for agents on {}",
-        proxy.local_addr()
-    );
+    let mut proxies = Vec::new();
+    for id in ["proxy-1", "proxy-2", "proxy-3"] {
+        proxies.push(ProxyServer::start(pki.proxy_config(id)?).await?);
+    }
+    let peers: Vec<Peer> = proxies
+        .iter()
+        .map(|p| Peer {
+            id: p.shared().config.proxy_id.clone(),
+            addr: Some(p.local_addr()),
+            generation: 0,
+        })
+        .collect();
+    for p in &proxies {
+        p.set_peers(peers.clone());
+    }
+    let lb = load_balancer(proxies.iter().map(|p| p.local_addr()).collect()).await?;
+    println!("2. proxies proxy-1..3 listening; a load balancer in front of them at {lb}");
     let echo = echo_server().await?;
     println!("3. an echo server in the leaf network at {echo}");
     let allow = AllowList::parse([format!("{}/32:{}", echo.ip(), echo.port())])?;
-    let agent = Arc::new(Agent::new(
-        pki.agent_config(&proxy.local_addr().to_string(), allow)?,
-    ));
-    let mut events = agent.events();
+    let agent = Arc::new(Agent::new(pki.agent_config(&lb.to_string(), allow)?));
     let stop = CancellationToken::new();
     let runner = tokio::spawn({
         let agent = agent.clone();
         let stop = stop.clone();
         async move { agent.run(stop).await }
     });
-    let proxy_id = tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
-            if let Ok(AgentEvent::Connected { proxy_id }) = events.recv().await {
-                return proxy_id;
-            }
-        }
-    })
-    .await?;
-    println!("4. agent dialled out and holds a tunnel to '{proxy_id}' (host certificate verified)");
-    let leaf = ClusterName::new("leaf")?;
-    let status = proxy.site(&leaf).map(|s| s.status.to_string());
+    let mut status = agent.status();
+    tokio::time::timeout(
+        Duration::from_secs(20),
+        status.wait_for(|s| s.connected() == 3 && s.expected == 3),
+    )
+    .await??;
     println!(
-        "   proxy sees site 'leaf': {}",
-        status.as_deref().unwrap_or("unknown")
+        "4. the agent dialled out through the load balancer and holds a tunnel to each proxy \
+         ({} dials; host certificates verified)",
+        agent.attempts()
     );
+    let leaf = ClusterName::new("leaf")?;
+    // Each proxy learns who else holds the leaf's tunnels from the agent's next heartbeat.
+    let all_reported = || {
+        proxies
+            .iter()
+            .all(|p| p.site(&leaf).is_some_and(|s| s.held_by.len() == 3))
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while !all_reported() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    for p in &proxies {
+        if let Some(site) = p.site(&leaf) {
+            println!(
+                "   {} sees site 'leaf' {}; tunnels held by {}",
+                p.shared().config.proxy_id,
+                site.status,
+                site.held_by.join(", ")
+            );
+        }
+    }
 
     let target = Target::parse(&format!("{}.leaf.tether:{}", echo.ip(), echo.port()))?;
-    let conn = proxy
+    let conn = proxies[1]
         .dialer()
         .dial(target.clone(), "127.0.0.1:0".parse()?)
         .await?;
@@ -168,12 +216,12 @@ pub async fn run() -> anyhow::Result<()> {
         String::from_utf8_lossy(&echoed)
     );
     println!(
-        "5. dialled {target}: sent {} bytes, got them back intact",
+        "5. dialled {target} via proxy-2: sent {} bytes, got them back intact",
         message.len()
     );
 
     let forbidden = Target::parse("10.1.2.3.leaf.tether:22")?;
-    match proxy
+    match proxies[0]
         .dialer()
         .dial(forbidden.clone(), "127.0.0.1:0".parse()?)
         .await
@@ -184,7 +232,9 @@ pub async fn run() -> anyhow::Result<()> {
 
     stop.cancel();
     runner.await?;
-    proxy.shutdown(Duration::from_secs(1)).await;
-    println!("\ndemo finished: tunnel up, dial through it, allow-list enforced");
+    for p in &proxies {
+        p.shutdown(Duration::from_secs(1)).await;
+    }
+    println!("\ndemo finished: three tunnels up, a dial through them, allow-list enforced");
     Ok(())
 }

@@ -444,6 +444,16 @@ impl Tunnel {
         // Set when the proxy asked us to leave: keep serving the streams in flight until it
         // closes the tunnel, but take no new ones (the proxy sends none).
         let mut draining: Option<String> = None;
+        let mut held = self.held.take();
+        let held_changed = |held: &Option<watch::Receiver<Vec<String>>>| {
+            let mut held = held.clone();
+            async move {
+                match held.as_mut() {
+                    Some(h) => h.changed().await.is_ok(),
+                    None => std::future::pending().await,
+                }
+            }
+        };
         if let Some(tx) = events {
             let _ = tx
                 .send(TunnelEvent::Connected {
@@ -459,8 +469,19 @@ impl Tunnel {
                         return Err(TunnelError::Stale(last_pong.elapsed()));
                     }
                     seq += 1;
-                    let held = self.held.as_ref().map(|h| h.borrow().clone()).unwrap_or_default();
-                    send(&self.write, &AgentMessage::Ping { seq, held }).await?;
+                    let report = held.as_mut().map(|h| h.borrow_and_update().clone()).unwrap_or_default();
+                    send(&self.write, &AgentMessage::Ping { seq, held: report }).await?;
+                }
+                // The set of held proxies changed: tell this proxy now rather than at the next
+                // heartbeat, so status views are current.
+                changed = held_changed(&held) => {
+                    if !changed {
+                        held = None;
+                        continue;
+                    }
+                    seq += 1;
+                    let report = held.as_mut().map(|h| h.borrow_and_update().clone()).unwrap_or_default();
+                    send(&self.write, &AgentMessage::Ping { seq, held: report }).await?;
                 }
                 msg = self.read.wait() => {
                     let data = match msg {
