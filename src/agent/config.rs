@@ -17,10 +17,8 @@ use crate::stream::StreamLimits;
 pub struct Backoff {
     /// First delay.
     pub initial: Duration,
-    /// Cap on the delay.
+    /// Cap on the delay. A successful connection resets the delay to `initial`.
     pub max: Duration,
-    /// A connection that lasted this long resets the delay to `initial`.
-    pub reset_after: Duration,
 }
 
 impl Default for Backoff {
@@ -28,7 +26,6 @@ impl Default for Backoff {
         Self {
             initial: Duration::from_millis(250),
             max: Duration::from_secs(30),
-            reset_after: Duration::from_secs(30),
         }
     }
 }
@@ -85,7 +82,6 @@ mod tests {
         let b = Backoff {
             initial: Duration::from_millis(100),
             max: Duration::from_secs(1),
-            reset_after: Duration::from_secs(1),
         };
         for attempt in 0..40 {
             let d = b.delay(attempt);

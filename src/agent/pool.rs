@@ -54,7 +54,6 @@ const MAX_DUPLICATE_PAUSE: Duration = Duration::from_secs(5);
 
 /// A proxy the pool knows of.
 struct Known {
-    generation: u64,
     last_announced: Instant,
 }
 
@@ -270,12 +269,12 @@ impl Pool {
     fn discovered(&self, known: &mut HashMap<String, Known>, proxies: Vec<ProxyInfo>) {
         let now = Instant::now();
         for p in proxies {
-            let entry = known.entry(p.id).or_insert(Known {
-                generation: p.generation,
-                last_announced: now,
-            });
-            entry.last_announced = now;
-            entry.generation = p.generation;
+            known.insert(
+                p.id,
+                Known {
+                    last_announced: now,
+                },
+            );
         }
     }
 
