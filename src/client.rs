@@ -94,14 +94,7 @@ impl DialClient {
                 source,
             })?;
         let _ = socket.set_nodelay(true);
-        let ssh_config = Arc::new(client::Config {
-            preferred: ssh::preferred(),
-            window_size: ssh::SSH_WINDOW,
-            maximum_packet_size: ssh::MAX_PACKET_SIZE,
-            channel_buffer_size: ssh::CHANNEL_BUFFER,
-            nodelay: true,
-            ..client::Config::default()
-        });
+        let ssh_config = Arc::new(ssh::client_config());
         let check = ProxyCheck {
             root_cas: config.root_cas.clone(),
             root_cluster: config.root_cluster.clone(),

@@ -355,10 +355,12 @@ async fn run_proxy(args: ProxyArgs) -> anyhow::Result<()> {
         }
         _ => None,
     };
+    // The admin endpoint outlives the drain, so load balancers see /readyz fail meanwhile.
+    let admin_stop = CancellationToken::new();
     if let Some(addr) = args.admin_listen {
         let listener = tokio::net::TcpListener::bind(addr).await?;
         println!("admin endpoint on {}", listener.local_addr()?);
-        let stopped = stop.clone();
+        let stopped = admin_stop.clone();
         tokio::spawn(tether::admin::serve(
             listener,
             proxy.shared().clone(),
@@ -369,6 +371,7 @@ async fn run_proxy(args: ProxyArgs) -> anyhow::Result<()> {
     stop.cancel();
     tracing::info!(grace = ?args.shutdown_grace, "draining");
     proxy.shutdown(args.shutdown_grace).await;
+    admin_stop.cancel();
     if let Some(entry) = entry {
         entry.abort();
     }

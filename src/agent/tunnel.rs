@@ -137,11 +137,7 @@ impl client::Handler for AgentHandler {
         reply: russh::client::ChannelOpenHandle,
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
-        warn!("refused a session channel opened by the proxy");
-        reply
-            .reject(ChannelOpenFailure::AdministrativelyProhibited)
-            .await;
-        Ok(())
+        refuse(reply, "session").await
     }
 
     async fn server_channel_open_direct_tcpip(
@@ -154,10 +150,7 @@ impl client::Handler for AgentHandler {
         reply: russh::client::ChannelOpenHandle,
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
-        reply
-            .reject(ChannelOpenFailure::AdministrativelyProhibited)
-            .await;
-        Ok(())
+        refuse(reply, "direct-tcpip").await
     }
 
     async fn server_channel_open_x11(
@@ -168,10 +161,7 @@ impl client::Handler for AgentHandler {
         reply: russh::client::ChannelOpenHandle,
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
-        reply
-            .reject(ChannelOpenFailure::AdministrativelyProhibited)
-            .await;
-        Ok(())
+        refuse(reply, "x11").await
     }
 
     async fn server_channel_open_agent_forward(
@@ -180,10 +170,7 @@ impl client::Handler for AgentHandler {
         reply: russh::client::ChannelOpenHandle,
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
-        reply
-            .reject(ChannelOpenFailure::AdministrativelyProhibited)
-            .await;
-        Ok(())
+        refuse(reply, "agent forwarding").await
     }
 
     async fn server_channel_open_forwarded_streamlocal(
@@ -193,11 +180,17 @@ impl client::Handler for AgentHandler {
         reply: russh::client::ChannelOpenHandle,
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
-        reply
-            .reject(ChannelOpenFailure::AdministrativelyProhibited)
-            .await;
-        Ok(())
+        refuse(reply, "streamlocal").await
     }
+}
+
+/// Refuses a channel the agent never serves: only dials (`forwarded-tcpip`) are.
+async fn refuse(reply: russh::client::ChannelOpenHandle, kind: &str) -> Result<(), russh::Error> {
+    warn!(kind, "refused a channel opened by the proxy");
+    reply
+        .reject(ChannelOpenFailure::AdministrativelyProhibited)
+        .await;
+    Ok(())
 }
 
 /// Connects to the target the proxy asked for, answers the dial, then carries the bytes.
@@ -320,15 +313,7 @@ impl Tunnel {
                 source,
             })?;
         let _ = socket.set_nodelay(true);
-        let ssh_config = Arc::new(client::Config {
-            preferred: ssh::preferred(),
-            window_size: ssh::SSH_WINDOW,
-            maximum_packet_size: ssh::MAX_PACKET_SIZE,
-            channel_buffer_size: ssh::CHANNEL_BUFFER,
-            inactivity_timeout: None,
-            nodelay: true,
-            ..client::Config::default()
-        });
+        let ssh_config = Arc::new(ssh::client_config());
         let verdict = Arc::new(Mutex::new(None));
         let tasks = TaskTracker::new();
         let handler = AgentHandler {

@@ -56,3 +56,17 @@ pub fn verify_proxy_key(
         ),
     }
 }
+
+/// SSH client settings shared by agents, `tether dial` and peering: Tether's algorithms and
+/// sizes, no idle timeout (heartbeats detect dead peers), Nagle off for interactive streams.
+pub fn client_config() -> russh::client::Config {
+    russh::client::Config {
+        preferred: preferred(),
+        window_size: SSH_WINDOW,
+        maximum_packet_size: MAX_PACKET_SIZE,
+        channel_buffer_size: CHANNEL_BUFFER,
+        inactivity_timeout: None,
+        nodelay: true,
+        ..russh::client::Config::default()
+    }
+}
