@@ -6,6 +6,9 @@
 //!   known; an agent: holding at least one tunnel per target), 503 otherwise.
 //! - `GET /status`: the component's status as JSON (a proxy: its sites, their tunnels, and which
 //!   proxies hold each site's tunnels; an agent: its tunnels per proxy).
+//! - `GET /metrics`: Prometheus text format (see [`metrics`]).
+
+pub mod metrics;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -35,6 +38,18 @@ pub async fn serve<C: Component>(
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz::<C>))
         .route("/status", get(status::<C>))
+        .route(
+            "/metrics",
+            get(|| async {
+                (
+                    [(
+                        axum::http::header::CONTENT_TYPE,
+                        "text/plain; version=0.0.4; charset=utf-8",
+                    )],
+                    metrics::METRICS.encode(),
+                )
+            }),
+        )
         .with_state(component);
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)

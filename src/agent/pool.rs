@@ -24,6 +24,7 @@ use super::claims::Claims;
 use super::config::AgentConfig;
 use super::status::{PoolStatus, ProxyTunnelStatus, TunnelState};
 use super::tunnel::{Tunnel, TunnelError, TunnelEvent};
+use crate::admin::metrics::{METRICS, label};
 use crate::protocol::control::ProxyInfo;
 
 /// How the pool paces itself.
@@ -171,6 +172,8 @@ impl Pool {
                     match outcome {
                         Outcome::Dialled(Ok(tunnel)) => {
                             dialling -= 1;
+                            METRICS.agent_dials.get_or_create(&label("result", "connected")).inc();
+                            METRICS.agent_tunnels.inc();
                             failures = 0;
                             duplicates = 0;
                             last_error = None;
@@ -192,6 +195,7 @@ impl Pool {
                         }
                         Outcome::Dialled(Err(TunnelError::AlreadyClaimed(id))) => {
                             dialling -= 1;
+                            METRICS.agent_dials.get_or_create(&label("result", "duplicate")).inc();
                             debug!(proxy = %id, "landed on a held proxy");
                             // A load balancer that keeps choosing held proxies is slowed down
                             // against, not hammered: the pause grows ×1.5 per repeat, up to 5 s.
@@ -205,6 +209,7 @@ impl Pool {
                         }
                         Outcome::Dialled(Err(e)) => {
                             dialling -= 1;
+                            METRICS.agent_dials.get_or_create(&label("result", "failed")).inc();
                             warn!(error = %e, "could not open a tunnel");
                             last_error = Some(e.to_string());
                             next_dial = tokio::time::Instant::now() + self.config.backoff.delay(failures);
@@ -219,6 +224,7 @@ impl Pool {
                                 warn!(proxy = %proxy_id, error = %e, "tunnel lost");
                             }
                             held.remove(&proxy_id);
+                            METRICS.agent_tunnels.dec();
                             let _ = self.events.send(AgentEvent::Disconnected { reason });
                             next_dial = next_dial.max(tokio::time::Instant::now() + jitter(self.limits.duplicate_jitter));
                         }

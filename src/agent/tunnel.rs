@@ -14,6 +14,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use super::claims::{Claim, Claims};
 use super::config::AgentConfig;
 use super::connect::connect;
+use crate::admin::metrics::{METRICS, label};
 use crate::protocol::control::{
     self, AgentMessage, CONTROL_SUBSYSTEM, FrameReader, ProxyInfo, ProxyMessage,
 };
@@ -210,6 +211,14 @@ async fn serve_dial(
                 .map(|(s, _)| s)
         }
     };
+    let outcome = match &connected {
+        Ok(_) => "ok",
+        Err(e) => e.kind.as_str(),
+    };
+    METRICS
+        .agent_served
+        .get_or_create(&label("outcome", outcome))
+        .inc();
     match connected {
         Ok(target) => {
             let ok = StreamControl::DialOk.encode();
@@ -425,6 +434,8 @@ impl Tunnel {
         let mut ticker = tokio::time::interval(self.interval);
         let mut seq = 0u64;
         let mut last_pong = Instant::now();
+        // The last ping sent, to time its pong.
+        let mut in_flight: Option<(u64, Instant)> = None;
         let stale_after = self.interval * self.missed;
         // Set when the proxy asked us to leave: keep serving the streams in flight until it
         // closes the tunnel, but take no new ones (the proxy sends none).
@@ -455,6 +466,7 @@ impl Tunnel {
                     }
                     seq += 1;
                     let report = held.as_mut().map(|h| h.borrow_and_update().clone()).unwrap_or_default();
+                    in_flight = Some((seq, Instant::now()));
                     send(&self.write, &AgentMessage::Ping { seq, held: report }).await?;
                 }
                 // The set of held proxies changed: tell this proxy now rather than at the next
@@ -482,7 +494,12 @@ impl Tunnel {
                     self.frames.push(&data).map_err(|e| TunnelError::Control(e.to_string()))?;
                     while let Some(msg) = self.frames.next_message::<ProxyMessage>().map_err(|e| TunnelError::Control(e.to_string()))? {
                         match msg {
-                            ProxyMessage::Pong { .. } => last_pong = Instant::now(),
+                            ProxyMessage::Pong { seq: answered } => {
+                                last_pong = Instant::now();
+                                if let Some((_, sent_at)) = in_flight.take_if(|(s, _)| *s == answered) {
+                                    METRICS.agent_heartbeat_rtt.observe(sent_at.elapsed().as_secs_f64());
+                                }
+                            }
                             ProxyMessage::Discovery { proxies } => {
                                 if let Some(tx) = events {
                                     let event = TunnelEvent::Discovery { proxy_id: self.proxy_id.clone(), proxies };

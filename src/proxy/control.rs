@@ -11,6 +11,7 @@ use tracing::{debug, info, warn};
 
 use super::server::ProxyShared;
 use super::sites::Tunnel;
+use crate::admin::metrics::METRICS;
 use crate::protocol::ClusterName;
 use crate::protocol::control::{self, AgentMessage, FrameReader, ProxyMessage};
 
@@ -164,6 +165,7 @@ async fn handle_data(
         match msg {
             AgentMessage::Ping { seq, held } => {
                 tunnel.heartbeat();
+                METRICS.proxy_heartbeats.inc();
                 tunnel.set_held_by(held);
                 send(write, &ProxyMessage::Pong { seq }).await?;
                 if !*discovered {

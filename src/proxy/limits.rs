@@ -26,6 +26,17 @@ pub enum Refusal {
     Handshakes { limit: usize },
 }
 
+impl Refusal {
+    /// A fixed label for metrics.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Refusal::PerIp { .. } => "per_ip",
+            Refusal::Total { .. } => "total",
+            Refusal::Handshakes { .. } => "handshakes",
+        }
+    }
+}
+
 /// Held for as long as a connection lives; releases its count on drop.
 pub struct ConnectionPermit {
     limiter: Arc<ConnectionLimiter>,

@@ -19,6 +19,7 @@ use super::handler::ConnectionHandler;
 use super::limits::ConnectionLimiter;
 use super::peers::{Peer, PeerStream, dial_via_peers};
 use super::sites::{ProxyStream, SiteInfo, Sites};
+use crate::admin::metrics::{METRICS, label};
 use crate::protocol::{ClusterName, DialError, DialErrorKind, Endpoint, Target, ssh};
 use crate::stream::Splice;
 
@@ -193,6 +194,10 @@ async fn accept_loop(shared: Arc<ProxyShared>, listener: TcpListener) {
         let (permit, handshake) = match shared.limiter.admit(peer.ip()) {
             Ok(p) => p,
             Err(refusal) => {
+                METRICS
+                    .proxy_refused
+                    .get_or_create(&label("reason", refusal.label()))
+                    .inc();
                 warn!(%peer, reason = %refusal, "connection refused");
                 continue;
             }
@@ -301,6 +306,26 @@ impl Dialer for ProxyDialer {
     type Conn = ProxyConn;
 
     async fn dial(&self, target: Target, client: SocketAddr) -> Result<ProxyConn, DialError> {
+        let result = self.dial_anywhere(target, client).await;
+        let outcome = match &result {
+            Ok(_) => "ok",
+            Err(e) => e.kind.as_str(),
+        };
+        METRICS
+            .proxy_dials
+            .get_or_create(&label("outcome", outcome))
+            .inc();
+        result
+    }
+}
+
+impl ProxyDialer {
+    /// Locally, directly, or through a peer.
+    async fn dial_anywhere(
+        &self,
+        target: Target,
+        client: SocketAddr,
+    ) -> Result<ProxyConn, DialError> {
         let config = &self.shared.config;
         if target.cluster == config.cluster {
             return self.dial_direct(&target).await.map(ProxyConn::Direct);

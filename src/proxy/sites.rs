@@ -10,6 +10,7 @@ use std::time::{Duration, Instant, SystemTime};
 use russh::server::{Handle, Msg};
 use tokio::sync::watch;
 
+use crate::admin::metrics::{METRICS, label};
 use crate::protocol::{ClusterName, DialError, DialErrorKind, Endpoint};
 use crate::stream::{Splice, StreamLimits, TunnelStream};
 
@@ -276,6 +277,14 @@ impl Sites {
     }
 
     fn changed(&self) {
+        let sites = self.sites.read().unwrap_or_else(|p| p.into_inner());
+        for (name, site) in sites.iter() {
+            METRICS
+                .proxy_tunnels
+                .get_or_create(&label("site", name.as_str()))
+                .set(site.tunnels.len() as i64);
+        }
+        drop(sites);
         self.changes.send_modify(|n| *n += 1);
     }
 
@@ -321,6 +330,10 @@ impl Sites {
             .remove(cluster)
             .map(|s| s.tunnels);
         if removed.is_some() {
+            METRICS
+                .proxy_tunnels
+                .get_or_create(&label("site", cluster.as_str()))
+                .set(0);
             self.changed();
         }
         removed

@@ -19,8 +19,10 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::Notify;
 
 use super::Splice;
+use crate::admin::metrics::{METRICS, label};
 use crate::protocol::stream::{CONTROL_EXT, StreamControl};
 use crate::protocol::{DialError, DialErrorKind};
+use prometheus_client::metrics::counter::Counter;
 
 /// Default credit per stream and direction: the most a side buffers for a stalled reader.
 pub const DEFAULT_WINDOW: u32 = 512 * 1024;
@@ -118,6 +120,15 @@ impl<S: From<(ChannelId, ChannelMsg)> + Send + Sync + 'static> TunnelStream<S> {
     }
 }
 
+/// Counts a stream as open until dropped, whichever way the splice ends.
+struct OpenStream;
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        METRICS.streams_open.dec();
+    }
+}
+
 /// What one side of a stream shares between its two directions.
 #[derive(Default)]
 struct Shared {
@@ -148,14 +159,24 @@ impl<S: From<(ChannelId, ChannelMsg)> + Send + Sync + 'static> Splice for Tunnel
             limits,
         } = self;
         let shared = Shared::default();
+        let bytes_in = METRICS
+            .stream_bytes
+            .get_or_create(&label("direction", "in"))
+            .clone();
+        let bytes_out = METRICS
+            .stream_bytes
+            .get_or_create(&label("direction", "out"))
+            .clone();
+        METRICS.streams_open.inc();
+        let _open = OpenStream;
         let (local_read, local_write) = tokio::io::split(local);
         // The first grant opens the peer's window; later ones return what was consumed.
         write
             .extended_data_bytes(CONTROL_EXT, StreamControl::Credit(limits.window).encode())
             .await
             .map_err(ssh_io)?;
-        let down = downlink(read, local_write, &shared, limits);
-        let up = uplink(&write, local_read, &shared);
+        let down = downlink(read, local_write, &shared, limits, &bytes_in);
+        let up = uplink(&write, local_read, &shared, &bytes_out);
         // The first error ends both directions; a clean end comes from the downlink once both
         // directions have seen EOF, or when the peer closes.
         let result = tokio::try_join!(down, up).map(|_| ());
@@ -171,6 +192,7 @@ async fn downlink<W: AsyncWrite + Unpin>(
     mut local: W,
     shared: &Shared,
     limits: StreamLimits,
+    bytes: &Counter,
 ) -> io::Result<()> {
     let result = async {
         let window = u64::from(limits.window);
@@ -240,6 +262,7 @@ async fn downlink<W: AsyncWrite + Unpin>(
                         }
                     }
                     allowance += n as u64;
+                    bytes.inc_by(n as u64);
                     let pending = shared.to_grant.fetch_add(n as u64, Ordering::AcqRel) + n as u64;
                     if pending >= grant_threshold {
                         shared.grant_ready.notify_one();
@@ -258,7 +281,12 @@ async fn downlink<W: AsyncWrite + Unpin>(
 
 /// Local → channel: reads the local side only while the peer has granted credit, and returns
 /// grants for what the downlink consumed.
-async fn uplink<S, R>(write: &ChannelWriteHalf<S>, mut local: R, shared: &Shared) -> io::Result<()>
+async fn uplink<S, R>(
+    write: &ChannelWriteHalf<S>,
+    mut local: R,
+    shared: &Shared,
+    bytes: &Counter,
+) -> io::Result<()>
 where
     S: From<(ChannelId, ChannelMsg)> + Send + Sync + 'static,
     R: AsyncRead + Unpin,
@@ -289,6 +317,7 @@ where
                     }
                     Some(data) => {
                         shared.send_credit.fetch_sub(data.len() as u64, Ordering::AcqRel);
+                        bytes.inc_by(data.len() as u64);
                         write.data_bytes(data).await.map_err(ssh_io)?;
                     }
                 }

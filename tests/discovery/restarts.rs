@@ -1,21 +1,19 @@
 //! Proxies restarting under a steady dial load: with drain, no dial fails; after kill -9, new
 //! dials succeed once the loss is detected, and the restarted proxy gets its tunnel back.
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream as StdStream};
-use std::process::{Child, Command, Stdio};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tether::agent::Agent;
 use tether::agent::allow_list::AllowList;
-use tether::identity::Identity;
 use tether::protocol::Target;
 use tether::proxy::{Dialer, ProxyDialer, ProxyServer};
 use tokio_util::sync::CancellationToken;
 
 use crate::support::haproxy::{Haproxy, free_port};
+use crate::support::procs::{Files, Proc, admin_get, spawn_proxy};
 use crate::support::*;
 use crate::{Root, wait_connected};
 
@@ -144,57 +142,6 @@ async fn a_rolling_restart_with_drain_fails_no_dial() {
     stop.cancel();
 }
 
-/// A `tether proxy` process, killed on drop.
-struct ProxyProcess(Child);
-
-impl Drop for ProxyProcess {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn spawn_proxy(
-    dir: &std::path::Path,
-    id: &str,
-    listen: SocketAddr,
-    admin: SocketAddr,
-    peers: &[(String, SocketAddr)],
-) -> ProxyProcess {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_tether"));
-    cmd.args(["proxy", "--cluster", "root", "--proxy-id", id])
-        .arg("--listen")
-        .arg(listen.to_string())
-        .arg("--admin-listen")
-        .arg(admin.to_string())
-        .arg("--identity")
-        .arg(dir.join(id))
-        .arg("--trust-dir")
-        .arg(dir.join("trust"))
-        .arg("--peer-identity")
-        .arg(dir.join("peer"))
-        .args(["--heartbeat-interval", "200ms", "--shutdown-grace", "2s"]);
-    for (peer, addr) in peers {
-        cmd.arg("--peer").arg(format!("{peer}={addr}"));
-    }
-    ProxyProcess(
-        cmd.stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("tether proxy starts"),
-    )
-}
-
-/// GET `path` from an admin endpoint; `None` while it is not answering.
-fn admin_get(addr: SocketAddr, path: &str) -> Option<String> {
-    let mut s = StdStream::connect_timeout(&addr, Duration::from_millis(500)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").ok()?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).ok()?;
-    out.split_once("\r\n\r\n").map(|(_, body)| body.to_owned())
-}
-
 fn holds_leaf(admin: SocketAddr) -> bool {
     admin_get(admin, "/status").is_some_and(|body| {
         serde_json::from_str::<serde_json::Value>(&body).is_ok_and(|v| {
@@ -210,28 +157,8 @@ fn holds_leaf(admin: SocketAddr) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_kill_9_dials_recover_and_the_restarted_proxy_gets_its_tunnel_back() {
     let pki = pki();
-    let dir = tempfile::tempdir().expect("tempdir");
     let ids = ["p1", "p2", "p3", "p4", "p5"];
-    for id in ids {
-        Identity::generate_host(&pki.root, id, Duration::from_secs(3600))
-            .expect("host identity")
-            .save(&dir.path().join(id))
-            .expect("save");
-    }
-    Identity::generate_client(&pki.root, "proxy-peering", Duration::from_secs(3600))
-        .expect("peer identity")
-        .save(&dir.path().join("peer"))
-        .expect("save");
-    std::fs::create_dir(dir.path().join("trust")).expect("trust dir");
-    for ca in [&pki.root, &pki.leaf] {
-        std::fs::write(
-            dir.path()
-                .join("trust")
-                .join(format!("{}.pub", ca.cluster())),
-            ca.public_key().to_openssh().expect("encode"),
-        )
-        .expect("write trust");
-    }
+    let files = Files::write(&pki, &ids);
     let listen: Vec<SocketAddr> = ids.iter().map(|_| free_port()).collect();
     let admin: Vec<SocketAddr> = ids.iter().map(|_| free_port()).collect();
     let peers: Vec<(String, SocketAddr)> = ids
@@ -239,8 +166,8 @@ async fn after_kill_9_dials_recover_and_the_restarted_proxy_gets_its_tunnel_back
         .zip(&listen)
         .map(|(id, a)| (id.to_string(), *a))
         .collect();
-    let mut procs: Vec<ProxyProcess> = (0..5)
-        .map(|i| spawn_proxy(dir.path(), ids[i], listen[i], admin[i], &peers))
+    let mut procs: Vec<Proc> = (0..5)
+        .map(|i| spawn_proxy(&files, ids[i], listen[i], admin[i], &peers))
         .collect();
     let lb = Haproxy::start("random", &listen);
     let echo = echo_server().await.expect("echo");
@@ -302,7 +229,7 @@ async fn after_kill_9_dials_recover_and_the_restarted_proxy_gets_its_tunnel_back
     )
     .await;
 
-    procs[1] = spawn_proxy(dir.path(), "p2", listen[1], admin[1], &peers);
+    procs[1] = spawn_proxy(&files, "p2", listen[1], admin[1], &peers);
     wait_for(
         "the restarted p2 to hold the leaf's tunnel",
         Duration::from_secs(60),

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod haproxy;
+pub mod procs;
 
 use std::future::Future;
 use std::net::SocketAddr;

@@ -1,22 +1,13 @@
 //! Heartbeats and reconnection: a site goes offline when its agent freezes and comes back.
 
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use tether::agent::AgentEvent;
-use tether::identity::Identity;
 use tether::proxy::{ProxyServer, SiteStatus};
 
+use crate::support::procs::{Files, spawn_agent};
 use crate::support::*;
-
-struct KillOnDrop(Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn signal(pid: u32, sig: &str) {
     let status = Command::new("kill")
@@ -33,32 +24,12 @@ async fn a_frozen_agent_goes_offline_after_the_missed_heartbeats_and_comes_back(
     config.heartbeat.missed = 3;
     let proxy = ProxyServer::start(config).await.expect("proxy");
 
-    let dir = tempfile::tempdir().expect("tempdir");
-    let key = dir.path().join("agent");
-    Identity::generate_agent(&pki.leaf, Duration::from_secs(3600))
-        .expect("identity")
-        .save(&key)
-        .expect("save identity");
-    let root_ca = dir.path().join("root-ca.pub");
-    std::fs::write(
-        &root_ca,
-        pki.root.public_key().to_openssh().expect("encode CA"),
-    )
-    .expect("write CA");
-    let child = Command::new(env!("CARGO_BIN_EXE_tether"))
-        .args(["agent", "--cluster", "leaf", "--root-cluster", "root"])
-        .arg("--proxy")
-        .arg(proxy.local_addr().to_string())
-        .arg("--identity")
-        .arg(&key)
-        .arg("--root-ca")
-        .arg(&root_ca)
-        .args(["--heartbeat-interval", "100ms"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("agent starts");
-    let agent = KillOnDrop(child);
+    let files = Files::write(&pki, &[]);
+    let agent = spawn_agent(
+        &files,
+        proxy.local_addr(),
+        &["--heartbeat-interval".into(), "100ms".into()],
+    );
     let status = |proxy: &ProxyServer| proxy.site(&leaf()).map(|s| s.status);
 
     wait_for("online", Duration::from_secs(20), || {

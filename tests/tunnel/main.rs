@@ -7,4 +7,5 @@ mod auth;
 mod data;
 mod entry;
 mod liveness;
+mod metrics;
 mod policy;

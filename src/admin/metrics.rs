@@ -1,0 +1,123 @@
+//! Prometheus metrics, one registry per process.
+//!
+//! Label values are bounded: sites are clusters in the trust store, outcomes and reasons are
+//! fixed sets, directions are two. Nothing is labelled by address, stream or proxy ID.
+
+use std::sync::LazyLock;
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// One label, with a static name.
+pub type Labels = Vec<(&'static str, String)>;
+
+/// Every metric Tether exports.
+pub struct Metrics {
+    registry: Registry,
+    /// Proxy: tunnels held per site.
+    pub proxy_tunnels: Family<Labels, Gauge>,
+    /// Proxy: dials by outcome (`ok` or a dial error kind).
+    pub proxy_dials: Family<Labels, Counter>,
+    /// Proxy: connections refused at the door, by reason.
+    pub proxy_refused: Family<Labels, Counter>,
+    /// Proxy: heartbeats received.
+    pub proxy_heartbeats: Counter,
+    /// Both: bytes carried by tunnel streams, by direction (`in` from the tunnel, `out` to it).
+    pub stream_bytes: Family<Labels, Counter>,
+    /// Both: tunnel streams open now.
+    pub streams_open: Gauge,
+    /// Agent: tunnels held now.
+    pub agent_tunnels: Gauge,
+    /// Agent: connections made to the proxies' address, by result (`connected`, `duplicate`,
+    /// `failed`).
+    pub agent_dials: Family<Labels, Counter>,
+    /// Agent: heartbeat round-trip time, seconds.
+    pub agent_heartbeat_rtt: Histogram,
+    /// Agent: dials served for the proxy, by outcome.
+    pub agent_served: Family<Labels, Counter>,
+}
+
+/// The process's metrics.
+pub static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
+
+impl Metrics {
+    fn new() -> Self {
+        let mut registry = Registry::with_prefix("tether");
+        let m = Metrics {
+            proxy_tunnels: Family::default(),
+            proxy_dials: Family::default(),
+            proxy_refused: Family::default(),
+            proxy_heartbeats: Counter::default(),
+            stream_bytes: Family::default(),
+            streams_open: Gauge::default(),
+            agent_tunnels: Gauge::default(),
+            agent_dials: Family::default(),
+            agent_heartbeat_rtt: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
+            agent_served: Family::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "proxy_tunnels",
+            "Tunnels held, per site",
+            m.proxy_tunnels.clone(),
+        );
+        registry.register("proxy_dials", "Dials by outcome", m.proxy_dials.clone());
+        registry.register(
+            "proxy_refused_connections",
+            "Connections refused by the limits, by reason",
+            m.proxy_refused.clone(),
+        );
+        registry.register(
+            "proxy_heartbeats",
+            "Heartbeats received from agents",
+            m.proxy_heartbeats.clone(),
+        );
+        registry.register(
+            "stream_bytes",
+            "Bytes carried by tunnel streams, by direction",
+            m.stream_bytes.clone(),
+        );
+        registry.register(
+            "streams_open",
+            "Tunnel streams open",
+            m.streams_open.clone(),
+        );
+        registry.register(
+            "agent_tunnels",
+            "Tunnels the agent holds",
+            m.agent_tunnels.clone(),
+        );
+        registry.register(
+            "agent_dials",
+            "Connections to the proxies' address, by result",
+            m.agent_dials.clone(),
+        );
+        registry.register(
+            "agent_heartbeat_rtt_seconds",
+            "Heartbeat round-trip time",
+            m.agent_heartbeat_rtt.clone(),
+        );
+        registry.register(
+            "agent_served_dials",
+            "Dials served for the proxy, by outcome",
+            m.agent_served.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+
+    /// The metrics in Prometheus text format.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// A one-label set.
+pub fn label(name: &'static str, value: impl Into<String>) -> Labels {
+    vec![(name, value.into())]
+}

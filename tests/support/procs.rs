@@ -1,0 +1,129 @@
+//! `tether` processes for the tests that need a real process: signals, kill -9, per-process
+//! metrics.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream as StdStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use tether::demo::Pki;
+use tether::identity::Identity;
+
+/// A child process, killed on drop.
+pub struct Proc(pub Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Identities and trust files on disk, as the CLI reads them.
+pub struct Files {
+    pub dir: tempfile::TempDir,
+}
+
+impl Files {
+    /// Writes proxy host identities for `proxy_ids`, an agent identity, a peering client
+    /// identity, the trust directory and the root CA file.
+    pub fn write(pki: &Pki, proxy_ids: &[&str]) -> Files {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let year = Duration::from_secs(3600);
+        for id in proxy_ids {
+            Identity::generate_host(&pki.root, id, year)
+                .expect("host identity")
+                .save(&dir.path().join(id))
+                .expect("save");
+        }
+        Identity::generate_agent(&pki.leaf, year)
+            .expect("agent identity")
+            .save(&dir.path().join("agent"))
+            .expect("save");
+        Identity::generate_client(&pki.root, "proxy-peering", year)
+            .expect("peer identity")
+            .save(&dir.path().join("peer"))
+            .expect("save");
+        std::fs::create_dir(dir.path().join("trust")).expect("trust dir");
+        for ca in [&pki.root, &pki.leaf] {
+            std::fs::write(
+                dir.path()
+                    .join("trust")
+                    .join(format!("{}.pub", ca.cluster())),
+                ca.public_key().to_openssh().expect("encode"),
+            )
+            .expect("write trust");
+        }
+        std::fs::write(
+            dir.path().join("root-ca.pub"),
+            pki.root.public_key().to_openssh().expect("encode"),
+        )
+        .expect("write root CA");
+        Files { dir }
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+}
+
+/// `tether proxy` with an admin endpoint and peers (`ID=ADDR`).
+pub fn spawn_proxy(
+    files: &Files,
+    id: &str,
+    listen: SocketAddr,
+    admin: SocketAddr,
+    peers: &[(String, SocketAddr)],
+) -> Proc {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_tether"));
+    cmd.args(["proxy", "--cluster", "root", "--proxy-id", id])
+        .arg("--listen")
+        .arg(listen.to_string())
+        .arg("--admin-listen")
+        .arg(admin.to_string())
+        .arg("--identity")
+        .arg(files.path(id))
+        .arg("--trust-dir")
+        .arg(files.path("trust"))
+        .arg("--peer-identity")
+        .arg(files.path("peer"))
+        .args(["--heartbeat-interval", "200ms", "--shutdown-grace", "2s"]);
+    for (peer, addr) in peers {
+        cmd.arg("--peer").arg(format!("{peer}={addr}"));
+    }
+    spawn(cmd)
+}
+
+/// `tether agent` for the leaf, dialling `proxy`, with extra arguments.
+pub fn spawn_agent(files: &Files, proxy: SocketAddr, extra: &[String]) -> Proc {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_tether"));
+    cmd.args(["agent", "--cluster", "leaf", "--root-cluster", "root"])
+        .arg("--proxy")
+        .arg(proxy.to_string())
+        .arg("--identity")
+        .arg(files.path("agent"))
+        .arg("--root-ca")
+        .arg(files.path("root-ca.pub"))
+        .args(extra);
+    spawn(cmd)
+}
+
+fn spawn(mut cmd: Command) -> Proc {
+    Proc(
+        cmd.stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("tether starts"),
+    )
+}
+
+/// GET `path` from an admin endpoint; `None` while it is not answering.
+pub fn admin_get(addr: SocketAddr, path: &str) -> Option<String> {
+    let mut s = StdStream::connect_timeout(&addr, Duration::from_millis(500)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    out.split_once("\r\n\r\n").map(|(_, body)| body.to_owned())
+}
