@@ -216,6 +216,7 @@ async fn a_burst_of_connections_is_held_by_the_limits_and_agents_keep_working() 
     drop(held);
     watcher.abort();
     let peak = peak.load(std::sync::atomic::Ordering::Relaxed);
+    eprintln!("burst of 2000 connections: at most {peak} held at once (limit 200)");
     assert!(peak <= 200, "{peak} connections were held, over the limit");
     rig.wait_online().await;
     let refused = rig.dial_name("10.9.9.9.leaf.tether:80").await;

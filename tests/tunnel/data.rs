@@ -120,7 +120,12 @@ async fn a_thousand_concurrent_streams_share_one_tunnel() {
 async fn a_stalled_reader_stalls_only_its_own_stream_with_bounded_memory() {
     let rig = Rig::start(
         &allow_loopback(),
-        |p| p.heartbeat.interval = Duration::from_millis(100),
+        |p| {
+            // Frequent heartbeats, so the test sees them flow beside the stall, but a generous
+            // miss count: other tests load the machine, and a late heartbeat is not the point.
+            p.heartbeat.interval = Duration::from_millis(100);
+            p.heartbeat.missed = 30;
+        },
         |a| a.heartbeat_interval = Duration::from_millis(100),
     )
     .await;
@@ -147,6 +152,7 @@ async fn a_stalled_reader_stalls_only_its_own_stream_with_bounded_memory() {
         },
     )
     .await;
+    eprintln!("stalled reader: the flooding target got {last} bytes out before being held");
     // One stream window (512 KiB) plus kernel socket buffers on loopback: a few MiB at most.
     assert!(
         last < 24 * 1024 * 1024,
@@ -154,7 +160,11 @@ async fn a_stalled_reader_stalls_only_its_own_stream_with_bounded_memory() {
     );
 
     // Stream B on the same tunnel still works, and heartbeats keep arriving.
-    let (mut other, _t) = attach(rig.dial(echo).await.expect("dial echo"), 64 * 1024);
+    let other = rig.dial(echo).await;
+    let (mut other, _t) = attach(
+        other.unwrap_or_else(|e| panic!("dial beside a stalled stream: {e}")),
+        64 * 1024,
+    );
     let back = within(
         "echo beside a stalled stream",
         Duration::from_secs(10),
@@ -202,7 +212,12 @@ async fn a_stalled_reader_stalls_only_its_own_stream_with_bounded_memory() {
         last < 24 * 1024 * 1024,
         "the stalled target let {last} bytes through"
     );
+    eprintln!("stalled target: the writer got {last} bytes in before being held");
     let grown = rss_bytes().saturating_sub(rss_before);
+    eprintln!(
+        "memory grew by {} KiB while both streams were stalled",
+        grown / 1024
+    );
     assert!(
         grown < 64 * 1024 * 1024,
         "memory grew by {grown} bytes while streams were stalled"
