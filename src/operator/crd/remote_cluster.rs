@@ -1,6 +1,11 @@
 //! `RemoteCluster`: the root side's view of one leaf, written by the proxies. Types only:
 //! the proxy-side status writer comes later.
 
+#![allow(
+    clippy::duplicated_attributes,
+    reason = "each printcolumn(...) repeats type_ = ...; clippy reads them as duplicates"
+)]
+
 use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};

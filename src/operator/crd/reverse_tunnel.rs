@@ -1,6 +1,11 @@
 //! `ReverseTunnel`: "keep a tunnel from this (leaf) cluster to that root's proxies". The leaf
 //! side's main resource: `kubectl apply -f reversetunnel.yaml`, `kubectl get rt`.
 
+#![allow(
+    clippy::duplicated_attributes,
+    reason = "each printcolumn(...) repeats type_ = ...; clippy reads them as duplicates"
+)]
+
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};

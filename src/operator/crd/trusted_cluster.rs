@@ -1,6 +1,11 @@
 //! `TrustedCluster`: "this (leaf) cluster should join that root". Types only: the join
 //! protocol that fills the status comes later.
 
+#![allow(
+    clippy::duplicated_attributes,
+    reason = "each printcolumn(...) repeats type_ = ...; clippy reads them as duplicates"
+)]
+
 use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
