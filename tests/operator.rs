@@ -316,6 +316,30 @@ async fn reverse_tunnel_lifecycle() {
     }
     assert_eq!(tunnel_ids(&proxy, &leaf), ids);
 
+    // A rotated identity (a Secret edit, no spec change) restarts the agent: a new tunnel.
+    let rotated = Identity::generate_agent(&pki.leaf, Duration::from_secs(3600)).expect("agent id");
+    let key = rotated
+        .key
+        .to_openssh(Default::default())
+        .expect("encoding key")
+        .to_string();
+    let cert = rotated.certificate.to_openssh().expect("encoding cert");
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
+    secrets
+        .replace(
+            "leaf-1-agent",
+            &PostParams::default(),
+            &secret("leaf-1-agent", &[("key", key), ("cert", cert)]),
+        )
+        .await
+        .expect("rotating the identity Secret");
+    let new_ids = eventually("a new tunnel after the rotation", || async {
+        let now = tunnel_ids(&proxy, &leaf);
+        (now.len() == 1 && now != ids).then_some(now)
+    })
+    .await;
+    assert_ne!(new_ids, ids);
+
     // Deleting closes the tunnel and the finalizer goes.
     api.delete("to-root", &DeleteParams::default())
         .await
