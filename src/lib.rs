@@ -16,6 +16,7 @@ pub mod agent;
 pub mod client;
 pub mod demo;
 pub mod identity;
+pub mod operator;
 pub mod protocol;
 pub mod proxy;
 pub mod stream;

@@ -45,6 +45,10 @@ enum Command {
     Agent(AgentArgs),
     /// Reach HOST:PORT in CLUSTER through a proxy, over stdin/stdout (works as ProxyCommand).
     Dial(DialArgs),
+    /// Print the tether.dev CustomResourceDefinitions as YAML (what crds/ holds).
+    Crd,
+    /// Run the Kubernetes operator: reconcile ReverseTunnels into running agents.
+    Operator(tether::operator::OperatorArgs),
 }
 
 #[derive(Subcommand)]
@@ -251,6 +255,11 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Proxy(args) => run_proxy(args).await,
         Command::Agent(args) => run_agent(args).await,
         Command::Dial(args) => run_dial(args).await,
+        Command::Crd => {
+            print!("{}", tether::operator::crds_yaml()?);
+            Ok(())
+        }
+        Command::Operator(args) => tether::operator::run_cli(args).await,
     }
 }
 

@@ -1,0 +1,279 @@
+//! State shared by every reconcile: the Kubernetes client, the Event recorder, and the
+//! registry of running tunnels (the operator's in-memory "actual state" that reconciles move
+//! towards the spec).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwap;
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::ObjectRef;
+use kube::{Api, Client, Resource, ResourceExt};
+use tokio::sync::{broadcast, watch};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use super::crd::ReverseTunnel;
+use super::resolve::Desired;
+use super::status::{Problem, SpecState, StatusWriter, apply_event};
+use crate::agent::allow_list::AllowList;
+use crate::agent::status::PoolStatus;
+use crate::agent::{Agent, AgentConfig};
+
+/// How long stopping a tunnel waits for its tasks before leaving them to finish alone.
+const STOP_GRACE: Duration = Duration::from_secs(5);
+
+/// The registry key: one entry per `ReverseTunnel` object.
+pub type TunnelKey = ObjectRef<ReverseTunnel>;
+
+/// One agent task and how to stop it.
+struct AgentHandle {
+    fingerprint: u64,
+    stop: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+/// What runs for one `ReverseTunnel`: its agent (when the spec is usable) and the task that
+/// writes its status.
+pub struct RunningTunnel {
+    agent: Option<AgentHandle>,
+    /// The allow-list every agent of this tunnel reads; edits are stored here, in place.
+    allow: Arc<ArcSwap<AllowList>>,
+    spec: watch::Sender<SpecState>,
+    pool: Arc<watch::Sender<Option<PoolStatus>>>,
+    stop: CancellationToken,
+    status_task: JoinHandle<()>,
+}
+
+/// Tasks of stopped tunnels or agents, to await outside the registry lock.
+#[derive(Default)]
+#[must_use = "await the stopped tasks with Stopped::join"]
+pub struct Stopped(Vec<JoinHandle<()>>);
+
+impl Stopped {
+    /// Waits (briefly) for the stopped tasks, so a deleted tunnel is really closed before the
+    /// finalizer goes.
+    pub async fn join(self) {
+        for task in self.0 {
+            if tokio::time::timeout(STOP_GRACE, task).await.is_err() {
+                warn!("a stopped tunnel task did not finish in time");
+            }
+        }
+    }
+}
+
+/// Shared by all reconciles of one controller run, through an `Arc`.
+pub struct Context {
+    /// The API client.
+    pub client: Client,
+    /// Publishes Events on `ReverseTunnel` objects.
+    pub recorder: Recorder,
+    tunnels: Mutex<HashMap<TunnelKey, RunningTunnel>>,
+    failures: Mutex<HashMap<TunnelKey, u32>>,
+}
+
+impl Context {
+    /// A context with an empty registry; `instance` names this replica in Events.
+    pub fn new(client: Client, instance: Option<String>) -> Self {
+        let reporter = Reporter {
+            controller: super::FIELD_MANAGER.to_owned(),
+            instance,
+        };
+        Self {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            tunnels: Mutex::default(),
+            failures: Mutex::default(),
+        }
+    }
+
+    fn tunnels(&self) -> MutexGuard<'_, HashMap<TunnelKey, RunningTunnel>> {
+        self.tunnels.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Consecutive failed reconciles of `key`, counting this one (for backoff).
+    pub fn note_failure(&self, key: &TunnelKey) -> u32 {
+        let mut failures = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+        let n = failures.entry(key.clone()).or_insert(0);
+        *n = n.saturating_add(1);
+        *n
+    }
+
+    /// Forgets the failures of `key` after a successful reconcile.
+    pub fn note_success(&self, key: &TunnelKey) {
+        self.failures
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(key);
+    }
+
+    /// Whether an agent runs for `key` (for tests and metrics).
+    pub fn is_running(&self, key: &TunnelKey) -> bool {
+        self.tunnels().get(key).is_some_and(|t| t.agent.is_some())
+    }
+
+    /// The registry entry of `rt`, created (with its status task) if missing.
+    fn entry<'a>(
+        &self,
+        tunnels: &'a mut HashMap<TunnelKey, RunningTunnel>,
+        rt: &ReverseTunnel,
+    ) -> &'a mut RunningTunnel {
+        let key = ObjectRef::from_obj(rt);
+        tunnels.entry(key).or_insert_with(|| {
+            let namespace = rt.namespace().unwrap_or_default();
+            let (spec_tx, spec_rx) = watch::channel(SpecState::default());
+            let (pool_tx, pool_rx) = watch::channel(None);
+            let stop = CancellationToken::new();
+            let writer = StatusWriter {
+                api: Api::namespaced(self.client.clone(), &namespace),
+                name: rt.name_any(),
+                recorder: self.recorder.clone(),
+                reference: rt.object_ref(&()),
+                last: rt.status.clone(),
+            };
+            let status_task = tokio::spawn(writer.run(spec_rx, pool_rx, stop.clone()));
+            RunningTunnel {
+                agent: None,
+                allow: Arc::new(ArcSwap::from_pointee(AllowList::default())),
+                spec: spec_tx,
+                pool: Arc::new(pool_tx),
+                stop,
+                status_task,
+            }
+        })
+    }
+
+    /// Makes the running agent of `rt` match `desired`: starts it, restarts it when the
+    /// connection settings changed, and swaps a changed allow-list in place.
+    pub fn ensure_running(&self, rt: &ReverseTunnel, desired: Desired) -> Stopped {
+        let mut tunnels = self.tunnels();
+        let tunnel = self.entry(&mut tunnels, rt);
+        let mut stopped = Stopped::default();
+        if **tunnel.allow.load() != desired.allow {
+            info!(name = %rt.name_any(), rules = desired.allow.rules().len(), "allow-list updated in place");
+            tunnel.allow.store(Arc::new(desired.allow));
+        }
+        let current = tunnel.agent.as_ref().map(|a| a.fingerprint);
+        if current != Some(desired.fingerprint) {
+            if let Some(old) = tunnel.agent.take() {
+                info!(name = %rt.name_any(), "connection settings changed; restarting the agent");
+                old.stop.cancel();
+                stopped.0.push(old.task);
+            }
+            let mut config = desired.config;
+            config.allow = tunnel.allow.clone();
+            tunnel.agent = Some(start_agent(
+                config,
+                desired.fingerprint,
+                tunnel.pool.clone(),
+            ));
+        }
+        tunnel.spec.send_if_modified(|s| {
+            let next = SpecState {
+                generation: rt.metadata.generation,
+                problem: None,
+            };
+            let changed = *s != next;
+            *s = next;
+            changed
+        });
+        stopped
+    }
+
+    /// Stops the agent of `rt` (fail closed) and reports `problem` in its status.
+    pub fn ensure_failed(&self, rt: &ReverseTunnel, problem: Problem) -> Stopped {
+        let mut tunnels = self.tunnels();
+        let tunnel = self.entry(&mut tunnels, rt);
+        let mut stopped = Stopped::default();
+        if let Some(old) = tunnel.agent.take() {
+            warn!(name = %rt.name_any(), reason = problem.reason, "stopping the agent: {}", problem.message);
+            old.stop.cancel();
+            stopped.0.push(old.task);
+        }
+        tunnel.pool.send_replace(None);
+        tunnel.spec.send_if_modified(|s| {
+            let next = SpecState {
+                generation: rt.metadata.generation,
+                problem: Some(problem),
+            };
+            let changed = *s != next;
+            *s = next;
+            changed
+        });
+        stopped
+    }
+
+    /// Stops everything running for `key` and forgets it (deletion, malformed object).
+    pub fn remove(&self, key: &TunnelKey) -> Stopped {
+        let removed = self.tunnels().remove(key);
+        self.note_success(key);
+        let mut stopped = Stopped::default();
+        if let Some(tunnel) = removed {
+            stop_tunnel(tunnel, &mut stopped);
+        }
+        stopped
+    }
+
+    /// Stops every tunnel (shutdown, or leadership lost). Objects keep their finalizers: the
+    /// next leader takes them over.
+    pub fn remove_all(&self) -> Stopped {
+        let all: Vec<RunningTunnel> = self.tunnels().drain().map(|(_, t)| t).collect();
+        let mut stopped = Stopped::default();
+        for tunnel in all {
+            stop_tunnel(tunnel, &mut stopped);
+        }
+        stopped
+    }
+}
+
+fn stop_tunnel(tunnel: RunningTunnel, stopped: &mut Stopped) {
+    tunnel.stop.cancel();
+    if let Some(agent) = tunnel.agent {
+        agent.stop.cancel();
+        stopped.0.push(agent.task);
+    }
+    stopped.0.push(tunnel.status_task);
+}
+
+/// Runs an agent until its token is cancelled, folding its events into `pool`.
+fn start_agent(
+    config: AgentConfig,
+    fingerprint: u64,
+    pool: Arc<watch::Sender<Option<PoolStatus>>>,
+) -> AgentHandle {
+    let agent = Agent::new(config);
+    let mut events = agent.events();
+    let stop = CancellationToken::new();
+    pool.send_replace(None);
+    let task = tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            let run = agent.run(stop.clone());
+            tokio::pin!(run);
+            loop {
+                tokio::select! {
+                    biased;
+                    () = &mut run => break,
+                    event = events.recv() => match event {
+                        Ok(event) if !stop.is_cancelled() => {
+                            pool.send_if_modified(|p| {
+                                let before = p.clone();
+                                apply_event(p, &event, SystemTime::now());
+                                *p != before
+                            });
+                        }
+                        Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                        Err(broadcast::error::RecvError::Closed) => break,
+                    },
+                }
+            }
+        }
+    });
+    AgentHandle {
+        fingerprint,
+        stop,
+        task,
+    }
+}

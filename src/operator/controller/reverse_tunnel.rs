@@ -1,0 +1,207 @@
+//! The `ReverseTunnel` controller: reconciles each object into a running agent.
+//!
+//! - The watch reads objects through [`DeserializeGuard`], so one malformed object is logged,
+//!   gets a Warning event and its agent stopped, and never stalls the stream for the others.
+//! - Only spec (generation) and finalizer changes trigger a reconcile; status writes do not,
+//!   so the operator's own writes cannot loop.
+//! - Secrets are watched by metadata only (no key material cached); a change to a Secret a
+//!   tunnel names reconciles that tunnel, which restarts the agent if the identity or root CA
+//!   actually changed.
+//! - [`finalizer`] wraps the reconcile: deleting an object stops its agent (closing the
+//!   tunnel) before the object goes.
+
+use std::collections::hash_map::DefaultHasher;
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Secret;
+use kube::core::{DeserializeGuard, PartialObjectMeta};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType};
+use kube::runtime::finalizer::{Event as Finalizer, finalizer};
+use kube::runtime::reflector::{self, ObjectRef};
+use kube::runtime::{Controller, WatchStreamExt, watcher};
+use kube::{Api, Client, Resource, ResourceExt};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::operator::context::{Context, TunnelKey};
+use crate::operator::crd::ReverseTunnel;
+use crate::operator::error::{Error, Result};
+use crate::operator::resolve::resolve;
+
+/// The finalizer that keeps an object until its tunnel is closed.
+pub const FINALIZER: &str = "tether.dev/reverse-tunnel";
+
+/// How often a healthy tunnel is reconciled anyway (catches anything a watch missed).
+const RESYNC: Duration = Duration::from_secs(300);
+
+type Guarded = DeserializeGuard<ReverseTunnel>;
+
+fn key_of(meta: &kube::api::ObjectMeta) -> TunnelKey {
+    let name = meta.name.clone().unwrap_or_default();
+    match &meta.namespace {
+        Some(ns) => ObjectRef::new(&name).within(ns),
+        None => ObjectRef::new(&name),
+    }
+}
+
+async fn reconcile(obj: Arc<Guarded>, ctx: Arc<Context>) -> Result<Action> {
+    let rt = match &obj.0 {
+        Ok(rt) => Arc::new(rt.clone()),
+        Err(invalid) => {
+            warn!(name = ?invalid.metadata.name, namespace = ?invalid.metadata.namespace,
+                error = %invalid.error, "skipping a malformed ReverseTunnel");
+            ctx.remove(&key_of(&invalid.metadata)).join().await;
+            let reference = obj.object_ref(&());
+            let event = Event {
+                type_: EventType::Warning,
+                reason: "Malformed".to_owned(),
+                note: Some(invalid.error.chars().take(1000).collect()),
+                action: "Reconcile".to_owned(),
+                secondary: None,
+            };
+            if let Err(e) = ctx.recorder.publish(&event, &reference).await {
+                debug!(error = %e, "could not publish an Event");
+            }
+            return Ok(Action::await_change());
+        }
+    };
+    let namespace = rt
+        .namespace()
+        .ok_or_else(|| Error::Malformed("a ReverseTunnel without namespace".to_owned()))?;
+    let api: Api<ReverseTunnel> = Api::namespaced(ctx.client.clone(), &namespace);
+    finalizer(&api, FINALIZER, rt, |event| async {
+        match event {
+            Finalizer::Apply(rt) => apply(&rt, &ctx).await,
+            Finalizer::Cleanup(rt) => cleanup(&rt, &ctx).await,
+        }
+    })
+    .await
+    .map_err(|e| Error::Finalizer(Box::new(e)))
+}
+
+async fn apply(rt: &ReverseTunnel, ctx: &Context) -> Result<Action> {
+    let key = ObjectRef::from_obj(rt);
+    let namespace = rt.namespace().unwrap_or_default();
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
+    match resolve(rt, &secrets).await {
+        Ok(desired) => {
+            ctx.ensure_running(rt, desired).join().await;
+            ctx.note_success(&key);
+            Ok(Action::requeue(RESYNC))
+        }
+        Err(unusable) => {
+            let problem = unusable.problem.clone();
+            ctx.ensure_failed(rt, unusable.problem).join().await;
+            if unusable.retry {
+                Err(Error::Unresolved {
+                    reason: problem.reason,
+                    message: problem.message,
+                })
+            } else {
+                ctx.note_success(&key);
+                Ok(Action::await_change())
+            }
+        }
+    }
+}
+
+async fn cleanup(rt: &ReverseTunnel, ctx: &Context) -> Result<Action> {
+    info!(name = %rt.name_any(), namespace = ?rt.namespace(), "ReverseTunnel deleted; closing its tunnel");
+    ctx.remove(&ObjectRef::from_obj(rt)).join().await;
+    let event = Event {
+        type_: EventType::Normal,
+        reason: "Stopped".to_owned(),
+        note: Some("the tunnel is closed; removing the finalizer".to_owned()),
+        action: "Delete".to_owned(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder.publish(&event, &rt.object_ref(&())).await {
+        debug!(error = %e, "could not publish an Event");
+    }
+    Ok(Action::await_change())
+}
+
+/// What a change must touch to trigger a reconcile: the spec (generation), the finalizers,
+/// or deletion. Status and other metadata changes (including the operator's own status
+/// writes) do not.
+fn predicate_key(obj: &Guarded) -> Option<u64> {
+    let meta = obj.meta();
+    let mut hasher = DefaultHasher::new();
+    (
+        meta.generation,
+        &meta.finalizers,
+        meta.deletion_timestamp.is_some(),
+    )
+        .hash(&mut hasher);
+    Some(hasher.finish())
+}
+
+fn error_policy(obj: Arc<Guarded>, error: &Error, ctx: Arc<Context>) -> Action {
+    let key = key_of(obj.meta());
+    let failures = ctx.note_failure(&key);
+    let delay = Duration::from_secs(2)
+        .saturating_mul(1u32 << failures.clamp(1, 8).saturating_sub(1))
+        .min(RESYNC);
+    warn!(name = %key.name, namespace = ?key.namespace, %error, ?delay, "reconcile failed; retrying");
+    Action::requeue(delay)
+}
+
+/// Runs the controller over `namespace` (or all namespaces) until `stop`; then stops every
+/// agent it started. Objects keep their finalizers across restarts.
+pub async fn run(
+    client: Client,
+    namespace: Option<&str>,
+    ctx: Arc<Context>,
+    stop: CancellationToken,
+) {
+    let (tunnels, secrets): (Api<Guarded>, Api<PartialObjectMeta<Secret>>) = match namespace {
+        Some(ns) => (
+            Api::namespaced(client.clone(), ns),
+            Api::namespaced(client, ns),
+        ),
+        None => (Api::all(client.clone()), Api::all(client)),
+    };
+    let (reader, writer) = reflector::store();
+    let trigger = watcher(tunnels, watcher::Config::default().any_semantic())
+        .default_backoff()
+        .reflect(writer)
+        .applied_objects()
+        .predicate_filter(predicate_key, Default::default());
+    let store = reader.clone();
+    let secret_changes = watcher(secrets, watcher::Config::default().any_semantic())
+        .default_backoff()
+        .touched_objects();
+    let mapper = move |secret: PartialObjectMeta<Secret>| {
+        let name = secret.name_any();
+        let namespace = secret.namespace();
+        store
+            .state()
+            .into_iter()
+            .filter(|obj| {
+                obj.0.as_ref().is_ok_and(|rt| {
+                    rt.namespace() == namespace
+                        && (rt.spec.identity_secret_ref.name == name
+                            || rt.spec.root_ca_secret_ref.name == name)
+                })
+            })
+            .map(|obj| ObjectRef::from_obj(&*obj))
+            .collect::<Vec<_>>()
+    };
+    Controller::for_stream(trigger, reader)
+        .watches_stream(secret_changes, mapper)
+        .graceful_shutdown_on(stop.clone().cancelled_owned())
+        .run(reconcile, error_policy, ctx.clone())
+        .for_each(|result| {
+            match result {
+                Ok((obj, _)) => debug!(name = %obj.name, "reconciled"),
+                Err(e) => debug!(error = %e, "reconcile error"),
+            }
+            std::future::ready(())
+        })
+        .await;
+    ctx.remove_all().join().await;
+}

@@ -1,0 +1,89 @@
+//! The `tether.dev/v1alpha1` custom resources: what users write (`spec`) and what Tether
+//! reports (`status`). Each type's doc comments become the CRD's descriptions, so
+//! `kubectl explain reversetunnel.spec` shows them.
+
+pub mod remote_cluster;
+pub mod reverse_tunnel;
+pub mod trusted_cluster;
+
+use kube::CustomResourceExt;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+pub use remote_cluster::{RemoteCluster, RemoteClusterSpec, RemoteClusterStatus};
+pub use reverse_tunnel::{ReverseTunnel, ReverseTunnelSpec, ReverseTunnelStatus};
+pub use trusted_cluster::{TrustedCluster, TrustedClusterSpec, TrustedClusterStatus};
+
+/// The API group of every Tether resource.
+pub const GROUP: &str = "tether.dev";
+
+/// A Secret in the same namespace as the object that names it. Secrets in other namespaces
+/// are deliberately not reachable: a namespace's users must not be able to make the operator
+/// read another namespace's keys.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretReference {
+    /// Name of the Secret, in the namespace of this object.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+}
+
+/// Whether a condition holds, as the Kubernetes API conventions spell it.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum ConditionStatus {
+    /// The condition holds.
+    True,
+    /// The condition does not hold.
+    False,
+    /// Not known yet.
+    Unknown,
+}
+
+/// One observation about an object, following the Kubernetes API conventions
+/// (`metav1.Condition`), so generic tooling (`kubectl wait --for=condition=Ready`) works.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Condition {
+    /// The kind of condition, e.g. `Ready` or `Degraded`.
+    #[serde(rename = "type")]
+    pub type_: String,
+    /// `True`, `False` or `Unknown`.
+    pub status: ConditionStatus,
+    /// A CamelCase word saying why the condition has this status.
+    pub reason: String,
+    /// A human-readable explanation.
+    #[serde(default)]
+    pub message: String,
+    /// When `status` last changed (RFC 3339).
+    pub last_transition_time: String,
+    /// The `metadata.generation` this condition was computed from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+}
+
+/// Every CRD Tether defines, in the order `tether crd` prints them (and `crds/` holds them).
+pub fn all()
+-> Vec<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition>
+{
+    vec![
+        RemoteCluster::crd(),
+        ReverseTunnel::crd(),
+        TrustedCluster::crd(),
+    ]
+}
+
+/// File name under `crds/` of each CRD, matching [`all`]'s order (file-name order).
+pub const FILES: [&str; 3] = [
+    "remoteclusters.tether.dev.yaml",
+    "reversetunnels.tether.dev.yaml",
+    "trustedclusters.tether.dev.yaml",
+];
+
+/// The CRDs as YAML documents, one per entry of [`FILES`]; each starts with `---`, so the
+/// concatenation is one valid multi-document stream.
+pub fn yaml_documents() -> Result<Vec<String>, serde_yaml::Error> {
+    all()
+        .iter()
+        .map(|crd| serde_yaml::to_string(crd).map(|body| format!("---\n{body}")))
+        .collect()
+}

@@ -1,0 +1,184 @@
+//! `ReverseTunnel`: "keep a tunnel from this (leaf) cluster to that root's proxies". The leaf
+//! side's main resource: `kubectl apply -f reversetunnel.yaml`, `kubectl get rt`.
+
+#![allow(
+    clippy::duplicated_attributes,
+    reason = "each printcolumn(...) repeats type_ = ...; clippy reads them as duplicates"
+)]
+
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::{Condition, SecretReference};
+
+/// A coarse RE2 form of the allow-list rule syntax (`tether::agent::allow_list`), so that the
+/// API server rejects obvious typos at `kubectl apply` time. It accepts a superset of what the
+/// parser accepts; the operator parses every rule again and reports the precise error in the
+/// `Ready` condition.
+pub const ALLOW_RULE_PATTERN: &str = r"^(\[[0-9A-Fa-f:.]+(/[0-9]{1,3})?\]|(\*\.)?[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*\.?(/[0-9]{1,2})?):(\*|[0-9]{1,5}(-[0-9]{1,5})?(,[0-9]{1,5}(-[0-9]{1,5})?)*)$";
+
+/// Durations as Go and humantime write them: one or more `<number><unit>` with unit ms, s, m
+/// or h (`15s`, `1m30s`).
+pub const DURATION_PATTERN: &str = r"^([0-9]+(ms|s|m|h))+$";
+
+/// What the operator keeps running for one tunnel: an agent in this (leaf) cluster dialling
+/// out to the root cluster's proxies, serving the dials the allow-list permits.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "tether.dev",
+    version = "v1alpha1",
+    kind = "ReverseTunnel",
+    plural = "reversetunnels",
+    shortname = "rt",
+    category = "tether",
+    namespaced,
+    status = "ReverseTunnelStatus",
+    printcolumn(
+        name = "Cluster",
+        type_ = "string",
+        json_path = ".spec.rootCluster",
+        description = "The root cluster the tunnel goes to"
+    ),
+    printcolumn(
+        name = "Status",
+        type_ = "string",
+        json_path = ".status.phase",
+        description = "Pending, Connecting, Connected, Degraded or Failed"
+    ),
+    printcolumn(
+        name = "Proxies",
+        type_ = "string",
+        json_path = ".status.proxiesReady",
+        description = "Proxies with a live tunnel / proxies expected"
+    ),
+    printcolumn(
+        name = "Last Heartbeat",
+        type_ = "date",
+        json_path = ".status.lastHeartbeat",
+        description = "The latest heartbeat any proxy answered"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[serde(rename_all = "camelCase")]
+pub struct ReverseTunnelSpec {
+    /// Name of the root cluster; the proxies' host certificates must name it.
+    #[schemars(length(min = 1, max = 63))]
+    pub root_cluster: String,
+    /// Name of this (leaf) cluster; the agent's certificate must carry it, and the root
+    /// addresses this cluster's targets as `HOST.<leafCluster>.tether`.
+    #[schemars(length(min = 1, max = 63))]
+    pub leaf_cluster: String,
+    /// `host:port` of the root's proxies (their load balancer). Resolved again on every
+    /// connection attempt, so a changed DNS record is followed.
+    #[schemars(
+        length(min = 3, max = 261),
+        regex(pattern = r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):[0-9]{1,5}$")
+    )]
+    pub proxy_address: String,
+    /// Secret holding the agent's identity: `key` (OpenSSH private key, unencrypted) and
+    /// `cert` (its OpenSSH user certificate, signed by this cluster's CA).
+    pub identity_secret_ref: SecretReference,
+    /// Secret whose key `ca.pub` holds the root cluster's CA public keys (OpenSSH format, one
+    /// per line; several during a CA rotation). Proxies not signed by one of them are refused.
+    pub root_ca_secret_ref: SecretReference,
+    /// What the root may reach in this cluster through the tunnel; default deny. One rule per
+    /// entry: `CIDR:PORTS` (`10.0.0.0/8:443`, `[fd00::/8]:80-90`) or `HOST:PORTS`
+    /// (`db.internal:5432`, `*.svc.cluster.local:*`). Edits apply at once, without reconnecting.
+    #[serde(default)]
+    #[schemars(length(max = 256), inner(length(min = 1, max = 300)))]
+    #[x_kube(validation = Rule::new(format!("self.all(r, r.matches(r'{ALLOW_RULE_PATTERN}'))")).message("each allow rule must be CIDR:PORTS or HOST:PORTS, e.g. 10.0.0.0/8:443, [fd00::/8]:80-90, db.internal:5432 or *.svc.cluster.local:*"))]
+    pub allow: Vec<String>,
+    /// Address (`host:port`) that `_apiserver.<leafCluster>.tether` reaches: this cluster's
+    /// Kubernetes API server. Unset: such dials are refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 3, max = 261))]
+    pub api_server: Option<String>,
+    /// How often the agent and proxy exchange heartbeats (`15s`, `1m`). Keep it below every
+    /// load balancer's idle timeout; a tunnel silent for 3 intervals is replaced.
+    #[serde(default = "default_heartbeat_interval")]
+    #[schemars(length(max = 32), regex(pattern = DURATION_PATTERN))]
+    pub heartbeat_interval: String,
+}
+
+fn default_heartbeat_interval() -> String {
+    "15s".to_owned()
+}
+
+/// Where a tunnel is, as one word for `kubectl get`.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum Phase {
+    /// Accepted; the agent has not reported yet.
+    Pending,
+    /// The agent is dialling, or waiting to redial after a failure.
+    Connecting,
+    /// Every expected proxy holds a live tunnel.
+    Connected,
+    /// Some, but not all, expected proxies hold a live tunnel.
+    Degraded,
+    /// The spec cannot be honoured (invalid rule, missing Secret, bad key); see `Ready`.
+    Failed,
+}
+
+/// The state of the tunnel to one proxy.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum ProxyState {
+    /// Dialling, or waiting to redial after a failure.
+    Connecting,
+    /// Up: heartbeats flow, dials are served.
+    Connected,
+    /// The proxy asked the agent to leave; a tunnel elsewhere replaces it.
+    Draining,
+}
+
+/// The agent's tunnel to one proxy replica.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ProxyTunnel {
+    /// The proxy replica's ID, from its host certificate.
+    pub id: String,
+    /// Connecting, Connected or Draining.
+    pub state: ProxyState,
+    /// When the current tunnel came up (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connected_since: Option<String>,
+    /// When the proxy last answered a heartbeat (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_heartbeat: Option<String>,
+}
+
+/// What the operator observes about a `ReverseTunnel`; written only by the operator.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ReverseTunnelStatus {
+    /// Pending, Connecting, Connected, Degraded or Failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<Phase>,
+    /// One entry per proxy the agent holds or wants a tunnel to.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["id"]))]
+    pub proxies: Vec<ProxyTunnel>,
+    /// Proxies with a live tunnel.
+    #[serde(default)]
+    pub connected: u32,
+    /// Proxies the root says exist (at least 1 once any answered).
+    #[serde(default)]
+    pub expected: u32,
+    /// `connected/expected`, for `kubectl get`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proxies_ready: Option<String>,
+    /// The latest heartbeat any proxy answered (RFC 3339), for `kubectl get`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_heartbeat: Option<String>,
+    /// `Ready` (the tunnel serves dials) and `Degraded` (some proxies are missing).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    pub conditions: Vec<Condition>,
+    /// The `metadata.generation` the operator last acted on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+}

@@ -1,0 +1,155 @@
+//! The Kubernetes operator: `ReverseTunnel` objects reconciled into running agents.
+//!
+//! This is the only module that talks to Kubernetes; the data plane (`agent`, `proxy`) knows
+//! nothing of it. Layout:
+//!
+//! - [`crd`]: the `tether.dev/v1alpha1` resources and their CRDs (`tether crd`);
+//! - [`controller`]: the reconcilers;
+//! - [`context`]: state shared by reconciles, including the registry of running tunnels;
+//! - [`resolve`]: spec and Secrets to an agent configuration;
+//! - [`status`]: status composition and the one writer per tunnel;
+//! - [`leader`]: Lease-based leader election (and the HA story);
+//! - [`error`]: the reconcile error type.
+
+pub mod context;
+pub mod controller;
+pub mod crd;
+pub mod error;
+pub mod leader;
+pub mod resolve;
+pub mod status;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use kube::Client;
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use tokio_util::sync::CancellationToken;
+
+pub use leader::LeaderElection;
+
+/// The field manager of every write the operator makes (status, finalizers, Lease), so
+/// `kubectl get -o yaml --show-managed-fields` shows who owns what.
+pub const FIELD_MANAGER: &str = "tether-operator";
+
+/// How the operator runs: what it watches and whether it competes for leadership.
+#[derive(Debug, Clone, Default)]
+pub struct OperatorConfig {
+    /// Watch only this namespace; `None` watches all (needs cluster-wide RBAC).
+    pub namespace: Option<String>,
+    /// Compete for a Lease and run agents only while holding it; `None` always runs (one
+    /// replica, or tests).
+    pub leader_election: Option<LeaderElection>,
+    /// This replica's name in Events (usually the pod name).
+    pub instance: Option<String>,
+}
+
+/// Runs the operator with `client` until `shutdown` is cancelled, then stops every agent.
+/// The in-process entry point of `tether operator`, used directly by tests.
+pub async fn run(
+    client: Client,
+    config: OperatorConfig,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let namespace = config.namespace.clone();
+    let instance = config.instance.clone();
+    let lead = |term: CancellationToken| {
+        let client = client.clone();
+        let namespace = namespace.clone();
+        let ctx = Arc::new(context::Context::new(client.clone(), instance.clone()));
+        async move {
+            controller::reverse_tunnel::run(client, namespace.as_deref(), ctx, term).await;
+        }
+    };
+    match config.leader_election {
+        None => {
+            lead(shutdown).await;
+            Ok(())
+        }
+        Some(election) => leader::run_when_leader(client.clone(), election, shutdown, lead).await,
+    }
+}
+
+/// `tether operator`'s flags.
+#[derive(Debug, clap::Args)]
+pub struct OperatorArgs {
+    /// Kubeconfig to use; default: in-cluster, else $KUBECONFIG or ~/.kube/config.
+    #[arg(long, env = "KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+    /// Watch only this namespace (default: all namespaces).
+    #[arg(long, env = "TETHER_NAMESPACE")]
+    pub namespace: Option<String>,
+    /// Compete for leadership through this Lease (in --lease-namespace); unset: always lead.
+    #[arg(long, env = "TETHER_LEASE_NAME")]
+    pub lease_name: Option<String>,
+    /// Namespace of the leader Lease.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    pub lease_namespace: String,
+    /// This replica's identity (Lease holder, Event reporter); default: the host name.
+    #[arg(long, env = "POD_NAME")]
+    pub identity: Option<String>,
+}
+
+/// `tether operator`: builds a client from the flags and runs until Ctrl-C or SIGTERM.
+pub async fn run_cli(args: OperatorArgs) -> anyhow::Result<()> {
+    let config = match &args.kubeconfig {
+        Some(path) => {
+            let kubeconfig = Kubeconfig::read_from(path)
+                .with_context(|| format!("reading kubeconfig {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await?
+        }
+        None => kube::Config::infer().await?,
+    };
+    let client = Client::try_from(config)?;
+    let identity = args
+        .identity
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| format!("tether-operator-{}", std::process::id()));
+    let leader_election = args.lease_name.map(|lease_name| LeaderElection {
+        lease_name,
+        lease_namespace: args.lease_namespace.clone(),
+        identity: identity.clone(),
+        duration_secs: 15,
+        grace_secs: 5,
+    });
+    let shutdown = CancellationToken::new();
+    tokio::spawn({
+        let shutdown = shutdown.clone();
+        async move {
+            wait_for_signal().await;
+            shutdown.cancel();
+        }
+    });
+    run(
+        client,
+        OperatorConfig {
+            namespace: args.namespace,
+            leader_election,
+            instance: Some(identity),
+        },
+        shutdown,
+    )
+    .await
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+/// `tether crd`: every CRD as one multi-document YAML stream, exactly the concatenation of
+/// `crds/*.yaml` in file-name order.
+pub fn crds_yaml() -> anyhow::Result<String> {
+    Ok(crd::yaml_documents()?.concat())
+}

@@ -1,0 +1,216 @@
+//! From a `ReverseTunnel` spec and the Secrets it names to an [`AgentConfig`], or to the
+//! [`Problem`] that explains, in the `Ready` condition, why there is none.
+
+use std::collections::hash_map::DefaultHasher;
+use std::hash::{Hash, Hasher};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use k8s_openapi::api::core::v1::Secret;
+use kube::Api;
+
+use super::crd::ReverseTunnel;
+use super::status::Problem;
+use crate::agent::allow_list::AllowList;
+use crate::agent::{AgentConfig, Backoff};
+use crate::identity::{Certificate, Identity, PrivateKey, parse_ca_keys};
+use crate::protocol::ClusterName;
+use crate::stream::StreamLimits;
+
+/// Secret key of the agent's private key.
+pub const IDENTITY_KEY: &str = "key";
+/// Secret key of the agent's certificate.
+pub const IDENTITY_CERT: &str = "cert";
+/// Secret key of the root CA public keys.
+pub const ROOT_CA_KEY: &str = "ca.pub";
+
+/// The shortest and longest heartbeat intervals accepted.
+const HEARTBEAT_RANGE: (Duration, Duration) = (Duration::from_secs(1), Duration::from_secs(600));
+
+/// A spec the operator can run.
+pub struct Desired {
+    /// The agent configuration (its `allow` is a fresh cell; the caller swaps in its own).
+    pub config: AgentConfig,
+    /// The parsed allow-list, applied in place to a running agent.
+    pub allow: AllowList,
+    /// Hash of everything that needs a reconnect when it changes (address, identity, CAs,
+    /// names, API server, heartbeat); the allow-list is not part of it.
+    pub fingerprint: u64,
+}
+
+/// A problem, and whether retrying later may fix it without a spec or Secret change.
+pub struct Unusable {
+    /// What to report.
+    pub problem: Problem,
+    /// `true` for things that may appear on their own (a Secret not created yet).
+    pub retry: bool,
+}
+
+fn unusable(reason: &'static str, message: String, retry: bool) -> Unusable {
+    Unusable {
+        problem: Problem { reason, message },
+        retry,
+    }
+}
+
+/// Checks the parts of a spec that need no API call: names, allow-list and interval.
+pub fn check_spec(
+    rt: &ReverseTunnel,
+) -> Result<(ClusterName, ClusterName, AllowList, Duration), Unusable> {
+    let spec = &rt.spec;
+    let name = |field: &str, value: &str| {
+        ClusterName::new(value).map_err(|e| {
+            unusable(
+                "InvalidClusterName",
+                format!("spec.{field} {value:?}: {e}"),
+                false,
+            )
+        })
+    };
+    let root = name("rootCluster", &spec.root_cluster)?;
+    let leaf = name("leafCluster", &spec.leaf_cluster)?;
+    let allow = AllowList::parse(&spec.allow)
+        .map_err(|e| unusable("InvalidAllowList", format!("spec.allow: {e}"), false))?;
+    let heartbeat = humantime::parse_duration(&spec.heartbeat_interval).map_err(|e| {
+        unusable(
+            "InvalidHeartbeatInterval",
+            format!("spec.heartbeatInterval {:?}: {e}", spec.heartbeat_interval),
+            false,
+        )
+    })?;
+    if heartbeat < HEARTBEAT_RANGE.0 || heartbeat > HEARTBEAT_RANGE.1 {
+        return Err(unusable(
+            "InvalidHeartbeatInterval",
+            format!(
+                "spec.heartbeatInterval {:?} is outside 1s..10m",
+                spec.heartbeat_interval
+            ),
+            false,
+        ));
+    }
+    Ok((root, leaf, allow, heartbeat))
+}
+
+async fn secret_text(
+    secrets: &Api<Secret>,
+    name: &str,
+    key: &str,
+    reason: &'static str,
+) -> Result<String, Unusable> {
+    let secret = match secrets.get_opt(name).await {
+        Ok(Some(secret)) => secret,
+        Ok(None) => {
+            return Err(unusable(
+                "SecretNotFound",
+                format!("Secret {name:?} not found"),
+                true,
+            ));
+        }
+        Err(e) => {
+            return Err(unusable(
+                "SecretUnreadable",
+                format!("reading Secret {name:?}: {e}"),
+                true,
+            ));
+        }
+    };
+    let bytes = secret
+        .data
+        .as_ref()
+        .and_then(|d| d.get(key))
+        .map(|b| b.0.clone())
+        .or_else(|| {
+            secret
+                .string_data
+                .as_ref()
+                .and_then(|d| d.get(key))
+                .map(|s| s.clone().into_bytes())
+        })
+        .ok_or_else(|| unusable(reason, format!("Secret {name:?} has no key {key:?}"), false))?;
+    String::from_utf8(bytes).map_err(|_| {
+        unusable(
+            reason,
+            format!("Secret {name:?} key {key:?} is not text"),
+            false,
+        )
+    })
+}
+
+fn parse_identity(key_text: &str, cert_text: &str, secret: &str) -> Result<Identity, Unusable> {
+    let bad = |message: String| unusable("InvalidIdentity", message, false);
+    let key = PrivateKey::from_openssh(key_text.as_bytes()).map_err(|e| {
+        bad(format!(
+            "Secret {secret:?} key {IDENTITY_KEY:?}: not an OpenSSH private key: {e}"
+        ))
+    })?;
+    if key.is_encrypted() {
+        return Err(bad(format!(
+            "Secret {secret:?} key {IDENTITY_KEY:?}: the private key is encrypted"
+        )));
+    }
+    let certificate = Certificate::from_openssh(cert_text.trim()).map_err(|e| {
+        bad(format!(
+            "Secret {secret:?} key {IDENTITY_CERT:?}: not an OpenSSH certificate: {e}"
+        ))
+    })?;
+    if certificate.public_key() != key.public_key().key_data() {
+        return Err(bad(format!(
+            "Secret {secret:?}: the certificate is not for this private key"
+        )));
+    }
+    Ok(Identity { key, certificate })
+}
+
+/// Resolves a spec and its Secrets into what an agent needs.
+pub async fn resolve(rt: &ReverseTunnel, secrets: &Api<Secret>) -> Result<Desired, Unusable> {
+    let (root, leaf, allow, heartbeat) = check_spec(rt)?;
+    let spec = &rt.spec;
+    let id_secret = &spec.identity_secret_ref.name;
+    let key_text = secret_text(secrets, id_secret, IDENTITY_KEY, "InvalidIdentity").await?;
+    let cert_text = secret_text(secrets, id_secret, IDENTITY_CERT, "InvalidIdentity").await?;
+    let identity = parse_identity(&key_text, &cert_text, id_secret)?;
+    let ca_secret = &spec.root_ca_secret_ref.name;
+    let ca_text = secret_text(secrets, ca_secret, ROOT_CA_KEY, "InvalidRootCA").await?;
+    let label = format!("Secret {ca_secret}/{ROOT_CA_KEY}");
+    let root_cas = parse_ca_keys(&ca_text, Path::new(&label))
+        .map_err(|e| unusable("InvalidRootCA", e.to_string(), false))?;
+    if root_cas.is_empty() {
+        return Err(unusable(
+            "InvalidRootCA",
+            format!("{label} holds no CA key"),
+            false,
+        ));
+    }
+
+    let mut hasher = DefaultHasher::new();
+    (
+        &spec.proxy_address,
+        &spec.root_cluster,
+        &spec.leaf_cluster,
+        &spec.api_server,
+        heartbeat,
+    )
+        .hash(&mut hasher);
+    (key_text.trim(), cert_text.trim(), ca_text.trim()).hash(&mut hasher);
+    let config = AgentConfig {
+        cluster: leaf,
+        root_cluster: root,
+        proxy_addr: spec.proxy_address.clone(),
+        identity: Arc::new(identity),
+        root_cas,
+        allow: Arc::new(ArcSwap::from_pointee(allow.clone())),
+        api_server: spec.api_server.clone(),
+        heartbeat_interval: heartbeat,
+        connect_timeout: Duration::from_secs(10),
+        dial_timeout: Duration::from_secs(10),
+        backoff: Backoff::default(),
+        stream: StreamLimits::default(),
+    };
+    Ok(Desired {
+        config,
+        allow,
+        fingerprint: hasher.finish(),
+    })
+}

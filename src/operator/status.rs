@@ -1,0 +1,348 @@
+//! Turning what the agent reports ([`PoolStatus`]) and what the reconcile decided
+//! ([`SpecState`]) into a `ReverseTunnel` status, and writing it only when it changed.
+//!
+//! One task per tunnel owns the status: it is the only writer, under one field manager, so
+//! reconciles and agent events never race each other's writes. A write happens only when the
+//! composed status differs from the last one written (or read from the object at start), and
+//! transition times are carried over while a condition's status holds, so a steady tunnel
+//! causes no writes at all.
+
+use std::time::{Duration, SystemTime};
+
+use k8s_openapi::api::core::v1::ObjectReference;
+use kube::api::{Patch, PatchParams};
+use kube::runtime::events::{Event, EventType, Recorder};
+use kube::{Api, Resource};
+use serde_json::json;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use super::FIELD_MANAGER;
+use super::crd::reverse_tunnel::{Phase, ProxyState, ProxyTunnel};
+use super::crd::{Condition, ConditionStatus, ReverseTunnel, ReverseTunnelStatus};
+use crate::agent::AgentEvent;
+use crate::agent::status::{PoolStatus, ProxyTunnelStatus, TunnelState};
+
+/// Why the spec cannot be honoured, for the `Ready` condition and a Warning event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// CamelCase condition reason, e.g. `InvalidAllowList`.
+    pub reason: &'static str,
+    /// What is wrong and how to fix it.
+    pub message: String,
+}
+
+/// What the reconcile last decided for a tunnel: the generation it acted on and whether the
+/// spec could be honoured.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SpecState {
+    /// `metadata.generation` of the spec acted on.
+    pub generation: Option<i64>,
+    /// Set when no agent runs because the spec (or a Secret it names) is unusable.
+    pub problem: Option<Problem>,
+}
+
+/// Folds an agent event into the pool picture, until the pool (issue 4) publishes
+/// [`PoolStatus`] itself. `None` means "the agent has not reported yet".
+pub fn apply_event(pool: &mut Option<PoolStatus>, event: &AgentEvent, now: SystemTime) {
+    let pool = pool.get_or_insert_with(PoolStatus::default);
+    match event {
+        AgentEvent::Connecting | AgentEvent::Closed => {}
+        AgentEvent::Connected { proxy_id } => {
+            pool.proxies = vec![ProxyTunnelStatus {
+                proxy_id: proxy_id.clone(),
+                state: TunnelState::Connected,
+                connected_since: Some(now),
+                last_heartbeat: Some(now),
+            }];
+            pool.expected = pool.expected.max(1);
+            pool.last_error = None;
+        }
+        AgentEvent::Disconnected { reason } => {
+            for proxy in &mut pool.proxies {
+                proxy.state = TunnelState::Connecting;
+                proxy.connected_since = None;
+            }
+            pool.last_error = Some(reason.clone());
+        }
+    }
+}
+
+fn rfc3339(t: SystemTime) -> String {
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+/// The status for `spec` and `pool`, reusing `previous` transition times where a condition's
+/// status did not change.
+pub fn compose(
+    spec: &SpecState,
+    pool: Option<&PoolStatus>,
+    previous: Option<&ReverseTunnelStatus>,
+    now: SystemTime,
+) -> ReverseTunnelStatus {
+    let connected = pool.map_or(0, PoolStatus::connected);
+    let expected = pool.map_or(0, |p| p.expected.max(connected));
+    let last_error = pool.and_then(|p| p.last_error.clone());
+    let (phase, ready, ready_reason, ready_message, degraded, degraded_reason) =
+        match (&spec.problem, pool) {
+            (Some(problem), _) => (
+                Phase::Failed,
+                false,
+                problem.reason,
+                problem.message.clone(),
+                false,
+                "NotRunning",
+            ),
+            (None, None) => (
+                Phase::Pending,
+                false,
+                "Pending",
+                "the agent is starting".to_owned(),
+                false,
+                "NotConnected",
+            ),
+            (None, Some(_)) if connected == 0 => (
+                Phase::Connecting,
+                false,
+                "Connecting",
+                last_error.unwrap_or_else(|| "dialling the root's proxies".to_owned()),
+                false,
+                "NotConnected",
+            ),
+            (None, Some(_)) if connected < expected => (
+                Phase::Degraded,
+                true,
+                "PartiallyConnected",
+                format!("{connected} of {expected} proxies hold a tunnel"),
+                true,
+                "ProxiesMissing",
+            ),
+            (None, Some(_)) => (
+                Phase::Connected,
+                true,
+                "Connected",
+                format!("{connected} of {expected} proxies hold a tunnel"),
+                false,
+                "AllProxiesConnected",
+            ),
+        };
+    let condition = |type_: &str, holds: bool, reason: &str, message: String| {
+        let status = if holds {
+            ConditionStatus::True
+        } else {
+            ConditionStatus::False
+        };
+        let since = previous
+            .and_then(|p| p.conditions.iter().find(|c| c.type_ == type_))
+            .filter(|c| c.status == status)
+            .map(|c| c.last_transition_time.clone())
+            .unwrap_or_else(|| rfc3339(now));
+        Condition {
+            type_: type_.to_owned(),
+            status,
+            reason: reason.to_owned(),
+            message,
+            last_transition_time: since,
+            observed_generation: spec.generation,
+        }
+    };
+    let proxies: Vec<ProxyTunnel> = pool
+        .map(|p| {
+            p.proxies
+                .iter()
+                .map(|t| ProxyTunnel {
+                    id: t.proxy_id.clone(),
+                    state: match t.state {
+                        TunnelState::Connecting => ProxyState::Connecting,
+                        TunnelState::Connected => ProxyState::Connected,
+                        TunnelState::Draining => ProxyState::Draining,
+                    },
+                    connected_since: t.connected_since.map(rfc3339),
+                    last_heartbeat: t.last_heartbeat.map(rfc3339),
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let last_heartbeat = pool
+        .and_then(|p| p.proxies.iter().filter_map(|t| t.last_heartbeat).max())
+        .map(rfc3339);
+    let degraded_message = if degraded {
+        ready_message.clone()
+    } else {
+        String::new()
+    };
+    ReverseTunnelStatus {
+        phase: Some(phase),
+        proxies,
+        connected: u32::try_from(connected).unwrap_or(u32::MAX),
+        expected: u32::try_from(expected).unwrap_or(u32::MAX),
+        proxies_ready: Some(format!("{connected}/{expected}")),
+        last_heartbeat,
+        conditions: vec![
+            condition("Ready", ready, ready_reason, ready_message),
+            condition("Degraded", degraded, degraded_reason, degraded_message),
+        ],
+        observed_generation: spec.generation,
+    }
+}
+
+/// The Event announcing a phase change, if the change is one users care about.
+fn phase_event(before: Option<Phase>, after: &ReverseTunnelStatus) -> Option<Event> {
+    let after_phase = after.phase?;
+    if before == Some(after_phase) {
+        return None;
+    }
+    let message = after
+        .conditions
+        .first()
+        .map(|c| c.message.clone())
+        .unwrap_or_default();
+    let (type_, reason) = match after_phase {
+        Phase::Connected => (EventType::Normal, "Connected".to_owned()),
+        Phase::Degraded => (EventType::Warning, "Degraded".to_owned()),
+        Phase::Connecting if matches!(before, Some(Phase::Connected | Phase::Degraded)) => {
+            (EventType::Warning, "Disconnected".to_owned())
+        }
+        Phase::Failed => (
+            EventType::Warning,
+            after
+                .conditions
+                .first()
+                .map_or_else(|| "Failed".to_owned(), |c| c.reason.clone()),
+        ),
+        Phase::Pending | Phase::Connecting => return None,
+    };
+    Some(Event {
+        type_,
+        reason,
+        note: Some(message.chars().take(1000).collect()),
+        action: "Reconcile".to_owned(),
+        secondary: None,
+    })
+}
+
+/// Everything the status task of one tunnel needs.
+pub struct StatusWriter {
+    /// The tunnel's namespace's `ReverseTunnel` API.
+    pub api: Api<ReverseTunnel>,
+    /// The tunnel's name.
+    pub name: String,
+    /// Publishes Events on the tunnel.
+    pub recorder: Recorder,
+    /// The tunnel, as Events refer to it.
+    pub reference: ObjectReference,
+    /// The status the object carried when the task started.
+    pub last: Option<ReverseTunnelStatus>,
+}
+
+impl StatusWriter {
+    /// Writes the status whenever `spec` or `pool` change it, until `stop`.
+    pub async fn run(
+        mut self,
+        mut spec: watch::Receiver<SpecState>,
+        mut pool: watch::Receiver<Option<PoolStatus>>,
+        stop: CancellationToken,
+    ) {
+        let mut retry = Duration::from_millis(200);
+        loop {
+            let next = {
+                let spec_now = spec.borrow_and_update().clone();
+                let pool_now = pool.borrow_and_update().clone();
+                compose(
+                    &spec_now,
+                    pool_now.as_ref(),
+                    self.last.as_ref(),
+                    SystemTime::now(),
+                )
+            };
+            if self.last.as_ref() != Some(&next) {
+                match self.write(&next).await {
+                    Ok(()) => {
+                        retry = Duration::from_millis(200);
+                        let before = self.last.as_ref().and_then(|s| s.phase);
+                        if let Some(event) = phase_event(before, &next)
+                            && let Err(e) = self.recorder.publish(&event, &self.reference).await
+                        {
+                            debug!(name = %self.name, error = %e, "could not publish an Event");
+                        }
+                        self.last = Some(next);
+                    }
+                    Err(e) => {
+                        warn!(name = %self.name, error = %e, ?retry, "status write failed; retrying");
+                        tokio::select! {
+                            () = stop.cancelled() => return,
+                            () = tokio::time::sleep(retry) => {}
+                        }
+                        retry = (retry * 2).min(Duration::from_secs(30));
+                        continue;
+                    }
+                }
+            }
+            tokio::select! {
+                () = stop.cancelled() => return,
+                r = spec.changed() => if r.is_err() { return },
+                r = pool.changed() => if r.is_err() { return },
+            }
+        }
+    }
+
+    async fn write(&self, status: &ReverseTunnelStatus) -> Result<(), kube::Error> {
+        let patch = json!({
+            "apiVersion": ReverseTunnel::api_version(&()),
+            "kind": ReverseTunnel::kind(&()),
+            "status": status,
+        });
+        self.api
+            .patch_status(
+                &self.name,
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(&patch),
+            )
+            .await
+            .map(|_| ())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn steady_state_composes_identically() {
+        let spec = SpecState {
+            generation: Some(1),
+            problem: None,
+        };
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let mut pool = None;
+        apply_event(
+            &mut pool,
+            &AgentEvent::Connected {
+                proxy_id: "p1".into(),
+            },
+            t0,
+        );
+        let first = compose(&spec, pool.as_ref(), None, t0);
+        assert_eq!(first.phase, Some(Phase::Connected));
+        assert_eq!(first.proxies_ready.as_deref(), Some("1/1"));
+        let later = t0 + Duration::from_secs(60);
+        assert_eq!(compose(&spec, pool.as_ref(), Some(&first), later), first);
+        apply_event(
+            &mut pool,
+            &AgentEvent::Disconnected {
+                reason: "eof".into(),
+            },
+            later,
+        );
+        let down = compose(&spec, pool.as_ref(), Some(&first), later);
+        assert_eq!(down.phase, Some(Phase::Connecting));
+        assert_eq!(down.proxies_ready.as_deref(), Some("0/1"));
+        assert_ne!(
+            down.conditions[0].last_transition_time,
+            first.conditions[0].last_transition_time
+        );
+        let event = phase_event(first.phase, &down).map(|e| e.reason);
+        assert_eq!(event.as_deref(), Some("Disconnected"));
+    }
+}

@@ -1,0 +1,456 @@
+//! The operator against a real kube-apiserver: CRDs, a ReverseTunnel reconciled into a live
+//! tunnel to an in-process proxy, allow-list edits in place, validation, deletion, and a quiet
+//! steady state.
+
+mod common;
+
+use std::future::Future;
+use std::time::Duration;
+
+use futures::{StreamExt, TryStreamExt};
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{
+    ApiResource, DeleteParams, DynamicObject, ObjectMeta, Patch, PatchParams, PostParams,
+    WatchEvent, WatchParams,
+};
+use kube::runtime::{conditions, wait::await_condition};
+use kube::{Api, Client, ResourceExt};
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::time::timeout;
+use tokio_util::sync::CancellationToken;
+
+use tether::demo::{Pki, echo_server};
+use tether::identity::Identity;
+use tether::operator::crd::reverse_tunnel::Phase;
+use tether::operator::crd::{ConditionStatus, ReverseTunnel};
+use tether::operator::{LeaderElection, OperatorConfig};
+use tether::protocol::{ClusterName, Target};
+use tether::proxy::{Dialer, ProxyServer};
+use tether::stream::Splice;
+
+const DEADLINE: Duration = Duration::from_secs(30);
+
+/// Polls `check` until it yields a value, failing with `what` after [`DEADLINE`].
+async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let start = tokio::time::Instant::now();
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(start.elapsed() < DEADLINE, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn install_crds(client: &Client) {
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    for crd in tether::operator::crd::all() {
+        let name = crd.name_any();
+        crds.patch(
+            &name,
+            &PatchParams::apply("tether-test").force(),
+            &Patch::Apply(&crd),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("applying CRD {name}: {e}"));
+        timeout(
+            DEADLINE,
+            await_condition(crds.clone(), &name, conditions::is_crd_established()),
+        )
+        .await
+        .expect("CRD not Established in time")
+        .expect("watching the CRD");
+    }
+}
+
+fn secret(name: &str, data: &[(&str, String)]) -> Secret {
+    Secret {
+        metadata: ObjectMeta {
+            name: Some(name.to_owned()),
+            ..Default::default()
+        },
+        string_data: Some(
+            data.iter()
+                .map(|(k, v)| ((*k).to_owned(), v.clone()))
+                .collect(),
+        ),
+        ..Default::default()
+    }
+}
+
+/// The agent identity and root CA Secrets the example names, for `pki`'s clusters.
+async fn create_secrets(client: &Client, ns: &str, pki: &Pki) {
+    let agent = Identity::generate_agent(&pki.leaf, Duration::from_secs(3600)).expect("agent id");
+    let key = agent
+        .key
+        .to_openssh(Default::default())
+        .expect("encoding key")
+        .to_string();
+    let cert = agent.certificate.to_openssh().expect("encoding cert");
+    let ca = pki.root.public_key().to_openssh().expect("encoding CA");
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
+    for s in [
+        secret("leaf-1-agent", &[("key", key), ("cert", cert)]),
+        secret("root-ca", &[("ca.pub", ca)]),
+    ] {
+        secrets
+            .create(&PostParams::default(), &s)
+            .await
+            .expect("creating a Secret");
+    }
+}
+
+/// The example manifest, pointed at `proxy` and allowing `allow`.
+fn example(proxy: &str, allow: &[String]) -> serde_json::Value {
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/examples/reversetunnel.yaml"
+    ))
+    .expect("reading the example");
+    let mut value: serde_json::Value = serde_yaml::from_str(&text).expect("example YAML");
+    value["spec"]["proxyAddress"] = json!(proxy);
+    value["spec"]["allow"] = json!(allow);
+    value
+}
+
+fn start_operator(client: Client, ns: &str, lease: bool) -> CancellationToken {
+    let shutdown = CancellationToken::new();
+    let config = OperatorConfig {
+        namespace: Some(ns.to_owned()),
+        leader_election: lease.then(|| LeaderElection {
+            lease_name: "tether-operator".into(),
+            lease_namespace: ns.to_owned(),
+            identity: format!("test-{ns}"),
+            duration_secs: 15,
+            grace_secs: 5,
+        }),
+        instance: Some("test".into()),
+    };
+    let stop = shutdown.clone();
+    tokio::spawn(async move {
+        if let Err(e) = tether::operator::run(client, config, stop).await {
+            panic!("operator failed: {e:#}");
+        }
+    });
+    shutdown
+}
+
+async fn echo_through(proxy: &ProxyServer, target: &str) -> Result<Vec<u8>, String> {
+    let target = Target::parse(target).map_err(|e| e.to_string())?;
+    let conn = proxy
+        .dialer()
+        .dial(target, "127.0.0.1:0".parse().expect("addr"))
+        .await
+        .map_err(|e| e.to_string())?;
+    let (mut mine, theirs) = tokio::io::duplex(64 * 1024);
+    let splice = tokio::spawn(conn.splice(theirs));
+    mine.write_all(b"ping").await.map_err(|e| e.to_string())?;
+    mine.shutdown().await.map_err(|e| e.to_string())?;
+    let mut echoed = Vec::new();
+    mine.read_to_end(&mut echoed)
+        .await
+        .map_err(|e| e.to_string())?;
+    let _ = splice.await;
+    Ok(echoed)
+}
+
+fn tunnel_ids(proxy: &ProxyServer, leaf: &ClusterName) -> Vec<u64> {
+    proxy
+        .site(leaf)
+        .map(|s| s.tunnels.iter().map(|t| t.id).collect())
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn reverse_tunnel_lifecycle() {
+    let cp = common::control_plane().await;
+    let client = cp.kube_client();
+    install_crds(&client).await;
+    let ns = cp.new_namespace("op-life").await;
+    let leaf = ClusterName::new("leaf-1").expect("name");
+    let pki = Pki::generate(ClusterName::new("root").expect("name"), leaf.clone()).expect("pki");
+    let proxy = ProxyServer::start(pki.proxy_config("proxy-1").expect("proxy config"))
+        .await
+        .expect("proxy");
+    let echo = echo_server().await.expect("echo");
+    create_secrets(&client, &ns, &pki).await;
+    let stop = start_operator(client.clone(), &ns, true);
+
+    // Applied with kubectl, as users do.
+    let manifest = example(
+        &proxy.local_addr().to_string(),
+        &["db.internal:5432".to_owned()],
+    );
+    let file = tempfile::NamedTempFile::new().expect("temp file");
+    std::fs::write(file.path(), serde_json::to_vec(&manifest).expect("json")).expect("write");
+    let path = file.path().to_string_lossy().into_owned();
+    let out = cp.kubectl(["apply", "-n", &ns, "-f", &path]);
+    assert!(
+        out.status.success(),
+        "kubectl apply: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let api: Api<ReverseTunnel> = Api::namespaced(client.clone(), &ns);
+    let connected = eventually("status Connected 1/1", || async {
+        let rt = api.get("to-root").await.ok()?;
+        let status = rt.status.clone()?;
+        (status.phase == Some(Phase::Connected) && status.proxies_ready.as_deref() == Some("1/1"))
+            .then_some(rt)
+    })
+    .await;
+    let status = connected.status.clone().expect("status");
+    assert_eq!(status.proxies.len(), 1);
+    assert_eq!(status.proxies[0].id, "proxy-1");
+    let ready = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Ready")
+        .expect("Ready condition");
+    assert_eq!(ready.status, ConditionStatus::True);
+    assert_eq!(ready.observed_generation, connected.metadata.generation);
+    assert!(
+        connected
+            .finalizers()
+            .iter()
+            .any(|f| f == "tether.dev/reverse-tunnel")
+    );
+
+    let out = cp.kubectl(["get", "reversetunnels", "-n", &ns]);
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "kubectl get: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for column in [
+        "NAME",
+        "CLUSTER",
+        "STATUS",
+        "PROXIES",
+        "LAST HEARTBEAT",
+        "AGE",
+    ] {
+        assert!(table.contains(column), "no {column} column in:\n{table}");
+    }
+    let row = table
+        .lines()
+        .find(|l| l.starts_with("to-root"))
+        .expect("row");
+    for cell in ["root", "Connected", "1/1"] {
+        assert!(row.contains(cell), "no {cell} in row {row:?}");
+    }
+
+    // Users see the connection in `kubectl describe` / `kubectl events`.
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(client.clone(), &ns);
+    eventually("a Connected Event", || async {
+        let list = events.list(&Default::default()).await.ok()?;
+        list.items
+            .iter()
+            .any(|e| {
+                e.reason.as_deref() == Some("Connected")
+                    && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("to-root")
+            })
+            .then_some(())
+    })
+    .await;
+
+    // The echo server is not allowed yet.
+    let target = format!("{}.leaf-1.tether:{}", echo.ip(), echo.port());
+    let refused = echo_through(&proxy, &target).await;
+    assert!(refused.is_err(), "dial outside the allow-list succeeded");
+    let ids = tunnel_ids(&proxy, &leaf);
+    assert_eq!(ids.len(), 1, "one tunnel expected: {ids:?}");
+
+    // Allow it: the same tunnel now serves the dial.
+    let rule = format!("{}/32:{}", echo.ip(), echo.port());
+    api.patch(
+        "to-root",
+        &PatchParams::default(),
+        &Patch::Merge(json!({ "spec": { "allow": ["db.internal:5432", rule] } })),
+    )
+    .await
+    .expect("editing the allow-list");
+    let echoed = eventually("a dial through the edited allow-list", || async {
+        echo_through(&proxy, &target).await.ok()
+    })
+    .await;
+    assert_eq!(echoed, b"ping");
+    assert_eq!(tunnel_ids(&proxy, &leaf), ids, "the tunnel was replaced");
+
+    // Quiet steady state: once the edit is acknowledged, nothing writes the object.
+    let settled = eventually("status for the new generation", || async {
+        let rt = api.get("to-root").await.ok()?;
+        let status = rt.status.as_ref()?;
+        (status.observed_generation == rt.metadata.generation
+            && status.phase == Some(Phase::Connected))
+        .then_some(rt)
+    })
+    .await;
+    let version = settled.resource_version().expect("resourceVersion");
+    let mut changes = api
+        .watch(
+            &WatchParams::default().fields("metadata.name=to-root"),
+            &version,
+        )
+        .await
+        .expect("watch")
+        .boxed();
+    let window = timeout(Duration::from_secs(4), async {
+        while let Some(event) = changes.try_next().await.expect("watch stream") {
+            if let WatchEvent::Modified(rt) = event {
+                return Some(rt);
+            }
+        }
+        None
+    })
+    .await;
+    if let Ok(Some(rt)) = window {
+        panic!("steady state wrote the object: {:?}", rt.status);
+    }
+    assert_eq!(tunnel_ids(&proxy, &leaf), ids);
+
+    // A rotated identity (a Secret edit, no spec change) restarts the agent: a new tunnel.
+    let rotated = Identity::generate_agent(&pki.leaf, Duration::from_secs(3600)).expect("agent id");
+    let key = rotated
+        .key
+        .to_openssh(Default::default())
+        .expect("encoding key")
+        .to_string();
+    let cert = rotated.certificate.to_openssh().expect("encoding cert");
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
+    secrets
+        .replace(
+            "leaf-1-agent",
+            &PostParams::default(),
+            &secret("leaf-1-agent", &[("key", key), ("cert", cert)]),
+        )
+        .await
+        .expect("rotating the identity Secret");
+    let new_ids = eventually("a new tunnel after the rotation", || async {
+        let now = tunnel_ids(&proxy, &leaf);
+        (now.len() == 1 && now != ids).then_some(now)
+    })
+    .await;
+    assert_ne!(new_ids, ids);
+
+    // Deleting closes the tunnel and the finalizer goes.
+    api.delete("to-root", &DeleteParams::default())
+        .await
+        .expect("delete");
+    eventually("the object gone", || async {
+        matches!(api.get_opt("to-root").await, Ok(None)).then_some(())
+    })
+    .await;
+    eventually("the tunnel closed", || async {
+        tunnel_ids(&proxy, &leaf).is_empty().then_some(())
+    })
+    .await;
+    stop.cancel();
+    proxy.shutdown(Duration::from_secs(1)).await;
+}
+
+fn api_message(result: Result<impl std::fmt::Debug, kube::Error>) -> String {
+    match result {
+        Err(kube::Error::Api(status)) => {
+            assert_eq!(status.code, 422, "unexpected status {status:?}");
+            status.message
+        }
+        other => panic!("expected an API error, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn invalid_specs_are_rejected_with_clear_messages() {
+    let cp = common::control_plane().await;
+    let client = cp.kube_client();
+    install_crds(&client).await;
+    let ns = cp.new_namespace("op-invalid").await;
+    let api: Api<DynamicObject> =
+        Api::namespaced_with(client, &ns, &ApiResource::erase::<ReverseTunnel>(&()));
+    let base = example("proxy.example.com:3024", &["db.internal:5432".to_owned()]);
+    let create = |edit: &dyn Fn(&mut serde_json::Value)| {
+        let mut v = base.clone();
+        edit(&mut v);
+        let obj: DynamicObject = serde_json::from_value(v).expect("object");
+        let api = api.clone();
+        async move { api.create(&PostParams::default(), &obj).await }
+    };
+
+    let msg = api_message(create(&|v| v["spec"]["heartbeatInterval"] = json!("fast")).await);
+    assert!(msg.contains("spec.heartbeatInterval"), "{msg}");
+    let msg = api_message(
+        create(&|v| {
+            v["spec"]
+                .as_object_mut()
+                .expect("spec")
+                .remove("proxyAddress");
+        })
+        .await,
+    );
+    assert!(msg.contains("spec.proxyAddress: Required value"), "{msg}");
+    let msg = api_message(create(&|v| v["spec"]["allow"] = json!(["10.0.0.0/8"])).await);
+    assert!(
+        msg.contains("each allow rule must be CIDR:PORTS or HOST:PORTS"),
+        "{msg}"
+    );
+    let msg = api_message(create(&|v| v["spec"]["proxyAddress"] = json!("no port")).await);
+    assert!(msg.contains("spec.proxyAddress"), "{msg}");
+
+    // The example itself is valid.
+    let ok: DynamicObject = serde_json::from_value(base.clone()).expect("object");
+    api.create(&PostParams::default(), &ok)
+        .await
+        .expect("the example is accepted");
+}
+
+#[tokio::test]
+async fn rules_the_schema_cannot_judge_fail_in_status() {
+    let cp = common::control_plane().await;
+    let client = cp.kube_client();
+    install_crds(&client).await;
+    let ns = cp.new_namespace("op-rule").await;
+    let stop = start_operator(client.clone(), &ns, false);
+    let api: Api<ReverseTunnel> = Api::namespaced(client.clone(), &ns);
+    // Passes the schema's coarse pattern, but /99 is no IPv4 prefix.
+    let obj: ReverseTunnel = serde_json::from_value(example(
+        "proxy.example.com:3024",
+        &["10.0.0.0/99:80".to_owned()],
+    ))
+    .expect("object");
+    api.create(&PostParams::default(), &obj)
+        .await
+        .expect("create");
+    let ready = eventually("a Failed status", || async {
+        let status = api.get("to-root").await.ok()?.status?;
+        (status.phase == Some(Phase::Failed)).then_some(status)
+    })
+    .await
+    .conditions
+    .into_iter()
+    .find(|c| c.type_ == "Ready")
+    .expect("Ready");
+    assert_eq!(ready.status, ConditionStatus::False);
+    assert_eq!(ready.reason, "InvalidAllowList");
+    assert!(
+        ready.message.contains("10.0.0.0/99:80"),
+        "{}",
+        ready.message
+    );
+
+    // Deleting a failed tunnel still removes the finalizer.
+    api.delete("to-root", &DeleteParams::default())
+        .await
+        .expect("delete");
+    eventually("the object gone", || async {
+        matches!(api.get_opt("to-root").await, Ok(None)).then_some(())
+    })
+    .await;
+    stop.cancel();
+}
