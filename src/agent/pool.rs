@@ -58,10 +58,17 @@ struct Known {
     last_announced: Instant,
 }
 
+/// How stale a reported heartbeat time may get before the status is refreshed. Coarse, so that
+/// status written to Kubernetes changes when something happens, not on every heartbeat.
+pub const HEARTBEAT_STATUS_GRANULARITY: Duration = Duration::from_secs(300);
+
 /// A tunnel the pool holds.
 struct Held {
     state: TunnelState,
     since: SystemTime,
+    /// When the proxy last answered a heartbeat, refreshed every
+    /// [`HEARTBEAT_STATUS_GRANULARITY`].
+    last_heartbeat: Option<SystemTime>,
     stop: CancellationToken,
 }
 
@@ -183,6 +190,7 @@ impl Pool {
                             held.insert(proxy_id.clone(), Held {
                                 state: TunnelState::Connected,
                                 since: SystemTime::now(),
+                                last_heartbeat: Some(SystemTime::now()),
                                 stop: tunnel_stop.clone(),
                             });
                             let _ = self.events.send(AgentEvent::Connected { proxy_id: proxy_id.clone() });
@@ -231,6 +239,17 @@ impl Pool {
                     }
                 }
                 Some(event) = tunnel_rx.recv() => {
+                    if let TunnelEvent::Heartbeat { proxy_id } = &event
+                        && let Some(h) = held.get_mut(proxy_id)
+                    {
+                        let now = SystemTime::now();
+                        let stale = h.last_heartbeat.is_none_or(|t| {
+                            now.duration_since(t).unwrap_or_default() >= HEARTBEAT_STATUS_GRANULARITY
+                        });
+                        if stale {
+                            h.last_heartbeat = Some(now);
+                        }
+                    }
                     if let TunnelEvent::Draining { proxy_id } = &event
                         && let Some(h) = held.get_mut(proxy_id)
                     {
@@ -300,7 +319,7 @@ impl Pool {
                     proxy_id: id.clone(),
                     state: h.state,
                     connected_since: Some(h.since),
-                    last_heartbeat: None,
+                    last_heartbeat: h.last_heartbeat,
                 },
                 None => ProxyTunnelStatus {
                     proxy_id: id.clone(),

@@ -62,6 +62,8 @@ pub enum TunnelEvent {
     },
     /// The proxy is draining: it will close the tunnel once its streams finish.
     Draining { proxy_id: String },
+    /// The proxy answered a heartbeat.
+    Heartbeat { proxy_id: String },
 }
 
 /// What key exchange concluded about the proxy: its ID and claim, or why it was refused.
@@ -496,6 +498,10 @@ impl Tunnel {
                         match msg {
                             ProxyMessage::Pong { seq: answered } => {
                                 last_pong = Instant::now();
+                                if let Some(tx) = events {
+                                    // Lossy on purpose: a full queue must never delay heartbeats.
+                                    let _ = tx.try_send(TunnelEvent::Heartbeat { proxy_id: self.proxy_id.clone() });
+                                }
                                 if let Some((_, sent_at)) = in_flight.take_if(|(s, _)| *s == answered) {
                                     METRICS.agent_heartbeat_rtt.observe(sent_at.elapsed().as_secs_f64());
                                 }

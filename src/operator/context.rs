@@ -4,20 +4,20 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::ObjectRef;
 use kube::{Api, Client, Resource, ResourceExt};
-use tokio::sync::{broadcast, watch};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use super::crd::ReverseTunnel;
 use super::resolve::Desired;
-use super::status::{Problem, SpecState, StatusWriter, apply_event};
+use super::status::{Problem, SpecState, StatusWriter};
 use crate::agent::allow_list::AllowList;
 use crate::agent::status::PoolStatus;
 use crate::agent::{Agent, AgentConfig};
@@ -244,7 +244,7 @@ fn start_agent(
     pool: Arc<watch::Sender<Option<PoolStatus>>>,
 ) -> AgentHandle {
     let agent = Agent::new(config);
-    let mut events = agent.events();
+    let mut status = agent.status();
     let stop = CancellationToken::new();
     pool.send_replace(None);
     let task = tokio::spawn({
@@ -256,17 +256,19 @@ fn start_agent(
                 tokio::select! {
                     biased;
                     () = &mut run => break,
-                    event = events.recv() => match event {
-                        Ok(event) if !stop.is_cancelled() => {
+                    changed = status.changed() => {
+                        if changed.is_err() {
+                            break;
+                        }
+                        if !stop.is_cancelled() {
+                            let latest = status.borrow_and_update().clone();
                             pool.send_if_modified(|p| {
-                                let before = p.clone();
-                                apply_event(p, &event, SystemTime::now());
-                                *p != before
+                                let changed = p.as_ref() != Some(&latest);
+                                *p = Some(latest);
+                                changed
                             });
                         }
-                        Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
-                        Err(broadcast::error::RecvError::Closed) => break,
-                    },
+                    }
                 }
             }
         }

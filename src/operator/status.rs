@@ -21,8 +21,7 @@ use tracing::{debug, warn};
 use super::FIELD_MANAGER;
 use super::crd::reverse_tunnel::{Phase, ProxyState, ProxyTunnel};
 use super::crd::{Condition, ConditionStatus, ReverseTunnel, ReverseTunnelStatus};
-use crate::agent::AgentEvent;
-use crate::agent::status::{PoolStatus, ProxyTunnelStatus, TunnelState};
+use crate::agent::status::{PoolStatus, TunnelState};
 
 /// Why the spec cannot be honoured, for the `Ready` condition and a Warning event.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -41,32 +40,6 @@ pub struct SpecState {
     pub generation: Option<i64>,
     /// Set when no agent runs because the spec (or a Secret it names) is unusable.
     pub problem: Option<Problem>,
-}
-
-/// Folds an agent event into the pool picture, until the pool (issue 4) publishes
-/// [`PoolStatus`] itself. `None` means "the agent has not reported yet".
-pub fn apply_event(pool: &mut Option<PoolStatus>, event: &AgentEvent, now: SystemTime) {
-    let pool = pool.get_or_insert_with(PoolStatus::default);
-    match event {
-        AgentEvent::Connecting | AgentEvent::Closed => {}
-        AgentEvent::Connected { proxy_id } => {
-            pool.proxies = vec![ProxyTunnelStatus {
-                proxy_id: proxy_id.clone(),
-                state: TunnelState::Connected,
-                connected_since: Some(now),
-                last_heartbeat: Some(now),
-            }];
-            pool.expected = pool.expected.max(1);
-            pool.last_error = None;
-        }
-        AgentEvent::Disconnected { reason } => {
-            for proxy in &mut pool.proxies {
-                proxy.state = TunnelState::Connecting;
-                proxy.connected_since = None;
-            }
-            pool.last_error = Some(reason.clone());
-        }
-    }
 }
 
 fn rfc3339(t: SystemTime) -> String {
@@ -307,6 +280,7 @@ impl StatusWriter {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::agent::status::ProxyTunnelStatus;
 
     #[test]
     fn steady_state_composes_identically() {
@@ -315,27 +289,25 @@ mod tests {
             problem: None,
         };
         let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
-        let mut pool = None;
-        apply_event(
-            &mut pool,
-            &AgentEvent::Connected {
-                proxy_id: "p1".into(),
-            },
-            t0,
-        );
-        let first = compose(&spec, pool.as_ref(), None, t0);
+        let proxy = |state, since| ProxyTunnelStatus {
+            proxy_id: "p1".into(),
+            state,
+            connected_since: since,
+            last_heartbeat: since,
+        };
+        let mut pool = PoolStatus {
+            proxies: vec![proxy(TunnelState::Connected, Some(t0))],
+            expected: 1,
+            last_error: None,
+        };
+        let first = compose(&spec, Some(&pool), None, t0);
         assert_eq!(first.phase, Some(Phase::Connected));
         assert_eq!(first.proxies_ready.as_deref(), Some("1/1"));
         let later = t0 + Duration::from_secs(60);
-        assert_eq!(compose(&spec, pool.as_ref(), Some(&first), later), first);
-        apply_event(
-            &mut pool,
-            &AgentEvent::Disconnected {
-                reason: "eof".into(),
-            },
-            later,
-        );
-        let down = compose(&spec, pool.as_ref(), Some(&first), later);
+        assert_eq!(compose(&spec, Some(&pool), Some(&first), later), first);
+        pool.proxies = vec![proxy(TunnelState::Connecting, None)];
+        pool.last_error = Some("eof".into());
+        let down = compose(&spec, Some(&pool), Some(&first), later);
         assert_eq!(down.phase, Some(Phase::Connecting));
         assert_eq!(down.proxies_ready.as_deref(), Some("0/1"));
         assert_ne!(
