@@ -136,6 +136,16 @@ struct ProxyArgs {
     /// Client key (certificate from this cluster's CA) used to forward dials to peers.
     #[arg(long)]
     peer_identity: Option<PathBuf>,
+    /// Learn peers from this Service's EndpointSlices (in-cluster or KUBECONFIG); the
+    /// proxy's ID should then be its pod name.
+    #[arg(long, env = "TETHER_PEERS_SERVICE")]
+    peers_service: Option<String>,
+    /// Namespace of `--peers-service`.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    peers_namespace: String,
+    /// Name of the tunnel port in the Service.
+    #[arg(long, default_value = "tunnel")]
+    peers_port_name: String,
     /// Allow-list for direct dials into this cluster (none: direct dials refused).
     #[arg(long = "direct-allow")]
     direct_allow: Vec<String>,
@@ -340,8 +350,30 @@ async fn run_proxy(args: ProxyArgs) -> anyhow::Result<()> {
         generation: 0,
     }];
     peers.extend(args.peers.into_iter().filter(|p| p.id != args.proxy_id));
-    proxy.set_peers(peers);
+    proxy.set_peers(peers.clone());
     println!("listening on {}", proxy.local_addr());
+    let proxy = Arc::new(proxy);
+    if let Some(service) = args.peers_service.clone() {
+        let (watched, me) = (proxy.clone(), peers[0].clone());
+        tokio::spawn(async move {
+            let sink = move |mut found: Vec<Peer>| {
+                // Until this pod is ready, its own endpoint is missing; it is a peer all the same.
+                if !found.iter().any(|p| p.id == me.id) {
+                    found.push(me.clone());
+                }
+                watched.set_peers(found);
+            };
+            let namespace = args.peers_namespace;
+            let port_name = Some(args.peers_port_name);
+            if let Err(e) = tether::operator::endpoints::watch_peers_default(
+                namespace, service, port_name, sink,
+            )
+            .await
+            {
+                tracing::error!(error = %e, "cannot watch the proxies' EndpointSlices");
+            }
+        });
+    }
     let stop = CancellationToken::new();
     let entry = match (&args.client_listen, &args.client_tokens) {
         (Some(listen), Some(tokens)) => {

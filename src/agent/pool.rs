@@ -121,7 +121,10 @@ impl Pool {
     pub async fn run(&self, stop: CancellationToken) {
         let claims = Claims::default();
         let mut known: HashMap<String, Known> = HashMap::new();
-        // The latest announcement: the proxies to hold. Older announcements only delay forgetting.
+        // What each held proxy last announced. A proxy that is gone no longer speaks for the
+        // set, so a dead replica's stale view cannot keep the pool dialling for ghosts.
+        let mut announcements: HashMap<String, HashSet<String>> = HashMap::new();
+        // The proxies to hold: everything a live tunnel's proxy announces.
         let mut wanted: HashSet<String> = HashSet::new();
         let mut duplicates = 0u32;
         let mut held: HashMap<String, Held> = HashMap::new();
@@ -233,6 +236,9 @@ impl Pool {
                             }
                             held.remove(&proxy_id);
                             METRICS.agent_tunnels.dec();
+                            if announcements.remove(&proxy_id).is_some() {
+                                wanted = union(&announcements);
+                            }
                             let _ = self.events.send(AgentEvent::Disconnected { reason });
                             next_dial = next_dial.max(tokio::time::Instant::now() + jitter(self.limits.duplicate_jitter));
                         }
@@ -260,9 +266,11 @@ impl Pool {
                     if let TunnelEvent::Discovery { proxy_id, proxies } = event {
                         debug!(from = %proxy_id, count = proxies.len(), "discovery");
                         let announced: HashSet<String> = proxies.iter().map(|p| p.id.clone()).collect();
-                        if announced != wanted {
+                        announcements.insert(proxy_id, announced);
+                        let now_wanted = union(&announcements);
+                        if now_wanted != wanted {
                             duplicates = 0;
-                            wanted = announced;
+                            wanted = now_wanted;
                         }
                         self.discovered(&mut known, proxies);
                     }
@@ -343,6 +351,11 @@ impl Pool {
             changed
         });
     }
+}
+
+/// Every proxy any live tunnel's proxy announces.
+fn union(announcements: &HashMap<String, HashSet<String>>) -> HashSet<String> {
+    announcements.values().flatten().cloned().collect()
 }
 
 /// A uniformly random duration in [0, max].

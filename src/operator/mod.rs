@@ -14,6 +14,7 @@
 pub mod context;
 pub mod controller;
 pub mod crd;
+pub mod endpoints;
 pub mod error;
 pub mod leader;
 pub mod resolve;

@@ -1,0 +1,145 @@
+//! Root side against a real kube-apiserver: proxies learn their peers from the EndpointSlices of
+//! their Service, and an agent behind haproxy follows: 3/3, scaled to 5/5, then down to 2/2,
+//! without anything touching the agent.
+
+mod common;
+#[path = "support/haproxy.rs"]
+mod haproxy;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::Api;
+use kube::api::{DeleteParams, PostParams};
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+use tether::agent::Agent;
+use tether::agent::allow_list::AllowList;
+use tether::demo::Pki;
+use tether::operator::endpoints::watch_peers;
+use tether::protocol::ClusterName;
+use tether::proxy::ProxyServer;
+
+const SERVICE: &str = "tether-proxy";
+
+/// The EndpointSlice of one proxy pod. The API server refuses loopback endpoint addresses, so
+/// the slice names a TEST-NET-1 address (RFC 5737) with the proxy's real port; peering, the
+/// only user of peer addresses, is off in this test, so nothing ever dials it.
+fn slice(id: &str, index: usize, addr: SocketAddr) -> EndpointSlice {
+    let ip = format!("192.0.2.{}", index + 1);
+    serde_json::from_value(json!({
+        "metadata": {"name": format!("{SERVICE}-{id}"), "labels": {"kubernetes.io/service-name": SERVICE}},
+        "addressType": "IPv4",
+        "endpoints": [{
+            "addresses": [ip],
+            "conditions": {"ready": true},
+            "targetRef": {"kind": "Pod", "name": id}
+        }],
+        "ports": [{"name": "tunnel", "port": addr.port(), "protocol": "TCP"}]
+    }))
+    .expect("valid EndpointSlice")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxies_follow_their_endpoint_slices_and_the_agent_follows_them() {
+    let cp = common::control_plane().await;
+    let ns = cp.new_namespace("peers").await;
+    let client = cp.kube_client();
+    let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), &ns);
+    let pki = Arc::new(
+        Pki::generate(
+            ClusterName::new("root").expect("name"),
+            ClusterName::new("leaf").expect("name"),
+        )
+        .expect("pki"),
+    );
+    let ids = ["p1", "p2", "p3", "p4", "p5"];
+    let addrs: Vec<SocketAddr> = ids.iter().map(|_| haproxy::free_port()).collect();
+    let lb = haproxy::Haproxy::start("random", &addrs);
+    let stop = CancellationToken::new();
+    let mut proxies: HashMap<&str, Arc<ProxyServer>> = HashMap::new();
+
+    let start = |id: &'static str, addr: SocketAddr| {
+        let (pki, client, ns, stop) = (pki.clone(), client.clone(), ns.clone(), stop.clone());
+        async move {
+            let mut config = pki.proxy_config(id).expect("config");
+            config.listen = addr;
+            config.peering = None;
+            let proxy = Arc::new(ProxyServer::start(config).await.expect("proxy"));
+            let watched = proxy.clone();
+            tokio::spawn(async move {
+                tokio::select! {
+                    () = stop.cancelled() => {}
+                    () = watch_peers(client, &ns, SERVICE, Some("tunnel".into()), move |peers| watched.set_peers(peers)) => {}
+                }
+            });
+            proxy
+        }
+    };
+    for (i, (id, addr)) in ids.iter().zip(&addrs).enumerate().take(3) {
+        proxies.insert(id, start(id, *addr).await);
+        slices
+            .create(&PostParams::default(), &slice(id, i, *addr))
+            .await
+            .expect("create slice");
+    }
+
+    let config = pki
+        .agent_config(&lb.addr.to_string(), AllowList::default())
+        .expect("agent config");
+    let agent = Arc::new(Agent::new(config));
+    tokio::spawn({
+        let (agent, stop) = (agent.clone(), stop.clone());
+        async move { agent.run(stop).await }
+    });
+    let mut status = agent.status();
+    let converge = |n: usize| {
+        let mut status = status.clone();
+        let watcher = status.clone();
+        async move {
+            tokio::time::timeout(
+                Duration::from_secs(60),
+                status.wait_for(|s| s.expected == n && s.connected() == n),
+            )
+            .await
+            .unwrap_or_else(|_| panic!("the agent did not reach {n}/{n}: {:?}", watcher.borrow()))
+            .expect("status");
+        }
+    };
+    converge(3).await;
+
+    for (i, (id, addr)) in ids.iter().zip(&addrs).enumerate().skip(3) {
+        proxies.insert(id, start(id, *addr).await);
+        slices
+            .create(&PostParams::default(), &slice(id, i, *addr))
+            .await
+            .expect("create slice");
+    }
+    converge(5).await;
+
+    // Scale down to two: the endpoints go, then the pods.
+    for id in &ids[..3] {
+        slices
+            .delete(&format!("{SERVICE}-{id}"), &DeleteParams::default())
+            .await
+            .expect("delete slice");
+    }
+    for id in &ids[..3] {
+        let proxy = proxies.remove(id).expect("proxy");
+        proxy.close();
+        proxy.wait().await;
+    }
+    converge(2).await;
+    let held: Vec<String> = status
+        .borrow_and_update()
+        .proxies
+        .iter()
+        .map(|p| p.proxy_id.clone())
+        .collect();
+    assert_eq!(held, ["p4", "p5"]);
+    stop.cancel();
+}
