@@ -40,7 +40,7 @@ enum Command {
     #[command(subcommand)]
     Cert(CertCommand),
     /// Run a proxy: the tunnel server agents dial into.
-    Proxy(ProxyArgs),
+    Proxy(Box<ProxyArgs>),
     /// Run an agent: dial out to the root's proxies and serve dials it allows.
     Agent(AgentArgs),
     /// Reach HOST:PORT in CLUSTER through a proxy, over stdin/stdout (works as ProxyCommand).
@@ -262,7 +262,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Cert(cert) => issue(cert),
-        Command::Proxy(args) => run_proxy(args).await,
+        Command::Proxy(args) => run_proxy(*args).await,
         Command::Agent(args) => run_agent(args).await,
         Command::Dial(args) => run_dial(args).await,
         Command::Crd => {
