@@ -19,7 +19,7 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
@@ -334,14 +334,111 @@ impl Dial {
         Ok(s)
     }
 
-    /// Opens a stream and checks one echoed byte: the stream works end to end.
+    /// Opens an echo stream and checks one echoed byte: the stream works end to end.
     async fn open_checked(&self) -> io::Result<TcpStream> {
         let mut s = self.open().await?;
-        s.write_all(b"x").await?;
+        s.write_all(b"ex").await?;
         let mut b = [0u8; 1];
         s.read_exact(&mut b).await?;
         Ok(s)
     }
+}
+
+/// Bytes the bench server's sinks have read, all streams together.
+static SUNK: AtomicU64 = AtomicU64::new(0);
+
+/// Size of the buffers bulk transfers write and read.
+const BULK_BUF: usize = 128 * 1024;
+
+/// The server every path leads to. A stream's first byte says what it wants: `e` echo, `u`
+/// upload (read and count into [`SUNK`]), `d` download (send until the client goes away).
+async fn bench_server() -> io::Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let _ = s.set_nodelay(true);
+            tokio::spawn(async move {
+                let Ok(mode) = s.read_u8().await else { return };
+                match mode {
+                    b'u' => {
+                        let mut buf = vec![0u8; BULK_BUF];
+                        while let Ok(n) = s.read(&mut buf).await {
+                            if n == 0 {
+                                break;
+                            }
+                            SUNK.fetch_add(n as u64, Ordering::Relaxed);
+                        }
+                    }
+                    b'd' => {
+                        let buf = vec![0x5a; BULK_BUF];
+                        while s.write_all(&buf).await.is_ok() {}
+                    }
+                    _ => {
+                        let (mut r, mut w) = s.split();
+                        let _ = tokio::io::copy(&mut r, &mut w).await;
+                        let _ = w.shutdown().await;
+                    }
+                }
+            });
+        }
+    });
+    Ok(addr)
+}
+
+/// Bulk transfer on `streams` parallel streams, up (client → server) or down: Gbit/s over
+/// `secs` after `warm` (counted where the bytes arrive).
+async fn bulk(
+    dial: &Dial,
+    streams: usize,
+    down: bool,
+    warm: Duration,
+    secs: Duration,
+) -> io::Result<f64> {
+    let received = Arc::new(AtomicU64::new(0));
+    let mut conns = Vec::with_capacity(streams);
+    for _ in 0..streams {
+        let mut s = dial.open().await?;
+        s.write_all(if down { b"d" } else { b"u" }).await?;
+        conns.push(s);
+    }
+    let mut tasks = tokio::task::JoinSet::new();
+    for mut s in conns {
+        let received = received.clone();
+        tasks.spawn(async move {
+            let mut buf = vec![0x33u8; BULK_BUF];
+            loop {
+                if down {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => received.fetch_add(n as u64, Ordering::Relaxed),
+                    };
+                } else if s.write_all(&buf).await.is_err() {
+                    break;
+                }
+            }
+        });
+    }
+    let count = || {
+        if down {
+            received.load(Ordering::Relaxed)
+        } else {
+            SUNK.load(Ordering::Relaxed)
+        }
+    };
+    tokio::time::sleep(warm).await;
+    let (c0, t0) = (count(), Instant::now());
+    tokio::time::sleep(secs).await;
+    let (c1, elapsed) = (count(), t0.elapsed());
+    let finished_early = tasks.try_join_next().is_some();
+    tasks.abort_all();
+    while tasks.join_next().await.is_some() {}
+    if finished_early || c1 <= c0 {
+        return Err(io::Error::other(
+            "a stream ended during the transfer or moved nothing",
+        ));
+    }
+    Ok((c1 - c0) as f64 * 8.0 / elapsed.as_secs_f64() / 1e9)
 }
 
 /// 64-byte round trips on one stream: (p50, p99) in µs.
@@ -459,8 +556,11 @@ struct PathUnderTest {
 struct PathResult {
     name: String,
     note: String,
-    /// Gbit/s: 1 stream up, 1 down, 8 up, 8 down.
+    /// Gbit/s with the Rust bulk client (Tether through its CONNECT entry, like curl):
+    /// 1 stream up, 1 down, 8 up, 8 down.
     bulk: [Option<f64>; 4],
+    /// Gbit/s with iperf3 (Tether through `tether forward`): 1 stream up, 8 up.
+    iperf: [Option<f64>; 2],
     latency: Option<(f64, f64)>,
     setup: Option<f64>,
     server_peak: Option<u64>,
@@ -508,23 +608,29 @@ fn measure(
     };
     r.note = path.note.clone();
     let runs = [(1, false), (1, true), (8, false), (8, true)];
-    for (i, (streams, reverse)) in runs.into_iter().enumerate() {
-        // Smoke mode: one stream each way and 8 one way are enough to show bytes move.
-        if env.opts.smoke && i == 3 {
-            continue;
+    let warm = Duration::from_secs(if env.opts.smoke { 0 } else { 1 });
+    let secs = Duration::from_secs(u64::from(env.opts.secs));
+    for (i, (streams, down)) in runs.into_iter().enumerate() {
+        let dial = path.echo.clone();
+        let got = env.rt.block_on(async move {
+            let cap = secs + warm + Duration::from_secs(30);
+            tokio::time::timeout(cap, bulk(&dial, streams, down, warm, secs)).await
+        });
+        match got {
+            Ok(Ok(g)) => r.bulk[i] = Some(g),
+            Ok(Err(e)) => r.errors.push(format!("bulk {streams}× {}: {e}", dir(down))),
+            Err(_) => r
+                .errors
+                .push(format!("bulk {streams}× {}: timed out", dir(down))),
         }
-        match iperf(path.iperf, streams, reverse, &env.opts) {
-            Ok(g) => r.bulk[i] = Some(g),
-            Err(e) => r.errors.push(format!(
-                "iperf3 -P {streams}{}: {e}",
-                if reverse { " -R" } else { "" }
-            )),
+        eprintln!("   bulk {streams}× {}: {:?}", dir(down), r.bulk[i]);
+    }
+    for (i, streams) in [1, 8].into_iter().enumerate() {
+        match iperf(path.iperf, streams, false, &env.opts) {
+            Ok(g) => r.iperf[i] = Some(g),
+            Err(e) => r.errors.push(format!("iperf3 -P {streams}: {e}")),
         }
-        eprintln!(
-            "   {streams} stream(s) {}: {:?}",
-            if reverse { "down" } else { "up" },
-            r.bulk[i]
-        );
+        eprintln!("   iperf3 -P {streams}: {:?}", r.iperf[i]);
     }
     // Peaks now: after the 8-stream runs, before the many small latency and setup ones.
     r.server_peak = peak_kib(&path.server_pids);
@@ -555,6 +661,10 @@ fn measure(
         eprintln!("   error: {e}");
     }
     r
+}
+
+fn dir(down: bool) -> &'static str {
+    if down { "down" } else { "up" }
 }
 
 fn slug(name: &str) -> String {
@@ -1153,7 +1263,7 @@ fn install_others(tools: &Path) -> Vec<String> {
             std::thread::spawn(move || {
                 run(
                     Command::new("cargo")
-                        .args(["install", "rathole", "--locked", "--no-default-features"])
+                        .args(["install", "rathole", "--no-default-features"])
                         .args(["--features", "server,client,noise", "--root"])
                         .arg(&root)
                         .env("CARGO_TARGET_DIR", root.join("build")),
@@ -1282,11 +1392,11 @@ fn report(
     );
     let _ = writeln!(
         s,
-        "| path | 1 stream up | 1 stream down | 8 streams up | 8 streams down | p50 µs | p99 µs | added p50 µs | setup /s | root side peak MiB | leaf side peak MiB |"
+        "| path | 1 stream up | 1 stream down | 8 streams up | 8 streams down | iperf3 1 up | iperf3 8 up | p50 µs | p99 µs | added p50 µs | setup /s | root side peak MiB | leaf side peak MiB |"
     );
     let _ = writeln!(
         s,
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
     );
     let direct_p50 = results
         .iter()
@@ -1296,12 +1406,14 @@ fn report(
         let added = r.latency.and_then(|l| direct_p50.map(|d| l.0 - d));
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             r.name,
             g(r.bulk[0]),
             g(r.bulk[1]),
             g(r.bulk[2]),
             g(r.bulk[3]),
+            g(r.iperf[0]),
+            g(r.iperf[1]),
             r.latency.map_or("—".into(), |l| format!("{:.0}", l.0)),
             r.latency.map_or("—".into(), |l| format!("{:.0}", l.1)),
             added.map_or("—".into(), |a| format!("{a:.0}")),
@@ -1312,11 +1424,11 @@ fn report(
     }
     let _ = writeln!(
         s,
-        "| tether: 1 agent → all 5 proxies behind haproxy | TODO: needs discovery (being built) | | | | | | | | | |"
+        "| tether: 1 agent → all 5 proxies behind haproxy | TODO: needs discovery (being built) | | | | | | | | | | | |"
     );
     let _ = writeln!(
         s,
-        "\nThroughput in Gbit/s (iperf3, received). \"Up\" is root-side client → leaf-side server; \"down\" is iperf3 -R. Peaks are VmHWM summed over each side's processes (sshd: master and session processes), read after the 8-stream runs. Direct TCP and haproxy have no leaf side.\n"
+        "\nThroughput in Gbit/s, counted where the bytes arrive. The first four columns use the benchmark's own client and server (128 KiB writes; Tether's client speaks HTTP CONNECT to the proxy's entry, as curl does); the iperf3 columns reach Tether through `tether forward`, one more local TCP hop. \"Up\" is root-side client → leaf-side server. Peaks are VmHWM summed over each side's processes (sshd: master and session processes), read after the 8-stream runs. Direct TCP and haproxy have no leaf side.\n"
     );
     for r in results {
         if !r.note.is_empty() {
@@ -1435,7 +1547,7 @@ fn report(
     } else {
         // Smoke: every path that ran must have moved bytes; Tether must have run.
         for r in results {
-            let ok = r.bulk.iter().take(3).all(Option::is_some)
+            let ok = r.bulk.iter().chain(&r.iperf).all(Option::is_some)
                 && r.latency.is_some()
                 && r.setup.is_some();
             if !ok {
@@ -1487,7 +1599,7 @@ fn main() {
             std::process::exit(2);
         }
     };
-    let echo = match rt.block_on(tether::demo::echo_server()) {
+    let echo = match rt.block_on(bench_server()) {
         Ok(a) => a,
         Err(e) => {
             eprintln!("echo server: {e}");
