@@ -36,7 +36,12 @@ use tether::stream::StreamLimits;
 
 type Res<T> = Result<T, String>;
 
-const TETHER: &str = env!("CARGO_BIN_EXE_tether");
+/// The release binary this bench was built with; `TETHER_BIN` overrides it (A/B of variants).
+fn tether_bin() -> PathBuf {
+    std::env::var_os("TETHER_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_tether")))
+}
 const TOKEN: &str = "bench-token-0123456789abcdef";
 const GCM: &str = "aes128-gcm@openssh.com";
 
@@ -832,7 +837,7 @@ impl TetherFiles {
         fs::create_dir_all(dir.join("trust")).map_err(|e| e.to_string())?;
         let t = |args: &[&str]| {
             run(
-                Command::new(TETHER).current_dir(&dir).args(args),
+                Command::new(tether_bin()).current_dir(&dir).args(args),
                 Duration::from_secs(30),
             )
         };
@@ -871,7 +876,7 @@ impl TetherFiles {
         let (port, entry) = (free_port()?, free_port()?);
         let pid = procs.spawn(
             name,
-            Command::new(TETHER)
+            Command::new(tether_bin())
                 .current_dir(&self.dir)
                 .args([
                     "proxy",
@@ -918,7 +923,7 @@ fn tether_path(
     let (proxy, port, entry) = files.proxy(env, procs, "tether-proxy")?;
     let agent = procs.spawn(
         "tether-agent",
-        Command::new(TETHER)
+        Command::new(tether_bin())
             .current_dir(&files.dir)
             .args([
                 "agent",
@@ -946,7 +951,7 @@ fn tether_path(
     let fwd = free_port()?;
     procs.spawn(
         "tether-forward",
-        Command::new(TETHER)
+        Command::new(tether_bin())
             .args([
                 "forward",
                 "--listen",
