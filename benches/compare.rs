@@ -309,6 +309,24 @@ fn tree(pid: u32) -> Vec<u32> {
     out
 }
 
+/// CPU time (user + system) of the processes and their descendants, seconds.
+fn cpu_secs(pids: &[u32]) -> f64 {
+    let ticks: u64 = pids
+        .iter()
+        .flat_map(|p| tree(*p))
+        .filter_map(|p| {
+            let stat = fs::read_to_string(format!("/proc/{p}/stat")).ok()?;
+            let rest = stat.rsplit_once(')')?.1;
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            // After the name: state is field 3, utime 14 and stime 15 (1-based, whole line).
+            Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+        })
+        .sum();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1);
+    ticks as f64 / hz as f64
+}
+
 /// Sum of the peak RSS (VmHWM) of the processes and their descendants, KiB.
 fn peak_kib(pids: &[u32]) -> Option<u64> {
     let all: Vec<u32> = pids.iter().flat_map(|p| tree(*p)).collect();
@@ -568,6 +586,8 @@ struct PathResult {
     iperf: [Option<f64>; 2],
     latency: Option<(f64, f64)>,
     setup: Option<f64>,
+    /// CPU seconds the path's own processes spent per GB moved, over the four bulk runs.
+    cpu_per_gb: Option<f64>,
     server_peak: Option<u64>,
     agent_peak: Option<u64>,
     errors: Vec<String>,
@@ -615,6 +635,13 @@ fn measure(
     let runs = [(1, false), (1, true), (8, false), (8, true)];
     let warm = Duration::from_secs(if env.opts.smoke { 0 } else { 1 });
     let secs = Duration::from_secs(u64::from(env.opts.secs));
+    let own: Vec<u32> = path
+        .server_pids
+        .iter()
+        .chain(&path.agent_pids)
+        .copied()
+        .collect();
+    let cpu_before = cpu_secs(&own);
     for (i, (streams, down)) in runs.into_iter().enumerate() {
         let dial = path.echo.clone();
         let got = env.rt.block_on(async move {
@@ -629,6 +656,16 @@ fn measure(
                 .push(format!("bulk {streams}× {}: timed out", dir(down))),
         }
         eprintln!("   bulk {streams}× {}: {:?}", dir(down), r.bulk[i]);
+    }
+    // Bytes moved ≈ rate × (warm-up + measured time) for each run.
+    let gb: f64 = r
+        .bulk
+        .iter()
+        .flatten()
+        .map(|g| g / 8.0 * (warm + secs).as_secs_f64())
+        .sum();
+    if !own.is_empty() && gb > 0.0 {
+        r.cpu_per_gb = Some((cpu_secs(&own) - cpu_before) / gb);
     }
     for (i, streams) in [1, 8].into_iter().enumerate() {
         match iperf(path.iperf, streams, false, &env.opts) {
@@ -1397,11 +1434,11 @@ fn report(
     );
     let _ = writeln!(
         s,
-        "| path | 1 stream up | 1 stream down | 8 streams up | 8 streams down | iperf3 1 up | iperf3 8 up | p50 µs | p99 µs | added p50 µs | setup /s | root side peak MiB | leaf side peak MiB |"
+        "| path | 1 stream up | 1 stream down | 8 streams up | 8 streams down | iperf3 1 up | iperf3 8 up | p50 µs | p99 µs | added p50 µs | setup /s | CPU s/GB | root side peak MiB | leaf side peak MiB |"
     );
     let _ = writeln!(
         s,
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
     );
     let direct_p50 = results
         .iter()
@@ -1411,7 +1448,7 @@ fn report(
         let added = r.latency.and_then(|l| direct_p50.map(|d| l.0 - d));
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             r.name,
             g(r.bulk[0]),
             g(r.bulk[1]),
@@ -1423,17 +1460,18 @@ fn report(
             r.latency.map_or("—".into(), |l| format!("{:.0}", l.1)),
             added.map_or("—".into(), |a| format!("{a:.0}")),
             r.setup.map_or("—".into(), |v| format!("{v:.0}")),
+            r.cpu_per_gb.map_or("—".into(), |v| format!("{v:.2}")),
             mb(r.server_peak),
             mb(r.agent_peak),
         );
     }
     let _ = writeln!(
         s,
-        "| tether: 1 agent → all 5 proxies behind haproxy | TODO: needs discovery (being built) | | | | | | | | | | | |"
+        "| tether: 1 agent → all 5 proxies behind haproxy | TODO: needs discovery (being built) | | | | | | | | | | | | |"
     );
     let _ = writeln!(
         s,
-        "\nThroughput in Gbit/s, counted where the bytes arrive. The first four columns use the benchmark's own client and server (128 KiB writes; Tether's client speaks HTTP CONNECT to the proxy's entry, as curl does); the iperf3 columns reach Tether through `tether forward`, one more local TCP hop. \"Up\" is root-side client → leaf-side server. Peaks are VmHWM summed over each side's processes (sshd: master and session processes), read after the 8-stream runs. Direct TCP and haproxy have no leaf side.\n"
+        "\nThroughput in Gbit/s, counted where the bytes arrive. The first four columns use the benchmark's own client and server (128 KiB writes; Tether's client speaks HTTP CONNECT to the proxy's entry, as curl does); the iperf3 columns reach Tether through `tether forward`, one more local TCP hop. \"Up\" is root-side client → leaf-side server. CPU s/GB: CPU time (user + system) of the path's own processes (proxy and agent, sshd and ssh, ...) per GB moved in the four bulk runs, the cost that matters when cores are shared. Peaks are VmHWM summed over each side's processes (sshd: master and session processes), read after the 8-stream runs. Direct TCP and haproxy have no leaf side.\n"
     );
     for r in results {
         if !r.note.is_empty() {
