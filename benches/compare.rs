@@ -1297,9 +1297,11 @@ fn install_others(tools: &Path) -> Vec<String> {
     let mut notes = Vec::new();
     let bin = tools.join("bin");
     let mut jobs: Vec<(&str, std::thread::JoinHandle<Res<String>>)> = Vec::new();
-    if which("rathole", &[bin.clone()]).is_none() {
+    if which("rathole", std::slice::from_ref(&bin)).is_none() {
         let root = tools.to_path_buf();
         eprintln!("installing rathole (cargo install, at most 8 min)");
+        // Not --locked: rathole 0.5.0's lockfile pins a `time` release that current rustc
+        // rejects (E0282); the resolver's newer one builds.
         jobs.push((
             "rathole",
             std::thread::spawn(move || {
@@ -1314,7 +1316,7 @@ fn install_others(tools: &Path) -> Vec<String> {
             }),
         ));
     }
-    if which("chisel", &[bin.clone()]).is_none() {
+    if which("chisel", std::slice::from_ref(&bin)).is_none() {
         if which("go", &[PathBuf::from("/usr/local/go/bin")]).is_some() {
             let gobin = bin.clone();
             eprintln!("installing chisel (go install, at most 8 min)");
