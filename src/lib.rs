@@ -8,6 +8,7 @@
 //! - [`stream`]: flow-controlled byte streams over SSH channels.
 //! - [`proxy`]: the tunnel server, its registry of remote sites and the client entry.
 //! - [`agent`]: the leaf side: tunnels, the pool and the allow-list.
+//! - [`forward`]: `tether forward`, a local port-forward through a proxy's client entry.
 //!
 //! Only the `operator` module talks to Kubernetes; the data plane runs without it.
 
@@ -15,6 +16,7 @@ pub mod admin;
 pub mod agent;
 pub mod client;
 pub mod demo;
+pub mod forward;
 pub mod identity;
 pub mod operator;
 pub mod protocol;

@@ -49,6 +49,8 @@ enum Command {
     Crd,
     /// Run the Kubernetes operator: reconcile ReverseTunnels into running agents.
     Operator(tether::operator::OperatorArgs),
+    /// Forward a local port to HOST.CLUSTER.tether:PORT through a proxy's client entry (`ssh -L`).
+    Forward(ForwardArgs),
 }
 
 #[derive(Subcommand)]
@@ -270,7 +272,45 @@ async fn run(command: Command) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Operator(args) => tether::operator::run_cli(args).await,
+        Command::Forward(args) => run_forward(args).await,
     }
+}
+
+#[derive(Args)]
+struct ForwardArgs {
+    /// Local address to listen on (port 0: any free port, printed on stdout).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    listen: SocketAddr,
+    /// Where connections go: HOST.CLUSTER.tether:PORT.
+    #[arg(long)]
+    to: String,
+    /// The proxy's client entry (HTTP CONNECT), HOST:PORT.
+    #[arg(long)]
+    entry: String,
+    /// The client's name in the entry's token file.
+    #[arg(long, env = "TETHER_USER")]
+    user: String,
+    /// The client's token.
+    #[arg(long, env = "TETHER_TOKEN", hide_env_values = true)]
+    token: String,
+}
+
+async fn run_forward(args: ForwardArgs) -> anyhow::Result<()> {
+    let target = Target::parse(&args.to)?;
+    let config = tether::forward::ForwardConfig {
+        entry: args.entry,
+        user: args.user,
+        token: args.token,
+        target,
+        connect_timeout: Duration::from_secs(30),
+    };
+    let (listener, addr) = tether::forward::bind(args.listen).await?;
+    println!("forwarding {addr} to {}", config.target);
+    tokio::select! {
+        () = tether::forward::serve(listener, Arc::new(config)) => {}
+        () = shutdown_signal() => {}
+    }
+    Ok(())
 }
 
 fn issue(command: CertCommand) -> anyhow::Result<()> {

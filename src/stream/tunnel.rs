@@ -11,7 +11,7 @@ use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use futures::FutureExt;
 use russh::ChannelMsg;
 use russh::{ChannelId, ChannelReadHalf, ChannelWriteHalf};
@@ -29,6 +29,10 @@ pub const DEFAULT_WINDOW: u32 = 512 * 1024;
 
 /// Largest chunk read from the local side at once (an SSH packet is at most 32 KiB; russh splits).
 const READ_CHUNK: usize = 64 * 1024;
+
+/// What an idle stream's first read takes: a whole small message (an RPC, a keystroke), kept in
+/// the task's own state rather than a heap buffer.
+const PROBE: usize = 512;
 
 /// Sizes of one stream's flow control.
 #[derive(Debug, Clone, Copy)]
@@ -293,6 +297,7 @@ where
 {
     let mut local_eof = false;
     let mut busy = false;
+    let mut buf = BytesMut::new();
     loop {
         tokio::select! {
             biased;
@@ -307,7 +312,7 @@ where
                         .map_err(ssh_io)?;
                 }
             }
-            chunk = read_with_credit(&mut local, shared, &mut busy), if !local_eof => {
+            chunk = read_with_credit(&mut local, shared, &mut busy, &mut buf), if !local_eof => {
                 match chunk? {
                     None => {
                         local_eof = true;
@@ -329,12 +334,17 @@ where
 /// Waits for send credit, then reads at most that much from the local side. `None` at EOF.
 /// Cancel-safe: nothing is taken from the local side until a read completes.
 ///
-/// An idle stream waits with a one-byte probe rather than a full buffer, so thousands of idle
-/// streams cost no read buffers; a stream that is moving data (`busy`) reads straight into one.
+/// An idle stream waits with a small probe rather than a full buffer, so thousands of idle
+/// streams cost no read buffers; a stream that is moving data (`busy`) reads straight into
+/// `buf`, which it keeps and reuses: once russh has encrypted the previous chunk and dropped it,
+/// `reserve` reclaims the same allocation, so a busy stream does not allocate (and page-fault in)
+/// a fresh 64 KiB buffer per read. The probe is large enough for a whole small message, so a
+/// request/response exchange costs one read per message rather than two.
 async fn read_with_credit<R: AsyncRead + Unpin>(
     local: &mut R,
     shared: &Shared,
     busy: &mut bool,
+    buf: &mut BytesMut,
 ) -> io::Result<Option<Bytes>> {
     let credit = loop {
         let credit = shared.send_credit.load(Ordering::Acquire);
@@ -345,23 +355,41 @@ async fn read_with_credit<R: AsyncRead + Unpin>(
     };
     let size = (credit as usize).min(READ_CHUNK);
     if *busy {
-        let mut buf = BytesMut::with_capacity(size);
-        let n = local.read_buf(&mut buf).await?;
+        buf.reserve(size);
+        let n = local.read_buf(&mut (&mut *buf).limit(size)).await?;
         *busy = n == size;
-        return Ok((n > 0).then(|| buf.freeze()));
+        let data = buf.split().freeze();
+        if !*busy {
+            // Going idle: give the buffer back rather than hold it while nothing moves.
+            *buf = BytesMut::new();
+        }
+        return Ok((n > 0).then_some(data));
     }
-    let mut probe = [0u8; 1];
-    if local.read(&mut probe).await? == 0 {
+    let mut probe = [0u8; PROBE];
+    let first = local.read(&mut probe[..PROBE.min(size)]).await?;
+    if first == 0 {
         return Ok(None);
     }
-    let mut buf = BytesMut::with_capacity(size);
-    buf.extend_from_slice(&probe);
-    // Take whatever else is already there without waiting for more.
-    if let Some(more) = local.read_buf(&mut buf).now_or_never() {
-        let n = more?;
-        *busy = n + 1 == size;
+    if first < PROBE.min(size) {
+        return Ok(Some(Bytes::copy_from_slice(&probe[..first])));
     }
-    Ok(Some(buf.freeze()))
+    let mut more = BytesMut::with_capacity(size);
+    more.extend_from_slice(&probe[..first]);
+    // Take whatever else is already there without waiting for more.
+    if let Some(read) = local
+        .read_buf(&mut (&mut more).limit(size - first))
+        .now_or_never()
+    {
+        let n = read?;
+        *busy = first + n == size;
+    }
+    if *busy {
+        // Keep the allocation for the reads that follow.
+        let data = more.split().freeze();
+        *buf = more;
+        return Ok(Some(data));
+    }
+    Ok(Some(more.freeze()))
 }
 
 fn ssh_io(e: russh::Error) -> io::Error {
