@@ -6,6 +6,7 @@ FROM rust:1.95-bookworm AS build
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
+COPY benches ./benches
 RUN cargo build --locked --release --bin tether && strip target/release/tether
 
 FROM gcr.io/distroless/cc-debian12:nonroot
