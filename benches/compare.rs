@@ -1135,6 +1135,153 @@ struct IdleMemory {
     agent_side_per_tunnel_kib: f64,
 }
 
+/// One agent reaching all of 5 proxies behind haproxy (`balance random`), repeated.
+struct Convergence {
+    runs: usize,
+    median_ms: f64,
+    max_ms: f64,
+    median_attempts: u64,
+    max_attempts: u64,
+}
+
+/// GET `path` from an admin endpoint (blocking, short timeouts).
+fn admin_get(addr: SocketAddr, path: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    out.split_once("\r\n\r\n").map(|(_, b)| b.to_owned())
+}
+
+/// Starts 5 proxies (peers of each other) behind haproxy, then, `runs` times, a fresh agent
+/// process: the time from its start until its `/status` shows 5/5 tunnels, and its dials
+/// (`tether_agent_dials_total`) to get there.
+fn convergence(env: &Env, files: &TetherFiles, runs: usize) -> Res<Convergence> {
+    eprintln!("== tether: 1 agent → 5 proxies behind haproxy ({runs} runs)");
+    let ids = ["proxy-1", "proxy-2", "proxy-3", "proxy-4", "proxy-5"];
+    for id in &ids[1..] {
+        if !files.dir.join(id).exists() {
+            run(
+                Command::new(tether_bin()).current_dir(&files.dir).args([
+                    "cert",
+                    "host",
+                    "--ca",
+                    "root-ca",
+                    "--cluster",
+                    "root",
+                    "--proxy-id",
+                    id,
+                    "--out",
+                    id,
+                ]),
+                Duration::from_secs(30),
+            )?;
+        }
+    }
+    let mut procs = Procs::default();
+    let ports = (0..ids.len())
+        .map(|_| free_port())
+        .collect::<Res<Vec<u16>>>()?;
+    for (id, port) in ids.iter().zip(&ports) {
+        let mut cmd = Command::new(tether_bin());
+        cmd.current_dir(&files.dir)
+            .args([
+                "proxy",
+                "--cluster",
+                "root",
+                "--proxy-id",
+                id,
+                "--identity",
+                id,
+            ])
+            .args([
+                "--trust-dir",
+                "trust",
+                "--listen",
+                &local(*port).to_string(),
+            ]);
+        for (peer, peer_port) in ids.iter().zip(&ports) {
+            cmd.arg("--peer")
+                .arg(format!("{peer}={}", local(*peer_port)));
+        }
+        procs.spawn(&format!("converge-{id}"), &mut cmd, &env.logs)?;
+    }
+    for port in &ports {
+        wait_port(*port, Duration::from_secs(10))?;
+    }
+    let lb = free_port()?;
+    let mut cfg = format!(
+        "global\n  maxconn 4000\ndefaults\n  mode tcp\n  timeout connect 1s\n  timeout client 120s\n  \
+         timeout server 120s\nlisten tunnels\n  bind 127.0.0.1:{lb}\n  balance random\n"
+    );
+    for (i, port) in ports.iter().enumerate() {
+        cfg.push_str(&format!("  server s{i} 127.0.0.1:{port}\n"));
+    }
+    let path = env.tmp.join("haproxy-converge.cfg");
+    fs::write(&path, cfg).map_err(|e| e.to_string())?;
+    procs.spawn(
+        "haproxy-converge",
+        Command::new("haproxy").arg("-db").arg("-f").arg(&path),
+        &env.logs,
+    )?;
+    wait_port(lb, Duration::from_secs(10))?;
+
+    let mut times = Vec::new();
+    let mut attempts = Vec::new();
+    for i in 0..runs {
+        let admin = local(free_port()?);
+        let mut agent = Procs::default();
+        let started = Instant::now();
+        agent.spawn(
+            &format!("converge-agent-{i}"),
+            Command::new(tether_bin())
+                .current_dir(&files.dir)
+                .args(["agent", "--cluster", "leaf", "--root-cluster", "root"])
+                .args(["--identity", "agent", "--root-ca", "root-ca.pub"])
+                .args(["--proxy", &local(lb).to_string()])
+                .args(["--admin-listen", &admin.to_string()]),
+            &env.logs,
+        )?;
+        loop {
+            if started.elapsed() > Duration::from_secs(30) {
+                return Err(format!("run {i}: no 5/5 within 30 s"));
+            }
+            let done = admin_get(admin, "/status")
+                .and_then(|b| serde_json::from_str::<serde_json::Value>(&b).ok())
+                .is_some_and(|v| {
+                    let connected = v["proxies"].as_array().map_or(0, |ps| {
+                        ps.iter().filter(|p| p["state"] == "Connected").count()
+                    });
+                    connected == 5 && v["expected"] == 5
+                });
+            if done {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        times.push(started.elapsed().as_secs_f64() * 1000.0);
+        let dials: u64 = admin_get(admin, "/metrics")
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.starts_with("tether_agent_dials_total{"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .map(|v| v as u64)
+            .sum();
+        attempts.push(dials);
+    }
+    times.sort_by(f64::total_cmp);
+    attempts.sort_unstable();
+    Ok(Convergence {
+        runs,
+        median_ms: times[times.len() / 2],
+        max_ms: times[times.len() - 1],
+        median_attempts: attempts[attempts.len() / 2],
+        max_attempts: attempts[attempts.len() - 1],
+    })
+}
+
 fn idle_memory(env: &Env, files: &TetherFiles) -> Res<IdleMemory> {
     eprintln!(
         "== tether idle memory ({} agents, {} streams)",
@@ -1413,6 +1560,7 @@ fn report(
     opts: &Opts,
     results: &[PathResult],
     idle: &Res<IdleMemory>,
+    converge: &Res<Convergence>,
     notes: &[String],
     elapsed: Duration,
 ) -> (String, bool) {
@@ -1467,10 +1615,19 @@ fn report(
             mb(r.agent_peak),
         );
     }
-    let _ = writeln!(
-        s,
-        "| tether: 1 agent → all 5 proxies behind haproxy | TODO: needs discovery (being built) | | | | | | | | | | | | |"
-    );
+    match converge {
+        Ok(c) => {
+            let _ = writeln!(
+                s,
+                "\nOne agent → all 5 proxies behind haproxy (`balance random`), {} fresh agent processes: \
+                 5/5 tunnels after {:.0} ms median, {:.0} ms at most; {} dials median, {} at most.",
+                c.runs, c.median_ms, c.max_ms, c.median_attempts, c.max_attempts
+            );
+        }
+        Err(e) => {
+            let _ = writeln!(s, "\nOne agent → 5 proxies behind haproxy: {e}");
+        }
+    }
     let _ = writeln!(
         s,
         "\nThroughput in Gbit/s, counted where the bytes arrive. The first four columns use the benchmark's own client and server (128 KiB writes; Tether's client speaks HTTP CONNECT to the proxy's entry, as curl does); the iperf3 columns reach Tether through `tether forward`, one more local TCP hop. \"Up\" is root-side client → leaf-side server. CPU s/GB: CPU time (user + system) of the path's own processes (proxy and agent, sshd and ssh, ...) per GB moved in the four bulk runs, the cost that matters when cores are shared. Peaks are VmHWM summed over each side's processes (sshd: master and session processes), read after the 8-stream runs. Direct TCP and haproxy have no leaf side.\n"
@@ -1584,11 +1741,21 @@ fn report(
                 Some(m.per_stream_kib <= 16.0),
             );
         }
-        row(
-            "1 agent holds tunnels to 5 proxies behind haproxy",
-            "TODO: needs discovery".into(),
-            None,
-        );
+        match converge {
+            Ok(c) => row(
+                "1 agent holds tunnels to 5 proxies behind haproxy within 2 s",
+                format!(
+                    "{:.0} ms median, {:.0} ms max ({} dials max)",
+                    c.median_ms, c.max_ms, c.max_attempts
+                ),
+                Some(c.max_ms <= 2000.0),
+            ),
+            Err(e) => row(
+                "1 agent holds tunnels to 5 proxies behind haproxy within 2 s",
+                e.clone(),
+                None,
+            ),
+        }
     } else {
         // Smoke: every path that ran must have moved bytes; Tether must have run.
         for r in results {
@@ -1708,7 +1875,14 @@ fn main() {
         Ok(_) => Err("skipped (--only)".into()),
         Err(e) => Err(e.clone()),
     };
-    let (table, ok) = report(&opts, &results, &idle, &notes, started.elapsed());
+    let converge = match &files {
+        Ok(f) if !opts.smoke && (opts.wants("converge") || opts.only.is_empty()) => {
+            convergence(&env, f, 10)
+        }
+        Ok(_) => Err("skipped".into()),
+        Err(e) => Err(e.clone()),
+    };
+    let (table, ok) = report(&opts, &results, &idle, &converge, &notes, started.elapsed());
     println!("\n{table}");
     let file = out_dir.join(if opts.smoke {
         "results-smoke.md"

@@ -5,6 +5,7 @@
 //! named token. Tools that speak plain TCP only (iperf3, databases' CLIs) can then use a tunnel
 //! without knowing about proxies.
 
+use base64::Engine as _;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -70,7 +71,8 @@ async fn connect_inner(config: &ForwardConfig) -> Result<TcpStream, ForwardError
     let mut stream = TcpStream::connect(config.entry.as_str()).await?;
     stream.set_nodelay(true)?;
     let (name, port) = config.target.to_name();
-    let credentials = base64_encode(format!("{}:{}", config.user, config.token).as_bytes());
+    let credentials = base64::engine::general_purpose::STANDARD
+        .encode(format!("{}:{}", config.user, config.token));
     let request = format!(
         "CONNECT {name}:{port} HTTP/1.1\r\nHost: {name}:{port}\r\n\
          Proxy-Authorization: Basic {credentials}\r\n\r\n"
@@ -142,44 +144,4 @@ pub async fn bind(listen: SocketAddr) -> io::Result<(TcpListener, SocketAddr)> {
     let listener = TcpListener::bind(listen).await?;
     let addr = listener.local_addr()?;
     Ok((listener, addr))
-}
-
-fn base64_encode(input: &[u8]) -> String {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::with_capacity(input.len().div_ceil(3) * 4);
-    for chunk in input.chunks(3) {
-        let b = [
-            chunk[0],
-            chunk.get(1).copied().unwrap_or(0),
-            chunk.get(2).copied().unwrap_or(0),
-        ];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(char::from(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize]));
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn base64_matches_rfc4648() {
-        for (input, expected) in [
-            ("", ""),
-            ("f", "Zg=="),
-            ("fo", "Zm8="),
-            ("foo", "Zm9v"),
-            ("foob", "Zm9vYg=="),
-            ("alice:0123456789abcdef", "YWxpY2U6MDEyMzQ1Njc4OWFiY2RlZg=="),
-        ] {
-            assert_eq!(base64_encode(input.as_bytes()), expected);
-        }
-    }
 }
