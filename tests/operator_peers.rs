@@ -58,18 +58,30 @@ async fn proxies_follow_their_endpoint_slices_and_the_agent_follows_them() {
         .expect("pki"),
     );
     let ids = ["p1", "p2", "p3", "p4", "p5"];
-    let addrs: Vec<SocketAddr> = ids.iter().map(|_| haproxy::free_port()).collect();
+    // Ports stay bound from the start (a released port can be taken as an ephemeral source
+    // port by any connection on the machine); each proxy adopts its listener when it starts.
+    let listeners: Vec<std::net::TcpListener> = ids
+        .iter()
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind"))
+        .collect();
+    let addrs: Vec<SocketAddr> = listeners
+        .iter()
+        .map(|l| l.local_addr().expect("addr"))
+        .collect();
     let lb = haproxy::Haproxy::start("random", &addrs);
     let stop = CancellationToken::new();
     let mut proxies: HashMap<&str, Arc<ProxyServer>> = HashMap::new();
 
-    let start = |id: &'static str, addr: SocketAddr| {
+    let start = |id: &'static str, listener: std::net::TcpListener| {
         let (pki, client, ns, stop) = (pki.clone(), client.clone(), ns.clone(), stop.clone());
         async move {
             let mut config = pki.proxy_config(id).expect("config");
-            config.listen = addr;
             config.peering = None;
-            let proxy = Arc::new(ProxyServer::start(config).await.expect("proxy"));
+            let proxy = Arc::new(
+                ProxyServer::start_on_std(config, listener)
+                    .await
+                    .expect("proxy"),
+            );
             let watched = proxy.clone();
             tokio::spawn(async move {
                 tokio::select! {
@@ -80,8 +92,9 @@ async fn proxies_follow_their_endpoint_slices_and_the_agent_follows_them() {
             proxy
         }
     };
+    let mut listeners = listeners.into_iter();
     for (i, (id, addr)) in ids.iter().zip(&addrs).enumerate().take(3) {
-        proxies.insert(id, start(id, *addr).await);
+        proxies.insert(id, start(id, listeners.next().expect("listener")).await);
         slices
             .create(&PostParams::default(), &slice(id, i, *addr))
             .await
@@ -113,7 +126,7 @@ async fn proxies_follow_their_endpoint_slices_and_the_agent_follows_them() {
     converge(3).await;
 
     for (i, (id, addr)) in ids.iter().zip(&addrs).enumerate().skip(3) {
-        proxies.insert(id, start(id, *addr).await);
+        proxies.insert(id, start(id, listeners.next().expect("listener")).await);
         slices
             .create(&PostParams::default(), &slice(id, i, *addr))
             .await

@@ -52,6 +52,20 @@ impl ProxyServer {
     /// Binds the tunnel listener and starts accepting agents and clients.
     pub async fn start(config: ProxyConfig) -> io::Result<Self> {
         let listener = TcpListener::bind(config.listen).await?;
+        Self::start_on(config, listener).await
+    }
+
+    /// Starts on a listener bound beforehand (by a supervisor holding the port across
+    /// restarts, or a test that must never lose its port); `config.listen` is ignored.
+    pub async fn start_on_std(
+        config: ProxyConfig,
+        listener: std::net::TcpListener,
+    ) -> io::Result<Self> {
+        listener.set_nonblocking(true)?;
+        Self::start_on(config, TcpListener::from_std(listener)?).await
+    }
+
+    async fn start_on(config: ProxyConfig, listener: TcpListener) -> io::Result<Self> {
         let local_addr = listener.local_addr()?;
         let ssh = SshConfig {
             keys: vec![config.host_identity.key.clone()],

@@ -5,7 +5,8 @@ mod support;
 
 mod restarts;
 
-use std::net::SocketAddr;
+use std::collections::HashMap;
+use std::net::{SocketAddr, TcpListener as StdListener};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -17,13 +18,14 @@ use tether::proxy::{Dialer, Peer, ProxyServer};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use support::haproxy::{Haproxy, free_port};
+use support::haproxy::Haproxy;
 use support::*;
 
 /// The root cluster: proxies that all announce the same peer list.
 pub(crate) struct Root {
     pub(crate) pki: Arc<Pki>,
     pub(crate) proxies: Vec<(String, ProxyServer)>,
+    ports: HashMap<String, StdListener>,
 }
 
 impl Root {
@@ -31,6 +33,7 @@ impl Root {
         let mut root = Root {
             pki,
             proxies: Vec::new(),
+            ports: HashMap::new(),
         };
         for id in ids {
             root.add(id, None).await;
@@ -38,12 +41,23 @@ impl Root {
         root
     }
 
-    pub(crate) async fn add(&mut self, id: &str, listen: Option<SocketAddr>) {
-        let mut config = self.pki.proxy_config(id).expect("config");
-        if let Some(addr) = listen {
-            config.listen = addr;
-        }
-        let proxy = ProxyServer::start(config).await.expect("proxy starts");
+    /// Starts proxy `id` on `listener`, or on the port it had before (a restart), or on a new
+    /// one. The root keeps each port bound for as long as the proxy belongs to it: a port let
+    /// go can be taken as an ephemeral source port by any connection on the machine.
+    pub(crate) async fn add(&mut self, id: &str, listener: Option<StdListener>) {
+        let listener = match listener {
+            Some(l) => l,
+            None => match self.ports.get(id) {
+                Some(held) => held.try_clone().expect("clone listener"),
+                None => StdListener::bind("127.0.0.1:0").expect("bind"),
+            },
+        };
+        self.ports
+            .insert(id.to_owned(), listener.try_clone().expect("clone listener"));
+        let config = self.pki.proxy_config(id).expect("config");
+        let proxy = ProxyServer::start_on_std(config, listener)
+            .await
+            .expect("proxy starts");
         self.proxies.push((id.to_owned(), proxy));
         self.announce();
     }
@@ -55,6 +69,7 @@ impl Root {
             .position(|(p, _)| p == id)
             .expect("known proxy");
         let (_, proxy) = self.proxies.remove(i);
+        self.ports.remove(id);
         self.announce();
         proxy.close();
         proxy.wait().await;
@@ -155,10 +170,10 @@ async fn one_agent_reaches_all_five_proxies_behind_a_round_robin_balancer() {
 async fn a_new_proxy_gets_a_tunnel_and_a_removed_one_is_let_go_without_a_storm() {
     let pki = Arc::new(pki());
     let mut root = Root::start(pki.clone(), &["p1", "p2", "p3", "p4", "p5"]).await;
-    // haproxy knows the sixth slot from the start; nothing listens there yet.
-    let sixth = free_port();
+    // haproxy knows the sixth slot from the start; its port is bound, nothing serves it yet.
+    let sixth = StdListener::bind("127.0.0.1:0").expect("bind");
     let mut backends = root.addrs();
-    backends.push(sixth);
+    backends.push(sixth.local_addr().expect("addr"));
     let lb = Haproxy::start("random", &backends);
     let (agent, stop) = start_agent(&pki, lb.addr);
     let mut status = agent.status();

@@ -122,11 +122,11 @@ async fn a_rolling_restart_with_drain_fails_no_dial() {
             .position(|(p, _)| p == id)
             .expect("proxy");
         let (_, proxy) = root.proxies.remove(i);
-        let addr = proxy.local_addr();
         // Clients stop being sent to it (its load balancer would take it out), then it drains.
         *live.lock().expect("lock") = root.proxies.iter().map(|(_, p)| p.dialer()).collect();
         proxy.shutdown(Duration::from_secs(5)).await;
-        root.add(id, Some(addr)).await;
+        // Back on the same port, which the root kept bound.
+        root.add(id, None).await;
         live.lock()
             .expect("lock")
             .push(root.proxies.last().expect("added").1.dialer());
