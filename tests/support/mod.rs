@@ -62,6 +62,8 @@ pub struct Rig {
     pub agent: Arc<Agent>,
     pub stop: CancellationToken,
     pub events: tokio::sync::broadcast::Receiver<AgentEvent>,
+    /// The proxy's port, kept bound for the whole test so a restarted proxy gets it back.
+    pub port: std::net::TcpListener,
 }
 
 impl Rig {
@@ -75,7 +77,11 @@ impl Rig {
         let pki = pki();
         let mut config = pki.proxy_config("proxy-1").expect("proxy config");
         tune_proxy(&mut config);
-        let proxy = ProxyServer::start(config).await.expect("proxy starts");
+        let port = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let held = port.try_clone().expect("clone listener");
+        let proxy = ProxyServer::start_on_std(config, held)
+            .await
+            .expect("proxy starts");
         let mut agent_config = pki
             .agent_config(
                 &proxy.local_addr().to_string(),
@@ -97,6 +103,7 @@ impl Rig {
             agent,
             stop,
             events,
+            port,
         };
         rig.wait_online().await;
         rig

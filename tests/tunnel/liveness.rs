@@ -63,7 +63,6 @@ async fn a_frozen_agent_goes_offline_after_the_missed_heartbeats_and_comes_back(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_agent_reconnects_after_the_proxy_restarts() {
     let mut rig = Rig::start(&[], |_| {}, |_| {}).await;
-    let addr = rig.proxy.local_addr();
     rig.proxy.close();
     rig.proxy.wait().await;
     within("the agent to notice", Duration::from_secs(10), async {
@@ -74,11 +73,12 @@ async fn the_agent_reconnects_after_the_proxy_restarts() {
         }
     })
     .await;
-    let mut config = rig.pki.proxy_config("p1-restarted").expect("config");
-    config.listen = addr;
-    let restarted = ProxyServer::start(config)
-        .await
-        .expect("rebind the same port");
+    let config = rig.pki.proxy_config("p1-restarted").expect("config");
+    // The same port, which the rig kept bound.
+    let restarted =
+        ProxyServer::start_on_std(config, rig.port.try_clone().expect("clone listener"))
+            .await
+            .expect("restart on the same port");
     within("the agent to reconnect", Duration::from_secs(30), async {
         loop {
             if let Ok(AgentEvent::Connected { proxy_id }) = rig.events.recv().await {
