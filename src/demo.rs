@@ -66,6 +66,7 @@ impl Pki {
                     VALIDITY,
                 )?),
             }),
+            join: None,
         })
     }
 

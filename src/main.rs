@@ -382,6 +382,7 @@ async fn run_proxy(args: ProxyArgs) -> anyhow::Result<()> {
             }),
             None => None,
         },
+        join: None,
     };
     let proxy = ProxyServer::start(config).await?;
     let mut peers = vec![Peer {

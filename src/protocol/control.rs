@@ -74,6 +74,52 @@ pub enum ControlError {
     TooLarge { len: usize },
     #[error("malformed control message: {0}")]
     Malformed(#[from] serde_json::Error),
+    #[error("reading a control message: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("the peer closed the channel before a complete message")]
+    Closed,
+}
+
+/// Reads one message from a byte stream (the join's request/response exchange), never
+/// buffering more than [`MAX_CONTROL_MESSAGE`].
+pub async fn read_message<T, R>(reader: &mut R) -> Result<T, ControlError>
+where
+    T: for<'de> Deserialize<'de>,
+    R: tokio::io::AsyncRead + Unpin,
+{
+    use tokio::io::AsyncReadExt as _;
+    let mut prefix = [0u8; 4];
+    reader
+        .read_exact(&mut prefix)
+        .await
+        .map_err(eof_is_closed)?;
+    let len = u32::from_be_bytes(prefix) as usize;
+    if len > MAX_CONTROL_MESSAGE {
+        return Err(ControlError::TooLarge { len });
+    }
+    let mut body = vec![0u8; len];
+    reader.read_exact(&mut body).await.map_err(eof_is_closed)?;
+    Ok(serde_json::from_slice(&body)?)
+}
+
+/// Writes one message to a byte stream and flushes it.
+pub async fn write_message<T, W>(writer: &mut W, message: &T) -> Result<(), ControlError>
+where
+    T: Serialize,
+    W: tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::AsyncWriteExt as _;
+    writer.write_all(&encode(message)?).await?;
+    writer.flush().await?;
+    Ok(())
+}
+
+fn eof_is_closed(e: std::io::Error) -> ControlError {
+    if e.kind() == std::io::ErrorKind::UnexpectedEof {
+        ControlError::Closed
+    } else {
+        ControlError::Io(e)
+    }
 }
 
 /// Encodes one message with its length prefix.

@@ -4,6 +4,7 @@
 
 pub mod control;
 pub mod dial;
+pub mod join;
 pub mod ssh;
 pub mod stream;
 pub mod target;

@@ -105,4 +105,7 @@ pub struct ProxyConfig {
     /// How to forward dials to peer proxies when this one holds no tunnel to the site;
     /// `None` disables peering.
     pub peering: Option<super::peers::PeeringConfig>,
+    /// Where join tokens are checked and joined leaves recorded; `None` refuses joins (and
+    /// keeps SSH authentication certificate-only).
+    pub join: Option<Arc<dyn super::join::JoinAuthority>>,
 }

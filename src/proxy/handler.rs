@@ -2,7 +2,9 @@
 //!
 //! Agents (user certificates from a trusted leaf CA, role `agent`) may open one control channel.
 //! Clients (user certificates from this cluster's own CA, role `client`) may open `direct-tcpip`
-//! channels to `HOST.CLUSTER.tether` targets, as `ssh -W` does. Everything else is refused.
+//! channels to `HOST.CLUSTER.tether` targets, as `ssh -W` does. A joining leaf (user
+//! [`JOIN_USER`], no key, only when joins are enabled) may open one join channel. Everything
+//! else is refused.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -19,6 +21,7 @@ use super::Dialer;
 use super::peers::PEER_ORIGINATOR;
 use super::server::{ProxyDialer, ProxyShared};
 use crate::protocol::control::CONTROL_SUBSYSTEM;
+use crate::protocol::join::{JOIN_SUBSYSTEM, JOIN_USER};
 use crate::protocol::{ClusterName, DialErrorKind, Target};
 use crate::stream::Splice;
 
@@ -27,6 +30,8 @@ use crate::stream::Splice;
 enum Peer {
     Agent(ClusterName),
     Client(String),
+    /// A leaf presenting a join token; nothing is known about it yet.
+    Joiner,
 }
 
 /// Per-connection SSH handler.
@@ -39,7 +44,7 @@ pub(super) struct ConnectionHandler {
     ready: Option<oneshot::Sender<()>>,
     /// Session channels opened but not yet turned into the control channel.
     sessions: HashMap<ChannelId, Channel<Msg>>,
-    /// An agent gets one control channel.
+    /// An agent gets one control channel, a joiner one join channel.
     control_started: bool,
 }
 
@@ -62,6 +67,14 @@ impl ConnectionHandler {
 
 impl Handler for ConnectionHandler {
     type Error = russh::Error;
+
+    async fn auth_none(&mut self, user: &str) -> Result<Auth, Self::Error> {
+        if user == JOIN_USER && self.shared.config.join.is_some() {
+            self.peer = Some(Peer::Joiner);
+            return Ok(Auth::Accept);
+        }
+        Ok(Auth::reject())
+    }
 
     async fn auth_publickey(
         &mut self,
@@ -108,7 +121,7 @@ impl Handler for ConnectionHandler {
         reply: russh::server::ChannelOpenHandle,
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
-        if matches!(self.peer, Some(Peer::Agent(_))) && !self.control_started {
+        if matches!(self.peer, Some(Peer::Agent(_) | Peer::Joiner)) && !self.control_started {
             self.sessions.insert(channel.id(), channel);
             reply.accept().await;
         } else {
@@ -126,6 +139,9 @@ impl Handler for ConnectionHandler {
         name: &str,
         session: &mut Session,
     ) -> Result<(), Self::Error> {
+        if matches!(self.peer, Some(Peer::Joiner)) {
+            return self.start_join(channel, name, session);
+        }
         let Some(Peer::Agent(cluster)) = self.peer.clone() else {
             session.channel_failure(channel)?;
             return Ok(());
@@ -211,6 +227,49 @@ impl Handler for ConnectionHandler {
                         reply.reject(reason).await;
                     }
                 }
+            }
+            .instrument(span),
+        );
+        Ok(())
+    }
+}
+
+impl ConnectionHandler {
+    /// Runs the join exchange on a joiner's session channel. The connection's handshake
+    /// deadline stays armed until the exchange ends, so a stalled joiner is dropped in time.
+    fn start_join(
+        &mut self,
+        channel: ChannelId,
+        name: &str,
+        session: &mut Session,
+    ) -> Result<(), russh::Error> {
+        let open = self.sessions.remove(&channel);
+        let (Some(ch), Some(authority)) = (open, self.shared.config.join.clone()) else {
+            session.channel_failure(channel)?;
+            return Ok(());
+        };
+        if name != JOIN_SUBSYSTEM || self.control_started {
+            warn!(peer = %self.peer_addr, name, "refused a subsystem request from a joiner");
+            session.channel_failure(channel)?;
+            return Ok(());
+        }
+        self.control_started = true;
+        session.channel_success(channel)?;
+        let shared = self.shared.clone();
+        let peer = self.peer_addr;
+        let handle = session.handle();
+        let span = info_span!("join", peer = %peer);
+        self.shared.tasks.spawn(
+            async move {
+                super::join::serve(shared, authority, ch.into_stream(), peer).await;
+                // The exchange is over: the joiner has nothing more to do here.
+                let _ = handle
+                    .disconnect(
+                        russh::Disconnect::ByApplication,
+                        "join done".into(),
+                        "".into(),
+                    )
+                    .await;
             }
             .instrument(span),
         );

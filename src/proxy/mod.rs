@@ -5,6 +5,7 @@ pub mod config;
 mod control;
 pub mod dialer;
 mod handler;
+pub mod join;
 pub mod limits;
 pub mod peers;
 pub mod server;
@@ -12,6 +13,7 @@ pub mod sites;
 
 pub use config::{HeartbeatPolicy, ProxyConfig, ProxyLimits};
 pub use dialer::Dialer;
+pub use join::{Admission, JoinAuthority, Refused};
 pub use peers::{Peer, PeeringConfig};
 pub use server::{ProxyConn, ProxyDialer, ProxyServer};
 pub use sites::{SiteInfo, SiteStatus, Sites};

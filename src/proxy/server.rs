@@ -70,7 +70,13 @@ impl ProxyServer {
         let ssh = SshConfig {
             keys: vec![config.host_identity.key.clone()],
             certificates: vec![config.host_identity.certificate.clone()],
-            methods: russh::MethodSet::from(&[russh::MethodKind::PublicKey][..]),
+            // "none" is offered only to joining leaves, and only when joins are enabled; the
+            // handler accepts it for the join user alone.
+            methods: if config.join.is_some() {
+                russh::MethodSet::from(&[russh::MethodKind::PublicKey, russh::MethodKind::None][..])
+            } else {
+                russh::MethodSet::from(&[russh::MethodKind::PublicKey][..])
+            },
             preferred: ssh::preferred(),
             window_size: ssh::SSH_WINDOW,
             maximum_packet_size: ssh::MAX_PACKET_SIZE,

@@ -6,6 +6,7 @@ mod support;
 mod auth;
 mod data;
 mod entry;
+mod join;
 mod liveness;
 mod metrics;
 mod policy;

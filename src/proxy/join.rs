@@ -1,0 +1,225 @@
+//! The root's side of the join (see [`crate::protocol::join`] for the exchange).
+//!
+//! The proxy speaks the protocol; a [`JoinAuthority`] decides. The authority knows the issued
+//! tokens and records admitted leaves: in Kubernetes it is `operator::root`, which keeps
+//! tokens in Secrets and leaves in `RemoteCluster` objects, so every replica trusts a leaf
+//! that joined through any one of them.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use futures::future::BoxFuture;
+use russh::keys::PublicKey;
+use tracing::{info, warn};
+
+use super::server::ProxyShared;
+use crate::protocol::ClusterName;
+use crate::protocol::control::{ControlError, read_message, write_message};
+use crate::protocol::join::{
+    self, JoinRefusal, JoinToken, JoinerMessage, MAX_CA_KEYS, RootMessage,
+};
+
+/// A refused join: the reason the leaf's status shows, and a message for its administrator.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{reason}: {message}")]
+pub struct Refused {
+    /// Machine-readable reason (a condition reason on the leaf).
+    pub reason: JoinRefusal,
+    /// What went wrong, in words; never contains a secret.
+    pub message: String,
+}
+
+impl Refused {
+    pub fn new(reason: JoinRefusal, message: impl Into<String>) -> Self {
+        Self {
+            reason,
+            message: message.into(),
+        }
+    }
+}
+
+/// A leaf asking to be trusted, after it proved it holds the token.
+#[derive(Debug, Clone)]
+pub struct Admission {
+    /// The token it proved (its ID names it in records).
+    pub token_id: String,
+    /// The name its agents' certificates carry.
+    pub leaf: ClusterName,
+    /// The CA keys that sign its agents' certificates.
+    pub ca_keys: Vec<PublicKey>,
+}
+
+/// Where the root's join state lives: issued tokens and admitted leaves.
+pub trait JoinAuthority: Send + Sync + 'static {
+    /// The token with this ID, if it exists and has not expired.
+    fn token<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<JoinToken, Refused>>;
+
+    /// Records the leaf as trusted, consuming the token if it is single-use. Refuses a name
+    /// another CA already holds, and a single-use token already used by another leaf. Must be
+    /// idempotent for the same leaf and token (a leaf retries when an answer is lost).
+    fn admit<'a>(&'a self, admission: &'a Admission) -> BoxFuture<'a, Result<(), Refused>>;
+}
+
+impl fmt::Debug for dyn JoinAuthority {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("JoinAuthority")
+    }
+}
+
+/// Serves one join exchange on `stream`, logging the outcome. The caller bounds it in time.
+pub(super) async fn serve<S>(
+    shared: Arc<ProxyShared>,
+    authority: Arc<dyn JoinAuthority>,
+    mut stream: S,
+    peer: SocketAddr,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let answer = match exchange(&shared, authority.as_ref(), &mut stream).await {
+        Ok(admission) => {
+            // This replica trusts the leaf at once; the others learn it from the authority.
+            let mut trust = (**shared.config.trust.load()).clone();
+            for ca in &admission.ca_keys {
+                trust.insert(admission.leaf.clone(), ca.clone());
+            }
+            shared.config.trust.store(Arc::new(trust));
+            info!(%peer, leaf = %admission.leaf, token = %admission.token_id, "leaf joined");
+            RootMessage::Joined
+        }
+        Err(Failure::Refused(refused)) => {
+            warn!(%peer, reason = %refused.reason, message = %refused.message, "join refused");
+            RootMessage::Refused {
+                reason: refused.reason,
+                message: refused.message,
+            }
+        }
+        Err(Failure::Io(e)) => {
+            warn!(%peer, error = %e, "join exchange broke off");
+            return;
+        }
+    };
+    if let Err(e) = write_message(&mut stream, &answer).await {
+        warn!(%peer, error = %e, "could not send the join answer");
+    }
+}
+
+enum Failure {
+    Refused(Refused),
+    Io(ControlError),
+}
+
+impl From<Refused> for Failure {
+    fn from(r: Refused) -> Self {
+        Self::Refused(r)
+    }
+}
+
+fn bad_request(message: impl Into<String>) -> Failure {
+    Failure::Refused(Refused::new(JoinRefusal::BadRequest, message))
+}
+
+async fn receive<S>(stream: &mut S) -> Result<JoinerMessage, Failure>
+where
+    S: tokio::io::AsyncRead + Unpin,
+{
+    match read_message(stream).await {
+        Ok(message) => Ok(message),
+        Err(e @ (ControlError::TooLarge { .. } | ControlError::Malformed(_))) => {
+            Err(bad_request(e.to_string()))
+        }
+        Err(e) => Err(Failure::Io(e)),
+    }
+}
+
+async fn exchange<S>(
+    shared: &ProxyShared,
+    authority: &dyn JoinAuthority,
+    stream: &mut S,
+) -> Result<Admission, Failure>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let JoinerMessage::Hello {
+        token_id,
+        nonce: leaf_nonce,
+        ..
+    } = receive(stream).await?
+    else {
+        return Err(bad_request("the join must start with hello"));
+    };
+    join::validate_token_id(&token_id).map_err(|e| bad_request(e.to_string()))?;
+    let token = authority.token(&token_id).await?;
+
+    let root_cluster = shared.config.cluster.to_string();
+    let root_cas: Vec<String> = shared
+        .config
+        .trust
+        .load()
+        .cas(&shared.config.cluster)
+        .iter()
+        .filter_map(|key| key.to_openssh().ok())
+        .collect();
+    if root_cas.is_empty() {
+        return Err(Refused::new(
+            JoinRefusal::Unavailable,
+            "this proxy does not know its own cluster's CA",
+        )
+        .into());
+    }
+    let root_nonce = join::nonce();
+    let challenge = RootMessage::Challenge {
+        proof: token.root_proof(&leaf_nonce, &root_cluster, &root_cas),
+        root_cluster,
+        ca_keys: root_cas,
+        nonce: root_nonce.clone(),
+    };
+    write_message(stream, &challenge)
+        .await
+        .map_err(Failure::Io)?;
+
+    let JoinerMessage::Join {
+        leaf_cluster,
+        ca_keys,
+        proof,
+    } = receive(stream).await?
+    else {
+        return Err(bad_request("expected the join request after the challenge"));
+    };
+    if !token.verify_leaf_proof(&proof, &root_nonce, &leaf_cluster, &ca_keys) {
+        return Err(Refused::new(
+            JoinRefusal::TokenInvalid,
+            format!("the secret of join token {token_id} does not match"),
+        )
+        .into());
+    }
+    let leaf = ClusterName::new(&leaf_cluster)
+        .map_err(|e| bad_request(format!("leaf cluster name {leaf_cluster:?}: {e}")))?;
+    if leaf == shared.config.cluster {
+        return Err(Refused::new(
+            JoinRefusal::NameTaken,
+            format!("{leaf} is the root cluster's own name"),
+        )
+        .into());
+    }
+    if ca_keys.is_empty() || ca_keys.len() > MAX_CA_KEYS {
+        return Err(bad_request(format!(
+            "a leaf sends 1 to {MAX_CA_KEYS} CA keys, not {}",
+            ca_keys.len()
+        )));
+    }
+    let ca_keys = ca_keys
+        .iter()
+        .map(|text| {
+            PublicKey::from_openssh(text)
+                .map_err(|e| bad_request(format!("leaf CA key is not an OpenSSH public key: {e}")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let admission = Admission {
+        token_id,
+        leaf,
+        ca_keys,
+    };
+    authority.admit(&admission).await?;
+    Ok(admission)
+}
