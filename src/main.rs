@@ -13,11 +13,13 @@ use tokio_util::sync::CancellationToken;
 use tether::agent::allow_list::AllowList;
 use tether::agent::{Agent, AgentConfig, Backoff};
 use tether::client::{DialClient, DialClientConfig};
-use tether::identity::{CertificateAuthority, Identity, TrustStore, parse_ca_keys};
+use tether::identity::{CertificateAuthority, Identity, parse_ca_keys};
 use tether::protocol::{ClusterName, Endpoint, Target};
-use tether::proxy::client_entry::{self, ClientEntryConfig, ClientTokens};
-use tether::proxy::{HeartbeatPolicy, Peer, PeeringConfig, ProxyConfig, ProxyLimits, ProxyServer};
 use tether::stream::StreamLimits;
+
+use cli::shutdown_signal;
+
+mod cli;
 
 #[derive(Parser)]
 #[command(name = "tether", version, about = "Reverse tunnels between clusters")]
@@ -40,7 +42,7 @@ enum Command {
     #[command(subcommand)]
     Cert(CertCommand),
     /// Run a proxy: the tunnel server agents dial into.
-    Proxy(Box<ProxyArgs>),
+    Proxy(Box<cli::proxy::ProxyArgs>),
     /// Run an agent: dial out to the root's proxies and serve dials it allows.
     Agent(AgentArgs),
     /// Reach HOST:PORT in CLUSTER through a proxy, over stdin/stdout (works as ProxyCommand).
@@ -51,6 +53,22 @@ enum Command {
     Operator(tether::operator::OperatorArgs),
     /// Forward a local port to HOST.CLUSTER.tether:PORT through a proxy's client entry (`ssh -L`).
     Forward(ForwardArgs),
+    /// Issue a join token: prints its Secret (for `kubectl apply -f -` in the proxies'
+    /// namespace) on stdout, and the token to give the leaf on stderr.
+    JoinToken(JoinTokenArgs),
+}
+
+#[derive(Args)]
+struct JoinTokenArgs {
+    /// How long the token may be used (`0s`: no expiry, not recommended).
+    #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+    ttl: Duration,
+    /// Allow any number of joins (default: the first join spends the token).
+    #[arg(long)]
+    reusable: bool,
+    /// Namespace of the proxies (the Secret's namespace).
+    #[arg(long)]
+    namespace: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -105,76 +123,6 @@ enum CertCommand {
         #[arg(long)]
         name: String,
     },
-}
-
-#[derive(Args)]
-struct ProxyArgs {
-    /// This (root) cluster's name.
-    #[arg(long, env = "TETHER_CLUSTER")]
-    cluster: ClusterName,
-    /// This replica's ID (its host certificate names it).
-    #[arg(long, env = "TETHER_PROXY_ID")]
-    proxy_id: String,
-    /// Where agents and clients connect. Loopback unless you say otherwise.
-    #[arg(long, default_value = "127.0.0.1:3024")]
-    listen: SocketAddr,
-    /// The host key; its certificate is read from IDENTITY-cert.pub.
-    #[arg(long)]
-    identity: PathBuf,
-    /// Directory of `<cluster>.pub` files: the CAs trusted for each cluster.
-    #[arg(long)]
-    trust_dir: PathBuf,
-    /// Heartbeat interval for agents that ask for none.
-    #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
-    heartbeat_interval: Duration,
-    /// A tunnel is offline, and closed, after this many missed heartbeats.
-    #[arg(long, default_value_t = 3)]
-    missed_heartbeats: u32,
-    /// Another proxy of this cluster, `ID` or `ID=HOST:PORT` (repeatable): announced to agents,
-    /// and, with an address and `--peer-identity`, asked to serve dials this proxy has no
-    /// tunnel for. This proxy is always included.
-    #[arg(long = "peer", value_parser = parse_peer)]
-    peers: Vec<Peer>,
-    /// Client key (certificate from this cluster's CA) used to forward dials to peers.
-    #[arg(long)]
-    peer_identity: Option<PathBuf>,
-    /// Learn peers from this Service's EndpointSlices (in-cluster or KUBECONFIG); the
-    /// proxy's ID should then be its pod name.
-    #[arg(long, env = "TETHER_PEERS_SERVICE")]
-    peers_service: Option<String>,
-    /// Namespace of `--peers-service`.
-    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
-    peers_namespace: String,
-    /// Name of the tunnel port in the Service.
-    #[arg(long, default_value = "tunnel")]
-    peers_port_name: String,
-    /// Allow-list for direct dials into this cluster (none: direct dials refused).
-    #[arg(long = "direct-allow")]
-    direct_allow: Vec<String>,
-    /// Concurrent connections per source IP.
-    #[arg(long, default_value_t = ProxyLimits::default().max_connections_per_ip)]
-    max_connections_per_ip: usize,
-    /// SSH handshakes in progress at once.
-    #[arg(long, default_value_t = ProxyLimits::default().max_handshakes)]
-    max_handshakes: usize,
-    /// Time allowed for a connection to authenticate and set up.
-    #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
-    handshake_timeout: Duration,
-    /// Open streams per tunnel.
-    #[arg(long, default_value_t = ProxyLimits::default().max_streams_per_tunnel)]
-    max_streams_per_tunnel: usize,
-    /// Also serve HTTP CONNECT and SOCKS5 clients here (loopback unless you say otherwise).
-    #[arg(long, requires = "client_tokens")]
-    client_listen: Option<SocketAddr>,
-    /// File of `name:token` lines: the clients allowed on the HTTP CONNECT / SOCKS5 entry.
-    #[arg(long)]
-    client_tokens: Option<PathBuf>,
-    /// Serve /healthz, /readyz and /status here.
-    #[arg(long)]
-    admin_listen: Option<SocketAddr>,
-    /// On SIGTERM, how long streams may finish before the proxy exits.
-    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
-    shutdown_grace: Duration,
 }
 
 #[derive(Args)]
@@ -264,7 +212,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Cert(cert) => issue(cert),
-        Command::Proxy(args) => run_proxy(*args).await,
+        Command::Proxy(args) => cli::proxy::run(*args).await,
         Command::Agent(args) => run_agent(args).await,
         Command::Dial(args) => run_dial(args).await,
         Command::Crd => {
@@ -273,6 +221,28 @@ async fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::Operator(args) => tether::operator::run_cli(args).await,
         Command::Forward(args) => run_forward(args).await,
+        Command::JoinToken(args) => {
+            let token = tether::protocol::join::JoinToken::generate();
+            let expires = (!args.ttl.is_zero()).then(|| std::time::SystemTime::now() + args.ttl);
+            let secret = tether::operator::root::tokens::token_secret(
+                &token,
+                args.namespace.as_deref(),
+                expires,
+                args.reusable,
+            );
+            print!("{}", serde_yaml::to_string(&secret)?);
+            eprintln!(
+                "join token {} ({}); on the leaf:\n  kubectl create secret generic root-join-token --from-literal=token={}",
+                token,
+                if args.reusable {
+                    "reusable"
+                } else {
+                    "single use"
+                },
+                token.reveal()
+            );
+            Ok(())
+        }
     }
 }
 
@@ -349,117 +319,6 @@ fn read_cas(path: &Path) -> anyhow::Result<Vec<tether::identity::PublicKey>> {
     Ok(parse_ca_keys(&text, path)?)
 }
 
-async fn run_proxy(args: ProxyArgs) -> anyhow::Result<()> {
-    let trust = TrustStore::load_dir(&args.trust_dir)?;
-    let direct = if args.direct_allow.is_empty() {
-        None
-    } else {
-        Some(Arc::new(AllowList::parse(&args.direct_allow)?))
-    };
-    let config = ProxyConfig {
-        cluster: args.cluster,
-        proxy_id: args.proxy_id.clone(),
-        listen: args.listen,
-        host_identity: Arc::new(Identity::load(&args.identity)?),
-        trust: Arc::new(ArcSwap::from_pointee(trust)),
-        heartbeat: HeartbeatPolicy {
-            interval: args.heartbeat_interval,
-            missed: args.missed_heartbeats,
-            ..HeartbeatPolicy::default()
-        },
-        limits: ProxyLimits {
-            max_connections_per_ip: args.max_connections_per_ip,
-            max_handshakes: args.max_handshakes,
-            handshake_timeout: args.handshake_timeout,
-            max_streams_per_tunnel: args.max_streams_per_tunnel,
-            ..ProxyLimits::default()
-        },
-        stream: StreamLimits::default(),
-        direct,
-        peering: match &args.peer_identity {
-            Some(path) => Some(PeeringConfig {
-                identity: Arc::new(Identity::load(path)?),
-            }),
-            None => None,
-        },
-        join: None,
-    };
-    let proxy = ProxyServer::start(config).await?;
-    let mut peers = vec![Peer {
-        id: args.proxy_id.clone(),
-        addr: Some(proxy.local_addr()),
-        generation: 0,
-    }];
-    peers.extend(args.peers.into_iter().filter(|p| p.id != args.proxy_id));
-    proxy.set_peers(peers.clone());
-    println!("listening on {}", proxy.local_addr());
-    let proxy = Arc::new(proxy);
-    if let Some(service) = args.peers_service.clone() {
-        let (watched, me) = (proxy.clone(), peers[0].clone());
-        tokio::spawn(async move {
-            let sink = move |mut found: Vec<Peer>| {
-                // Until this pod is ready, its own endpoint is missing; it is a peer all the same.
-                if !found.iter().any(|p| p.id == me.id) {
-                    found.push(me.clone());
-                }
-                watched.set_peers(found);
-            };
-            let namespace = args.peers_namespace;
-            let port_name = Some(args.peers_port_name);
-            if let Err(e) = tether::operator::endpoints::watch_peers_default(
-                namespace, service, port_name, sink,
-            )
-            .await
-            {
-                tracing::error!(error = %e, "cannot watch the proxies' EndpointSlices");
-            }
-        });
-    }
-    let stop = CancellationToken::new();
-    let entry = match (&args.client_listen, &args.client_tokens) {
-        (Some(listen), Some(tokens)) => {
-            let config = ClientEntryConfig {
-                listen: *listen,
-                ..ClientEntryConfig::new(ClientTokens::load(tokens)?)
-            };
-            let listener = config.bind().await?;
-            println!(
-                "client entry (HTTP CONNECT, SOCKS5) on {}",
-                listener.local_addr()?
-            );
-            let stopped = stop.clone();
-            Some(tokio::spawn(client_entry::serve(
-                listener,
-                Arc::new(config),
-                Arc::new(proxy.dialer()),
-                async move { stopped.cancelled().await },
-            )))
-        }
-        _ => None,
-    };
-    // The admin endpoint outlives the drain, so load balancers see /readyz fail meanwhile.
-    let admin_stop = CancellationToken::new();
-    if let Some(addr) = args.admin_listen {
-        let listener = tokio::net::TcpListener::bind(addr).await?;
-        println!("admin endpoint on {}", listener.local_addr()?);
-        let stopped = admin_stop.clone();
-        tokio::spawn(tether::admin::serve(
-            listener,
-            proxy.shared().clone(),
-            async move { stopped.cancelled().await },
-        ));
-    }
-    shutdown_signal().await;
-    stop.cancel();
-    tracing::info!(grace = ?args.shutdown_grace, "draining");
-    proxy.shutdown(args.shutdown_grace).await;
-    admin_stop.cancel();
-    if let Some(entry) = entry {
-        entry.abort();
-    }
-    Ok(())
-}
-
 async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
     let config = AgentConfig {
         cluster: args.cluster,
@@ -510,43 +369,4 @@ async fn run_dial(args: DialArgs) -> anyhow::Result<()> {
     let stdio = tokio::io::join(tokio::io::stdin(), tokio::io::stdout());
     client.splice(&target, stdio).await?;
     Ok(())
-}
-
-fn parse_peer(text: &str) -> Result<Peer, String> {
-    let (id, addr) = match text.split_once('=') {
-        Some((id, addr)) => {
-            let addr = addr
-                .parse()
-                .map_err(|e| format!("peer address {addr:?}: {e}"))?;
-            (id, Some(addr))
-        }
-        None => (text, None),
-    };
-    tether::identity::validate_proxy_id(id).map_err(|e| format!("peer ID {id:?}: {e}"))?;
-    Ok(Peer {
-        id: id.to_owned(),
-        addr,
-        generation: 0,
-    })
-}
-
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(_) => {
-                    let _ = ctrl_c.await;
-                    return;
-                }
-            };
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
 }

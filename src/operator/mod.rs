@@ -18,6 +18,7 @@ pub mod endpoints;
 pub mod error;
 pub mod leader;
 pub mod resolve;
+pub mod root;
 pub mod status;
 
 use std::path::PathBuf;

@@ -1,5 +1,6 @@
-//! `RemoteCluster`: the root side's view of one leaf, written by the proxies. Types only:
-//! the proxy-side status writer comes later.
+//! `RemoteCluster`: the root side's record of one leaf. A join creates it (the leaf's CA is
+//! in its spec, so every proxy replica trusts the leaf's agents); each proxy replica writes its
+//! own entry of the status by server-side apply, under its own field manager.
 
 #![allow(
     clippy::duplicated_attributes,
@@ -10,10 +11,8 @@ use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::Condition;
-
-/// A leaf cluster known to the root. Proxies report in its status whether the leaf is online
-/// and which replicas hold its tunnels.
+/// A leaf cluster the root trusts; the object's name is the leaf's cluster name. Deleting it
+/// revokes the trust: every proxy closes the leaf's tunnels and refuses its agents.
 #[derive(CustomResource, JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[kube(
     group = "tether.dev",
@@ -24,11 +23,23 @@ use super::Condition;
     category = "tether",
     namespaced,
     status = "RemoteClusterStatus",
-    printcolumn(name = "Status", type_ = "string", json_path = ".status.connection"),
+    printcolumn(
+        name = "Held By",
+        type_ = "string",
+        json_path = ".status.proxies[*].proxyId",
+        description = "Proxy replicas holding tunnels from the leaf"
+    ),
+    printcolumn(
+        name = "Tunnels",
+        type_ = "string",
+        json_path = ".status.proxies[*].tunnels",
+        description = "Tunnels each of those replicas holds"
+    ),
     printcolumn(
         name = "Last Heartbeat",
-        type_ = "date",
-        json_path = ".status.lastHeartbeat"
+        type_ = "string",
+        json_path = ".status.proxies[*].lastHeartbeat",
+        priority = 1
     ),
     printcolumn(
         name = "Age",
@@ -38,51 +49,47 @@ use super::Condition;
 )]
 #[serde(rename_all = "camelCase")]
 pub struct RemoteClusterSpec {
-    /// The leaf's cluster name (its agents' certificates carry it). Defaults to the object's
-    /// name when empty.
+    /// The leaf's CA public keys (OpenSSH format); agents with certificates they sign are
+    /// admitted as this cluster. Several during a CA rotation.
+    #[schemars(length(min = 1, max = 8), inner(length(min = 16, max = 8192)))]
+    pub ca_keys: Vec<String>,
+    /// ID of the join token the leaf joined with (the secret half is never stored here).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 1, max = 63))]
-    pub cluster_name: Option<String>,
+    #[schemars(length(max = 16))]
+    pub join_token: Option<String>,
 }
 
-/// Whether a leaf is reachable.
+/// Whether a replica's tunnels from the leaf keep their heartbeats.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
 pub enum Connection {
     /// At least one tunnel keeps its heartbeats.
     Online,
-    /// No tunnel, or every tunnel missed its heartbeats.
+    /// Every tunnel missed its heartbeats.
     Offline,
 }
 
-/// One proxy replica holding tunnels from the leaf.
+/// One proxy replica holding tunnels from the leaf; written by that replica only.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ProxyHolding {
-    /// The proxy replica's ID.
+    /// The proxy replica's ID (its pod name).
     pub proxy_id: String,
+    /// Online or Offline, as this replica sees the leaf.
+    pub connection: Connection,
     /// How many tunnels from the leaf it holds.
     pub tunnels: u32,
-    /// That proxy's latest heartbeat from the leaf (RFC 3339).
+    /// That replica's latest heartbeat from the leaf (RFC 3339), refreshed at most every few
+    /// minutes to keep a steady state free of writes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_heartbeat: Option<String>,
 }
 
-/// Written by the proxies, each under its own field manager.
+/// Which replicas hold the leaf's tunnels. No entry: no replica holds one (offline).
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RemoteClusterStatus {
-    /// Online or Offline.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub connection: Option<Connection>,
-    /// The latest heartbeat any proxy saw (RFC 3339).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub last_heartbeat: Option<String>,
-    /// The proxies holding tunnels from this leaf.
+    /// One entry per replica holding tunnels from this leaf, keyed by `proxyId`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["proxyId"]))]
     pub proxies: Vec<ProxyHolding>,
-    /// `Online`, per API conventions.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
-    pub conditions: Vec<Condition>,
 }

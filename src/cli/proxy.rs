@@ -1,0 +1,298 @@
+//! `tether proxy`: a root proxy replica, on its own or with its state in Kubernetes.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use clap::Args;
+use tokio_util::sync::CancellationToken;
+
+use tether::agent::allow_list::AllowList;
+use tether::identity::{CertificateAuthority, Identity, TrustStore};
+use tether::protocol::ClusterName;
+use tether::proxy::client_entry::{self, ClientEntryConfig, ClientTokens};
+use tether::proxy::{
+    HeartbeatPolicy, JoinAuthority, Peer, PeeringConfig, ProxyConfig, ProxyLimits, ProxyServer,
+};
+use tether::stream::StreamLimits;
+
+use super::shutdown_signal;
+
+/// Validity of the certificates a proxy issues itself with `--ca`. The proxy re-issues them
+/// at every start, and Kubernetes restarts pods at every rollout; a replica running longer
+/// than this must be restarted (its host certificate would expire).
+pub const SELF_ISSUED_VALIDITY: Duration = Duration::from_secs(365 * 24 * 3600);
+
+#[derive(Args)]
+pub struct ProxyArgs {
+    /// This (root) cluster's name.
+    #[arg(long, env = "TETHER_CLUSTER")]
+    cluster: ClusterName,
+    /// This replica's ID (its host certificate names it).
+    #[arg(long, env = "TETHER_PROXY_ID")]
+    proxy_id: String,
+    /// Where agents and clients connect. Loopback unless you say otherwise.
+    #[arg(long, default_value = "127.0.0.1:3024")]
+    listen: SocketAddr,
+    /// The host key; its certificate is read from IDENTITY-cert.pub.
+    #[arg(long, required_unless_present = "ca", conflicts_with = "ca")]
+    identity: Option<PathBuf>,
+    /// This cluster's CA private key: the proxy issues its own host certificate
+    /// (`<proxy-id>.<cluster>`) and peering client certificate from it at start, and trusts
+    /// the CA for clients. What a Deployment uses, as replicas' IDs are pod names.
+    #[arg(long, env = "TETHER_CA")]
+    ca: Option<PathBuf>,
+    /// Directory of `<cluster>.pub` files: the CAs trusted for each cluster. Optional with
+    /// `--ca` and `--kubernetes`, which supply the root's CA and the leaves' CAs.
+    #[arg(long, required_unless_present_all = ["ca", "kubernetes"])]
+    trust_dir: Option<PathBuf>,
+    /// Keep the root's state in Kubernetes, in `--namespace`: trust the leaves that
+    /// RemoteCluster objects name, accept joins with tokens kept in Secrets, and write this
+    /// replica's tunnels into RemoteCluster status. In-cluster, or `KUBECONFIG`.
+    #[arg(long, env = "TETHER_KUBERNETES")]
+    kubernetes: bool,
+    /// Heartbeat interval for agents that ask for none.
+    #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
+    heartbeat_interval: Duration,
+    /// A tunnel is offline, and closed, after this many missed heartbeats.
+    #[arg(long, default_value_t = 3)]
+    missed_heartbeats: u32,
+    /// Another proxy of this cluster, `ID` or `ID=HOST:PORT` (repeatable): announced to agents,
+    /// and, with an address and `--peer-identity`, asked to serve dials this proxy has no
+    /// tunnel for. This proxy is always included.
+    #[arg(long = "peer", value_parser = parse_peer)]
+    peers: Vec<Peer>,
+    /// Client key (certificate from this cluster's CA) used to forward dials to peers.
+    #[arg(long)]
+    peer_identity: Option<PathBuf>,
+    /// Learn peers from this Service's EndpointSlices (in-cluster or KUBECONFIG); the
+    /// proxy's ID should then be its pod name.
+    #[arg(long, env = "TETHER_PEERS_SERVICE")]
+    peers_service: Option<String>,
+    /// Namespace of `--peers-service` and of the `--kubernetes` state.
+    #[arg(
+        long,
+        alias = "peers-namespace",
+        env = "POD_NAMESPACE",
+        default_value = "default"
+    )]
+    namespace: String,
+    /// Name of the tunnel port in the Service.
+    #[arg(long, default_value = "tunnel")]
+    peers_port_name: String,
+    /// Allow-list for direct dials into this cluster (none: direct dials refused).
+    #[arg(long = "direct-allow")]
+    direct_allow: Vec<String>,
+    /// Concurrent connections per source IP.
+    #[arg(long, default_value_t = ProxyLimits::default().max_connections_per_ip)]
+    max_connections_per_ip: usize,
+    /// SSH handshakes in progress at once.
+    #[arg(long, default_value_t = ProxyLimits::default().max_handshakes)]
+    max_handshakes: usize,
+    /// Time allowed for a connection to authenticate and set up.
+    #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
+    handshake_timeout: Duration,
+    /// Open streams per tunnel.
+    #[arg(long, default_value_t = ProxyLimits::default().max_streams_per_tunnel)]
+    max_streams_per_tunnel: usize,
+    /// Also serve HTTP CONNECT and SOCKS5 clients here (loopback unless you say otherwise).
+    #[arg(long, requires = "client_tokens")]
+    client_listen: Option<SocketAddr>,
+    /// File of `name:token` lines: the clients allowed on the HTTP CONNECT / SOCKS5 entry.
+    #[arg(long)]
+    client_tokens: Option<PathBuf>,
+    /// Serve /healthz, /readyz and /status here.
+    #[arg(long)]
+    admin_listen: Option<SocketAddr>,
+    /// On SIGTERM, how long streams may finish before the proxy exits.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    shutdown_grace: Duration,
+}
+
+pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
+    let ca = match &args.ca {
+        Some(path) => Some(CertificateAuthority::load(path, args.cluster.clone())?),
+        None => None,
+    };
+    let mut trust = match &args.trust_dir {
+        Some(dir) => TrustStore::load_dir(dir)?,
+        None => TrustStore::new(),
+    };
+    if let Some(ca) = &ca {
+        trust.insert(args.cluster.clone(), ca.public_key().clone());
+    }
+    let (host_identity, peering_identity) = identities(&args, ca.as_ref())?;
+    let direct = if args.direct_allow.is_empty() {
+        None
+    } else {
+        Some(Arc::new(AllowList::parse(&args.direct_allow)?))
+    };
+    let kube = if args.kubernetes {
+        Some(kube::Client::try_default().await?)
+    } else {
+        None
+    };
+    let config = ProxyConfig {
+        cluster: args.cluster.clone(),
+        proxy_id: args.proxy_id.clone(),
+        listen: args.listen,
+        host_identity: Arc::new(host_identity),
+        trust: Arc::new(ArcSwap::from_pointee(trust.clone())),
+        heartbeat: HeartbeatPolicy {
+            interval: args.heartbeat_interval,
+            missed: args.missed_heartbeats,
+            ..HeartbeatPolicy::default()
+        },
+        limits: ProxyLimits {
+            max_connections_per_ip: args.max_connections_per_ip,
+            max_handshakes: args.max_handshakes,
+            handshake_timeout: args.handshake_timeout,
+            max_streams_per_tunnel: args.max_streams_per_tunnel,
+            ..ProxyLimits::default()
+        },
+        stream: StreamLimits::default(),
+        direct,
+        peering: peering_identity.map(|identity| PeeringConfig {
+            identity: Arc::new(identity),
+        }),
+        join: kube.as_ref().map(|client| {
+            Arc::new(tether::operator::root::KubeJoinAuthority::new(
+                client.clone(),
+                &args.namespace,
+            )) as Arc<dyn JoinAuthority>
+        }),
+    };
+    let proxy = ProxyServer::start(config).await?;
+    let mut peers = vec![Peer {
+        id: args.proxy_id.clone(),
+        addr: Some(proxy.local_addr()),
+        generation: 0,
+    }];
+    peers.extend(args.peers.into_iter().filter(|p| p.id != args.proxy_id));
+    proxy.set_peers(peers.clone());
+    println!("listening on {}", proxy.local_addr());
+    let proxy = Arc::new(proxy);
+    let root_state = CancellationToken::new();
+    let root_task = kube.map(|client| {
+        tokio::spawn(tether::operator::root::run(
+            client,
+            args.namespace.clone(),
+            proxy.clone(),
+            trust,
+            root_state.clone(),
+        ))
+    });
+    if let Some(service) = args.peers_service.clone() {
+        let (watched, me) = (proxy.clone(), peers[0].clone());
+        tokio::spawn(async move {
+            let sink = move |mut found: Vec<Peer>| {
+                // Until this pod is ready, its own endpoint is missing; it is a peer all the same.
+                if !found.iter().any(|p| p.id == me.id) {
+                    found.push(me.clone());
+                }
+                watched.set_peers(found);
+            };
+            let namespace = args.namespace.clone();
+            let port_name = Some(args.peers_port_name);
+            if let Err(e) = tether::operator::endpoints::watch_peers_default(
+                namespace, service, port_name, sink,
+            )
+            .await
+            {
+                tracing::error!(error = %e, "cannot watch the proxies' EndpointSlices");
+            }
+        });
+    }
+    let stop = CancellationToken::new();
+    let entry = match (&args.client_listen, &args.client_tokens) {
+        (Some(listen), Some(tokens)) => {
+            let config = ClientEntryConfig {
+                listen: *listen,
+                ..ClientEntryConfig::new(ClientTokens::load(tokens)?)
+            };
+            let listener = config.bind().await?;
+            println!(
+                "client entry (HTTP CONNECT, SOCKS5) on {}",
+                listener.local_addr()?
+            );
+            let stopped = stop.clone();
+            Some(tokio::spawn(client_entry::serve(
+                listener,
+                Arc::new(config),
+                Arc::new(proxy.dialer()),
+                async move { stopped.cancelled().await },
+            )))
+        }
+        _ => None,
+    };
+    // The admin endpoint outlives the drain, so load balancers see /readyz fail meanwhile.
+    let admin_stop = CancellationToken::new();
+    if let Some(addr) = args.admin_listen {
+        let listener = tokio::net::TcpListener::bind(addr).await?;
+        println!("admin endpoint on {}", listener.local_addr()?);
+        let stopped = admin_stop.clone();
+        tokio::spawn(tether::admin::serve(
+            listener,
+            proxy.shared().clone(),
+            async move { stopped.cancelled().await },
+        ));
+    }
+    shutdown_signal().await;
+    stop.cancel();
+    tracing::info!(grace = ?args.shutdown_grace, "draining");
+    proxy.shutdown(args.shutdown_grace).await;
+    root_state.cancel();
+    if let Some(task) = root_task {
+        let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
+    }
+    admin_stop.cancel();
+    if let Some(entry) = entry {
+        entry.abort();
+    }
+    Ok(())
+}
+
+fn parse_peer(text: &str) -> Result<Peer, String> {
+    let (id, addr) = match text.split_once('=') {
+        Some((id, addr)) => {
+            let addr = addr
+                .parse()
+                .map_err(|e| format!("peer address {addr:?}: {e}"))?;
+            (id, Some(addr))
+        }
+        None => (text, None),
+    };
+    tether::identity::validate_proxy_id(id).map_err(|e| format!("peer ID {id:?}: {e}"))?;
+    Ok(Peer {
+        id: id.to_owned(),
+        addr,
+        generation: 0,
+    })
+}
+
+/// The host identity and the peering client identity: from files, or issued from `--ca`.
+fn identities(
+    args: &ProxyArgs,
+    ca: Option<&CertificateAuthority>,
+) -> anyhow::Result<(Identity, Option<Identity>)> {
+    match (ca, &args.identity) {
+        (Some(ca), _) => Ok((
+            Identity::generate_host(ca, &args.proxy_id, SELF_ISSUED_VALIDITY)?,
+            Some(Identity::generate_client(
+                ca,
+                &format!("proxy-{}", args.proxy_id),
+                SELF_ISSUED_VALIDITY,
+            )?),
+        )),
+        (None, Some(path)) => Ok((
+            Identity::load(path)?,
+            match &args.peer_identity {
+                Some(path) => Some(Identity::load(path)?),
+                None => None,
+            },
+        )),
+        (None, None) => anyhow::bail!("--identity or --ca is required"),
+    }
+}

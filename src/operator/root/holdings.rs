@@ -1,0 +1,207 @@
+//! Each proxy replica's entry in `RemoteCluster` status: which leaves it holds tunnels from.
+//!
+//! Every replica writes only its own entry of `status.proxies` (a list keyed by `proxyId`) by
+//! server-side apply under its own field manager, so replicas never overwrite each other and
+//! need no coordination. An entry is written when its tunnel count or connection changes,
+//! and its heartbeat time refreshed at most every [`HEARTBEAT_REFRESH`], so a steady root
+//! makes no writes. When a replica holds no tunnel from a leaf, it applies nothing for it and
+//! its entry goes away.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use kube::Api;
+use kube::api::{ListParams, Patch, PatchParams};
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use crate::operator::crd::RemoteCluster;
+use crate::operator::crd::remote_cluster::{Connection, ProxyHolding};
+use crate::proxy::{ProxyServer, SiteInfo, SiteStatus};
+
+/// How often an unchanged entry's `lastHeartbeat` is refreshed.
+pub const HEARTBEAT_REFRESH: Duration = Duration::from_secs(300);
+/// How often the sites are looked at even without a change notice (offline transitions).
+const RECHECK: Duration = Duration::from_secs(10);
+/// Changes closer together than this are written once.
+const DEBOUNCE: Duration = Duration::from_millis(200);
+
+/// The field manager of one replica's status writes.
+pub fn field_manager(proxy_id: &str) -> String {
+    format!("tether-proxy-{proxy_id}")
+}
+
+/// This replica's entry for one site, or `None` when it holds no tunnel from it.
+pub fn holding(proxy_id: &str, site: &SiteInfo) -> Option<ProxyHolding> {
+    if site.tunnels.is_empty() {
+        return None;
+    }
+    let last = site.tunnels.iter().map(|t| t.last_heartbeat).max();
+    Some(ProxyHolding {
+        proxy_id: proxy_id.to_owned(),
+        connection: if site.status == SiteStatus::Online {
+            Connection::Online
+        } else {
+            Connection::Offline
+        },
+        tunnels: u32::try_from(site.tunnels.len()).unwrap_or(u32::MAX),
+        last_heartbeat: last.map(|t| humantime::format_rfc3339_seconds(t).to_string()),
+    })
+}
+
+/// What was last written for one leaf, and when.
+struct Written {
+    entry: Option<ProxyHolding>,
+    at: SystemTime,
+}
+
+fn needs_write(previous: Option<&Written>, entry: Option<&ProxyHolding>, now: SystemTime) -> bool {
+    let Some(previous) = previous else {
+        return entry.is_some();
+    };
+    match (previous.entry.as_ref(), entry) {
+        (None, None) => false,
+        (Some(a), Some(b)) => {
+            a.connection != b.connection
+                || a.tunnels != b.tunnels
+                || now.duration_since(previous.at).unwrap_or_default() >= HEARTBEAT_REFRESH
+        }
+        _ => true,
+    }
+}
+
+/// Writes `proxy`'s entries into the `RemoteCluster` objects of `api` until `shutdown`, then
+/// removes them (best effort).
+pub async fn write_holdings(
+    api: Api<RemoteCluster>,
+    proxy_id: String,
+    proxy: Arc<ProxyServer>,
+    shutdown: CancellationToken,
+) {
+    let params = PatchParams::apply(&field_manager(&proxy_id));
+    let mut written: BTreeMap<String, Written> = BTreeMap::new();
+    // Entries a previous run of this replica left behind are corrected on the first pass.
+    match api.list(&ListParams::default()).await {
+        Ok(list) => {
+            for rc in list {
+                let mine = rc
+                    .status
+                    .and_then(|s| s.proxies.into_iter().find(|p| p.proxy_id == proxy_id));
+                if let (Some(name), Some(entry)) = (rc.metadata.name, mine) {
+                    written.insert(
+                        name,
+                        Written {
+                            entry: Some(entry),
+                            at: SystemTime::UNIX_EPOCH,
+                        },
+                    );
+                }
+            }
+        }
+        Err(e) => warn!(error = %e, "listing RemoteClusters"),
+    }
+    let mut changes = proxy.sites().subscribe();
+    loop {
+        let now = SystemTime::now();
+        let mut current: BTreeMap<String, ProxyHolding> = proxy
+            .sites()
+            .list()
+            .iter()
+            .filter_map(|site| Some((site.name.to_string(), holding(&proxy_id, site)?)))
+            .collect();
+        let leaves: Vec<String> = written.keys().chain(current.keys()).cloned().collect();
+        for leaf in leaves {
+            let entry = current.remove(&leaf);
+            if !needs_write(written.get(&leaf), entry.as_ref(), now) {
+                continue;
+            }
+            match apply(&api, &params, &leaf, entry.as_ref()).await {
+                Ok(()) => {
+                    written.insert(leaf, Written { entry, at: now });
+                }
+                // A leaf trusted without a RemoteCluster (a static trust directory).
+                Err(kube::Error::Api(status)) if status.code == 404 => {
+                    written.insert(leaf, Written { entry, at: now });
+                }
+                Err(e) => warn!(%leaf, error = %e, "writing RemoteCluster status"),
+            }
+        }
+        written.retain(|_, w| w.entry.is_some());
+        tokio::select! {
+            () = shutdown.cancelled() => break,
+            _ = changes.changed() => tokio::time::sleep(DEBOUNCE).await,
+            () = tokio::time::sleep(RECHECK) => {}
+        }
+    }
+    for leaf in written.keys() {
+        let removed =
+            tokio::time::timeout(Duration::from_secs(5), apply(&api, &params, leaf, None));
+        if !matches!(removed.await, Ok(Ok(()))) {
+            debug!(%leaf, "could not remove this replica's status entry");
+        }
+    }
+}
+
+/// Applies this replica's entry for `leaf`; `None` drops it.
+async fn apply(
+    api: &Api<RemoteCluster>,
+    params: &PatchParams,
+    leaf: &str,
+    entry: Option<&ProxyHolding>,
+) -> Result<(), kube::Error> {
+    let proxies: Vec<&ProxyHolding> = entry.into_iter().collect();
+    let patch = json!({
+        "apiVersion": "tether.dev/v1alpha1",
+        "kind": "RemoteCluster",
+        "metadata": { "name": leaf },
+        "status": { "proxies": proxies },
+    });
+    api.patch_status(leaf, params, &Patch::Apply(&patch))
+        .await
+        .map(|_| ())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(tunnels: u32, connection: Connection) -> ProxyHolding {
+        ProxyHolding {
+            proxy_id: "p1".into(),
+            connection,
+            tunnels,
+            last_heartbeat: None,
+        }
+    }
+
+    #[test]
+    fn writes_only_changes_and_rare_heartbeat_refreshes() {
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let online = entry(1, Connection::Online);
+        assert!(needs_write(None, Some(&online), t0));
+        assert!(!needs_write(None, None, t0));
+        let w = Written {
+            entry: Some(online.clone()),
+            at: t0,
+        };
+        assert!(!needs_write(
+            Some(&w),
+            Some(&online),
+            t0 + Duration::from_secs(60)
+        ));
+        assert!(needs_write(Some(&w), Some(&online), t0 + HEARTBEAT_REFRESH));
+        assert!(needs_write(
+            Some(&w),
+            Some(&entry(2, Connection::Online)),
+            t0
+        ));
+        assert!(needs_write(
+            Some(&w),
+            Some(&entry(1, Connection::Offline)),
+            t0
+        ));
+        assert!(needs_write(Some(&w), None, t0));
+    }
+}

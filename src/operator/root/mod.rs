@@ -1,0 +1,45 @@
+//! The root side in Kubernetes: what `tether proxy --kubernetes` runs next to the proxy.
+//!
+//! - [`tokens`]: join tokens in Secrets, joined leaves recorded as `RemoteCluster` objects
+//!   (the proxy's [`JoinAuthority`](crate::proxy::JoinAuthority));
+//! - [`trust`]: the proxy's trust store follows those `RemoteCluster` objects;
+//! - [`holdings`]: each replica reports in `RemoteCluster` status which leaves it holds.
+//!
+//! Everything lives in the proxies' own namespace, so their RBAC is a namespaced Role.
+
+pub mod holdings;
+pub mod tokens;
+pub mod trust;
+
+use std::sync::Arc;
+
+use kube::{Api, Client};
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, info_span};
+
+use crate::identity::TrustStore;
+use crate::operator::crd::RemoteCluster;
+use crate::proxy::ProxyServer;
+
+pub use tokens::KubeJoinAuthority;
+
+/// Follows `RemoteCluster` objects into `proxy`'s trust store (on top of `base`) and writes
+/// this replica's status entries, until `shutdown`.
+pub async fn run(
+    client: Client,
+    namespace: String,
+    proxy: Arc<ProxyServer>,
+    base: TrustStore,
+    shutdown: CancellationToken,
+) {
+    let api: Api<RemoteCluster> = Api::namespaced(client, &namespace);
+    let proxy_id = proxy.shared().config.proxy_id.clone();
+    let follow = trust::follow_remote_clusters(api.clone(), base, proxy.clone())
+        .instrument(info_span!("remote_clusters", %namespace));
+    let write = holdings::write_holdings(api, proxy_id, proxy, shutdown.clone())
+        .instrument(info_span!("holdings", %namespace));
+    tokio::select! {
+        () = follow => {}
+        () = async { tokio::join!(write, shutdown.cancelled()); } => {}
+    }
+}

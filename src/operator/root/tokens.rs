@@ -1,0 +1,285 @@
+//! Join tokens kept as Secrets, and the [`JoinAuthority`] that checks them and records
+//! joined leaves as `RemoteCluster` objects.
+//!
+//! A token is a Secret named `tether-join-<ID>` of type [`TOKEN_SECRET_TYPE`] in the proxies'
+//! namespace (as kubeadm keeps bootstrap tokens). Proxies read it by name, so their RBAC needs
+//! `get` on Secrets but never `list`; a single-use token is spent by a patch conditional on
+//! the Secret's `resourceVersion`, so two replicas admitting the same token at once cannot
+//! both succeed.
+
+use std::collections::BTreeMap;
+use std::time::SystemTime;
+
+use futures::future::BoxFuture;
+use k8s_openapi::api::core::v1::Secret;
+use kube::Api;
+use kube::api::{ObjectMeta, Patch, PatchParams, PostParams};
+use serde_json::json;
+
+use crate::operator::crd::{RemoteCluster, RemoteClusterSpec};
+use crate::protocol::join::{JoinRefusal, JoinToken};
+use crate::proxy::{Admission, JoinAuthority, Refused};
+
+/// The `type` of a join token Secret.
+pub const TOKEN_SECRET_TYPE: &str = "tether.dev/join-token";
+/// Label on token Secrets, to list them (`kubectl get secrets -l tether.dev/join-token`).
+pub const TOKEN_LABEL: &str = "tether.dev/join-token";
+/// Label on a `RemoteCluster`: the token it joined with.
+pub const JOINED_WITH_LABEL: &str = "tether.dev/joined-with";
+
+const KEY_ID: &str = "token-id";
+const KEY_SECRET: &str = "token-secret";
+const KEY_EXPIRATION: &str = "expiration";
+const KEY_USAGE: &str = "usage";
+const KEY_USED_BY: &str = "used-by";
+const KEY_USED_AT: &str = "used-at";
+const SINGLE_USE: &str = "single-use";
+const REUSABLE: &str = "reusable";
+
+/// The Secret name of the token with this ID.
+pub fn secret_name(id: &str) -> String {
+    format!("tether-join-{id}")
+}
+
+/// The Secret that issues `token`: what `tether join-token` prints for `kubectl apply`.
+pub fn token_secret(
+    token: &JoinToken,
+    namespace: Option<&str>,
+    expires: Option<SystemTime>,
+    reusable: bool,
+) -> Secret {
+    let mut data = BTreeMap::from([
+        (KEY_ID.to_owned(), token.id().to_owned()),
+        (KEY_SECRET.to_owned(), token.secret().to_owned()),
+        (
+            KEY_USAGE.to_owned(),
+            if reusable { REUSABLE } else { SINGLE_USE }.to_owned(),
+        ),
+    ]);
+    if let Some(at) = expires {
+        data.insert(KEY_EXPIRATION.to_owned(), rfc3339(at));
+    }
+    Secret {
+        metadata: ObjectMeta {
+            name: Some(secret_name(token.id())),
+            namespace: namespace.map(str::to_owned),
+            labels: Some(BTreeMap::from([(
+                TOKEN_LABEL.to_owned(),
+                "true".to_owned(),
+            )])),
+            ..ObjectMeta::default()
+        },
+        type_: Some(TOKEN_SECRET_TYPE.to_owned()),
+        string_data: Some(data),
+        ..Secret::default()
+    }
+}
+
+fn rfc3339(t: SystemTime) -> String {
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+/// A token Secret, read back.
+struct StoredToken {
+    token: JoinToken,
+    single_use: bool,
+    used_by: Option<String>,
+    used_at: Option<String>,
+    resource_version: Option<String>,
+}
+
+/// Tokens in Secrets, joined leaves in `RemoteCluster` objects, all in one namespace.
+pub struct KubeJoinAuthority {
+    secrets: Api<Secret>,
+    remotes: Api<RemoteCluster>,
+    namespace: String,
+}
+
+impl KubeJoinAuthority {
+    pub fn new(client: kube::Client, namespace: &str) -> Self {
+        Self {
+            secrets: Api::namespaced(client.clone(), namespace),
+            remotes: Api::namespaced(client, namespace),
+            namespace: namespace.to_owned(),
+        }
+    }
+
+    async fn load(&self, id: &str) -> Result<StoredToken, Refused> {
+        let name = secret_name(id);
+        let secret = self
+            .secrets
+            .get_opt(&name)
+            .await
+            .map_err(|e| unavailable(format!("reading Secret {}/{name}: {e}", self.namespace)))?
+            .filter(|s| s.type_.as_deref() == Some(TOKEN_SECRET_TYPE))
+            .ok_or_else(|| {
+                Refused::new(
+                    JoinRefusal::TokenUnknown,
+                    format!(
+                        "join token {id} does not exist (never issued, or deleted); ask the root's administrator for a new one"
+                    ),
+                )
+            })?;
+        let data = secret.data.unwrap_or_default();
+        let field = |key: &str| {
+            data.get(key)
+                .and_then(|v| String::from_utf8(v.0.clone()).ok())
+        };
+        let invalid = |what: &str| {
+            Refused::new(
+                JoinRefusal::TokenUnknown,
+                format!("join token {id}'s Secret {name} is malformed ({what}); reissue it"),
+            )
+        };
+        if field(KEY_ID).as_deref() != Some(id) {
+            return Err(invalid("token-id does not match its name"));
+        }
+        let token = field(KEY_SECRET)
+            .and_then(|secret| JoinToken::from_parts(id, secret.trim()).ok())
+            .ok_or_else(|| invalid("token-secret"))?;
+        if let Some(expiration) = field(KEY_EXPIRATION) {
+            let at = humantime::parse_rfc3339_weak(expiration.trim())
+                .map_err(|_| invalid("expiration is not RFC 3339"))?;
+            if SystemTime::now() > at {
+                return Err(Refused::new(
+                    JoinRefusal::TokenExpired,
+                    format!("join token {id} expired at {}", expiration.trim()),
+                ));
+            }
+        }
+        let single_use = match field(KEY_USAGE).as_deref().map(str::trim) {
+            None | Some(SINGLE_USE) => true,
+            Some(REUSABLE) => false,
+            Some(_) => return Err(invalid("usage is neither single-use nor reusable")),
+        };
+        Ok(StoredToken {
+            token,
+            single_use,
+            used_by: field(KEY_USED_BY),
+            used_at: field(KEY_USED_AT),
+            resource_version: secret.metadata.resource_version,
+        })
+    }
+
+    /// Refuses `leaf` if a `RemoteCluster` of that name trusts other CA keys.
+    async fn check_name(&self, leaf: &str, keys: &[String]) -> Result<bool, Refused> {
+        let existing = self
+            .remotes
+            .get_opt(leaf)
+            .await
+            .map_err(|e| unavailable(format!("reading RemoteCluster {leaf}: {e}")))?;
+        match existing {
+            None => Ok(false),
+            Some(rc) if same_keys(&rc.spec.ca_keys, keys) => Ok(true),
+            Some(_) => Err(Refused::new(
+                JoinRefusal::NameTaken,
+                format!(
+                    "a leaf named {leaf} already joined with another CA (RemoteCluster {}/{leaf}); pick another name, or have the root delete that RemoteCluster",
+                    self.namespace
+                ),
+            )),
+        }
+    }
+
+    /// Marks a single-use token as spent, unless someone changed it since `stored` was read.
+    async fn spend(&self, stored: &StoredToken, leaf: &str) -> Result<(), Refused> {
+        let id = stored.token.id();
+        let patch = json!({
+            "metadata": { "resourceVersion": stored.resource_version },
+            "stringData": { KEY_USED_BY: leaf, KEY_USED_AT: rfc3339(SystemTime::now()) },
+        });
+        match self
+            .secrets
+            .patch(
+                &secret_name(id),
+                &PatchParams::default(),
+                &Patch::Merge(&patch),
+            )
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(kube::Error::Api(status)) if status.code == 409 => Err(Refused::new(
+                JoinRefusal::TokenAlreadyUsed,
+                format!("join token {id} was used by another join at the same moment"),
+            )),
+            Err(e) => Err(unavailable(format!("spending join token {id}: {e}"))),
+        }
+    }
+
+    async fn record(&self, admission: &Admission, keys: Vec<String>) -> Result<(), Refused> {
+        let leaf = admission.leaf.to_string();
+        let mut rc = RemoteCluster::new(
+            &leaf,
+            RemoteClusterSpec {
+                ca_keys: keys.clone(),
+                join_token: Some(admission.token_id.clone()),
+            },
+        );
+        rc.metadata.labels = Some(BTreeMap::from([(
+            JOINED_WITH_LABEL.to_owned(),
+            admission.token_id.clone(),
+        )]));
+        match self.remotes.create(&PostParams::default(), &rc).await {
+            Ok(_) => Ok(()),
+            // Created meanwhile (a retry, or a race): fine if it names the same CA.
+            Err(kube::Error::Api(status)) if status.code == 409 => {
+                self.check_name(&leaf, &keys).await.map(|_| ())
+            }
+            Err(e) => Err(unavailable(format!("creating RemoteCluster {leaf}: {e}"))),
+        }
+    }
+}
+
+fn unavailable(message: String) -> Refused {
+    Refused::new(JoinRefusal::Unavailable, message)
+}
+
+fn same_keys(a: &[String], b: &[String]) -> bool {
+    let norm = |keys: &[String]| {
+        let mut v: Vec<String> = keys
+            .iter()
+            // Compare algorithm and key, not the comment.
+            .map(|k| k.split_whitespace().take(2).collect::<Vec<_>>().join(" "))
+            .collect();
+        v.sort();
+        v
+    };
+    norm(a) == norm(b)
+}
+
+impl JoinAuthority for KubeJoinAuthority {
+    fn token<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<JoinToken, Refused>> {
+        Box::pin(async move { self.load(id).await.map(|stored| stored.token) })
+    }
+
+    fn admit<'a>(&'a self, admission: &'a Admission) -> BoxFuture<'a, Result<(), Refused>> {
+        Box::pin(async move {
+            let leaf = admission.leaf.as_str();
+            let keys = admission
+                .ca_keys
+                .iter()
+                .map(|k| k.to_openssh())
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| unavailable(format!("encoding the leaf's CA: {e}")))?;
+            let stored = self.load(&admission.token_id).await?;
+            if stored.single_use
+                && let Some(user) = stored.used_by.as_deref()
+                && user != leaf
+            {
+                return Err(Refused::new(
+                    JoinRefusal::TokenAlreadyUsed,
+                    format!(
+                        "join token {} was already used by {user} at {}; ask the root's administrator for a new one",
+                        admission.token_id,
+                        stored.used_at.as_deref().unwrap_or("an unknown time"),
+                    ),
+                ));
+            }
+            self.check_name(leaf, &keys).await?;
+            if stored.single_use && stored.used_by.is_none() {
+                self.spend(&stored, leaf).await?;
+            }
+            self.record(admission, keys).await
+        })
+    }
+}
