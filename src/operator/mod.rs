@@ -61,7 +61,15 @@ pub async fn run(
         let namespace = namespace.clone();
         let ctx = Arc::new(context::Context::new(client.clone(), instance.clone()));
         async move {
-            controller::reverse_tunnel::run(client, namespace.as_deref(), ctx, term).await;
+            tokio::join!(
+                controller::reverse_tunnel::run(
+                    client.clone(),
+                    namespace.as_deref(),
+                    ctx.clone(),
+                    term.clone()
+                ),
+                controller::trusted_cluster::run(client, namespace.as_deref(), ctx, term),
+            );
         }
     };
     match config.leader_election {

@@ -48,7 +48,7 @@ pub struct Unusable {
     pub retry: bool,
 }
 
-fn unusable(reason: &'static str, message: String, retry: bool) -> Unusable {
+pub(crate) fn unusable(reason: &'static str, message: String, retry: bool) -> Unusable {
     Unusable {
         problem: Problem { reason, message },
         retry,
@@ -93,7 +93,7 @@ pub fn check_spec(
     Ok((root, leaf, allow, heartbeat))
 }
 
-async fn secret_text(
+pub(crate) async fn secret_text(
     secrets: &Api<Secret>,
     name: &str,
     key: &str,

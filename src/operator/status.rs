@@ -100,25 +100,17 @@ pub fn compose(
                 "AllProxiesConnected",
             ),
         };
+    let previous_conditions = previous.map_or(&[][..], |p| p.conditions.as_slice());
     let condition = |type_: &str, holds: bool, reason: &str, message: String| {
-        let status = if holds {
-            ConditionStatus::True
-        } else {
-            ConditionStatus::False
-        };
-        let since = previous
-            .and_then(|p| p.conditions.iter().find(|c| c.type_ == type_))
-            .filter(|c| c.status == status)
-            .map(|c| c.last_transition_time.clone())
-            .unwrap_or_else(|| rfc3339(now));
-        Condition {
-            type_: type_.to_owned(),
-            status,
-            reason: reason.to_owned(),
+        condition(
+            previous_conditions,
+            type_,
+            holds,
+            reason,
             message,
-            last_transition_time: since,
-            observed_generation: spec.generation,
-        }
+            spec.generation,
+            now,
+        )
     };
     let proxies: Vec<ProxyTunnel> = pool
         .map(|p| {
@@ -157,6 +149,38 @@ pub fn compose(
             condition("Degraded", degraded, degraded_reason, degraded_message),
         ],
         observed_generation: spec.generation,
+    }
+}
+
+/// A condition of `type_`, keeping its `lastTransitionTime` from `previous` while its status
+/// holds (so an unchanged condition is byte-identical and causes no write).
+pub fn condition(
+    previous: &[Condition],
+    type_: &str,
+    holds: bool,
+    reason: &str,
+    message: String,
+    generation: Option<i64>,
+    now: SystemTime,
+) -> Condition {
+    let status = if holds {
+        ConditionStatus::True
+    } else {
+        ConditionStatus::False
+    };
+    let since = previous
+        .iter()
+        .find(|c| c.type_ == type_)
+        .filter(|c| c.status == status)
+        .map(|c| c.last_transition_time.clone())
+        .unwrap_or_else(|| rfc3339(now));
+    Condition {
+        type_: type_.to_owned(),
+        status,
+        reason: reason.to_owned(),
+        message,
+        last_transition_time: since,
+        observed_generation: generation,
     }
 }
 

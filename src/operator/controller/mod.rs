@@ -1,3 +1,5 @@
-//! The controllers the operator runs. Today one: [`reverse_tunnel`].
+//! The controllers the operator runs: [`reverse_tunnel`] (tunnels into running agents) and
+//! [`trusted_cluster`] (joins into tunnels).
 
 pub mod reverse_tunnel;
+pub mod trusted_cluster;

@@ -1,20 +1,23 @@
-//! `TrustedCluster`: "this (leaf) cluster should join that root". Types only: the join
-//! protocol that fills the status comes later.
+//! `TrustedCluster`: "this (leaf) cluster joins that root". The operator presents the join
+//! token and this cluster's CA to the root, stores the root's CA, issues the agent's identity,
+//! and creates (and owns) the `ReverseTunnel` that keeps the tunnel.
 
 #![allow(
     clippy::duplicated_attributes,
     reason = "each printcolumn(...) repeats type_ = ...; clippy reads them as duplicates"
 )]
 
-use kube::CustomResource;
+use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use super::reverse_tunnel::{ALLOW_RULE_PATTERN, DURATION_PATTERN};
 use super::{Condition, SecretReference};
 
-/// A root cluster this leaf trusts and joins with a one-time token; joining yields the root's
-/// CA and the agent identity a `ReverseTunnel` then uses.
-#[derive(CustomResource, JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+/// A root cluster this leaf joins with a token. Joining yields the root's CA (in the Secret
+/// `<name>-root-ca`), the agent's identity (`<name>-agent`) and a `ReverseTunnel` `<name>`,
+/// all owned by this object and removed with it.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[kube(
     group = "tether.dev",
     version = "v1alpha1",
@@ -27,10 +30,20 @@ use super::{Condition, SecretReference};
     printcolumn(
         name = "Root",
         type_ = "string",
-        json_path = ".spec.rootAddress",
-        description = "The root's join address"
+        json_path = ".status.rootCluster",
+        description = "The root cluster's name, learned at join"
     ),
     printcolumn(name = "Enabled", type_ = "boolean", json_path = ".spec.enabled"),
+    printcolumn(
+        name = "Joined",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Joined\")].status"
+    ),
+    printcolumn(
+        name = "Reason",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Joined\")].reason"
+    ),
     printcolumn(
         name = "Fingerprint",
         type_ = "string",
@@ -45,31 +58,71 @@ use super::{Condition, SecretReference};
 )]
 #[serde(rename_all = "camelCase")]
 pub struct TrustedClusterSpec {
-    /// `host:port` of the root's join endpoint.
+    /// `host:port` of the root's proxies (their load balancer): joins and tunnels both go
+    /// there.
     #[schemars(
         length(min = 3, max = 261),
         regex(pattern = r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):[0-9]{1,5}$")
     )]
     pub root_address: String,
-    /// Secret whose key `token` holds the one-time join token the root issued.
+    /// Secret whose key `token` holds the join token (`ID.SECRET`) the root issued with
+    /// `tether join-token`.
     pub token_secret_ref: SecretReference,
-    /// Whether to keep the trust (and its tunnels). `false` keeps the object but disconnects.
+    /// This (leaf) cluster's name: the root addresses its targets as `HOST.<leafCluster>.tether`.
+    #[schemars(length(min = 1, max = 63), regex(pattern = r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?$"))]
+    pub leaf_cluster: String,
+    /// Secret whose key `ca` holds this cluster's CA private key (`tether ca init`); it signs
+    /// the agent's certificate, and its public key is what the root learns to trust.
+    pub leaf_ca_secret_ref: SecretReference,
+    /// If set, the join fails unless the root CA's SHA256 fingerprint (`SHA256:...`, as
+    /// `tether ca init` prints it) is this. The token already authenticates the root; a pin
+    /// also guards against a leaked token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 8, max = 100))]
+    pub root_ca_fingerprint: Option<String>,
+    /// Whether to keep the tunnel. `false` removes the `ReverseTunnel` but keeps the trust, so
+    /// re-enabling needs no new token.
     #[serde(default = "enabled_default")]
     pub enabled: bool,
+    /// What the root may reach in this cluster, as in `ReverseTunnel.spec.allow`; default
+    /// deny. Edits apply to the tunnel at once.
+    #[serde(default)]
+    #[schemars(length(max = 256), inner(length(min = 1, max = 300)))]
+    #[x_kube(validation = Rule::new(format!("self.all(r, r.matches(r'{ALLOW_RULE_PATTERN}'))")).message("each allow rule must be CIDR:PORTS or HOST:PORTS, e.g. 10.0.0.0/8:443, [fd00::/8]:80-90, db.internal:5432 or *.svc.cluster.local:*"))]
+    pub allow: Vec<String>,
+    /// Address that `_apiserver.<leafCluster>.tether` reaches (this cluster's API server).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 3, max = 261))]
+    pub api_server: Option<String>,
+    /// Heartbeat interval of the tunnel (`15s`, `1m`).
+    #[serde(default = "default_heartbeat_interval")]
+    #[schemars(length(max = 32), regex(pattern = DURATION_PATTERN))]
+    pub heartbeat_interval: String,
 }
 
 fn enabled_default() -> bool {
     true
 }
 
-/// What the join produced.
+fn default_heartbeat_interval() -> String {
+    "15s".to_owned()
+}
+
+/// What the join produced; written only by the operator.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct TrustedClusterStatus {
+    /// The root cluster's name, as its proxies' certificates carry it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub root_cluster: Option<String>,
     /// SHA256 fingerprint of the root CA learned at join time, to compare out of band.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub root_ca_fingerprint: Option<String>,
-    /// `Joined` and `Ready`, per API conventions.
+    /// The `ReverseTunnel` this object created and owns.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reverse_tunnel: Option<String>,
+    /// `Joined` (the root trusts this cluster and its CA is stored) and `Ready` (the tunnel
+    /// is configured), per API conventions.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
