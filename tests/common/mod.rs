@@ -23,6 +23,7 @@
 #![allow(dead_code)]
 
 mod certs;
+pub mod kit;
 mod procs;
 mod server;
 

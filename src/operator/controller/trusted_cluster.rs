@@ -157,7 +157,13 @@ async fn apply(tc: &TrustedCluster, ctx: &Context, namespace: &str) -> Result<Ac
     let tunnel = match &joined {
         Err(_) => Err(Blocked::new("NotJoined", "waiting for the join", None)),
         Ok((root, _)) if tc.spec.enabled => {
-            ensure_tunnel(tc, root, &secrets, &Api::namespaced(client.clone(), namespace)).await
+            ensure_tunnel(
+                tc,
+                root,
+                &secrets,
+                &Api::namespaced(client.clone(), namespace),
+            )
+            .await
         }
         Ok(_) => disable(tc, &Api::namespaced(client.clone(), namespace))
             .await
@@ -179,15 +185,22 @@ async fn ensure_joined(
     secrets: &Api<Secret>,
 ) -> std::result::Result<(ClusterName, String), Blocked> {
     let name = tc.name_any();
-    let stored = secrets
-        .get_opt(&root_ca_secret(&name))
-        .await
-        .map_err(|e| Blocked::new("SecretUnreadable", e.to_string(), Some(Duration::from_secs(10))))?;
+    let stored = secrets.get_opt(&root_ca_secret(&name)).await.map_err(|e| {
+        Blocked::new(
+            "SecretUnreadable",
+            e.to_string(),
+            Some(Duration::from_secs(10)),
+        )
+    })?;
     if let Some(secret) = stored {
         return joined_from(&secret);
     }
     if !tc.spec.enabled {
-        return Err(Blocked::new("Disabled", "enabled is false; not joining", None));
+        return Err(Blocked::new(
+            "Disabled",
+            "enabled is false; not joining",
+            None,
+        ));
     }
     let request = join_request(tc, secrets).await?;
     info!(trusted_cluster = %name, root = %request.root_address, token = %request.token, "joining the root");
@@ -221,13 +234,22 @@ async fn ensure_joined(
     )]));
     let secret = Secret {
         metadata: meta,
-        string_data: Some(BTreeMap::from([(ROOT_CA_KEY.to_owned(), format!("{keys}\n"))])),
+        string_data: Some(BTreeMap::from([(
+            ROOT_CA_KEY.to_owned(),
+            format!("{keys}\n"),
+        )])),
         ..Secret::default()
     };
     secrets
         .create(&PostParams::default(), &secret)
         .await
-        .map_err(|e| Blocked::new("SecretNotWritten", e.to_string(), Some(Duration::from_secs(10))))?;
+        .map_err(|e| {
+            Blocked::new(
+                "SecretNotWritten",
+                e.to_string(),
+                Some(Duration::from_secs(10)),
+            )
+        })?;
     let message = format!(
         "joined root {} (CA {})",
         joined.root_cluster,
@@ -273,13 +295,21 @@ async fn join_request(
         let retry = u.retry.then_some(Duration::from_secs(10));
         Blocked::new(u.problem.reason, u.problem.message, retry)
     };
-    let token_text = secret_text(secrets, &tc.spec.token_secret_ref.name, TOKEN_KEY, "InvalidToken")
-        .await
-        .map_err(from)?;
+    let token_text = secret_text(
+        secrets,
+        &tc.spec.token_secret_ref.name,
+        TOKEN_KEY,
+        "InvalidToken",
+    )
+    .await
+    .map_err(from)?;
     let token = JoinToken::parse(&token_text).map_err(|e| {
         Blocked::new(
             "InvalidToken",
-            format!("Secret {:?} key {TOKEN_KEY:?}: {e}", tc.spec.token_secret_ref.name),
+            format!(
+                "Secret {:?} key {TOKEN_KEY:?}: {e}",
+                tc.spec.token_secret_ref.name
+            ),
             None,
         )
     })?;
@@ -316,7 +346,9 @@ async fn leaf_ca(
         .ok_or_else(|| {
             Blocked::new(
                 "InvalidLeafCa",
-                format!("Secret {name:?} key {LEAF_CA_KEY:?} is not an unencrypted OpenSSH private key"),
+                format!(
+                    "Secret {name:?} key {LEAF_CA_KEY:?} is not an unencrypted OpenSSH private key"
+                ),
                 None,
             )
         })?;
@@ -332,10 +364,13 @@ async fn ensure_tunnel(
 ) -> std::result::Result<Option<String>, Blocked> {
     let name = tc.name_any();
     let identity_name = agent_secret(&name);
-    let current = secrets
-        .get_opt(&identity_name)
-        .await
-        .map_err(|e| Blocked::new("SecretUnreadable", e.to_string(), Some(Duration::from_secs(10))))?;
+    let current = secrets.get_opt(&identity_name).await.map_err(|e| {
+        Blocked::new(
+            "SecretUnreadable",
+            e.to_string(),
+            Some(Duration::from_secs(10)),
+        )
+    })?;
     if current.as_ref().is_none_or(needs_renewal) {
         let ca = leaf_ca(tc, secrets).await?;
         let identity = Identity::generate_agent(&ca, AGENT_CERT_VALIDITY)
@@ -358,10 +393,13 @@ async fn ensure_tunnel(
         heartbeat_interval: tc.spec.heartbeat_interval.clone(),
     };
     // Reconciles follow the tunnel's status changes too; an unchanged spec is not rewritten.
-    let existing = tunnels
-        .get_opt(&name)
-        .await
-        .map_err(|e| Blocked::new("TunnelUnreadable", e.to_string(), Some(Duration::from_secs(10))))?;
+    let existing = tunnels.get_opt(&name).await.map_err(|e| {
+        Blocked::new(
+            "TunnelUnreadable",
+            e.to_string(),
+            Some(Duration::from_secs(10)),
+        )
+    })?;
     let uid = tc.uid();
     if existing.is_some_and(|rt| {
         rt.spec == spec
@@ -383,7 +421,11 @@ async fn ensure_tunnel(
         "spec": spec,
     });
     tunnels
-        .patch(&name, &PatchParams::apply(FIELD_MANAGER), &Patch::Apply(&patch))
+        .patch(
+            &name,
+            &PatchParams::apply(FIELD_MANAGER),
+            &Patch::Apply(&patch),
+        )
         .await
         .map_err(|e| match &e {
             kube::Error::Api(s) if s.code == 409 => Blocked::new(
@@ -391,7 +433,11 @@ async fn ensure_tunnel(
                 format!("ReverseTunnel {name} exists and is managed by someone else: {e}"),
                 Some(Duration::from_secs(60)),
             ),
-            _ => Blocked::new("TunnelNotWritten", e.to_string(), Some(Duration::from_secs(10))),
+            _ => Blocked::new(
+                "TunnelNotWritten",
+                e.to_string(),
+                Some(Duration::from_secs(10)),
+            ),
         })?;
     Ok(Some(name))
 }
@@ -440,7 +486,11 @@ async fn write_identity(
         "stringData": { IDENTITY_KEY: key.as_str(), IDENTITY_CERT: format!("{cert}\n") },
     });
     secrets
-        .patch(name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch))
+        .patch(
+            name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&patch),
+        )
         .await
         .map(|_| ())
         .map_err(|e| failed(e.to_string()))
@@ -452,7 +502,13 @@ async fn disable(
 ) -> std::result::Result<(), Blocked> {
     delete_owned(tunnels, &tc.name_any(), tc)
         .await
-        .map_err(|e| Blocked::new("TunnelNotDeleted", e.to_string(), Some(Duration::from_secs(10))))
+        .map_err(|e| {
+            Blocked::new(
+                "TunnelNotDeleted",
+                e.to_string(),
+                Some(Duration::from_secs(10)),
+            )
+        })
 }
 
 /// Deletes `name` if it exists and `tc` owns it.
@@ -510,7 +566,15 @@ async fn write_status(
             generation,
             now,
         ),
-        Err(b) => condition(&previous.conditions, "Joined", false, &b.reason, b.message.clone(), generation, now),
+        Err(b) => condition(
+            &previous.conditions,
+            "Joined",
+            false,
+            &b.reason,
+            b.message.clone(),
+            generation,
+            now,
+        ),
     };
     let ready = match &outcome.tunnel {
         Ok(Some(rt)) => condition(
@@ -531,11 +595,22 @@ async fn write_status(
             generation,
             now,
         ),
-        Err(b) => condition(&previous.conditions, "Ready", false, &b.reason, b.message.clone(), generation, now),
+        Err(b) => condition(
+            &previous.conditions,
+            "Ready",
+            false,
+            &b.reason,
+            b.message.clone(),
+            generation,
+            now,
+        ),
     };
     let (root_cluster, fingerprint) = match &outcome.joined {
         Ok((root, fp)) => (Some(root.to_string()), Some(fp.clone())),
-        Err(_) => (previous.root_cluster.clone(), previous.root_ca_fingerprint.clone()),
+        Err(_) => (
+            previous.root_cluster.clone(),
+            previous.root_ca_fingerprint.clone(),
+        ),
     };
     let status = TrustedClusterStatus {
         root_cluster,
@@ -591,9 +666,17 @@ fn error_policy(obj: Arc<Guarded>, error: &Error, tctx: Arc<TrustContext>) -> Ac
 }
 
 /// Runs the controller over `namespace` (or all namespaces) until `stop`.
-pub async fn run(client: Client, namespace: Option<&str>, ctx: Arc<Context>, stop: CancellationToken) {
+pub async fn run(
+    client: Client,
+    namespace: Option<&str>,
+    ctx: Arc<Context>,
+    stop: CancellationToken,
+) {
     let (trusts, tunnels): (Api<Guarded>, Api<ReverseTunnel>) = match namespace {
-        Some(ns) => (Api::namespaced(client.clone(), ns), Api::namespaced(client, ns)),
+        Some(ns) => (
+            Api::namespaced(client.clone(), ns),
+            Api::namespaced(client, ns),
+        ),
         None => (Api::all(client.clone()), Api::all(client)),
     };
     let tctx = Arc::new(TrustContext::new(ctx));

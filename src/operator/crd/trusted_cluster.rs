@@ -69,7 +69,10 @@ pub struct TrustedClusterSpec {
     /// `tether join-token`.
     pub token_secret_ref: SecretReference,
     /// This (leaf) cluster's name: the root addresses its targets as `HOST.<leafCluster>.tether`.
-    #[schemars(length(min = 1, max = 63), regex(pattern = r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?$"))]
+    #[schemars(
+        length(min = 1, max = 63),
+        regex(pattern = r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?$")
+    )]
     pub leaf_cluster: String,
     /// Secret whose key `ca` holds this cluster's CA private key (`tether ca init`); it signs
     /// the agent's certificate, and its public key is what the root learns to trust.

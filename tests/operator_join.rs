@@ -1,0 +1,405 @@
+//! The TrustedCluster join against a real kube-apiserver: a root proxy keeping its tokens and
+//! leaves in one namespace, the leaf's operator in another. A valid token joins and yields a
+//! connected tunnel; invalid, expired, reused tokens and a taken name each give a condition
+//! that says so and no tunnel; disable, re-enable, delete and revocation do what they say.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
+use kube::{Api, Client, ResourceExt};
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+use common::kit::{echo_through, eventually, install_crds, secret};
+use tether::demo::echo_server;
+use tether::identity::{CertificateAuthority, TrustStore, fingerprint};
+use tether::operator::OperatorConfig;
+use tether::operator::crd::reverse_tunnel::Phase;
+use tether::operator::crd::{ConditionStatus, RemoteCluster, ReverseTunnel, TrustedCluster};
+use tether::operator::root::tokens::token_secret;
+use tether::operator::root::{self, KubeJoinAuthority};
+use tether::protocol::ClusterName;
+use tether::protocol::join::JoinToken;
+use tether::proxy::{JoinAuthority, ProxyServer};
+
+fn name(s: &str) -> ClusterName {
+    ClusterName::new(s).expect("valid cluster name")
+}
+
+/// A root proxy whose state lives in `ns`, as `tether proxy --ca --kubernetes` runs it.
+async fn start_root(
+    client: &Client,
+    ns: &str,
+    ca: &CertificateAuthority,
+    stop: &CancellationToken,
+) -> Arc<ProxyServer> {
+    let pki = tether::demo::Pki {
+        root: CertificateAuthority::from_key(ca.cluster().clone(), ca.private_key().clone()),
+        leaf: CertificateAuthority::generate(name("unused")).expect("ca"),
+    };
+    let mut config = pki.proxy_config("proxy-1").expect("proxy config");
+    let mut base = TrustStore::new();
+    base.insert(ca.cluster().clone(), ca.public_key().clone());
+    config.trust.store(Arc::new(base.clone()));
+    config.join =
+        Some(Arc::new(KubeJoinAuthority::new(client.clone(), ns)) as Arc<dyn JoinAuthority>);
+    let proxy = Arc::new(ProxyServer::start(config).await.expect("proxy starts"));
+    tokio::spawn(root::run(
+        client.clone(),
+        ns.to_owned(),
+        proxy.clone(),
+        base,
+        stop.clone(),
+    ));
+    proxy
+}
+
+async fn issue_token(client: &Client, ns: &str, expires: Option<SystemTime>) -> JoinToken {
+    let token = JoinToken::generate();
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
+    secrets
+        .create(
+            &PostParams::default(),
+            &token_secret(&token, None, expires, false),
+        )
+        .await
+        .expect("creating the token Secret");
+    token
+}
+
+fn trusted_cluster(
+    name: &str,
+    root: &str,
+    token_secret: &str,
+    leaf: &str,
+    allow: &[String],
+) -> TrustedCluster {
+    serde_json::from_value(json!({
+        "apiVersion": "tether.dev/v1alpha1",
+        "kind": "TrustedCluster",
+        "metadata": { "name": name },
+        "spec": {
+            "rootAddress": root,
+            "tokenSecretRef": { "name": token_secret },
+            "leafCluster": leaf,
+            "leafCaSecretRef": { "name": format!("{leaf}-ca") },
+            "allow": allow,
+        },
+    }))
+    .expect("a TrustedCluster")
+}
+
+/// The `Joined` condition's (status, reason, message), once it has one.
+async fn joined(api: &Api<TrustedCluster>, tc: &str) -> Option<(ConditionStatus, String, String)> {
+    let obj = api.get_opt(tc).await.ok()??;
+    let c = obj
+        .status?
+        .conditions
+        .into_iter()
+        .find(|c| c.type_ == "Joined")?;
+    Some((c.status, c.reason, c.message))
+}
+
+async fn wait_joined_false(api: &Api<TrustedCluster>, tc: &str, reason: &str) -> String {
+    eventually(&format!("{tc}: Joined=False {reason}"), || async {
+        match joined(api, tc).await {
+            Some((ConditionStatus::False, r, message)) if r == reason => Some(message),
+            _ => None,
+        }
+    })
+    .await
+}
+
+async fn leaf_ca_secret(secrets: &Api<Secret>, leaf: &str) -> CertificateAuthority {
+    let ca = CertificateAuthority::generate(name(leaf)).expect("leaf ca");
+    let key = ca
+        .private_key()
+        .to_openssh(Default::default())
+        .expect("encode")
+        .to_string();
+    secrets
+        .create(
+            &PostParams::default(),
+            &secret(&format!("{leaf}-ca"), &[("ca", key)]),
+        )
+        .await
+        .expect("leaf CA Secret");
+    ca
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_joins_the_leaf_and_bad_tokens_say_why() {
+    let cp = common::control_plane().await;
+    let client = cp.kube_client();
+    install_crds(&client).await;
+    let root_ns = cp.new_namespace("join-root").await;
+    let leaf_ns = cp.new_namespace("join-leaf").await;
+    let stop = CancellationToken::new();
+    let root_ca = CertificateAuthority::generate(name("root")).expect("root ca");
+    let proxy = start_root(&client, &root_ns, &root_ca, &stop).await;
+    let root_addr = proxy.local_addr().to_string();
+    let echo = echo_server().await.expect("echo server");
+
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &leaf_ns);
+    let tcs: Api<TrustedCluster> = Api::namespaced(client.clone(), &leaf_ns);
+    let rts: Api<ReverseTunnel> = Api::namespaced(client.clone(), &leaf_ns);
+    let remotes: Api<RemoteCluster> = Api::namespaced(client.clone(), &root_ns);
+    let root_secrets: Api<Secret> = Api::namespaced(client.clone(), &root_ns);
+    leaf_ca_secret(&secrets, "leaf-1").await;
+    let token = issue_token(
+        &client,
+        &root_ns,
+        Some(SystemTime::now() + Duration::from_secs(3600)),
+    )
+    .await;
+    secrets
+        .create(
+            &PostParams::default(),
+            &secret("join-1", &[("token", token.reveal())]),
+        )
+        .await
+        .expect("token Secret");
+
+    let operator = CancellationToken::new();
+    {
+        let (client, ns, stop) = (client.clone(), leaf_ns.clone(), operator.clone());
+        tokio::spawn(async move {
+            let config = OperatorConfig {
+                namespace: Some(ns),
+                leader_election: None,
+                instance: Some("test".into()),
+            };
+            tether::operator::run(client, config, stop).await
+        });
+    }
+    let allow = vec![format!("127.0.0.1/32:{}", echo.port())];
+    tcs.create(
+        &PostParams::default(),
+        &trusted_cluster("to-root", &root_addr, "join-1", "leaf-1", &allow),
+    )
+    .await
+    .expect("creating the TrustedCluster");
+
+    // Joined, with the root's fingerprint, and the owned ReverseTunnel connected.
+    eventually("to-root joined", || async {
+        matches!(
+            joined(&tcs, "to-root").await,
+            Some((ConditionStatus::True, ..))
+        )
+        .then_some(())
+    })
+    .await;
+    let tc = tcs.get("to-root").await.expect("tc");
+    let status = tc.status.clone().expect("status");
+    assert_eq!(status.root_cluster.as_deref(), Some("root"));
+    assert_eq!(
+        status.root_ca_fingerprint.as_deref(),
+        Some(fingerprint(root_ca.public_key()).as_str())
+    );
+    let rt = eventually("the owned ReverseTunnel connected", || async {
+        let rt = rts.get_opt("to-root").await.ok()??;
+        (rt.status.as_ref()?.phase == Some(Phase::Connected)).then_some(rt)
+    })
+    .await;
+    assert_eq!(rt.owner_references()[0].uid, tc.uid().expect("uid"));
+    assert_eq!(rt.spec.allow, allow);
+    let target = format!("127.0.0.1.leaf-1.tether:{}", echo.port());
+    assert_eq!(
+        echo_through(&proxy, &target).await.as_deref(),
+        Ok(&b"ping"[..])
+    );
+
+    // The root recorded the leaf, spent the token, and reports who holds the tunnel.
+    let rc = eventually("RemoteCluster leaf-1 with proxy-1 holding", || async {
+        let rc = remotes.get_opt("leaf-1").await.ok()??;
+        let held = rc
+            .status
+            .as_ref()?
+            .proxies
+            .iter()
+            .any(|p| p.proxy_id == "proxy-1" && p.tunnels == 1);
+        held.then_some(rc)
+    })
+    .await;
+    assert_eq!(rc.spec.join_token.as_deref(), Some(token.id()));
+    let spent = root_secrets
+        .get(&format!("tether-join-{}", token.id()))
+        .await
+        .expect("token Secret");
+    assert_eq!(
+        spent
+            .data
+            .expect("data")
+            .get("used-by")
+            .map(|b| b.0.clone()),
+        Some(b"leaf-1".to_vec())
+    );
+
+    // Reusing the spent token for another leaf: refused, no tunnel.
+    leaf_ca_secret(&secrets, "leaf-2").await;
+    tcs.create(
+        &PostParams::default(),
+        &trusted_cluster("reuse", &root_addr, "join-1", "leaf-2", &[]),
+    )
+    .await
+    .expect("create");
+    let message = wait_joined_false(&tcs, "reuse", "TokenAlreadyUsed").await;
+    assert!(message.contains("already used by leaf-1"), "{message}");
+
+    // Expired.
+    let expired = issue_token(
+        &client,
+        &root_ns,
+        Some(SystemTime::now() - Duration::from_secs(60)),
+    )
+    .await;
+    secrets
+        .create(
+            &PostParams::default(),
+            &secret("join-expired", &[("token", expired.reveal())]),
+        )
+        .await
+        .expect("create");
+    tcs.create(
+        &PostParams::default(),
+        &trusted_cluster("expired", &root_addr, "join-expired", "leaf-2", &[]),
+    )
+    .await
+    .expect("create");
+    let message = wait_joined_false(&tcs, "expired", "TokenExpired").await;
+    assert!(message.contains("expired at"), "{message}");
+
+    // Not a token at all, and a well-formed token the root never issued.
+    secrets
+        .create(
+            &PostParams::default(),
+            &secret("join-garbage", &[("token", "hunter2".into())]),
+        )
+        .await
+        .expect("create");
+    tcs.create(
+        &PostParams::default(),
+        &trusted_cluster("garbage", &root_addr, "join-garbage", "leaf-2", &[]),
+    )
+    .await
+    .expect("create");
+    wait_joined_false(&tcs, "garbage", "InvalidToken").await;
+    secrets
+        .create(
+            &PostParams::default(),
+            &secret("join-unknown", &[("token", JoinToken::generate().reveal())]),
+        )
+        .await
+        .expect("create");
+    tcs.create(
+        &PostParams::default(),
+        &trusted_cluster("unknown", &root_addr, "join-unknown", "leaf-2", &[]),
+    )
+    .await
+    .expect("create");
+    wait_joined_false(&tcs, "unknown", "TokenUnknown").await;
+
+    // A fresh token, but the name leaf-1 belongs to another CA.
+    let fresh = issue_token(&client, &root_ns, None).await;
+    let impostor_secrets = secrets.clone();
+    let other = CertificateAuthority::generate(name("leaf-1")).expect("ca");
+    impostor_secrets
+        .create(
+            &PostParams::default(),
+            &secret(
+                "impostor-ca",
+                &[(
+                    "ca",
+                    other
+                        .private_key()
+                        .to_openssh(Default::default())
+                        .expect("encode")
+                        .to_string(),
+                )],
+            ),
+        )
+        .await
+        .expect("create");
+    secrets
+        .create(
+            &PostParams::default(),
+            &secret("join-fresh", &[("token", fresh.reveal())]),
+        )
+        .await
+        .expect("create");
+    let mut taken = trusted_cluster("taken", &root_addr, "join-fresh", "leaf-1", &[]);
+    taken.spec.leaf_ca_secret_ref.name = "impostor-ca".into();
+    tcs.create(&PostParams::default(), &taken)
+        .await
+        .expect("create");
+    let message = wait_joined_false(&tcs, "taken", "NameTaken").await;
+    assert!(
+        message.contains("already joined with another CA"),
+        "{message}"
+    );
+    for failed in ["reuse", "expired", "garbage", "unknown", "taken"] {
+        assert!(
+            rts.get_opt(failed).await.expect("get").is_none(),
+            "{failed} has a tunnel"
+        );
+    }
+
+    // Disable: the tunnel goes, the trust stays; enable: back without a new token.
+    let leaf1 = name("leaf-1");
+    tcs.patch(
+        "to-root",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"enabled": false}})),
+    )
+    .await
+    .expect("disable");
+    eventually("tunnel removed on disable", || async {
+        let gone = rts.get_opt("to-root").await.ok()?.is_none();
+        (gone && proxy.site(&leaf1).is_none_or(|s| s.tunnels.is_empty())).then_some(())
+    })
+    .await;
+    tcs.patch(
+        "to-root",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"enabled": true}})),
+    )
+    .await
+    .expect("enable");
+    eventually("tunnel back on enable", || async {
+        let rt = rts.get_opt("to-root").await.ok()??;
+        (rt.status?.phase == Some(Phase::Connected)).then_some(())
+    })
+    .await;
+
+    // Revocation at the root: deleting the RemoteCluster closes the leaf's tunnels.
+    remotes
+        .delete("leaf-1", &DeleteParams::default())
+        .await
+        .expect("delete RemoteCluster");
+    eventually("tunnels closed after revocation", || async {
+        proxy
+            .site(&leaf1)
+            .is_none_or(|s| s.tunnels.is_empty())
+            .then_some(())
+    })
+    .await;
+
+    // Deleting the TrustedCluster removes what it created, then the finalizer.
+    tcs.delete("to-root", &DeleteParams::default())
+        .await
+        .expect("delete");
+    eventually("TrustedCluster and its objects gone", || async {
+        let tc_gone = tcs.get_opt("to-root").await.ok()?.is_none();
+        let rt_gone = rts.get_opt("to-root").await.ok()?.is_none();
+        let agent_gone = secrets.get_opt("to-root-agent").await.ok()?.is_none();
+        let ca_gone = secrets.get_opt("to-root-root-ca").await.ok()?.is_none();
+        (tc_gone && rt_gone && agent_gone && ca_gone).then_some(())
+    })
+    .await;
+    operator.cancel();
+    stop.cancel();
+}
