@@ -177,12 +177,21 @@ async fn a_token_joins_the_leaf_and_bad_tokens_say_why() {
         });
     }
     let allow = vec![format!("127.0.0.1/32:{}", echo.port())];
-    tcs.create(
-        &PostParams::default(),
-        &trusted_cluster("to-root", &root_addr, "join-1", "leaf-1", &allow),
-    )
-    .await
-    .expect("creating the TrustedCluster");
+    // The shipped example, pointed at this root and this echo server.
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/examples/trustedcluster.yaml"
+    ))
+    .expect("reading the example");
+    let mut example: TrustedCluster = serde_yaml::from_str(&text).expect("example YAML");
+    assert_eq!(example.name_any(), "to-root");
+    assert_eq!(example.spec.leaf_cluster, "leaf-1");
+    example.spec.root_address = root_addr.clone();
+    example.spec.token_secret_ref.name = "join-1".into();
+    example.spec.allow = allow.clone();
+    tcs.create(&PostParams::default(), &example)
+        .await
+        .expect("creating the TrustedCluster");
 
     // Joined, with the root's fingerprint, and the owned ReverseTunnel connected.
     eventually("to-root joined", || async {
