@@ -59,13 +59,11 @@ impl Pki {
             limits: ProxyLimits::default(),
             stream: StreamLimits::default(),
             direct: None,
-            peering: Some(PeeringConfig {
-                identity: Arc::new(Identity::generate_client(
-                    &self.root,
-                    &format!("proxy-{proxy_id}"),
-                    VALIDITY,
-                )?),
-            }),
+            peering: Some(PeeringConfig::new(Identity::generate_client(
+                &self.root,
+                &format!("proxy-{proxy_id}"),
+                VALIDITY,
+            )?)),
             join: None,
         })
     }

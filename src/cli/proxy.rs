@@ -20,10 +20,12 @@ use tether::stream::StreamLimits;
 
 use super::shutdown_signal;
 
-/// Validity of the certificates a proxy issues itself with `--ca`. The proxy re-issues them
-/// at every start, and Kubernetes restarts pods at every rollout; a replica running longer
-/// than this must be restarted (its host certificate would expire).
-pub const SELF_ISSUED_VALIDITY: Duration = Duration::from_secs(365 * 24 * 3600);
+/// Validity of the certificates a proxy issues itself with `--ca`: short, as a leaked one
+/// should not stay useful for long.
+pub const SELF_ISSUED_VALIDITY: Duration = Duration::from_secs(7 * 24 * 3600);
+/// How often a proxy with `--ca` renews its certificates: well inside their validity, so a
+/// few failed renewals in a row (a full disk, a clock step) still leave days of margin.
+pub const RENEW_EVERY: Duration = Duration::from_secs(24 * 3600);
 
 #[derive(Args)]
 pub struct ProxyArgs {
@@ -154,9 +156,7 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
         },
         stream: StreamLimits::default(),
         direct,
-        peering: peering_identity.map(|identity| PeeringConfig {
-            identity: Arc::new(identity),
-        }),
+        peering: peering_identity.map(PeeringConfig::new),
         join: kube.as_ref().map(|client| {
             Arc::new(tether::operator::root::KubeJoinAuthority::new(
                 client.clone(),
@@ -174,6 +174,9 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
     proxy.set_peers(peers.clone());
     println!("listening on {}", proxy.local_addr());
     let proxy = Arc::new(proxy);
+    if let Some(ca) = ca {
+        tokio::spawn(renew_certificates(proxy.clone(), ca, args.proxy_id.clone()));
+    }
     let root_state = CancellationToken::new();
     let root_task = kube.map(|client| {
         tokio::spawn(tether::operator::root::run(
@@ -278,14 +281,10 @@ fn identities(
     ca: Option<&CertificateAuthority>,
 ) -> anyhow::Result<(Identity, Option<Identity>)> {
     match (ca, &args.identity) {
-        (Some(ca), _) => Ok((
-            Identity::generate_host(ca, &args.proxy_id, SELF_ISSUED_VALIDITY)?,
-            Some(Identity::generate_client(
-                ca,
-                &format!("proxy-{}", args.proxy_id),
-                SELF_ISSUED_VALIDITY,
-            )?),
-        )),
+        (Some(ca), _) => {
+            let (host, peering) = issue_from_ca(ca, &args.proxy_id)?;
+            Ok((host, Some(peering)))
+        }
         (None, Some(path)) => Ok((
             Identity::load(path)?,
             match &args.peer_identity {
@@ -294,5 +293,32 @@ fn identities(
             },
         )),
         (None, None) => anyhow::bail!("--identity or --ca is required"),
+    }
+}
+
+/// A host certificate `<proxy_id>.<cluster>` and a peering client certificate.
+fn issue_from_ca(
+    ca: &CertificateAuthority,
+    proxy_id: &str,
+) -> Result<(Identity, Identity), tether::identity::IdentityError> {
+    Ok((
+        Identity::generate_host(ca, proxy_id, SELF_ISSUED_VALIDITY)?,
+        Identity::generate_client(ca, &format!("proxy-{proxy_id}"), SELF_ISSUED_VALIDITY)?,
+    ))
+}
+
+/// Re-issues the proxy's own certificates every [`RENEW_EVERY`], forever.
+async fn renew_certificates(proxy: Arc<ProxyServer>, ca: CertificateAuthority, proxy_id: String) {
+    let mut tick = tokio::time::interval(RENEW_EVERY);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        match issue_from_ca(&ca, &proxy_id) {
+            Ok((host, peering)) => {
+                proxy.renew_identities(&host, Some(peering));
+                tracing::info!(valid_for = ?SELF_ISSUED_VALIDITY, "renewed this proxy's certificates");
+            }
+            Err(e) => tracing::error!(error = %e, "renewing this proxy's certificates failed"),
+        }
     }
 }

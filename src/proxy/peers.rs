@@ -11,6 +11,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use rand::seq::SliceRandom;
 use russh::ChannelStream;
 use tracing::debug;
@@ -48,8 +49,17 @@ impl Peer {
 /// What a proxy needs to forward dials to its peers.
 #[derive(Clone)]
 pub struct PeeringConfig {
-    /// A client certificate from the root CA that peers accept.
-    pub identity: Arc<Identity>,
+    /// A client certificate from the root CA that peers accept; swappable, so a proxy that
+    /// issues its own certificates renews it without a restart.
+    pub identity: Arc<ArcSwap<Identity>>,
+}
+
+impl PeeringConfig {
+    pub fn new(identity: Identity) -> Self {
+        Self {
+            identity: Arc::new(ArcSwap::from_pointee(identity)),
+        }
+    }
 }
 
 /// A stream served by a peer proxy; holds the SSH connection it runs on.
@@ -90,7 +100,7 @@ pub async fn dial_via_peers(
             proxy_addr: addr.to_string(),
             root_cluster: cluster.clone(),
             root_cas: root_cas.clone(),
-            identity: peering.identity.clone(),
+            identity: peering.identity.load_full(),
             timeout,
         };
         let attempt = async {

@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use russh::server::Config as SshConfig;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{oneshot, watch};
@@ -20,6 +21,7 @@ use super::limits::ConnectionLimiter;
 use super::peers::{Peer, PeerStream, dial_via_peers};
 use super::sites::{ProxyStream, SiteInfo, Sites};
 use crate::admin::metrics::{METRICS, label};
+use crate::identity::Identity;
 use crate::protocol::{ClusterName, DialError, DialErrorKind, Endpoint, Target, ssh};
 use crate::stream::Splice;
 
@@ -39,7 +41,8 @@ pub struct ProxyShared {
     pub tasks: TaskTracker,
     /// Admission control.
     pub limiter: Arc<ConnectionLimiter>,
-    ssh: Arc<SshConfig>,
+    /// Swappable, so a renewed host certificate applies to the next connection.
+    ssh: ArcSwap<SshConfig>,
 }
 
 /// A running proxy.
@@ -67,27 +70,7 @@ impl ProxyServer {
 
     async fn start_on(config: ProxyConfig, listener: TcpListener) -> io::Result<Self> {
         let local_addr = listener.local_addr()?;
-        let ssh = SshConfig {
-            keys: vec![config.host_identity.key.clone()],
-            certificates: vec![config.host_identity.certificate.clone()],
-            // "none" is offered only to joining leaves, and only when joins are enabled; the
-            // handler accepts it for the join user alone.
-            methods: if config.join.is_some() {
-                russh::MethodSet::from(&[russh::MethodKind::PublicKey, russh::MethodKind::None][..])
-            } else {
-                russh::MethodSet::from(&[russh::MethodKind::PublicKey][..])
-            },
-            preferred: ssh::preferred(),
-            window_size: ssh::SSH_WINDOW,
-            maximum_packet_size: ssh::MAX_PACKET_SIZE,
-            channel_buffer_size: ssh::CHANNEL_BUFFER,
-            auth_rejection_time: Duration::from_millis(250),
-            auth_rejection_time_initial: Some(Duration::ZERO),
-            max_auth_attempts: 3,
-            inactivity_timeout: None,
-            nodelay: true,
-            ..SshConfig::default()
-        };
+        let ssh = ssh_config(&config, &config.host_identity);
         let me = Peer {
             id: config.proxy_id.clone(),
             addr: Some(local_addr),
@@ -101,7 +84,7 @@ impl ProxyServer {
             draining: CancellationToken::new(),
             stopped: CancellationToken::new(),
             tasks: TaskTracker::new(),
-            ssh: Arc::new(ssh),
+            ssh: ArcSwap::from_pointee(ssh),
         });
         let span = info_span!("proxy", id = %shared.config.proxy_id, listen = %local_addr);
         shared
@@ -136,6 +119,18 @@ impl ProxyServer {
                 true
             }
             None => false,
+        }
+    }
+
+    /// Presents `host` from the next connection on, and forwards dials to peers as
+    /// `peering` (when peering is on): how a proxy renews certificates it issued itself.
+    /// Connections already up keep the certificates they were set up with.
+    pub fn renew_identities(&self, host: &Identity, peering: Option<Identity>) {
+        self.shared
+            .ssh
+            .store(Arc::new(ssh_config(&self.shared.config, host)));
+        if let (Some(config), Some(identity)) = (&self.shared.config.peering, peering) {
+            config.identity.store(Arc::new(identity));
         }
     }
 
@@ -245,7 +240,7 @@ async fn serve_connection(
     let handler = ConnectionHandler::new(shared.clone(), peer, ready_tx);
     let deadline = shared.config.limits.handshake_timeout;
     let setup = async {
-        let session = russh::server::run_stream(shared.ssh.clone(), socket, handler).await?;
+        let session = russh::server::run_stream(shared.ssh.load_full(), socket, handler).await?;
         Ok::<_, russh::Error>(session)
     };
     let mut session = match tokio::time::timeout(deadline, setup).await {
@@ -443,5 +438,30 @@ impl crate::admin::Component for ProxyShared {
             "peers": self.peers.borrow().iter().map(|p| &p.id).collect::<Vec<_>>(),
             "sites": self.sites.list(),
         })
+    }
+}
+
+/// The SSH server settings for `config`, presenting `host`.
+fn ssh_config(config: &ProxyConfig, host: &Identity) -> SshConfig {
+    SshConfig {
+        keys: vec![host.key.clone()],
+        certificates: vec![host.certificate.clone()],
+        // "none" is offered only to joining leaves, and only when joins are enabled; the
+        // handler accepts it for the join user alone.
+        methods: if config.join.is_some() {
+            russh::MethodSet::from(&[russh::MethodKind::PublicKey, russh::MethodKind::None][..])
+        } else {
+            russh::MethodSet::from(&[russh::MethodKind::PublicKey][..])
+        },
+        preferred: ssh::preferred(),
+        window_size: ssh::SSH_WINDOW,
+        maximum_packet_size: ssh::MAX_PACKET_SIZE,
+        channel_buffer_size: ssh::CHANNEL_BUFFER,
+        auth_rejection_time: Duration::from_millis(250),
+        auth_rejection_time_initial: Some(Duration::ZERO),
+        max_auth_attempts: 3,
+        inactivity_timeout: None,
+        nodelay: true,
+        ..SshConfig::default()
     }
 }

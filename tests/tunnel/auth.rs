@@ -225,3 +225,59 @@ async fn a_burst_of_connections_is_held_by_the_limits_and_agents_keep_working() 
         Some(DialErrorKind::Forbidden)
     );
 }
+
+/// Records the serial of the host certificate a proxy presents.
+struct HostCertSerial(Arc<std::sync::Mutex<Option<u64>>>);
+
+impl russh::client::Handler for HostCertSerial {
+    type Error = russh::Error;
+
+    async fn check_server_key(
+        &mut self,
+        key: &russh::keys::PublicKeyOrCertificate,
+    ) -> Result<bool, Self::Error> {
+        if let russh::keys::PublicKeyOrCertificate::Certificate(cert) = key {
+            *self.0.lock().expect("lock") = Some(cert.serial());
+        }
+        Ok(true)
+    }
+}
+
+async fn presented_serial(proxy: &ProxyServer) -> Option<u64> {
+    let seen = Arc::new(std::sync::Mutex::new(None));
+    let config = Arc::new(tether::protocol::ssh::client_config());
+    let _handle = russh::client::connect(config, proxy.local_addr(), HostCertSerial(seen.clone()))
+        .await
+        .expect("connects");
+    seen.lock().expect("lock").clone()
+}
+
+#[tokio::test]
+async fn renewed_certificates_are_presented_to_new_connections_and_tunnels_stay() {
+    let rig = Rig::start(&[], |_| {}, |_| {}).await;
+    let before = presented_serial(&rig.proxy)
+        .await
+        .expect("a host certificate");
+    let tunnels = rig.proxy.site(&leaf()).expect("site").tunnels.len();
+    let host = Identity::generate_host(&rig.pki.root, "proxy-1", Duration::from_secs(600))
+        .expect("host identity");
+    let peering =
+        Identity::generate_client(&rig.pki.root, "proxy-proxy-1", Duration::from_secs(600))
+            .expect("peering identity");
+    rig.proxy.renew_identities(&host, Some(peering));
+    let after = presented_serial(&rig.proxy)
+        .await
+        .expect("a host certificate");
+    assert_eq!(after, host.certificate.serial());
+    assert_ne!(before, after, "serials are random, so a renewal changes it");
+    // The tunnel set up with the old certificate is untouched, and a new agent gets in.
+    assert_eq!(
+        rig.proxy.site(&leaf()).expect("site").tunnels.len(),
+        tunnels
+    );
+    let tunnel = agent_attempt(&rig.pki, &rig.proxy, |_| {}).await;
+    assert!(
+        tunnel.is_ok(),
+        "a new agent accepts the renewed certificate"
+    );
+}
