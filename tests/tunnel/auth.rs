@@ -249,7 +249,7 @@ async fn presented_serial(proxy: &ProxyServer) -> Option<u64> {
     let _handle = russh::client::connect(config, proxy.local_addr(), HostCertSerial(seen.clone()))
         .await
         .expect("connects");
-    seen.lock().expect("lock").clone()
+    *seen.lock().expect("lock")
 }
 
 #[tokio::test]
