@@ -185,7 +185,10 @@ fn assert_hardened(deployment: &Value) {
             )
         })
         .collect();
-    assert!(env.contains(&("POD_NAME", "metadata.name")), "{name}: {env:?}");
+    assert!(
+        env.contains(&("POD_NAME", "metadata.name")),
+        "{name}: {env:?}"
+    );
     assert!(
         env.contains(&("POD_NAMESPACE", "metadata.namespace")),
         "{name}: {env:?}"
@@ -327,7 +330,12 @@ async fn lint_template_and_schema() {
         })
         .collect();
     assert_eq!(ports, [("tunnel", 3024), ("admin", 9090)]);
-    assert!(pod["terminationGracePeriodSeconds"].as_i64().expect("grace") > 30);
+    assert!(
+        pod["terminationGracePeriodSeconds"]
+            .as_i64()
+            .expect("grace")
+            > 30
+    );
     assert_eq!(
         pod["topologySpreadConstraints"][0]["topologyKey"],
         "kubernetes.io/hostname"
@@ -420,7 +428,9 @@ async fn lint_template_and_schema() {
     );
     assert_eq!(
         operator_rules[&("tether.dev".to_owned(), "reversetunnels".to_owned())],
-        verbs(&["get", "list", "watch", "patch", "update", "create", "delete"])
+        verbs(&[
+            "get", "list", "watch", "patch", "update", "create", "delete"
+        ])
     );
     assert!(
         !operator_rules.contains_key(&("coordination.k8s.io".to_owned(), "leases".to_owned())),
@@ -440,7 +450,9 @@ async fn lint_template_and_schema() {
     // The CRDs: the files of crds/ (the chart holds byte-identical copies), plus Helm's keep
     // policy.
     for file in tether::operator::crd::FILES {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("crds").join(file);
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("crds")
+            .join(file);
         let text = std::fs::read_to_string(&path).expect("reading crds/");
         let mut ours: Value = serde_yaml::from_str(&text).expect("CRD YAML");
         let name = ours["metadata"]["name"].as_str().expect("name").to_owned();
@@ -456,7 +468,10 @@ async fn lint_template_and_schema() {
             .as_object_mut()
             .expect("metadata")
             .remove("annotations");
-        assert_eq!(rendered, ours, "the chart renders {name} as crds/{file} has it");
+        assert_eq!(
+            rendered, ours,
+            "the chart renders {name} as crds/{file} has it"
+        );
     }
 
     // ServiceMonitors find their Services.
@@ -480,7 +495,10 @@ async fn lint_template_and_schema() {
 
     // Roles apart.
     let root = render(cp, "tether", ns, ROOT_ONLY);
-    assert!(root.iter().all(|d| d["metadata"]["name"] != "tether-operator"));
+    assert!(
+        root.iter()
+            .all(|d| d["metadata"]["name"] != "tether-operator")
+    );
     assert_eq!(kinds(&root)["Deployment"], 1);
     let leaf = render(cp, "tether", ns, LEAF_ONLY);
     assert_eq!(kinds(&leaf)["Deployment"], 1);
@@ -513,8 +531,7 @@ async fn lint_template_and_schema() {
     assert_eq!(kinds(&all)["ClusterRoleBinding"], 1);
     assert_least_privilege(&all);
     let args = strings(
-        &find(&all, "Deployment", "tether-operator")["spec"]["template"]["spec"]["containers"][0]
-            ["args"],
+        &find(&all, "Deployment", "tether-operator")["spec"]["template"]["spec"]["containers"][0]["args"],
     );
     assert!(!args.contains(&"--namespace"), "{args:?}");
     assert!(args.ends_with(&["--log-format", "json"]), "{args:?}");
@@ -557,10 +574,7 @@ async fn lint_template_and_schema() {
         ]),
     );
     assert!(!ok);
-    assert!(
-        stderr.contains("terminationGracePeriodSeconds"),
-        "{stderr}"
-    );
+    assert!(stderr.contains("terminationGracePeriodSeconds"), "{stderr}");
     eprintln!("lint_template_and_schema took {:?}", started.elapsed());
 }
 
@@ -685,7 +699,9 @@ async fn install_upgrade_uninstall_leaves_only_the_crds() {
         let crd = crds.get(name).await.expect("CRD");
         let annotations = crd.metadata.annotations.unwrap_or_default();
         assert_eq!(
-            annotations.get("helm.sh/resource-policy").map(String::as_str),
+            annotations
+                .get("helm.sh/resource-policy")
+                .map(String::as_str),
             Some("keep"),
             "{name}"
         );
@@ -837,9 +853,12 @@ async fn the_operator_runs_end_to_end_with_the_charts_rbac() {
         .expect("Ready condition");
     assert_eq!(ready.status, ConditionStatus::True);
     let echoed = eventually("a dial through the tunnel", || async {
-        echo_through(&proxy, &format!("{}.leaf-1.tether:{}", echo.ip(), echo.port()))
-            .await
-            .ok()
+        echo_through(
+            &proxy,
+            &format!("{}.leaf-1.tether:{}", echo.ip(), echo.port()),
+        )
+        .await
+        .ok()
     })
     .await;
     assert_eq!(echoed, b"ping");
@@ -894,7 +913,9 @@ async fn the_proxies_rbac_covers_peers_join_tokens_and_remote_clusters() {
     ensure_crds(&admin).await;
     let ns = cp.new_namespace("helm-proxy-rbac").await;
     install(cp, "peers", &ns, ROOT_ONLY);
-    let proxy = cp.client_for_service_account(&ns, "peers-tether-proxy").await;
+    let proxy = cp
+        .client_for_service_account(&ns, "peers-tether-proxy")
+        .await;
 
     // Peers: the EndpointSlices of the chart's headless Service, followed as `tether proxy
     // --peers-service` does (list, then watch).
@@ -938,13 +959,14 @@ async fn the_proxies_rbac_covers_peers_join_tokens_and_remote_clusters() {
             .await;
         }
     });
-    let next_ids = async |rx: &mut tokio::sync::mpsc::UnboundedReceiver<Vec<tether::proxy::Peer>>| {
-        let peers = tokio::time::timeout(tunnel_e2e::DEADLINE, rx.recv())
-            .await
-            .expect("no peer set in time (is the proxy allowed to list and watch?)")
-            .expect("the watch ended");
-        peers.into_iter().map(|p| p.id).collect::<Vec<String>>()
-    };
+    let next_ids =
+        async |rx: &mut tokio::sync::mpsc::UnboundedReceiver<Vec<tether::proxy::Peer>>| {
+            let peers = tokio::time::timeout(tunnel_e2e::DEADLINE, rx.recv())
+                .await
+                .expect("no peer set in time (is the proxy allowed to list and watch?)")
+                .expect("the watch ended");
+            peers.into_iter().map(|p| p.id).collect::<Vec<String>>()
+        };
     assert_eq!(next_ids(&mut rx).await, Vec::<String>::new(), "listed");
     // A ready proxy appears: the watch sees it.
     slices
