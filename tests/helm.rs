@@ -2,7 +2,8 @@
 //! control plane: lint, rendering and schema; a server-side dry run of what it renders;
 //! install, upgrade and uninstall (only the CRDs stay); and its RBAC, with the ServiceAccount
 //! tokens of an installed release: enough for the operator end to end (a ReverseTunnel
-//! connects and a dial goes through) and for what proxies do, and no more (403s).
+//! connects and a dial goes through; in-process, and as the `tether` binary run with the
+//! container's rendered arguments) and for what proxies do, and no more (403s).
 
 mod common;
 #[path = "common/tunnel_e2e.rs"]
@@ -1165,6 +1166,218 @@ async fn the_operator_token_is_denied_outside_its_role() {
     );
     eprintln!(
         "the_operator_token_is_denied_outside_its_role took {:?}",
+        started.elapsed()
+    );
+}
+
+/// GETs `path` from `addr` over plain HTTP/1.1; returns the status code and the body.
+async fn http_get(addr: &str, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut conn = tokio::net::TcpStream::connect(addr)
+        .await
+        .unwrap_or_else(|e| panic!("connecting to {addr}: {e}"));
+    conn.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .expect("writing the request");
+    let mut response = String::new();
+    conn.read_to_string(&mut response)
+        .await
+        .expect("reading the response");
+    let code = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP response: {response:?}"));
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (code, body)
+}
+
+#[tokio::test]
+async fn the_operator_container_command_runs_with_the_charts_rbac() {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    let started = Instant::now();
+    let cp = common::control_plane().await;
+    let admin = cp.kube_client();
+    ensure_crds(&admin).await;
+    let ns = cp.new_namespace("helm-operator-cli").await;
+    install(cp, "cli", &ns, LEAF_ONLY);
+
+    // The container's arguments as the chart renders them; only the admin port becomes a free
+    // loopback one, and logs are JSON so the test can read the bound address.
+    let docs = render(cp, "cli", &ns, LEAF_ONLY);
+    let container = &find(&docs, "Deployment", "cli-tether-operator")["spec"]["template"]["spec"]["containers"]
+        [0];
+    let mut args: Vec<String> = strings(&container["args"])
+        .into_iter()
+        .map(|a| {
+            if a == "0.0.0.0:9090" {
+                "127.0.0.1:0".to_owned()
+            } else {
+                a.to_owned()
+            }
+        })
+        .collect();
+    assert!(args.contains(&"127.0.0.1:0".to_owned()), "{args:?}");
+    args.extend(["--log-format".to_owned(), "json".to_owned()]);
+
+    // Credentials: the chart's ServiceAccount token, as the pod would mount it.
+    let token = kubectl_ok(cp, &["create", "token", "cli-tether-operator", "-n", &ns]);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let kubeconfig = dir.path().join("kubeconfig");
+    std::fs::copy(cp.kubeconfig_path(), &kubeconfig).expect("copying the kubeconfig");
+    let kc = kubeconfig.to_string_lossy().into_owned();
+    kubectl_ok(
+        cp,
+        &[
+            "--kubeconfig",
+            &kc,
+            "config",
+            "set-credentials",
+            "operator",
+            &format!("--token={}", token.trim()),
+        ],
+    );
+    kubectl_ok(
+        cp,
+        &[
+            "--kubeconfig",
+            &kc,
+            "config",
+            "set-context",
+            "--current",
+            "--user=operator",
+        ],
+    );
+    let whoami = kubectl_ok(
+        cp,
+        &[
+            "--kubeconfig",
+            &kc,
+            "auth",
+            "whoami",
+            "-o",
+            "jsonpath={.status.userInfo.username}",
+        ],
+    );
+    assert!(
+        whoami.contains(&format!("system:serviceaccount:{ns}:cli-tether-operator")),
+        "{whoami}"
+    );
+
+    let pod = "cli-tether-operator-7d9f-abcde";
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_tether"))
+        .args(&args)
+        .env("KUBECONFIG", &kubeconfig)
+        .env("POD_NAME", pod)
+        .env("POD_NAMESPACE", &ns)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("starting tether operator");
+    let stderr = child.stderr.take().expect("stderr");
+    let (addr_tx, addr_rx) = tokio::sync::oneshot::channel();
+    let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    tokio::spawn({
+        let log = log.clone();
+        async move {
+            let mut addr_tx = Some(addr_tx);
+            let mut lines = BufReader::new(stderr).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                if let Ok(v) = serde_json::from_str::<Value>(&line)
+                    && v["fields"]["message"] == "admin endpoint"
+                    && let (Some(tx), Some(addr)) = (addr_tx.take(), v["fields"]["addr"].as_str())
+                {
+                    let _ = tx.send(addr.to_owned());
+                }
+                log.lock().expect("log").push(line);
+            }
+        }
+    });
+    let addr = tokio::time::timeout(tunnel_e2e::DEADLINE, addr_rx)
+        .await
+        .expect("no admin endpoint in time")
+        .unwrap_or_else(|_| {
+            panic!(
+                "the operator exited:\n{}",
+                log.lock().expect("log").join("\n")
+            )
+        });
+
+    // The probes the chart points at.
+    assert_eq!(http_get(&addr, "/healthz").await.0, 200);
+    assert_eq!(http_get(&addr, "/readyz").await.0, 200);
+    let (code, metrics) = http_get(&addr, "/metrics").await;
+    assert_eq!(code, 200);
+    assert!(metrics.contains("# TYPE"), "{metrics}");
+
+    // It leads through the Lease the chart names...
+    let leases = Api::<Lease>::namespaced(admin.clone(), &ns);
+    eventually("the operator holding its Lease", || async {
+        let lease = leases.get_opt("cli-tether-operator").await.ok()??;
+        (lease.spec?.holder_identity.as_deref() == Some(pod)).then_some(())
+    })
+    .await;
+
+    // ...and connects a ReverseTunnel to a proxy; a dial goes through.
+    let leaf = ClusterName::new("leaf-1").expect("name");
+    let pki = Pki::generate(ClusterName::new("root").expect("name"), leaf).expect("pki");
+    let proxy = ProxyServer::start(pki.proxy_config("proxy-1").expect("proxy config"))
+        .await
+        .expect("proxy");
+    let echo = echo_server().await.expect("echo");
+    create_secrets(&admin, &ns, &pki).await;
+    let rule = format!("{}/32:{}", echo.ip(), echo.port());
+    let rt: ReverseTunnel =
+        serde_json::from_value(example(&proxy.local_addr().to_string(), &[rule])).expect("rt");
+    let api: Api<ReverseTunnel> = Api::namespaced(admin.clone(), &ns);
+    api.create(&PostParams::default(), &rt)
+        .await
+        .expect("creating the ReverseTunnel");
+    eventually("status Connected 1/1", || async {
+        let status = api.get("to-root").await.ok()?.status?;
+        (status.phase == Some(Phase::Connected) && status.proxies_ready.as_deref() == Some("1/1"))
+            .then_some(())
+    })
+    .await;
+    let echoed = eventually("a dial through the tunnel", || async {
+        echo_through(
+            &proxy,
+            &format!("{}.leaf-1.tether:{}", echo.ip(), echo.port()),
+        )
+        .await
+        .ok()
+    })
+    .await;
+    assert_eq!(echoed, b"ping");
+
+    // SIGTERM: it stops its agents, releases the Lease and exits 0.
+    let pid = i32::try_from(child.id().expect("pid")).expect("pid");
+    // SAFETY: signals the child this test started (still running: it has not been waited).
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    let status = tokio::time::timeout(tunnel_e2e::DEADLINE, child.wait())
+        .await
+        .expect("the operator did not exit after SIGTERM")
+        .expect("waiting for the operator");
+    assert!(
+        status.success(),
+        "exit {status}:\n{}",
+        log.lock().expect("log").join("\n")
+    );
+    let lease = leases.get("cli-tether-operator").await.expect("Lease");
+    assert_ne!(
+        lease.spec.and_then(|s| s.holder_identity).as_deref(),
+        Some(pod),
+        "the Lease was released"
+    );
+    proxy.shutdown(std::time::Duration::from_secs(1)).await;
+    eprintln!(
+        "the_operator_container_command_runs_with_the_charts_rbac took {:?}",
         started.elapsed()
     );
 }
