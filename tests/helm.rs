@@ -1381,3 +1381,44 @@ async fn the_operator_container_command_runs_with_the_charts_rbac() {
         started.elapsed()
     );
 }
+
+#[tokio::test]
+async fn root_and_leaf_install_as_two_releases_in_one_namespace() {
+    let started = Instant::now();
+    let cp = common::control_plane().await;
+    let admin = cp.kube_client();
+    ensure_crds(&admin).await;
+    let ns = cp.new_namespace("helm-two-releases").await;
+    install(cp, "root", &ns, ROOT_ONLY);
+    install(cp, "leaf", &ns, LEAF_ONLY);
+    let list: Value =
+        serde_json::from_str(&helm_ok(cp, &["list", "-n", &ns, "-o", "json"])).expect("JSON");
+    let mut deployed: Vec<(&str, &str)> = list
+        .as_array()
+        .expect("releases")
+        .iter()
+        .map(|r| {
+            (
+                r["name"].as_str().expect("name"),
+                r["status"].as_str().expect("status"),
+            )
+        })
+        .collect();
+    deployed.sort();
+    assert_eq!(deployed, [("leaf", "deployed"), ("root", "deployed")]);
+    let deployments: Api<Deployment> = Api::namespaced(admin, &ns);
+    let mut names: Vec<String> = deployments
+        .list(&ListParams::default())
+        .await
+        .expect("list")
+        .items
+        .into_iter()
+        .filter_map(|d| d.metadata.name)
+        .collect();
+    names.sort();
+    assert_eq!(names, ["leaf-tether-operator", "root-tether-proxy"]);
+    eprintln!(
+        "root_and_leaf_install_as_two_releases_in_one_namespace took {:?}",
+        started.elapsed()
+    );
+}
