@@ -34,3 +34,31 @@ fn committed_crds_match_the_types() {
         "`tether crd` must equal `cat crds/*.yaml`"
     );
 }
+
+/// The Helm chart installs and upgrades the CRDs from its own copy (charts/tether/files/crds/,
+/// read with `.Files.Get`); it must be byte-identical to `crds/`.
+#[test]
+fn chart_crds_match_crds_dir() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let chart = root.join("charts/tether/files/crds");
+    let mut names: Vec<String> = std::fs::read_dir(&chart)
+        .unwrap_or_else(|e| panic!("reading {}: {e}", chart.display()))
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        tether::operator::crd::FILES,
+        "charts/tether/files/crds/ should hold exactly the files of crds/; run `scripts/gen-crds`"
+    );
+    for file in tether::operator::crd::FILES {
+        let ours = std::fs::read(root.join("crds").join(file)).expect("reading crds/");
+        let chart_copy = std::fs::read(chart.join(file)).expect("reading the chart's copy");
+        assert!(
+            ours == chart_copy,
+            "charts/tether/files/crds/{file} differs from crds/{file}: run `scripts/gen-crds` \
+             and commit both"
+        );
+    }
+}

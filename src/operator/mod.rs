@@ -99,6 +99,10 @@ pub struct OperatorArgs {
     /// This replica's identity (Lease holder, Event reporter); default: the host name.
     #[arg(long, env = "POD_NAME")]
     pub identity: Option<String>,
+    /// Serve /healthz, /readyz (the controller or leader-election loop is running) and
+    /// /metrics here.
+    #[arg(long)]
+    pub admin_listen: Option<std::net::SocketAddr>,
 }
 
 /// `tether operator`: builds a client from the flags and runs until Ctrl-C or SIGTERM.
@@ -131,7 +135,28 @@ pub async fn run_cli(args: OperatorArgs) -> anyhow::Result<()> {
             shutdown.cancel();
         }
     });
-    run(
+    /// Ready while the operator's loop (controller or leader election) runs.
+    struct Running(std::sync::atomic::AtomicBool);
+    impl crate::admin::Component for Running {
+        fn ready(&self) -> bool {
+            self.0.load(std::sync::atomic::Ordering::Relaxed)
+        }
+        fn status(&self) -> serde_json::Value {
+            serde_json::json!({ "running": self.ready() })
+        }
+    }
+    let running = Arc::new(Running(true.into()));
+    if let Some(addr) = args.admin_listen {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding the admin endpoint {addr}"))?;
+        tracing::info!(addr = %listener.local_addr()?, "admin endpoint");
+        let stopped = shutdown.clone();
+        tokio::spawn(crate::admin::serve(listener, running.clone(), async move {
+            stopped.cancelled().await
+        }));
+    }
+    let result = run(
         client,
         OperatorConfig {
             namespace: args.namespace,
@@ -140,7 +165,9 @@ pub async fn run_cli(args: OperatorArgs) -> anyhow::Result<()> {
         },
         shutdown,
     )
-    .await
+    .await;
+    running.0.store(false, std::sync::atomic::Ordering::Relaxed);
+    result
 }
 
 async fn wait_for_signal() {

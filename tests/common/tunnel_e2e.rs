@@ -1,0 +1,162 @@
+//! Pieces of the operator end-to-end test (a ReverseTunnel reconciled into a tunnel to an
+//! in-process proxy) that other test binaries reuse with a client of their choosing, e.g. one
+//! holding only a ServiceAccount's token. Include it with
+//! `#[path = "common/tunnel_e2e.rs"] mod tunnel_e2e;` next to `mod common;`.
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{ObjectMeta, Patch, PatchParams, PostParams};
+use kube::runtime::{conditions, wait::await_condition};
+use kube::{Api, Client, ResourceExt};
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::time::timeout;
+use tokio_util::sync::CancellationToken;
+
+use tether::demo::Pki;
+use tether::identity::Identity;
+use tether::operator::{LeaderElection, OperatorConfig};
+use tether::protocol::Target;
+use tether::proxy::{Dialer, ProxyServer};
+use tether::stream::Splice;
+
+pub const DEADLINE: Duration = Duration::from_secs(60);
+
+/// Polls `check` until it yields a value, failing with `what` after [`DEADLINE`].
+pub async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let start = tokio::time::Instant::now();
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(start.elapsed() < DEADLINE, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Applies the tether.dev CRDs (server-side apply, so any test may call it) and waits until
+/// they are Established.
+pub async fn install_crds(client: &Client) {
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    for crd in tether::operator::crd::all() {
+        let name = crd.name_any();
+        crds.patch(
+            &name,
+            &PatchParams::apply("tether-test").force(),
+            &Patch::Apply(&crd),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("applying CRD {name}: {e}"));
+        timeout(
+            DEADLINE,
+            await_condition(crds.clone(), &name, conditions::is_crd_established()),
+        )
+        .await
+        .expect("CRD not Established in time")
+        .expect("watching the CRD");
+    }
+}
+
+pub fn secret(name: &str, data: &[(&str, String)]) -> Secret {
+    Secret {
+        metadata: ObjectMeta {
+            name: Some(name.to_owned()),
+            ..Default::default()
+        },
+        string_data: Some(
+            data.iter()
+                .map(|(k, v)| ((*k).to_owned(), v.clone()))
+                .collect(),
+        ),
+        ..Default::default()
+    }
+}
+
+/// The agent identity (`leaf-1-agent`) and root CA (`root-ca`) Secrets the example names,
+/// for `pki`'s clusters, created with `client`.
+pub async fn create_secrets(client: &Client, ns: &str, pki: &Pki) {
+    let agent = Identity::generate_agent(&pki.leaf, Duration::from_secs(3600)).expect("agent id");
+    let key = agent
+        .key
+        .to_openssh(Default::default())
+        .expect("encoding key")
+        .to_string();
+    let cert = agent.certificate.to_openssh().expect("encoding cert");
+    let ca = pki.root.public_key().to_openssh().expect("encoding CA");
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
+    for s in [
+        secret("leaf-1-agent", &[("key", key), ("cert", cert)]),
+        secret("root-ca", &[("ca.pub", ca)]),
+    ] {
+        secrets
+            .create(&PostParams::default(), &s)
+            .await
+            .expect("creating a Secret");
+    }
+}
+
+/// `examples/reversetunnel.yaml`, pointed at `proxy` and allowing `allow`.
+pub fn example(proxy: &str, allow: &[String]) -> serde_json::Value {
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/examples/reversetunnel.yaml"
+    ))
+    .expect("reading the example");
+    let mut value: serde_json::Value = serde_yaml::from_str(&text).expect("example YAML");
+    value["spec"]["proxyAddress"] = json!(proxy);
+    value["spec"]["allow"] = json!(allow);
+    value
+}
+
+/// Runs the operator in-process with `client`, watching `ns`, electing a leader through
+/// `lease` (in `ns`) when given. Cancel the token to stop it; it panics if the operator fails.
+pub fn start_operator(client: Client, ns: &str, lease: Option<&str>) -> CancellationToken {
+    let shutdown = CancellationToken::new();
+    let config = OperatorConfig {
+        namespace: Some(ns.to_owned()),
+        leader_election: lease.map(|name| LeaderElection {
+            lease_name: name.to_owned(),
+            lease_namespace: ns.to_owned(),
+            identity: format!("test-{ns}"),
+            duration_secs: 15,
+            grace_secs: 5,
+        }),
+        instance: Some("test".into()),
+    };
+    let stop = shutdown.clone();
+    tokio::spawn(async move {
+        if let Err(e) = tether::operator::run(client, config, stop).await {
+            panic!("operator failed: {e:#}");
+        }
+    });
+    shutdown
+}
+
+/// Dials `target` (`HOST.CLUSTER.tether:PORT`) through `proxy`, sends "ping", and returns what
+/// comes back.
+pub async fn echo_through(proxy: &ProxyServer, target: &str) -> Result<Vec<u8>, String> {
+    let target = Target::parse(target).map_err(|e| e.to_string())?;
+    let conn = proxy
+        .dialer()
+        .dial(target, "127.0.0.1:0".parse().expect("addr"))
+        .await
+        .map_err(|e| e.to_string())?;
+    let (mut mine, theirs) = tokio::io::duplex(64 * 1024);
+    let splice = tokio::spawn(conn.splice(theirs));
+    mine.write_all(b"ping").await.map_err(|e| e.to_string())?;
+    mine.shutdown().await.map_err(|e| e.to_string())?;
+    let mut echoed = Vec::new();
+    mine.read_to_end(&mut echoed)
+        .await
+        .map_err(|e| e.to_string())?;
+    let _ = splice.await;
+    Ok(echoed)
+}
