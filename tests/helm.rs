@@ -19,20 +19,23 @@ use k8s_openapi::api::core::v1::{Namespace, Pod, Secret};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::rbac::v1::{ClusterRole, Role};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::api::{DeleteParams, ListParams, ObjectMeta, Patch, PatchParams, PostParams};
+use kube::api::{DeleteParams, ListParams, ObjectMeta, PostParams};
 use kube::{Api, Client};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
 use common::ControlPlane;
+use tether::agent::join::{JoinRequest, join};
 use tether::demo::{Pki, echo_server};
-use tether::operator::crd::remote_cluster::Connection;
+use tether::identity::TrustStore;
 use tether::operator::crd::reverse_tunnel::Phase;
-use tether::operator::crd::{
-    ConditionStatus, RemoteCluster, RemoteClusterSpec, RemoteClusterStatus, ReverseTunnel,
-};
+use tether::operator::crd::{ConditionStatus, RemoteCluster, ReverseTunnel};
+use tether::operator::root::tokens::token_secret;
+use tether::operator::root::{self, KubeJoinAuthority};
 use tether::protocol::ClusterName;
+use tether::protocol::join::JoinToken;
 use tether::proxy::ProxyServer;
+use tokio_util::sync::CancellationToken;
 use tunnel_e2e::{create_secrets, echo_through, eventually, example, start_operator};
 
 /// Values of a root-only release.
@@ -977,25 +980,84 @@ async fn the_proxies_rbac_covers_peers_join_tokens_and_remote_clusters() {
     assert_eq!(next_ids(&mut rx).await, ["peers-tether-proxy-a"], "watched");
     watch.abort();
 
-    // Join tokens: read by name and marked used, never listed or created.
+    // Join tokens and RemoteClusters, through the code `tether proxy --kubernetes` runs, with
+    // only the proxy's token: a leaf joins (its token read by name and spent), the root
+    // records and trusts it, and this replica writes its status entry.
     let admin_secrets: Api<Secret> = Api::namespaced(admin.clone(), &ns);
+    let pki = Pki::generate(
+        ClusterName::new("root").expect("name"),
+        ClusterName::new("leaf-1").expect("name"),
+    )
+    .expect("pki");
+    let token = JoinToken::generate();
     admin_secrets
         .create(
             &PostParams::default(),
-            &tunnel_e2e::secret("join-leaf-1", &[("token", "0123456789abcdef".to_owned())]),
+            &token_secret(&token, None, None, false),
         )
         .await
         .expect("a join token Secret");
-    let secrets: Api<Secret> = Api::namespaced(proxy.clone(), &ns);
-    secrets.get("join-leaf-1").await.expect("get a join token");
-    secrets
-        .patch(
-            "join-leaf-1",
-            &PatchParams::default(),
-            &Patch::Merge(json!({"metadata": {"annotations": {"tether.dev/used-by": "leaf-1"}}})),
-        )
+    let mut config = pki.proxy_config("proxy-1").expect("proxy config");
+    let mut base = TrustStore::new();
+    base.insert(pki.root.cluster().clone(), pki.root.public_key().clone());
+    config.trust.store(std::sync::Arc::new(base.clone()));
+    config.join = Some(std::sync::Arc::new(KubeJoinAuthority::new(
+        proxy.clone(),
+        &ns,
+    )));
+    let server = std::sync::Arc::new(ProxyServer::start(config).await.expect("proxy"));
+    let stop = CancellationToken::new();
+    tokio::spawn(root::run(
+        proxy.clone(),
+        ns.clone(),
+        server.clone(),
+        base,
+        stop.clone(),
+    ));
+    let joined = join(&JoinRequest {
+        root_address: server.local_addr().to_string(),
+        token: token.clone(),
+        leaf_cluster: pki.leaf.cluster().clone(),
+        leaf_cas: vec![pki.leaf.public_key().clone()],
+        root_ca_pin: None,
+        timeout: tunnel_e2e::DEADLINE,
+    })
+    .await
+    .expect("a join served with the proxy's RBAC");
+    let spent = admin_secrets
+        .get(&format!("tether-join-{}", token.id()))
         .await
-        .expect("patch a join token");
+        .expect("the token Secret");
+    assert!(
+        spent.data.expect("data").contains_key("used-by"),
+        "the token is spent"
+    );
+    let mut agent_config = pki
+        .agent_config(
+            &server.local_addr().to_string(),
+            tether::agent::allow_list::AllowList::default(),
+        )
+        .expect("agent config");
+    agent_config.root_cas = joined.root_cas;
+    let agent = std::sync::Arc::new(tether::agent::Agent::new(agent_config));
+    tokio::spawn({
+        let (agent, stop) = (agent.clone(), stop.clone());
+        async move { agent.run(stop).await }
+    });
+    let remote: Api<RemoteCluster> = Api::namespaced(admin.clone(), &ns);
+    eventually("RemoteCluster leaf-1 with proxy-1's entry", || async {
+        let rc = remote.get_opt("leaf-1").await.ok()??;
+        rc.status?
+            .proxies
+            .iter()
+            .any(|p| p.proxy_id == "proxy-1" && p.tunnels == 1)
+            .then_some(())
+    })
+    .await;
+    stop.cancel();
+
+    // What the proxy must not do.
+    let secrets: Api<Secret> = Api::namespaced(proxy.clone(), &ns);
     assert_eq!(status_code(secrets.list(&ListParams::default()).await), 403);
     assert_eq!(
         status_code(
@@ -1005,58 +1067,9 @@ async fn the_proxies_rbac_covers_peers_join_tokens_and_remote_clusters() {
         ),
         403
     );
-
-    // RemoteClusters: created when a leaf joins, listed, status written.
-    let remote: Api<RemoteCluster> = Api::namespaced(proxy.clone(), &ns);
-    let rc = RemoteCluster::new(
-        "leaf-1",
-        RemoteClusterSpec {
-            cluster_name: Some("leaf-1".to_owned()),
-        },
-    );
-    remote
-        .create(&PostParams::default(), &rc)
-        .await
-        .expect("create a RemoteCluster");
+    let as_proxy: Api<RemoteCluster> = Api::namespaced(proxy.clone(), &ns);
     assert_eq!(
-        remote
-            .list(&ListParams::default())
-            .await
-            .expect("list")
-            .items
-            .len(),
-        1
-    );
-    remote
-        .patch(
-            "leaf-1",
-            &PatchParams::default(),
-            &Patch::Merge(json!({"metadata": {"labels": {"tether.dev/joined": "true"}}})),
-        )
-        .await
-        .expect("patch a RemoteCluster");
-    let status = RemoteClusterStatus {
-        connection: Some(Connection::Online),
-        ..Default::default()
-    };
-    remote
-        .patch_status(
-            "leaf-1",
-            &PatchParams::default(),
-            &Patch::Merge(json!({ "status": status })),
-        )
-        .await
-        .expect("patch a RemoteCluster's status");
-    let written = Api::<RemoteCluster>::namespaced(admin.clone(), &ns)
-        .get_status("leaf-1")
-        .await
-        .expect("status");
-    assert_eq!(
-        written.status.and_then(|s| s.connection),
-        Some(Connection::Online)
-    );
-    assert_eq!(
-        status_code(remote.delete("leaf-1", &DeleteParams::default()).await),
+        status_code(as_proxy.delete("leaf-1", &DeleteParams::default()).await),
         403
     );
     eprintln!(

@@ -3,162 +3,30 @@
 //! steady state.
 
 mod common;
+#[path = "common/tunnel_e2e.rs"]
+mod tunnel_e2e;
 
-use std::future::Future;
 use std::time::Duration;
 
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::Secret;
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{
-    ApiResource, DeleteParams, DynamicObject, ObjectMeta, Patch, PatchParams, PostParams,
-    WatchEvent, WatchParams,
+    ApiResource, DeleteParams, DynamicObject, Patch, PatchParams, PostParams, WatchEvent,
+    WatchParams,
 };
-use kube::runtime::{conditions, wait::await_condition};
-use kube::{Api, Client, ResourceExt};
+use kube::{Api, ResourceExt};
 use serde_json::json;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::timeout;
-use tokio_util::sync::CancellationToken;
 
 use tether::demo::{Pki, echo_server};
 use tether::identity::Identity;
 use tether::operator::crd::reverse_tunnel::Phase;
 use tether::operator::crd::{ConditionStatus, ReverseTunnel};
-use tether::operator::{LeaderElection, OperatorConfig};
-use tether::protocol::{ClusterName, Target};
-use tether::proxy::{Dialer, ProxyServer};
-use tether::stream::Splice;
-
-const DEADLINE: Duration = Duration::from_secs(30);
-
-/// Polls `check` until it yields a value, failing with `what` after [`DEADLINE`].
-async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let start = tokio::time::Instant::now();
-    loop {
-        if let Some(v) = check().await {
-            return v;
-        }
-        assert!(start.elapsed() < DEADLINE, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-async fn install_crds(client: &Client) {
-    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    for crd in tether::operator::crd::all() {
-        let name = crd.name_any();
-        crds.patch(
-            &name,
-            &PatchParams::apply("tether-test").force(),
-            &Patch::Apply(&crd),
-        )
-        .await
-        .unwrap_or_else(|e| panic!("applying CRD {name}: {e}"));
-        timeout(
-            DEADLINE,
-            await_condition(crds.clone(), &name, conditions::is_crd_established()),
-        )
-        .await
-        .expect("CRD not Established in time")
-        .expect("watching the CRD");
-    }
-}
-
-fn secret(name: &str, data: &[(&str, String)]) -> Secret {
-    Secret {
-        metadata: ObjectMeta {
-            name: Some(name.to_owned()),
-            ..Default::default()
-        },
-        string_data: Some(
-            data.iter()
-                .map(|(k, v)| ((*k).to_owned(), v.clone()))
-                .collect(),
-        ),
-        ..Default::default()
-    }
-}
-
-/// The agent identity and root CA Secrets the example names, for `pki`'s clusters.
-async fn create_secrets(client: &Client, ns: &str, pki: &Pki) {
-    let agent = Identity::generate_agent(&pki.leaf, Duration::from_secs(3600)).expect("agent id");
-    let key = agent
-        .key
-        .to_openssh(Default::default())
-        .expect("encoding key")
-        .to_string();
-    let cert = agent.certificate.to_openssh().expect("encoding cert");
-    let ca = pki.root.public_key().to_openssh().expect("encoding CA");
-    let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
-    for s in [
-        secret("leaf-1-agent", &[("key", key), ("cert", cert)]),
-        secret("root-ca", &[("ca.pub", ca)]),
-    ] {
-        secrets
-            .create(&PostParams::default(), &s)
-            .await
-            .expect("creating a Secret");
-    }
-}
-
-/// The example manifest, pointed at `proxy` and allowing `allow`.
-fn example(proxy: &str, allow: &[String]) -> serde_json::Value {
-    let text = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/examples/reversetunnel.yaml"
-    ))
-    .expect("reading the example");
-    let mut value: serde_json::Value = serde_yaml::from_str(&text).expect("example YAML");
-    value["spec"]["proxyAddress"] = json!(proxy);
-    value["spec"]["allow"] = json!(allow);
-    value
-}
-
-fn start_operator(client: Client, ns: &str, lease: bool) -> CancellationToken {
-    let shutdown = CancellationToken::new();
-    let config = OperatorConfig {
-        namespace: Some(ns.to_owned()),
-        leader_election: lease.then(|| LeaderElection {
-            lease_name: "tether-operator".into(),
-            lease_namespace: ns.to_owned(),
-            identity: format!("test-{ns}"),
-            duration_secs: 15,
-            grace_secs: 5,
-        }),
-        instance: Some("test".into()),
-    };
-    let stop = shutdown.clone();
-    tokio::spawn(async move {
-        if let Err(e) = tether::operator::run(client, config, stop).await {
-            panic!("operator failed: {e:#}");
-        }
-    });
-    shutdown
-}
-
-async fn echo_through(proxy: &ProxyServer, target: &str) -> Result<Vec<u8>, String> {
-    let target = Target::parse(target).map_err(|e| e.to_string())?;
-    let conn = proxy
-        .dialer()
-        .dial(target, "127.0.0.1:0".parse().expect("addr"))
-        .await
-        .map_err(|e| e.to_string())?;
-    let (mut mine, theirs) = tokio::io::duplex(64 * 1024);
-    let splice = tokio::spawn(conn.splice(theirs));
-    mine.write_all(b"ping").await.map_err(|e| e.to_string())?;
-    mine.shutdown().await.map_err(|e| e.to_string())?;
-    let mut echoed = Vec::new();
-    mine.read_to_end(&mut echoed)
-        .await
-        .map_err(|e| e.to_string())?;
-    let _ = splice.await;
-    Ok(echoed)
-}
+use tether::protocol::ClusterName;
+use tether::proxy::ProxyServer;
+use tunnel_e2e::{
+    create_secrets, echo_through, eventually, example, install_crds, secret, start_operator,
+};
 
 fn tunnel_ids(proxy: &ProxyServer, leaf: &ClusterName) -> Vec<u64> {
     proxy
@@ -180,7 +48,7 @@ async fn reverse_tunnel_lifecycle() {
         .expect("proxy");
     let echo = echo_server().await.expect("echo");
     create_secrets(&client, &ns, &pki).await;
-    let stop = start_operator(client.clone(), &ns, true);
+    let stop = start_operator(client.clone(), &ns, Some("tether-operator"));
 
     // Applied with kubectl, as users do.
     let manifest = example(
@@ -416,7 +284,7 @@ async fn rules_the_schema_cannot_judge_fail_in_status() {
     let client = cp.kube_client();
     install_crds(&client).await;
     let ns = cp.new_namespace("op-rule").await;
-    let stop = start_operator(client.clone(), &ns, false);
+    let stop = start_operator(client.clone(), &ns, None);
     let api: Api<ReverseTunnel> = Api::namespaced(client.clone(), &ns);
     // Passes the schema's coarse pattern, but /99 is no IPv4 prefix.
     let obj: ReverseTunnel = serde_json::from_value(example(

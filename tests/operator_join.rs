@@ -4,6 +4,8 @@
 //! that says so and no tunnel; disable, re-enable, delete and revocation do what they say.
 
 mod common;
+#[path = "common/tunnel_e2e.rs"]
+mod tunnel_e2e;
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -14,7 +16,6 @@ use kube::{Api, Client, ResourceExt};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
-use common::kit::{echo_through, eventually, install_crds, secret};
 use tether::demo::echo_server;
 use tether::identity::{CertificateAuthority, TrustStore, fingerprint};
 use tether::operator::OperatorConfig;
@@ -25,6 +26,7 @@ use tether::operator::root::{self, KubeJoinAuthority};
 use tether::protocol::ClusterName;
 use tether::protocol::join::JoinToken;
 use tether::proxy::{JoinAuthority, ProxyServer};
+use tunnel_e2e::{echo_through, eventually, install_crds, secret};
 
 fn name(s: &str) -> ClusterName {
     ClusterName::new(s).expect("valid cluster name")

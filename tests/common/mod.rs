@@ -23,7 +23,6 @@
 #![allow(dead_code)]
 
 mod certs;
-pub mod kit;
 mod procs;
 mod server;
 
