@@ -250,6 +250,29 @@ async fn a_token_joins_the_leaf_and_bad_tokens_say_why() {
         Some(b"leaf-1".to_vec())
     );
 
+    // The join and the reconciles are counted.
+    let metrics = tether::admin::metrics::METRICS.encode();
+    let value = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+            .unwrap_or(0.0)
+    };
+    assert!(
+        value("tether_proxy_joins_total{outcome=\"joined\"}") >= 1.0,
+        "{metrics}"
+    );
+    assert!(
+        value("tether_operator_reconciles_total{controller=\"trusted_cluster\",result=\"ok\"}")
+            >= 1.0,
+        "{metrics}"
+    );
+    assert!(
+        value("tether_agent_convergence_seconds_count") >= 1.0,
+        "{metrics}"
+    );
+
     // Reusing the spent token for another leaf: refused, no tunnel.
     leaf_ca_secret(&secrets, "leaf-2").await;
     tcs.create(

@@ -38,6 +38,16 @@ pub struct Metrics {
     pub agent_heartbeat_rtt: Histogram,
     /// Agent: dials served for the proxy, by outcome.
     pub agent_served: Family<Labels, Counter>,
+    /// Proxies the agent was told of but holds no tunnel to.
+    pub agent_proxies_missing: Gauge,
+    /// Time from the moment a proxy was missing until the agent held every announced proxy.
+    pub agent_convergence: Histogram,
+    /// Join exchanges served, by outcome (`joined` or a refusal reason: a fixed set).
+    pub proxy_joins: Family<Labels, Counter>,
+    /// Reconciles, by controller and result (`ok`, `error`).
+    pub operator_reconciles: Family<Labels, Counter>,
+    /// Reconcile durations, by controller.
+    pub operator_reconcile_duration: Family<Labels, Histogram, fn() -> Histogram>,
 }
 
 /// The process's metrics.
@@ -57,6 +67,13 @@ impl Metrics {
             agent_dials: Family::default(),
             agent_heartbeat_rtt: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
             agent_served: Family::default(),
+            agent_proxies_missing: Gauge::default(),
+            agent_convergence: Histogram::new(exponential_buckets(0.01, 2.0, 14)),
+            proxy_joins: Family::default(),
+            operator_reconciles: Family::default(),
+            operator_reconcile_duration: Family::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(0.001, 2.0, 16))
+            }),
             registry: Registry::default(),
         };
         registry.register(
@@ -104,6 +121,31 @@ impl Metrics {
             "agent_served_dials",
             "Dials served for the proxy, by outcome",
             m.agent_served.clone(),
+        );
+        registry.register(
+            "agent_proxies_missing",
+            "Announced proxies the agent holds no tunnel to",
+            m.agent_proxies_missing.clone(),
+        );
+        registry.register(
+            "agent_convergence_seconds",
+            "Time until the agent held a tunnel to every announced proxy again",
+            m.agent_convergence.clone(),
+        );
+        registry.register(
+            "proxy_joins",
+            "Join exchanges, by outcome",
+            m.proxy_joins.clone(),
+        );
+        registry.register(
+            "operator_reconciles",
+            "Reconciles, by controller and result",
+            m.operator_reconciles.clone(),
+        );
+        registry.register(
+            "operator_reconcile_duration_seconds",
+            "Reconcile durations, by controller",
+            m.operator_reconcile_duration.clone(),
         );
         Metrics { registry, ..m }
     }

@@ -135,6 +135,7 @@ impl Pool {
         let mut failures = 0u32;
         let mut next_dial = tokio::time::Instant::now();
         let mut last_error: Option<String> = None;
+        let mut converging: Option<tokio::time::Instant> = None;
         let mut expiry =
             tokio::time::interval((self.limits.forget_after / 4).max(Duration::from_millis(10)));
 
@@ -145,6 +146,7 @@ impl Pool {
             } else {
                 wanted.iter().filter(|id| !held.contains_key(*id)).count()
             };
+            converging = track_convergence(converging, missing);
             while dialling < missing.min(self.limits.max_concurrent_dials)
                 && tokio::time::Instant::now() >= next_dial
             {
@@ -350,6 +352,25 @@ impl Pool {
             }
             changed
         });
+    }
+}
+
+/// Updates the convergence metrics: `since` is when a proxy went missing, if one is.
+fn track_convergence(
+    since: Option<tokio::time::Instant>,
+    missing: usize,
+) -> Option<tokio::time::Instant> {
+    METRICS.agent_proxies_missing.set(missing as i64);
+    match (since, missing) {
+        (None, 0) => None,
+        (None, _) => Some(tokio::time::Instant::now()),
+        (Some(start), 0) => {
+            METRICS
+                .agent_convergence
+                .observe(start.elapsed().as_secs_f64());
+            None
+        }
+        (Some(start), _) => Some(start),
     }
 }
 

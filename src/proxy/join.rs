@@ -14,6 +14,7 @@ use russh::keys::PublicKey;
 use tracing::{info, warn};
 
 use super::server::ProxyShared;
+use crate::admin::metrics::{METRICS, label as metric_label};
 use crate::protocol::ClusterName;
 use crate::protocol::control::{ControlError, read_message, write_message};
 use crate::protocol::join::{
@@ -76,7 +77,17 @@ pub(super) async fn serve<S>(
 ) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
-    let answer = match exchange(&shared, authority.as_ref(), &mut stream).await {
+    let outcome = exchange(&shared, authority.as_ref(), &mut stream).await;
+    let label = match &outcome {
+        Ok(_) => "joined",
+        Err(Failure::Refused(r)) => r.reason.as_str(),
+        Err(Failure::Io(_)) => "broken",
+    };
+    METRICS
+        .proxy_joins
+        .get_or_create(&metric_label("outcome", label))
+        .inc();
+    let answer = match outcome {
         Ok(admission) => {
             // This replica trusts the leaf at once; the others learn it from the authority.
             let mut trust = (**shared.config.trust.load()).clone();

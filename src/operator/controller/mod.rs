@@ -3,3 +3,29 @@
 
 pub mod reverse_tunnel;
 pub mod trusted_cluster;
+
+use std::future::Future;
+
+use crate::admin::metrics::{METRICS, label};
+
+/// Runs one reconcile of `controller`, counting it by result and timing it.
+pub(crate) async fn measured<T, E>(
+    controller: &'static str,
+    reconcile: impl Future<Output = Result<T, E>>,
+) -> Result<T, E> {
+    let start = std::time::Instant::now();
+    let result = reconcile.await;
+    let outcome = if result.is_ok() { "ok" } else { "error" };
+    METRICS
+        .operator_reconciles
+        .get_or_create(&vec![
+            ("controller", controller.to_owned()),
+            ("result", outcome.to_owned()),
+        ])
+        .inc();
+    METRICS
+        .operator_reconcile_duration
+        .get_or_create(&label("controller", controller))
+        .observe(start.elapsed().as_secs_f64());
+    result
+}

@@ -194,7 +194,11 @@ pub async fn run(
     Controller::for_stream(trigger, reader)
         .watches_stream(secret_changes, mapper)
         .graceful_shutdown_on(stop.clone().cancelled_owned())
-        .run(reconcile, error_policy, ctx.clone())
+        .run(
+            |obj, ctx| super::measured("reverse_tunnel", reconcile(obj, ctx)),
+            error_policy,
+            ctx.clone(),
+        )
         .for_each(|result| {
             match result {
                 Ok((obj, _)) => debug!(name = %obj.name, "reconciled"),

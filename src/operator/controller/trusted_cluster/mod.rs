@@ -1,0 +1,310 @@
+//! The `TrustedCluster` controller: joins a root once, then keeps a `ReverseTunnel` to it.
+//!
+//! For a `TrustedCluster` named N it owns three objects, all with an owner reference to N:
+//! - Secret `N-root-ca`: the root's CA keys (`ca.pub`), written when the join succeeds. Its
+//!   existence means "joined": the operator never joins twice (a single-use token would be
+//!   refused), and deleting it asks for a new join.
+//! - Secret `N-agent`: the agent's key and certificate, issued from the leaf CA and renewed
+//!   when a third of its validity is left.
+//! - `ReverseTunnel` N: written by server-side apply from N's spec, so allow-list edits flow
+//!   through; the `ReverseTunnel` controller runs the agent.
+//!
+//! `enabled: false` deletes the `ReverseTunnel` and keeps the trust. Deleting N removes all
+//! three through the finalizer (the root keeps its `RemoteCluster` until its administrator
+//! deletes it).
+
+mod join;
+mod owned;
+
+use join::{ensure_joined, leaf_ca};
+use owned::*;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+use kube::api::{DeleteParams, ObjectMeta, Patch, PatchParams, PostParams};
+use kube::core::DeserializeGuard;
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType};
+use kube::runtime::finalizer::{Event as Finalizer, finalizer};
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::{Controller, watcher};
+use kube::{Api, Client, Resource, ResourceExt};
+use russh::keys::{Certificate, PrivateKey, PublicKey};
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::agent::join::{JoinRequest, join};
+use crate::identity::{CertificateAuthority, Identity, fingerprint};
+use crate::operator::FIELD_MANAGER;
+use crate::operator::context::Context;
+use crate::operator::crd::{
+    ReverseTunnel, ReverseTunnelSpec, SecretReference, TrustedCluster, TrustedClusterStatus,
+};
+use crate::operator::error::{Error, Result};
+use crate::operator::resolve::{IDENTITY_CERT, IDENTITY_KEY, ROOT_CA_KEY, secret_text};
+use crate::operator::status::condition;
+use crate::protocol::ClusterName;
+use crate::protocol::join::JoinToken;
+
+/// The finalizer that removes what a `TrustedCluster` created.
+pub const FINALIZER: &str = "tether.dev/trusted-cluster";
+/// Key of the join token in the token Secret.
+pub const TOKEN_KEY: &str = "token";
+/// Key of the leaf CA's private key in its Secret.
+pub const LEAF_CA_KEY: &str = "ca";
+/// Label on every object a `TrustedCluster` created, naming it.
+pub const OWNER_LABEL: &str = "tether.dev/trusted-cluster";
+/// Annotation on the root CA Secret: the root cluster's name.
+pub const ROOT_CLUSTER_ANNOTATION: &str = "tether.dev/root-cluster";
+
+/// How long an agent certificate the operator issues is valid; renewed with a third left.
+pub const AGENT_CERT_VALIDITY: Duration = Duration::from_secs(30 * 24 * 3600);
+/// How long one join attempt may take.
+const JOIN_TIMEOUT: Duration = Duration::from_secs(20);
+/// How often a settled object is looked at anyway.
+const RESYNC: Duration = Duration::from_secs(300);
+
+type Guarded = DeserializeGuard<TrustedCluster>;
+
+/// State of the controller: the operator's shared context, and failure counts for backoff.
+pub struct TrustContext {
+    ctx: Arc<Context>,
+    failures: Mutex<HashMap<ObjectRef<Guarded>, u32>>,
+}
+
+impl TrustContext {
+    pub fn new(ctx: Arc<Context>) -> Self {
+        Self {
+            ctx,
+            failures: Mutex::default(),
+        }
+    }
+}
+
+/// A reconcile outcome worth a condition: (reason, message, retry after).
+struct Blocked {
+    reason: String,
+    message: String,
+    retry: Option<Duration>,
+}
+
+impl Blocked {
+    fn new(reason: &str, message: impl Into<String>, retry: Option<Duration>) -> Self {
+        Self {
+            reason: reason.to_owned(),
+            message: message.into(),
+            retry,
+        }
+    }
+}
+
+async fn reconcile(obj: Arc<Guarded>, tctx: Arc<TrustContext>) -> Result<Action> {
+    let tc = match &obj.0 {
+        Ok(tc) => Arc::new(tc.clone()),
+        Err(invalid) => {
+            warn!(name = ?invalid.metadata.name, error = %invalid.error, "skipping a malformed TrustedCluster");
+            return Ok(Action::await_change());
+        }
+    };
+    let namespace = tc
+        .namespace()
+        .ok_or_else(|| Error::Malformed("a TrustedCluster without namespace".to_owned()))?;
+    let api: Api<TrustedCluster> = Api::namespaced(tctx.ctx.client.clone(), &namespace);
+    finalizer(&api, FINALIZER, tc, |event| async {
+        match event {
+            Finalizer::Apply(tc) => apply(&tc, &tctx.ctx, &namespace).await,
+            Finalizer::Cleanup(tc) => cleanup(&tc, &tctx.ctx, &namespace).await,
+        }
+    })
+    .await
+    .map_err(|e| Error::Finalizer(Box::new(e)))
+}
+
+/// What apply decided, for the status.
+struct Outcome {
+    joined: Result<(ClusterName, String), Blocked>,
+    tunnel: Result<Option<String>, Blocked>,
+}
+
+async fn apply(tc: &TrustedCluster, ctx: &Context, namespace: &str) -> Result<Action> {
+    let client = ctx.client.clone();
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), namespace);
+    let joined = ensure_joined(tc, ctx, &secrets).await;
+    let tunnel = match &joined {
+        Err(_) => Err(Blocked::new("NotJoined", "waiting for the join", None)),
+        Ok((root, _)) if tc.spec.enabled => {
+            ensure_tunnel(
+                tc,
+                root,
+                &secrets,
+                &Api::namespaced(client.clone(), namespace),
+            )
+            .await
+        }
+        Ok(_) => disable(tc, &Api::namespaced(client.clone(), namespace))
+            .await
+            .map(|()| None),
+    };
+    let retry = [&joined.as_ref().err(), &tunnel.as_ref().err()]
+        .iter()
+        .filter_map(|b| b.and_then(|b| b.retry))
+        .min();
+    write_status(tc, ctx, namespace, &Outcome { joined, tunnel }).await?;
+    Ok(Action::requeue(retry.unwrap_or(RESYNC)))
+}
+
+async fn write_status(
+    tc: &TrustedCluster,
+    ctx: &Context,
+    namespace: &str,
+    outcome: &Outcome,
+) -> Result<()> {
+    let now = SystemTime::now();
+    let previous = tc.status.clone().unwrap_or_default();
+    let generation = tc.metadata.generation;
+    let joined = match &outcome.joined {
+        Ok((root, _)) => condition(
+            &previous.conditions,
+            "Joined",
+            true,
+            "Joined",
+            format!("root {root} trusts this cluster"),
+            generation,
+            now,
+        ),
+        Err(b) => condition(
+            &previous.conditions,
+            "Joined",
+            false,
+            &b.reason,
+            b.message.clone(),
+            generation,
+            now,
+        ),
+    };
+    let ready = match &outcome.tunnel {
+        Ok(Some(rt)) => condition(
+            &previous.conditions,
+            "Ready",
+            true,
+            "TunnelConfigured",
+            format!("ReverseTunnel {rt} keeps the tunnel (kubectl get rt {rt})"),
+            generation,
+            now,
+        ),
+        Ok(None) => condition(
+            &previous.conditions,
+            "Ready",
+            false,
+            "Disabled",
+            "enabled is false: no tunnel".to_owned(),
+            generation,
+            now,
+        ),
+        Err(b) => condition(
+            &previous.conditions,
+            "Ready",
+            false,
+            &b.reason,
+            b.message.clone(),
+            generation,
+            now,
+        ),
+    };
+    let (root_cluster, fingerprint) = match &outcome.joined {
+        Ok((root, fp)) => (Some(root.to_string()), Some(fp.clone())),
+        Err(_) => (
+            previous.root_cluster.clone(),
+            previous.root_ca_fingerprint.clone(),
+        ),
+    };
+    let status = TrustedClusterStatus {
+        root_cluster,
+        root_ca_fingerprint: fingerprint,
+        reverse_tunnel: outcome.tunnel.as_ref().ok().cloned().flatten(),
+        conditions: vec![joined, ready],
+        observed_generation: generation,
+    };
+    if status == previous {
+        return Ok(());
+    }
+    let patch = json!({
+        "apiVersion": "tether.dev/v1alpha1",
+        "kind": "TrustedCluster",
+        "status": status,
+    });
+    let api: Api<TrustedCluster> = Api::namespaced(ctx.client.clone(), namespace);
+    api.patch_status(
+        &tc.name_any(),
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await?;
+    Ok(())
+}
+
+async fn publish(ctx: &Context, tc: &TrustedCluster, type_: EventType, reason: &str, note: &str) {
+    let event = Event {
+        type_,
+        reason: reason.to_owned(),
+        note: Some(note.chars().take(1000).collect()),
+        action: "Join".to_owned(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder.publish(&event, &tc.object_ref(&())).await {
+        debug!(error = %e, "could not publish an Event");
+    }
+}
+
+fn error_policy(obj: Arc<Guarded>, error: &Error, tctx: Arc<TrustContext>) -> Action {
+    let key = ObjectRef::from_obj(&*obj);
+    let failures = {
+        let mut map = tctx.failures.lock().unwrap_or_else(|p| p.into_inner());
+        let n = map.entry(key.clone()).or_insert(0);
+        *n = n.saturating_add(1);
+        *n
+    };
+    let delay = Duration::from_secs(2)
+        .saturating_mul(1u32 << failures.clamp(1, 8).saturating_sub(1))
+        .min(RESYNC);
+    warn!(name = %key.name, %error, ?delay, "TrustedCluster reconcile failed; retrying");
+    Action::requeue(delay)
+}
+
+/// Runs the controller over `namespace` (or all namespaces) until `stop`.
+pub async fn run(
+    client: Client,
+    namespace: Option<&str>,
+    ctx: Arc<Context>,
+    stop: CancellationToken,
+) {
+    let (trusts, tunnels): (Api<Guarded>, Api<ReverseTunnel>) = match namespace {
+        Some(ns) => (
+            Api::namespaced(client.clone(), ns),
+            Api::namespaced(client, ns),
+        ),
+        None => (Api::all(client.clone()), Api::all(client)),
+    };
+    let tctx = Arc::new(TrustContext::new(ctx));
+    Controller::new(trusts, watcher::Config::default().any_semantic())
+        .owns(tunnels, watcher::Config::default().any_semantic())
+        .graceful_shutdown_on(stop.cancelled_owned())
+        .run(
+            |obj, ctx| super::measured("trusted_cluster", reconcile(obj, ctx)),
+            error_policy,
+            tctx,
+        )
+        .for_each(|result| {
+            if let Err(e) = result {
+                debug!(error = %e, "TrustedCluster reconcile error");
+            }
+            std::future::ready(())
+        })
+        .await;
+}

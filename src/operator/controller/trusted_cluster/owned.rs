@@ -1,0 +1,224 @@
+//! What a `TrustedCluster` owns: the agent identity Secret and the `ReverseTunnel`, created,
+//! renewed and deleted here.
+
+use super::*;
+
+pub(super) fn root_ca_secret(tc: &str) -> String {
+    format!("{tc}-root-ca")
+}
+
+pub(super) fn agent_secret(tc: &str) -> String {
+    format!("{tc}-agent")
+}
+
+pub(super) fn owner_reference(tc: &TrustedCluster) -> Option<OwnerReference> {
+    let mut owner = tc.controller_owner_ref(&())?;
+    owner.block_owner_deletion = Some(true);
+    Some(owner)
+}
+
+pub(super) fn owned_meta(tc: &TrustedCluster, name: String) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(name),
+        namespace: tc.namespace(),
+        labels: Some(BTreeMap::from([(OWNER_LABEL.to_owned(), tc.name_any())])),
+        owner_references: owner_reference(tc).map(|o| vec![o]),
+        ..ObjectMeta::default()
+    }
+}
+
+/// Issues (or renews) the agent identity and applies the `ReverseTunnel`.
+pub(super) async fn ensure_tunnel(
+    tc: &TrustedCluster,
+    root: &ClusterName,
+    secrets: &Api<Secret>,
+    tunnels: &Api<ReverseTunnel>,
+) -> std::result::Result<Option<String>, Blocked> {
+    let name = tc.name_any();
+    let identity_name = agent_secret(&name);
+    let current = secrets.get_opt(&identity_name).await.map_err(|e| {
+        Blocked::new(
+            "SecretUnreadable",
+            e.to_string(),
+            Some(Duration::from_secs(10)),
+        )
+    })?;
+    if current.as_ref().is_none_or(needs_renewal) {
+        let ca = leaf_ca(tc, secrets).await?;
+        let identity = Identity::generate_agent(&ca, AGENT_CERT_VALIDITY)
+            .map_err(|e| Blocked::new("IdentityNotIssued", e.to_string(), None))?;
+        write_identity(tc, secrets, &identity_name, &identity).await?;
+        info!(trusted_cluster = %name, "issued the agent certificate");
+    }
+    let spec = ReverseTunnelSpec {
+        root_cluster: root.to_string(),
+        leaf_cluster: tc.spec.leaf_cluster.clone(),
+        proxy_address: tc.spec.root_address.clone(),
+        identity_secret_ref: SecretReference {
+            name: identity_name,
+        },
+        root_ca_secret_ref: SecretReference {
+            name: root_ca_secret(&name),
+        },
+        allow: tc.spec.allow.clone(),
+        api_server: tc.spec.api_server.clone(),
+        heartbeat_interval: tc.spec.heartbeat_interval.clone(),
+    };
+    // Reconciles follow the tunnel's status changes too; an unchanged spec is not rewritten.
+    let existing = tunnels.get_opt(&name).await.map_err(|e| {
+        Blocked::new(
+            "TunnelUnreadable",
+            e.to_string(),
+            Some(Duration::from_secs(10)),
+        )
+    })?;
+    let uid = tc.uid();
+    if existing.is_some_and(|rt| {
+        rt.spec == spec
+            && rt
+                .owner_references()
+                .iter()
+                .any(|o| Some(&o.uid) == uid.as_ref())
+    }) {
+        return Ok(Some(name));
+    }
+    let patch = json!({
+        "apiVersion": "tether.dev/v1alpha1",
+        "kind": "ReverseTunnel",
+        "metadata": {
+            "name": name,
+            "labels": { OWNER_LABEL: name },
+            "ownerReferences": owner_reference(tc).map(|o| vec![o]),
+        },
+        "spec": spec,
+    });
+    tunnels
+        .patch(
+            &name,
+            &PatchParams::apply(FIELD_MANAGER),
+            &Patch::Apply(&patch),
+        )
+        .await
+        .map_err(|e| match &e {
+            kube::Error::Api(s) if s.code == 409 => Blocked::new(
+                "TunnelNameTaken",
+                format!("ReverseTunnel {name} exists and is managed by someone else: {e}"),
+                Some(Duration::from_secs(60)),
+            ),
+            _ => Blocked::new(
+                "TunnelNotWritten",
+                e.to_string(),
+                Some(Duration::from_secs(10)),
+            ),
+        })?;
+    Ok(Some(name))
+}
+
+/// Whether the agent certificate in `secret` is missing, unreadable, or past two thirds of
+/// its validity.
+pub(super) fn needs_renewal(secret: &Secret) -> bool {
+    let cert = secret
+        .data
+        .as_ref()
+        .and_then(|d| d.get(IDENTITY_CERT))
+        .and_then(|b| std::str::from_utf8(&b.0).ok())
+        .and_then(|t| Certificate::from_openssh(t.trim()).ok());
+    let Some(cert) = cert else {
+        return true;
+    };
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let remaining = cert.valid_before().saturating_sub(now);
+    remaining < AGENT_CERT_VALIDITY.as_secs() / 3
+}
+
+pub(super) async fn write_identity(
+    tc: &TrustedCluster,
+    secrets: &Api<Secret>,
+    name: &str,
+    identity: &Identity,
+) -> std::result::Result<(), Blocked> {
+    let failed = |e: String| Blocked::new("IdentityNotIssued", e, Some(Duration::from_secs(10)));
+    let key = identity
+        .key
+        .to_openssh(russh::keys::ssh_key::LineEnding::LF)
+        .map_err(|e| failed(e.to_string()))?;
+    let cert = identity
+        .certificate
+        .to_openssh()
+        .map_err(|e| failed(e.to_string()))?;
+    let mut meta = owned_meta(tc, name.to_owned());
+    meta.managed_fields = None;
+    let patch = json!({
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": meta,
+        "type": "Opaque",
+        "stringData": { IDENTITY_KEY: key.as_str(), IDENTITY_CERT: format!("{cert}\n") },
+    });
+    secrets
+        .patch(
+            name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&patch),
+        )
+        .await
+        .map(|_| ())
+        .map_err(|e| failed(e.to_string()))
+}
+
+pub(super) async fn disable(
+    tc: &TrustedCluster,
+    tunnels: &Api<ReverseTunnel>,
+) -> std::result::Result<(), Blocked> {
+    delete_owned(tunnels, &tc.name_any(), tc)
+        .await
+        .map_err(|e| {
+            Blocked::new(
+                "TunnelNotDeleted",
+                e.to_string(),
+                Some(Duration::from_secs(10)),
+            )
+        })
+}
+
+/// Deletes `name` if it exists and `tc` owns it.
+pub(super) async fn delete_owned<K>(
+    api: &Api<K>,
+    name: &str,
+    tc: &TrustedCluster,
+) -> Result<(), kube::Error>
+where
+    K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let Some(obj) = api.get_opt(name).await? else {
+        return Ok(());
+    };
+    let uid = tc.uid();
+    let owned = obj
+        .meta()
+        .owner_references
+        .iter()
+        .flatten()
+        .any(|o| Some(&o.uid) == uid.as_ref());
+    if owned {
+        match api.delete(name, &DeleteParams::background()).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(s)) if s.code == 404 => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+pub(super) async fn cleanup(tc: &TrustedCluster, ctx: &Context, namespace: &str) -> Result<Action> {
+    let name = tc.name_any();
+    info!(trusted_cluster = %name, "TrustedCluster deleted; removing its tunnel and Secrets");
+    let tunnels: Api<ReverseTunnel> = Api::namespaced(ctx.client.clone(), namespace);
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), namespace);
+    delete_owned(&tunnels, &name, tc).await?;
+    delete_owned(&secrets, &agent_secret(&name), tc).await?;
+    delete_owned(&secrets, &root_ca_secret(&name), tc).await?;
+    Ok(Action::await_change())
+}
