@@ -37,6 +37,7 @@ async fn start_root(
     client: &Client,
     ns: &str,
     ca: &CertificateAuthority,
+    peers: &[&str],
     stop: &CancellationToken,
 ) -> Arc<ProxyServer> {
     let pki = tether::demo::Pki {
@@ -50,11 +51,25 @@ async fn start_root(
     config.join =
         Some(Arc::new(KubeJoinAuthority::new(client.clone(), ns)) as Arc<dyn JoinAuthority>);
     let proxy = Arc::new(ProxyServer::start(config).await.expect("proxy starts"));
+    let prune = !peers.is_empty();
+    if prune {
+        proxy.set_peers(
+            peers
+                .iter()
+                .map(|id| tether::proxy::Peer {
+                    id: (*id).to_owned(),
+                    addr: None,
+                    generation: 0,
+                })
+                .collect(),
+        );
+    }
     tokio::spawn(root::run(
         client.clone(),
         ns.to_owned(),
         proxy.clone(),
         base,
+        prune,
         stop.clone(),
     ));
     proxy
@@ -142,7 +157,7 @@ async fn a_token_joins_the_leaf_and_bad_tokens_say_why() {
     let leaf_ns = cp.new_namespace("join-leaf").await;
     let stop = CancellationToken::new();
     let root_ca = CertificateAuthority::generate(name("root")).expect("root ca");
-    let proxy = start_root(&client, &root_ns, &root_ca, &stop).await;
+    let proxy = start_root(&client, &root_ns, &root_ca, &[], &stop).await;
     let root_addr = proxy.local_addr().to_string();
     let echo = echo_server().await.expect("echo server");
 
@@ -435,5 +450,54 @@ async fn a_token_joins_the_leaf_and_bad_tokens_say_why() {
     })
     .await;
     operator.cancel();
+    stop.cancel();
+}
+
+#[tokio::test]
+async fn entries_of_departed_replicas_are_pruned() {
+    let cp = common::control_plane().await;
+    let client = cp.kube_client();
+    install_crds(&client).await;
+    let ns = cp.new_namespace("join-prune").await;
+    let remotes: Api<RemoteCluster> = Api::namespaced(client.clone(), &ns);
+    let leaf_ca = CertificateAuthority::generate(name("leaf-x")).expect("ca");
+    let rc: RemoteCluster = serde_json::from_value(json!({
+        "apiVersion": "tether.dev/v1alpha1",
+        "kind": "RemoteCluster",
+        "metadata": { "name": "leaf-x" },
+        "spec": { "caKeys": [leaf_ca.public_key().to_openssh().expect("encode")] },
+    }))
+    .expect("RemoteCluster");
+    remotes
+        .create(&PostParams::default(), &rc)
+        .await
+        .expect("create");
+    // Entries as two replicas wrote them: one died (ghost), one is alive (proxy-2).
+    for id in ["ghost", "proxy-2"] {
+        let status = json!({
+            "apiVersion": "tether.dev/v1alpha1",
+            "kind": "RemoteCluster",
+            "metadata": { "name": "leaf-x" },
+            "status": { "proxies": [{ "proxyId": id, "connection": "Online", "tunnels": 1 }] },
+        });
+        remotes
+            .patch_status(
+                "leaf-x",
+                &PatchParams::apply(&format!("tether-proxy-{id}")),
+                &Patch::Apply(&status),
+            )
+            .await
+            .expect("an entry");
+    }
+    let stop = CancellationToken::new();
+    let root_ca = CertificateAuthority::generate(name("root")).expect("root ca");
+    let _proxy = start_root(&client, &ns, &root_ca, &["proxy-1", "proxy-2"], &stop).await;
+    let left = eventually("the ghost's entry removed", || async {
+        let rc = remotes.get_opt("leaf-x").await.ok()??;
+        let ids: Vec<String> = rc.status?.proxies.into_iter().map(|p| p.proxy_id).collect();
+        (!ids.iter().any(|id| id == "ghost")).then_some(ids)
+    })
+    .await;
+    assert_eq!(left, ["proxy-2"], "a live replica's entry stays");
     stop.cancel();
 }

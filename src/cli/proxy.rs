@@ -184,6 +184,7 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
             args.namespace.clone(),
             proxy.clone(),
             trust,
+            args.peers_service.is_some(),
             root_state.clone(),
         ))
     });

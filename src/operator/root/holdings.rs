@@ -6,6 +6,10 @@
 //! and its heartbeat time refreshed at most every [`HEARTBEAT_REFRESH`], so a steady root
 //! makes no writes. When a replica holds no tunnel from a leaf, it applies nothing for it and
 //! its entry goes away.
+//!
+//! A replica that dies without removing its entries (kill -9, node loss) leaves them behind;
+//! when proxies follow their Service's endpoints, the live replica with the lowest ID removes
+//! entries of replicas no longer among the endpoints, whenever that set changes.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -73,13 +77,17 @@ fn needs_write(previous: Option<&Written>, entry: Option<&ProxyHolding>, now: Sy
 }
 
 /// Writes `proxy`'s entries into the `RemoteCluster` objects of `api` until `shutdown`, then
-/// removes them (best effort).
+/// removes them (best effort). With `prune`, the proxy's peer set is authoritative (it comes
+/// from the Service's endpoints) and entries of departed replicas are removed.
 pub async fn write_holdings(
     api: Api<RemoteCluster>,
     proxy_id: String,
     proxy: Arc<ProxyServer>,
+    prune: bool,
     shutdown: CancellationToken,
 ) {
+    let mut peers = proxy.shared().peers.subscribe();
+    peers.mark_changed();
     let params = PatchParams::apply(&field_manager(&proxy_id));
     let mut written: BTreeMap<String, Written> = BTreeMap::new();
     // Entries a previous run of this replica left behind are corrected on the first pass.
@@ -129,9 +137,20 @@ pub async fn write_holdings(
             }
         }
         written.retain(|_, w| w.entry.is_some());
+        if prune && peers.has_changed().unwrap_or(false) {
+            let live: Vec<String> = peers
+                .borrow_and_update()
+                .iter()
+                .map(|p| p.id.clone())
+                .collect();
+            if live.iter().min() == Some(&proxy_id) {
+                prune_departed(&api, &live).await;
+            }
+        }
         tokio::select! {
             () = shutdown.cancelled() => break,
             _ = changes.changed() => tokio::time::sleep(DEBOUNCE).await,
+            _ = peers.changed(), if prune => tokio::time::sleep(DEBOUNCE).await,
             () = tokio::time::sleep(RECHECK) => {}
         }
     }
@@ -140,6 +159,48 @@ pub async fn write_holdings(
             tokio::time::timeout(Duration::from_secs(5), apply(&api, &params, leaf, None));
         if !matches!(removed.await, Ok(Ok(()))) {
             debug!(%leaf, "could not remove this replica's status entry");
+        }
+    }
+}
+
+/// Removes the entries of replicas not in `live` from every `RemoteCluster`. Each removal
+/// tests the entry's ID first, so a list changed meanwhile makes the patch fail harmlessly.
+async fn prune_departed(api: &Api<RemoteCluster>, live: &[String]) {
+    let list = match api.list(&ListParams::default()).await {
+        Ok(list) => list,
+        Err(e) => {
+            warn!(error = %e, "listing RemoteClusters to prune departed replicas");
+            return;
+        }
+    };
+    for rc in list {
+        let (Some(name), Some(status)) = (rc.metadata.name, rc.status) else {
+            continue;
+        };
+        let mut ops = Vec::new();
+        for (i, entry) in status.proxies.iter().enumerate().rev() {
+            if !live.contains(&entry.proxy_id) {
+                let path = format!("/status/proxies/{i}");
+                ops.push(json!({"op": "test", "path": format!("{path}/proxyId"), "value": entry.proxy_id}));
+                ops.push(json!({"op": "remove", "path": path}));
+            }
+        }
+        if ops.is_empty() {
+            continue;
+        }
+        let patch: json_patch::Patch = match serde_json::from_value(serde_json::Value::Array(ops)) {
+            Ok(p) => p,
+            Err(e) => {
+                warn!(error = %e, "building a prune patch");
+                continue;
+            }
+        };
+        match api
+            .patch_status(&name, &PatchParams::default(), &Patch::<()>::Json(patch))
+            .await
+        {
+            Ok(_) => debug!(leaf = %name, "removed entries of departed replicas"),
+            Err(e) => debug!(leaf = %name, error = %e, "pruning departed replicas' entries"),
         }
     }
 }

@@ -24,19 +24,21 @@ use crate::proxy::ProxyServer;
 pub use tokens::KubeJoinAuthority;
 
 /// Follows `RemoteCluster` objects into `proxy`'s trust store (on top of `base`) and writes
-/// this replica's status entries, until `shutdown`.
+/// this replica's status entries, until `shutdown`. `prune`: the proxy's peers come from its
+/// Service's endpoints, so departed replicas' entries may be removed.
 pub async fn run(
     client: Client,
     namespace: String,
     proxy: Arc<ProxyServer>,
     base: TrustStore,
+    prune: bool,
     shutdown: CancellationToken,
 ) {
     let api: Api<RemoteCluster> = Api::namespaced(client, &namespace);
     let proxy_id = proxy.shared().config.proxy_id.clone();
     let follow = trust::follow_remote_clusters(api.clone(), base, proxy.clone())
         .instrument(info_span!("remote_clusters", %namespace));
-    let write = holdings::write_holdings(api, proxy_id, proxy, shutdown.clone())
+    let write = holdings::write_holdings(api, proxy_id, proxy, prune, shutdown.clone())
         .instrument(info_span!("holdings", %namespace));
     tokio::select! {
         () = follow => {}
