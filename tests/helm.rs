@@ -1012,6 +1012,7 @@ async fn the_proxies_rbac_covers_peers_join_tokens_and_remote_clusters() {
         ns.clone(),
         server.clone(),
         base,
+        true,
         stop.clone(),
     ));
     let joined = join(&JoinRequest {
