@@ -16,7 +16,7 @@ use super::config::AgentConfig;
 use super::connect::connect;
 use crate::admin::metrics::{METRICS, label};
 use crate::protocol::control::{
-    self, AgentMessage, CONTROL_SUBSYSTEM, FrameReader, ProxyInfo, ProxyMessage,
+    self, AgentMessage, CONTROL_SUBSYSTEM, ChannelReadError, FrameReader, ProxyInfo, ProxyMessage,
 };
 use crate::protocol::stream::{CONTROL_EXT, StreamControl};
 use crate::protocol::{DialError, DialErrorKind, Endpoint, ssh};
@@ -552,24 +552,13 @@ async fn next_message(
     read: &mut ChannelReadHalf,
     frames: &mut FrameReader,
 ) -> Result<ProxyMessage, TunnelError> {
-    loop {
-        if let Some(msg) = frames
-            .next_message::<ProxyMessage>()
-            .map_err(|e| TunnelError::Control(e.to_string()))?
-        {
-            return Ok(msg);
-        }
-        match read.wait().await {
-            Some(ChannelMsg::Data { data }) => frames
-                .push(&data)
-                .map_err(|e| TunnelError::Control(e.to_string()))?,
-            Some(ChannelMsg::Failure) => {
-                return Err(TunnelError::Control(
-                    "the proxy refused the control subsystem".into(),
-                ));
+    crate::protocol::control::next_channel_message(read, frames)
+        .await
+        .map_err(|e| match e {
+            ChannelReadError::Closed => TunnelError::Closed,
+            ChannelReadError::Refused => {
+                TunnelError::Control("the proxy refused the control subsystem".into())
             }
-            Some(ChannelMsg::Eof | ChannelMsg::Close) | None => return Err(TunnelError::Closed),
-            Some(_) => {}
-        }
-    }
+            ChannelReadError::Frame(e) => TunnelError::Control(e.to_string()),
+        })
 }

@@ -80,6 +80,41 @@ pub enum ControlError {
     Closed,
 }
 
+/// Why a channel gave no message.
+#[derive(Debug, thiserror::Error)]
+pub enum ChannelReadError {
+    #[error("the channel closed")]
+    Closed,
+    #[error("the peer refused the channel request")]
+    Refused,
+    #[error(transparent)]
+    Frame(#[from] ControlError),
+}
+
+/// Reads the next message from an SSH channel, for the steps (hello, welcome) that wait for
+/// one specific message before a channel's main loop takes over its reads.
+pub async fn next_channel_message<T>(
+    read: &mut russh::ChannelReadHalf,
+    frames: &mut FrameReader,
+) -> Result<T, ChannelReadError>
+where
+    T: for<'de> Deserialize<'de>,
+{
+    loop {
+        if let Some(message) = frames.next_message::<T>()? {
+            return Ok(message);
+        }
+        match read.wait().await {
+            Some(russh::ChannelMsg::Data { data }) => frames.push(&data)?,
+            Some(russh::ChannelMsg::Failure) => return Err(ChannelReadError::Refused),
+            Some(russh::ChannelMsg::Eof | russh::ChannelMsg::Close) | None => {
+                return Err(ChannelReadError::Closed);
+            }
+            Some(_) => {}
+        }
+    }
+}
+
 /// Reads one message from a byte stream (the join's request/response exchange), never
 /// buffering more than [`MAX_CONTROL_MESSAGE`].
 pub async fn read_message<T, R>(reader: &mut R) -> Result<T, ControlError>

@@ -1,6 +1,6 @@
 //! Wire messages and names shared by the proxy and the agent, with their limits.
 //!
-//! Nothing here does I/O: it is the vocabulary both ends agree on.
+//! The vocabulary both ends agree on, and its framing: nothing here opens a connection.
 
 pub mod control;
 pub mod dial;

@@ -13,7 +13,7 @@ use super::server::ProxyShared;
 use super::sites::Tunnel;
 use crate::admin::metrics::METRICS;
 use crate::protocol::ClusterName;
-use crate::protocol::control::{self, AgentMessage, FrameReader, ProxyMessage};
+use crate::protocol::control::{self, AgentMessage, ChannelReadError, FrameReader, ProxyMessage};
 
 /// How often the full proxy list is re-sent even when nothing changed, so an agent that missed
 /// one recovers.
@@ -201,19 +201,10 @@ async fn next_message(
     read: &mut ChannelReadHalf,
     frames: &mut FrameReader,
 ) -> Result<AgentMessage, ControlEnd> {
-    loop {
-        if let Some(msg) = frames
-            .next_message::<AgentMessage>()
-            .map_err(|e| ControlEnd::Protocol(e.to_string()))?
-        {
-            return Ok(msg);
-        }
-        match read.wait().await {
-            Some(ChannelMsg::Data { data }) => frames
-                .push(&data)
-                .map_err(|e| ControlEnd::Protocol(e.to_string()))?,
-            Some(ChannelMsg::Eof | ChannelMsg::Close) | None => return Err(ControlEnd::Closed),
-            Some(_) => {}
-        }
-    }
+    control::next_channel_message(read, frames)
+        .await
+        .map_err(|e| match e {
+            ChannelReadError::Closed => ControlEnd::Closed,
+            other => ControlEnd::Protocol(other.to_string()),
+        })
 }
