@@ -158,19 +158,23 @@ impl ProxyServer {
     pub async fn shutdown(&self, grace: Duration) {
         self.shared.draining.cancel();
         self.shared.tasks.close();
+        // Wait on each busy tunnel in turn, and look again: a stream may have started on one
+        // already waited for.
         let drained = async {
             loop {
-                let busy = self
+                let busy: Vec<_> = self
                     .shared
                     .sites
-                    .list()
-                    .iter()
-                    .flat_map(|s| &s.tunnels)
-                    .any(|t| t.open_streams > 0);
-                if !busy {
+                    .tunnels()
+                    .into_iter()
+                    .filter(|t| t.open_streams() > 0)
+                    .collect();
+                if busy.is_empty() {
                     break;
                 }
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                for tunnel in busy {
+                    tunnel.until_idle().await;
+                }
             }
         };
         let _ = tokio::time::timeout(grace, drained).await;

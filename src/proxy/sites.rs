@@ -55,6 +55,8 @@ pub struct Tunnel {
     pub offline_after: Duration,
     /// Streams currently open, to enforce the per-tunnel limit and spread load.
     open_streams: AtomicUsize,
+    /// Woken when the last open stream ends, so a draining proxy waits without polling.
+    idle: tokio::sync::Notify,
     /// The proxies the agent last reported holding tunnels to (its heartbeat says).
     held_by: std::sync::Mutex<Vec<String>>,
 }
@@ -80,6 +82,7 @@ impl Tunnel {
             interval,
             offline_after: interval * missed.max(1),
             open_streams: AtomicUsize::new(0),
+            idle: tokio::sync::Notify::new(),
             held_by: std::sync::Mutex::new(Vec::new()),
         }
     }
@@ -119,6 +122,20 @@ impl Tunnel {
     /// Streams open now.
     pub fn open_streams(&self) -> usize {
         self.open_streams.load(Ordering::Acquire)
+    }
+
+    /// Resolves once no stream is open on this tunnel.
+    pub async fn until_idle(&self) {
+        loop {
+            let notified = self.idle.notified();
+            tokio::pin!(notified);
+            // Registered before the check, so an end between the two is not missed.
+            notified.as_mut().enable();
+            if self.open_streams() == 0 {
+                return;
+            }
+            notified.await;
+        }
     }
 
     /// Closes the agent's connection.
@@ -198,7 +215,9 @@ impl StreamGuard {
 
 impl Drop for StreamGuard {
     fn drop(&mut self) {
-        self.0.open_streams.fetch_sub(1, Ordering::AcqRel);
+        if self.0.open_streams.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.idle.notify_waiters();
+        }
     }
 }
 
@@ -343,6 +362,12 @@ impl Sites {
     pub fn get(&self, cluster: &ClusterName) -> Option<SiteInfo> {
         let sites = self.sites.read().unwrap_or_else(|p| p.into_inner());
         sites.get(cluster).map(|s| info(cluster, s))
+    }
+
+    /// Every tunnel of every site.
+    pub fn tunnels(&self) -> Vec<Arc<Tunnel>> {
+        let sites = self.sites.read().unwrap_or_else(|p| p.into_inner());
+        sites.values().flat_map(|s| s.tunnels.iter().cloned()).collect()
     }
 
     /// The status of every known site, sorted by name.
