@@ -5,6 +5,7 @@ pub mod reverse_tunnel;
 pub mod trusted_cluster;
 
 use std::future::Future;
+use std::time::Duration;
 
 use crate::admin::metrics::{METRICS, label};
 
@@ -28,4 +29,12 @@ pub(crate) async fn measured<T, E>(
         .get_or_create(&label("controller", controller))
         .observe(start.elapsed().as_secs_f64());
     result
+}
+
+/// The retry delay after `failures` consecutive failed reconciles of one object: 2 s doubling
+/// to at most `cap`.
+pub(crate) fn backoff(failures: u32, cap: Duration) -> Duration {
+    Duration::from_secs(2)
+        .saturating_mul(1u32 << failures.clamp(1, 8).saturating_sub(1))
+        .min(cap)
 }

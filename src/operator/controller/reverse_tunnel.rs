@@ -143,9 +143,7 @@ fn predicate_key(obj: &Guarded) -> Option<u64> {
 fn error_policy(obj: Arc<Guarded>, error: &Error, ctx: Arc<Context>) -> Action {
     let key = key_of(obj.meta());
     let failures = ctx.note_failure(&key);
-    let delay = Duration::from_secs(2)
-        .saturating_mul(1u32 << failures.clamp(1, 8).saturating_sub(1))
-        .min(RESYNC);
+    let delay = super::backoff(failures, RESYNC);
     warn!(name = %key.name, namespace = ?key.namespace, %error, ?delay, "reconcile failed; retrying");
     Action::requeue(delay)
 }

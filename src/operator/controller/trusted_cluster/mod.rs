@@ -270,9 +270,7 @@ fn error_policy(obj: Arc<Guarded>, error: &Error, tctx: Arc<TrustContext>) -> Ac
         *n = n.saturating_add(1);
         *n
     };
-    let delay = Duration::from_secs(2)
-        .saturating_mul(1u32 << failures.clamp(1, 8).saturating_sub(1))
-        .min(RESYNC);
+    let delay = super::backoff(failures, RESYNC);
     warn!(name = %key.name, %error, ?delay, "TrustedCluster reconcile failed; retrying");
     Action::requeue(delay)
 }
