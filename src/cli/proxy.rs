@@ -189,6 +189,7 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
         ))
     });
     if let Some(service) = args.peers_service.clone() {
+        proxy.expect_peer_discovery();
         let (watched, me) = (proxy.clone(), peers[0].clone());
         tokio::spawn(async move {
             let sink = move |mut found: Vec<Peer>| {

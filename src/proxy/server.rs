@@ -41,6 +41,10 @@ pub struct ProxyShared {
     pub tasks: TaskTracker,
     /// Admission control.
     pub limiter: Arc<ConnectionLimiter>,
+    /// Whether the peer set is known: false from [`ProxyServer::expect_peer_discovery`] until
+    /// the first [`ProxyServer::set_peers`], so a replica is not ready before it can announce
+    /// its peers.
+    peers_known: std::sync::atomic::AtomicBool,
     /// Swappable, so a renewed host certificate applies to the next connection.
     ssh: ArcSwap<SshConfig>,
 }
@@ -81,6 +85,7 @@ impl ProxyServer {
             config,
             sites: Sites::default(),
             peers: watch::channel(vec![me]).0,
+            peers_known: std::sync::atomic::AtomicBool::new(true),
             draining: CancellationToken::new(),
             stopped: CancellationToken::new(),
             tasks: TaskTracker::new(),
@@ -139,8 +144,19 @@ impl ProxyServer {
         ProxyDialer::new(self.shared.clone())
     }
 
+    /// Marks the peer set unknown until the next [`set_peers`](Self::set_peers): for peers
+    /// discovered at run time (EndpointSlices), so `/readyz` waits for the first discovery.
+    pub fn expect_peer_discovery(&self) {
+        self.shared
+            .peers_known
+            .store(false, std::sync::atomic::Ordering::Release);
+    }
+
     /// Replaces the proxy list that discovery announces and peering uses.
     pub fn set_peers(&self, peers: Vec<Peer>) {
+        self.shared
+            .peers_known
+            .store(true, std::sync::atomic::Ordering::Release);
         self.shared.peers.send_if_modified(|current| {
             let changed = *current != peers;
             *current = peers;
@@ -431,7 +447,9 @@ impl ProxyDialer {
 
 impl crate::admin::Component for ProxyShared {
     fn ready(&self) -> bool {
-        !self.draining.is_cancelled() && !self.peers.borrow().is_empty()
+        !self.draining.is_cancelled()
+            && self.peers_known.load(std::sync::atomic::Ordering::Acquire)
+            && !self.peers.borrow().is_empty()
     }
 
     fn status(&self) -> serde_json::Value {
@@ -439,6 +457,7 @@ impl crate::admin::Component for ProxyShared {
             "proxy": self.config.proxy_id,
             "cluster": self.config.cluster,
             "draining": self.draining.is_cancelled(),
+            "peers_known": self.peers_known.load(std::sync::atomic::Ordering::Acquire),
             "peers": self.peers.borrow().iter().map(|p| &p.id).collect::<Vec<_>>(),
             "sites": self.sites.list(),
         })

@@ -367,7 +367,10 @@ impl Sites {
     /// Every tunnel of every site.
     pub fn tunnels(&self) -> Vec<Arc<Tunnel>> {
         let sites = self.sites.read().unwrap_or_else(|p| p.into_inner());
-        sites.values().flat_map(|s| s.tunnels.iter().cloned()).collect()
+        sites
+            .values()
+            .flat_map(|s| s.tunnels.iter().cloned())
+            .collect()
     }
 
     /// The status of every known site, sorted by name.

@@ -96,3 +96,29 @@ async fn the_agent_reconnects_after_the_proxy_restarts() {
     .await;
     rig.stop.cancel();
 }
+
+#[tokio::test]
+async fn a_proxy_awaiting_peer_discovery_is_not_ready_until_it_knows_its_peers() {
+    use tether::admin::Component;
+    let pki = pki();
+    let proxy = ProxyServer::start(pki.proxy_config("p1").expect("config"))
+        .await
+        .expect("proxy");
+    assert!(proxy.shared().ready(), "static peers: ready at once");
+    proxy.expect_peer_discovery();
+    assert!(
+        !proxy.shared().ready(),
+        "peers from EndpointSlices not listed yet"
+    );
+    proxy.set_peers(vec![tether::proxy::Peer {
+        id: "p1".into(),
+        addr: Some(proxy.local_addr()),
+        generation: 0,
+    }]);
+    assert!(proxy.shared().ready());
+    proxy.close();
+    assert!(
+        !proxy.shared().ready(),
+        "a closed (draining) proxy is not ready"
+    );
+}
