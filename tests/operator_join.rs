@@ -501,3 +501,41 @@ async fn entries_of_departed_replicas_are_pruned() {
     assert_eq!(left, ["proxy-2"], "a live replica's entry stays");
     stop.cancel();
 }
+
+#[tokio::test]
+async fn invalid_trusted_clusters_are_rejected_by_the_api_server() {
+    let cp = common::control_plane().await;
+    let client = cp.kube_client();
+    install_crds(&client).await;
+    let ns = cp.new_namespace("join-invalid").await;
+    let tcs: Api<TrustedCluster> = Api::namespaced(client.clone(), &ns);
+    let cases = [
+        ("leafCluster", json!("Leaf_1"), "leafCluster"),
+        ("rootAddress", json!("no-port"), "rootAddress"),
+        ("allow", json!(["everything"]), "each allow rule must be"),
+        ("heartbeatInterval", json!("soon"), "heartbeatInterval"),
+    ];
+    for (field, value, expected) in cases {
+        let mut tc = serde_json::to_value(trusted_cluster(
+            "bad",
+            "root.example:3024",
+            "t",
+            "leaf-1",
+            &[],
+        ))
+        .expect("json");
+        tc["spec"][field] = value;
+        let tc: TrustedCluster = serde_json::from_value(tc).expect("still a TrustedCluster");
+        match tcs.create(&PostParams::default(), &tc).await {
+            Err(kube::Error::Api(status)) => {
+                assert_eq!(status.code, 422, "{field}: {status:?}");
+                assert!(
+                    status.message.contains(expected),
+                    "{field}: {}",
+                    status.message
+                );
+            }
+            other => panic!("{field}: accepted: {other:?}"),
+        }
+    }
+}
