@@ -1,6 +1,7 @@
 //! `RemoteCluster`: the root side's record of one leaf. A join creates it (the leaf's CA is
 //! in its spec, so every proxy replica trusts the leaf's agents); each proxy replica writes its
-//! own entry of the status by server-side apply, under its own field manager.
+//! own entry of the status by server-side apply, under its own field manager, and one replica
+//! (the lowest live ID) keeps the summary fields in step with the entries.
 
 #![allow(
     clippy::duplicated_attributes,
@@ -24,22 +25,22 @@ use serde::{Deserialize, Serialize};
     namespaced,
     status = "RemoteClusterStatus",
     printcolumn(
+        name = "Status",
+        type_ = "string",
+        json_path = ".status.connection",
+        description = "Online when some replica holds a tunnel with on-time heartbeats"
+    ),
+    printcolumn(
         name = "Held By",
         type_ = "string",
-        json_path = ".status.proxies[*].proxyId",
+        json_path = ".status.heldBy",
         description = "Proxy replicas holding tunnels from the leaf"
     ),
-    printcolumn(
-        name = "Tunnels",
-        type_ = "string",
-        json_path = ".status.proxies[*].tunnels",
-        description = "Tunnels each of those replicas holds"
-    ),
+    printcolumn(name = "Tunnels", type_ = "integer", json_path = ".status.tunnels"),
     printcolumn(
         name = "Last Heartbeat",
-        type_ = "string",
-        json_path = ".status.proxies[*].lastHeartbeat",
-        priority = 1
+        type_ = "date",
+        json_path = ".status.lastHeartbeat"
     ),
     printcolumn(
         name = "Age",
@@ -84,12 +85,25 @@ pub struct ProxyHolding {
     pub last_heartbeat: Option<String>,
 }
 
-/// Which replicas hold the leaf's tunnels. No entry: no replica holds one (offline).
+/// Which replicas hold the leaf's tunnels: one entry per replica, and a summary of them.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RemoteClusterStatus {
-    /// One entry per replica holding tunnels from this leaf, keyed by `proxyId`.
+    /// One entry per replica holding tunnels from this leaf, keyed by `proxyId`; each replica
+    /// writes only its own.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["proxyId"]))]
     pub proxies: Vec<ProxyHolding>,
+    /// Summary of `proxies`: Online if any replica sees the leaf online.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connection: Option<Connection>,
+    /// Summary of `proxies`: the replicas' IDs, comma-separated, for `kubectl get`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub held_by: Option<String>,
+    /// Summary of `proxies`: tunnels in total.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tunnels: Option<u32>,
+    /// Summary of `proxies`: the latest heartbeat any replica reported (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_heartbeat: Option<String>,
 }

@@ -17,7 +17,9 @@ use std::time::{Duration, SystemTime};
 
 use kube::Api;
 use kube::api::{ListParams, Patch, PatchParams};
+use kube::runtime::reflector::Store;
 use serde_json::json;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
@@ -76,6 +78,12 @@ fn needs_write(previous: Option<&Written>, entry: Option<&ProxyHolding>, now: Sy
     }
 }
 
+/// The `RemoteCluster` objects as the trust follower sees them, and a bump on each change.
+pub struct Remotes {
+    pub store: Store<RemoteCluster>,
+    pub changed: watch::Receiver<u64>,
+}
+
 /// Writes `proxy`'s entries into the `RemoteCluster` objects of `api` until `shutdown`, then
 /// removes them (best effort). With `prune`, the proxy's peer set is authoritative (it comes
 /// from the Service's endpoints) and entries of departed replicas are removed.
@@ -84,10 +92,11 @@ pub async fn write_holdings(
     proxy_id: String,
     proxy: Arc<ProxyServer>,
     prune: bool,
+    mut remotes: Remotes,
     shutdown: CancellationToken,
 ) {
     let mut peers = proxy.shared().peers.subscribe();
-    peers.mark_changed();
+    let (mut peers_dirty, mut remotes_dirty) = (true, true);
     let params = PatchParams::apply(&field_manager(&proxy_id));
     let mut written: BTreeMap<String, Written> = BTreeMap::new();
     // Entries a previous run of this replica left behind are corrected on the first pass.
@@ -137,20 +146,27 @@ pub async fn write_holdings(
             }
         }
         written.retain(|_, w| w.entry.is_some());
-        if prune && peers.has_changed().unwrap_or(false) {
-            let live: Vec<String> = peers
-                .borrow_and_update()
-                .iter()
-                .map(|p| p.id.clone())
-                .collect();
-            if live.iter().min() == Some(&proxy_id) {
-                prune_departed(&api, &live).await;
-            }
+        let live: Vec<String> = peers.borrow().iter().map(|p| p.id.clone()).collect();
+        let designated = live.iter().min() == Some(&proxy_id);
+        if designated && prune && peers_dirty {
+            prune_departed(&api, &live).await;
         }
+        if designated && remotes_dirty {
+            super::summary::write_summaries(&api, &remotes.store).await;
+        }
+        (peers_dirty, remotes_dirty) = (false, false);
         tokio::select! {
             () = shutdown.cancelled() => break,
-            _ = changes.changed() => tokio::time::sleep(DEBOUNCE).await,
-            _ = peers.changed(), if prune => tokio::time::sleep(DEBOUNCE).await,
+            Ok(()) = changes.changed() => tokio::time::sleep(DEBOUNCE).await,
+            Ok(()) = peers.changed() => {
+                // The designated replica may have changed too.
+                (peers_dirty, remotes_dirty) = (true, true);
+                tokio::time::sleep(DEBOUNCE).await;
+            }
+            Ok(()) = remotes.changed.changed() => {
+                remotes_dirty = true;
+                tokio::time::sleep(DEBOUNCE).await;
+            }
             () = tokio::time::sleep(RECHECK) => {}
         }
     }

@@ -8,12 +8,15 @@
 //! Everything lives in the proxies' own namespace, so their RBAC is a namespaced Role.
 
 pub mod holdings;
+pub mod summary;
 pub mod tokens;
 pub mod trust;
 
 use std::sync::Arc;
 
+use kube::runtime::reflector;
 use kube::{Api, Client};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info_span};
 
@@ -36,9 +39,16 @@ pub async fn run(
 ) {
     let api: Api<RemoteCluster> = Api::namespaced(client, &namespace);
     let proxy_id = proxy.shared().config.proxy_id.clone();
-    let follow = trust::follow_remote_clusters(api.clone(), base, proxy.clone())
-        .instrument(info_span!("remote_clusters", %namespace));
-    let write = holdings::write_holdings(api, proxy_id, proxy, prune, shutdown.clone())
+    let (reader, writer) = reflector::store();
+    let changed = watch::channel(0u64).0;
+    let remotes = holdings::Remotes {
+        store: reader.clone(),
+        changed: changed.subscribe(),
+    };
+    let follow =
+        trust::follow_remote_clusters(api.clone(), (reader, writer), base, proxy.clone(), changed)
+            .instrument(info_span!("remote_clusters", %namespace));
+    let write = holdings::write_holdings(api, proxy_id, proxy, prune, remotes, shutdown.clone())
         .instrument(info_span!("holdings", %namespace));
     tokio::select! {
         () = follow => {}

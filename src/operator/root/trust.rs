@@ -7,8 +7,10 @@ use std::sync::Arc;
 
 use futures::StreamExt as _;
 use kube::Api;
-use kube::runtime::{WatchStreamExt, reflector, watcher};
+use kube::runtime::reflector::{Store, store::Writer};
+use kube::runtime::{WatchStreamExt, watcher};
 use russh::keys::PublicKey;
+use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::identity::TrustStore;
@@ -37,13 +39,15 @@ pub fn trust_from(base: &TrustStore, remotes: &[Arc<RemoteCluster>]) -> TrustSto
 }
 
 /// Keeps `proxy`'s trust store equal to `base` plus the `RemoteCluster` objects in `api`,
-/// until the watch stream ends (never, in practice: the watcher retries with backoff).
+/// until the watch stream ends (never, in practice: the watcher retries with backoff). The
+/// objects are kept in `writer`'s store, and `changed` is bumped after every change to them.
 pub async fn follow_remote_clusters(
     api: Api<RemoteCluster>,
+    (reader, writer): (Store<RemoteCluster>, Writer<RemoteCluster>),
     base: TrustStore,
     proxy: Arc<ProxyServer>,
+    changed: watch::Sender<u64>,
 ) {
-    let (reader, writer) = reflector::store();
     let stream = watcher(api, watcher::Config::default())
         .default_backoff()
         .reflect(writer);
@@ -59,6 +63,7 @@ pub async fn follow_remote_clusters(
             Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => continue,
             Ok(_) => {}
         }
+        changed.send_modify(|n| *n = n.wrapping_add(1));
         let next = trust_from(&base, &reader.state());
         let before: BTreeSet<ClusterName> = trust.load().clusters().cloned().collect();
         let after: BTreeSet<ClusterName> = next.clusters().cloned().collect();
