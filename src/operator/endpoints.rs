@@ -73,16 +73,19 @@ pub async fn watch_peers(
     let api: Api<EndpointSlice> = Api::namespaced(client, namespace);
     let config = watcher::Config::default().labels(&format!("{SERVICE_NAME_LABEL}={service}"));
     let (reader, writer) = reflector::store();
-    let stream = watcher(api, config)
-        .default_backoff()
-        .reflect(writer)
-        .touched_objects();
+    let stream = watcher(api, config).default_backoff().reflect(writer);
     futures::pin_mut!(stream);
     let mut last: Option<Vec<Peer>> = None;
     while let Some(event) = stream.next().await {
-        if let Err(e) = event {
-            warn!(error = %e, service, "watching the proxies' EndpointSlices");
-            continue;
+        match event {
+            Err(e) => {
+                warn!(error = %e, service, "watching the proxies' EndpointSlices");
+                continue;
+            }
+            // A (re)list fills the store only at `InitDone`: reading it before would announce
+            // the slices of before the list (none, at start) until the next change.
+            Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => continue,
+            Ok(_) => {}
         }
         let slices = reader.state();
         let peers = peers_from_slices(slices.iter().map(|s| s.as_ref()), port_name.as_deref());
