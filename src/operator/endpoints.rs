@@ -84,6 +84,8 @@ pub async fn watch_peers(
                 warn!(error = %e, service, "watching the proxies' EndpointSlices");
                 continue;
             }
+            // A (re)list fills the store only at `InitDone`: reading it before would announce
+            // the slices of before the list (none, at start) until the next change.
             Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => continue,
             Ok(_) => {}
         }

@@ -23,6 +23,7 @@ pub mod status;
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context as _;
 use kube::Client;
@@ -103,6 +104,14 @@ pub struct OperatorArgs {
     /// /metrics here.
     #[arg(long)]
     pub admin_listen: Option<std::net::SocketAddr>,
+    /// How long the Lease lasts after its last renewal: the longest a dead leader's tunnels go
+    /// unreplaced (whole seconds).
+    #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
+    pub lease_duration: Duration,
+    /// How long before the Lease expires its holder renews it (whole seconds, less than
+    /// --lease-duration): the holder writes the Lease every duration - grace.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    pub lease_grace: Duration,
 }
 
 /// `tether operator`: builds a client from the flags and runs until Ctrl-C or SIGTERM.
@@ -124,9 +133,15 @@ pub async fn run_cli(args: OperatorArgs) -> anyhow::Result<()> {
         lease_name,
         lease_namespace: args.lease_namespace.clone(),
         identity: identity.clone(),
-        duration_secs: 15,
-        grace_secs: 5,
+        duration_secs: args.lease_duration.as_secs(),
+        grace_secs: args.lease_grace.as_secs(),
     });
+    if let Some(e) = &leader_election {
+        anyhow::ensure!(
+            e.grace_secs >= 1 && e.grace_secs < e.duration_secs,
+            "--lease-grace must be at least 1s and less than --lease-duration (whole seconds)"
+        );
+    }
     let shutdown = CancellationToken::new();
     tokio::spawn({
         let shutdown = shutdown.clone();
