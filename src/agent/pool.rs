@@ -342,6 +342,7 @@ impl Pool {
         proxies.sort_by(|a, b| a.proxy_id.cmp(&b.proxy_id));
         let status = PoolStatus {
             expected: wanted.len().max(held.len()),
+            discovered: !wanted.is_empty(),
             proxies,
             last_error: last_error.clone(),
         };

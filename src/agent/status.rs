@@ -35,6 +35,8 @@ pub struct PoolStatus {
     pub proxies: Vec<ProxyTunnelStatus>,
     /// How many proxies discovery says exist (at least 1 once any proxy answered).
     pub expected: usize,
+    /// Whether any proxy has announced the set yet; until then `expected` is a guess.
+    pub discovered: bool,
     /// The last error, if the latest attempt failed (for a condition message).
     pub last_error: Option<String>,
 }

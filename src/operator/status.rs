@@ -83,6 +83,14 @@ pub fn compose(
                 false,
                 "NotConnected",
             ),
+            (None, Some(p)) if !p.discovered => (
+                Phase::Connecting,
+                false,
+                "AwaitingDiscovery",
+                "a proxy answered; waiting for it to announce its peers".to_owned(),
+                false,
+                "NotConnected",
+            ),
             (None, Some(_)) if connected < expected => (
                 Phase::Degraded,
                 true,
@@ -322,8 +330,13 @@ mod tests {
         let mut pool = PoolStatus {
             proxies: vec![proxy(TunnelState::Connected, Some(t0))],
             expected: 1,
+            discovered: false,
             last_error: None,
         };
+        // A tunnel up before its proxy announced the set is not "Connected 1/1" yet.
+        let early = compose(&spec, Some(&pool), None, t0);
+        assert_eq!(early.phase, Some(Phase::Connecting));
+        pool.discovered = true;
         let first = compose(&spec, Some(&pool), None, t0);
         assert_eq!(first.phase, Some(Phase::Connected));
         assert_eq!(first.proxies_ready.as_deref(), Some("1/1"));

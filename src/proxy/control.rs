@@ -87,6 +87,11 @@ pub(super) async fn run(
         warn!(error = %e, "could not welcome the agent");
         return;
     }
+    // Discovery right away: the agent learns how many proxies to hold with its first tunnel.
+    if let Err(e) = send_discovery(&shared, &write).await {
+        warn!(error = %e, "could not send discovery");
+        return;
+    }
     tunnel.heartbeat();
     shared.sites.add(tunnel.clone());
     let _ = ready.send(());
@@ -112,13 +117,12 @@ async fn serve(
     let mut watchdog = tokio::time::interval(tunnel.interval);
     let mut refresh = tokio::time::interval(DISCOVERY_REFRESH);
     refresh.reset();
-    let mut discovered = false;
     let mut draining = false;
     loop {
         let result: Result<(), ControlEnd> = tokio::select! {
             msg = read.wait() => match msg {
                 Some(ChannelMsg::Data { data }) => {
-                    match handle_data(&data, frames, tunnel, write, &mut discovered, shared).await {
+                    match handle_data(&data, frames, tunnel, write).await {
                         Ok(()) => Ok(()),
                         Err(e) => Err(e),
                     }
@@ -152,8 +156,6 @@ async fn handle_data(
     frames: &mut FrameReader,
     tunnel: &Tunnel,
     write: &ChannelWriteHalf<Msg>,
-    discovered: &mut bool,
-    shared: &ProxyShared,
 ) -> Result<(), ControlEnd> {
     frames
         .push(data)
@@ -168,10 +170,6 @@ async fn handle_data(
                 METRICS.proxy_heartbeats.inc();
                 tunnel.set_held_by(held);
                 send(write, &ProxyMessage::Pong { seq }).await?;
-                if !*discovered {
-                    *discovered = true;
-                    send_discovery(shared, write).await?;
-                }
             }
             AgentMessage::ReconnectAck => debug!(tunnel = tunnel.id, "agent acknowledged drain"),
             AgentMessage::Hello { .. } => {
