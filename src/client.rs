@@ -5,6 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use russh::ChannelOpenFailure;
 use russh::client::{self, Handle};
 use russh::keys::PublicKey;
 use tokio::net::TcpStream;
@@ -44,7 +45,13 @@ pub enum ClientError {
     #[error("the proxy refused the client certificate")]
     AuthRefused,
     #[error(
-        "the proxy refused the dial to {0}: not permitted, or the target is unreachable (the proxy's log says which)"
+        "the dial to {0} is forbidden: the leaf's allow-list (or the proxy's direct allow-list) does not permit it"
+    )]
+    Forbidden(Target),
+    #[error("no tunnel to {} is up: the leaf is offline or unknown to the root", .0.cluster)]
+    NoTunnel(Target),
+    #[error(
+        "the dial to {0} failed: refused, timed out, not resolved or unreachable from the leaf (the proxy's log says which)"
     )]
     Refused(Target),
     #[error("I/O: {0}")]
@@ -127,7 +134,15 @@ impl DialClient {
             .handle
             .channel_open_direct_tcpip(name, u32::from(port), originator, 0)
             .await
-            .map_err(|_| ClientError::Refused(target.clone()))?;
+            .map_err(|e| match e {
+                russh::Error::ChannelOpenFailure(
+                    ChannelOpenFailure::AdministrativelyProhibited,
+                ) => ClientError::Forbidden(target.clone()),
+                russh::Error::ChannelOpenFailure(ChannelOpenFailure::ResourceShortage) => {
+                    ClientError::NoTunnel(target.clone())
+                }
+                _ => ClientError::Refused(target.clone()),
+            })?;
         Ok(channel.into_stream())
     }
 

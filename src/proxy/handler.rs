@@ -218,10 +218,12 @@ impl Handler for ConnectionHandler {
                     }
                     Err(e) => {
                         warn!(error = %e, "dial failed");
+                        // SSH carries only a reason code: forbidden, no tunnel, or failed.
                         let reason = match e.kind {
                             DialErrorKind::Forbidden => {
                                 ChannelOpenFailure::AdministrativelyProhibited
                             }
+                            DialErrorKind::NoTunnel => ChannelOpenFailure::ResourceShortage,
                             _ => ChannelOpenFailure::ConnectFailed,
                         };
                         reply.reject(reason).await;

@@ -213,3 +213,73 @@ async fn the_local_cluster_is_dialled_directly_when_allowed() {
         .expect("outside the direct allow-list");
     assert_eq!(err.kind, DialErrorKind::Forbidden);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_dial_says_whether_it_was_forbidden_offline_or_failed() {
+    use tether::client::{ClientError, DialClient, DialClientConfig};
+    let echo = echo_server().await.expect("echo");
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let closed_port = closed.local_addr().expect("addr").port();
+    drop(closed);
+    let rig = Rig::start(
+        &[
+            format!("127.0.0.1/32:{}", echo.port()),
+            format!("127.0.0.1/32:{closed_port}"),
+        ],
+        |_| {},
+        |_| {},
+    )
+    .await;
+    let config = DialClientConfig {
+        proxy_addr: rig.proxy.local_addr().to_string(),
+        root_cluster: rig.pki.root.cluster().clone(),
+        root_cas: vec![rig.pki.root.public_key().clone()],
+        identity: std::sync::Arc::new(
+            Identity::generate_client(&rig.pki.root, "alice", Duration::from_secs(600))
+                .expect("client identity"),
+        ),
+        timeout: Duration::from_secs(10),
+    };
+    let client = DialClient::connect(&config).await.expect("connects");
+    let target = |name: &str| tether::protocol::Target::parse(name).expect("target");
+    let forbidden = client
+        .open(
+            &target(&format!("127.0.0.2.leaf.tether:{}", echo.port())),
+            "127.0.0.1",
+        )
+        .await;
+    assert!(
+        matches!(forbidden, Err(ClientError::Forbidden(_))),
+        "{:?}",
+        forbidden.err()
+    );
+    let offline = client
+        .open(&target("db.elsewhere.tether:5432"), "127.0.0.1")
+        .await;
+    assert!(
+        matches!(offline, Err(ClientError::NoTunnel(_))),
+        "{:?}",
+        offline.err()
+    );
+    let failed = client
+        .open(
+            &target(&format!("127.0.0.1.leaf.tether:{closed_port}")),
+            "127.0.0.1",
+        )
+        .await;
+    let failed = failed.err().expect("nothing listens there");
+    assert!(matches!(failed, ClientError::Refused(_)), "{failed:?}");
+    assert!(
+        failed.to_string().contains("refused, timed out"),
+        "{failed}"
+    );
+    assert!(
+        client
+            .open(
+                &target(&format!("127.0.0.1.leaf.tether:{}", echo.port())),
+                "127.0.0.1"
+            )
+            .await
+            .is_ok()
+    );
+}
