@@ -38,8 +38,9 @@
 //!    0.03-0.4 s before).
 //! 4. Its controller starts the agent at once: tunnels to all three proxies were back 50-120 ms
 //!    after the Lease changed hands (4.1-6.9 s after the kill), and the status went `Pending`,
-//!    `Degraded 1/3` (or, before the first discovery message arrives, a brief `Connected 1/1`),
-//!    `Connected 3/3` within the same ~100 ms.
+//!    `Degraded 1/3`, `Connected 3/3` within the same ~100 ms. (Before proxies sent discovery
+//!    with the welcome, a brief `Connected 1/1` could appear; now a tunnel up before its proxy
+//!    announced the set shows as `Connecting`, reason `AwaitingDiscovery`.)
 //!
 //! So the gap is `duration - (time since the last renewal) + up to 1 s + a reconnect`: at most
 //! about `duration + 1 s`. With the defaults (`--lease-duration 15s --lease-grace 5s`, a renewal
