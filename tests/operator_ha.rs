@@ -684,8 +684,8 @@ async fn example_connects_and_follows_the_proxy_endpoints() {
     let message = b"through the reverse tunnel\n";
     let refused = root.dial(echo, message).await;
     let error = refused.expect_err("a dial outside the example's allow-list went through");
-    assert!(error.contains("refused the dial"), "{error}");
-    // Clients are not told why; the proxy's log says the agent's allow-list refused it.
+    assert!(error.contains("is forbidden"), "{error}");
+    // The client learns only that it is forbidden; the proxy's log says by what.
     let why = format!("forbidden by the agent's allow-list: {echo} is not in");
     eventually("the proxy's log naming the allow-list", || {
         let logged = root
