@@ -26,6 +26,7 @@ impl Splice for tokio::net::TcpStream {
 }
 
 pub mod tunnel;
+mod window;
 
 /// Freed memory glibc's allocator may keep at the top of a heap before giving it back.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
