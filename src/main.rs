@@ -180,6 +180,7 @@ struct DialArgs {
 }
 
 fn main() -> anyhow::Result<()> {
+    tether::stream::tune_allocator();
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,russh=warn"));

@@ -26,5 +26,32 @@ impl Splice for tokio::net::TcpStream {
 }
 
 pub mod tunnel;
+mod window;
+
+/// Freed memory glibc's allocator may keep at the top of a heap before giving it back.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+const TRIM_THRESHOLD: std::ffi::c_int = 4 * 1024 * 1024;
+
+/// Tunes the allocator for the data path; call once at process start (the `tether` binary does).
+///
+/// Every SSH packet russh receives becomes a freshly allocated, zero-filled 32 KiB buffer, freed
+/// once the stream has written it out. With glibc's default trim threshold (128 KiB) each burst
+/// of frees hands the top of a thread's heap back to the kernel (`madvise`) and the next packets
+/// fault the same pages in again: page faults, page clearing and TLB shootdowns were ~8% of the
+/// proxy's and agent's CPU under load. Keeping up to 4 MiB of freed memory per heap removes that
+/// churn; idle memory is unchanged (nothing is allocated up front). A no-op off glibc.
+pub fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        const M_TRIM_THRESHOLD: std::ffi::c_int = -1;
+        unsafe extern "C" {
+            fn mallopt(param: std::ffi::c_int, value: std::ffi::c_int) -> std::ffi::c_int;
+        }
+        // SAFETY: mallopt only sets an allocator parameter; any value is valid for this one.
+        unsafe {
+            mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD);
+        }
+    }
+}
 
 pub use tunnel::{StreamLimits, TunnelStream};

@@ -4,7 +4,9 @@
 //! Each side reads its channel's messages as soon as they arrive (so russh's per-channel queue
 //! never fills and never blocks the connection's session loop) and keeps them in a queue bounded
 //! by the credit it has granted. Bytes are granted back only when they have been written to the
-//! local side, so a reader that stops reading stops its sender after at most one window.
+//! local side, so a reader that stops reading stops its sender after at most one window. The
+//! window adapts (see [`super::window`]): 512 KiB at first, doubling up to 2 MiB while a fast
+//! stream's local reader keeps up, back to 512 KiB when it backs up.
 
 use std::collections::VecDeque;
 use std::io;
@@ -19,13 +21,20 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::Notify;
 
 use super::Splice;
+use super::window::Window;
 use crate::admin::metrics::{METRICS, label};
 use crate::protocol::stream::{CONTROL_EXT, StreamControl};
 use crate::protocol::{DialError, DialErrorKind};
 use prometheus_client::metrics::counter::Counter;
 
-/// Default credit per stream and direction: the most a side buffers for a stalled reader.
+/// Default credit per stream and direction at the start: what a side buffers for a stalled
+/// reader of a stream that has not been moving fast.
 pub const DEFAULT_WINDOW: u32 = 512 * 1024;
+
+/// Default cap of an adaptive window (see [`super::window`]): the most a side buffers for a
+/// stalled reader, reached only by a stream whose reader kept up while it moved 1.5 MiB. 2 MiB
+/// gave one stream ~10% more than 512 KiB on loopback, 4 MiB nothing more (BENCHMARKS.md).
+pub const DEFAULT_MAX_WINDOW: u32 = 2 * 1024 * 1024;
 
 /// Largest chunk read from the local side at once (an SSH packet is at most 32 KiB; russh splits).
 const READ_CHUNK: usize = 64 * 1024;
@@ -37,14 +46,18 @@ const PROBE: usize = 512;
 /// Sizes of one stream's flow control.
 #[derive(Debug, Clone, Copy)]
 pub struct StreamLimits {
-    /// Credit granted to the peer: the bound on bytes buffered for this stream's local writer.
+    /// Credit first granted to the peer: the bound on bytes buffered for this stream's local
+    /// writer until the window grows.
     pub window: u32,
+    /// The most the window grows to while the local reader keeps up (no growth if ≤ `window`).
+    pub max_window: u32,
 }
 
 impl Default for StreamLimits {
     fn default() -> Self {
         Self {
             window: DEFAULT_WINDOW,
+            max_window: DEFAULT_MAX_WINDOW,
         }
     }
 }
@@ -199,11 +212,10 @@ async fn downlink<W: AsyncWrite + Unpin>(
     bytes: &Counter,
 ) -> io::Result<()> {
     let result = async {
-        let window = u64::from(limits.window);
-        let grant_threshold = (window / 4).max(1);
+        let mut window = Window::new(limits.window, limits.max_window);
         let mut queue: VecDeque<Bytes> = VecDeque::new();
-        // Bytes the peer may still send us: what we granted minus what arrived.
-        let mut allowance = window;
+        // Bytes the peer may still send us: what we granted (or are about to) minus what arrived.
+        let mut allowance = window.size();
         let mut eof = false;
         let mut local_closed = false;
         // The peer closed the channel: nothing more will arrive.
@@ -259,16 +271,20 @@ async fn downlink<W: AsyncWrite + Unpin>(
                     if n == 0 {
                         return Err(io::ErrorKind::WriteZero.into());
                     }
+                    let mut offered = n;
                     if let Some(front) = queue.front_mut() {
+                        offered = front.len();
                         front.advance(n);
                         if front.is_empty() {
                             queue.pop_front();
                         }
                     }
-                    allowance += n as u64;
                     bytes.inc_by(n as u64);
-                    let pending = shared.to_grant.fetch_add(n as u64, Ordering::AcqRel) + n as u64;
-                    if pending >= grant_threshold {
+                    // The consumed bytes go back to the peer, plus growth, minus shrinkage.
+                    let grant = window.written(n as u64, offered as u64);
+                    allowance += grant;
+                    let pending = shared.to_grant.fetch_add(grant, Ordering::AcqRel) + grant;
+                    if pending >= (window.size() / 4).max(1) {
                         shared.grant_ready.notify_one();
                     }
                     if queue.is_empty() {
