@@ -639,11 +639,27 @@ async fn kubectl_get_rt(cp: &'static ControlPlane, ns: &str) -> Option<(String, 
 
 /// Waits until `kubectl get rt` shows the example Connected with `proxies` (e.g. `3/3`).
 async fn wait_kubectl_connected(cp: &'static ControlPlane, ns: &str, proxies: &str) {
-    eventually(&format!("kubectl get rt: Connected {proxies}"), || async {
-        let (status, ready) = kubectl_get_rt(cp, ns).await?;
-        (status == "Connected" && ready == proxies).then_some(())
-    })
-    .await;
+    let last = std::sync::Mutex::new(None);
+    let start = Instant::now();
+    loop {
+        let seen = kubectl_get_rt(cp, ns).await;
+        if let Some((status, ready)) = &seen
+            && status == "Connected"
+            && ready == proxies
+        {
+            return;
+        }
+        *last.lock().expect("lock") = seen;
+        if start.elapsed() > DEADLINE {
+            let out = cp.kubectl(["get", "rt", "-n", ns, "-o", "yaml"]);
+            panic!(
+                "timed out after {DEADLINE:?} waiting for kubectl get rt: Connected {proxies}; last seen {:?}; the object:\n{}",
+                last.lock().expect("lock"),
+                String::from_utf8_lossy(&out.stdout)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// Everything a test needs before the operator runs: CRDs, Secrets, the root with `n` proxies.

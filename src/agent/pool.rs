@@ -265,7 +265,11 @@ impl Pool {
                         // balancer leads to the replica's successor, or to it after a restart.
                         h.state = TunnelState::Draining;
                     }
-                    if let TunnelEvent::Discovery { proxy_id, proxies } = event {
+                    // A tunnel's last events may still be queued when it has ended: a proxy
+                    // that is gone must not speak for the set again.
+                    if let TunnelEvent::Discovery { proxy_id, proxies } = event
+                        && held.contains_key(&proxy_id)
+                    {
                         debug!(from = %proxy_id, count = proxies.len(), "discovery");
                         let announced: HashSet<String> = proxies.iter().map(|p| p.id.clone()).collect();
                         announcements.insert(proxy_id, announced);
