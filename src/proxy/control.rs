@@ -6,9 +6,10 @@ use std::time::Duration;
 
 use russh::server::{Handle, Msg};
 use russh::{Channel, ChannelMsg, ChannelReadHalf, ChannelWriteHalf};
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 use tracing::{debug, info, warn};
 
+use super::peers::Peer;
 use super::server::ProxyShared;
 use super::sites::Tunnel;
 use crate::admin::metrics::METRICS;
@@ -88,7 +89,10 @@ pub(super) async fn run(
         return;
     }
     // Discovery right away: the agent learns how many proxies to hold with its first tunnel.
-    if let Err(e) = send_discovery(&shared, &write).await {
+    // Subscribed first, and the set read through the subscription, so a change made while
+    // the welcome goes out is announced too.
+    let mut peers = shared.peers.subscribe();
+    if let Err(e) = send_discovery(&mut peers, &write).await {
         warn!(error = %e, "could not send discovery");
         return;
     }
@@ -97,7 +101,7 @@ pub(super) async fn run(
     let _ = ready.send(());
     info!(tunnel = tunnel.id, ?interval, "tunnel online");
 
-    let end = serve(&shared, &tunnel, &mut read, &write, &mut frames).await;
+    let end = serve(&shared, &tunnel, &mut read, &write, &mut frames, peers).await;
     shared.sites.remove_tunnel(&cluster, tunnel.id);
     match &end {
         ControlEnd::Closed => info!(tunnel = tunnel.id, "tunnel closed by the agent"),
@@ -112,8 +116,8 @@ async fn serve(
     read: &mut ChannelReadHalf,
     write: &ChannelWriteHalf<Msg>,
     frames: &mut FrameReader,
+    mut peers: watch::Receiver<Vec<Peer>>,
 ) -> ControlEnd {
-    let mut peers = shared.peers.subscribe();
     let mut watchdog = tokio::time::interval(tunnel.interval);
     let mut refresh = tokio::time::interval(DISCOVERY_REFRESH);
     refresh.reset();
@@ -137,8 +141,8 @@ async fn serve(
                     Ok(())
                 }
             }
-            Ok(()) = peers.changed() => send_discovery(shared, write).await,
-            _ = refresh.tick() => send_discovery(shared, write).await,
+            Ok(()) = peers.changed() => send_discovery(&mut peers, write).await,
+            _ = refresh.tick() => send_discovery(&mut peers, write).await,
             () = shared.draining.cancelled(), if !draining => {
                 draining = true;
                 let reason = "proxy is shutting down".to_owned();
@@ -181,10 +185,10 @@ async fn handle_data(
 }
 
 async fn send_discovery(
-    shared: &ProxyShared,
+    peers: &mut watch::Receiver<Vec<Peer>>,
     write: &ChannelWriteHalf<Msg>,
 ) -> Result<(), ControlEnd> {
-    let proxies = shared.peers.borrow().iter().map(|p| p.info()).collect();
+    let proxies = peers.borrow_and_update().iter().map(|p| p.info()).collect();
     send(write, &ProxyMessage::Discovery { proxies }).await
 }
 

@@ -122,13 +122,20 @@ pub(crate) async fn wait_connected(
     n: usize,
     deadline: Duration,
 ) {
-    within(
-        &format!("{n} tunnels"),
+    let reached = tokio::time::timeout(
         deadline,
         status.wait_for(|s| s.connected() == n && s.expected == n),
     )
     .await
-    .expect("status channel open");
+    .map(|r| r.is_ok());
+    match reached {
+        Ok(true) => {}
+        Ok(false) => panic!("the status channel closed"),
+        Err(_) => panic!(
+            "timed out after {deadline:?} waiting for {n} tunnels; the pool: {:?}",
+            *status.borrow()
+        ),
+    }
 }
 
 async fn converge(balance: &str) -> (u64, Duration) {
