@@ -25,9 +25,10 @@ mod common;
 #[allow(dead_code)]
 #[path = "support/procs.rs"]
 mod procs;
+#[path = "common/tunnel_e2e.rs"]
+mod tunnel_e2e;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::future::Future;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, RawFd};
@@ -40,10 +41,10 @@ use std::time::{Duration, Instant};
 
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{Secret, Service};
+use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::events::v1::Event;
-use kube::api::{DeleteParams, ListParams, ObjectMeta, PostParams, WatchEvent, WatchParams};
+use kube::api::{DeleteParams, ListParams, PostParams, WatchEvent, WatchParams};
 use kube::{Api, Client, ResourceExt};
 use serde_json::json;
 use tokio::io::AsyncWriteExt;
@@ -55,9 +56,9 @@ use tether::identity::Identity;
 use tether::operator::crd::ReverseTunnel;
 use tether::operator::crd::reverse_tunnel::Phase;
 use tether::protocol::ClusterName;
+use tunnel_e2e::{DEADLINE, create_secrets, eventually};
 
 /// How long any one condition may take to come true on a loaded two-core machine.
-const DEADLINE: Duration = Duration::from_secs(60);
 /// The Service the proxies follow.
 const SERVICE: &str = "tether-proxy";
 /// Proxy IDs (pod names); haproxy slot `i` is `IDS[i]`.
@@ -69,25 +70,6 @@ const LEASE: &str = "tether-operator";
 
 /// One test at a time (a tokio mutex: no poisoning when a test fails).
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-/// Polls `check` every 100 ms until it yields a value; panics naming `what` after [`DEADLINE`].
-async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let start = Instant::now();
-    loop {
-        if let Some(v) = check().await {
-            return v;
-        }
-        assert!(
-            start.elapsed() < DEADLINE,
-            "timed out after {DEADLINE:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
 
 // ---------------------------------------------------------------------------------------------
 // Processes
@@ -569,43 +551,6 @@ async fn install_crds(cp: &'static ControlPlane) {
     .await;
 }
 
-fn secret(name: &str, data: &[(&str, String)]) -> Secret {
-    Secret {
-        metadata: ObjectMeta {
-            name: Some(name.to_owned()),
-            ..Default::default()
-        },
-        string_data: Some(
-            data.iter()
-                .map(|(k, v)| ((*k).to_owned(), v.clone()))
-                .collect(),
-        ),
-        ..Default::default()
-    }
-}
-
-/// The agent identity and root CA Secrets the example names.
-async fn create_secrets(client: &Client, ns: &str, pki: &Pki) {
-    let agent = Identity::generate_agent(&pki.leaf, Duration::from_secs(3600)).expect("agent id");
-    let key = agent
-        .key
-        .to_openssh(Default::default())
-        .expect("encoding key")
-        .to_string();
-    let cert = agent.certificate.to_openssh().expect("encoding cert");
-    let ca = pki.root.public_key().to_openssh().expect("encoding CA");
-    let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
-    for s in [
-        secret("leaf-1-agent", &[("key", key), ("cert", cert)]),
-        secret("root-ca", &[("ca.pub", ca)]),
-    ] {
-        secrets
-            .create(&PostParams::default(), &s)
-            .await
-            .expect("creating a Secret");
-    }
-}
-
 /// `kubectl apply -f examples/reversetunnel.yaml`, the real file with only `proxyAddress`
 /// pointed at haproxy.
 async fn apply_example(cp: &'static ControlPlane, root: &Root) {
@@ -639,7 +584,6 @@ async fn kubectl_get_rt(cp: &'static ControlPlane, ns: &str) -> Option<(String, 
 
 /// Waits until `kubectl get rt` shows the example Connected with `proxies` (e.g. `3/3`).
 async fn wait_kubectl_connected(cp: &'static ControlPlane, ns: &str, proxies: &str) {
-    let last = std::sync::Mutex::new(None);
     let start = Instant::now();
     loop {
         let seen = kubectl_get_rt(cp, ns).await;
@@ -649,12 +593,10 @@ async fn wait_kubectl_connected(cp: &'static ControlPlane, ns: &str, proxies: &s
         {
             return;
         }
-        *last.lock().expect("lock") = seen;
         if start.elapsed() > DEADLINE {
             let out = cp.kubectl(["get", "rt", "-n", ns, "-o", "yaml"]);
             panic!(
-                "timed out after {DEADLINE:?} waiting for kubectl get rt: Connected {proxies}; last seen {:?}; the object:\n{}",
-                last.lock().expect("lock"),
+                "timed out after {DEADLINE:?} waiting for kubectl get rt: Connected {proxies}; last seen {seen:?}; the object:\n{}",
                 String::from_utf8_lossy(&out.stdout)
             );
         }

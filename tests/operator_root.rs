@@ -8,12 +8,15 @@
 mod common;
 #[path = "support/haproxy.rs"]
 mod haproxy;
+#[allow(dead_code)]
+#[path = "support/procs.rs"]
+mod procs;
 #[path = "common/tunnel_e2e.rs"]
 mod tunnel_e2e;
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -24,6 +27,8 @@ use kube::api::{DeleteParams, PostParams};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
+use haproxy::free_port;
+use procs::Proc;
 use tether::agent::Agent;
 use tether::agent::allow_list::AllowList;
 use tether::agent::join::{JoinRequest, join};
@@ -35,21 +40,6 @@ use tether::protocol::join::JoinToken;
 use tunnel_e2e::{eventually, install_crds};
 
 const SERVICE: &str = "tether-proxy-peers";
-
-/// A child process, killed on drop.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().expect("addr")
-}
 
 /// `tether proxy` as the chart runs it; retried on fresh ports if it loses a port race.
 fn spawn_proxy(id: &str, ns: &str, ca: &Path, kubeconfig: &Path, log: &Path) -> (Proc, SocketAddr) {

@@ -21,6 +21,7 @@ use super::status::{Problem, SpecState, StatusWriter};
 use crate::agent::allow_list::AllowList;
 use crate::agent::status::PoolStatus;
 use crate::agent::{Agent, AgentConfig};
+use crate::operator::controller::Backoffs;
 
 /// How long stopping a tunnel waits for its tasks before leaving them to finish alone.
 const STOP_GRACE: Duration = Duration::from_secs(5);
@@ -71,7 +72,8 @@ pub struct Context {
     /// Publishes Events on `ReverseTunnel` objects.
     pub recorder: Recorder,
     tunnels: Mutex<HashMap<TunnelKey, RunningTunnel>>,
-    failures: Mutex<HashMap<TunnelKey, u32>>,
+    /// Failed reconciles per tunnel, for the retry delay.
+    pub failures: Backoffs<TunnelKey>,
 }
 
 impl Context {
@@ -85,28 +87,12 @@ impl Context {
             recorder: Recorder::new(client.clone(), reporter),
             client,
             tunnels: Mutex::default(),
-            failures: Mutex::default(),
+            failures: Backoffs::default(),
         }
     }
 
     fn tunnels(&self) -> MutexGuard<'_, HashMap<TunnelKey, RunningTunnel>> {
         self.tunnels.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Consecutive failed reconciles of `key`, counting this one (for backoff).
-    pub fn note_failure(&self, key: &TunnelKey) -> u32 {
-        let mut failures = self.failures.lock().unwrap_or_else(|p| p.into_inner());
-        let n = failures.entry(key.clone()).or_insert(0);
-        *n = n.saturating_add(1);
-        *n
-    }
-
-    /// Forgets the failures of `key` after a successful reconcile.
-    pub fn note_success(&self, key: &TunnelKey) {
-        self.failures
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(key);
     }
 
     /// Whether an agent runs for `key` (for tests and metrics).
@@ -208,7 +194,7 @@ impl Context {
     /// Stops everything running for `key` and forgets it (deletion, malformed object).
     pub fn remove(&self, key: &TunnelKey) -> Stopped {
         let removed = self.tunnels().remove(key);
-        self.note_success(key);
+        self.failures.succeeded(key);
         let mut stopped = Stopped::default();
         if let Some(tunnel) = removed {
             stop_tunnel(tunnel, &mut stopped);

@@ -4,7 +4,10 @@
 pub mod reverse_tunnel;
 pub mod trusted_cluster;
 
+use std::collections::HashMap;
 use std::future::Future;
+use std::hash::Hash;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use crate::admin::metrics::{METRICS, label};
@@ -31,10 +34,54 @@ pub(crate) async fn measured<T, E>(
     result
 }
 
-/// The retry delay after `failures` consecutive failed reconciles of one object: 2 s doubling
-/// to at most `cap`.
-pub(crate) fn backoff(failures: u32, cap: Duration) -> Duration {
-    Duration::from_secs(2)
-        .saturating_mul(1u32 << failures.clamp(1, 8).saturating_sub(1))
-        .min(cap)
+/// The longest a failing object waits between reconciles (also the controllers' resync).
+pub const MAX_RETRY_DELAY: Duration = Duration::from_secs(300);
+
+/// Consecutive failed reconciles per object, and the retry delay they call for: 2 s doubling
+/// with each failure, up to [`MAX_RETRY_DELAY`]. A success forgets the object's count.
+pub struct Backoffs<K> {
+    failures: Mutex<HashMap<K, u32>>,
+}
+
+impl<K> Default for Backoffs<K> {
+    fn default() -> Self {
+        Self {
+            failures: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+impl<K: Hash + Eq + Clone> Backoffs<K> {
+    /// Counts a failure of `key` and returns how long to wait before retrying it.
+    pub fn failed(&self, key: &K) -> Duration {
+        let mut failures = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+        let n = failures.entry(key.clone()).or_insert(0);
+        *n = n.saturating_add(1);
+        Duration::from_secs(2)
+            .saturating_mul(1u32 << (*n).clamp(1, 8).saturating_sub(1))
+            .min(MAX_RETRY_DELAY)
+    }
+
+    /// Forgets the failures of `key`.
+    pub fn succeeded(&self, key: &K) {
+        self.failures
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(key);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_to_its_cap_and_resets_on_success() {
+        let backoffs = Backoffs::default();
+        let delays: Vec<u64> = (0..9).map(|_| backoffs.failed(&"a").as_secs()).collect();
+        assert_eq!(delays, [2, 4, 8, 16, 32, 64, 128, 256, 256]);
+        assert_eq!(backoffs.failed(&"b").as_secs(), 2, "counted per object");
+        backoffs.succeeded(&"a");
+        assert_eq!(backoffs.failed(&"a").as_secs(), 2);
+    }
 }

@@ -36,7 +36,7 @@ use crate::operator::resolve::resolve;
 pub const FINALIZER: &str = "tether.dev/reverse-tunnel";
 
 /// How often a healthy tunnel is reconciled anyway (catches anything a watch missed).
-const RESYNC: Duration = Duration::from_secs(300);
+const RESYNC: Duration = super::MAX_RETRY_DELAY;
 
 type Guarded = DeserializeGuard<ReverseTunnel>;
 
@@ -90,7 +90,7 @@ async fn apply(rt: &ReverseTunnel, ctx: &Context) -> Result<Action> {
     match resolve(rt, &secrets).await {
         Ok(desired) => {
             ctx.ensure_running(rt, desired).join().await;
-            ctx.note_success(&key);
+            ctx.failures.succeeded(&key);
             Ok(Action::requeue(RESYNC))
         }
         Err(unusable) => {
@@ -102,7 +102,7 @@ async fn apply(rt: &ReverseTunnel, ctx: &Context) -> Result<Action> {
                     message: problem.message,
                 })
             } else {
-                ctx.note_success(&key);
+                ctx.failures.succeeded(&key);
                 Ok(Action::await_change())
             }
         }
@@ -142,8 +142,7 @@ fn predicate_key(obj: &Guarded) -> Option<u64> {
 
 fn error_policy(obj: Arc<Guarded>, error: &Error, ctx: Arc<Context>) -> Action {
     let key = key_of(obj.meta());
-    let failures = ctx.note_failure(&key);
-    let delay = super::backoff(failures, RESYNC);
+    let delay = ctx.failures.failed(&key);
     warn!(name = %key.name, namespace = ?key.namespace, %error, ?delay, "reconcile failed; retrying");
     Action::requeue(delay)
 }

@@ -19,8 +19,8 @@ mod owned;
 use join::{ensure_joined, leaf_ca};
 use owned::*;
 
-use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex};
+use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures::StreamExt;
@@ -68,21 +68,21 @@ pub const AGENT_CERT_VALIDITY: Duration = Duration::from_secs(30 * 24 * 3600);
 /// How long one join attempt may take.
 const JOIN_TIMEOUT: Duration = Duration::from_secs(20);
 /// How often a settled object is looked at anyway.
-const RESYNC: Duration = Duration::from_secs(300);
+const RESYNC: Duration = super::MAX_RETRY_DELAY;
 
 type Guarded = DeserializeGuard<TrustedCluster>;
 
 /// State of the controller: the operator's shared context, and failure counts for backoff.
 pub struct TrustContext {
     ctx: Arc<Context>,
-    failures: Mutex<HashMap<ObjectRef<Guarded>, u32>>,
+    failures: super::Backoffs<ObjectRef<Guarded>>,
 }
 
 impl TrustContext {
     pub fn new(ctx: Arc<Context>) -> Self {
         Self {
             ctx,
-            failures: Mutex::default(),
+            failures: super::Backoffs::default(),
         }
     }
 }
@@ -116,14 +116,16 @@ async fn reconcile(obj: Arc<Guarded>, tctx: Arc<TrustContext>) -> Result<Action>
         .namespace()
         .ok_or_else(|| Error::Malformed("a TrustedCluster without namespace".to_owned()))?;
     let api: Api<TrustedCluster> = Api::namespaced(tctx.ctx.client.clone(), &namespace);
-    finalizer(&api, FINALIZER, tc, |event| async {
+    let action = finalizer(&api, FINALIZER, tc, |event| async {
         match event {
             Finalizer::Apply(tc) => apply(&tc, &tctx.ctx, &namespace).await,
             Finalizer::Cleanup(tc) => cleanup(&tc, &tctx.ctx, &namespace).await,
         }
     })
     .await
-    .map_err(|e| Error::Finalizer(Box::new(e)))
+    .map_err(|e| Error::Finalizer(Box::new(e)))?;
+    tctx.failures.succeeded(&ObjectRef::from_obj(&*obj));
+    Ok(action)
 }
 
 /// What apply decided, for the status.
@@ -264,13 +266,7 @@ async fn publish(ctx: &Context, tc: &TrustedCluster, type_: EventType, reason: &
 
 fn error_policy(obj: Arc<Guarded>, error: &Error, tctx: Arc<TrustContext>) -> Action {
     let key = ObjectRef::from_obj(&*obj);
-    let failures = {
-        let mut map = tctx.failures.lock().unwrap_or_else(|p| p.into_inner());
-        let n = map.entry(key.clone()).or_insert(0);
-        *n = n.saturating_add(1);
-        *n
-    };
-    let delay = super::backoff(failures, RESYNC);
+    let delay = tctx.failures.failed(&key);
     warn!(name = %key.name, %error, ?delay, "TrustedCluster reconcile failed; retrying");
     Action::requeue(delay)
 }
