@@ -131,11 +131,13 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
     } else {
         Some(Arc::new(AllowList::parse(&args.direct_allow)?))
     };
-    let kube = if args.kubernetes {
+    // One API client for everything Kubernetes gives this proxy: peers, joins, trust, status.
+    let kube = if args.kubernetes || args.peers_service.is_some() {
         Some(kube::Client::try_default().await?)
     } else {
         None
     };
+    let root_client = kube.clone().filter(|_| args.kubernetes);
     let config = ProxyConfig {
         cluster: args.cluster.clone(),
         proxy_id: args.proxy_id.clone(),
@@ -157,7 +159,7 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
         stream: StreamLimits::default(),
         direct,
         peering: peering_identity.map(PeeringConfig::new),
-        join: kube.as_ref().map(|client| {
+        join: root_client.as_ref().map(|client| {
             Arc::new(tether::operator::root::KubeJoinAuthority::new(
                 client.clone(),
                 &args.namespace,
@@ -178,7 +180,7 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
         tokio::spawn(renew_certificates(proxy.clone(), ca, args.proxy_id.clone()));
     }
     let root_state = CancellationToken::new();
-    let root_task = kube.map(|client| {
+    let root_task = root_client.map(|client| {
         tokio::spawn(tether::operator::root::run(
             client,
             args.namespace.clone(),
@@ -188,7 +190,7 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
             root_state.clone(),
         ))
     });
-    if let Some(service) = args.peers_service.clone() {
+    if let (Some(service), Some(client)) = (args.peers_service.clone(), kube) {
         proxy.expect_peer_discovery();
         let (watched, me) = (proxy.clone(), peers[0].clone());
         tokio::spawn(async move {
@@ -201,13 +203,8 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
             };
             let namespace = args.namespace.clone();
             let port_name = Some(args.peers_port_name);
-            if let Err(e) = tether::operator::endpoints::watch_peers_default(
-                namespace, service, port_name, sink,
-            )
-            .await
-            {
-                tracing::error!(error = %e, "cannot watch the proxies' EndpointSlices");
-            }
+            tether::operator::endpoints::watch_peers(client, &namespace, &service, port_name, sink)
+                .await;
         });
     }
     let stop = CancellationToken::new();

@@ -99,19 +99,6 @@ pub async fn watch_peers(
     }
 }
 
-/// [`watch_peers`] with the in-cluster (or `KUBECONFIG`) client: what `tether proxy
-/// --peers-service` runs.
-pub async fn watch_peers_default(
-    namespace: String,
-    service: String,
-    port_name: Option<String>,
-    sink: impl Fn(Vec<Peer>),
-) -> anyhow::Result<()> {
-    let client = Client::try_default().await?;
-    watch_peers(client, &namespace, &service, port_name, sink).await;
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
