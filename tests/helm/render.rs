@@ -1,0 +1,386 @@
+//! Lint, rendering and the values schema; a server-side dry run of everything rendered.
+
+use super::*;
+
+#[tokio::test]
+async fn lint_template_and_schema() {
+    let started = Instant::now();
+    let cp = common::control_plane().await;
+    let chart = chart_arg();
+
+    for (what, values) in [
+        ("root only", ROOT_ONLY),
+        ("leaf only", LEAF_ONLY),
+        ("both", BOTH),
+    ] {
+        let mut args = vec!["lint", "--strict", &chart];
+        args.extend(values);
+        let out = helm_ok(cp, &args);
+        assert!(out.contains("0 chart(s) failed"), "{what}: {out}");
+        args.extend(["--set", "metrics.serviceMonitor.enabled=true"]);
+        helm_ok(cp, &args);
+    }
+
+    // Both roles, with ServiceMonitors.
+    let ns = "tether-system";
+    let docs = render(
+        cp,
+        "tether",
+        ns,
+        &concat(&[BOTH, &["--set", "metrics.serviceMonitor.enabled=true"]]),
+    );
+    let expected: BTreeMap<String, usize> = [
+        ("CustomResourceDefinition", 3),
+        ("Deployment", 2),
+        ("Service", 3),
+        ("PodDisruptionBudget", 2),
+        ("ServiceAccount", 2),
+        ("Role", 3),
+        ("RoleBinding", 3),
+        ("ServiceMonitor", 2),
+    ]
+    .into_iter()
+    .map(|(k, n)| (k.to_owned(), n))
+    .collect();
+    assert_eq!(kinds(&docs), expected);
+    for d in &docs {
+        if d["kind"] != "CustomResourceDefinition" {
+            assert_eq!(d["metadata"]["namespace"], ns, "{}", d["metadata"]["name"]);
+        }
+    }
+    assert_least_privilege(&docs);
+
+    // The proxies.
+    let proxy = find(&docs, "Deployment", "tether-proxy");
+    assert_eq!(proxy["spec"]["replicas"], 3);
+    assert_hardened(proxy);
+    let pod = &proxy["spec"]["template"]["spec"];
+    let c = &pod["containers"][0];
+    assert_eq!(
+        strings(&c["args"]),
+        [
+            "proxy",
+            "--cluster",
+            "root",
+            "--proxy-id",
+            "$(POD_NAME)",
+            "--ca",
+            "/etc/tether/ca/ca",
+            "--listen",
+            "0.0.0.0:3024",
+            "--peers-service",
+            "tether-proxy-peers",
+            "--peers-port-name",
+            "tunnel",
+            "--kubernetes",
+            "--admin-listen",
+            "0.0.0.0:9090",
+            "--shutdown-grace",
+            "30s",
+        ]
+    );
+    assert_eq!(c["image"], "registry.example.com/tether:0.1.0");
+    let ports: Vec<(&str, i64)> = c["ports"]
+        .as_array()
+        .expect("ports")
+        .iter()
+        .map(|p| {
+            (
+                p["name"].as_str().expect("name"),
+                p["containerPort"].as_i64().expect("port"),
+            )
+        })
+        .collect();
+    assert_eq!(ports, [("tunnel", 3024), ("admin", 9090)]);
+    assert!(
+        pod["terminationGracePeriodSeconds"]
+            .as_i64()
+            .expect("grace")
+            > 30
+    );
+    assert_eq!(
+        pod["topologySpreadConstraints"][0]["topologyKey"],
+        "kubernetes.io/hostname"
+    );
+    assert!(
+        pod["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+            .is_array()
+    );
+    assert_eq!(pod["serviceAccountName"], "tether-proxy");
+    let mount = &c["volumeMounts"][0];
+    assert_eq!(mount["mountPath"], "/etc/tether/ca");
+    assert_eq!(mount["readOnly"], true);
+    let ca = pod["volumes"]
+        .as_array()
+        .expect("volumes")
+        .iter()
+        .find(|v| v["name"] == mount["name"])
+        .expect("the CA volume");
+    assert_eq!(ca["secret"]["secretName"], "tether-root-ca");
+    let keys: Vec<&str> = ca["secret"]["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .map(|i| i["key"].as_str().expect("key"))
+        .collect();
+    assert_eq!(keys, ["ca", "ca.pub"]);
+
+    let tunnel = find(&docs, "Service", "tether-proxy");
+    assert_eq!(tunnel["spec"]["type"], "LoadBalancer");
+    assert_eq!(tunnel["spec"]["ports"][0]["name"], "tunnel");
+    assert_eq!(tunnel["spec"]["ports"][0]["port"], 3024);
+    assert_eq!(
+        tunnel["spec"]["ports"].as_array().expect("ports").len(),
+        1,
+        "the tunnel Service exposes the tunnel port only"
+    );
+    let peers = find(&docs, "Service", "tether-proxy-peers");
+    assert_eq!(peers["spec"]["clusterIP"], "None");
+    assert_eq!(peers["spec"]["ports"][0]["name"], "tunnel");
+    assert_eq!(
+        peers["spec"]["selector"],
+        proxy["spec"]["selector"]["matchLabels"]
+    );
+    let pdb = find(&docs, "PodDisruptionBudget", "tether-proxy");
+    assert_eq!(
+        pdb["spec"]["selector"]["matchLabels"],
+        proxy["spec"]["selector"]["matchLabels"]
+    );
+    let proxy_rules = rules(find(&docs, "Role", "tether-proxy"));
+    let expected_proxy_rules: BTreeMap<(String, String), Vec<String>> = [
+        (
+            ("discovery.k8s.io", "endpointslices"),
+            verbs(&["get", "list", "watch"]),
+        ),
+        (("", "secrets"), verbs(&["get", "patch"])),
+        (
+            ("tether.dev", "remoteclusters"),
+            verbs(&["get", "list", "watch", "create", "patch"]),
+        ),
+        (
+            ("tether.dev", "remoteclusters/status"),
+            verbs(&["get", "patch"]),
+        ),
+    ]
+    .into_iter()
+    .map(|((g, r), v)| ((g.to_owned(), r.to_owned()), v))
+    .collect();
+    assert_eq!(proxy_rules, expected_proxy_rules);
+
+    // The operator.
+    let operator = find(&docs, "Deployment", "tether-operator");
+    assert_eq!(operator["spec"]["replicas"], 2);
+    assert_hardened(operator);
+    assert_eq!(
+        strings(&operator["spec"]["template"]["spec"]["containers"][0]["args"]),
+        [
+            "operator",
+            "--lease-name",
+            "tether-operator",
+            "--namespace",
+            ns,
+            "--admin-listen",
+            "0.0.0.0:9090"
+        ]
+    );
+    let operator_rules = rules(find(&docs, "Role", "tether-operator"));
+    assert_eq!(
+        operator_rules[&("".to_owned(), "secrets".to_owned())],
+        verbs(&["get", "list", "watch", "create", "patch", "delete"])
+    );
+    assert_eq!(
+        operator_rules[&("tether.dev".to_owned(), "reversetunnels".to_owned())],
+        verbs(&[
+            "get", "list", "watch", "patch", "update", "create", "delete"
+        ])
+    );
+    assert!(
+        !operator_rules.contains_key(&("coordination.k8s.io".to_owned(), "leases".to_owned())),
+        "leases belong in the leader-election Role"
+    );
+    let lease_rules = rules(find(&docs, "Role", "tether-operator-leader-election"));
+    assert_eq!(
+        lease_rules,
+        [(
+            ("coordination.k8s.io".to_owned(), "leases".to_owned()),
+            verbs(&["get", "create", "update", "patch"])
+        )]
+        .into_iter()
+        .collect()
+    );
+
+    // The CRDs: the files of crds/ (the chart holds byte-identical copies), plus Helm's keep
+    // policy.
+    for file in tether::operator::crd::FILES {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("crds")
+            .join(file);
+        let text = std::fs::read_to_string(&path).expect("reading crds/");
+        let mut ours: Value = serde_yaml::from_str(&text).expect("CRD YAML");
+        let name = ours["metadata"]["name"].as_str().expect("name").to_owned();
+        let mut rendered = find(&docs, "CustomResourceDefinition", &name).clone();
+        assert_eq!(
+            rendered["metadata"]["annotations"]["helm.sh/resource-policy"],
+            "keep"
+        );
+        let meta = rendered["metadata"].as_object_mut().expect("metadata");
+        meta.remove("annotations");
+        meta.remove("labels");
+        ours["metadata"]
+            .as_object_mut()
+            .expect("metadata")
+            .remove("annotations");
+        assert_eq!(
+            rendered, ours,
+            "the chart renders {name} as crds/{file} has it"
+        );
+    }
+
+    // ServiceMonitors find their Services.
+    let monitor = find(&docs, "ServiceMonitor", "tether-proxy");
+    assert_eq!(monitor["apiVersion"], "monitoring.coreos.com/v1");
+    assert_eq!(monitor["spec"]["endpoints"][0]["port"], "admin");
+    for (monitor, service) in [
+        ("tether-proxy", "tether-proxy-peers"),
+        ("tether-operator", "tether-operator-metrics"),
+    ] {
+        let selector = find(&docs, "ServiceMonitor", monitor)["spec"]["selector"]["matchLabels"]
+            .as_object()
+            .expect("selector");
+        let labels = find(&docs, "Service", service)["metadata"]["labels"]
+            .as_object()
+            .expect("labels");
+        for (k, v) in selector {
+            assert_eq!(labels.get(k), Some(v), "{monitor} selects {service} by {k}");
+        }
+    }
+
+    // Roles apart.
+    let root = render(cp, "tether", ns, ROOT_ONLY);
+    assert!(
+        root.iter()
+            .all(|d| d["metadata"]["name"] != "tether-operator")
+    );
+    assert_eq!(kinds(&root)["Deployment"], 1);
+    let leaf = render(cp, "tether", ns, LEAF_ONLY);
+    assert_eq!(kinds(&leaf)["Deployment"], 1);
+    assert!(!kinds(&leaf).contains_key("Service"), "{:?}", kinds(&leaf));
+    find(&leaf, "Deployment", "tether-operator");
+
+    // Options.
+    let all = render(
+        cp,
+        "tether",
+        ns,
+        &concat(&[
+            BOTH,
+            &[
+                "--set",
+                "leaf.watchAllNamespaces=true",
+                "--set",
+                "crds.install=false",
+                "--set",
+                "logFormat=json",
+                "--set",
+                "root.service.type=ClusterIP",
+                "--set",
+                "image.tag=abc123",
+            ],
+        ]),
+    );
+    assert!(!kinds(&all).contains_key("CustomResourceDefinition"));
+    assert_eq!(kinds(&all)["ClusterRole"], 1);
+    assert_eq!(kinds(&all)["ClusterRoleBinding"], 1);
+    assert_least_privilege(&all);
+    let args = strings(
+        &find(&all, "Deployment", "tether-operator")["spec"]["template"]["spec"]["containers"][0]["args"],
+    );
+    assert!(!args.contains(&"--namespace"), "{args:?}");
+    assert!(args.ends_with(&["--log-format", "json"]), "{args:?}");
+    let proxy = find(&all, "Deployment", "tether-proxy");
+    let c = &proxy["spec"]["template"]["spec"]["containers"][0];
+    assert!(
+        strings(&c["args"]).ends_with(&["--log-format", "json"]),
+        "{}",
+        c["args"]
+    );
+    assert_eq!(c["image"], "registry.example.com/tether:abc123");
+    assert_eq!(
+        find(&all, "Service", "tether-proxy")["spec"]["type"],
+        "ClusterIP"
+    );
+
+    // The schema refuses bad values and names the field.
+    for (set, field) in [
+        ("root.replicas=0", "/root/replicas"),
+        ("leaf.replicas=0", "/leaf/replicas"),
+        ("root.service.type=Ingress", "/root/service/type"),
+        ("image.pullPolicy=Sometimes", "/image/pullPolicy"),
+        ("root.enabled=true", "/root/clusterName"),
+        ("logFormat=xml", "/logFormat"),
+        ("replicas=3", "replicas"),
+    ] {
+        let (ok, _, stderr) = helm(cp, &["template", "t", &chart, "--set", set]);
+        assert!(!ok, "--set {set} was accepted");
+        assert!(
+            stderr.contains(field) && stderr.contains("schema"),
+            "--set {set}: no mention of {field} in:\n{stderr}"
+        );
+    }
+    let (ok, _, stderr) = helm(
+        cp,
+        &concat(&[
+            &["template", "t", &chart],
+            BOTH,
+            &["--set", "root.terminationGracePeriodSeconds=20"],
+        ]),
+    );
+    assert!(!ok);
+    assert!(stderr.contains("terminationGracePeriodSeconds"), "{stderr}");
+    eprintln!("lint_template_and_schema took {:?}", started.elapsed());
+}
+
+#[tokio::test]
+async fn rendered_manifests_pass_a_server_side_dry_run() {
+    let started = Instant::now();
+    let cp = common::control_plane().await;
+    let ns = cp.new_namespace("helm-dry-run").await;
+    for extra in [&[][..], &["--set", "leaf.watchAllNamespaces=true"][..]] {
+        let text = render_text(cp, "tether", &ns, &concat(&[BOTH, extra]));
+        let count = parse_docs(&text).len();
+        let file = tempfile::NamedTempFile::new().expect("temp file");
+        std::fs::write(file.path(), &text).expect("write");
+        let path = file.path().to_string_lossy().into_owned();
+        let out = kubectl_ok(
+            cp,
+            &[
+                "apply",
+                "--dry-run=server",
+                "--validate=strict",
+                "-n",
+                &ns,
+                "-f",
+                &path,
+            ],
+        );
+        let applied = out
+            .lines()
+            .filter(|l| l.ends_with("(server dry run)"))
+            .count();
+        assert_eq!(applied, count, "every object passes:\n{out}");
+    }
+    // Nothing was created.
+    let deployments: Api<Deployment> = Api::namespaced(cp.kube_client(), &ns);
+    assert!(
+        deployments
+            .list(&ListParams::default())
+            .await
+            .expect("list")
+            .items
+            .is_empty()
+    );
+    eprintln!(
+        "rendered_manifests_pass_a_server_side_dry_run took {:?}",
+        started.elapsed()
+    );
+}
