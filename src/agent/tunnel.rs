@@ -20,7 +20,7 @@ use crate::protocol::control::{
 };
 use crate::protocol::stream::{CONTROL_EXT, StreamControl};
 use crate::protocol::{DialError, DialErrorKind, Endpoint, ssh};
-use crate::stream::{Splice, TunnelStream};
+use crate::stream::{Splice, TunnelStream, WindowBudget};
 
 /// Why a tunnel could not be set up or ended.
 #[derive(Debug, thiserror::Error)]
@@ -77,6 +77,8 @@ struct AgentHandler {
     /// Proxies already held; `None` when the caller does not track claims.
     claims: Option<Claims>,
     tasks: TaskTracker,
+    /// What the streams of this tunnel may grow their receive windows by, together.
+    window_budget: Arc<WindowBudget>,
 }
 
 impl client::Handler for AgentHandler {
@@ -123,11 +125,12 @@ impl client::Handler for AgentHandler {
     ) -> Result<(), Self::Error> {
         let endpoint = Endpoint::from_wire(connected_address, connected_port);
         let config = self.config.clone();
+        let budget = self.window_budget.clone();
         let span = info_span!("dial", target = %connected_address, port = connected_port);
         self.tasks.spawn(
             async move {
                 reply.accept().await;
-                serve_dial(config, channel, endpoint).await;
+                serve_dial(config, budget, channel, endpoint).await;
             }
             .instrument(span),
         );
@@ -199,6 +202,7 @@ async fn refuse(reply: russh::client::ChannelOpenHandle, kind: &str) -> Result<(
 /// Connects to the target the proxy asked for, answers the dial, then carries the bytes.
 async fn serve_dial(
     config: Arc<AgentConfig>,
+    budget: Arc<WindowBudget>,
     channel: Channel<Msg>,
     endpoint: Result<Endpoint, crate::protocol::TargetParseError>,
 ) {
@@ -227,7 +231,7 @@ async fn serve_dial(
             if write.extended_data_bytes(CONTROL_EXT, ok).await.is_err() {
                 return;
             }
-            let stream = TunnelStream::new(read, write, config.stream);
+            let stream = TunnelStream::new(read, write, config.stream, budget);
             if let Err(e) = stream.splice(target).await {
                 debug!(error = %e, "stream ended with an error");
             }
@@ -332,6 +336,7 @@ impl Tunnel {
             verdict: verdict.clone(),
             claims,
             tasks: tasks.clone(),
+            window_budget: config.stream.tunnel_budget(),
         };
         let take_verdict = || verdict.lock().unwrap_or_else(|p| p.into_inner()).take();
         let mut handle = match client::connect_stream(ssh_config, socket, handler).await {

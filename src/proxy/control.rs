@@ -78,6 +78,7 @@ pub(super) async fn run(
         handle,
         interval,
         policy.missed,
+        shared.config.stream.tunnel_budget(),
     ));
     let welcome = ProxyMessage::Welcome {
         proxy_id: shared.config.proxy_id.clone(),

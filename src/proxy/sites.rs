@@ -12,7 +12,7 @@ use tokio::sync::watch;
 
 use crate::admin::metrics::{METRICS, label};
 use crate::protocol::{ClusterName, DialError, DialErrorKind, Endpoint};
-use crate::stream::{Splice, StreamLimits, TunnelStream};
+use crate::stream::{Splice, StreamLimits, TunnelStream, WindowBudget};
 
 /// Whether a site's agents are keeping their heartbeats.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -59,6 +59,8 @@ pub struct Tunnel {
     idle: tokio::sync::Notify,
     /// The proxies the agent last reported holding tunnels to (its heartbeat says).
     held_by: std::sync::Mutex<Vec<String>>,
+    /// What this tunnel's streams may grow their receive windows by, together.
+    window_budget: Arc<WindowBudget>,
 }
 
 impl Tunnel {
@@ -70,6 +72,7 @@ impl Tunnel {
         handle: Handle,
         interval: Duration,
         missed: u32,
+        window_budget: Arc<WindowBudget>,
     ) -> Self {
         Self {
             id,
@@ -84,6 +87,7 @@ impl Tunnel {
             open_streams: AtomicUsize::new(0),
             idle: tokio::sync::Notify::new(),
             held_by: std::sync::Mutex::new(Vec::new()),
+            window_budget,
         }
     }
 
@@ -185,7 +189,9 @@ impl Tunnel {
         };
         let (read, write) = channel.split();
         let remaining = timeout.saturating_sub(started.elapsed());
-        let stream = TunnelStream::await_dial(read, write, limits, remaining).await?;
+        let stream =
+            TunnelStream::await_dial(read, write, limits, self.window_budget.clone(), remaining)
+                .await?;
         Ok(ProxyStream {
             stream,
             _guard: guard,

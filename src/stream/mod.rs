@@ -55,3 +55,4 @@ pub fn tune_allocator() {
 }
 
 pub use tunnel::{StreamLimits, TunnelStream};
+pub use window::WindowBudget;

@@ -5,11 +5,13 @@
 //! never fills and never blocks the connection's session loop) and keeps them in a queue bounded
 //! by the credit it has granted. Bytes are granted back only when they have been written to the
 //! local side, so a reader that stops reading stops its sender after at most one window. The
-//! window adapts (see [`super::window`]): 512 KiB at first, doubling up to 2 MiB while a fast
-//! stream's local reader keeps up, back to 512 KiB when it backs up.
+//! window adapts (see [`super::window`]): 256 KiB at first, doubling up to 2 MiB while a fast
+//! stream's local reader keeps up, back to 256 KiB when it backs up; the growth of all streams
+//! of one tunnel comes from one budget (2 MiB), so a tunnel's memory is bounded as a whole.
 
 use std::collections::VecDeque;
 use std::io;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -21,23 +23,32 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::Notify;
 
 use super::Splice;
-use super::window::Window;
+use super::window::{Window, WindowBudget};
 use crate::admin::metrics::{METRICS, label};
 use crate::protocol::stream::{CONTROL_EXT, StreamControl};
 use crate::protocol::{DialError, DialErrorKind};
 use prometheus_client::metrics::counter::Counter;
 
 /// Default credit per stream and direction at the start: what a side buffers for a stalled
-/// reader of a stream that has not been moving fast.
-pub const DEFAULT_WINDOW: u32 = 512 * 1024;
+/// reader of a stream that has not been moving fast. 256 KiB: fast streams grow past it, and
+/// with 512 KiB eight fast streams of one tunnel held 2 MiB more on the proxy for no more
+/// throughput (BENCHMARKS.md).
+pub const DEFAULT_WINDOW: u32 = 256 * 1024;
 
-/// Default cap of an adaptive window (see [`super::window`]): the most a side buffers for a
-/// stalled reader, reached only by a stream whose reader kept up while it moved 1.5 MiB. 2 MiB
-/// gave one stream ~10% more than 512 KiB on loopback, 4 MiB nothing more (BENCHMARKS.md).
+/// Default cap of an adaptive window (see [`super::window`]): the most one stream buffers for a
+/// stalled reader, reached only by a stream whose reader kept up while it moved 1.75 MiB.
+/// 2 MiB gave one stream ~10% more than 512 KiB on loopback, 4 MiB nothing more.
 pub const DEFAULT_MAX_WINDOW: u32 = 2 * 1024 * 1024;
 
-/// Largest chunk read from the local side at once (an SSH packet is at most 32 KiB; russh splits).
-const READ_CHUNK: usize = 64 * 1024;
+/// Default growth budget of a tunnel (see [`WindowBudget`]): what all its streams together may
+/// grant above their initial windows. Enough for one stream to reach the cap; eight fast
+/// streams share it (about 512 KiB each) rather than each buffering 2 MiB.
+pub const DEFAULT_TUNNEL_GROWTH: u32 = 2 * 1024 * 1024;
+
+/// Largest chunk read from the local side at once: one SSH packet. russh encrypts up to 64
+/// queued messages into one write buffer before it writes, so this bounds that buffer
+/// (2 MiB; 4 MiB with 64 KiB reads, for no measurable gain).
+const READ_CHUNK: usize = 32 * 1024;
 
 /// What an idle stream's first read takes: a whole small message (an RPC, a keystroke), kept in
 /// the task's own state rather than a heap buffer.
@@ -51,6 +62,16 @@ pub struct StreamLimits {
     pub window: u32,
     /// The most the window grows to while the local reader keeps up (no growth if ≤ `window`).
     pub max_window: u32,
+    /// What the streams of one tunnel may grow above `window`, together: with `window`, the
+    /// bound on what one tunnel buffers (`streams × window + tunnel_growth`).
+    pub tunnel_growth: u32,
+}
+
+impl StreamLimits {
+    /// A fresh growth budget for one tunnel's streams.
+    pub fn tunnel_budget(&self) -> Arc<WindowBudget> {
+        WindowBudget::new(u64::from(self.tunnel_growth))
+    }
 }
 
 impl Default for StreamLimits {
@@ -58,6 +79,7 @@ impl Default for StreamLimits {
         Self {
             window: DEFAULT_WINDOW,
             max_window: DEFAULT_MAX_WINDOW,
+            tunnel_growth: DEFAULT_TUNNEL_GROWTH,
         }
     }
 }
@@ -67,15 +89,23 @@ pub struct TunnelStream<S: From<(ChannelId, ChannelMsg)> + Send + Sync + 'static
     read: ChannelReadHalf,
     write: ChannelWriteHalf<S>,
     limits: StreamLimits,
+    /// The tunnel's growth budget, shared with its other streams.
+    budget: Arc<WindowBudget>,
 }
 
 impl<S: From<(ChannelId, ChannelMsg)> + Send + Sync + 'static> TunnelStream<S> {
-    /// Wraps an open channel whose dial has succeeded.
-    pub fn new(read: ChannelReadHalf, write: ChannelWriteHalf<S>, limits: StreamLimits) -> Self {
+    /// Wraps an open channel whose dial has succeeded; `budget` is its tunnel's.
+    pub fn new(
+        read: ChannelReadHalf,
+        write: ChannelWriteHalf<S>,
+        limits: StreamLimits,
+        budget: Arc<WindowBudget>,
+    ) -> Self {
         Self {
             read,
             write,
             limits,
+            budget,
         }
     }
 
@@ -84,6 +114,7 @@ impl<S: From<(ChannelId, ChannelMsg)> + Send + Sync + 'static> TunnelStream<S> {
         mut read: ChannelReadHalf,
         write: ChannelWriteHalf<S>,
         limits: StreamLimits,
+        budget: Arc<WindowBudget>,
         timeout: Duration,
     ) -> Result<Self, DialError> {
         let answer = tokio::time::timeout(timeout, async {
@@ -121,7 +152,7 @@ impl<S: From<(ChannelId, ChannelMsg)> + Send + Sync + 'static> TunnelStream<S> {
         })
         .await;
         match answer {
-            Ok(Ok(())) => Ok(Self::new(read, write, limits)),
+            Ok(Ok(())) => Ok(Self::new(read, write, limits, budget)),
             Ok(Err(e)) => {
                 let _ = write.close().await;
                 Err(e)
@@ -174,6 +205,7 @@ impl<S: From<(ChannelId, ChannelMsg)> + Send + Sync + 'static> Splice for Tunnel
             read,
             write,
             limits,
+            budget,
         } = self;
         let shared = Shared::default();
         let bytes_in = METRICS
@@ -192,7 +224,8 @@ impl<S: From<(ChannelId, ChannelMsg)> + Send + Sync + 'static> Splice for Tunnel
             .extended_data_bytes(CONTROL_EXT, StreamControl::Credit(limits.window).encode())
             .await
             .map_err(ssh_io)?;
-        let down = downlink(read, local_write, &shared, limits, &bytes_in);
+        let window = Window::new(limits.window, limits.max_window, budget);
+        let down = downlink(read, local_write, &shared, window, &bytes_in);
         let up = uplink(&write, local_read, &shared, &bytes_out);
         // The first error ends both directions; a clean end comes from the downlink once both
         // directions have seen EOF, or when the peer closes.
@@ -208,11 +241,10 @@ async fn downlink<W: AsyncWrite + Unpin>(
     mut read: ChannelReadHalf,
     mut local: W,
     shared: &Shared,
-    limits: StreamLimits,
+    mut window: Window,
     bytes: &Counter,
 ) -> io::Result<()> {
     let result = async {
-        let mut window = Window::new(limits.window, limits.max_window);
         let mut queue: VecDeque<Bytes> = VecDeque::new();
         // Bytes the peer may still send us: what we granted (or are about to) minus what arrived.
         let mut allowance = window.size();
