@@ -13,6 +13,7 @@ use tracing::warn;
 
 use crate::identity::Identity;
 use crate::protocol::{ClusterName, Target, ssh};
+use crate::stream::HandshakeGuard;
 
 /// Where and as whom to dial.
 pub struct DialClientConfig {
@@ -101,6 +102,12 @@ impl DialClient {
                 source,
             })?;
         let _ = socket.set_nodelay(true);
+        // Shuts the socket down if the deadline in `connect` drops this future mid-handshake:
+        // russh's session task would otherwise keep it (see `HandshakeGuard`).
+        let guard = HandshakeGuard::new(&socket).map_err(|source| ClientError::Connect {
+            addr: config.proxy_addr.clone(),
+            source,
+        })?;
         let ssh_config = Arc::new(ssh::client_config());
         let check = ProxyCheck {
             root_cas: config.root_cas.clone(),
@@ -119,6 +126,7 @@ impl DialClient {
         if !auth.success() {
             return Err(ClientError::AuthRefused);
         }
+        guard.release();
         Ok(Self { handle })
     }
 

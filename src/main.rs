@@ -154,8 +154,8 @@ struct AgentArgs {
     /// Timeout for a dialled target to answer.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     dial_timeout: Duration,
-    /// Serve /healthz, /readyz and /status here.
-    #[arg(long)]
+    /// Serve /healthz, /readyz and /status here (`IP:PORT`; an IPv6 IP may go without brackets).
+    #[arg(long, value_parser = tether::admin::parse_listen)]
     admin_listen: Option<SocketAddr>,
 }
 

@@ -15,6 +15,7 @@ use crate::protocol::join::{
     RootMessage,
 };
 use crate::protocol::{ClusterName, ssh};
+use crate::stream::HandshakeGuard;
 
 /// What a leaf needs to join a root.
 #[derive(Debug, Clone)]
@@ -148,6 +149,12 @@ async fn join_inner(request: &JoinRequest) -> Result<Joined, JoinError> {
             addr: addr.clone(),
             source,
         })?;
+    // Shuts the socket down when this future ends or is dropped at the deadline: russh's
+    // session task would otherwise keep it (see `HandshakeGuard`).
+    let _guard = HandshakeGuard::new(&socket).map_err(|source| JoinError::Connect {
+        addr: addr.clone(),
+        source,
+    })?;
     let seen = Arc::new(Mutex::new(None));
     let mut handle: Handle<SeenHostKey> = client::connect_stream(
         Arc::new(ssh::client_config()),

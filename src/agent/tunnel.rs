@@ -20,7 +20,7 @@ use crate::protocol::control::{
 };
 use crate::protocol::stream::{CONTROL_EXT, StreamControl};
 use crate::protocol::{DialError, DialErrorKind, Endpoint, ssh};
-use crate::stream::{Splice, TunnelStream, WindowBudget};
+use crate::stream::{HandshakeGuard, Splice, TunnelStream, WindowBudget};
 
 /// Why a tunnel could not be set up or ended.
 #[derive(Debug, thiserror::Error)]
@@ -328,6 +328,13 @@ impl Tunnel {
                 source,
             })?;
         let _ = socket.set_nodelay(true);
+        // russh's session task owns the socket once the version is exchanged; if the deadline
+        // in `connect_claiming` drops this future mid-handshake, the guard's drop shuts the
+        // socket down so that task (and the socket) ends too instead of leaking.
+        let guard = HandshakeGuard::new(&socket).map_err(|source| TunnelError::Connect {
+            addr: config.proxy_addr.clone(),
+            source,
+        })?;
         let ssh_config = Arc::new(ssh::client_config());
         let verdict = Arc::new(Mutex::new(None));
         let tasks = TaskTracker::new();
@@ -392,6 +399,7 @@ impl Tunnel {
                 other => debug!(?other, "ignored before welcome"),
             }
         };
+        guard.release();
         info!(proxy = %proxy_id, ?interval, "tunnel connected");
         Ok(Tunnel {
             proxy_id,

@@ -90,9 +90,19 @@ pub struct ProxyArgs {
     /// Concurrent connections per source IP.
     #[arg(long, default_value_t = ProxyLimits::default().max_connections_per_ip)]
     max_connections_per_ip: usize,
-    /// SSH handshakes in progress at once.
+    /// Connections in total.
+    #[arg(long, default_value_t = ProxyLimits::default().max_connections)]
+    max_connections: usize,
+    /// SSH handshakes in progress at once (the `full` of OpenSSH's MaxStartups).
     #[arg(long, default_value_t = ProxyLimits::default().max_handshakes)]
     max_handshakes: usize,
+    /// SSH handshakes one source IP may have in progress at once.
+    #[arg(long, default_value_t = ProxyLimits::default().max_handshakes_per_ip)]
+    max_handshakes_per_ip: usize,
+    /// Handshakes in progress from which new connections are dropped at random (30 % there,
+    /// rising to 100 % at --max-handshakes).
+    #[arg(long, default_value_t = ProxyLimits::default().handshakes_early_drop_start)]
+    handshakes_early_drop_start: usize,
     /// Time allowed for a connection to authenticate and set up.
     #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
     handshake_timeout: Duration,
@@ -105,8 +115,8 @@ pub struct ProxyArgs {
     /// File of `name:token` lines: the clients allowed on the HTTP CONNECT / SOCKS5 entry.
     #[arg(long)]
     client_tokens: Option<PathBuf>,
-    /// Serve /healthz, /readyz and /status here.
-    #[arg(long)]
+    /// Serve /healthz, /readyz and /status here (`IP:PORT`; an IPv6 IP may go without brackets).
+    #[arg(long, value_parser = tether::admin::parse_listen)]
     admin_listen: Option<SocketAddr>,
     /// On SIGTERM, how long streams may finish before the proxy exits.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
@@ -151,7 +161,10 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
         },
         limits: ProxyLimits {
             max_connections_per_ip: args.max_connections_per_ip,
+            max_connections: args.max_connections,
             max_handshakes: args.max_handshakes,
+            max_handshakes_per_ip: args.max_handshakes_per_ip,
+            handshakes_early_drop_start: args.handshakes_early_drop_start,
             handshake_timeout: args.handshake_timeout,
             max_streams_per_tunnel: args.max_streams_per_tunnel,
             ..ProxyLimits::default()

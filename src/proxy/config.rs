@@ -47,18 +47,36 @@ impl HeartbeatPolicy {
 }
 
 /// Limits on what agents and clients may make a proxy hold. Every excess is refused and logged.
+///
+/// Why these numbers (the reasoning with figures is in [`super::limits`]): an unauthenticated
+/// connection is closed at `handshake_timeout` whatever it sent, so what one address can hold
+/// unauthenticated is `max_handshakes_per_ip` (32) sockets for 15 s, and what all addresses can
+/// hold is `max_handshakes` (256), with random early drop from 64 on. Authenticated connections
+/// need a certificate; they are bounded by the per-source (1,024: a NAT of 1,000 agents) and
+/// total (10,000) limits.
 #[derive(Debug, Clone, Copy)]
 pub struct ProxyLimits {
-    /// Concurrent connections from one source IP. Many agents may share a NAT address, so this
-    /// is generous; it stops one host from exhausting the proxy.
+    /// Concurrent connections from one source IP. Many agents may share a NAT address (each
+    /// holds one tunnel per replica), so this is generous; it stops one host from exhausting
+    /// the proxy's descriptors.
     pub max_connections_per_ip: usize,
     /// Connections, in total.
     pub max_connections: usize,
     /// SSH handshakes (version exchange, key exchange, authentication) in progress at once;
-    /// handshakes are the expensive part of a connection.
+    /// handshakes are the expensive part of a connection. The `full` of `MaxStartups`.
     pub max_handshakes: usize,
+    /// Handshakes one source address may have in progress at once: its share of
+    /// `max_handshakes`, so one host cannot take every slot.
+    pub max_handshakes_per_ip: usize,
+    /// Handshakes in flight from which new connections are dropped at random (the `start` of
+    /// `MaxStartups`): a flood slows everyone down a little instead of locking everyone out.
+    pub handshakes_early_drop_start: usize,
+    /// Probability, in percent, of dropping a new connection at `handshakes_early_drop_start`
+    /// handshakes in flight; it rises linearly to 100 % at `max_handshakes` (the `rate`).
+    pub handshakes_early_drop_percent: u8,
     /// Time allowed from TCP accept to successful authentication and, for agents, to the
-    /// control channel's hello.
+    /// control channel's hello: one deadline for the whole handshake, after which the socket
+    /// is shut down whatever state the handshake is in.
     pub handshake_timeout: Duration,
     /// Open streams per tunnel; each may buffer up to one stream window.
     pub max_streams_per_tunnel: usize,
@@ -69,9 +87,12 @@ pub struct ProxyLimits {
 impl Default for ProxyLimits {
     fn default() -> Self {
         Self {
-            max_connections_per_ip: 512,
+            max_connections_per_ip: 1024,
             max_connections: 10_000,
-            max_handshakes: 64,
+            max_handshakes: 256,
+            max_handshakes_per_ip: 32,
+            handshakes_early_drop_start: 64,
+            handshakes_early_drop_percent: 30,
             handshake_timeout: Duration::from_secs(15),
             max_streams_per_tunnel: 4096,
             dial_timeout: Duration::from_secs(30),

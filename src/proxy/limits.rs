@@ -1,18 +1,68 @@
-//! Admission control for incoming connections (the seed's `Limiter`).
+//! Admission control for incoming connections: per-source and total connection counts, and
+//! fair handshake slots.
+//!
+//! An unauthenticated connection costs a descriptor, a task and a few KiB until its handshake
+//! deadline (15 s) closes it; a handshake that goes on costs ~1 ms of CPU (key exchange and a
+//! certificate check). The slots are shared so that no single address can take them all:
+//!
+//! - **Per-source share** (`max_handshakes_per_ip`, 32): one address holds at most 32 of the
+//!   256 slots. Before, the global cap (64) sat below the per-IP connection limit (512), so one
+//!   host holding 64 silent sockets refused every other agent (8 of 8 dials failed in the
+//!   review). Now an attacker needs 8 addresses to fill the slots, and random early drop (below)
+//!   still lets others through while it tries.
+//! - **Random early drop** (OpenSSH's `MaxStartups 10:30:100`, here 64:30:256): below 64
+//!   handshakes in flight every connection is admitted; from 64 on, a new one is refused with
+//!   probability 30 %, rising linearly to 100 % at 256. A flood then slows every source's
+//!   handshakes down instead of locking everyone out at once, and a legitimate agent that
+//!   retries gets in with a probability that only reaches zero at the full limit.
+//! - **Per-source connections** (1,024) and **total** (10,000) bound descriptors and memory.
+//!
+//! A NAT in front of 1,000 agents: each agent holds one tunnel per proxy replica, so the NAT's
+//! address holds 1,000 connections to each proxy, under the per-source limit of 1,024. After a
+//! proxy restart all 1,000 reconnect at once; 32 handshake slots at ~10-50 ms each pass several
+//! hundred handshakes a second, and the refused agents retry with jittered exponential backoff
+//! (250 ms doubling up to 30 s), so the NAT is whole again within seconds of the first wave,
+//! with nothing refused for good. A single host behind that NAT cannot hold more than 32 of the
+//! slots, and its silent sockets are closed at the deadline.
+//!
+//! Every count is held under one mutex, updated in O(1) per accept; handshake and connection
+//! permits release their counts when dropped, so a count lives exactly as long as its holder.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-
 use super::config::ProxyLimits;
 
-/// Counts connections per source IP and in total, and bounds handshakes in flight.
+/// Counts connections per source IP and in total, and shares handshake slots fairly.
 pub struct ConnectionLimiter {
+    /// The limits enforced.
     limits: ProxyLimits,
-    per_ip: Mutex<HashMap<IpAddr, usize>>,
-    handshakes: Arc<Semaphore>,
+    /// Every count, under one lock so an admission sees a consistent picture.
+    state: Mutex<Counts>,
+    /// When a refusal was last logged, and how many were not logged since: a flood must not
+    /// become a flood of log lines (one a second at most).
+    refusal_log: Mutex<(Option<std::time::Instant>, u64)>,
+}
+
+/// What the limiter counts.
+#[derive(Default)]
+struct Counts {
+    /// Per source address; an entry is removed when both its counts reach zero.
+    per_ip: HashMap<IpAddr, SourceCounts>,
+    /// Connections held, all sources together.
+    connections: usize,
+    /// Handshakes in flight, all sources together.
+    handshakes: usize,
+}
+
+/// One source address's share.
+#[derive(Default, Clone, Copy)]
+struct SourceCounts {
+    /// Its connections, authenticated or not.
+    connections: usize,
+    /// Its handshakes in flight.
+    handshakes: usize,
 }
 
 /// Why a connection was refused at the door.
@@ -24,6 +74,10 @@ pub enum Refusal {
     Total { limit: usize },
     #[error("{limit} handshakes are already in progress, the limit")]
     Handshakes { limit: usize },
+    #[error("{ip} already has {limit} handshakes in progress, its share")]
+    HandshakesPerIp { ip: IpAddr, limit: usize },
+    #[error("{in_flight} handshakes in progress: dropped early at random (above {start})")]
+    EarlyDrop { in_flight: usize, start: usize },
 }
 
 impl Refusal {
@@ -33,29 +87,39 @@ impl Refusal {
             Refusal::PerIp { .. } => "per_ip",
             Refusal::Total { .. } => "total",
             Refusal::Handshakes { .. } => "handshakes",
+            Refusal::HandshakesPerIp { .. } => "handshakes_per_ip",
+            Refusal::EarlyDrop { .. } => "early_drop",
         }
     }
 }
 
 /// Held for as long as a connection lives; releases its count on drop.
 pub struct ConnectionPermit {
+    /// Where the count is kept.
     limiter: Arc<ConnectionLimiter>,
+    /// Whose count it is.
+    ip: IpAddr,
+}
+
+/// Held while a connection's handshake is in flight; releases its slot on drop.
+pub struct HandshakePermit {
+    /// Where the slot is kept.
+    limiter: Arc<ConnectionLimiter>,
+    /// Whose share it counts against.
     ip: IpAddr,
 }
 
 impl Drop for ConnectionPermit {
     fn drop(&mut self) {
-        let mut map = self
-            .limiter
-            .per_ip
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        if let Some(n) = map.get_mut(&self.ip) {
-            *n -= 1;
-            if *n == 0 {
-                map.remove(&self.ip);
-            }
-        }
+        self.limiter
+            .release(self.ip, |c| &mut c.connections, |t| &mut t.connections);
+    }
+}
+
+impl Drop for HandshakePermit {
+    fn drop(&mut self) {
+        self.limiter
+            .release(self.ip, |c| &mut c.handshakes, |t| &mut t.handshakes);
     }
 }
 
@@ -64,8 +128,8 @@ impl ConnectionLimiter {
     pub fn new(limits: ProxyLimits) -> Arc<Self> {
         Arc::new(Self {
             limits,
-            per_ip: Mutex::new(HashMap::new()),
-            handshakes: Arc::new(Semaphore::new(limits.max_handshakes)),
+            state: Mutex::new(Counts::default()),
+            refusal_log: Mutex::new((None, 0)),
         })
     }
 
@@ -74,63 +138,142 @@ impl ConnectionLimiter {
     pub fn admit(
         self: &Arc<Self>,
         ip: IpAddr,
-    ) -> Result<(ConnectionPermit, OwnedSemaphorePermit), Refusal> {
-        let handshake =
-            self.handshakes
-                .clone()
-                .try_acquire_owned()
-                .map_err(|_| Refusal::Handshakes {
-                    limit: self.limits.max_handshakes,
-                })?;
-        let mut map = self.per_ip.lock().unwrap_or_else(|p| p.into_inner());
-        let total: usize = map.values().sum();
-        if total >= self.limits.max_connections {
-            return Err(Refusal::Total {
-                limit: self.limits.max_connections,
+    ) -> Result<(ConnectionPermit, HandshakePermit), Refusal> {
+        self.admit_with(ip, rand::random::<f64>())
+    }
+
+    /// [`admit`](Self::admit) with the random draw (in `[0, 1)`) given, for tests.
+    fn admit_with(
+        self: &Arc<Self>,
+        ip: IpAddr,
+        draw: f64,
+    ) -> Result<(ConnectionPermit, HandshakePermit), Refusal> {
+        let l = &self.limits;
+        let mut state = self.lock();
+        let source = state.per_ip.get(&ip).copied().unwrap_or_default();
+        if state.handshakes >= l.max_handshakes {
+            return Err(Refusal::Handshakes {
+                limit: l.max_handshakes,
             });
         }
-        let count = map.entry(ip).or_insert(0);
-        if *count >= self.limits.max_connections_per_ip {
+        if source.handshakes >= l.max_handshakes_per_ip {
+            return Err(Refusal::HandshakesPerIp {
+                ip,
+                limit: l.max_handshakes_per_ip,
+            });
+        }
+        if draw < drop_probability(state.handshakes, l) {
+            return Err(Refusal::EarlyDrop {
+                in_flight: state.handshakes,
+                start: l.handshakes_early_drop_start,
+            });
+        }
+        if state.connections >= l.max_connections {
+            return Err(Refusal::Total {
+                limit: l.max_connections,
+            });
+        }
+        if source.connections >= l.max_connections_per_ip {
             return Err(Refusal::PerIp {
                 ip,
-                limit: self.limits.max_connections_per_ip,
+                limit: l.max_connections_per_ip,
             });
         }
-        *count += 1;
-        drop(map);
+        state.connections += 1;
+        state.handshakes += 1;
+        let entry = state.per_ip.entry(ip).or_default();
+        entry.connections += 1;
+        entry.handshakes += 1;
+        drop(state);
         Ok((
             ConnectionPermit {
                 limiter: self.clone(),
                 ip,
             },
-            handshake,
+            HandshakePermit {
+                limiter: self.clone(),
+                ip,
+            },
         ))
+    }
+
+    /// Logs a refusal, at most one line a second with the count of those not logged.
+    pub fn log_refusal(&self, peer: std::net::SocketAddr, refusal: &Refusal) {
+        let now = std::time::Instant::now();
+        let mut log = self.refusal_log.lock().unwrap_or_else(|p| p.into_inner());
+        if log
+            .0
+            .is_none_or(|t| now.duration_since(t) >= std::time::Duration::from_secs(1))
+        {
+            tracing::warn!(%peer, reason = %refusal, also_refused = log.1, "connection refused");
+            *log = (Some(now), 0);
+        } else {
+            log.1 += 1;
+        }
     }
 
     /// Connections held now, for metrics and tests.
     pub fn connections(&self) -> usize {
-        self.per_ip
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-            .sum()
+        self.lock().connections
     }
+
+    /// Handshakes in flight now, for metrics and tests.
+    pub fn handshakes(&self) -> usize {
+        self.lock().handshakes
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Counts> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Takes one off a source's count (`field`) and off the total (`total`).
+    fn release(
+        &self,
+        ip: IpAddr,
+        field: impl Fn(&mut SourceCounts) -> &mut usize,
+        total: impl Fn(&mut Counts) -> &mut usize,
+    ) {
+        let mut state = self.lock();
+        let t = total(&mut state);
+        *t = t.saturating_sub(1);
+        if let Some(source) = state.per_ip.get_mut(&ip) {
+            let n = field(source);
+            *n = n.saturating_sub(1);
+            if source.connections == 0 && source.handshakes == 0 {
+                state.per_ip.remove(&ip);
+            }
+        }
+    }
+}
+
+/// OpenSSH's `MaxStartups start:rate:full`: 0 below `start`, `rate` at `start`, rising linearly
+/// to 1 at `full`.
+fn drop_probability(in_flight: usize, l: &ProxyLimits) -> f64 {
+    let (start, full) = (l.handshakes_early_drop_start, l.max_handshakes);
+    if in_flight < start || full <= start {
+        return 0.0;
+    }
+    let rate = f64::from(l.handshakes_early_drop_percent.min(100)) / 100.0;
+    let beyond = (in_flight - start) as f64 / (full - start) as f64;
+    (rate + (1.0 - rate) * beyond).min(1.0)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
     #[test]
-    fn enforces_per_ip_total_and_handshakes() {
+    fn enforces_per_ip_and_total_connections() {
         let limiter = ConnectionLimiter::new(ProxyLimits {
             max_connections_per_ip: 2,
             max_connections: 3,
-            max_handshakes: 10,
             ..ProxyLimits::default()
         });
-        let a: IpAddr = "127.0.0.1".parse().unwrap();
-        let b: IpAddr = "127.0.0.2".parse().unwrap();
+        let (a, b) = (ip("127.0.0.1"), ip("127.0.0.2"));
         let p1 = limiter.admit(a).unwrap();
         let _p2 = limiter.admit(a).unwrap();
         assert!(matches!(limiter.admit(a), Err(Refusal::PerIp { .. })));
@@ -139,13 +282,84 @@ mod tests {
         drop(p1);
         assert_eq!(limiter.connections(), 2);
         assert!(limiter.admit(a).is_ok());
+    }
 
+    #[test]
+    fn one_source_gets_only_its_share_of_handshakes() {
         let limiter = ConnectionLimiter::new(ProxyLimits {
-            max_handshakes: 1,
+            max_handshakes: 8,
+            max_handshakes_per_ip: 2,
+            handshakes_early_drop_start: 8,
             ..ProxyLimits::default()
         });
+        let (a, b) = (ip("127.0.0.2"), ip("127.0.0.1"));
+        let (_c1, h1) = limiter.admit(a).unwrap();
+        let _held = limiter.admit(a).unwrap();
+        assert!(matches!(
+            limiter.admit(a),
+            Err(Refusal::HandshakesPerIp { .. })
+        ));
+        assert!(limiter.admit(b).is_ok(), "another source still gets in");
+        // The connection stays counted after its handshake; the slot is free again.
+        drop(h1);
+        assert_eq!(limiter.handshakes(), 1);
+        assert_eq!(limiter.connections(), 2);
+        assert!(limiter.admit(a).is_ok());
+    }
+
+    #[test]
+    fn early_drop_rises_from_start_to_full() {
+        let l = ProxyLimits {
+            max_handshakes: 100,
+            handshakes_early_drop_start: 10,
+            handshakes_early_drop_percent: 30,
+            ..ProxyLimits::default()
+        };
+        assert_eq!(drop_probability(9, &l), 0.0);
+        assert!((drop_probability(10, &l) - 0.3).abs() < 1e-9);
+        assert!((drop_probability(55, &l) - 0.65).abs() < 1e-9);
+        assert_eq!(drop_probability(100, &l), 1.0);
+
+        let limiter = ConnectionLimiter::new(ProxyLimits {
+            max_handshakes: 4,
+            max_handshakes_per_ip: 4,
+            handshakes_early_drop_start: 2,
+            handshakes_early_drop_percent: 50,
+            ..ProxyLimits::default()
+        });
+        let a = ip("127.0.0.1");
+        let _h: Vec<_> = (0..2)
+            .map(|_| limiter.admit_with(a, 0.0).unwrap())
+            .collect();
+        assert!(matches!(
+            limiter.admit_with(a, 0.49),
+            Err(Refusal::EarlyDrop { .. })
+        ));
+        assert!(limiter.admit_with(a, 0.51).is_ok());
+        assert_eq!(
+            Refusal::EarlyDrop {
+                in_flight: 3,
+                start: 2
+            }
+            .label(),
+            "early_drop"
+        );
+    }
+
+    #[test]
+    fn the_full_limit_refuses_everyone() {
+        let limiter = ConnectionLimiter::new(ProxyLimits {
+            max_handshakes: 1,
+            max_handshakes_per_ip: 1,
+            handshakes_early_drop_start: 1,
+            ..ProxyLimits::default()
+        });
+        let a = ip("127.0.0.1");
         let (_conn, handshake) = limiter.admit(a).unwrap();
-        assert!(matches!(limiter.admit(a), Err(Refusal::Handshakes { .. })));
+        assert!(matches!(
+            limiter.admit(ip("127.0.0.3")),
+            Err(Refusal::Handshakes { .. })
+        ));
         drop(handshake);
         assert!(limiter.admit(a).is_ok());
     }

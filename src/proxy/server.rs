@@ -17,13 +17,13 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use super::Dialer;
 use super::config::ProxyConfig;
 use super::handler::ConnectionHandler;
-use super::limits::ConnectionLimiter;
+use super::limits::{ConnectionLimiter, HandshakePermit};
 use super::peers::{Peer, PeerStream, dial_via_peers};
 use super::sites::{ProxyStream, SiteInfo, Sites};
 use crate::admin::metrics::{METRICS, label};
 use crate::identity::Identity;
 use crate::protocol::{ClusterName, DialError, DialErrorKind, Endpoint, Target, ssh};
-use crate::stream::Splice;
+use crate::stream::{HandshakeGuard, Splice};
 
 /// State shared by every connection of one proxy.
 pub struct ProxyShared {
@@ -233,7 +233,7 @@ async fn accept_loop(shared: Arc<ProxyShared>, listener: TcpListener) {
                     .proxy_refused
                     .get_or_create(&label("reason", refusal.label()))
                     .inc();
-                warn!(%peer, reason = %refusal, "connection refused");
+                shared.limiter.log_refusal(peer, &refusal);
                 continue;
             }
         };
@@ -249,45 +249,57 @@ async fn accept_loop(shared: Arc<ProxyShared>, listener: TcpListener) {
     }
 }
 
+/// How long a connection shut down at its handshake deadline may take to end, its permit
+/// still held: russh's task sees end-of-file at once, so this bounds only a stuck task.
+const SHUTDOWN_LINGER: Duration = Duration::from_secs(2);
+
+/// Serves one connection. Its handshake (version exchange, key exchange, authentication and,
+/// for agents, the hello) has one deadline, measured from accept: at the deadline the socket is
+/// shut down whatever state the handshake is in (see [`HandshakeGuard`] for why dropping russh's
+/// futures is not enough), and the connection stays counted until its session has ended.
 async fn serve_connection(
     shared: Arc<ProxyShared>,
     socket: TcpStream,
     peer: SocketAddr,
-    handshake: tokio::sync::OwnedSemaphorePermit,
+    handshake: HandshakePermit,
 ) {
+    let limit = shared.config.limits.handshake_timeout;
+    let deadline = tokio::time::Instant::now() + limit;
     let _ = socket.set_nodelay(true);
+    let guard = match HandshakeGuard::new(&socket) {
+        Ok(g) => g,
+        Err(e) => return warn!(error = %e, "cannot guard the handshake; dropping the connection"),
+    };
     let (ready_tx, ready_rx) = oneshot::channel();
     let handler = ConnectionHandler::new(shared.clone(), peer, ready_tx);
-    let deadline = shared.config.limits.handshake_timeout;
-    let setup = async {
-        let session = russh::server::run_stream(shared.ssh.load_full(), socket, handler).await?;
-        Ok::<_, russh::Error>(session)
-    };
-    let mut session = match tokio::time::timeout(deadline, setup).await {
+    let setup = russh::server::run_stream(shared.ssh.load_full(), socket, handler);
+    // On an error or the deadline, the guard's drop shuts the socket down.
+    let mut session = match tokio::time::timeout_at(deadline, setup).await {
         Ok(Ok(s)) => s,
-        Ok(Err(e)) => {
-            debug!(error = %e, "SSH setup failed");
-            return;
-        }
+        Ok(Err(e)) => return debug!(error = %e, "SSH setup failed"),
         Err(_) => {
-            warn!(timeout = ?deadline, "dropped a connection that did not complete the SSH version exchange in time");
-            return;
+            return warn!(timeout = ?limit, "dropped a connection that did not complete the SSH version exchange in time");
         }
     };
     let handle = session.handle();
-    let remaining = tokio::time::timeout(deadline, ready_rx);
-    tokio::select! {
-        r = remaining => match r {
-            Ok(Ok(())) => drop(handshake),
-            _ => {
-                warn!(timeout = ?deadline, "dropped a connection that did not authenticate and set up in time");
-                let _ = handle.disconnect(russh::Disconnect::ByApplication, "handshake timeout".into(), String::new()).await;
-                return;
-            }
-        },
+    let ready = tokio::select! {
+        r = tokio::time::timeout_at(deadline, ready_rx) => r,
         end = &mut session => {
-            debug!(result = ?end.err(), "connection ended during handshake");
-            return;
+            return debug!(result = ?end.err(), "connection ended during handshake");
+        }
+    };
+    match ready {
+        Ok(Ok(())) => {
+            guard.release();
+            drop(handshake);
+        }
+        Ok(Err(_)) => {
+            debug!("the handshake ended without setting up a connection");
+            return end_handshake(guard, &mut session).await;
+        }
+        Err(_) => {
+            warn!(timeout = ?limit, "dropped a connection that did not authenticate and set up in time");
+            return end_handshake(guard, &mut session).await;
         }
     }
     tokio::select! {
@@ -300,6 +312,13 @@ async fn serve_connection(
             let _ = handle.disconnect(russh::Disconnect::ByApplication, "proxy stopped".into(), String::new()).await;
         }
     }
+}
+
+/// Shuts a failed handshake's socket down and waits (bounded) for russh's task to end, so the
+/// caller's connection permit is released only once the socket is closed.
+async fn end_handshake<F: std::future::Future + Unpin>(guard: HandshakeGuard, session: F) {
+    guard.shutdown();
+    let _ = tokio::time::timeout(SHUTDOWN_LINGER, session).await;
 }
 
 /// Dials targets through tunnels, or directly in the local cluster.

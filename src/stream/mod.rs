@@ -25,6 +25,7 @@ impl Splice for tokio::net::TcpStream {
     }
 }
 
+pub mod guard;
 pub mod tunnel;
 mod window;
 
@@ -54,5 +55,6 @@ pub fn tune_allocator() {
     }
 }
 
+pub use guard::HandshakeGuard;
 pub use tunnel::{StreamLimits, TunnelStream};
 pub use window::WindowBudget;

@@ -202,6 +202,8 @@ fn assert_hardened(deployment: &Value) {
         env.contains(&("POD_NAMESPACE", "metadata.namespace")),
         "{name}: {env:?}"
     );
+    // The admin endpoint binds to the pod's IP (`$(POD_IP):PORT`), never 0.0.0.0.
+    assert!(env.contains(&("POD_IP", "status.podIP")), "{name}: {env:?}");
 }
 
 /// No wildcards and no pods/exec in any rendered RBAC rule.

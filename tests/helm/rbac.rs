@@ -393,7 +393,7 @@ async fn the_operator_container_command_runs_with_the_charts_rbac() {
     let mut args: Vec<String> = strings(&container["args"])
         .into_iter()
         .map(|a| {
-            if a == "0.0.0.0:9090" {
+            if a == "$(POD_IP):9090" {
                 "127.0.0.1:0".to_owned()
             } else {
                 a.to_owned()

@@ -74,7 +74,7 @@ async fn lint_template_and_schema() {
             "tunnel",
             "--kubernetes",
             "--admin-listen",
-            "0.0.0.0:9090",
+            "$(POD_IP):9090",
             "--shutdown-grace",
             "30s",
         ]
@@ -180,7 +180,7 @@ async fn lint_template_and_schema() {
             "--namespace",
             ns,
             "--admin-listen",
-            "0.0.0.0:9090"
+            "$(POD_IP):9090"
         ]
     );
     let operator_rules = rules(find(&docs, "Role", "tether-operator"));

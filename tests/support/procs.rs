@@ -76,6 +76,17 @@ pub fn spawn_proxy(
     admin: SocketAddr,
     peers: &[(String, SocketAddr)],
 ) -> Proc {
+    spawn(proxy_command(files, id, listen, admin, peers))
+}
+
+/// The command line of [`spawn_proxy`], for tests that add flags or limits of their own.
+pub fn proxy_command(
+    files: &Files,
+    id: &str,
+    listen: SocketAddr,
+    admin: SocketAddr,
+    peers: &[(String, SocketAddr)],
+) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_tether"));
     cmd.args(["proxy", "--cluster", "root", "--proxy-id", id])
         .arg("--listen")
@@ -92,7 +103,7 @@ pub fn spawn_proxy(
     for (peer, addr) in peers {
         cmd.arg("--peer").arg(format!("{peer}={addr}"));
     }
-    spawn(cmd)
+    cmd
 }
 
 /// `tether agent` for the leaf, dialling `proxy`, with extra arguments.
@@ -109,7 +120,8 @@ pub fn spawn_agent(files: &Files, proxy: SocketAddr, extra: &[String]) -> Proc {
     spawn(cmd)
 }
 
-fn spawn(mut cmd: Command) -> Proc {
+/// Starts `cmd` with its output discarded, killed when the returned [`Proc`] drops.
+pub fn spawn(mut cmd: Command) -> Proc {
     Proc(
         cmd.stdout(Stdio::null())
             .stderr(Stdio::null())

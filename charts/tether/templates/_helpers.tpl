@@ -125,4 +125,9 @@ seccompProfile:
   valueFrom:
     fieldRef:
       fieldPath: metadata.namespace
+# The admin endpoint binds to the pod's own IP (probes and scrapes come to it), not 0.0.0.0.
+- name: POD_IP
+  valueFrom:
+    fieldRef:
+      fieldPath: status.podIP
 {{- end }}

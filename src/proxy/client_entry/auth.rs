@@ -3,6 +3,14 @@
 //! The token file has one `name:token` per line; blank lines and lines starting with `#` are
 //! ignored. Only SHA-256 digests of the tokens are kept in memory, so neither `Debug` output nor
 //! an error message can leak one.
+//!
+//! Tokens are checked for strength when the file is loaded: length alone let
+//! `0123456789abcdef` in. [`estimated_bits`] charges each character the bits of the alphabet the
+//! token draws from, except what a guesser would try first: a character that continues a run
+//! (`aaaa`, `1234`, `dcba`) costs 1 bit, and a repeat of an earlier stretch (`passwordpassword`)
+//! costs one character. At least [`MIN_TOKEN_BITS`] (64) are required: `openssl rand -hex 32`
+//! (~120 estimated) or `openssl rand -base64 24` pass; `0123456789abcdef` (~24),
+//! `aaaaaaaaaaaaaaaa` (~9) and `passwordpassword` (~39) do not.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -12,6 +20,14 @@ use sha2::{Digest, Sha256};
 
 /// Shortest token accepted from the file: short tokens can be guessed.
 pub const MIN_TOKEN_LEN: usize = 16;
+
+/// Least estimated entropy of a token, in bits: 2^64 guesses are out of reach even without the
+/// entry's per-source penalties.
+pub const MIN_TOKEN_BITS: f64 = 64.0;
+
+/// Only this many leading bytes are judged (the estimate is quadratic); a longer token only
+/// gains strength from the rest.
+const JUDGED_BYTES: usize = 256;
 
 /// Why a token file could not be loaded. Messages name the file and line, never a token.
 #[derive(Debug, thiserror::Error)]
@@ -26,12 +42,30 @@ pub enum TokenFileError {
         source: std::io::Error,
     },
     /// A line is malformed; `reason` says how (without quoting the line, which holds a token).
-    #[error("client token file, line {line}: {reason}")]
+    #[error("client token file {path}, line {line}: {reason}")]
     Line {
+        /// The file named in the configuration (`<inline>` for [`ClientTokens::parse`]).
+        path: PathBuf,
         /// 1-based line number.
         line: usize,
         /// What is wrong with it.
         reason: &'static str,
+    },
+    /// A token is too easy to guess.
+    #[error(
+        "client token file {path}, line {line}: the token of user {user:?} is too easy to guess \
+         (about {bits:.0} bits estimated, at least 64 needed; runs like 1234 or \
+         aaaa, repeats and a small alphabet weaken it): make one with `openssl rand -hex 32`"
+    )]
+    WeakToken {
+        /// The file named in the configuration.
+        path: PathBuf,
+        /// 1-based line number.
+        line: usize,
+        /// The client the token belongs to.
+        user: String,
+        /// The token's estimated entropy.
+        bits: f64,
     },
 }
 
@@ -65,16 +99,26 @@ impl ClientTokens {
             path: path.to_owned(),
             source,
         })?;
-        Self::parse(&text)
+        Self::parse_file(&text, path)
     }
 
     /// Parses the text of a token file. Names must be unique and free of whitespace; tokens must
-    /// be at least [`MIN_TOKEN_LEN`] bytes without whitespace.
+    /// be at least [`MIN_TOKEN_LEN`] bytes without whitespace, with at least
+    /// [`MIN_TOKEN_BITS`] of estimated entropy.
     pub fn parse(text: &str) -> Result<Self, TokenFileError> {
+        Self::parse_file(text, Path::new("<inline>"))
+    }
+
+    /// [`parse`](Self::parse), with errors naming `path`.
+    fn parse_file(text: &str, path: &Path) -> Result<Self, TokenFileError> {
         let mut tokens = ClientTokens::default();
         for (index, raw) in text.lines().enumerate() {
             let line = index + 1;
-            let err = |reason| TokenFileError::Line { line, reason };
+            let err = |reason| TokenFileError::Line {
+                path: path.to_owned(),
+                line,
+                reason,
+            };
             let trimmed = raw.trim();
             if trimmed.is_empty() || trimmed.starts_with('#') {
                 continue;
@@ -90,6 +134,15 @@ impl ClientTokens {
                 return Err(err(
                     "the token is shorter than 16 bytes or contains whitespace",
                 ));
+            }
+            let bits = estimated_bits(token.as_bytes());
+            if bits < MIN_TOKEN_BITS {
+                return Err(TokenFileError::WeakToken {
+                    path: path.to_owned(),
+                    line,
+                    user: name.to_owned(),
+                    bits,
+                });
             }
             tokens.insert(name, token.as_bytes()).map_err(err)?;
         }
@@ -142,6 +195,56 @@ impl ClientTokens {
         }
         found
     }
+}
+
+/// A guesser's view of a token's entropy, in bits (see the module documentation).
+pub fn estimated_bits(token: &[u8]) -> f64 {
+    let token = &token[..token.len().min(JUDGED_BYTES)];
+    let per_char = alphabet_size(token).log2();
+    let mut bits = 0.0;
+    let mut i = 0;
+    while i < token.len() {
+        if earlier_repeat(token, i) >= 3 {
+            bits += per_char;
+            i += earlier_repeat(token, i);
+            continue;
+        }
+        let continues_run = i > 0 && token[i].abs_diff(token[i - 1]) <= 1;
+        bits += if continues_run { 1.0 } else { per_char };
+        i += 1;
+    }
+    bits
+}
+
+/// Size of the alphabet a token draws from: the sum of the character classes it uses.
+fn alphabet_size(token: &[u8]) -> f64 {
+    let classes: [(fn(&u8) -> bool, f64); 4] = [
+        (u8::is_ascii_digit, 10.0),
+        (u8::is_ascii_lowercase, 26.0),
+        (u8::is_ascii_uppercase, 26.0),
+        (|c| !c.is_ascii_alphanumeric(), 33.0),
+    ];
+    classes
+        .iter()
+        .filter(|(is, _)| token.iter().any(is))
+        .map(|(_, size)| size)
+        .sum::<f64>()
+        .max(2.0)
+}
+
+/// Length of the longest stretch starting at `at` that also starts earlier (it may overlap
+/// itself, as in `aaaa`).
+fn earlier_repeat(token: &[u8], at: usize) -> usize {
+    (0..at)
+        .map(|from| {
+            token[at..]
+                .iter()
+                .zip(&token[from..])
+                .take_while(|(a, b)| a == b)
+                .count()
+        })
+        .max()
+        .unwrap_or(0)
 }
 
 fn digest(token: &[u8]) -> TokenDigest {
@@ -198,6 +301,38 @@ mod tests {
         ] {
             let err = ClientTokens::parse(bad).unwrap_err().to_string();
             assert!(!err.contains("tok-"), "{err}");
+        }
+    }
+
+    #[test]
+    fn weak_tokens_are_refused_naming_the_file_user_and_cause() {
+        for weak in ["0123456789abcdef", "aaaaaaaaaaaaaaaa", "passwordpassword"] {
+            let err = ClientTokens::parse_file(&format!("# c\nalice:{weak}\n"), Path::new("t.txt"))
+                .unwrap_err();
+            let text = err.to_string();
+            assert!(
+                matches!(err, TokenFileError::WeakToken { line: 2, .. }),
+                "{text}"
+            );
+            assert!(
+                text.contains("t.txt") && text.contains("\"alice\"") && text.contains("guess"),
+                "{text}"
+            );
+            assert!(!text.contains(weak), "the token is not quoted: {text}");
+        }
+    }
+
+    #[test]
+    fn random_tokens_pass_the_strength_check() {
+        use rand::Rng as _;
+        let mut rng = rand::rng();
+        for _ in 0..200 {
+            let bytes: [u8; 24] = rng.random();
+            let hex: String = bytes[..16].iter().map(|b| format!("{b:02x}")).collect();
+            assert!(estimated_bits(hex.as_bytes()) >= MIN_TOKEN_BITS, "{hex}");
+            use base64::Engine as _;
+            let b64 = base64::engine::general_purpose::STANDARD.encode(bytes);
+            assert!(estimated_bits(b64.as_bytes()) >= MIN_TOKEN_BITS, "{b64}");
         }
     }
 

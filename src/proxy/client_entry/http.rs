@@ -113,19 +113,22 @@ pub(super) async fn handshake(
         .await;
     }
     let Some(user) = authenticate(authorization.as_deref(), &config.tokens) else {
-        return reject(
+        let result = reject(
             stream,
             407,
             "Proxy Authentication Required",
             "Proxy-Authenticate: Basic realm=\"tether\"\r\n",
             "tether: authentication required (Basic NAME:TOKEN or Bearer TOKEN)\n",
-            if authorization.is_some() {
-                "authentication failed"
-            } else {
-                "no credentials"
-            },
+            "no credentials",
         )
         .await;
+        // Asking without credentials is how curl starts; only wrong ones count as a guess.
+        return match (result, authorization.is_some()) {
+            (Err(HandshakeError::Rejected(_)), true) => Err(HandshakeError::AuthFailed(
+                "HTTP 407: authentication failed",
+            )),
+            (other, _) => other,
+        };
     };
     let target = match parse_target(&target) {
         Ok(t) => t,

@@ -7,7 +7,13 @@
 //!
 //! Every client must authenticate with a named token ([`ClientTokens`]); the name appears in the
 //! logs, the token never does.
+//!
+//! Before authentication a client is bounded everywhere: per source address and in total
+//! ([`admission`]), in time (one deadline from accept for the whole request, then bounded reply
+//! writes; the socket is closed when either runs out), in memory (`max_header_bytes`), and in
+//! guesses (penalties for sources that keep failing, with logs summarised, not one per guess).
 
+mod admission;
 mod auth;
 mod http;
 mod prefixed;
@@ -26,7 +32,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
-use tokio::time::timeout;
+use tokio::time::{timeout, timeout_at};
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
 pub use auth::{ClientTokens, MIN_TOKEN_LEN, TokenFileError};
@@ -35,6 +41,7 @@ use crate::protocol::Target;
 use crate::stream::Splice;
 
 use super::Dialer;
+use admission::{Door, DoorSettings, SourcePermit};
 use prefixed::Prefixed;
 
 /// Settings of the client entry. Built once and shared by every connection.
@@ -47,6 +54,14 @@ pub struct ClientEntryConfig {
     /// closed as soon as they are accepted (and logged) so that a flood cannot exhaust file
     /// descriptors or memory, nor starve clients already connected.
     pub max_connections: usize,
+    /// Most connections one source address may hold at once (128 of the 1,024), so one host's
+    /// idle sockets cannot refuse everyone else.
+    pub max_connections_per_ip: usize,
+    /// Failed authentications a source may make before it is refused for `auth_penalty`.
+    pub auth_failures_allowed: u32,
+    /// How long a source that failed too often is refused (at accept, before any byte is
+    /// read); doubles with each repeat, up to 10 minutes.
+    pub auth_penalty: Duration,
     /// How long a client has to finish its handshake (and to read our replies). A client that
     /// sends nothing, or too little, is dropped when it runs out so that it cannot hold a
     /// connection slot forever.
@@ -63,6 +78,9 @@ impl Default for ClientEntryConfig {
         Self {
             listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
             max_connections: 1024,
+            max_connections_per_ip: 128,
+            auth_failures_allowed: 5,
+            auth_penalty: Duration::from_secs(30),
             handshake_timeout: Duration::from_secs(10),
             max_header_bytes: 8 * 1024,
             tokens: ClientTokens::default(),
@@ -100,6 +118,11 @@ pub async fn serve<D: Dialer>(
     let permits = Arc::new(Semaphore::new(
         config.max_connections.min(Semaphore::MAX_PERMITS),
     ));
+    let door = Door::new(DoorSettings {
+        max_connections_per_ip: config.max_connections_per_ip,
+        auth_failures_allowed: config.auth_failures_allowed,
+        auth_penalty: config.auth_penalty,
+    });
     let mut tasks = JoinSet::new();
     let mut refusals = RefusalLog::default();
     let mut shutdown = pin!(shutdown);
@@ -113,18 +136,24 @@ pub async fn serve<D: Dialer>(
             Some(done) = tasks.join_next(), if !tasks.is_empty() => report(done),
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
+                    let deadline = tokio::time::Instant::now() + config.handshake_timeout;
+                    let Ok(source) = door.admit(peer.ip()) else {
+                        drop(stream);
+                        continue;
+                    };
                     let Ok(permit) = permits.clone().try_acquire_owned() else {
                         refusals.note(peer, config.max_connections);
                         drop(stream);
                         continue;
                     };
+                    let held = Permits { _total: permit, _source: source, door: door.clone() };
                     let span = info_span!(
                         "client",
                         %peer,
                         user = tracing::field::Empty,
                         target = tracing::field::Empty,
                     );
-                    let work = handle(stream, peer, config.clone(), dialer.clone(), permit);
+                    let work = handle(stream, peer, deadline, config.clone(), dialer.clone(), held);
                     tasks.spawn(work.instrument(span));
                 }
                 Err(e) => {
@@ -193,12 +222,27 @@ struct Request {
     leftover: Vec<u8>,
 }
 
+/// What a connection holds while it lives: its slot in the total and in its source's share,
+/// and the door to report failed authentications to.
+struct Permits {
+    /// One of `max_connections`.
+    _total: OwnedSemaphorePermit,
+    /// One of the source's `max_connections_per_ip`.
+    _source: SourcePermit,
+    /// Where failed authentications count towards a penalty.
+    door: Arc<Door>,
+}
+
 /// Why a handshake did not produce a request.
 #[derive(Debug, thiserror::Error)]
 enum HandshakeError {
     /// The client was told no (the reply is already written); the text is for the log.
     #[error("{0}")]
     Rejected(String),
+    /// The client's credentials were wrong (the reply is already written): counts towards the
+    /// source's penalty, and is logged at debug level only, since a guesser would flood the log.
+    #[error("{0}")]
+    AuthFailed(&'static str),
     /// The client hung up before finishing.
     #[error("client closed the connection during the handshake")]
     Closed,
@@ -219,13 +263,14 @@ impl From<io::Error> for HandshakeError {
 async fn handle<D: Dialer>(
     mut stream: TcpStream,
     peer: SocketAddr,
+    deadline: tokio::time::Instant,
     config: Arc<ClientEntryConfig>,
     dialer: Arc<D>,
-    _permit: OwnedSemaphorePermit,
+    permits: Permits,
 ) {
     let _ = stream.set_nodelay(true);
     let limit = config.handshake_timeout;
-    let handshake = timeout(limit, async {
+    let handshake = timeout_at(deadline, async {
         let first = stream.read_u8().await?;
         if first == socks::VERSION {
             Ok((
@@ -243,6 +288,11 @@ async fn handle<D: Dialer>(
     let (protocol, request) = match handshake {
         Ok(Ok(accepted)) => accepted,
         Err(_) => return info!(timeout = ?limit, "handshake timed out; dropping client"),
+        Ok(Err(HandshakeError::AuthFailed(why))) => {
+            debug!(reason = why, "client authentication failed");
+            permits.door.auth_failed(peer.ip());
+            return close_gracefully(stream, limit).await;
+        }
         Ok(Err(HandshakeError::Rejected(why))) => {
             info!(reason = %why, "client rejected");
             return close_gracefully(stream, limit).await;

@@ -59,7 +59,7 @@ pub(super) async fn handshake(
         Ok(name) if config.tokens.verify(name, &password) => name.to_owned(),
         _ => {
             write(stream, &[AUTH_VERSION, 0x01]).await?;
-            return rejected("SOCKS5 authentication failed");
+            return Err(HandshakeError::AuthFailed("SOCKS5 authentication failed"));
         }
     };
     write(stream, &[AUTH_VERSION, 0x00]).await?;
