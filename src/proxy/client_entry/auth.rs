@@ -216,9 +216,12 @@ pub fn estimated_bits(token: &[u8]) -> f64 {
     bits
 }
 
+/// Tells whether a byte belongs to a character class.
+type CharClass = fn(&u8) -> bool;
+
 /// Size of the alphabet a token draws from: the sum of the character classes it uses.
 fn alphabet_size(token: &[u8]) -> f64 {
-    let classes: [(fn(&u8) -> bool, f64); 4] = [
+    let classes: [(CharClass, f64); 4] = [
         (u8::is_ascii_digit, 10.0),
         (u8::is_ascii_lowercase, 26.0),
         (u8::is_ascii_uppercase, 26.0),
