@@ -69,3 +69,68 @@ async fn idle_sockets_are_closed_and_the_endpoint_answers_after_a_flood_above_it
         .expect("join");
     assert_eq!(answer.as_deref(), Some("ok\n"));
 }
+
+/// The review's case: idle sockets on the admin port of a proxy limited to 128 descriptors
+/// starved its tunnel listener. Now the admin endpoint holds at most its cap, so the tunnel
+/// port still serves a client while 200 idle sockets knock, and /healthz answers afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_admin_sockets_do_not_starve_a_proxy_of_descriptors() {
+    use std::os::unix::process::CommandExt as _;
+
+    use crate::support::haproxy::free_port;
+    use crate::support::procs::{self, Files};
+
+    let pki = pki();
+    let files = Files::write(&pki, &["proxy-1"]);
+    let (listen, admin) = (free_port(), free_port());
+    let mut cmd = procs::proxy_command(&files, "proxy-1", listen, admin, &[]);
+    // SAFETY: only setrlimit runs between fork and exec; it is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            let limit = libc::rlimit {
+                rlim_cur: 128,
+                rlim_max: 128,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let _proxy = procs::spawn(cmd);
+    let echo = echo_server().await.expect("echo");
+    let _agent = procs::spawn_agent(
+        &files,
+        listen,
+        &[
+            "--allow".to_owned(),
+            format!("127.0.0.1/32:{}", echo.port()),
+        ],
+    );
+    super::tunnel::until_serving(&files, &pki, listen, echo).await;
+
+    let mut idle = Vec::new();
+    for _ in 0..200 {
+        if let Ok(s) = connect_from(ATTACKER, admin).await {
+            idle.push(s);
+        }
+    }
+    assert!(
+        super::tunnel::echo_through(&files, &pki, listen, echo).await,
+        "the tunnel listener is starved while the admin port is flooded"
+    );
+    drop(idle);
+    let answer = tokio::task::spawn_blocking(move || {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match admin_get(admin, "/healthz") {
+                Some(body) => return Some(body),
+                None if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(100)),
+                None => return None,
+            }
+        }
+    })
+    .await
+    .expect("join");
+    assert_eq!(answer.as_deref(), Some("ok\n"));
+}

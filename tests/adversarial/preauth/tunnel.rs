@@ -127,7 +127,7 @@ async fn every_stalled_handshake_is_closed_at_its_one_deadline() {
 }
 
 /// Dials `echo` in the leaf as a root client, through the proxy at `proxy`.
-async fn echo_through(
+pub async fn echo_through(
     files: &Files,
     pki: &tether::demo::Pki,
     proxy: std::net::SocketAddr,
@@ -158,7 +158,7 @@ async fn echo_through(
 }
 
 /// Waits until a dial through `proxy` reaches `echo` (the agent is connected).
-async fn until_serving(
+pub async fn until_serving(
     files: &Files,
     pki: &tether::demo::Pki,
     proxy: std::net::SocketAddr,
