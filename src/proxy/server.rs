@@ -273,8 +273,12 @@ async fn serve_connection(
     let (ready_tx, ready_rx) = oneshot::channel();
     let handler = ConnectionHandler::new(shared.clone(), peer, ready_tx);
     let setup = russh::server::run_stream(shared.ssh.load_full(), socket, handler);
-    // On an error or the deadline, the guard's drop shuts the socket down.
-    let mut session = match tokio::time::timeout_at(deadline, setup).await {
+    // On an error, the deadline or a stop, the guard's drop shuts the socket down.
+    let setup = tokio::select! {
+        r = tokio::time::timeout_at(deadline, setup) => r,
+        () = shared.stopped.cancelled() => return,
+    };
+    let mut session = match setup {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => return debug!(error = %e, "SSH setup failed"),
         Err(_) => {
@@ -287,6 +291,8 @@ async fn serve_connection(
         end = &mut session => {
             return debug!(result = ?end.err(), "connection ended during handshake");
         }
+        // A stopping proxy does not wait for handshakes to run out their deadline.
+        () = shared.stopped.cancelled() => return end_handshake(guard, &mut session).await,
     };
     match ready {
         Ok(Ok(())) => {
