@@ -5,7 +5,7 @@
 //! spent once its leaf was revoked.
 
 mod common;
-#[allow(dead_code, unused_imports)]
+#[allow(unused_imports)]
 #[path = "support/mod.rs"]
 mod support;
 #[path = "common/tunnel_e2e.rs"]
