@@ -47,7 +47,7 @@ async fn start_root(
     let mut config = pki.proxy_config("proxy-1").expect("proxy config");
     let mut base = TrustStore::new();
     base.insert(ca.cluster().clone(), ca.public_key().clone());
-    config.trust.store(Arc::new(base.clone()));
+    config.trust.store(Arc::new(base));
     config.join =
         Some(Arc::new(KubeJoinAuthority::new(client.clone(), ns)) as Arc<dyn JoinAuthority>);
     let proxy = Arc::new(ProxyServer::start(config).await.expect("proxy starts"));
@@ -68,7 +68,6 @@ async fn start_root(
         client.clone(),
         ns.to_owned(),
         proxy.clone(),
-        base,
         prune,
         stop.clone(),
     ));

@@ -47,7 +47,9 @@ pub struct ProxyArgs {
     #[arg(long, env = "TETHER_CA")]
     ca: Option<PathBuf>,
     /// Directory of `<cluster>.pub` files: the CAs trusted for each cluster. Optional with
-    /// `--ca` and `--kubernetes`, which supply the root's CA and the leaves' CAs.
+    /// `--ca` and `--kubernetes`, which supply the root's CA and the leaves' CAs. Re-read every
+    /// 2 s and on SIGHUP: tunnels whose CA a change removes are closed; a bad file keeps the
+    /// previous trust (and is logged).
     #[arg(long, required_unless_present_all = ["ca", "kubernetes"])]
     trust_dir: Option<PathBuf>,
     /// Keep the root's state in Kubernetes, in `--namespace`: trust the leaves that
@@ -128,13 +130,16 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
         Some(path) => Some(CertificateAuthority::load(path, args.cluster.clone())?),
         None => None,
     };
-    let mut trust = match &args.trust_dir {
+    // The proxy's own CA is part of its static trust, beside the trust directory's files.
+    let mut own_ca = TrustStore::new();
+    if let Some(ca) = &ca {
+        own_ca.insert(args.cluster.clone(), ca.public_key().clone());
+    }
+    let from_dir = match &args.trust_dir {
         Some(dir) => TrustStore::load_dir(dir)?,
         None => TrustStore::new(),
     };
-    if let Some(ca) = &ca {
-        trust.insert(args.cluster.clone(), ca.public_key().clone());
-    }
+    let trust = tether::proxy::trust::union(&from_dir, &own_ca);
     let (host_identity, peering_identity) = identities(&args, ca.as_ref())?;
     let direct = if args.direct_allow.is_empty() {
         None
@@ -153,7 +158,7 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
         proxy_id: args.proxy_id.clone(),
         listen: args.listen,
         host_identity: Arc::new(host_identity),
-        trust: Arc::new(ArcSwap::from_pointee(trust.clone())),
+        trust: Arc::new(ArcSwap::from_pointee(trust)),
         heartbeat: HeartbeatPolicy {
             interval: args.heartbeat_interval,
             missed: args.missed_heartbeats,
@@ -193,12 +198,14 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
         tokio::spawn(renew_certificates(proxy.clone(), ca, args.proxy_id.clone()));
     }
     let root_state = CancellationToken::new();
+    if let Some(dir) = args.trust_dir.clone() {
+        follow_trust_dir(&proxy, dir, own_ca, root_state.clone())?;
+    }
     let root_task = root_client.map(|client| {
         tokio::spawn(tether::operator::root::run(
             client,
             args.namespace.clone(),
             proxy.clone(),
-            trust,
             args.peers_service.is_some(),
             root_state.clone(),
         ))
@@ -333,4 +340,31 @@ async fn renew_certificates(proxy: Arc<ProxyServer>, ca: CertificateAuthority, p
             Err(e) => tracing::error!(error = %e, "renewing this proxy's certificates failed"),
         }
     }
+}
+
+/// Re-reads `dir` into the proxy's static trust (with `own_ca`) every 2 s and on SIGHUP, until
+/// `stop`; see [`tether::proxy::trust::follow_dir`].
+fn follow_trust_dir(
+    proxy: &Arc<ProxyServer>,
+    dir: PathBuf,
+    own_ca: TrustStore,
+    stop: CancellationToken,
+) -> anyhow::Result<()> {
+    let wake = Arc::new(tokio::sync::Notify::new());
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+    let notify = wake.clone();
+    tokio::spawn(async move {
+        while hangup.recv().await.is_some() {
+            tracing::info!("SIGHUP: re-reading the trust directory");
+            notify.notify_one();
+        }
+    });
+    tokio::spawn(tether::proxy::trust::follow_dir(
+        proxy.shared().clone(),
+        dir,
+        own_ca,
+        wake,
+        stop,
+    ));
+    Ok(())
 }

@@ -28,7 +28,7 @@ pub use ca::{CLOCK_SKEW_ALLOWANCE, CertificateAuthority};
 pub use error::{AuthError, IdentityError, Timestamp};
 pub use keypair::Identity;
 pub use role::{ROLE_EXTENSION, Role};
-pub use trust::{TrustStore, parse_ca_keys};
+pub use trust::{TrustSource, TrustStore, parse_ca_keys, same_keys};
 pub use verify::{fingerprint, validate_proxy_id, validate_user_name, verify_host_certificate};
 
 /// The SSH key and certificate types this module works with, re-exported so callers need not

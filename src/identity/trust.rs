@@ -1,6 +1,21 @@
-//! Which certificate authorities the proxy trusts, per cluster.
+//! Which certificate authorities the proxy trusts, per cluster, and where each trust comes from.
+//!
+//! A proxy trusts a leaf's CA for one of three reasons, each kept as its own layer so one
+//! updater can replace its layer without touching the others:
+//!
+//! ```text
+//!   Static    --trust-dir files, --ca          (re-read when the files change)
+//!   Recorded  the root's records of leaves     (RemoteCluster objects, followed)
+//!   Joined    a join this proxy just served    (until the records show it)
+//!        \___________ union ___________/
+//!                      |
+//!            verify_agent / verify_client
+//! ```
+//!
+//! Verification uses the union; the layers tell a join which source already claims a name.
 
 use std::collections::BTreeMap;
+use std::fmt;
 use std::fs;
 use std::path::Path;
 use std::time::SystemTime;
@@ -14,12 +29,61 @@ use super::keypair::read_to_string;
 use super::role::Role;
 use super::verify::{check_user, validate_user_name};
 
-/// Cluster name → the CA public keys trusted for it (several during a CA rotation). The proxy
-/// keeps one behind an `Arc` and swaps in a new one when the configuration changes, so it is
+/// Why a CA is trusted: which configuration put it in the store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum TrustSource {
+    /// Configured with the proxy: its `--trust-dir` files and its own `--ca`.
+    Static,
+    /// The root's records of joined leaves (`RemoteCluster` objects in Kubernetes).
+    Recorded,
+    /// A join this proxy served, trusted at once until the records catch up.
+    Joined,
+}
+
+impl TrustSource {
+    /// Every source, in the order the union is built.
+    pub const ALL: [TrustSource; 3] = [Self::Static, Self::Recorded, Self::Joined];
+}
+
+impl fmt::Display for TrustSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Static => "the proxy's static trust (--trust-dir or --ca)",
+            Self::Recorded => "a recorded leaf (RemoteCluster)",
+            Self::Joined => "a join served by this proxy",
+        })
+    }
+}
+
+/// CA keys per cluster.
+type CaMap = BTreeMap<ClusterName, Vec<PublicKey>>;
+
+/// Cluster name → the CA public keys trusted for it (several during a CA rotation), by source.
+/// The proxy keeps one behind an `Arc` and swaps in a new one when a source changes, so it is
 /// plain data: cheap to clone and build.
 #[derive(Debug, Clone, Default)]
 pub struct TrustStore {
-    cas: BTreeMap<ClusterName, Vec<PublicKey>>,
+    /// Each source's own keys, so one source can be replaced without touching the others.
+    layers: BTreeMap<TrustSource, CaMap>,
+    /// The union of the layers, kept in step on every change: what verification reads.
+    cas: CaMap,
+}
+
+/// Adds `ca` to `cluster`'s keys in `map` unless the same key is already there.
+fn add_key(map: &mut CaMap, cluster: ClusterName, ca: PublicKey) {
+    let cas = map.entry(cluster).or_default();
+    if !cas.iter().any(|k| k.key_data() == ca.key_data()) {
+        cas.push(ca);
+    }
+}
+
+/// Whether two key lists hold the same keys (comments and order aside).
+pub fn same_keys(a: &[PublicKey], b: &[PublicKey]) -> bool {
+    a.len() == b.len()
+        && a.iter()
+            .all(|k| b.iter().any(|o| o.key_data() == k.key_data()))
+        && b.iter()
+            .all(|k| a.iter().any(|o| o.key_data() == k.key_data()))
 }
 
 impl TrustStore {
@@ -79,18 +143,94 @@ impl TrustStore {
         Ok(store)
     }
 
-    /// Trusts `ca` for `cluster`, in addition to the CAs already trusted for it (so a rotation
-    /// can add the new CA before removing the old one). Adding a key twice changes nothing.
+    /// Trusts `ca` for `cluster` statically, in addition to the CAs already trusted for it (so
+    /// a rotation can add the new CA before removing the old one). Adding a key twice changes
+    /// nothing.
     pub fn insert(&mut self, cluster: ClusterName, ca: PublicKey) {
-        let cas = self.cas.entry(cluster).or_default();
-        if !cas.iter().any(|k| k.key_data() == ca.key_data()) {
-            cas.push(ca);
+        self.insert_from(TrustSource::Static, cluster, ca);
+    }
+
+    /// Trusts `ca` for `cluster` on behalf of `source`.
+    pub fn insert_from(&mut self, source: TrustSource, cluster: ClusterName, ca: PublicKey) {
+        add_key(
+            self.layers.entry(source).or_default(),
+            cluster.clone(),
+            ca.clone(),
+        );
+        add_key(&mut self.cas, cluster, ca);
+    }
+
+    /// Stops trusting any CA for `cluster`, whatever the source; returns whether it was known.
+    pub fn remove(&mut self, cluster: &ClusterName) -> bool {
+        for layer in self.layers.values_mut() {
+            layer.remove(cluster);
+        }
+        self.cas.remove(cluster).is_some()
+    }
+
+    /// Drops what `source` trusts for `cluster`; other sources keep theirs.
+    pub fn remove_from(&mut self, source: TrustSource, cluster: &ClusterName) {
+        if let Some(layer) = self.layers.get_mut(&source)
+            && layer.remove(cluster).is_some()
+        {
+            self.rebuild();
         }
     }
 
-    /// Stops trusting any CA for `cluster`; returns whether it was known.
-    pub fn remove(&mut self, cluster: &ClusterName) -> bool {
-        self.cas.remove(cluster).is_some()
+    /// Replaces everything `source` trusts with every key `with` trusts (whatever its sources).
+    pub fn replace_source(&mut self, source: TrustSource, with: &TrustStore) {
+        self.layers.insert(source, with.cas.clone());
+        self.rebuild();
+    }
+
+    /// What `source` trusts for `cluster` (empty if nothing).
+    pub fn cas_from(&self, source: TrustSource, cluster: &ClusterName) -> &[PublicKey] {
+        self.layers
+            .get(&source)
+            .and_then(|layer| layer.get(cluster))
+            .map_or(&[], Vec::as_slice)
+    }
+
+    /// The sources that trust some CA for `cluster`, in [`TrustSource::ALL`] order.
+    pub fn sources(&self, cluster: &ClusterName) -> Vec<TrustSource> {
+        TrustSource::ALL
+            .into_iter()
+            .filter(|s| !self.cas_from(*s, cluster).is_empty())
+            .collect()
+    }
+
+    /// The clusters `source` trusts, in name order.
+    pub fn clusters_from(&self, source: TrustSource) -> impl Iterator<Item = &ClusterName> {
+        self.layers.get(&source).into_iter().flat_map(|l| l.keys())
+    }
+
+    /// Whether `self` and `other` trust the same keys for the same clusters, source by source.
+    pub fn same_as(&self, other: &TrustStore) -> bool {
+        let empty = CaMap::new();
+        TrustSource::ALL.iter().all(|s| {
+            let a = self.layers.get(s).unwrap_or(&empty);
+            let b = other.layers.get(s).unwrap_or(&empty);
+            a.len() == b.len()
+                && a.iter()
+                    .all(|(c, keys)| b.get(c).is_some_and(|theirs| same_keys(keys, theirs)))
+        })
+    }
+
+    /// Recomputes the union after a layer changed.
+    fn rebuild(&mut self) {
+        self.layers.retain(|_, layer| {
+            layer.retain(|_, keys| !keys.is_empty());
+            !layer.is_empty()
+        });
+        let mut cas = CaMap::new();
+        for layer in self.layers.values() {
+            for (cluster, keys) in layer {
+                for key in keys {
+                    add_key(&mut cas, cluster.clone(), key.clone());
+                }
+            }
+        }
+        self.cas = cas;
     }
 
     /// Whether some CA is trusted for `cluster`.
@@ -103,7 +243,7 @@ impl TrustStore {
         self.cas.keys()
     }
 
-    /// The CAs trusted for `cluster` (empty if none).
+    /// The CAs trusted for `cluster` (empty if none), from any source.
     pub fn cas(&self, cluster: &ClusterName) -> &[PublicKey] {
         self.cas.get(cluster).map_or(&[], Vec::as_slice)
     }
@@ -170,4 +310,67 @@ pub fn parse_ca_keys(text: &str, path: &Path) -> Result<Vec<PublicKey>, Identity
             })
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::CertificateAuthority;
+
+    fn cluster(name: &str) -> ClusterName {
+        ClusterName::new(name).expect("valid name")
+    }
+
+    fn key(name: &str) -> PublicKey {
+        CertificateAuthority::generate(cluster(name))
+            .expect("ca")
+            .public_key()
+            .clone()
+    }
+
+    #[test]
+    fn sources_are_replaced_one_at_a_time_and_the_union_follows() {
+        let (leaf, other) = (cluster("leaf"), cluster("other"));
+        let (static_key, recorded_key) = (key("leaf"), key("leaf"));
+        let mut store = TrustStore::new();
+        store.insert(leaf.clone(), static_key.clone());
+        let mut recorded = TrustStore::new();
+        recorded.insert(leaf.clone(), recorded_key.clone());
+        recorded.insert(other.clone(), key("other"));
+        store.replace_source(TrustSource::Recorded, &recorded);
+        assert_eq!(store.cas(&leaf).len(), 2);
+        assert_eq!(
+            store.sources(&leaf),
+            [TrustSource::Static, TrustSource::Recorded]
+        );
+        assert_eq!(store.sources(&other), [TrustSource::Recorded]);
+
+        // The records drop the leaf: the static key stays, the recorded one goes.
+        let mut fewer = TrustStore::new();
+        fewer.insert(other.clone(), key("other"));
+        store.replace_source(TrustSource::Recorded, &fewer);
+        assert!(same_keys(
+            store.cas(&leaf),
+            std::slice::from_ref(&static_key)
+        ));
+        assert_eq!(store.sources(&leaf), [TrustSource::Static]);
+
+        store.remove_from(TrustSource::Static, &leaf);
+        assert!(!store.contains(&leaf));
+        assert!(store.contains(&other));
+    }
+
+    #[test]
+    fn same_as_compares_keys_per_source() {
+        let (leaf, k) = (cluster("leaf"), key("leaf"));
+        let mut a = TrustStore::new();
+        a.insert(leaf.clone(), k.clone());
+        let mut b = TrustStore::new();
+        b.insert_from(TrustSource::Joined, leaf.clone(), k.clone());
+        assert!(!a.same_as(&b), "same keys, other source");
+        let mut c = TrustStore::new();
+        c.insert(leaf, k);
+        assert!(a.same_as(&c));
+        assert!(!a.same_as(&TrustStore::new()));
+    }
 }

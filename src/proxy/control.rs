@@ -2,7 +2,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant, SystemTime};
 
 use russh::server::{Handle, Msg};
 use russh::{Channel, ChannelMsg, ChannelReadHalf, ChannelWriteHalf};
@@ -11,14 +11,17 @@ use tracing::{debug, info, warn};
 
 use super::peers::Peer;
 use super::server::ProxyShared;
-use super::sites::Tunnel;
+use super::sites::{AuthenticatedAgent, Tunnel};
 use crate::admin::metrics::METRICS;
-use crate::protocol::ClusterName;
 use crate::protocol::control::{self, AgentMessage, ChannelReadError, FrameReader, ProxyMessage};
 
 /// How often the full proxy list is re-sent even when nothing changed, so an agent that missed
 /// one recovers.
 pub const DISCOVERY_REFRESH: Duration = Duration::from_secs(120);
+
+/// At most one warning per tunnel this often about an unbelievable `held` list: an agent that
+/// sends one with every heartbeat must not flood the log.
+const HELD_WARNING_EVERY: Duration = Duration::from_secs(300);
 
 /// Why a control channel ended.
 #[derive(Debug, thiserror::Error)]
@@ -33,6 +36,8 @@ pub enum ControlEnd {
     NoHello(Duration),
     #[error("sending failed: {0}")]
     Send(#[from] russh::Error),
+    #[error("the trust changed while the tunnel came up and no longer accepts it: {0}")]
+    Untrusted(#[source] crate::identity::AuthError),
 }
 
 /// Runs one agent's control channel until it ends; the tunnel is registered for dials while it
@@ -40,7 +45,7 @@ pub enum ControlEnd {
 pub(super) async fn run(
     shared: Arc<ProxyShared>,
     channel: Channel<Msg>,
-    cluster: ClusterName,
+    agent: AuthenticatedAgent,
     peer: SocketAddr,
     handle: Handle,
     ready: oneshot::Sender<()>,
@@ -71,9 +76,10 @@ pub(super) async fn run(
     };
     let policy = shared.config.heartbeat;
     let interval = policy.negotiate(hello);
+    let cluster = agent.cluster.clone();
     let tunnel = Arc::new(Tunnel::new(
         shared.sites.next_tunnel_id(),
-        cluster.clone(),
+        agent,
         peer,
         handle,
         interval,
@@ -99,10 +105,16 @@ pub(super) async fn run(
     }
     tunnel.heartbeat();
     shared.sites.add(tunnel.clone());
-    let _ = ready.send(());
-    info!(tunnel = tunnel.id, ?interval, "tunnel online");
-
-    let end = serve(&shared, &tunnel, &mut read, &write, &mut frames, peers).await;
+    // Checked again once registered: a trust change from now on sees this tunnel, and one
+    // made since the agent authenticated is seen here.
+    let end = match tunnel.verify(&shared.config.trust.load(), SystemTime::now()) {
+        Ok(()) => {
+            let _ = ready.send(());
+            info!(tunnel = tunnel.id, ?interval, "tunnel online");
+            serve(&shared, &tunnel, &mut read, &write, &mut frames, peers).await
+        }
+        Err(e) => ControlEnd::Untrusted(e),
+    };
     shared.sites.remove_tunnel(&cluster, tunnel.id);
     match &end {
         ControlEnd::Closed => info!(tunnel = tunnel.id, "tunnel closed by the agent"),
@@ -123,11 +135,12 @@ async fn serve(
     let mut refresh = tokio::time::interval(DISCOVERY_REFRESH);
     refresh.reset();
     let mut draining = false;
+    let mut held_warning = RateLimited::new(HELD_WARNING_EVERY);
     loop {
         let result: Result<(), ControlEnd> = tokio::select! {
             msg = read.wait() => match msg {
                 Some(ChannelMsg::Data { data }) => {
-                    match handle_data(&data, frames, tunnel, write).await {
+                    match handle_data(&data, frames, tunnel, write, &mut held_warning).await {
                         Ok(()) => Ok(()),
                         Err(e) => Err(e),
                     }
@@ -161,6 +174,7 @@ async fn handle_data(
     frames: &mut FrameReader,
     tunnel: &Tunnel,
     write: &ChannelWriteHalf<Msg>,
+    held_warning: &mut RateLimited,
 ) -> Result<(), ControlEnd> {
     frames
         .push(data)
@@ -173,7 +187,11 @@ async fn handle_data(
             AgentMessage::Ping { seq, held } => {
                 tunnel.heartbeat();
                 METRICS.proxy_heartbeats.inc();
-                tunnel.set_held_by(held);
+                if let Err(e) = tunnel.set_held_by(held)
+                    && held_warning.allow()
+                {
+                    warn!(tunnel = tunnel.id, cluster = %tunnel.cluster, error = %e, "ignored the agent's list of held proxies");
+                }
                 send(write, &ProxyMessage::Pong { seq }).await?;
             }
             AgentMessage::ReconnectAck => debug!(tunnel = tunnel.id, "agent acknowledged drain"),
@@ -210,4 +228,31 @@ async fn next_message(
             ChannelReadError::Closed => ControlEnd::Closed,
             other => ControlEnd::Protocol(other.to_string()),
         })
+}
+
+/// Lets something happen at most once per period (the first time at once).
+struct RateLimited {
+    /// The shortest time between two occurrences.
+    every: Duration,
+    /// When it last happened; `None` until the first time.
+    last: Option<Instant>,
+}
+
+impl RateLimited {
+    fn new(every: Duration) -> Self {
+        Self { every, last: None }
+    }
+
+    /// Whether it may happen now; if so, the period starts again.
+    fn allow(&mut self) -> bool {
+        let now = Instant::now();
+        if self
+            .last
+            .is_some_and(|last| now.duration_since(last) < self.every)
+        {
+            return false;
+        }
+        self.last = Some(now);
+        true
+    }
 }

@@ -5,6 +5,12 @@
 //! channels to `HOST.CLUSTER.tether` targets, as `ssh -W` does. A joining leaf (user
 //! [`JOIN_USER`], no key, only when joins are enabled) may open one join channel. Everything
 //! else is refused.
+//!
+//! What a peer may make the proxy hold before it has proved anything is bounded: a joiner gets
+//! one session channel and one subsystem request, an agent [`MAX_PENDING_SESSIONS`] session
+//! channels until its control channel starts. A refused channel is handed back to russh at once
+//! (nothing is kept), and a peer that keeps asking ([`MAX_REFUSED_OPENS`] refusals) is
+//! disconnected: 20,000 channel opens on one connection once cost the proxy 40 MB.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -20,18 +26,45 @@ use tracing::{Instrument, info, info_span, warn};
 use super::Dialer;
 use super::peers::PEER_ORIGINATOR;
 use super::server::{ProxyDialer, ProxyShared};
+use super::sites::AuthenticatedAgent;
 use crate::protocol::control::CONTROL_SUBSYSTEM;
 use crate::protocol::join::{JOIN_SUBSYSTEM, JOIN_USER};
-use crate::protocol::{ClusterName, DialErrorKind, Target};
+use crate::protocol::{DialErrorKind, Target};
 use crate::stream::Splice;
 
+/// Session channels an agent may hold open before its control channel starts. It needs one;
+/// one more covers a retry after a refused subsystem request.
+pub const MAX_PENDING_SESSIONS: usize = 2;
+
+/// Channel opens and requests refused on one connection before the proxy hangs up: enough for
+/// a confused but honest peer to see its errors, far too few to cost memory.
+pub const MAX_REFUSED_OPENS: u32 = 16;
+
 /// Who authenticated on a connection.
-#[derive(Debug, Clone)]
 enum Peer {
-    Agent(ClusterName),
-    Client(String),
+    /// An agent, with the certificate it authenticated with (checked again when it starts its
+    /// control channel, and on every trust change after that).
+    Agent(Box<AuthenticatedAgent>),
+    /// A root-side client, with its certificate, checked again on every channel it opens.
+    Client {
+        /// The name its certificate carries.
+        name: String,
+        /// What it authenticated with.
+        certificate: Box<Certificate>,
+    },
     /// A leaf presenting a join token; nothing is known about it yet.
     Joiner,
+}
+
+impl Peer {
+    /// For logs: the role and name, never the certificate.
+    fn describe(&self) -> String {
+        match self {
+            Peer::Agent(agent) => format!("agent of {}", agent.cluster),
+            Peer::Client { name, .. } => format!("client {name}"),
+            Peer::Joiner => "joiner".to_owned(),
+        }
+    }
 }
 
 /// Per-connection SSH handler.
@@ -42,10 +75,13 @@ pub(super) struct ConnectionHandler {
     /// Fired when the connection is fully set up (agent hello done, or client authenticated),
     /// which ends its handshake deadline.
     ready: Option<oneshot::Sender<()>>,
-    /// Session channels opened but not yet turned into the control channel.
+    /// Session channels opened but not yet turned into the control channel (at most
+    /// [`MAX_PENDING_SESSIONS`]).
     sessions: HashMap<ChannelId, Channel<Msg>>,
     /// An agent gets one control channel, a joiner one join channel.
     control_started: bool,
+    /// Channel opens and requests refused so far; at [`MAX_REFUSED_OPENS`] the peer is cut off.
+    refused: u32,
 }
 
 impl ConnectionHandler {
@@ -61,7 +97,54 @@ impl ConnectionHandler {
             ready: Some(ready),
             sessions: HashMap::new(),
             control_started: false,
+            refused: 0,
         }
+    }
+
+    /// Whether the peer may open one more session channel now.
+    fn may_open_session(&self) -> bool {
+        match self.peer {
+            Some(Peer::Agent(_)) => {
+                !self.control_started && self.sessions.len() < MAX_PENDING_SESSIONS
+            }
+            // One channel, ever: the join runs on it.
+            Some(Peer::Joiner) => !self.control_started && self.sessions.is_empty(),
+            _ => false,
+        }
+    }
+
+    /// Refuses a channel open (russh drops the channel) and counts it; disconnects a peer that
+    /// has been refused too often.
+    async fn refuse_open(
+        &mut self,
+        what: &str,
+        reply: russh::server::ChannelOpenHandle,
+        reason: ChannelOpenFailure,
+        session: &mut Session,
+    ) -> Result<(), russh::Error> {
+        reply.reject(reason).await;
+        self.count_refusal(what, session)
+    }
+
+    /// Counts a refused open or request; past [`MAX_REFUSED_OPENS`], hangs up.
+    fn count_refusal(&mut self, what: &str, session: &mut Session) -> Result<(), russh::Error> {
+        self.refused += 1;
+        let peer = self
+            .peer
+            .as_ref()
+            .map_or_else(|| "unauthenticated".into(), Peer::describe);
+        if self.refused < MAX_REFUSED_OPENS {
+            if self.refused == 1 {
+                warn!(peer = %self.peer_addr, who = %peer, what, "refused");
+            }
+            return Ok(());
+        }
+        warn!(peer = %self.peer_addr, who = %peer, what, refused = self.refused, "disconnecting a peer that keeps asking for what it may not have");
+        session.disconnect(
+            russh::Disconnect::ByApplication,
+            "too many refused channel requests",
+            "",
+        )
     }
 }
 
@@ -94,10 +177,16 @@ impl Handler for ConnectionHandler {
         let trust = self.shared.config.trust.load();
         let agent = trust.verify_agent(user, certificate, now);
         let peer = match agent {
-            Ok(cluster) => Peer::Agent(cluster),
+            Ok(cluster) => Peer::Agent(Box::new(AuthenticatedAgent {
+                cluster,
+                certificate: certificate.clone(),
+            })),
             Err(agent_error) => {
                 match trust.verify_client(&self.shared.config.cluster, user, certificate, now) {
-                    Ok(name) => Peer::Client(name),
+                    Ok(name) => Peer::Client {
+                        name,
+                        certificate: Box::new(certificate.clone()),
+                    },
                     Err(_) => {
                         warn!(peer = %self.peer_addr, user, key_id = certificate.key_id(), reason = %agent_error, "authentication refused");
                         return Ok(Auth::reject());
@@ -105,8 +194,8 @@ impl Handler for ConnectionHandler {
                 }
             }
         };
-        info!(peer = %self.peer_addr, ?peer, "authenticated");
-        if let Peer::Client(_) = peer
+        info!(peer = %self.peer_addr, who = %peer.describe(), "authenticated");
+        if let Peer::Client { .. } = peer
             && let Some(ready) = self.ready.take()
         {
             let _ = ready.send(());
@@ -119,18 +208,61 @@ impl Handler for ConnectionHandler {
         &mut self,
         channel: Channel<Msg>,
         reply: russh::server::ChannelOpenHandle,
-        _session: &mut Session,
+        session: &mut Session,
     ) -> Result<(), Self::Error> {
-        if matches!(self.peer, Some(Peer::Agent(_) | Peer::Joiner)) && !self.control_started {
+        if self.may_open_session() {
             self.sessions.insert(channel.id(), channel);
             reply.accept().await;
-        } else {
-            warn!(peer = %self.peer_addr, "refused a session channel");
-            reply
-                .reject(ChannelOpenFailure::AdministrativelyProhibited)
-                .await;
+            return Ok(());
         }
-        Ok(())
+        drop(channel);
+        self.refuse_open(
+            "a session channel",
+            reply,
+            ChannelOpenFailure::AdministrativelyProhibited,
+            session,
+        )
+        .await
+    }
+
+    async fn channel_open_x11(
+        &mut self,
+        _channel: Channel<Msg>,
+        _originator_address: &str,
+        _originator_port: u32,
+        reply: russh::server::ChannelOpenHandle,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let refused = ChannelOpenFailure::AdministrativelyProhibited;
+        self.refuse_open("an x11 channel", reply, refused, session)
+            .await
+    }
+
+    async fn channel_open_forwarded_tcpip(
+        &mut self,
+        _channel: Channel<Msg>,
+        _host_to_connect: &str,
+        _port_to_connect: u32,
+        _originator_address: &str,
+        _originator_port: u32,
+        reply: russh::server::ChannelOpenHandle,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let refused = ChannelOpenFailure::AdministrativelyProhibited;
+        self.refuse_open("a forwarded-tcpip channel", reply, refused, session)
+            .await
+    }
+
+    async fn channel_open_direct_streamlocal(
+        &mut self,
+        _channel: Channel<Msg>,
+        _socket_path: &str,
+        reply: russh::server::ChannelOpenHandle,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let refused = ChannelOpenFailure::AdministrativelyProhibited;
+        self.refuse_open("a direct-streamlocal channel", reply, refused, session)
+            .await
     }
 
     async fn subsystem_request(
@@ -142,31 +274,33 @@ impl Handler for ConnectionHandler {
         if matches!(self.peer, Some(Peer::Joiner)) {
             return self.start_join(channel, name, session);
         }
-        let Some(Peer::Agent(cluster)) = self.peer.clone() else {
+        let open = self.sessions.remove(&channel);
+        let agent = match (&self.peer, open) {
+            (Some(Peer::Agent(agent)), Some(ch))
+                if name == CONTROL_SUBSYSTEM && !self.control_started =>
+            {
+                Some((agent.as_ref().clone(), ch))
+            }
+            _ => None,
+        };
+        let Some((agent, ch)) = agent else {
             session.channel_failure(channel)?;
+            return self.count_refusal("a subsystem request", session);
+        };
+        self.control_started = true;
+        // The other pending session channel, if any, has no use any more.
+        self.sessions.clear();
+        session.channel_success(channel)?;
+        let Some(ready) = self.ready.take() else {
             return Ok(());
         };
-        let open = self.sessions.remove(&channel);
-        match open {
-            Some(ch) if name == CONTROL_SUBSYSTEM && !self.control_started => {
-                self.control_started = true;
-                session.channel_success(channel)?;
-                let Some(ready) = self.ready.take() else {
-                    return Ok(());
-                };
-                let span = info_span!("tunnel", cluster = %cluster, peer = %self.peer_addr);
-                let shared = self.shared.clone();
-                let handle = session.handle();
-                let peer = self.peer_addr;
-                self.shared.tasks.spawn(
-                    super::control::run(shared, ch, cluster, peer, handle, ready).instrument(span),
-                );
-            }
-            _ => {
-                warn!(peer = %self.peer_addr, name, "refused a subsystem request");
-                session.channel_failure(channel)?;
-            }
-        }
+        let span = info_span!("tunnel", cluster = %agent.cluster, peer = %self.peer_addr);
+        let shared = self.shared.clone();
+        let handle = session.handle();
+        let peer = self.peer_addr;
+        self.shared
+            .tasks
+            .spawn(super::control::run(shared, ch, agent, peer, handle, ready).instrument(span));
         Ok(())
     }
 
@@ -178,16 +312,34 @@ impl Handler for ConnectionHandler {
         originator_address: &str,
         _originator_port: u32,
         reply: russh::server::ChannelOpenHandle,
-        _session: &mut Session,
+        session: &mut Session,
     ) -> Result<(), Self::Error> {
         let from_peer = originator_address == PEER_ORIGINATOR;
-        let Some(Peer::Client(name)) = self.peer.clone() else {
-            warn!(peer = %self.peer_addr, "refused direct-tcpip from a non-client");
+        let Some(Peer::Client { name, certificate }) = &self.peer else {
+            return self
+                .refuse_open(
+                    "direct-tcpip from a non-client",
+                    reply,
+                    ChannelOpenFailure::AdministrativelyProhibited,
+                    session,
+                )
+                .await;
+        };
+        // The trust may have changed since the client authenticated (its CA rotated out).
+        let trust = self.shared.config.trust.load();
+        let cluster = &self.shared.config.cluster;
+        if let Err(e) = trust.verify_client(cluster, name, certificate, SystemTime::now()) {
+            warn!(peer = %self.peer_addr, client = %name, reason = %e, "the client's certificate is no longer trusted; disconnecting");
             reply
                 .reject(ChannelOpenFailure::AdministrativelyProhibited)
                 .await;
-            return Ok(());
-        };
+            return session.disconnect(
+                russh::Disconnect::ByApplication,
+                "certificate no longer trusted",
+                "",
+            );
+        }
+        let name = name.clone();
         let target = u16::try_from(port_to_connect)
             .map_err(|_| format!("port {port_to_connect} is out of range"))
             .and_then(|port| Target::from_name(host_to_connect, port).map_err(|e| e.to_string()));
@@ -246,16 +398,15 @@ impl ConnectionHandler {
         session: &mut Session,
     ) -> Result<(), russh::Error> {
         let open = self.sessions.remove(&channel);
-        let (Some(ch), Some(authority)) = (open, self.shared.config.join.clone()) else {
-            session.channel_failure(channel)?;
-            return Ok(());
-        };
-        if name != JOIN_SUBSYSTEM || self.control_started {
+        // One request, whatever it asks: a refused one leaves the joiner nothing to do here.
+        let first = !std::mem::replace(&mut self.control_started, true);
+        let authority = self.shared.config.join.clone();
+        let (Some(ch), Some(authority), true, JOIN_SUBSYSTEM) = (open, authority, first, name)
+        else {
             warn!(peer = %self.peer_addr, name, "refused a subsystem request from a joiner");
             session.channel_failure(channel)?;
-            return Ok(());
-        }
-        self.control_started = true;
+            return self.count_refusal("a subsystem request from a joiner", session);
+        };
         session.channel_success(channel)?;
         let shared = self.shared.clone();
         let peer = self.peer_addr;

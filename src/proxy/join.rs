@@ -4,6 +4,13 @@
 //! tokens and records admitted leaves: in Kubernetes it is `operator::root`, which keeps
 //! tokens in Secrets and leaves in `RemoteCluster` objects, so every replica trusts a leaf
 //! that joined through any one of them.
+//!
+//! A name is an identity: a join never takes a name some source already trusts with other
+//! keys. Before the authority is asked, the proxy refuses ([`JoinRefusal::NameTaken`]) a name
+//! that its static trust (`--trust-dir`, `--ca`) holds at all, that the root's records or an
+//! earlier join hold with other CA keys, or whose online tunnels were authenticated by a CA
+//! the joiner does not send; the authority then checks its own records (a race between two
+//! replicas is settled there).
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -15,6 +22,7 @@ use tracing::{info, warn};
 
 use super::server::ProxyShared;
 use crate::admin::metrics::{METRICS, label as metric_label};
+use crate::identity::{TrustSource, same_keys};
 use crate::protocol::ClusterName;
 use crate::protocol::control::{ControlError, read_message, write_message};
 use crate::protocol::join::{
@@ -57,8 +65,9 @@ pub trait JoinAuthority: Send + Sync + 'static {
     fn token<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<JoinToken, Refused>>;
 
     /// Records the leaf as trusted, consuming the token if it is single-use. Refuses a name
-    /// another CA already holds, and a single-use token already used by another leaf. Must be
-    /// idempotent for the same leaf and token (a leaf retries when an answer is lost).
+    /// another CA already holds, and a single-use token already used (by another leaf, with
+    /// other CA keys, or by a leaf since revoked). Must be idempotent for the same leaf, CA and
+    /// token while the leaf's record stands (a leaf retries when an answer is lost).
     fn admit<'a>(&'a self, admission: &'a Admission) -> BoxFuture<'a, Result<(), Refused>>;
 }
 
@@ -90,11 +99,12 @@ pub(super) async fn serve<S>(
     let answer = match outcome {
         Ok(admission) => {
             // This replica trusts the leaf at once; the others learn it from the authority.
-            let mut trust = (**shared.config.trust.load()).clone();
-            for ca in &admission.ca_keys {
-                trust.insert(admission.leaf.clone(), ca.clone());
-            }
-            shared.config.trust.store(Arc::new(trust));
+            super::trust::update(&shared, |trust| {
+                for ca in &admission.ca_keys {
+                    trust.insert_from(TrustSource::Joined, admission.leaf.clone(), ca.clone());
+                }
+            })
+            .await;
             info!(%peer, leaf = %admission.leaf, token = %admission.token_id, "leaf joined");
             RootMessage::Joined
         }
@@ -226,6 +236,7 @@ where
                 .map_err(|e| bad_request(format!("leaf CA key is not an OpenSSH public key: {e}")))
         })
         .collect::<Result<Vec<_>, _>>()?;
+    check_name(shared, &leaf, &ca_keys)?;
     let admission = Admission {
         token_id,
         leaf,
@@ -233,4 +244,40 @@ where
     };
     authority.admit(&admission).await?;
     Ok(admission)
+}
+
+/// Refuses `leaf` if this proxy already trusts the name otherwise than with exactly `keys`:
+/// statically at all (a static leaf never joins), through the records or an earlier join with
+/// other keys, or with online tunnels signed by a CA not in `keys`. The message names the
+/// source of the trust, never a key.
+fn check_name(shared: &ProxyShared, leaf: &ClusterName, keys: &[PublicKey]) -> Result<(), Refused> {
+    let taken = |why: String| {
+        Refused::new(
+            JoinRefusal::NameTaken,
+            format!("{why}; pick another name, or have the root's administrator remove that trust"),
+        )
+    };
+    let trust = shared.config.trust.load();
+    for source in trust.sources(leaf) {
+        let why = if source == TrustSource::Static {
+            format!("the name {leaf} is taken: this root trusts it through {source}")
+        } else if !same_keys(trust.cas_from(source, leaf), keys) {
+            format!("a leaf named {leaf} already joined with another CA (trusted by {source})")
+        } else {
+            continue;
+        };
+        return Err(taken(why));
+    }
+    let foreign = shared
+        .sites
+        .tunnels_of(leaf)
+        .iter()
+        .filter(|t| !t.signed_by(keys))
+        .count();
+    if foreign > 0 {
+        return Err(taken(format!(
+            "the name {leaf} is taken: {foreign} tunnel(s) of a leaf of that name are online, authenticated by another CA"
+        )));
+    }
+    Ok(())
 }

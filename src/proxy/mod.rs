@@ -10,6 +10,7 @@ pub mod limits;
 pub mod peers;
 pub mod server;
 pub mod sites;
+pub mod trust;
 
 pub use config::{HeartbeatPolicy, ProxyConfig, ProxyLimits};
 pub use dialer::Dialer;

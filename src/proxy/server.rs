@@ -139,6 +139,15 @@ impl ProxyServer {
         }
     }
 
+    /// Changes what this proxy trusts and closes the tunnels the new trust refuses (see
+    /// [`super::trust`]); every change of trust after start goes through here.
+    pub async fn update_trust(
+        &self,
+        change: impl Fn(&mut crate::identity::TrustStore),
+    ) -> super::trust::TrustChange {
+        super::trust::update(&self.shared, change).await
+    }
+
     /// A dialer for client entries.
     pub fn dialer(&self) -> ProxyDialer {
         ProxyDialer::new(self.shared.clone())

@@ -7,10 +7,12 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
+use russh::keys::{Certificate, PublicKey};
 use russh::server::{Handle, Msg};
 use tokio::sync::watch;
 
 use crate::admin::metrics::{METRICS, label};
+use crate::identity::{AuthError, TrustStore, validate_proxy_id};
 use crate::protocol::{ClusterName, DialError, DialErrorKind, Endpoint};
 use crate::stream::{Splice, StreamLimits, TunnelStream, WindowBudget};
 
@@ -33,12 +35,56 @@ impl std::fmt::Display for SiteStatus {
     }
 }
 
+/// Most proxies an agent's heartbeat may say it holds: far more replicas than a root runs,
+/// far fewer than a list that would swell `/status` (each ID is at most 253 bytes).
+pub const MAX_HELD_PROXIES: usize = 64;
+
+/// Why an agent's list of held proxies was not believed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HeldError {
+    #[error("the agent reports {0} proxies held; at most {MAX_HELD_PROXIES} are believed")]
+    TooMany(usize),
+    #[error("the agent reports holding {id:?}, which is not a proxy ID: {reason}")]
+    NotAProxyId {
+        /// The offending entry, cut to 64 characters for the log.
+        id: String,
+        /// The rule it breaks.
+        reason: &'static str,
+    },
+}
+
+/// Checks an agent-supplied list of held proxies before it is shown anywhere.
+pub fn validate_held(held: &[String]) -> Result<(), HeldError> {
+    if held.len() > MAX_HELD_PROXIES {
+        return Err(HeldError::TooMany(held.len()));
+    }
+    for id in held {
+        validate_proxy_id(id).map_err(|reason| HeldError::NotAProxyId {
+            id: id.chars().take(64).collect(),
+            reason,
+        })?;
+    }
+    Ok(())
+}
+
+/// An agent as it authenticated: its cluster and the certificate that proved it.
+#[derive(Debug, Clone)]
+pub struct AuthenticatedAgent {
+    /// The leaf cluster (its SSH user name and certificate principal).
+    pub cluster: ClusterName,
+    /// Kept for the tunnel's lifetime, so a change of trust can check it again.
+    pub certificate: Certificate,
+}
+
 /// One agent connection to this proxy.
 pub struct Tunnel {
     /// Unique per proxy process; tells two tunnels of one site apart in logs and removal.
     pub id: u64,
     /// The leaf cluster the agent authenticated as.
     pub cluster: ClusterName,
+    /// The certificate the agent authenticated with: checked again whenever the trust changes,
+    /// so revoking or re-keying a leaf closes the tunnels the old trust let in.
+    certificate: Certificate,
     /// The agent's address as this proxy sees it (its NAT's, usually).
     pub peer: SocketAddr,
     /// When the control channel came up.
@@ -67,7 +113,7 @@ impl Tunnel {
     /// A tunnel whose control channel just completed its hello.
     pub fn new(
         id: u64,
-        cluster: ClusterName,
+        agent: AuthenticatedAgent,
         peer: SocketAddr,
         handle: Handle,
         interval: Duration,
@@ -76,7 +122,8 @@ impl Tunnel {
     ) -> Self {
         Self {
             id,
-            cluster,
+            cluster: agent.cluster,
+            certificate: agent.certificate,
             peer,
             connected_at: SystemTime::now(),
             handle,
@@ -91,9 +138,26 @@ impl Tunnel {
         }
     }
 
-    /// Records which proxies the agent holds tunnels to.
-    pub fn set_held_by(&self, proxies: Vec<String>) {
+    /// Records which proxies the agent holds tunnels to, if the list is believable; an
+    /// unbelievable one is dropped and the last good one kept.
+    pub fn set_held_by(&self, proxies: Vec<String>) -> Result<(), HeldError> {
+        validate_held(&proxies)?;
         *self.held_by.lock().unwrap_or_else(|p| p.into_inner()) = proxies;
+        Ok(())
+    }
+
+    /// Checks the agent's certificate against `trust` again: `Err` once the trust no longer
+    /// accepts it (its CA revoked or rotated out, the leaf forgotten, the certificate expired).
+    pub fn verify(&self, trust: &TrustStore, now: SystemTime) -> Result<(), AuthError> {
+        trust
+            .verify_agent(self.cluster.as_str(), &self.certificate, now)
+            .map(|_| ())
+    }
+
+    /// Whether the agent's certificate was signed by one of `cas`.
+    pub fn signed_by(&self, cas: &[PublicKey]) -> bool {
+        let signer = self.certificate.signature_key();
+        cas.iter().any(|ca| ca.key_data() == signer)
     }
 
     /// Records a heartbeat now.
@@ -377,6 +441,21 @@ impl Sites {
             .values()
             .flat_map(|s| s.tunnels.iter().cloned())
             .collect()
+    }
+
+    /// The tunnels of one site.
+    pub fn tunnels_of(&self, cluster: &ClusterName) -> Vec<Arc<Tunnel>> {
+        let sites = self.sites.read().unwrap_or_else(|p| p.into_inner());
+        sites
+            .get(cluster)
+            .map(|s| s.tunnels.clone())
+            .unwrap_or_default()
+    }
+
+    /// The names of every known site.
+    pub fn names(&self) -> Vec<ClusterName> {
+        let sites = self.sites.read().unwrap_or_else(|p| p.into_inner());
+        sites.keys().cloned().collect()
     }
 
     /// The status of every known site, sorted by name.

@@ -191,7 +191,7 @@ async fn the_proxies_rbac_covers_peers_join_tokens_and_remote_clusters() {
     let mut config = pki.proxy_config("proxy-1").expect("proxy config");
     let mut base = TrustStore::new();
     base.insert(pki.root.cluster().clone(), pki.root.public_key().clone());
-    config.trust.store(std::sync::Arc::new(base.clone()));
+    config.trust.store(std::sync::Arc::new(base));
     config.join = Some(std::sync::Arc::new(KubeJoinAuthority::new(
         proxy.clone(),
         &ns,
@@ -202,7 +202,6 @@ async fn the_proxies_rbac_covers_peers_join_tokens_and_remote_clusters() {
         proxy.clone(),
         ns.clone(),
         server.clone(),
-        base,
         true,
         stop.clone(),
     ));

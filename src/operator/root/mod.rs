@@ -20,20 +20,18 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info_span};
 
-use crate::identity::TrustStore;
 use crate::operator::crd::RemoteCluster;
 use crate::proxy::ProxyServer;
 
 pub use tokens::KubeJoinAuthority;
 
-/// Follows `RemoteCluster` objects into `proxy`'s trust store (on top of `base`) and writes
-/// this replica's status entries, until `shutdown`. `prune`: the proxy's peers come from its
+/// Follows `RemoteCluster` objects into `proxy`'s trust store (its recorded source; the static
+/// trust stays as configured) and writes this replica's status entries, until `shutdown`. `prune`: the proxy's peers come from its
 /// Service's endpoints, so departed replicas' entries may be removed.
 pub async fn run(
     client: Client,
     namespace: String,
     proxy: Arc<ProxyServer>,
-    base: TrustStore,
     prune: bool,
     shutdown: CancellationToken,
 ) {
@@ -46,7 +44,7 @@ pub async fn run(
         changed: changed.subscribe(),
     };
     let follow =
-        trust::follow_remote_clusters(api.clone(), (reader, writer), base, proxy.clone(), changed)
+        trust::follow_remote_clusters(api.clone(), (reader, writer), proxy.clone(), changed)
             .instrument(info_span!("remote_clusters", %namespace));
     let write = holdings::write_holdings(api, proxy_id, proxy, prune, remotes, shutdown.clone())
         .instrument(info_span!("holdings", %namespace));

@@ -6,6 +6,19 @@
 //! `get` on Secrets but never `list`; a single-use token is spent by a patch conditional on
 //! the Secret's `resourceVersion`, so two replicas admitting the same token at once cannot
 //! both succeed.
+//!
+//! Single-use means single-use. The spend records who used the token and with which CA keys
+//! (fingerprints), and a second patch marks when the leaf's `RemoteCluster` was recorded. A
+//! used token admits again only the same leaf with the same keys, and only while its
+//! `RemoteCluster` stands, or before it was ever recorded (so a lost answer never strands a
+//! leaf); once the leaf is revoked, the token is spent for good.
+//!
+//! ```text
+//!   unused ──spend (used-by, used-with; conditional)──▶ used ──RemoteCluster created──▶ recorded
+//!   used:      retry by the same leaf + keys ─▶ admitted (record created now)
+//!   recorded:  retry by the same leaf + keys ─▶ admitted only while the RemoteCluster exists
+//!   otherwise                                ─▶ TokenAlreadyUsed
+//! ```
 
 use std::collections::BTreeMap;
 use std::time::SystemTime;
@@ -16,6 +29,7 @@ use kube::Api;
 use kube::api::{ObjectMeta, Patch, PatchParams, PostParams};
 use serde_json::json;
 
+use crate::identity::fingerprint;
 use crate::operator::crd::{RemoteCluster, RemoteClusterSpec};
 use crate::protocol::join::{JoinRefusal, JoinToken};
 use crate::proxy::{Admission, JoinAuthority, Refused};
@@ -33,6 +47,11 @@ const KEY_EXPIRATION: &str = "expiration";
 const KEY_USAGE: &str = "usage";
 const KEY_USED_BY: &str = "used-by";
 const KEY_USED_AT: &str = "used-at";
+/// The fingerprints of the CA keys the token admitted, comma-separated and sorted.
+const KEY_USED_WITH: &str = "used-with";
+/// When the admitted leaf's `RemoteCluster` was recorded: from then on, its deletion spends
+/// the token for good.
+const KEY_RECORDED_AT: &str = "recorded-at";
 const SINGLE_USE: &str = "single-use";
 const REUSABLE: &str = "reusable";
 
@@ -85,6 +104,10 @@ struct StoredToken {
     single_use: bool,
     used_by: Option<String>,
     used_at: Option<String>,
+    /// Fingerprints of the CA keys it admitted (see [`KEY_USED_WITH`]).
+    used_with: Option<String>,
+    /// Whether the admitted leaf was recorded (see [`KEY_RECORDED_AT`]).
+    recorded: bool,
     resource_version: Option<String>,
 }
 
@@ -157,36 +180,50 @@ impl KubeJoinAuthority {
             single_use,
             used_by: field(KEY_USED_BY),
             used_at: field(KEY_USED_AT),
+            used_with: field(KEY_USED_WITH),
+            recorded: field(KEY_RECORDED_AT).is_some(),
             resource_version: secret.metadata.resource_version,
         })
     }
 
-    /// Refuses `leaf` if a `RemoteCluster` of that name trusts other CA keys.
-    async fn check_name(&self, leaf: &str, keys: &[String]) -> Result<bool, Refused> {
+    /// The `RemoteCluster` named `leaf`, if any; refuses the name if it trusts other CA keys.
+    async fn check_name(
+        &self,
+        leaf: &str,
+        keys: &[String],
+    ) -> Result<Option<RemoteCluster>, Refused> {
         let existing = self
             .remotes
             .get_opt(leaf)
             .await
             .map_err(|e| unavailable(format!("reading RemoteCluster {leaf}: {e}")))?;
         match existing {
-            None => Ok(false),
-            Some(rc) if same_keys(&rc.spec.ca_keys, keys) => Ok(true),
-            Some(_) => Err(Refused::new(
+            Some(rc) if !same_keys(&rc.spec.ca_keys, keys) => Err(Refused::new(
                 JoinRefusal::NameTaken,
                 format!(
                     "a leaf named {leaf} already joined with another CA (RemoteCluster {}/{leaf}); pick another name, or have the root delete that RemoteCluster",
                     self.namespace
                 ),
             )),
+            found => Ok(found),
         }
     }
 
     /// Marks a single-use token as spent, unless someone changed it since `stored` was read.
-    async fn spend(&self, stored: &StoredToken, leaf: &str) -> Result<(), Refused> {
+    async fn spend(
+        &self,
+        stored: &StoredToken,
+        leaf: &str,
+        used_with: &str,
+    ) -> Result<(), Refused> {
         let id = stored.token.id();
         let patch = json!({
             "metadata": { "resourceVersion": stored.resource_version },
-            "stringData": { KEY_USED_BY: leaf, KEY_USED_AT: rfc3339(SystemTime::now()) },
+            "stringData": {
+                KEY_USED_BY: leaf,
+                KEY_USED_AT: rfc3339(SystemTime::now()),
+                KEY_USED_WITH: used_with,
+            },
         });
         match self
             .secrets
@@ -228,6 +265,56 @@ impl KubeJoinAuthority {
             Err(e) => Err(unavailable(format!("creating RemoteCluster {leaf}: {e}"))),
         }
     }
+
+    /// Marks a single-use token's leaf as recorded: from now on, deleting its `RemoteCluster`
+    /// spends the token for good.
+    async fn mark_recorded(&self, id: &str) -> Result<(), Refused> {
+        let patch = json!({ "stringData": { KEY_RECORDED_AT: rfc3339(SystemTime::now()) } });
+        self.secrets
+            .patch(
+                &secret_name(id),
+                &PatchParams::default(),
+                &Patch::Merge(&patch),
+            )
+            .await
+            .map(|_| ())
+            .map_err(|e| unavailable(format!("marking join token {id} recorded: {e}")))
+    }
+}
+
+/// Why a used single-use token may not admit `leaf` with keys `used_with` again, if it may
+/// not: another leaf or other keys used it, or its leaf was recorded and has been revoked
+/// since (`record_exists` is false).
+fn reuse_refusal(
+    stored: &StoredToken,
+    leaf: &str,
+    used_with: &str,
+    record_exists: bool,
+) -> Option<String> {
+    let user = stored.used_by.as_deref()?;
+    let id = stored.token.id();
+    let at = stored.used_at.as_deref().unwrap_or("an unknown time");
+    let why = if user != leaf {
+        format!("join token {id} was already used by {user} at {at}")
+    } else if stored.used_with.as_deref() != Some(used_with) {
+        format!("join token {id} was already used by {leaf} at {at}, with another CA")
+    } else if stored.recorded && !record_exists {
+        format!(
+            "join token {id} was already used by {leaf} at {at}, and that leaf has been revoked since (its RemoteCluster was deleted)"
+        )
+    } else {
+        return None;
+    };
+    Some(format!("{why}; ask the root's administrator for a new one"))
+}
+
+/// The fingerprints of `keys`, sorted and comma-separated: how a token records the CA it
+/// admitted (fingerprints, not keys, so the Secret stays readable).
+fn fingerprints(keys: &[russh::keys::PublicKey]) -> String {
+    let mut prints: Vec<String> = keys.iter().map(fingerprint).collect();
+    prints.sort();
+    prints.dedup();
+    prints.join(",")
 }
 
 fn unavailable(message: String) -> Refused {
@@ -262,24 +349,23 @@ impl JoinAuthority for KubeJoinAuthority {
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(|e| unavailable(format!("encoding the leaf's CA: {e}")))?;
             let stored = self.load(&admission.token_id).await?;
-            if stored.single_use
-                && let Some(user) = stored.used_by.as_deref()
-                && user != leaf
-            {
-                return Err(Refused::new(
-                    JoinRefusal::TokenAlreadyUsed,
-                    format!(
-                        "join token {} was already used by {user} at {}; ask the root's administrator for a new one",
-                        admission.token_id,
-                        stored.used_at.as_deref().unwrap_or("an unknown time"),
-                    ),
-                ));
+            let existing = self.check_name(leaf, &keys).await?;
+            let used_with = fingerprints(&admission.ca_keys);
+            if stored.single_use {
+                if stored.used_by.is_some() {
+                    let refusal = reuse_refusal(&stored, leaf, &used_with, existing.is_some());
+                    if let Some(message) = refusal {
+                        return Err(Refused::new(JoinRefusal::TokenAlreadyUsed, message));
+                    }
+                } else {
+                    self.spend(&stored, leaf, &used_with).await?;
+                }
             }
-            self.check_name(leaf, &keys).await?;
-            if stored.single_use && stored.used_by.is_none() {
-                self.spend(&stored, leaf).await?;
+            self.record(admission, keys).await?;
+            if stored.single_use && !stored.recorded {
+                self.mark_recorded(&admission.token_id).await?;
             }
-            self.record(admission, keys).await
+            Ok(())
         })
     }
 }

@@ -1,8 +1,16 @@
-//! The root's trust store, following `RemoteCluster` objects: a leaf is trusted while its
-//! object exists, with the CA keys its spec names. A deleted object revokes the trust and
-//! closes the leaf's tunnels on this replica.
+//! The root's recorded leaves, followed into the proxy's trust: a leaf is trusted while its
+//! `RemoteCluster` object exists, with the CA keys its spec names.
+//!
+//! This follower owns the proxy's [`TrustSource::Recorded`] source and nothing else (the static
+//! trust and the proxy's own CA are the trust-dir reloader's). Every change goes through
+//! [`ProxyServer::update_trust`], which closes the tunnels the new trust refuses: deleting a
+//! `RemoteCluster` ends its leaf's tunnels even when the name stays trusted statically with
+//! another CA, and removing a key from `spec.caKeys` ends the tunnels that key signed.
+//!
+//! A leaf that joined through this replica is trusted at once ([`TrustSource::Joined`]) and
+//! handed over to the records as soon as they show it; a `RemoteCluster` deleted before this
+//! follower ever saw it ends that trust too.
 
-use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use futures::StreamExt as _;
@@ -13,15 +21,15 @@ use russh::keys::PublicKey;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use crate::identity::TrustStore;
+use crate::identity::{TrustSource, TrustStore};
 use crate::operator::crd::RemoteCluster;
 use crate::protocol::ClusterName;
 use crate::proxy::ProxyServer;
 
-/// `base` (the root's own CA, and any leaves configured statically) plus every leaf in
-/// `remotes`. Objects with an unusable name or key are skipped with a warning, never fatal.
-pub fn trust_from(base: &TrustStore, remotes: &[Arc<RemoteCluster>]) -> TrustStore {
-    let mut trust = base.clone();
+/// The leaves in `remotes` and their CA keys. Objects with an unusable name or key are skipped
+/// with a warning, never fatal.
+pub fn recorded_trust(remotes: &[Arc<RemoteCluster>]) -> TrustStore {
+    let mut trust = TrustStore::new();
     for rc in remotes {
         let name = rc.metadata.name.as_deref().unwrap_or_default();
         let Ok(cluster) = ClusterName::new(name) else {
@@ -38,13 +46,12 @@ pub fn trust_from(base: &TrustStore, remotes: &[Arc<RemoteCluster>]) -> TrustSto
     trust
 }
 
-/// Keeps `proxy`'s trust store equal to `base` plus the `RemoteCluster` objects in `api`,
-/// until the watch stream ends (never, in practice: the watcher retries with backoff). The
-/// objects are kept in `writer`'s store, and `changed` is bumped after every change to them.
+/// Keeps `proxy`'s recorded trust equal to the `RemoteCluster` objects in `api`, until the
+/// watch stream ends (never, in practice: the watcher retries with backoff). The objects are
+/// kept in `writer`'s store, and `changed` is bumped after every change to them.
 pub async fn follow_remote_clusters(
     api: Api<RemoteCluster>,
     (reader, writer): (Store<RemoteCluster>, Writer<RemoteCluster>),
-    base: TrustStore,
     proxy: Arc<ProxyServer>,
     changed: watch::Sender<u64>,
 ) {
@@ -52,37 +59,78 @@ pub async fn follow_remote_clusters(
         .default_backoff()
         .reflect(writer);
     futures::pin_mut!(stream);
-    let trust = proxy.shared().config.trust.clone();
     while let Some(event) = stream.next().await {
-        match event {
+        let deleted = match event {
             Err(e) => {
                 warn!(error = %e, "watching RemoteClusters");
                 continue;
             }
             // Mid-relist: the store is incomplete until InitDone, so a leaf would look revoked.
             Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => continue,
-            Ok(_) => {}
-        }
+            Ok(watcher::Event::Delete(rc)) => rc.metadata.name.clone(),
+            Ok(_) => None,
+        };
         changed.send_modify(|n| *n = n.wrapping_add(1));
-        let next = trust_from(&base, &reader.state());
-        let before: BTreeSet<ClusterName> = trust.load().clusters().cloned().collect();
-        let after: BTreeSet<ClusterName> = next.clusters().cloned().collect();
-        if before == after && same_cas(&trust.load(), &next) {
-            continue;
-        }
-        trust.store(Arc::new(next));
-        info!(
-            leaves = after.len().saturating_sub(1),
-            "trust store updated from RemoteClusters"
-        );
-        for revoked in before.difference(&after) {
-            if proxy.remove_site(revoked).await {
-                info!(leaf = %revoked, "leaf no longer trusted; its tunnels are closed");
-            }
+        let recorded = recorded_trust(&reader.state());
+        let change = proxy
+            .update_trust(|trust| apply_records(trust, &recorded, deleted.as_deref()))
+            .await;
+        if change.changed {
+            info!(
+                leaves = recorded.clusters().count(),
+                closed_tunnels = change.evicted,
+                "trust updated from RemoteClusters"
+            );
         }
     }
 }
 
-fn same_cas(a: &TrustStore, b: &TrustStore) -> bool {
-    a.clusters().all(|c| a.cas(c) == b.cas(c))
+/// Makes `recorded` the store's recorded source, and ends the join-time trust of leaves the
+/// records now speak for (or that were just deleted).
+fn apply_records(trust: &mut TrustStore, recorded: &TrustStore, deleted: Option<&str>) {
+    trust.replace_source(TrustSource::Recorded, recorded);
+    let handed_over: Vec<ClusterName> = trust
+        .clusters_from(TrustSource::Joined)
+        .filter(|c| recorded.contains(c) || deleted == Some(c.as_str()))
+        .cloned()
+        .collect();
+    for cluster in &handed_over {
+        trust.remove_from(TrustSource::Joined, cluster);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::CertificateAuthority;
+
+    fn leaf(name: &str) -> (ClusterName, PublicKey) {
+        let cluster = ClusterName::new(name).expect("name");
+        let ca = CertificateAuthority::generate(cluster.clone()).expect("ca");
+        (cluster, ca.public_key().clone())
+    }
+
+    #[test]
+    fn records_take_over_joined_leaves_and_deletion_revokes_them() {
+        let (a, a_key) = leaf("leaf-a");
+        let (b, b_key) = leaf("leaf-b");
+        let (c, c_key) = leaf("leaf-c");
+        let mut trust = TrustStore::new();
+        trust.insert_from(TrustSource::Joined, a.clone(), a_key.clone());
+        trust.insert_from(TrustSource::Joined, b.clone(), b_key.clone());
+        trust.insert_from(TrustSource::Joined, c.clone(), c_key);
+
+        // The records show leaf-a; leaf-b is not there yet; leaf-c was deleted unseen.
+        let mut recorded = TrustStore::new();
+        recorded.insert(a.clone(), a_key);
+        apply_records(&mut trust, &recorded, Some("leaf-c"));
+        assert_eq!(trust.sources(&a), [TrustSource::Recorded]);
+        assert_eq!(trust.sources(&b), [TrustSource::Joined]);
+        assert!(!trust.contains(&c));
+
+        // leaf-a's record is deleted: nothing trusts it any more.
+        apply_records(&mut trust, &TrustStore::new(), Some("leaf-a"));
+        assert!(!trust.contains(&a));
+        assert!(trust.contains(&b));
+    }
 }

@@ -1,0 +1,254 @@
+//! Revocation against a real kube-apiserver (issue #11, item 3): a root proxy following the
+//! `RemoteCluster` objects of its namespace closes, within seconds, every tunnel the records no
+//! longer vouch for: the leaf's record deleted (even when the name stays trusted statically
+//! with another CA), or one of its CA keys removed from the spec. A single-use token stays
+//! spent once its leaf was revoked.
+
+mod common;
+#[allow(unused_imports)]
+#[path = "support/mod.rs"]
+mod support;
+#[path = "common/tunnel_e2e.rs"]
+mod tunnel_e2e;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
+use kube::{Api, Client};
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+use support::{pki, wait_for};
+use tether::agent::Agent;
+use tether::agent::allow_list::AllowList;
+use tether::agent::join::{JoinError, JoinRequest, join};
+use tether::demo::Pki;
+use tether::identity::{CertificateAuthority, Identity, TrustStore};
+use tether::operator::crd::RemoteCluster;
+use tether::operator::root::tokens::token_secret;
+use tether::operator::root::{self, KubeJoinAuthority};
+use tether::protocol::ClusterName;
+use tether::protocol::join::{JoinRefusal, JoinToken};
+use tether::proxy::{JoinAuthority, ProxyServer};
+use tunnel_e2e::{eventually, install_crds};
+
+/// How soon a revocation must have closed the tunnels it concerns.
+const EVICTION: Duration = Duration::from_secs(5);
+
+fn name(s: &str) -> ClusterName {
+    ClusterName::new(s).expect("valid cluster name")
+}
+
+/// A root proxy with `static_trust` (plus its own CA), following the `RemoteCluster` objects
+/// of `ns` and serving joins with tokens kept there.
+async fn start_root(
+    client: &Client,
+    ns: &str,
+    pki: &Pki,
+    static_trust: TrustStore,
+    stop: &CancellationToken,
+) -> Arc<ProxyServer> {
+    let mut config = pki.proxy_config("proxy-1").expect("proxy config");
+    let mut trust = static_trust;
+    trust.insert(pki.root.cluster().clone(), pki.root.public_key().clone());
+    config.trust.store(Arc::new(trust));
+    config.join =
+        Some(Arc::new(KubeJoinAuthority::new(client.clone(), ns)) as Arc<dyn JoinAuthority>);
+    let proxy = Arc::new(ProxyServer::start(config).await.expect("proxy starts"));
+    tokio::spawn(root::run(
+        client.clone(),
+        ns.to_owned(),
+        proxy.clone(),
+        false,
+        stop.clone(),
+    ));
+    proxy
+}
+
+/// A `RemoteCluster` `leaf` trusting `cas`, as an administrator would write it.
+async fn record(remotes: &Api<RemoteCluster>, leaf: &str, cas: &[&CertificateAuthority]) {
+    let keys: Vec<String> = cas
+        .iter()
+        .map(|ca| ca.public_key().to_openssh().expect("encode"))
+        .collect();
+    let rc: RemoteCluster = serde_json::from_value(json!({
+        "apiVersion": "tether.dev/v1alpha1",
+        "kind": "RemoteCluster",
+        "metadata": { "name": leaf },
+        "spec": { "caKeys": keys },
+    }))
+    .expect("a RemoteCluster");
+    remotes
+        .create(&PostParams::default(), &rc)
+        .await
+        .expect("creating the RemoteCluster");
+}
+
+/// Runs an agent of `ca`'s cluster, whose certificate `ca` signs, against `proxy`.
+fn start_agent(
+    proxy: &ProxyServer,
+    pki: &Pki,
+    ca: &CertificateAuthority,
+    stop: &CancellationToken,
+) {
+    let mut config = pki
+        .agent_config(&proxy.local_addr().to_string(), AllowList::default())
+        .expect("agent config");
+    config.cluster = ca.cluster().clone();
+    config.identity = Arc::new(Identity::generate_agent(ca, Duration::from_secs(600)).expect("id"));
+    let agent = Arc::new(Agent::new(config));
+    let stop = stop.clone();
+    tokio::spawn(async move { agent.run(stop).await });
+}
+
+fn tunnel_ids(proxy: &ProxyServer, leaf: &ClusterName) -> Vec<u64> {
+    proxy
+        .site(leaf)
+        .map(|s| s.tunnels.iter().map(|t| t.id).collect())
+        .unwrap_or_default()
+}
+
+async fn wait_tunnels(proxy: &ProxyServer, leaf: &ClusterName, count: usize) -> Vec<u64> {
+    eventually(&format!("{count} tunnel(s) of {leaf}"), || async {
+        let ids = tunnel_ids(proxy, leaf);
+        (ids.len() == count).then_some(ids)
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_a_remote_cluster_ends_its_tunnels_even_when_the_name_stays_trusted() {
+    let cp = common::control_plane().await;
+    let client = cp.kube_client();
+    install_crds(&client).await;
+    let ns = cp.new_namespace("revoke-delete").await;
+    let remotes: Api<RemoteCluster> = Api::namespaced(client.clone(), &ns);
+    let pki = pki();
+    let leaf = name("leaf");
+    // The name is trusted statically with one CA, and recorded with another.
+    let static_ca = CertificateAuthority::generate(leaf.clone()).expect("ca");
+    let mut static_trust = TrustStore::new();
+    static_trust.insert(leaf.clone(), static_ca.public_key().clone());
+    let stop = CancellationToken::new();
+    let proxy = start_root(&client, &ns, &pki, static_trust, &stop).await;
+    let recorded_ca = CertificateAuthority::generate(leaf.clone()).expect("ca");
+    record(&remotes, "leaf", &[&recorded_ca]).await;
+    start_agent(&proxy, &pki, &recorded_ca, &stop);
+    wait_tunnels(&proxy, &leaf, 1).await;
+
+    remotes
+        .delete("leaf", &DeleteParams::default())
+        .await
+        .expect("kubectl delete remotecluster leaf");
+    wait_for("the revoked leaf's tunnel closed", EVICTION, || {
+        tunnel_ids(&proxy, &leaf).is_empty()
+    })
+    .await;
+    let trust = proxy.shared().config.trust.load();
+    assert_eq!(
+        trust.cas(&leaf),
+        [static_ca.public_key().clone()],
+        "the static trust stays"
+    );
+    stop.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removing_a_ca_key_from_a_remote_cluster_ends_the_tunnels_it_signed() {
+    let cp = common::control_plane().await;
+    let client = cp.kube_client();
+    install_crds(&client).await;
+    let ns = cp.new_namespace("revoke-rekey").await;
+    let remotes: Api<RemoteCluster> = Api::namespaced(client.clone(), &ns);
+    let pki = pki();
+    let leaf = name("leaf-k");
+    let stop = CancellationToken::new();
+    let proxy = start_root(&client, &ns, &pki, TrustStore::new(), &stop).await;
+    let (old, new) = (
+        CertificateAuthority::generate(leaf.clone()).expect("ca"),
+        CertificateAuthority::generate(leaf.clone()).expect("ca"),
+    );
+    record(&remotes, "leaf-k", &[&old, &new]).await;
+    start_agent(&proxy, &pki, &old, &stop);
+    let of_old = wait_tunnels(&proxy, &leaf, 1).await;
+    start_agent(&proxy, &pki, &new, &stop);
+    let both = wait_tunnels(&proxy, &leaf, 2).await;
+    let of_new: Vec<u64> = both.into_iter().filter(|id| !of_old.contains(id)).collect();
+
+    let keys = [new.public_key().to_openssh().expect("encode")];
+    remotes
+        .patch(
+            "leaf-k",
+            &PatchParams::default(),
+            &Patch::Merge(json!({ "spec": { "caKeys": keys } })),
+        )
+        .await
+        .expect("removing the old key");
+    wait_for("the old key's tunnel closed", EVICTION, || {
+        tunnel_ids(&proxy, &leaf) == of_new
+    })
+    .await;
+    stop.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_used_single_use_token_is_refused_once_its_leaf_was_revoked() {
+    let cp = common::control_plane().await;
+    let client = cp.kube_client();
+    install_crds(&client).await;
+    let ns = cp.new_namespace("revoke-token").await;
+    let remotes: Api<RemoteCluster> = Api::namespaced(client.clone(), &ns);
+    let pki = pki();
+    let leaf = name("leaf-j");
+    let stop = CancellationToken::new();
+    let proxy = start_root(&client, &ns, &pki, TrustStore::new(), &stop).await;
+    let token = JoinToken::generate();
+    Api::<Secret>::namespaced(client.clone(), &ns)
+        .create(
+            &PostParams::default(),
+            &token_secret(&token, None, None, false),
+        )
+        .await
+        .expect("a single-use token");
+    let leaf_ca = CertificateAuthority::generate(leaf.clone()).expect("ca");
+    let request = |ca: &CertificateAuthority| JoinRequest {
+        root_address: proxy.local_addr().to_string(),
+        token: token.clone(),
+        leaf_cluster: leaf.clone(),
+        leaf_cas: vec![ca.public_key().clone()],
+        root_ca_pin: None,
+        timeout: Duration::from_secs(20),
+    };
+    join(&request(&leaf_ca)).await.expect("the join");
+    // A lost answer: the same leaf with the same CA retries, and is admitted again.
+    join(&request(&leaf_ca)).await.expect("the retry");
+    // The same token for the same name with another CA: refused.
+    let other = CertificateAuthority::generate(leaf.clone()).expect("ca");
+    assert!(
+        matches!(join(&request(&other)).await, Err(JoinError::Refused { .. })),
+        "another CA used a spent token"
+    );
+
+    remotes
+        .delete("leaf-j", &DeleteParams::default())
+        .await
+        .expect("revoking the leaf");
+    eventually("the revocation seen by the proxy", || async {
+        (!proxy.shared().config.trust.load().contains(&leaf)).then_some(())
+    })
+    .await;
+    match join(&request(&leaf_ca)).await {
+        Err(JoinError::Refused {
+            reason: JoinRefusal::TokenAlreadyUsed,
+            message,
+        }) => assert!(message.contains("revoked"), "{message}"),
+        other => panic!("a revoked leaf reused its token: {other:?}"),
+    }
+    assert!(
+        remotes.get_opt("leaf-j").await.expect("get").is_none(),
+        "the refused join recorded the leaf again"
+    );
+    stop.cancel();
+}
