@@ -102,7 +102,7 @@ async fn reverse_tunnel_lifecycle() {
         "CLUSTER",
         "STATUS",
         "PROXIES",
-        "LAST HEARTBEAT",
+        "SEEN",
         "AGE",
     ] {
         assert!(table.contains(column), "no {column} column in:\n{table}");
