@@ -37,13 +37,13 @@ use kube::{Api, ResourceExt};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
+use common::api_writes::{since, total, write_counts};
 use haproxy::free_port;
 use procs::Proc;
 use tether::agent::Agent;
 use tether::agent::allow_list::AllowList;
 use tether::agent::join::{JoinRequest, join};
 use tether::demo::Pki;
-use common::api_writes::{since, total, write_counts};
 use tether::identity::{CertificateAuthority, Identity};
 use tether::operator::crd::remote_cluster::Connection;
 use tether::operator::crd::{RemoteCluster, RemoteClusterSpec};
@@ -350,8 +350,8 @@ async fn a_quiet_root_writes_nothing_and_its_status_tells_the_truth() {
     install_crds(&client).await;
     let ns = cp.new_namespace("root-quiet").await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let root_ca = CertificateAuthority::generate(ClusterName::new("root").expect("name"))
-        .expect("root CA");
+    let root_ca =
+        CertificateAuthority::generate(ClusterName::new("root").expect("name")).expect("root CA");
     let ca_path = dir.path().join("root-ca");
     root_ca.save(&ca_path).expect("save the root CA");
     std::fs::write(
@@ -382,8 +382,8 @@ async fn a_quiet_root_writes_nothing_and_its_status_tells_the_truth() {
     let leaves = ["leaf-1", "leaf-2", "leaf-3", "leaf-4"];
     let mut agents = Vec::new();
     for leaf in leaves {
-        let ca = CertificateAuthority::generate(ClusterName::new(leaf).expect("name"))
-            .expect("leaf CA");
+        let ca =
+            CertificateAuthority::generate(ClusterName::new(leaf).expect("name")).expect("leaf CA");
         let rc = RemoteCluster::new(
             leaf,
             RemoteClusterSpec {
@@ -444,6 +444,11 @@ async fn a_quiet_root_writes_nothing_and_its_status_tells_the_truth() {
     watch.abort();
     let writes = since(&before, &after);
     let changes = changes.lock().expect("lock").clone();
+    // The counters do see RemoteCluster status writes: the replicas' entries got there so.
+    assert!(
+        total(&before, "remoteclusters/status") > 0.0,
+        "no RemoteCluster status write counted ever: {before:?}"
+    );
     eprintln!(
         "[{ns}] API writes in a quiet {window:?}, 3 replicas, {} leaves \
          (apiserver_request_total, resource VERB code: count): {writes:?}",
@@ -461,9 +466,15 @@ async fn a_quiet_root_writes_nothing_and_its_status_tells_the_truth() {
         0.0,
         "RemoteCluster writes at rest: {writes:?}"
     );
-    assert!(changes.is_empty(), "RemoteClusters changed at rest: {changes:#?}");
+    assert!(
+        changes.is_empty(),
+        "RemoteClusters changed at rest: {changes:#?}"
+    );
     // The API server renews its own Lease; nothing else writes.
-    let others: Vec<&String> = writes.keys().filter(|k| !k.starts_with("leases ")).collect();
+    let others: Vec<&String> = writes
+        .keys()
+        .filter(|k| !k.starts_with("leases "))
+        .collect();
     assert!(others.is_empty(), "writes at rest: {writes:?}");
 
     // A replica dies (kill -9) and its pod's endpoint goes: a survivor removes its entries
@@ -494,14 +505,26 @@ async fn a_quiet_root_writes_nothing_and_its_status_tells_the_truth() {
     signal(&agents[2], libc::SIGKILL);
     let stopped = Instant::now();
     let offline: View = (Some(Connection::Offline), None, Some(0), Vec::new());
-    wait_views(&remotes, &leaves[2..], &offline, "leaf-3 and leaf-4 Offline").await;
+    wait_views(
+        &remotes,
+        &leaves[2..],
+        &offline,
+        "leaf-3 and leaf-4 Offline",
+    )
+    .await;
     let took = stopped.elapsed();
     eprintln!("[{ns}] a frozen and a killed leaf showed Offline after {took:?}");
     assert!(
         took < 3 * HEARTBEAT + RECHECK,
         "Offline only after {took:?}"
     );
-    wait_views(&remotes, &leaves[..2], &held_by(&ids[..2]), "leaf-1 and leaf-2 held").await;
+    wait_views(
+        &remotes,
+        &leaves[..2],
+        &held_by(&ids[..2]),
+        "leaf-1 and leaf-2 held",
+    )
+    .await;
     let out = cp.kubectl(["get", "remoteclusters", "-n", &ns, "--no-headers"]);
     let text = String::from_utf8_lossy(&out.stdout);
     for line in text.lines() {

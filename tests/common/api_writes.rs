@@ -50,7 +50,10 @@ pub async fn write_counts(client: &Client) -> BTreeMap<String, f64> {
 }
 
 /// The writes counted between two [`write_counts`] scrapes (only those that grew).
-pub fn since(before: &BTreeMap<String, f64>, after: &BTreeMap<String, f64>) -> BTreeMap<String, f64> {
+pub fn since(
+    before: &BTreeMap<String, f64>,
+    after: &BTreeMap<String, f64>,
+) -> BTreeMap<String, f64> {
     after
         .iter()
         .filter_map(|(key, v)| {

@@ -151,6 +151,11 @@ async fn steady_state_is_quiet() {
     operator.assert_running();
 
     let writes = since(&before, &after);
+    // The counters do see ReverseTunnel status writes: the Connected status got there so.
+    assert!(
+        total(&before, "reversetunnels/status") > 0.0,
+        "no ReverseTunnel status write counted ever: {before:?}"
+    );
     let renewals = renewals.lock().expect("lock").clone();
     let changes = changes.lock().expect("lock").clone();
     eprintln!(
@@ -192,8 +197,12 @@ async fn steady_state_is_quiet() {
         changes.len()
     );
     eprintln!(
-        "[{ns}] ReverseTunnel status writes in {window:?}: {} (observedAt stamps)",
-        changes.len()
+        "[{ns}] ReverseTunnel status writes in {window:?}: {counted} counted, {} seen, stamps {:?}",
+        changes.len(),
+        stamps
+            .iter()
+            .map(|t| humantime::format_rfc3339_seconds(*t).to_string())
+            .collect::<Vec<_>>()
     );
     // The operator's Lease: one renewal per period, no more.
     let ours = renewals.get(&format!("{ns}/{LEASE}")).copied().unwrap_or(0);
@@ -222,7 +231,10 @@ async fn steady_state_is_quiet() {
     // While the operator lives, SEEN stays within the refresh; once it is gone, SEEN passes it
     // within a refresh (the rest of the row cannot change: nobody is left to write it).
     let (_, _, seen_alive) = row(cp, &ns).await.expect("a row with SEEN");
-    assert!(seen_alive <= FRESH, "SEEN {seen_alive:?} with a live operator");
+    assert!(
+        seen_alive <= FRESH,
+        "SEEN {seen_alive:?} with a live operator"
+    );
     operator.signal(libc::SIGKILL);
     operator.exited().await;
     let killed = Instant::now();

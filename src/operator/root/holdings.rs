@@ -228,7 +228,13 @@ async fn withdraw(
     proxy_id: &str,
 ) {
     let none = BTreeMap::new();
-    for (leaf, _) in plan(remotes, proxy_id, &none, &mut BTreeMap::new(), Instant::now()) {
+    for (leaf, _) in plan(
+        remotes,
+        proxy_id,
+        &none,
+        &mut BTreeMap::new(),
+        Instant::now(),
+    ) {
         let removed = tokio::time::timeout(Duration::from_secs(5), apply(api, params, &leaf, None));
         if !matches!(removed.await, Ok(Ok(()))) {
             debug!(%leaf, "could not remove this replica's status entry");
@@ -245,7 +251,9 @@ pub fn prune_patch(rc: &RemoteCluster, live: &[String]) -> Option<serde_json::Va
     for (i, entry) in proxies.iter().enumerate().rev() {
         if !live.contains(&entry.proxy_id) {
             let path = format!("/status/proxies/{i}");
-            ops.push(json!({"op": "test", "path": format!("{path}/proxyId"), "value": entry.proxy_id}));
+            ops.push(
+                json!({"op": "test", "path": format!("{path}/proxyId"), "value": entry.proxy_id}),
+            );
             ops.push(json!({"op": "remove", "path": path}));
         }
     }

@@ -28,7 +28,15 @@ fn remote(name: &str, entries: Vec<ProxyHolding>) -> Arc<RemoteCluster> {
 fn desired(entries: &[(&str, ProxyHolding)]) -> BTreeMap<String, ProxyHolding> {
     entries
         .iter()
-        .map(|(leaf, e)| ((*leaf).to_owned(), ProxyHolding { since: None, ..e.clone() }))
+        .map(|(leaf, e)| {
+            (
+                (*leaf).to_owned(),
+                ProxyHolding {
+                    since: None,
+                    ..e.clone()
+                },
+            )
+        })
         .collect()
 }
 
@@ -39,7 +47,10 @@ fn a_steady_root_plans_no_writes() {
     let a = entry("p1", 1, Connection::Online);
     let b = entry("p1", 3, Connection::Online);
     let remotes = vec![
-        remote("leaf-a", vec![a.clone(), entry("p2", 1, Connection::Online)]),
+        remote(
+            "leaf-a",
+            vec![a.clone(), entry("p2", 1, Connection::Online)],
+        ),
         remote("leaf-b", vec![b.clone()]),
         remote("leaf-c", vec![entry("p2", 1, Connection::Online)]),
     ];
@@ -71,14 +82,38 @@ fn changes_are_written_once_and_the_store_is_believed_after_the_lag() {
         },
     );
     // Woken again before the watch showed the write: not repeated.
-    assert!(plan(&before, "p1", &want, &mut pending, t0 + Duration::from_secs(1)).is_empty());
+    assert!(
+        plan(
+            &before,
+            "p1",
+            &want,
+            &mut pending,
+            t0 + Duration::from_secs(1)
+        )
+        .is_empty()
+    );
     // The watch shows it: settled, and the pending write is forgotten.
     let after = vec![remote("leaf-a", vec![two])];
-    assert!(plan(&after, "p1", &want, &mut pending, t0 + Duration::from_secs(1)).is_empty());
+    assert!(
+        plan(
+            &after,
+            "p1",
+            &want,
+            &mut pending,
+            t0 + Duration::from_secs(1)
+        )
+        .is_empty()
+    );
     assert!(pending.is_empty());
     // Someone removed it (a prune racing a restart): written again.
     let pruned = vec![remote("leaf-a", vec![])];
-    let writes = plan(&pruned, "p1", &want, &mut pending, t0 + Duration::from_secs(2));
+    let writes = plan(
+        &pruned,
+        "p1",
+        &want,
+        &mut pending,
+        t0 + Duration::from_secs(2),
+    );
     assert_eq!(writes.len(), 1);
 }
 
@@ -95,7 +130,10 @@ fn a_write_the_watch_never_shows_is_repeated_after_the_lag() {
         },
     )]);
     assert!(plan(&before, "p1", &want, &mut pending, t0 + STORE_LAG / 2).is_empty());
-    assert_eq!(plan(&before, "p1", &want, &mut pending, t0 + STORE_LAG).len(), 1);
+    assert_eq!(
+        plan(&before, "p1", &want, &mut pending, t0 + STORE_LAG).len(),
+        1
+    );
 }
 
 #[test]
