@@ -2,10 +2,24 @@
 //! ([`SpecState`]) into a `ReverseTunnel` status, and writing it only when it changed.
 //!
 //! One task per tunnel owns the status: it is the only writer, under one field manager, so
-//! reconciles and agent events never race each other's writes. A write happens only when the
+//! reconciles and agent events never race each other's writes. A write happens when the
 //! composed status differs from the last one written (or read from the object at start), and
-//! transition times are carried over while a condition's status holds, so a steady tunnel
-//! causes no writes at all.
+//! transition times are carried over while a condition's status holds.
+//!
+//! **Telling a dead operator from a live one.** The agents run inside the operator, so when
+//! every replica is gone (`kill -9`, `helm uninstall`) nothing carries the tunnel and nothing
+//! can write that either: the status keeps saying `Connected 3/3`. So every write stamps
+//! `observedAt`, and a status that did not change is stamped again every [`SEEN_REFRESH`]
+//! (one write per tunnel per minute, the whole cost at rest). `kubectl get rt` shows its age
+//! as `SEEN`:
+//!
+//! ```text
+//!   NAME      CLUSTER  STATUS     PROXIES  SEEN   AGE
+//!   to-root   root     Connected  3/3      23s    2d     an operator carries it (SEEN ≤ 61s)
+//!   to-root   root     Connected  3/3      7m     2d     nobody has for 7 minutes
+//! ```
+//!
+//! Heartbeat times alone never cause a write: they ride along with the next refresh.
 
 use std::time::{Duration, SystemTime};
 
@@ -44,6 +58,38 @@ pub struct SpecState {
 
 fn rfc3339(t: SystemTime) -> String {
     humantime::format_rfc3339_seconds(t).to_string()
+}
+
+/// How often an unchanged status is stamped again, so that `observedAt` older than this (and a
+/// second: the stamp drops fractions) means no operator carries the tunnel.
+pub const SEEN_REFRESH: Duration = Duration::from_secs(60);
+
+/// When `last` must be stamped again, or `None` if it carries no readable stamp.
+fn refresh_due(last: &ReverseTunnelStatus) -> Option<SystemTime> {
+    let stamped = humantime::parse_rfc3339(last.observed_at.as_deref()?).ok()?;
+    Some(stamped + SEEN_REFRESH + Duration::from_secs(1))
+}
+
+/// `status` without what changes on its own (the stamp, heartbeat times).
+fn settled(status: &ReverseTunnelStatus) -> ReverseTunnelStatus {
+    let mut s = status.clone();
+    s.observed_at = None;
+    s.last_heartbeat = None;
+    for p in &mut s.proxies {
+        p.last_heartbeat = None;
+    }
+    s
+}
+
+/// Whether `next` must be written over `last` at `now`: it says something new, or the stamp
+/// of `last` is due.
+pub fn needs_write(
+    last: Option<&ReverseTunnelStatus>,
+    next: &ReverseTunnelStatus,
+    now: SystemTime,
+) -> bool {
+    let Some(last) = last else { return true };
+    settled(last) != settled(next) || refresh_due(last).is_none_or(|due| now >= due)
 }
 
 /// The status for `spec` and `pool`, reusing `previous` transition times where a condition's
@@ -157,6 +203,7 @@ pub fn compose(
             condition("Degraded", degraded, degraded_reason, degraded_message),
         ],
         observed_generation: spec.generation,
+        observed_at: None,
     }
 }
 
@@ -242,7 +289,8 @@ pub struct StatusWriter {
 }
 
 impl StatusWriter {
-    /// Writes the status whenever `spec` or `pool` change it, until `stop`.
+    /// Writes the status whenever `spec` or `pool` change it, and stamps it again every
+    /// [`SEEN_REFRESH`], until `stop`.
     pub async fn run(
         mut self,
         mut spec: watch::Receiver<SpecState>,
@@ -251,17 +299,14 @@ impl StatusWriter {
     ) {
         let mut retry = Duration::from_millis(200);
         loop {
-            let next = {
+            let now = SystemTime::now();
+            let mut next = {
                 let spec_now = spec.borrow_and_update().clone();
                 let pool_now = pool.borrow_and_update().clone();
-                compose(
-                    &spec_now,
-                    pool_now.as_ref(),
-                    self.last.as_ref(),
-                    SystemTime::now(),
-                )
+                compose(&spec_now, pool_now.as_ref(), self.last.as_ref(), now)
             };
-            if self.last.as_ref() != Some(&next) {
+            if needs_write(self.last.as_ref(), &next, now) {
+                next.observed_at = Some(rfc3339(now));
                 match self.write(&next).await {
                     Ok(()) => {
                         retry = Duration::from_millis(200);
@@ -284,10 +329,15 @@ impl StatusWriter {
                     }
                 }
             }
+            let due = self.last.as_ref().and_then(refresh_due);
+            let until_due = due.map_or(SEEN_REFRESH, |due| {
+                due.duration_since(SystemTime::now()).unwrap_or_default()
+            });
             tokio::select! {
                 () = stop.cancelled() => return,
                 r = spec.changed() => if r.is_err() { return },
                 r = pool.changed() => if r.is_err() { return },
+                () = tokio::time::sleep(until_due) => {}
             }
         }
     }
@@ -353,5 +403,43 @@ mod tests {
         );
         let event = phase_event(first.phase, &down).map(|e| e.reason);
         assert_eq!(event.as_deref(), Some("Disconnected"));
+    }
+
+    #[test]
+    fn an_unchanged_status_is_stamped_again_once_a_minute() {
+        let spec = SpecState {
+            generation: Some(1),
+            problem: None,
+        };
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let heartbeat_at = |t| PoolStatus {
+            proxies: vec![ProxyTunnelStatus {
+                proxy_id: "p1".into(),
+                state: TunnelState::Connected,
+                connected_since: Some(t0),
+                last_heartbeat: Some(t),
+            }],
+            expected: 1,
+            discovered: true,
+            last_error: None,
+        };
+        let mut written = compose(&spec, Some(&heartbeat_at(t0)), None, t0);
+        assert!(needs_write(None, &written, t0));
+        written.observed_at = Some(rfc3339(t0));
+        // A newer heartbeat alone: no write before the minute is up.
+        let later = t0 + Duration::from_secs(59);
+        let next = compose(&spec, Some(&heartbeat_at(later)), Some(&written), later);
+        assert!(!needs_write(Some(&written), &next, later));
+        // A minute (and the stamp's lost fraction) on: stamped again, heartbeat included.
+        let due = t0 + SEEN_REFRESH + Duration::from_secs(1);
+        assert!(needs_write(Some(&written), &next, due));
+        // A change is written at once.
+        let mut down = heartbeat_at(later);
+        down.proxies[0].state = TunnelState::Connecting;
+        let changed = compose(&spec, Some(&down), Some(&written), later);
+        assert!(needs_write(Some(&written), &changed, later));
+        // A status read back without a stamp (written by an older operator) is stamped.
+        written.observed_at = None;
+        assert!(needs_write(Some(&written), &next, later));
     }
 }

@@ -22,6 +22,7 @@
 //! removed at the next start.
 #![allow(dead_code)]
 
+pub mod api_writes;
 mod certs;
 mod procs;
 mod server;

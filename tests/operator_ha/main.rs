@@ -9,8 +9,10 @@
 //!   touches the ReverseTunnel.
 //! - [`failover`]: two operators share a Lease; the leader dies by
 //!   SIGKILL and the standby holds the Lease, and the tunnels, within a bound.
-//! - [`quiet`]: a Connected ReverseTunnel writes nothing to the API over a quiet
-//!   minute but the Lease renewals, counted by the API server's own `apiserver_request_total`.
+//! - [`quiet`]: a Connected ReverseTunnel writes nothing to the API over a quiet minute but
+//!   the Lease renewals and one `observedAt` stamp, counted by the API server's own
+//!   `apiserver_request_total`; once the operator is killed, `kubectl get rt`'s `SEEN` passes a
+//!   minute.
 //!
 //! The proxies and the operators listen on port 0 and print what they got; haproxy adopts a
 //! listener the test bound (`bind fd@3`), and proxies join it through its runtime API. The API

@@ -1,52 +1,76 @@
-//! A Connected ReverseTunnel writes nothing over a quiet minute but the Lease renewals.
+//! The leaf at rest. Over a quiet minute a Connected ReverseTunnel costs the Lease renewals and
+//! at most one status write: the `observedAt` stamp behind `kubectl get rt`'s `SEEN` column.
+//! When the operator dies (kill -9), nothing can say so, and `SEEN` says it instead: within a
+//! minute it passes a minute, while the rest of the row still shows the dead operator's last
+//! word.
 
 use super::*;
+use common::api_writes::{since, total, write_counts};
+use tether::operator::crd::ReverseTunnelStatus;
+use tether::operator::status::SEEN_REFRESH;
 
-const WRITE_VERBS: [&str; 6] = [
-    "POST",
-    "PUT",
-    "PATCH",
-    "APPLY",
-    "DELETE",
-    "DELETECOLLECTION",
-];
 /// The quiet window.
 const QUIET: Duration = Duration::from_secs(60);
 /// `tether operator`'s default Lease: 15 s, renewed 5 s before expiry, so every 10 s.
 const RENEWAL: Duration = Duration::from_secs(10);
+/// The oldest `SEEN` a live operator shows: the refresh, the second the stamp drops, and a
+/// loaded machine's lateness in writing.
+const FRESH: Duration = SEEN_REFRESH.saturating_add(Duration::from_secs(3));
 
-/// `apiserver_request_total` of write verbs, by `resource[/subresource] VERB CODE`.
-async fn write_counts(client: &Client) -> BTreeMap<String, f64> {
-    let request = http::Request::get("/metrics")
-        .body(Vec::new())
-        .expect("request");
-    let text = client.request_text(request).await.expect("GET /metrics");
-    let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_owned())))
-        .expect("Prometheus text");
-    let mut counts = BTreeMap::new();
-    for sample in scrape
-        .samples
-        .iter()
-        .filter(|s| s.metric == "apiserver_request_total")
-    {
-        let label = |name: &str| sample.labels.get(name).unwrap_or_default().to_owned();
-        let verb = label("verb");
-        if !WRITE_VERBS.contains(&verb.as_str()) {
-            continue;
-        }
-        let mut resource = label("resource");
-        let sub = label("subresource");
-        if !sub.is_empty() {
-            resource = format!("{resource}/{sub}");
-        }
-        let prometheus_parse::Value::Counter(v) = sample.value else {
-            continue;
-        };
-        *counts
-            .entry(format!("{resource} {verb} {}", label("code")))
-            .or_default() += v;
+/// A status without what moves on its own (the stamp, heartbeat times).
+fn settled(status: Option<&ReverseTunnelStatus>) -> Option<ReverseTunnelStatus> {
+    let mut s = status?.clone();
+    s.observed_at = None;
+    s.last_heartbeat = None;
+    for p in &mut s.proxies {
+        p.last_heartbeat = None;
     }
-    counts
+    Some(s)
+}
+
+fn stamp(rt: &ReverseTunnel) -> std::time::SystemTime {
+    let text = rt.status.as_ref().and_then(|s| s.observed_at.as_deref());
+    humantime::parse_rfc3339(text.expect("observedAt")).expect("RFC 3339 observedAt")
+}
+
+/// `kubectl`'s age (`45s`, `2m5s`, `7m`, `3h`, `2d`) as a duration.
+fn parse_age(age: &str) -> Option<Duration> {
+    let mut total = 0u64;
+    let mut number = String::new();
+    for c in age.chars() {
+        if c.is_ascii_digit() {
+            number.push(c);
+            continue;
+        }
+        let n: u64 = std::mem::take(&mut number).parse().ok()?;
+        total += n * match c {
+            's' => 1,
+            'm' => 60,
+            'h' => 3600,
+            'd' => 86400,
+            'y' => 365 * 86400,
+            _ => return None,
+        };
+    }
+    number.is_empty().then_some(Duration::from_secs(total))
+}
+
+/// STATUS, PROXIES and SEEN of the example's row in `kubectl get rt`.
+async fn row(cp: &'static ControlPlane, ns: &str) -> Option<(String, String, Duration)> {
+    let table = kubectl(cp, args(&["get", "rt", "-n", ns])).await;
+    let mut lines = table.lines();
+    let header: Vec<&str> = lines.next()?.split_whitespace().collect();
+    let col = |name: &str| header.iter().position(|c| *c == name);
+    let (status, proxies, seen) = (col("STATUS")?, col("PROXIES")?, col("SEEN")?);
+    let row: Vec<&str> = lines
+        .find(|l| l.split_whitespace().next() == Some(RT))?
+        .split_whitespace()
+        .collect();
+    Some((
+        row.get(status)?.to_string(),
+        row.get(proxies)?.to_string(),
+        parse_age(row.get(seen)?)?,
+    ))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -78,7 +102,7 @@ async fn steady_state_is_quiet() {
         .resource_version
         .expect("rv");
     let renewals: Arc<Mutex<BTreeMap<String, u32>>> = Arc::default();
-    let watcher = tokio::spawn({
+    let lease_watch = tokio::spawn({
         let renewals = renewals.clone();
         async move {
             let mut stream = leases
@@ -94,54 +118,92 @@ async fn steady_state_is_quiet() {
             }
         }
     });
-
     let before = write_counts(&client).await;
+    // Every change of the ReverseTunnel during the window.
+    let rts: Api<ReverseTunnel> = Api::namespaced(client.clone(), &ns);
+    let first = rts.get(RT).await.expect("the ReverseTunnel");
+    let rt_version = first.resource_version().expect("rv");
+    let changes: Arc<Mutex<Vec<ReverseTunnel>>> = Arc::default();
+    let rt_watch = tokio::spawn({
+        let (rts, changes) = (rts.clone(), changes.clone());
+        async move {
+            let mut stream = rts
+                .watch(&WatchParams::default(), &rt_version)
+                .await
+                .expect("watch reversetunnels")
+                .boxed();
+            while let Ok(Some(event)) = stream.try_next().await {
+                if let WatchEvent::Added(rt) | WatchEvent::Modified(rt) = event {
+                    changes.lock().expect("lock").push(rt);
+                }
+            }
+        }
+    });
+
     let started = Instant::now();
     tokio::time::sleep(QUIET).await;
     let after = write_counts(&client).await;
     let window = started.elapsed();
-    // A Lease write made just before the scrape may reach the watch a moment later.
+    // A write made just before the scrape may reach a watch a moment later.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    watcher.abort();
+    lease_watch.abort();
+    rt_watch.abort();
     operator.assert_running();
 
-    let mut writes: BTreeMap<String, f64> = BTreeMap::new();
-    for (key, v) in &after {
-        let d = v - before.get(key).copied().unwrap_or(0.0);
-        if d > 0.0 {
-            writes.insert(key.clone(), d);
-        }
-    }
+    let writes = since(&before, &after);
+    // The counters do see ReverseTunnel status writes: the Connected status got there so.
+    assert!(
+        total(&before, "reversetunnels/status") > 0.0,
+        "no ReverseTunnel status write counted ever: {before:?}"
+    );
     let renewals = renewals.lock().expect("lock").clone();
+    let changes = changes.lock().expect("lock").clone();
     eprintln!(
         "[{ns}] API writes in a quiet {window:?} with a Connected ReverseTunnel \
          (apiserver_request_total, resource VERB code: count): {writes:?}"
     );
     eprintln!("[{ns}] Lease writes seen by a watch, by Lease: {renewals:?}");
-    let total = |resource: &str| -> f64 {
-        writes
-            .iter()
-            .filter(|(k, _)| {
-                let r = k.split_whitespace().next().unwrap_or_default();
-                r == resource || r.starts_with(&format!("{resource}/"))
-            })
-            .map(|(_, v)| v)
-            .sum()
-    };
-    assert_eq!(
-        total("reversetunnels"),
-        0.0,
-        "ReverseTunnel writes: {writes:?}"
-    );
     let others: Vec<&String> = writes
         .keys()
-        .filter(|k| !k.starts_with("leases "))
+        .filter(|k| !k.starts_with("leases ") && !k.starts_with("reversetunnels/status "))
         .collect();
     assert!(
         others.is_empty(),
-        "writes besides Lease renewals: {writes:?}"
+        "writes besides Lease renewals and status stamps: {writes:?}"
     );
-    assert_eq!(total("events"), 0.0, "Event writes: {writes:?}");
+    assert_eq!(total(&writes, "events"), 0.0, "Event writes: {writes:?}");
+    // Each ReverseTunnel write restamped an unchanged status, a full refresh after the last
+    // stamp, and every write counted was one the watch saw (none rewrote a status as it was,
+    // which would change nothing and so go unseen).
+    let mut stamps = vec![stamp(&first)];
+    for rt in &changes {
+        assert_eq!(
+            settled(rt.status.as_ref()),
+            settled(first.status.as_ref()),
+            "the status changed in the quiet minute"
+        );
+        stamps.push(stamp(rt));
+    }
+    for pair in stamps.windows(2) {
+        let gap = pair[1].duration_since(pair[0]).unwrap_or_default();
+        assert!(gap >= SEEN_REFRESH, "restamped after {gap:?}: {stamps:?}");
+    }
+    // (A stamp at an edge of the window, between a scrape and the watch's start or end, may be
+    // counted and not seen or the reverse: one at most, stamps being a minute apart.)
+    let counted = total(&writes, "reversetunnels");
+    assert!(
+        (counted - changes.len() as f64).abs() <= 1.0,
+        "ReverseTunnel writes {writes:?}, changes seen {}",
+        changes.len()
+    );
+    eprintln!(
+        "[{ns}] ReverseTunnel status writes in {window:?}: {counted} counted, {} seen, stamps {:?}",
+        changes.len(),
+        stamps
+            .iter()
+            .map(|t| humantime::format_rfc3339_seconds(*t).to_string())
+            .collect::<Vec<_>>()
+    );
     // The operator's Lease: one renewal per period, no more.
     let ours = renewals.get(&format!("{ns}/{LEASE}")).copied().unwrap_or(0);
     let expected = (window.as_secs_f64() / RENEWAL.as_secs_f64()).round() as u32;
@@ -154,7 +216,7 @@ async fn steady_state_is_quiet() {
         "{ours} renewals of the operator's Lease in {window:?}, expected {expected}"
     );
     // Every Lease write the API server counted is one of the renewals the watch saw.
-    let lease_writes = total("leases");
+    let lease_writes = total(&writes, "leases");
     let seen: u32 = renewals.values().sum();
     assert!(
         lease_writes <= f64::from(seen),
@@ -165,4 +227,35 @@ async fn steady_state_is_quiet() {
         tunnels,
         "tunnels changed in the quiet minute"
     );
+
+    // While the operator lives, SEEN stays within the refresh; once it is gone, SEEN passes it
+    // within a refresh (the rest of the row cannot change: nobody is left to write it).
+    let (_, _, seen_alive) = row(cp, &ns).await.expect("a row with SEEN");
+    assert!(
+        seen_alive <= FRESH,
+        "SEEN {seen_alive:?} with a live operator"
+    );
+    operator.signal(libc::SIGKILL);
+    operator.exited().await;
+    let killed = Instant::now();
+    let deadline = FRESH + Duration::from_secs(10);
+    let stale = loop {
+        let now = row(cp, &ns).await;
+        if let Some((status, proxies, seen)) = &now
+            && *seen > FRESH
+        {
+            break (status.clone(), proxies.clone(), *seen);
+        }
+        assert!(
+            killed.elapsed() < deadline,
+            "SEEN still {now:?} {:?} after the operator died",
+            killed.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    eprintln!(
+        "[{ns}] {:?} after kill -9 of the operator, kubectl get rt: {stale:?} (SEEN past {FRESH:?})",
+        killed.elapsed()
+    );
+    assert!(killed.elapsed() <= FRESH + Duration::from_secs(5));
 }

@@ -2,6 +2,10 @@
 //! in its spec, so every proxy replica trusts the leaf's agents); each proxy replica writes its
 //! own entry of the status by server-side apply, under its own field manager, and one replica
 //! (the lowest live ID) keeps the summary fields in step with the entries.
+//!
+//! No status field is refreshed on a timer (that would cost writes per leaf at rest): entries
+//! change when tunnels do, and a replica's entries are vouched for by its ready endpoint, not
+//! by a timestamp (see `operator::root::holdings`).
 
 #![allow(
     clippy::duplicated_attributes,
@@ -28,7 +32,7 @@ use serde::{Deserialize, Serialize};
         name = "Status",
         type_ = "string",
         json_path = ".status.connection",
-        description = "Online when some replica holds a tunnel with on-time heartbeats"
+        description = "Online when some live replica holds a tunnel with on-time heartbeats"
     ),
     printcolumn(
         name = "Held By",
@@ -38,9 +42,10 @@ use serde::{Deserialize, Serialize};
     ),
     printcolumn(name = "Tunnels", type_ = "integer", json_path = ".status.tunnels"),
     printcolumn(
-        name = "Last Heartbeat",
+        name = "Since",
         type_ = "date",
-        json_path = ".status.lastHeartbeat"
+        json_path = ".status.since",
+        description = "When the leaf last went Online or Offline"
     ),
     printcolumn(
         name = "Age",
@@ -79,10 +84,11 @@ pub struct ProxyHolding {
     pub connection: Connection,
     /// How many tunnels from the leaf it holds.
     pub tunnels: u32,
-    /// That replica's latest heartbeat from the leaf (RFC 3339), refreshed at most every few
-    /// minutes to keep a steady state free of writes.
+    /// When this entry last changed (RFC 3339): a tunnel came or went, or the connection
+    /// turned. Never refreshed while nothing changes, so a steady root makes no writes; the
+    /// replica's ready endpoint, not this time, says the entry is current.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub last_heartbeat: Option<String>,
+    pub since: Option<String>,
 }
 
 /// Which replicas hold the leaf's tunnels: one entry per replica, and a summary of them.
@@ -103,7 +109,7 @@ pub struct RemoteClusterStatus {
     /// Summary of `proxies`: tunnels in total.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tunnels: Option<u32>,
-    /// Summary of `proxies`: the latest heartbeat any replica reported (RFC 3339).
+    /// When `connection` last changed (RFC 3339), as a condition's `lastTransitionTime`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub last_heartbeat: Option<String>,
+    pub since: Option<String>,
 }

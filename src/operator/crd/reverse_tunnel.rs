@@ -53,10 +53,10 @@ pub const DURATION_PATTERN: &str = r"^([0-9]+(ms|s|m|h))+$";
         description = "Proxies with a live tunnel / proxies expected"
     ),
     printcolumn(
-        name = "Last Heartbeat",
+        name = "Seen",
         type_ = "date",
-        json_path = ".status.lastHeartbeat",
-        description = "The latest heartbeat any proxy answered"
+        json_path = ".status.observedAt",
+        description = "When the operator last confirmed this status; refreshed every minute, so an older age means no operator carries the tunnel"
     ),
     printcolumn(
         name = "Age",
@@ -171,9 +171,16 @@ pub struct ReverseTunnelStatus {
     /// `connected/expected`, for `kubectl get`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub proxies_ready: Option<String>,
-    /// The latest heartbeat any proxy answered (RFC 3339), for `kubectl get`.
+    /// The latest heartbeat any proxy answered (RFC 3339), as of `observedAt`: heartbeats
+    /// alone cause no write, so this is up to a few minutes old.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_heartbeat: Option<String>,
+    /// When the operator carrying the tunnel last confirmed this status (RFC 3339): stamped
+    /// on every write and refreshed at least every minute while nothing changes, so its age
+    /// (`kubectl get rt`, column `SEEN`) passing a minute means no operator runs the agent and
+    /// the rest of the status is a dead process's last word.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_at: Option<String>,
     /// `Ready` (the tunnel serves dials) and `Degraded` (some proxies are missing).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]

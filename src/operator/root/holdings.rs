@@ -2,21 +2,40 @@
 //!
 //! Every replica writes only its own entry of `status.proxies` (a list keyed by `proxyId`) by
 //! server-side apply under its own field manager, so replicas never overwrite each other and
-//! need no coordination. An entry is written when its tunnel count or connection changes,
-//! and its heartbeat time refreshed at most every [`HEARTBEAT_REFRESH`], so a steady root
-//! makes no writes. When a replica holds no tunnel from a leaf, it applies nothing for it and
-//! its entry goes away.
+//! need no coordination.
 //!
-//! A replica that dies without removing its entries (kill -9, node loss) leaves them behind;
-//! when proxies follow their Service's endpoints, the live replica with the lowest ID removes
-//! entries of replicas no longer among the endpoints, whenever that set changes.
+//! **Writes follow state, not time.** An entry says how many tunnels the replica holds from
+//! the leaf and whether they keep their heartbeats; it is written when that changes (a tunnel
+//! up or down, Online ↔ Offline) and never refreshed on a timer. A steady root therefore makes
+//! no `RemoteCluster` writes at all, however many leaves it serves:
+//!
+//! ```text
+//!                        writes at rest, 3 replicas
+//!   heartbeat refresh     3 × leaves / 300 s   (1,000 leaves: 10 writes/s)
+//!   state changes only    0                    (what this module does)
+//! ```
+//!
+//! What the entry no longer proves by a fresh timestamp, the replica's liveness proves: the
+//! replicas follow their Service's ready endpoints (`--peers-service`), an entry counts only
+//! while its replica is among them, and the live replica with the lowest ID removes the
+//! entries of any replica that is not (a dead or frozen pod loses its endpoint when its
+//! readiness probe fails). A replica that is not among the ready endpoints itself withdraws
+//! its entries rather than have them pruned and rewritten.
+//!
+//! **Desired versus observed.** Each pass compares the entries this replica wants (from its
+//! live sites) with the entries the `RemoteCluster` objects actually carry (the trust
+//! follower's reflector store), and writes only the difference. An entry removed by someone
+//! else (a prune that raced a restart) is therefore written again, and the replica's own
+//! write, coming back through the watch, finds nothing left to do. A write the watch has not
+//! shown yet is remembered for [`STORE_LAG`], so a pass woken before the watch caught up does
+//! not repeat it.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use kube::Api;
-use kube::api::{ListParams, Patch, PatchParams};
+use kube::api::{Patch, PatchParams};
 use kube::runtime::reflector::Store;
 use serde_json::json;
 use tokio::sync::watch;
@@ -27,24 +46,26 @@ use crate::operator::crd::RemoteCluster;
 use crate::operator::crd::remote_cluster::{Connection, ProxyHolding};
 use crate::proxy::{ProxyServer, SiteInfo, SiteStatus};
 
-/// How often an unchanged entry's `lastHeartbeat` is refreshed.
-pub const HEARTBEAT_REFRESH: Duration = Duration::from_secs(300);
-/// How often the sites are looked at even without a change notice (offline transitions).
+/// How often the sites are looked at even without a change notice: a tunnel that stops
+/// sending heartbeats turns Offline without any event.
 const RECHECK: Duration = Duration::from_secs(10);
 /// Changes closer together than this are written once.
 const DEBOUNCE: Duration = Duration::from_millis(200);
+/// How long a write may take to come back through the watch before the store is believed
+/// over it.
+pub const STORE_LAG: Duration = Duration::from_secs(5);
 
 /// The field manager of one replica's status writes.
 pub fn field_manager(proxy_id: &str) -> String {
     format!("tether-proxy-{proxy_id}")
 }
 
-/// This replica's entry for one site, or `None` when it holds no tunnel from it.
+/// This replica's entry for one site, or `None` when it holds no tunnel from it. `since` is
+/// left empty: it is stamped when the entry is written.
 pub fn holding(proxy_id: &str, site: &SiteInfo) -> Option<ProxyHolding> {
     if site.tunnels.is_empty() {
         return None;
     }
-    let last = site.tunnels.iter().map(|t| t.last_heartbeat).max();
     Some(ProxyHolding {
         proxy_id: proxy_id.to_owned(),
         connection: if site.status == SiteStatus::Online {
@@ -53,40 +74,80 @@ pub fn holding(proxy_id: &str, site: &SiteInfo) -> Option<ProxyHolding> {
             Connection::Offline
         },
         tunnels: u32::try_from(site.tunnels.len()).unwrap_or(u32::MAX),
-        last_heartbeat: last.map(|t| humantime::format_rfc3339_seconds(t).to_string()),
+        since: None,
     })
 }
 
-/// What was last written for one leaf, and when.
-struct Written {
-    entry: Option<ProxyHolding>,
-    at: SystemTime,
+/// Whether two entries say the same thing (the time they were written aside).
+fn same_state(a: Option<&ProxyHolding>, b: Option<&ProxyHolding>) -> bool {
+    match (a, b) {
+        (None, None) => true,
+        (Some(a), Some(b)) => a.connection == b.connection && a.tunnels == b.tunnels,
+        _ => false,
+    }
 }
 
-fn needs_write(previous: Option<&Written>, entry: Option<&ProxyHolding>, now: SystemTime) -> bool {
-    let Some(previous) = previous else {
-        return entry.is_some();
-    };
-    match (previous.entry.as_ref(), entry) {
-        (None, None) => false,
-        (Some(a), Some(b)) => {
-            a.connection != b.connection
-                || a.tunnels != b.tunnels
-                || now.duration_since(previous.at).unwrap_or_default() >= HEARTBEAT_REFRESH
+/// A write made and not yet seen through the watch.
+#[derive(Debug, Clone)]
+pub struct Pending {
+    /// What was written (`None`: the entry was removed).
+    pub entry: Option<ProxyHolding>,
+    /// When, to stop waiting for the watch after [`STORE_LAG`].
+    pub at: Instant,
+}
+
+/// The writes that bring `proxy_id`'s entries in `remotes` to `desired` (leaf → entry), as
+/// (leaf, entry-or-removal). Leaves without a `RemoteCluster` (trusted statically) get none;
+/// writes in `pending` younger than [`STORE_LAG`] are not repeated. Drops from `pending` the
+/// writes the store now shows.
+pub fn plan(
+    remotes: &[Arc<RemoteCluster>],
+    proxy_id: &str,
+    desired: &BTreeMap<String, ProxyHolding>,
+    pending: &mut BTreeMap<String, Pending>,
+    now: Instant,
+) -> Vec<(String, Option<ProxyHolding>)> {
+    let mut writes = Vec::new();
+    for rc in remotes {
+        let Some(leaf) = rc.metadata.name.as_deref() else {
+            continue;
+        };
+        let actual = rc
+            .status
+            .as_ref()
+            .and_then(|s| s.proxies.iter().find(|p| p.proxy_id == proxy_id));
+        let want = desired.get(leaf);
+        if let Some(p) = pending.get(leaf)
+            && same_state(p.entry.as_ref(), actual)
+        {
+            pending.remove(leaf);
         }
-        _ => true,
+        if same_state(actual, want) {
+            continue;
+        }
+        let awaited = pending.get(leaf).is_some_and(|p| {
+            same_state(p.entry.as_ref(), want) && now.duration_since(p.at) < STORE_LAG
+        });
+        if !awaited {
+            writes.push((leaf.to_owned(), want.cloned()));
+        }
     }
+    // An older pending write no longer holds anything back.
+    pending.retain(|_, p| now.duration_since(p.at) < STORE_LAG);
+    writes
 }
 
 /// The `RemoteCluster` objects as the trust follower sees them, and a bump on each change.
 pub struct Remotes {
+    /// The follower's reflector store: what the objects carry now.
     pub store: Store<RemoteCluster>,
+    /// Bumped after every change the follower applied to `store`.
     pub changed: watch::Receiver<u64>,
 }
 
 /// Writes `proxy`'s entries into the `RemoteCluster` objects of `api` until `shutdown`, then
 /// removes them (best effort). With `prune`, the proxy's peer set is authoritative (it comes
-/// from the Service's endpoints) and entries of departed replicas are removed.
+/// from the Service's ready endpoints): entries count only while their replica is in it.
 pub async fn write_holdings(
     api: Api<RemoteCluster>,
     proxy_id: String,
@@ -95,64 +156,50 @@ pub async fn write_holdings(
     mut remotes: Remotes,
     shutdown: CancellationToken,
 ) {
+    tokio::select! {
+        () = shutdown.cancelled() => return,
+        ready = remotes.store.wait_until_ready() => if ready.is_err() { return },
+    }
     let mut peers = proxy.shared().peers.subscribe();
     let (mut peers_dirty, mut remotes_dirty) = (true, true);
     let params = PatchParams::apply(&field_manager(&proxy_id));
-    let mut written: BTreeMap<String, Written> = BTreeMap::new();
-    // Entries a previous run of this replica left behind are corrected on the first pass.
-    match api.list(&ListParams::default()).await {
-        Ok(list) => {
-            for rc in list {
-                let mine = rc
-                    .status
-                    .and_then(|s| s.proxies.into_iter().find(|p| p.proxy_id == proxy_id));
-                if let (Some(name), Some(entry)) = (rc.metadata.name, mine) {
-                    written.insert(
-                        name,
-                        Written {
-                            entry: Some(entry),
-                            at: SystemTime::UNIX_EPOCH,
-                        },
-                    );
-                }
-            }
-        }
-        Err(e) => warn!(error = %e, "listing RemoteClusters"),
-    }
+    let mut pending: BTreeMap<String, Pending> = BTreeMap::new();
     let mut changes = proxy.sites().subscribe();
     loop {
-        let now = SystemTime::now();
-        let mut current: BTreeMap<String, ProxyHolding> = proxy
-            .sites()
-            .list()
-            .iter()
-            .filter_map(|site| Some((site.name.to_string(), holding(&proxy_id, site)?)))
-            .collect();
-        let leaves: Vec<String> = written.keys().chain(current.keys()).cloned().collect();
-        for leaf in leaves {
-            let entry = current.remove(&leaf);
-            if !needs_write(written.get(&leaf), entry.as_ref(), now) {
-                continue;
-            }
+        let live: Vec<String> = peers.borrow().iter().map(|p| p.id.clone()).collect();
+        let vouched = !prune || live.contains(&proxy_id);
+        let desired: BTreeMap<String, ProxyHolding> = if vouched {
+            proxy
+                .sites()
+                .list()
+                .iter()
+                .filter_map(|site| Some((site.name.to_string(), holding(&proxy_id, site)?)))
+                .collect()
+        } else {
+            BTreeMap::new()
+        };
+        let state = remotes.store.state();
+        for (leaf, entry) in plan(&state, &proxy_id, &desired, &mut pending, Instant::now()) {
             match apply(&api, &params, &leaf, entry.as_ref()).await {
                 Ok(()) => {
-                    written.insert(leaf, Written { entry, at: now });
-                }
-                // A leaf trusted without a RemoteCluster (a static trust directory).
-                Err(kube::Error::Api(status)) if status.code == 404 => {
-                    written.insert(leaf, Written { entry, at: now });
+                    debug!(%leaf, ?entry, "wrote this replica's entry");
+                    pending.insert(
+                        leaf,
+                        Pending {
+                            entry,
+                            at: Instant::now(),
+                        },
+                    );
                 }
                 Err(e) => warn!(%leaf, error = %e, "writing RemoteCluster status"),
             }
         }
-        written.retain(|_, w| w.entry.is_some());
-        let live: Vec<String> = peers.borrow().iter().map(|p| p.id.clone()).collect();
         let designated = live.iter().min() == Some(&proxy_id);
-        if designated && prune && peers_dirty {
-            prune_departed(&api, &live).await;
+        if designated && prune && (peers_dirty || remotes_dirty) {
+            prune_departed(&api, &state, &live).await;
         }
         if designated && remotes_dirty {
-            super::summary::write_summaries(&api, &remotes.store).await;
+            super::summary::write_summaries(&api, &state, SystemTime::now()).await;
         }
         (peers_dirty, remotes_dirty) = (false, false);
         tokio::select! {
@@ -170,41 +217,56 @@ pub async fn write_holdings(
             () = tokio::time::sleep(RECHECK) => {}
         }
     }
-    for leaf in written.keys() {
-        let removed =
-            tokio::time::timeout(Duration::from_secs(5), apply(&api, &params, leaf, None));
+    withdraw(&api, &params, &remotes.store.state(), &proxy_id).await;
+}
+
+/// Removes this replica's entries on the way out, so they do not wait for a prune.
+async fn withdraw(
+    api: &Api<RemoteCluster>,
+    params: &PatchParams,
+    remotes: &[Arc<RemoteCluster>],
+    proxy_id: &str,
+) {
+    let none = BTreeMap::new();
+    for (leaf, _) in plan(
+        remotes,
+        proxy_id,
+        &none,
+        &mut BTreeMap::new(),
+        Instant::now(),
+    ) {
+        let removed = tokio::time::timeout(Duration::from_secs(5), apply(api, params, &leaf, None));
         if !matches!(removed.await, Ok(Ok(()))) {
             debug!(%leaf, "could not remove this replica's status entry");
         }
     }
 }
 
-/// Removes the entries of replicas not in `live` from every `RemoteCluster`. Each removal
-/// tests the entry's ID first, so a list changed meanwhile makes the patch fail harmlessly.
-async fn prune_departed(api: &Api<RemoteCluster>, live: &[String]) {
-    let list = match api.list(&ListParams::default()).await {
-        Ok(list) => list,
-        Err(e) => {
-            warn!(error = %e, "listing RemoteClusters to prune departed replicas");
-            return;
+/// The JSON patch removing the entries of replicas not in `live` from one status, or `None`
+/// when there are none. Each removal tests the entry's ID first, so a list changed meanwhile
+/// makes the patch fail harmlessly.
+pub fn prune_patch(rc: &RemoteCluster, live: &[String]) -> Option<serde_json::Value> {
+    let proxies = &rc.status.as_ref()?.proxies;
+    let mut ops = Vec::new();
+    for (i, entry) in proxies.iter().enumerate().rev() {
+        if !live.contains(&entry.proxy_id) {
+            let path = format!("/status/proxies/{i}");
+            ops.push(
+                json!({"op": "test", "path": format!("{path}/proxyId"), "value": entry.proxy_id}),
+            );
+            ops.push(json!({"op": "remove", "path": path}));
         }
-    };
-    for rc in list {
-        let (Some(name), Some(status)) = (rc.metadata.name, rc.status) else {
+    }
+    (!ops.is_empty()).then_some(serde_json::Value::Array(ops))
+}
+
+/// Removes the entries of replicas not in `live` from every `RemoteCluster` in `remotes`.
+async fn prune_departed(api: &Api<RemoteCluster>, remotes: &[Arc<RemoteCluster>], live: &[String]) {
+    for rc in remotes {
+        let (Some(name), Some(ops)) = (rc.metadata.name.as_deref(), prune_patch(rc, live)) else {
             continue;
         };
-        let mut ops = Vec::new();
-        for (i, entry) in status.proxies.iter().enumerate().rev() {
-            if !live.contains(&entry.proxy_id) {
-                let path = format!("/status/proxies/{i}");
-                ops.push(json!({"op": "test", "path": format!("{path}/proxyId"), "value": entry.proxy_id}));
-                ops.push(json!({"op": "remove", "path": path}));
-            }
-        }
-        if ops.is_empty() {
-            continue;
-        }
-        let patch: json_patch::Patch = match serde_json::from_value(serde_json::Value::Array(ops)) {
+        let patch: json_patch::Patch = match serde_json::from_value(ops) {
             Ok(p) => p,
             Err(e) => {
                 warn!(error = %e, "building a prune patch");
@@ -212,7 +274,7 @@ async fn prune_departed(api: &Api<RemoteCluster>, live: &[String]) {
             }
         };
         match api
-            .patch_status(&name, &PatchParams::default(), &Patch::<()>::Json(patch))
+            .patch_status(name, &PatchParams::default(), &Patch::<()>::Json(patch))
             .await
         {
             Ok(_) => debug!(leaf = %name, "removed entries of departed replicas"),
@@ -221,14 +283,21 @@ async fn prune_departed(api: &Api<RemoteCluster>, live: &[String]) {
     }
 }
 
-/// Applies this replica's entry for `leaf`; `None` drops it.
+/// Applies this replica's entry for `leaf`, stamped with the time of writing; `None` drops it.
 async fn apply(
     api: &Api<RemoteCluster>,
     params: &PatchParams,
     leaf: &str,
     entry: Option<&ProxyHolding>,
 ) -> Result<(), kube::Error> {
-    let proxies: Vec<&ProxyHolding> = entry.into_iter().collect();
+    let since = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
+    let proxies: Vec<ProxyHolding> = entry
+        .map(|e| ProxyHolding {
+            since: Some(since),
+            ..e.clone()
+        })
+        .into_iter()
+        .collect();
     let patch = json!({
         "apiVersion": "tether.dev/v1alpha1",
         "kind": "RemoteCluster",
@@ -241,44 +310,5 @@ async fn apply(
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn entry(tunnels: u32, connection: Connection) -> ProxyHolding {
-        ProxyHolding {
-            proxy_id: "p1".into(),
-            connection,
-            tunnels,
-            last_heartbeat: None,
-        }
-    }
-
-    #[test]
-    fn writes_only_changes_and_rare_heartbeat_refreshes() {
-        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
-        let online = entry(1, Connection::Online);
-        assert!(needs_write(None, Some(&online), t0));
-        assert!(!needs_write(None, None, t0));
-        let w = Written {
-            entry: Some(online.clone()),
-            at: t0,
-        };
-        assert!(!needs_write(
-            Some(&w),
-            Some(&online),
-            t0 + Duration::from_secs(60)
-        ));
-        assert!(needs_write(Some(&w), Some(&online), t0 + HEARTBEAT_REFRESH));
-        assert!(needs_write(
-            Some(&w),
-            Some(&entry(2, Connection::Online)),
-            t0
-        ));
-        assert!(needs_write(
-            Some(&w),
-            Some(&entry(1, Connection::Offline)),
-            t0
-        ));
-        assert!(needs_write(Some(&w), None, t0));
-    }
-}
+#[path = "holdings_tests.rs"]
+mod tests;

@@ -3,7 +3,15 @@
 //! - [`tokens`]: join tokens in Secrets, joined leaves recorded as `RemoteCluster` objects
 //!   (the proxy's [`JoinAuthority`](crate::proxy::JoinAuthority));
 //! - [`trust`]: the proxy's trust store follows those `RemoteCluster` objects;
-//! - [`holdings`]: each replica reports in `RemoteCluster` status which leaves it holds.
+//! - [`holdings`]: each replica reports in `RemoteCluster` status which leaves it holds,
+//!   written when that changes, never on a timer; the lowest live replica prunes the entries
+//!   of replicas gone from the Service's ready endpoints;
+//! - [`summary`]: the lowest live replica keeps the columns of `kubectl get remoteclusters`
+//!   in step with the entries.
+//!
+//! A steady root writes nothing to the API, whatever the number of leaves: a replica's
+//! liveness is its pod's readiness (its EndpointSlice, which the kubelet and the endpoint
+//! controller keep), not a timestamp each replica would refresh in every leaf's object.
 //!
 //! Everything lives in the proxies' own namespace, so their RBAC is a namespaced Role.
 
@@ -26,8 +34,10 @@ use crate::proxy::ProxyServer;
 pub use tokens::KubeJoinAuthority;
 
 /// Follows `RemoteCluster` objects into `proxy`'s trust store (its recorded source; the static
-/// trust stays as configured) and writes this replica's status entries, until `shutdown`. `prune`: the proxy's peers come from its
-/// Service's endpoints, so departed replicas' entries may be removed.
+/// trust stays as configured) and writes this replica's status entries, until `shutdown`.
+/// `prune`: the proxy's peers come from its Service's ready endpoints, so they vouch for the
+/// entries: departed replicas' entries are removed, and a replica not among them withdraws its
+/// own.
 pub async fn run(
     client: Client,
     namespace: String,
