@@ -85,6 +85,7 @@ impl Pki {
             heartbeat_interval: Duration::from_secs(15),
             connect_timeout: Duration::from_secs(10),
             dial_timeout: Duration::from_secs(10),
+            resolver: Default::default(),
             backoff: Backoff::default(),
             stream: StreamLimits::default(),
         })

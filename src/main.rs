@@ -73,7 +73,8 @@ struct JoinTokenArgs {
 
 #[derive(Subcommand)]
 enum CaCommand {
-    /// Create a CA key pair: OUT (private, mode 0600) and OUT.pub.
+    /// Create a CA key pair: OUT (private, mode 0600) and OUT.pub. Refuses to replace an
+    /// existing CA unless --force is given.
     Init {
         /// The cluster the CA belongs to.
         #[arg(long)]
@@ -81,6 +82,10 @@ enum CaCommand {
         /// Path of the private key to write.
         #[arg(long)]
         out: PathBuf,
+        /// Replace OUT and OUT.pub if they exist: every certificate the old CA issued
+        /// stops being trusted.
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -98,6 +103,9 @@ struct CaRef {
     /// How long the certificate is valid.
     #[arg(long, default_value = "90d", value_parser = humantime::parse_duration)]
     validity: Duration,
+    /// Replace OUT, OUT.pub and OUT-cert.pub if they exist.
+    #[arg(long)]
+    force: bool,
 }
 
 #[derive(Subcommand)]
@@ -201,9 +209,20 @@ fn main() -> anyhow::Result<()> {
 async fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Demo => tether::demo::run().await,
-        Command::Ca(CaCommand::Init { cluster, out }) => {
+        Command::Ca(CaCommand::Init {
+            cluster,
+            out,
+            force,
+        }) => {
             let ca = CertificateAuthority::generate(cluster)?;
-            ca.save(&out)?;
+            if force {
+                ca.save(&out)?;
+            } else {
+                ca.save_new(&out).context(
+                    "refusing to replace a CA key: every certificate it issued would stop \
+                     being trusted (pass --force to replace it anyway)",
+                )?;
+            }
             println!(
                 "wrote {} and {}.pub ({})",
                 out.display(),
@@ -233,7 +252,9 @@ async fn run(command: Command) -> anyhow::Result<()> {
             );
             print!("{}", serde_yaml::to_string(&secret)?);
             eprintln!(
-                "join token {} ({}); on the leaf:\n  kubectl create secret generic root-join-token --from-literal=token={}",
+                "join token {} ({}): {}\non the leaf, save it in a file (not on a command line, \
+                 where `ps` shows it) and run:\n  kubectl create secret generic root-join-token \
+                 --from-file=token=TOKEN_FILE",
                 token,
                 if args.reusable {
                     "reusable"
@@ -261,17 +282,46 @@ struct ForwardArgs {
     /// The client's name in the entry's token file.
     #[arg(long, env = "TETHER_USER")]
     user: String,
-    /// The client's token.
-    #[arg(long, env = "TETHER_TOKEN", hide_env_values = true)]
-    token: String,
+    /// File holding the client's token (mode 0600). Without it the token is read from the
+    /// TETHER_TOKEN environment variable; it is never taken as an argument, since every
+    /// local user can read a process's arguments (`ps`).
+    #[arg(long, env = "TETHER_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+    /// Refused: a token on the command line is visible in `ps`.
+    #[arg(long, hide = true)]
+    token: Option<String>,
+}
+
+/// The environment variable `tether forward` reads the client token from.
+const TOKEN_ENV: &str = "TETHER_TOKEN";
+
+/// The client token for `tether forward`: from `--token-file`, else from [`TOKEN_ENV`].
+fn forward_token(args: &ForwardArgs) -> anyhow::Result<String> {
+    if args.token.is_some() {
+        anyhow::bail!(
+            "--token is refused: a token on the command line is visible to every local user \
+             in `ps`; put it in a file for --token-file FILE or in the {TOKEN_ENV} \
+             environment variable"
+        );
+    }
+    let token = match &args.token_file {
+        Some(path) => cli::read_secret_file(path)?,
+        None => std::env::var(TOKEN_ENV).map_err(|_| {
+            anyhow::anyhow!("no client token: pass --token-file FILE or set {TOKEN_ENV}")
+        })?,
+    };
+    let token = token.trim().to_owned();
+    anyhow::ensure!(!token.is_empty(), "the client token is empty");
+    Ok(token)
 }
 
 async fn run_forward(args: ForwardArgs) -> anyhow::Result<()> {
     let target = Target::parse(&args.to)?;
+    let token = forward_token(&args)?;
     let config = tether::forward::ForwardConfig {
         entry: args.entry,
         user: args.user,
-        token: args.token,
+        token,
         target,
         connect_timeout: Duration::from_secs(30),
     };
@@ -305,7 +355,13 @@ fn issue(command: CertCommand) -> anyhow::Result<()> {
             )
         }
     };
-    identity.save(&ca_ref.out)?;
+    if ca_ref.force {
+        identity.save(&ca_ref.out)?;
+    } else {
+        identity
+            .save_new(&ca_ref.out)
+            .context("refusing to replace an existing key (pass --force to replace it)")?;
+    }
     println!(
         "wrote {0} and {0}-cert.pub (key id {1:?})",
         ca_ref.out.display(),
@@ -332,6 +388,7 @@ async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
         heartbeat_interval: args.heartbeat_interval,
         connect_timeout: Duration::from_secs(15),
         dial_timeout: args.dial_timeout,
+        resolver: Default::default(),
         backoff: Backoff::default(),
         stream: StreamLimits::default(),
     };

@@ -7,6 +7,7 @@ use arc_swap::ArcSwap;
 use russh::keys::PublicKey;
 
 use super::allow_list::AllowList;
+use super::connect::Resolver;
 use crate::identity::Identity;
 use crate::protocol::ClusterName;
 use crate::stream::StreamLimits;
@@ -67,6 +68,9 @@ pub struct AgentConfig {
     pub connect_timeout: Duration,
     /// Timeout for connecting to a dialled target.
     pub dial_timeout: Duration,
+    /// How dialled host names are resolved: the system resolver, or a fixed answer in tests
+    /// that make a name resolve to chosen addresses (the allow-list judges every answer).
+    pub resolver: Resolver,
     /// Reconnection pacing.
     pub backoff: Backoff,
     /// Flow control of each stream.

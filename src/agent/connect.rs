@@ -2,20 +2,91 @@
 //! it at most once, and connect only to the addresses that were checked.
 //!
 //! Checking a name and then letting the OS resolve it again at connect time would let a
-//! DNS answer change between check and use; so names are resolved here, the resulting
-//! addresses are judged, and exactly those socket addresses are dialled.
+//! DNS answer change between check and use (Kubernetes CVE-2020-8562); so names are
+//! resolved here, once, every resulting address is judged, and exactly those socket
+//! addresses are dialled:
+//!
+//! ```text
+//!   "db.internal:5432" --resolve once--> [a1, a2, a3]
+//!                                          | permits_resolved(each)
+//!                                          v
+//!                                        [a1, a3] --connect in order--> first that accepts
+//!                                        []       --> Forbidden "resolves only to addresses
+//!                                                     no host rule may reach"
+//! ```
+//!
+//! A host rule vouches for a name, not for whatever the name resolves to: loopback and
+//! link-local answers (and the never-allowed ones) are skipped unless an address rule names
+//! them (see the allow-list's module docs). Error messages go back to the root's clients
+//! (403 bodies, SSH reason text), so they say what was refused and why but never repeat the
+//! leaf's DNS answers; those are logged at debug level on the leaf only.
 
 use std::fmt;
 use std::io;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpStream;
 
-use super::allow_list::{
-    AllowList, canonical_ip, is_numeric_host_form, never_allowed_reason, normalise_name,
-};
+use super::allow_list::{AllowList, canonical_ip, is_numeric_host_form, never_allowed_reason};
+use super::allow_list::{normalise_name, restricted_range};
 use crate::protocol::{DialError, DialErrorKind};
+
+/// A name lookup given as a function value: host and port in, socket addresses out.
+type LookupFn = dyn Fn(&str, u16) -> io::Result<Vec<SocketAddr>> + Send + Sync;
+
+/// How the connector turns a host name into addresses: the system resolver by default, or a
+/// function (tests make a name resolve to chosen addresses without touching `/etc/hosts`).
+#[derive(Clone, Default)]
+pub struct Resolver {
+    /// The replacement lookup; `None` asks the system resolver (`getaddrinfo`).
+    lookup: Option<Arc<LookupFn>>,
+}
+
+impl fmt::Debug for Resolver {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self.lookup {
+            None => "Resolver(system)",
+            Some(_) => "Resolver(custom)",
+        })
+    }
+}
+
+impl Resolver {
+    /// The system resolver (`getaddrinfo`, through tokio's blocking pool).
+    pub fn system() -> Self {
+        Self::default()
+    }
+
+    /// A resolver that answers with `lookup(host, port)`.
+    pub fn from_fn(
+        lookup: impl Fn(&str, u16) -> io::Result<Vec<SocketAddr>> + Send + Sync + 'static,
+    ) -> Self {
+        Self {
+            lookup: Some(Arc::new(lookup)),
+        }
+    }
+
+    /// The addresses `host` resolves to, with `port`.
+    pub async fn lookup(&self, host: &str, port: u16) -> io::Result<Vec<SocketAddr>> {
+        match &self.lookup {
+            None => Ok(tokio::net::lookup_host((host, port)).await?.collect()),
+            Some(lookup) => lookup(host, port),
+        }
+    }
+}
+
+/// Connects to `host:port` if `allow` permits it, resolving names with the system resolver;
+/// see [`connect_via`].
+pub async fn connect(
+    allow: &AllowList,
+    host: &str,
+    port: u16,
+    timeout: Duration,
+) -> Result<(TcpStream, SocketAddr), DialError> {
+    connect_via(&Resolver::system(), allow, host, port, timeout).await
+}
 
 /// Connects to `host:port` if `allow` permits it, within `timeout` overall (resolution
 /// included), and returns the stream (with `TCP_NODELAY` set) and the address it reached.
@@ -24,19 +95,22 @@ use crate::protocol::{DialError, DialErrorKind};
 ///   must pass [`AllowList::permits_ip`].
 /// * A non-canonical numeric IPv4 form (`2130706433`, `0177.0.0.1`, `127.1`, ...) is refused
 ///   before it can reach the resolver, which would read it as an address.
-/// * A name permitted by a host rule is resolved and every resolved address except the
-///   never-allowed ones may be dialled; any other name is resolved and only addresses that
-///   [`AllowList::permits_ip`] are dialled.
+/// * A name is resolved once with `resolver` and only the addresses that pass
+///   [`AllowList::permits_resolved`] are dialled: with a host rule for the name, every
+///   address but the restricted and never-allowed ones; without one, the addresses an
+///   address rule permits.
 ///
 /// The checked addresses are tried in resolver order until one accepts.
-pub async fn connect(
+pub async fn connect_via(
+    resolver: &Resolver,
     allow: &AllowList,
     host: &str,
     port: u16,
     timeout: Duration,
 ) -> Result<(TcpStream, SocketAddr), DialError> {
     let target = Target { host, port };
-    match tokio::time::timeout(timeout, connect_unbounded(allow, target)).await {
+    let attempt = connect_unbounded(resolver, allow, target);
+    match tokio::time::timeout(timeout, attempt).await {
         Ok(result) => result,
         Err(_) => Err(DialError::new(
             DialErrorKind::TimedOut,
@@ -67,32 +141,23 @@ fn forbidden(message: impl Into<String>) -> DialError {
 }
 
 async fn connect_unbounded(
+    resolver: &Resolver,
     allow: &AllowList,
     target: Target<'_>,
 ) -> Result<(TcpStream, SocketAddr), DialError> {
-    let addrs = checked_addresses(allow, target).await?;
+    let addrs = checked_addresses(resolver, allow, target).await?;
     connect_any(target, &addrs).await
 }
 
 /// The socket addresses `target` may be dialled at, in order; never empty on success.
 async fn checked_addresses(
+    resolver: &Resolver,
     allow: &AllowList,
     target: Target<'_>,
 ) -> Result<Vec<SocketAddr>, DialError> {
     let Target { host, port } = target;
     if let Some(ip) = ip_literal(host) {
-        let addr = SocketAddr::new(canonical_ip(ip), port);
-        if let Some(reason) = never_allowed_reason(addr.ip()) {
-            return Err(forbidden(format!(
-                "{addr} is {reason}, which the agent never dials"
-            )));
-        }
-        if !allow.permits_ip(addr.ip(), port) {
-            return Err(forbidden(format!(
-                "{addr} is not in the agent's allow-list"
-            )));
-        }
-        return Ok(vec![addr]);
+        return checked_literal(allow, SocketAddr::new(canonical_ip(ip), port));
     }
     if is_numeric_host_form(host) {
         return Err(forbidden(format!(
@@ -110,38 +175,46 @@ async fn checked_addresses(
             "{target} is not in the agent's allow-list"
         )));
     }
-    let resolved = resolve(target).await?;
-    let (permitted, refused): (Vec<SocketAddr>, Vec<SocketAddr>) =
-        resolved.iter().partition(|addr| {
-            if by_name {
-                never_allowed_reason(addr.ip()).is_none()
-            } else {
-                allow.permits_ip(addr.ip(), port)
-            }
-        });
+    let resolved = resolve(resolver, target).await?;
+    let (permitted, refused): (Vec<SocketAddr>, Vec<SocketAddr>) = resolved
+        .iter()
+        .partition(|addr| allow.permits_resolved(by_name, addr.ip(), port));
+    if !refused.is_empty() {
+        // The answers stay on the leaf: they may describe its private network.
+        tracing::debug!(%target, ?refused, ?permitted, "skipping resolved addresses the allow-list refuses");
+    }
     if permitted.is_empty() {
-        let list = refused
-            .iter()
-            .map(|addr| addr.ip().to_string())
-            .collect::<Vec<_>>()
-            .join(", ");
-        let message = if by_name {
-            format!("{host} resolves only to {list}, which the agent never dials (port {port})")
-        } else if refused.len() == 1 {
+        return Err(forbidden(if by_name {
             format!(
-                "{host} resolves to {list}, which is not in the agent's allow-list for port {port}"
+                "{target} resolves only to addresses no host rule may reach \
+                 (loopback, link-local, unspecified, broadcast or multicast); \
+                 only an address rule naming them permits them"
             )
         } else {
-            format!(
-                "{host} resolves to {list}, none of which is in the agent's allow-list for port {port}"
-            )
-        };
-        return Err(forbidden(message));
-    }
-    if !refused.is_empty() {
-        tracing::debug!(%target, ?refused, "skipping resolved addresses the allow-list refuses");
+            format!("{target} resolves only to addresses outside the agent's allow-list")
+        }));
     }
     Ok(permitted)
+}
+
+/// The one address an IP-literal target may be dialled at, if `allow` permits it.
+fn checked_literal(allow: &AllowList, addr: SocketAddr) -> Result<Vec<SocketAddr>, DialError> {
+    if let Some(reason) = never_allowed_reason(addr.ip()) {
+        return Err(forbidden(format!(
+            "{addr} is {reason}, which the agent never dials"
+        )));
+    }
+    if allow.permits_ip(addr.ip(), addr.port()) {
+        return Ok(vec![addr]);
+    }
+    Err(forbidden(match restricted_range(addr.ip()) {
+        Some(range) => format!(
+            "{addr} is not in the agent's allow-list ({} addresses need an address rule \
+             inside {})",
+            range.what, range.net
+        ),
+        None => format!("{addr} is not in the agent's allow-list"),
+    }))
 }
 
 /// `host` as an IP literal: anything `std` parses as an address, and IPv6 in brackets.
@@ -154,8 +227,9 @@ fn ip_literal(host: &str) -> Option<IpAddr> {
 }
 
 /// Resolves `target` once, canonicalising and de-duplicating the answers in order.
-async fn resolve(target: Target<'_>) -> Result<Vec<SocketAddr>, DialError> {
-    let answers = tokio::net::lookup_host((target.host, target.port))
+async fn resolve(resolver: &Resolver, target: Target<'_>) -> Result<Vec<SocketAddr>, DialError> {
+    let answers = resolver
+        .lookup(target.host, target.port)
         .await
         .map_err(|err| {
             DialError::new(
@@ -211,7 +285,8 @@ async fn connect_any(
     })
 }
 
-/// Maps a connect error to the dial error a caller can act on.
+/// Maps a connect error to the dial error a caller can act on. The message names the
+/// target as requested, never the address a name resolved to (logged at debug instead).
 fn io_error(target: Target<'_>, addr: SocketAddr, err: &io::Error) -> DialError {
     let kind = match err.kind() {
         io::ErrorKind::ConnectionRefused => DialErrorKind::Refused,
@@ -221,288 +296,9 @@ fn io_error(target: Target<'_>, addr: SocketAddr, err: &io::Error) -> DialError 
         | io::ErrorKind::NetworkDown => DialErrorKind::Unreachable,
         _ => DialErrorKind::Other,
     };
-    let via = if ip_literal(target.host) == Some(addr.ip()) {
-        String::new()
-    } else {
-        format!(" (at {addr})")
-    };
-    DialError::new(kind, format!("{target}{via}: {err}"))
+    tracing::debug!(%target, %addr, error = %err, "dial failed");
+    DialError::new(kind, format!("{target}: {err}"))
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    use tokio::net::TcpListener;
-
-    const TIMEOUT: Duration = Duration::from_secs(5);
-
-    fn list(rules: &[String]) -> AllowList {
-        match AllowList::parse(rules) {
-            Ok(list) => list,
-            Err(err) => panic!("{err}"),
-        }
-    }
-
-    /// A loopback listener that echoes one line, and its port.
-    async fn echo_server() -> (u16, tokio::task::JoinHandle<()>) {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let port = listener.local_addr().expect("local addr").port();
-        let task = tokio::spawn(async move {
-            while let Ok((mut stream, _)) = listener.accept().await {
-                tokio::spawn(async move {
-                    let mut buf = [0u8; 64];
-                    if let Ok(n) = stream.read(&mut buf).await {
-                        let _ = stream.write_all(&buf[..n]).await;
-                    }
-                });
-            }
-        });
-        (port, task)
-    }
-
-    /// A loopback port with nothing listening on it.
-    async fn closed_port() -> u16 {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let port = listener.local_addr().expect("local addr").port();
-        drop(listener);
-        port
-    }
-
-    async fn expect_err(allow: &AllowList, host: &str, port: u16) -> DialError {
-        match connect(allow, host, port, TIMEOUT).await {
-            Ok((_, addr)) => panic!("{host}:{port} connected to {addr}"),
-            Err(err) => err,
-        }
-    }
-
-    async fn round_trip(mut stream: TcpStream) {
-        stream.write_all(b"ping").await.expect("write");
-        let mut buf = [0u8; 4];
-        stream.read_exact(&mut buf).await.expect("read");
-        assert_eq!(&buf, b"ping");
-    }
-
-    #[tokio::test]
-    async fn connects_to_permitted_ip() {
-        let (port, server) = echo_server().await;
-        let allow = list(&[format!("127.0.0.1:{port}")]);
-        let (stream, addr) = connect(&allow, "127.0.0.1", port, TIMEOUT)
-            .await
-            .expect("connect");
-        assert_eq!(addr, SocketAddr::from(([127, 0, 0, 1], port)));
-        assert!(stream.nodelay().expect("nodelay"));
-        round_trip(stream).await;
-        server.abort();
-    }
-
-    #[tokio::test]
-    async fn default_list_denies() {
-        let (port, server) = echo_server().await;
-        let allow = AllowList::default();
-        for host in ["127.0.0.1", "localhost"] {
-            let err = expect_err(&allow, host, port).await;
-            assert_eq!(err.kind, DialErrorKind::Forbidden, "{err}");
-        }
-        server.abort();
-    }
-
-    #[tokio::test]
-    async fn ip_not_in_list_is_forbidden() {
-        let allow = list(&["127.0.0.1/32:80".to_owned()]);
-        let err = expect_err(&allow, "127.0.0.2", 80).await;
-        assert_eq!(err.kind, DialErrorKind::Forbidden);
-        assert_eq!(err.message, "127.0.0.2:80 is not in the agent's allow-list");
-        // A port outside the rule's ports.
-        let err = expect_err(&allow, "127.0.0.1", 81).await;
-        assert_eq!(err.kind, DialErrorKind::Forbidden);
-        assert!(err.message.contains("127.0.0.1:81"), "{err}");
-    }
-
-    #[tokio::test]
-    async fn never_allowed_and_mapped_addresses() {
-        let tens = list(&["10.0.0.0/8:*".to_owned(), "0.0.0.0/0:*".to_owned()]);
-        for host in ["0.0.0.0", "::", "[::]", "255.255.255.255", "224.0.0.1"] {
-            let err = expect_err(&tens, host, 80).await;
-            assert_eq!(err.kind, DialErrorKind::Forbidden, "{host}: {err}");
-            assert!(err.message.contains("never dials"), "{err}");
-        }
-        let tens = list(&["10.0.0.0/8:*".to_owned()]);
-        for host in ["::ffff:127.0.0.1", "[::ffff:127.0.0.1]"] {
-            let err = expect_err(&tens, host, 80).await;
-            assert_eq!(err.kind, DialErrorKind::Forbidden, "{err}");
-            assert_eq!(err.message, "127.0.0.1:80 is not in the agent's allow-list");
-        }
-
-        let (port, server) = echo_server().await;
-        let loopback = list(&[format!("127.0.0.1/32:{port}")]);
-        for host in ["::ffff:127.0.0.1", "[::ffff:127.0.0.1]"] {
-            let (stream, addr) = connect(&loopback, host, port, TIMEOUT).await.expect(host);
-            assert_eq!(addr, SocketAddr::from(([127, 0, 0, 1], port)));
-            round_trip(stream).await;
-        }
-        server.abort();
-    }
-
-    #[tokio::test]
-    async fn numeric_forms_never_reach_the_resolver() {
-        let allow = list(&["127.0.0.0/8:*".to_owned()]);
-        for host in [
-            "2130706433",
-            "0177.0.0.1",
-            "0x7f.0.0.1",
-            "0x7f.1",
-            "127.1",
-            "017700000001",
-            "0x7f.0.1",
-            "127.000.0.1",
-        ] {
-            let err = expect_err(&allow, host, 80).await;
-            assert_eq!(err.kind, DialErrorKind::Forbidden, "{host}: {err}");
-            assert!(err.message.contains("ambiguous numeric"), "{err}");
-        }
-    }
-
-    #[tokio::test]
-    async fn invalid_names_are_forbidden() {
-        let allow = list(&["0.0.0.0/0:*".to_owned()]);
-        for host in ["", "bad host", "127.0.0.1 x", "a..b", "fe80::1%lo"] {
-            let err = expect_err(&allow, host, 80).await;
-            assert_eq!(err.kind, DialErrorKind::Forbidden, "{host:?}: {err}");
-        }
-    }
-
-    #[tokio::test]
-    async fn name_resolving_outside_the_list_is_forbidden() {
-        let (port, server) = echo_server().await;
-        let allow = list(&["10.0.0.0/8:*".to_owned()]);
-        let err = expect_err(&allow, "localhost", port).await;
-        assert_eq!(err.kind, DialErrorKind::Forbidden, "{err}");
-        assert!(err.message.starts_with("localhost resolves to "), "{err}");
-        assert!(
-            err.message.contains("not in the agent's allow-list"),
-            "{err}"
-        );
-        server.abort();
-    }
-
-    #[tokio::test]
-    async fn name_whose_addresses_are_permitted_connects() {
-        let (port, server) = echo_server().await;
-        let allow = list(&[format!("127.0.0.1:{port}")]);
-        let (stream, addr) = connect(&allow, "localhost", port, TIMEOUT)
-            .await
-            .expect("connect");
-        assert_eq!(addr, SocketAddr::from(([127, 0, 0, 1], port)));
-        round_trip(stream).await;
-        server.abort();
-    }
-
-    #[tokio::test]
-    async fn host_rule_connects() {
-        let (port, server) = echo_server().await;
-        let allow = list(&[format!("localhost:{port}")]);
-        let (stream, addr) = connect(&allow, "LocalHost", port, TIMEOUT)
-            .await
-            .expect("connect");
-        assert!(addr.ip().is_loopback(), "{addr}");
-        assert!(stream.nodelay().expect("nodelay"));
-        round_trip(stream).await;
-        let err = expect_err(&allow, "localhost", port.wrapping_add(1).max(1)).await;
-        assert_eq!(err.kind, DialErrorKind::Forbidden, "{err}");
-        server.abort();
-    }
-
-    #[tokio::test]
-    async fn refused() {
-        let port = closed_port().await;
-        let allow = list(&[format!("127.0.0.1:{port}"), format!("localhost:{port}")]);
-        for host in ["127.0.0.1", "localhost"] {
-            let err = expect_err(&allow, host, port).await;
-            assert_eq!(err.kind, DialErrorKind::Refused, "{err}");
-            assert!(err.message.contains(&format!("{host}:{port}")), "{err}");
-        }
-    }
-
-    #[tokio::test]
-    async fn unresolvable_name() {
-        let allow = list(&["*.invalid:*".to_owned()]);
-        let err = expect_err(&allow, "nonexistent.invalid", 80).await;
-        assert_eq!(err.kind, DialErrorKind::NameNotResolved, "{err}");
-        assert!(err.message.contains("nonexistent.invalid"), "{err}");
-    }
-
-    #[tokio::test]
-    async fn overall_timeout() {
-        // A loopback listener that never accepts, with its accept queue filled: Linux then
-        // drops further SYNs, so a connect hangs without any traffic leaving the machine.
-        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
-        socket
-            .bind(SocketAddr::from(([127, 0, 0, 1], 0)))
-            .expect("bind");
-        let listener = socket.listen(0).expect("listen");
-        let port = listener.local_addr().expect("local addr").port();
-        let mut fillers = Vec::new();
-        for _ in 0..16 {
-            let attempt = TcpStream::connect(SocketAddr::from(([127, 0, 0, 1], port)));
-            match tokio::time::timeout(Duration::from_millis(200), attempt).await {
-                Ok(Ok(stream)) => fillers.push(stream),
-                Ok(Err(_)) | Err(_) => break,
-            }
-        }
-        let allow = list(&[format!("localhost:{port}")]);
-        let timeout = Duration::from_millis(300);
-        let err = match connect(&allow, "localhost", port, timeout).await {
-            Ok((_, addr)) => panic!("connected to {addr}"),
-            Err(err) => err,
-        };
-        assert_eq!(err.kind, DialErrorKind::TimedOut, "{err}");
-        assert!(err.message.contains(&format!("localhost:{port}")), "{err}");
-        drop(listener);
-    }
-
-    #[test]
-    fn io_errors_map_to_kinds() {
-        let target = Target {
-            host: "db",
-            port: 5432,
-        };
-        let addr = SocketAddr::from(([10, 0, 0, 1], 5432));
-        let cases = [
-            (io::ErrorKind::ConnectionRefused, DialErrorKind::Refused),
-            (io::ErrorKind::TimedOut, DialErrorKind::TimedOut),
-            (io::ErrorKind::HostUnreachable, DialErrorKind::Unreachable),
-            (
-                io::ErrorKind::NetworkUnreachable,
-                DialErrorKind::Unreachable,
-            ),
-            (io::ErrorKind::PermissionDenied, DialErrorKind::Other),
-        ];
-        for (io_kind, kind) in cases {
-            let err = io_error(target, addr, &io::Error::from(io_kind));
-            assert_eq!(err.kind, kind);
-            assert!(
-                err.message.starts_with("db:5432 (at 10.0.0.1:5432): "),
-                "{err}"
-            );
-        }
-        let err = io_error(
-            Target {
-                host: "10.0.0.1",
-                port: 5432,
-            },
-            addr,
-            &io::Error::from_raw_os_error(113),
-        );
-        assert_eq!(err.kind, DialErrorKind::Unreachable);
-        assert!(err.message.starts_with("10.0.0.1:5432: "), "{err}");
-        assert_eq!(
-            Target {
-                host: "::1",
-                port: 22
-            }
-            .to_string(),
-            "[::1]:22"
-        );
-    }
-}
+mod tests;

@@ -13,7 +13,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::claims::{Claim, Claims};
 use super::config::AgentConfig;
-use super::connect::connect;
+use super::connect::connect_via;
 use crate::admin::metrics::{METRICS, label};
 use crate::protocol::control::{
     self, AgentMessage, CONTROL_SUBSYSTEM, ChannelReadError, FrameReader, ProxyInfo, ProxyMessage,
@@ -212,7 +212,7 @@ async fn serve_dial(
         Ok(Endpoint::ApiServer) => dial_api_server(&config).await,
         Ok(Endpoint::Host { host, port }) => {
             let allow = config.allow.load();
-            connect(&allow, &host, port, config.dial_timeout)
+            connect_via(&config.resolver, &allow, &host, port, config.dial_timeout)
                 .await
                 .map(|(s, _)| s)
         }

@@ -2,6 +2,17 @@
 
 pub mod proxy;
 
+use std::path::Path;
+
+use anyhow::Context;
+
+/// Reads a file holding a secret (a token), refusing one other users may read, as key files
+/// are refused ([`tether::identity::check_key_permissions`]).
+pub fn read_secret_file(path: &Path) -> anyhow::Result<String> {
+    tether::identity::check_key_permissions(path)?;
+    std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))
+}
+
 /// Resolves on Ctrl-C or SIGTERM.
 pub async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();

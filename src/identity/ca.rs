@@ -12,7 +12,7 @@ use russh::keys::ssh_key::{Certificate, PrivateKey, PublicKey};
 use crate::protocol::target::ClusterName;
 
 use super::error::IdentityError;
-use super::keypair::{generate_key, read_private_key, write_key_pair};
+use super::keypair::{Overwrite, generate_key, read_private_key, write_key_pair};
 use super::role::{ROLE_EXTENSION, Role};
 use super::verify::{fingerprint, unix_seconds, validate_proxy_id, validate_user_name};
 
@@ -64,7 +64,8 @@ impl CertificateAuthority {
         &self.key
     }
 
-    /// Loads a CA from an unencrypted OpenSSH private key file.
+    /// Loads a CA from an unencrypted OpenSSH private key file, refusing one other users may
+    /// read.
     pub fn load(path: &Path, cluster: ClusterName) -> Result<Self, IdentityError> {
         Ok(Self {
             cluster,
@@ -73,9 +74,15 @@ impl CertificateAuthority {
     }
 
     /// Saves the private key at `path` (mode 0600) and the public key at `path.pub`, in the
-    /// formats `ssh-keygen` uses.
+    /// formats `ssh-keygen` uses, replacing them if they exist.
     pub fn save(&self, path: &Path) -> Result<(), IdentityError> {
-        write_key_pair(&self.key, path)
+        write_key_pair(&self.key, path, Overwrite::Replace)
+    }
+
+    /// Like [`CertificateAuthority::save`], but fails naming `path` or `path.pub` if either
+    /// exists: a replaced CA key silently invalidates every certificate the old one issued.
+    pub fn save_new(&self, path: &Path) -> Result<(), IdentityError> {
+        write_key_pair(&self.key, path, Overwrite::Refuse)
     }
 
     /// Issues a host certificate for proxy replica `proxy_id`, with principal

@@ -50,6 +50,26 @@ pub enum IdentityError {
         /// The key file.
         path: PathBuf,
     },
+    /// A file a command would write exists already; replacing it is refused unless asked for.
+    #[error("{} already exists; not overwriting it", path.display())]
+    Exists {
+        /// The existing file.
+        path: PathBuf,
+    },
+    /// A private key (or other secret) file others may read: it must be assumed copied, so
+    /// it is not used.
+    #[error(
+        "{}: mode {mode:04o} lets other users read this secret file; run `chmod 600 {}` \
+         (for a Kubernetes Secret volume: defaultMode 0440 with the pod's fsGroup)",
+        path.display(),
+        path.display()
+    )]
+    KeyPermissions {
+        /// The key file.
+        path: PathBuf,
+        /// Its permission bits.
+        mode: u32,
+    },
     /// A certificate does not certify the private key it is stored with.
     #[error(
         "{}: the certificate {key_id:?} is for key {cert_key}, but the private key is {private_key}",

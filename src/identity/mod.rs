@@ -26,7 +26,7 @@ mod tests;
 
 pub use ca::{CLOCK_SKEW_ALLOWANCE, CertificateAuthority};
 pub use error::{AuthError, IdentityError, Timestamp};
-pub use keypair::Identity;
+pub use keypair::{Identity, check_key_permissions};
 pub use role::{ROLE_EXTENSION, Role};
 pub use trust::{TrustSource, TrustStore, parse_ca_keys, same_keys};
 pub use verify::{fingerprint, validate_proxy_id, validate_user_name, verify_host_certificate};

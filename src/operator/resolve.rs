@@ -205,6 +205,7 @@ pub async fn resolve(rt: &ReverseTunnel, secrets: &Api<Secret>) -> Result<Desire
         heartbeat_interval: heartbeat,
         connect_timeout: Duration::from_secs(10),
         dial_timeout: Duration::from_secs(10),
+        resolver: Default::default(),
         backoff: Backoff::default(),
         stream: StreamLimits::default(),
     };

@@ -19,6 +19,34 @@
 //! and IPv4-mapped or IPv4-compatible IPv6 addresses are judged as the IPv4 address they
 //! carry (see [`canonical_ip`]), so `::ffff:127.0.0.1` can neither bypass nor escape a rule
 //! written for `127.0.0.1`.
+//!
+//! # DNS never widens the list
+//!
+//! A host rule names a *name*, and whoever answers for that name chooses the addresses: in a
+//! cluster, anyone who may create an `ExternalName` Service under an allowed suffix. So a
+//! host rule alone never reaches the agent's own host or its link (the agent's loopback-only
+//! admin endpoint, the cloud metadata service at `169.254.169.254`):
+//!
+//! ```text
+//!   rule                 target                 resolves to         dialled?
+//!   *.svc.local:*        a.svc.local:80         10.0.0.7            yes (host rule)
+//!   *.svc.local:*        evil.svc.local:80      127.0.0.1, ::1      no  (restricted, refused)
+//!   *.svc.local:*        meta.svc.local:80      169.254.169.254     no  (restricted, refused)
+//!   *.svc.local:*        mix.svc.local:80       127.0.0.1, 10.0.0.7 10.0.0.7 only
+//!   127.0.0.1:8080       localhost:8080         127.0.0.1           yes (address rule)
+//!   0.0.0.0/0:*          127.0.0.1:8080         -                   no  (rule too broad)
+//! ```
+//!
+//! *Restricted* addresses ([`restricted_range`]) are loopback (`127.0.0.0/8`, `::1`) and
+//! link-local (`169.254.0.0/16`, `fe80::/10`), in every IPv6 form that carries them
+//! (IPv4-mapped, IPv4-compatible, NAT64 `64:ff9b::/96`). Only an address rule that lies
+//! inside such a range (`127.0.0.1:8080`, `127.0.0.0/8:*`, `[::1]:22`,
+//! `169.254.169.254/32:80`) permits them, whether the target was written as an address or
+//! reached through a name; a broad network such as `0.0.0.0/0` does not. The never-allowed
+//! addresses (unspecified, broadcast, multicast) stay refused whatever the rules say.
+//! The connector ([`super::connect`]) resolves a name once, judges every answer with
+//! [`AllowList::permits_resolved`], dials only the answers that pass, and never repeats
+//! the answers in its error messages (they reach the root's clients).
 
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -26,6 +54,12 @@ use std::str::FromStr;
 
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+mod ranges;
+
+pub use ranges::{
+    RestrictedRange, canonical_ip, never_allowed_reason, reachable_through_names, restricted_range,
+};
 
 /// The longest host name DNS can carry, in its textual form without the trailing dot.
 const MAX_NAME_LEN: usize = 253;
@@ -90,15 +124,36 @@ impl AllowList {
     /// The address is canonicalised first ([`canonical_ip`]) and never-allowed addresses
     /// ([`never_allowed_reason`]) are refused whatever the rules say. Host-name rules play no
     /// part here: an address is judged by what it is, not by which name led to it.
+    ///
+    /// A restricted address ([`restricted_range`]: loopback, link-local) is permitted only by
+    /// a rule whose whole network lies inside its restricted range, so that a broad rule such
+    /// as `0.0.0.0/0:*` or `10.0.0.0/8` plus a typo never reaches the agent's own host or the
+    /// cloud metadata service; `127.0.0.1:8080` or `127.0.0.0/8:*` must be written out.
     pub fn permits_ip(&self, ip: IpAddr, port: u16) -> bool {
         let ip = canonical_ip(ip);
         if port == 0 || never_allowed_reason(ip).is_some() {
             return false;
         }
+        let restricted = restricted_range(ip);
         self.rules.iter().any(|rule| match &rule.host {
-            RuleHost::Net(net) => net.contains(&ip) && rule.ports.contains(port),
+            RuleHost::Net(net) => {
+                net.contains(&ip)
+                    && rule.ports.contains(port)
+                    && restricted.is_none_or(|range| range.net.contains(net))
+            }
             RuleHost::Name(_) | RuleHost::Suffix(_) => false,
         })
+    }
+
+    /// Whether `ip`, one of the addresses a name resolved to, may be dialled on `port`.
+    /// `by_name` says whether a host rule permitted the name ([`AllowList::permits_name`]).
+    ///
+    /// An address rule permitting `ip` is always enough. A host rule vouches only for
+    /// addresses that are neither never-allowed nor restricted ([`restricted_range`]):
+    /// whoever controls the name's DNS answers must not be able to point it at the agent's
+    /// own host or link.
+    pub fn permits_resolved(&self, by_name: bool, ip: IpAddr, port: u16) -> bool {
+        self.permits_ip(ip, port) || (by_name && reachable_through_names(ip))
     }
 
     /// Whether a host-name rule permits `name` port `port`. Only name rules count: a name
@@ -432,44 +487,6 @@ impl<'de> Deserialize<'de> for Rule {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         let text = String::deserialize(deserializer)?;
         text.parse().map_err(serde::de::Error::custom)
-    }
-}
-
-/// The address a connection to `ip` really reaches, for judging it: IPv4-mapped
-/// (`::ffff:a.b.c.d`) and IPv4-compatible (`::a.b.c.d`) IPv6 addresses become the IPv4
-/// address they carry. `::` and `::1` stay IPv6 (they are the unspecified and loopback
-/// addresses, not compatible ones).
-pub fn canonical_ip(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V4(_) => ip,
-        IpAddr::V6(v6) => {
-            if let Some(v4) = v6.to_ipv4_mapped() {
-                return IpAddr::V4(v4);
-            }
-            let segments = v6.segments();
-            if segments[..6] == [0; 6] && v6 > Ipv6Addr::LOCALHOST {
-                let [.., a, b, c, d] = v6.octets();
-                return IpAddr::V4(Ipv4Addr::new(a, b, c, d));
-            }
-            ip
-        }
-    }
-}
-
-/// Why `ip` may never be dialled whatever the rules say, or `None` if rules decide.
-///
-/// Unspecified addresses (`0.0.0.0`, `::`, and the rest of `0.0.0.0/8`) reach the local host
-/// on Linux or are invalid destinations; broadcast and multicast are not TCP destinations at
-/// all. A broad rule such as `0.0.0.0/0:*` must not make them reachable. `ip` is
-/// canonicalised ([`canonical_ip`]) first, so mapped forms cannot slip past.
-pub fn never_allowed_reason(ip: IpAddr) -> Option<&'static str> {
-    match canonical_ip(ip) {
-        IpAddr::V4(v4) if v4.octets()[0] == 0 => Some("an unspecified address"),
-        IpAddr::V4(v4) if v4.is_broadcast() => Some("the broadcast address"),
-        IpAddr::V4(v4) if v4.is_multicast() => Some("a multicast address"),
-        IpAddr::V6(v6) if v6.is_unspecified() => Some("an unspecified address"),
-        IpAddr::V6(v6) if v6.is_multicast() => Some("a multicast address"),
-        _ => None,
     }
 }
 

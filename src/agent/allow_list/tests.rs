@@ -159,9 +159,121 @@ fn never_allowed_addresses() {
         assert!(!list.permits_ip(ip(never), 80), "{never}");
         assert!(never_allowed_reason(ip(never)).is_some(), "{never}");
     }
-    assert!(list.permits_ip(ip("127.0.0.1"), 80));
-    assert!(list.permits_ip(ip("::1"), 80));
+    // Catch-all networks do not name loopback or link-local addresses.
+    assert!(!list.permits_ip(ip("127.0.0.1"), 80));
+    assert!(!list.permits_ip(ip("::1"), 80));
+    assert!(!list.permits_ip(ip("169.254.169.254"), 80));
     assert!(list.permits_ip(ip("8.8.8.8"), 80));
+    assert!(list.permits_ip(ip("2001:db8::1"), 80));
+}
+
+#[test]
+fn nat64_forms_of_never_allowed_addresses() {
+    let list = list(&["[64:ff9b::/96]:*"]);
+    for never in ["64:ff9b::", "64:ff9b::e000:1", "64:ff9b::ffff:ffff"] {
+        assert!(never_allowed_reason(ip(never)).is_some(), "{never}");
+        assert!(!list.permits_ip(ip(never), 80), "{never}");
+    }
+    assert!(list.permits_ip(ip("64:ff9b::808:808"), 80));
+}
+
+/// Every form of a loopback or link-local address, and the range it is judged in.
+const RESTRICTED: [(&str, &str); 14] = [
+    ("127.0.0.1", "127.0.0.0/8"),
+    ("127.255.255.254", "127.0.0.0/8"),
+    ("::ffff:127.0.0.1", "127.0.0.0/8"),
+    ("::127.0.0.1", "127.0.0.0/8"),
+    ("64:ff9b::7f00:1", "64:ff9b::7f00:0/104"),
+    ("169.254.169.254", "169.254.0.0/16"),
+    ("169.254.0.1", "169.254.0.0/16"),
+    ("::ffff:169.254.169.254", "169.254.0.0/16"),
+    ("::169.254.169.254", "169.254.0.0/16"),
+    ("64:ff9b::a9fe:a9fe", "64:ff9b::a9fe:0/112"),
+    ("::1", "::1/128"),
+    ("fe80::1", "fe80::/10"),
+    ("febf:ffff::1", "fe80::/10"),
+    ("fe80::a9fe:a9fe", "fe80::/10"),
+];
+
+#[test]
+fn restricted_ranges() {
+    for (addr, range) in RESTRICTED {
+        let found = restricted_range(ip(addr)).unwrap_or_else(|| panic!("{addr}"));
+        assert_eq!(found.net.to_string(), range, "{addr}");
+        assert!(!reachable_through_names(ip(addr)), "{addr}");
+    }
+    for open in [
+        "10.0.0.1",
+        "126.255.255.255",
+        "128.0.0.1",
+        "169.253.255.255",
+        "169.255.0.1",
+        "fec0::1",
+        "fd00::1",
+        "64:ff9b::a00:1",
+        "64:ff9b:1::7f00:1",
+    ] {
+        assert_eq!(restricted_range(ip(open)), None, "{open}");
+        assert!(reachable_through_names(ip(open)), "{open}");
+    }
+    for never in ["0.0.0.0", "255.255.255.255", "224.0.0.1", "::", "ff02::1"] {
+        assert!(!reachable_through_names(ip(never)), "{never}");
+    }
+}
+
+#[test]
+fn restricted_addresses_need_a_rule_inside_their_range() {
+    let broad = list(&[
+        "0.0.0.0/0:*",
+        "[::/0]:*",
+        "64.0.0.0/2:*",
+        "[64:ff9b::/96]:*",
+        "[fe80::/9]:*",
+        "169.0.0.0/8:*",
+        "*.svc.cluster.local:*",
+    ]);
+    for (addr, _) in RESTRICTED {
+        assert!(!broad.permits_ip(ip(addr), 80), "{addr}");
+        assert!(!broad.permits_resolved(true, ip(addr), 80), "{addr}");
+        assert!(!broad.permits_resolved(false, ip(addr), 80), "{addr}");
+    }
+    for (rules, allowed, refused) in [
+        (&["127.0.0.1:80"][..], "127.0.0.1", "127.0.0.2"),
+        (&["127.0.0.0/8:80"][..], "127.9.9.9", "169.254.169.254"),
+        (
+            &["169.254.169.254/32:80"][..],
+            "169.254.169.254",
+            "169.254.169.253",
+        ),
+        (&["[::1]:80"][..], "::1", "fe80::1"),
+        (&["[fe80::/64]:80"][..], "fe80::1", "fe80:1::1"),
+        (
+            &["[64:ff9b::7f00:0/104]:80"][..],
+            "64:ff9b::7f00:1",
+            "127.0.0.1",
+        ),
+    ] {
+        let list = list(rules);
+        assert!(list.permits_ip(ip(allowed), 80), "{rules:?} {allowed}");
+        assert!(list.permits_resolved(true, ip(allowed), 80), "{rules:?}");
+        assert!(list.permits_resolved(false, ip(allowed), 80), "{rules:?}");
+        assert!(!list.permits_ip(ip(allowed), 81), "{rules:?} port");
+        assert!(!list.permits_ip(ip(refused), 80), "{rules:?} {refused}");
+    }
+}
+
+#[test]
+fn host_rules_vouch_only_for_unrestricted_answers() {
+    let list = list(&["*.svc.cluster.local:*", "10.0.0.0/8:443"]);
+    // A host rule permits any ordinary answer; an address rule only its own.
+    assert!(list.permits_resolved(true, ip("192.168.1.1"), 80));
+    assert!(list.permits_resolved(true, ip("fd00::1"), 80));
+    assert!(!list.permits_resolved(false, ip("192.168.1.1"), 80));
+    assert!(list.permits_resolved(false, ip("10.1.1.1"), 443));
+    assert!(list.permits_resolved(true, ip("::ffff:10.1.1.1"), 443));
+    for never in ["0.0.0.0", "255.255.255.255", "239.1.1.1", "::", "ff02::1"] {
+        assert!(!list.permits_resolved(true, ip(never), 80), "{never}");
+    }
 }
 
 #[test]
