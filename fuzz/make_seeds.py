@@ -75,6 +75,9 @@ def target_names():
     write("target_names", "endpoint", b"\x02\x00\x16[::1]:22")
     write("target_names", "endpoint-wire", b"\x02\x00\x16@apiserver")
     write("target_names", "cluster", b"\x03\x00\x00leaf-1")
+    # Found by the invariant: the bracketed label once parsed as a host named `_apiserver`.
+    write("target_names", "regression-bracketed-apiserver", b"\x01\x00\x50[_apiserver].leaf.tether")
+    write("target_names", "regression-bracketed-apiserver-endpoint", b"\x02\x00\x50[_apiserver]:80")
 
 
 def allow_list():
