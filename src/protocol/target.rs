@@ -105,7 +105,9 @@ impl Endpoint {
     /// A host endpoint, checking the host's length and characters.
     pub fn host(host: impl Into<String>, port: u16) -> Result<Self, TargetParseError> {
         let host = host.into();
-        if !valid_host(&host) {
+        // `_apiserver` names the API server: as a host it would print as that target and mean
+        // another (`[_apiserver].c.tether` round-tripped to the API server; found by fuzz/).
+        if !valid_host(&host) || host.eq_ignore_ascii_case(API_SERVER_LABEL) {
             return Err(TargetParseError::Host(host));
         }
         if port == 0 {
@@ -320,6 +322,22 @@ mod tests {
         );
         assert_eq!(Endpoint::parse("_apiserver").unwrap(), Endpoint::ApiServer);
         assert!(Endpoint::parse("db").is_err());
+    }
+
+    #[test]
+    fn the_api_server_label_is_never_a_host() {
+        for bad in [
+            Target::from_name("[_apiserver].leaf.tether", 80),
+            Target::from_name("[_APIserver].leaf.tether", 80),
+        ] {
+            assert!(matches!(bad, Err(TargetParseError::Host(_))), "{bad:?}");
+        }
+        assert!(Endpoint::parse("[_apiserver]:80").is_err());
+        assert!(Endpoint::from_wire("_apiserver", 80).is_err());
+        assert_eq!(
+            Target::from_name("_apiserver.leaf.tether", 80).unwrap().endpoint,
+            Endpoint::ApiServer
+        );
     }
 
     #[test]

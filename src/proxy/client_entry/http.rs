@@ -3,7 +3,7 @@
 //! Only CONNECT is served: the entry makes byte tunnels and never interprets what flows through
 //! them. Any other method gets `405` with a line saying how to use the proxy.
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::auth::{ClientTokens, base64_decode};
@@ -52,8 +52,8 @@ fn parse_head(buf: &[u8]) -> Head {
 
 /// Reads and checks the request head. `first` is the byte already read to sniff the protocol.
 /// On success, bytes the client sent after the head are in [`Request::leftover`].
-pub(super) async fn handshake(
-    stream: &mut TcpStream,
+pub(super) async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
     first: u8,
     config: &ClientEntryConfig,
 ) -> Result<Request, HandshakeError> {
@@ -177,8 +177,8 @@ fn parse_target(authority: &str) -> Result<Target, String> {
 }
 
 /// Writes a complete plain-text response and reports the rejection (`why` is for the log).
-async fn reject(
-    stream: &mut TcpStream,
+async fn reject<S: AsyncWrite + Unpin>(
+    stream: &mut S,
     status: u16,
     reason: &str,
     headers: &str,
@@ -189,8 +189,8 @@ async fn reject(
     Err(HandshakeError::Rejected(format!("HTTP {status}: {why}")))
 }
 
-async fn respond(
-    stream: &mut TcpStream,
+async fn respond<S: AsyncWrite + Unpin>(
+    stream: &mut S,
     status: u16,
     reason: &str,
     headers: &str,

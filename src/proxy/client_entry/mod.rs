@@ -250,6 +250,42 @@ enum HandshakeError {
     Io(io::Error),
 }
 
+/// The handshakes over any byte stream, for the fuzz targets in `fuzz/` (not a stable API).
+/// The entry reads these bytes from unauthenticated clients, so they are fuzzed end to end.
+#[doc(hidden)]
+pub mod fuzzing {
+    use tokio::io::{AsyncRead, AsyncWrite};
+
+    use super::{ClientEntryConfig, Request, Target, http, socks};
+
+    /// A handshake's outcome: the target, the client's name and the bytes after the request;
+    /// or why not, as the log would say it.
+    pub type Outcome = Result<(Target, String, Vec<u8>), String>;
+
+    /// The HTTP CONNECT handshake, `first` being the byte the protocol sniffer already read.
+    pub async fn http_handshake<S: AsyncRead + AsyncWrite + Unpin>(
+        stream: &mut S,
+        first: u8,
+        config: &ClientEntryConfig,
+    ) -> Outcome {
+        outcome(http::handshake(stream, first, config).await)
+    }
+
+    /// The SOCKS5 handshake after the version byte.
+    pub async fn socks_handshake<S: AsyncRead + AsyncWrite + Unpin>(
+        stream: &mut S,
+        config: &ClientEntryConfig,
+    ) -> Outcome {
+        outcome(socks::handshake(stream, config).await)
+    }
+
+    fn outcome(result: Result<Request, super::HandshakeError>) -> Outcome {
+        result
+            .map(|r| (r.target, r.user, r.leftover))
+            .map_err(|e| e.to_string())
+    }
+}
+
 impl From<io::Error> for HandshakeError {
     fn from(e: io::Error) -> Self {
         if e.kind() == io::ErrorKind::UnexpectedEof {

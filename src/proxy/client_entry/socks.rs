@@ -6,7 +6,7 @@
 //! Clients must therefore resolve names through the proxy (`curl --socks5-hostname`,
 //! `socks5h://`, `ssh -o ProxyCommand='nc -X 5 ...'`).
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::{ClientEntryConfig, HandshakeError, Request};
@@ -37,8 +37,8 @@ pub(super) mod reply {
 
 /// Runs the method negotiation, authentication and request. The version byte has already been
 /// read by the protocol sniffer.
-pub(super) async fn handshake(
-    stream: &mut TcpStream,
+pub(super) async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
     config: &ClientEntryConfig,
 ) -> Result<Request, HandshakeError> {
     let n_methods = stream.read_u8().await?;
@@ -149,17 +149,17 @@ pub(super) async fn write_established(stream: &mut TcpStream) -> std::io::Result
     write_reply(stream, reply::SUCCEEDED).await
 }
 
-async fn write_reply(stream: &mut TcpStream, code: u8) -> std::io::Result<()> {
+async fn write_reply<S: AsyncWrite + Unpin>(stream: &mut S, code: u8) -> std::io::Result<()> {
     write(stream, &[VERSION, code, 0x00, ATYP_IPV4, 0, 0, 0, 0, 0, 0]).await
 }
 
-async fn write(stream: &mut TcpStream, bytes: &[u8]) -> std::io::Result<()> {
+async fn write<S: AsyncWrite + Unpin>(stream: &mut S, bytes: &[u8]) -> std::io::Result<()> {
     stream.write_all(bytes).await?;
     stream.flush().await
 }
 
 /// Reads a length-prefixed (one byte) field.
-async fn read_short(stream: &mut TcpStream) -> std::io::Result<Vec<u8>> {
+async fn read_short<S: AsyncRead + Unpin>(stream: &mut S) -> std::io::Result<Vec<u8>> {
     let len = stream.read_u8().await?;
     let mut field = vec![0u8; usize::from(len)];
     stream.read_exact(&mut field).await?;
