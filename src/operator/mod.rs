@@ -101,8 +101,8 @@ pub struct OperatorArgs {
     #[arg(long, env = "POD_NAME")]
     pub identity: Option<String>,
     /// Serve /healthz, /readyz (the controller or leader-election loop is running) and
-    /// /metrics here.
-    #[arg(long)]
+    /// /metrics here (the chart passes the pod IP, bare IPv6 included).
+    #[arg(long, value_parser = crate::admin::parse_listen)]
     pub admin_listen: Option<std::net::SocketAddr>,
     /// How long the Lease lasts after its last renewal: the longest a dead leader's tunnels go
     /// unreplaced (whole seconds).

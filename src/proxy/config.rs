@@ -111,8 +111,9 @@ pub struct ProxyConfig {
     pub listen: SocketAddr,
     /// The host key and certificate presented to agents.
     pub host_identity: Arc<Identity>,
-    /// Cluster name → CA keys accepted for agents. Swappable at run time (the operator
-    /// replaces it when a leaf joins or leaves); the root's own CA signs client certificates.
+    /// Cluster name → CA keys accepted for agents; the root's own CA signs client certificates.
+    /// Read here, replaced only through [`ProxyServer::update_trust`](super::ProxyServer::update_trust),
+    /// which re-checks every tunnel so a revoked or re-keyed leaf loses its tunnels at once.
     pub trust: Arc<ArcSwap<TrustStore>>,
     /// Heartbeat enforcement.
     pub heartbeat: HeartbeatPolicy,

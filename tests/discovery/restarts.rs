@@ -78,6 +78,16 @@ impl Load {
         }
     }
 
+    /// Waits until `more` dials have succeeded since the call, so every phase of a restart is
+    /// shown to carry traffic (an outcome, not a count of dials in a time window).
+    async fn wait_for_more(&self, more: u64) {
+        let from = self.ok.load(Ordering::Relaxed);
+        wait_for("dials to succeed", Duration::from_secs(30), || {
+            self.ok.load(Ordering::Relaxed) >= from + more
+        })
+        .await;
+    }
+
     async fn finish(self) -> (u64, Vec<(Instant, String)>) {
         self.stop.store(true, Ordering::Relaxed);
         self.task.await.expect("load task");
@@ -115,6 +125,7 @@ async fn a_rolling_restart_with_drain_fails_no_dial() {
             .collect::<Vec<_>>(),
     ));
     let load = Load::start(live.clone(), echo);
+    load.wait_for_more(5).await;
     for id in ids {
         let i = root
             .proxies
@@ -131,6 +142,7 @@ async fn a_rolling_restart_with_drain_fails_no_dial() {
             .expect("lock")
             .push(root.proxies.last().expect("added").1.dialer());
         wait_connected(&mut status, 5, Duration::from_secs(30)).await;
+        load.wait_for_more(5).await;
     }
     let (ok, failures) = load.finish().await;
     eprintln!(
@@ -138,7 +150,6 @@ async fn a_rolling_restart_with_drain_fails_no_dial() {
         failures.len()
     );
     assert!(failures.is_empty(), "failed dials: {failures:?}");
-    assert!(ok > 20, "only {ok} dials ran");
     stop.cancel();
 }
 
