@@ -49,7 +49,10 @@ pub enum ClientError {
         "the dial to {0} is forbidden: the leaf's allow-list (or the proxy's direct allow-list) does not permit it"
     )]
     Forbidden(Target),
-    #[error("no tunnel to {} is up: the leaf is offline or unknown to the root", .0.cluster)]
+    #[error(
+        "no tunnel to {} is up (the leaf is offline or unknown to the root), or you hold your share of open streams (the proxy's log says which)",
+        .0.cluster
+    )]
     NoTunnel(Target),
     #[error(
         "the dial to {0} failed: refused, timed out, not resolved or unreachable from the leaf (the proxy's log says which)"

@@ -111,6 +111,10 @@ pub struct ProxyArgs {
     /// Open streams per tunnel.
     #[arg(long, default_value_t = ProxyLimits::default().max_streams_per_tunnel)]
     max_streams_per_tunnel: usize,
+    /// Open streams one client identity (a certificate's name) may hold across the proxy, so
+    /// one client cannot take a tunnel's whole stream budget.
+    #[arg(long, default_value_t = ProxyLimits::default().max_streams_per_client)]
+    max_streams_per_client: usize,
     /// Also serve HTTP CONNECT and SOCKS5 clients here (loopback unless you say otherwise).
     #[arg(long, requires = "client_tokens")]
     client_listen: Option<SocketAddr>,
@@ -172,6 +176,7 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
             handshakes_early_drop_start: args.handshakes_early_drop_start,
             handshake_timeout: args.handshake_timeout,
             max_streams_per_tunnel: args.max_streams_per_tunnel,
+            max_streams_per_client: args.max_streams_per_client,
             ..ProxyLimits::default()
         },
         stream: StreamLimits::default(),

@@ -80,6 +80,9 @@ pub struct ProxyLimits {
     pub handshake_timeout: Duration,
     /// Open streams per tunnel; each may buffer up to one stream window.
     pub max_streams_per_tunnel: usize,
+    /// Open streams one SSH client identity may hold across the proxy: a quarter of a
+    /// tunnel's, so one client cannot take a tunnel's whole budget (see [`super::quota`]).
+    pub max_streams_per_client: usize,
     /// How long a dial may take, agent's answer included.
     pub dial_timeout: Duration,
 }
@@ -95,6 +98,7 @@ impl Default for ProxyLimits {
             handshakes_early_drop_percent: 30,
             handshake_timeout: Duration::from_secs(15),
             max_streams_per_tunnel: 4096,
+            max_streams_per_client: 1024,
             dial_timeout: Duration::from_secs(30),
         }
     }

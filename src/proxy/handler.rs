@@ -351,11 +351,20 @@ impl Handler for ConnectionHandler {
                 return Ok(());
             }
         };
+        let quota = match self.shared.client_streams.acquire(&name) {
+            Ok(permit) => permit,
+            Err(e) => {
+                warn!(peer = %self.peer_addr, error = %e, "stream refused");
+                reply.reject(ChannelOpenFailure::ResourceShortage).await;
+                return Ok(());
+            }
+        };
         let dialer = ProxyDialer::new(self.shared.clone());
         let client = self.peer_addr;
         let span = info_span!("client_stream", client = %name, target = %target);
         self.shared.tasks.spawn(
             async move {
+                let _quota = quota;
                 let dialled = if from_peer {
                     dialer.dial_local(&target, client).await
                 } else {

@@ -8,6 +8,7 @@ mod handler;
 pub mod join;
 pub mod limits;
 pub mod peers;
+pub mod quota;
 pub mod server;
 pub mod sites;
 pub mod trust;

@@ -19,6 +19,7 @@ use super::config::ProxyConfig;
 use super::handler::ConnectionHandler;
 use super::limits::{ConnectionLimiter, HandshakePermit};
 use super::peers::{Peer, PeerStream, dial_via_peers};
+use super::quota::StreamQuota;
 use super::sites::{ProxyStream, SiteInfo, Sites};
 use crate::admin::metrics::{METRICS, label};
 use crate::identity::Identity;
@@ -41,6 +42,8 @@ pub struct ProxyShared {
     pub tasks: TaskTracker,
     /// Admission control.
     pub limiter: Arc<ConnectionLimiter>,
+    /// Each SSH client's share of open streams.
+    pub client_streams: Arc<StreamQuota>,
     /// Whether the peer set is known: false from [`ProxyServer::expect_peer_discovery`] until
     /// the first [`ProxyServer::set_peers`], so a replica is not ready before it can announce
     /// its peers.
@@ -82,6 +85,7 @@ impl ProxyServer {
         };
         let shared = Arc::new(ProxyShared {
             limiter: ConnectionLimiter::new(config.limits),
+            client_streams: StreamQuota::new(config.limits.max_streams_per_client),
             config,
             sites: Sites::default(),
             peers: watch::channel(vec![me]).0,
