@@ -364,6 +364,7 @@ pub(crate) fn idle_memory(env: &Env, files: &TetherFiles) -> Res<IdleMemory> {
         heartbeat_interval: Duration::from_secs(15),
         connect_timeout: Duration::from_secs(30),
         dial_timeout: Duration::from_secs(10),
+        resolver: Default::default(),
         backoff: Backoff::default(),
         stream: StreamLimits::default(),
     };

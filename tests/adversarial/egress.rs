@@ -205,16 +205,30 @@ mod secrets {
     use std::os::unix::fs::PermissionsExt;
     use std::path::Path;
     use std::process::{Command, Output, Stdio};
+    use std::time::{Duration, Instant};
 
-    /// Runs `tether ARGS` in `dir` to completion.
+    /// Runs `tether ARGS` in `dir` to completion, killing it (and failing) if it is still
+    /// running after 30 s: a command that should have refused may instead be serving.
     fn tether(dir: &Path, args: &[&str]) -> Output {
-        Command::new(env!("CARGO_BIN_EXE_tether"))
+        let mut child = Command::new(env!("CARGO_BIN_EXE_tether"))
             .current_dir(dir)
             .args(args)
             .env_remove("TETHER_TOKEN")
             .env_remove("TETHER_TOKEN_FILE")
-            .output()
-            .expect("tether runs")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("tether runs");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while child.try_wait().expect("wait").is_none() {
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("tether {args:?} still running after 30 s");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        child.wait_with_output().expect("output")
     }
 
     fn ok(dir: &Path, args: &[&str]) {

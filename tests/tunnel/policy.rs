@@ -46,9 +46,12 @@ async fn aliases_of_a_forbidden_address_are_refused() {
         .err()
         .expect("refused");
     assert!(
-        err.message.contains("resolves to"),
-        "a name that resolves elsewhere says where: {err}"
+        err.message
+            .contains("resolves only to addresses outside the agent's allow-list"),
+        "a name that resolves elsewhere says so: {err}"
     );
+    // ... but not where: the leaf's DNS answers stay on the leaf (issue #11).
+    assert!(!err.message.contains("127.0.0.1"), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
