@@ -66,6 +66,12 @@ impl TetherFiles {
         fs::copy(dir.join("root-ca.pub"), dir.join("trust/root.pub")).map_err(|e| e.to_string())?;
         fs::copy(dir.join("leaf-ca.pub"), dir.join("trust/leaf.pub")).map_err(|e| e.to_string())?;
         fs::write(dir.join("tokens.txt"), format!("bench:{TOKEN}\n")).map_err(|e| e.to_string())?;
+        // The proxy refuses a token file others may read.
+        fs::set_permissions(
+            dir.join("tokens.txt"),
+            std::os::unix::fs::PermissionsExt::from_mode(0o600),
+        )
+        .map_err(|e| e.to_string())?;
         Ok(Self { dir })
     }
 

@@ -41,6 +41,9 @@ pub enum TokenFileError {
         #[source]
         source: std::io::Error,
     },
+    /// Others may read the file (the error names it, its mode and `chmod 600`).
+    #[error(transparent)]
+    Permissions(crate::identity::IdentityError),
     /// A line is malformed; `reason` says how (without quoting the line, which holds a token).
     #[error("client token file {path}, line {line}: {reason}")]
     Line {
@@ -95,6 +98,8 @@ impl fmt::Debug for ClientTokens {
 impl ClientTokens {
     /// Reads and parses a token file (see the module documentation for its format).
     pub fn load(path: &Path) -> Result<Self, TokenFileError> {
+        // A token file is a secret like a key: one others may read is assumed copied.
+        crate::identity::check_key_permissions(path).map_err(TokenFileError::Permissions)?;
         let text = std::fs::read_to_string(path).map_err(|source| TokenFileError::Io {
             path: path.to_owned(),
             source,

@@ -141,7 +141,7 @@ fn weak_tokens_are_refused_when_the_file_is_loaded() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("tokens.txt");
     for weak in ["0123456789abcdef", "aaaaaaaaaaaaaaaa", "passwordpassword"] {
-        std::fs::write(&path, format!("# clients\nbob:{TOKEN}\nalice:{weak}\n")).expect("write");
+        write_private(&path, &format!("# clients\nbob:{TOKEN}\nalice:{weak}\n"));
         let err = ClientTokens::load(&path).expect_err("a weak token is refused");
         let text = err.to_string();
         assert!(
@@ -156,11 +156,33 @@ fn weak_tokens_are_refused_when_the_file_is_loaded() {
         );
         assert!(!text.contains(weak), "the token is not echoed: {text}");
     }
-    std::fs::write(&path, format!("alice:{TOKEN}\n")).expect("write");
+    write_private(&path, &format!("alice:{TOKEN}\n"));
     assert_eq!(
         ClientTokens::load(&path)
             .expect("a random token passes")
             .len(),
         1
+    );
+}
+
+/// Writes a token file only its owner may read, as the proxy requires.
+fn write_private(path: &std::path::Path, text: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, text).expect("write");
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+}
+
+#[test]
+fn a_token_file_others_may_read_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("tokens.txt");
+    write_private(&path, &format!("alice:{TOKEN}\n"));
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let err = ClientTokens::load(&path).expect_err("a world-readable token file is refused");
+    let text = err.to_string();
+    assert!(
+        matches!(err, TokenFileError::Permissions(_)) && text.contains("chmod 600"),
+        "{text}"
     );
 }
