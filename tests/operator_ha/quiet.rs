@@ -9,8 +9,9 @@ use common::api_writes::{since, total, write_counts};
 use tether::operator::crd::ReverseTunnelStatus;
 use tether::operator::status::SEEN_REFRESH;
 
-/// The quiet window.
-const QUIET: Duration = Duration::from_secs(60);
+/// The quiet window: a minute, and long enough to hold at least one `observedAt` stamp (they
+/// come every `SEEN_REFRESH` and a second).
+const QUIET: Duration = SEEN_REFRESH.saturating_add(Duration::from_secs(5));
 /// `tether operator`'s default Lease: 15 s, renewed 5 s before expiry, so every 10 s.
 const RENEWAL: Duration = Duration::from_secs(10);
 /// The oldest `SEEN` a live operator shows: the refresh, the second the stamp drops, and a
@@ -158,6 +159,8 @@ async fn steady_state_is_quiet() {
     );
     let renewals = renewals.lock().expect("lock").clone();
     let changes = changes.lock().expect("lock").clone();
+    // The window held a stamp: the operator confirms the status while nothing changes.
+    assert!(!changes.is_empty(), "no observedAt stamp in {window:?}");
     eprintln!(
         "[{ns}] API writes in a quiet {window:?} with a Connected ReverseTunnel \
          (apiserver_request_total, resource VERB code: count): {writes:?}"
@@ -197,7 +200,8 @@ async fn steady_state_is_quiet() {
         changes.len()
     );
     eprintln!(
-        "[{ns}] ReverseTunnel status writes in {window:?}: {counted} counted, {} seen, stamps {:?}",
+        "[{ns}] ReverseTunnel status writes in {window:?}: {} counted, {} seen, stamps {:?}",
+        counted as u64,
         changes.len(),
         stamps
             .iter()

@@ -20,7 +20,9 @@
 //! while its replica is among them, and the live replica with the lowest ID removes the
 //! entries of any replica that is not (a dead or frozen pod loses its endpoint when its
 //! readiness probe fails). A replica that is not among the ready endpoints itself withdraws
-//! its entries rather than have them pruned and rewritten.
+//! its entries rather than have them pruned and rewritten. Without `--peers-service` (static
+//! `--peer` lists) nothing vouches for a replica, so nothing is pruned: a dead replica's
+//! entries stay until it restarts, and its first pass corrects them.
 //!
 //! **Desired versus observed.** Each pass compares the entries this replica wants (from its
 //! live sites) with the entries the `RemoteCluster` objects actually carry (the trust
