@@ -95,6 +95,10 @@ def http_connect():
     write("http_connect", "bearer", b"CONNECT [fd00::1].leaf.tether:443 HTTP/1.1\r\n"
           b"proxy-authorization: Bearer alice-token-0123456789\r\n\r\n")
     write("http_connect", "get", b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    # Empty lines before the request line are allowed (RFC 9112 section 2.2).
+    write("http_connect", "leading-newline", (
+        "\nCONNECT _apiserver_b.prod.leaf-1.tether:5432 HTTP/1.1\r\nHost: x\r\n"
+        f"Proxy-Authorization: Basic {cred}\r\n\r\nleftover").encode())
     write("http_connect", "no-auth", b"CONNECT _apiserver.leaf.tether:443 HTTP/1.1\r\n\r\n")
 
 

@@ -33,7 +33,12 @@ fuzz_target!(|data: &[u8]| {
     );
     let head = &data[..data.len() - leftover.len()];
     assert!(head.len() <= CONFIG.max_header_bytes, "head over the limit");
-    assert!(head.starts_with(b"CONNECT "));
+    // RFC 9112 §2.2: a server should ignore empty lines before the request line (httparse does).
+    let request_line = head.trim_ascii_start();
+    assert!(
+        request_line.starts_with(b"CONNECT "),
+        "admitted another method"
+    );
     let (name, port) = target.to_name();
     let again = Target::from_name(&name, port.max(1)).expect("admitted target re-parses");
     assert_eq!(again.cluster, target.cluster);
