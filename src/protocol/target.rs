@@ -335,7 +335,9 @@ mod tests {
         assert!(Endpoint::parse("[_apiserver]:80").is_err());
         assert!(Endpoint::from_wire("_apiserver", 80).is_err());
         assert_eq!(
-            Target::from_name("_apiserver.leaf.tether", 80).unwrap().endpoint,
+            Target::from_name("_apiserver.leaf.tether", 80)
+                .unwrap()
+                .endpoint,
             Endpoint::ApiServer
         );
     }
