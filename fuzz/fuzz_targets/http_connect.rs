@@ -1,8 +1,8 @@
 //! The HTTP CONNECT handshake of the client entry, from the first byte a client sends.
 //!
 //! Invariants: a request is admitted only for a known client with its token; the admitted
-//! target is a valid `HOST.CLUSTER.tether` name; the bytes handed on after the head are exactly
-//! the tail of what the client sent; the head read never exceeds the configured limit.
+//! target is a valid `HOST.CLUSTER.tether` name; the bytes handed on are exactly those that
+//! followed the head; the head read never exceeds the configured limit.
 #![no_main]
 
 mod common;
@@ -27,13 +27,23 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     assert_eq!(user, common::CLIENT);
-    assert!(
-        data.ends_with(&leftover),
-        "leftover is not the tail of the input"
+    // The entry reads in chunks: the leftover is what it read past the head, and the bytes it
+    // has not read yet stay in the stream for the tunnel. So the leftover sits between the
+    // head and the unread rest.
+    let (unread, _) = stream.into_inner();
+    let read = data.len() - unread.len();
+    let head_len = read
+        .checked_sub(leftover.len())
+        .expect("leftover longer than what was read");
+    assert_eq!(
+        &data[head_len..read],
+        &leftover[..],
+        "leftover is not what followed the head"
     );
-    let head = &data[..data.len() - leftover.len()];
+    let head = &data[..head_len];
     assert!(head.len() <= CONFIG.max_header_bytes, "head over the limit");
-    // RFC 9112 §2.2: a server should ignore empty lines before the request line (httparse does).
+    assert!(head.ends_with(b"\n"), "the head ends before its blank line");
+    // RFC 9112 section 2.2: a server should ignore empty lines before the request line (httparse does).
     let request_line = head.trim_ascii_start();
     assert!(
         request_line.starts_with(b"CONNECT "),
