@@ -118,12 +118,19 @@ impl Endpoint {
 
     /// Parses `HOST:PORT`, `[V6]:PORT` or `_apiserver[:PORT]`, as `tether dial` takes them.
     pub fn parse(text: &str) -> Result<Self, TargetParseError> {
-        if text == API_SERVER_LABEL
-            || text
-                .strip_prefix(API_SERVER_LABEL)
-                .is_some_and(|r| r.starts_with(':'))
-        {
+        if text == API_SERVER_LABEL {
             return Ok(Endpoint::ApiServer);
+        }
+        // The API server is wherever the agent was told it is, so a port is only a formality;
+        // but it must be a port (`_apiserver:garbage` names nothing).
+        if let Some(port) = text
+            .strip_prefix(API_SERVER_LABEL)
+            .and_then(|r| r.strip_prefix(':'))
+        {
+            return match port.parse::<u16>() {
+                Ok(_) => Ok(Endpoint::ApiServer),
+                Err(_) => Err(TargetParseError::Port(text.to_owned())),
+            };
         }
         let (host, port) = text
             .rsplit_once(':')
@@ -333,6 +340,12 @@ mod tests {
             assert!(matches!(bad, Err(TargetParseError::Host(_))), "{bad:?}");
         }
         assert!(Endpoint::parse("[_apiserver]:80").is_err());
+        assert!(Endpoint::parse("_apiserver:garbage").is_err());
+        assert!(Endpoint::parse("_apiserver:").is_err());
+        assert_eq!(
+            Endpoint::parse("_apiserver:443").unwrap(),
+            Endpoint::ApiServer
+        );
         assert!(Endpoint::from_wire("_apiserver", 80).is_err());
         assert_eq!(
             Target::from_name("_apiserver.leaf.tether", 80)
