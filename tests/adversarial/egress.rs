@@ -13,7 +13,6 @@ use std::time::Duration;
 use tether::agent::allow_list::AllowList;
 use tether::agent::connect::Resolver;
 use tether::protocol::{DialError, DialErrorKind};
-use tether::proxy::client_entry::{self, ClientEntryConfig, ClientTokens};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -92,16 +91,7 @@ async fn names_resolving_to_loopback_or_link_local_are_refused_through_the_tunne
 async fn the_client_entry_answers_403_without_the_leafs_dns_answers() {
     let echo = echo_server().await.expect("echo");
     let rig = rig(&["*.svc.cluster.local:*".to_owned()]).await;
-    let tokens = ClientTokens::parse(&format!("alice:{TOKEN}\n")).expect("tokens");
-    let config = Arc::new(ClientEntryConfig::new(tokens));
-    let listener = config.bind().await.expect("bind entry");
-    let entry = listener.local_addr().expect("addr");
-    tokio::spawn(client_entry::serve(
-        listener,
-        config,
-        Arc::new(rig.proxy.dialer()),
-        std::future::pending::<()>(),
-    ));
+    let entry = start_client_entry(&rig.proxy, &format!("alice:{TOKEN}\n"), |_| {}).await;
     for (name, _) in HOSTILE {
         let target = format!("{name}.leaf.tether:{}", echo.port());
         let response = within("the CONNECT answer", Duration::from_secs(20), async {

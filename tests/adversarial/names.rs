@@ -291,19 +291,6 @@ async fn removing_a_ca_ends_only_the_tunnels_it_signed() {
     rig.stop.cancel();
 }
 
-/// A raw SSH client that accepts any host key: the tests below speak SSH themselves.
-struct AnyHost;
-
-impl russh::client::Handler for AnyHost {
-    type Error = russh::Error;
-    async fn check_server_key(
-        &mut self,
-        _key: &russh::keys::PublicKeyOrCertificate,
-    ) -> Result<bool, Self::Error> {
-        Ok(true)
-    }
-}
-
 async fn raw_client(proxy: &ProxyServer) -> russh::client::Handle<AnyHost> {
     let config = Arc::new(tether::protocol::ssh::client_config());
     russh::client::connect(config, proxy.local_addr(), AnyHost)

@@ -244,3 +244,40 @@ pub fn rss_bytes() -> u64 {
         .expect("rss field");
     pages * 4096
 }
+
+/// An SSH client handler that accepts any host key: for tests that speak SSH to a proxy as an
+/// attacker or a joiner would, where the host's identity is not what is tested.
+pub struct AnyHost;
+
+impl russh::client::Handler for AnyHost {
+    type Error = russh::Error;
+
+    async fn check_server_key(
+        &mut self,
+        _: &russh::keys::PublicKeyOrCertificate,
+    ) -> Result<bool, Self::Error> {
+        Ok(true)
+    }
+}
+
+/// Serves a client entry (HTTP CONNECT and SOCKS5) for the `name:token` lines of `tokens`,
+/// dialling through `proxy`, until the test ends; returns where it listens.
+pub async fn start_client_entry(
+    proxy: &ProxyServer,
+    tokens: &str,
+    tune: impl FnOnce(&mut tether::proxy::client_entry::ClientEntryConfig),
+) -> SocketAddr {
+    use tether::proxy::client_entry::{self, ClientEntryConfig, ClientTokens};
+    let mut config = ClientEntryConfig::new(ClientTokens::parse(tokens).expect("tokens"));
+    tune(&mut config);
+    let config = Arc::new(config);
+    let listener = config.bind().await.expect("bind entry");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(client_entry::serve(
+        listener,
+        config,
+        Arc::new(proxy.dialer()),
+        std::future::pending::<()>(),
+    ));
+    addr
+}

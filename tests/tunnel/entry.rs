@@ -9,7 +9,6 @@ use std::time::Duration;
 use tether::agent::allow_list::AllowList;
 use tether::identity::Identity;
 use tether::protocol::DialErrorKind;
-use tether::proxy::client_entry::{self, ClientEntryConfig, ClientTokens};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
 
@@ -52,16 +51,7 @@ async fn curl_reaches_a_leaf_service_through_http_connect_and_socks5() {
     }
     let web = http_server().await;
     let rig = Rig::start(&[format!("127.0.0.1/32:{}", web.port())], |_| {}, |_| {}).await;
-    let tokens = ClientTokens::parse(&format!("alice:{TOKEN}\n")).expect("tokens");
-    let config = Arc::new(ClientEntryConfig::new(tokens));
-    let listener = config.bind().await.expect("bind entry");
-    let entry = listener.local_addr().expect("addr");
-    tokio::spawn(client_entry::serve(
-        listener,
-        config,
-        Arc::new(rig.proxy.dialer()),
-        std::future::pending::<()>(),
-    ));
+    let entry = start_client_entry(&rig.proxy, &format!("alice:{TOKEN}\n"), |_| {}).await;
     let url = format!("http://127.0.0.1.leaf.tether:{}/", web.port());
     for proxy in [
         format!("http://alice:{TOKEN}@{entry}"),

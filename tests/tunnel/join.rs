@@ -18,7 +18,7 @@ use tether::protocol::join::{JoinRefusal, JoinToken};
 use tether::proxy::{Admission, JoinAuthority, ProxyServer, Refused};
 use tokio_util::sync::CancellationToken;
 
-use crate::support::{leaf, pki, wait_for, within};
+use crate::support::{AnyHost, leaf, pki, wait_for, within};
 
 /// Tokens by ID, with whether each is spent; admitted leaves by name.
 #[derive(Default)]
@@ -223,16 +223,6 @@ async fn a_proxy_with_joins_off_refuses_and_a_joiner_gets_nothing_else() {
 
     // With joins on, the key-less join user can neither dial nor open a control channel.
     let open = root_proxy(&pki, Some(authority_with(&token))).await;
-    struct AnyHost;
-    impl russh::client::Handler for AnyHost {
-        type Error = russh::Error;
-        async fn check_server_key(
-            &mut self,
-            _key: &russh::keys::PublicKeyOrCertificate,
-        ) -> Result<bool, Self::Error> {
-            Ok(true)
-        }
-    }
     let config = Arc::new(tether::protocol::ssh::client_config());
     let mut handle = russh::client::connect(config, open.local_addr(), AnyHost)
         .await

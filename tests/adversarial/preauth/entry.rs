@@ -1,11 +1,10 @@
 //! The HTTP CONNECT / SOCKS5 client entry.
 
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine as _;
-use tether::proxy::client_entry::{self, ClientEntryConfig, ClientTokens, TokenFileError};
+use tether::proxy::client_entry::{ClientEntryConfig, ClientTokens, TokenFileError};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::{ATTACKER, HONEST, connect_from, until_closed};
@@ -18,18 +17,7 @@ const TOKEN: &str = "3f1c9a0e7b5d42c8a61e9f07d3b28c5e4a0f6d19b7e2c83a5d4f60e1b9c
 async fn entry(tune: impl FnOnce(&mut ClientEntryConfig)) -> (Rig, SocketAddr, SocketAddr) {
     let echo = echo_server().await.expect("echo");
     let rig = Rig::start(&[format!("127.0.0.1/32:{}", echo.port())], |_| {}, |_| {}).await;
-    let tokens = ClientTokens::parse(&format!("alice:{TOKEN}\n")).expect("tokens");
-    let mut config = ClientEntryConfig::new(tokens);
-    tune(&mut config);
-    let config = Arc::new(config);
-    let listener = config.bind().await.expect("bind entry");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(client_entry::serve(
-        listener,
-        config,
-        Arc::new(rig.proxy.dialer()),
-        std::future::pending::<()>(),
-    ));
+    let addr = start_client_entry(&rig.proxy, &format!("alice:{TOKEN}\n"), tune).await;
     (rig, addr, echo)
 }
 

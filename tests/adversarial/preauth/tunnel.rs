@@ -54,20 +54,6 @@ fn kexinit_packet() -> Vec<u8> {
     packet
 }
 
-/// Accepts any host key: the attacker only wants the key exchange done.
-struct AnyHost;
-
-impl russh::client::Handler for AnyHost {
-    type Error = russh::Error;
-
-    async fn check_server_key(
-        &mut self,
-        _: &russh::keys::PublicKeyOrCertificate,
-    ) -> Result<bool, Self::Error> {
-        Ok(true)
-    }
-}
-
 /// Sends `bytes` after `delay` and returns how long after connecting the proxy closed.
 async fn stall(addr: std::net::SocketAddr, delay: Duration, bytes: Vec<u8>) -> Duration {
     let started = Instant::now();
