@@ -24,6 +24,7 @@ use tokio::sync::oneshot;
 use tracing::{Instrument, info, info_span, warn};
 
 use super::Dialer;
+use super::clients::ClientRegistration;
 use super::peers::PEER_ORIGINATOR;
 use super::server::{ProxyDialer, ProxyShared};
 use super::sites::AuthenticatedAgent;
@@ -82,6 +83,9 @@ pub(super) struct ConnectionHandler {
     control_started: bool,
     /// Channel opens and requests refused so far; at [`MAX_REFUSED_OPENS`] the peer is cut off.
     refused: u32,
+    /// A client's place among the sessions a trust change re-checks, from its first stream on
+    /// (dropped with the handler when the connection ends).
+    registration: Option<ClientRegistration>,
 }
 
 impl ConnectionHandler {
@@ -98,6 +102,7 @@ impl ConnectionHandler {
             sessions: HashMap::new(),
             control_started: false,
             refused: 0,
+            registration: None,
         }
     }
 
@@ -338,6 +343,10 @@ impl Handler for ConnectionHandler {
                 "certificate no longer trusted",
                 "",
             );
+        }
+        if self.registration.is_none() {
+            let sessions = &self.shared.client_sessions;
+            self.registration = Some(sessions.register(name, certificate, session.handle()));
         }
         let name = name.clone();
         let target = u16::try_from(port_to_connect)

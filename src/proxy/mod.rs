@@ -1,6 +1,7 @@
 //! The root side: the tunnel server, its registry of remote sites, and the client entry.
 
 pub mod client_entry;
+pub mod clients;
 pub mod config;
 mod control;
 pub mod dialer;

@@ -15,6 +15,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::Dialer;
+use super::clients::ClientSessions;
 use super::config::ProxyConfig;
 use super::handler::ConnectionHandler;
 use super::limits::{ConnectionLimiter, HandshakePermit};
@@ -44,6 +45,8 @@ pub struct ProxyShared {
     pub limiter: Arc<ConnectionLimiter>,
     /// Each SSH client's share of open streams.
     pub client_streams: Arc<StreamQuota>,
+    /// Client sessions carrying streams, ended when the trust stops accepting them.
+    pub client_sessions: Arc<ClientSessions>,
     /// Whether the peer set is known: false from [`ProxyServer::expect_peer_discovery`] until
     /// the first [`ProxyServer::set_peers`], so a replica is not ready before it can announce
     /// its peers.
@@ -86,6 +89,7 @@ impl ProxyServer {
         let shared = Arc::new(ProxyShared {
             limiter: ConnectionLimiter::new(config.limits),
             client_streams: StreamQuota::new(config.limits.max_streams_per_client),
+            client_sessions: Arc::default(),
             config,
             sites: Sites::default(),
             peers: watch::channel(vec![me]).0,

@@ -16,7 +16,9 @@
 //!
 //! A tunnel keeps the certificate it authenticated with ([`Tunnel::verify`]), so revoking a
 //! leaf, removing one of its CA keys or editing a trust file ends exactly the tunnels the
-//! remaining trust refuses, within the time the updater takes to notice the change.
+//! remaining trust refuses, within the time the updater takes to notice the change. Root
+//! clients' sessions that carry streams are re-checked the same way
+//! ([`super::clients`]): rotating a client CA out ends their streams too.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -81,6 +83,17 @@ pub async fn revalidate(shared: &ProxyShared) -> usize {
         shared.sites.remove_tunnel(&tunnel.cluster, tunnel.id);
         warn!(leaf = %tunnel.cluster, tunnel = tunnel.id, peer = %tunnel.peer, %reason, "the trust no longer accepts this tunnel's certificate; closing it");
         tunnel.disconnect("no longer trusted").await;
+    }
+    for client in shared
+        .client_sessions
+        .take_refused(&trust, &shared.config.cluster)
+    {
+        warn!(client = %client.name, reason = %client.reason, "the trust no longer accepts this client's certificate; ending its session");
+        let reason = "certificate no longer trusted".to_owned();
+        let _ = client
+            .handle
+            .disconnect(russh::Disconnect::ByApplication, reason, String::new())
+            .await;
     }
     for site in shared.sites.names() {
         if !trust.contains(&site)

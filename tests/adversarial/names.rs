@@ -470,3 +470,76 @@ async fn an_agents_held_list_is_checked_before_status_shows_it() {
     assert!(!status.contains("fake-proxy"), "{status}");
     assert!(!status.contains("script"), "{status}");
 }
+
+/// Rotating a client CA out ends the sessions it signed, streams and all, not only their next
+/// dial; a client of the CA that stays keeps its stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoking_a_client_ca_ends_the_streams_of_its_clients() {
+    use tether::client::DialClient;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let echo = echo_server().await.expect("echo");
+    let second =
+        CertificateAuthority::generate(pki().root.cluster().clone()).expect("a second root CA");
+    let second_key = second.public_key().clone();
+    let rig = Rig::start(
+        &[format!("127.0.0.1/32:{}", echo.port())],
+        |c| {
+            let mut store = (**c.trust.load()).clone();
+            store.insert(c.cluster.clone(), second_key);
+            c.trust.store(Arc::new(store));
+        },
+        |_| {},
+    )
+    .await;
+    let target = tether::protocol::Target::parse(&format!("127.0.0.1.leaf.tether:{}", echo.port()))
+        .expect("target");
+    let mut streams = Vec::new();
+    for ca in [&second, &rig.pki.root] {
+        let client = DialClient::connect(&client_config(&rig, ca, "alice"))
+            .await
+            .expect("connects");
+        let mut stream = client.open(&target, "127.0.0.1").await.expect("stream");
+        stream.write_all(b"ping").await.expect("write");
+        let mut back = [0u8; 4];
+        within(
+            "the echo",
+            Duration::from_secs(10),
+            stream.read_exact(&mut back),
+        )
+        .await
+        .expect("read");
+        streams.push((client, stream));
+    }
+    let root = rig.pki.root.cluster().clone();
+    let kept = rig.pki.root.public_key().clone();
+    let change = rig
+        .proxy
+        .update_trust(|t| {
+            t.remove_from(TrustSource::Static, &root);
+            t.insert(root.clone(), kept.clone());
+        })
+        .await;
+    assert!(change.changed);
+    let (_revoked_client, mut revoked) = streams.remove(0);
+    // Reading to the end returns (EOF, or an error for a reset) only once the stream has
+    // ended; `within` fails the test if it has not within 5 s.
+    let mut rest = Vec::new();
+    let _ = within(
+        "the revoked client's stream to end",
+        Duration::from_secs(5),
+        revoked.read_to_end(&mut rest),
+    )
+    .await;
+    let (_client, mut kept_stream) = streams.remove(0);
+    kept_stream.write_all(b"pong").await.expect("write");
+    let mut back = [0u8; 4];
+    within(
+        "the kept echo",
+        Duration::from_secs(10),
+        kept_stream.read_exact(&mut back),
+    )
+    .await
+    .expect("the other CA's client keeps its stream");
+    assert_eq!(&back, b"pong");
+}

@@ -1,28 +1,13 @@
 //! One client cannot take a tunnel's whole stream budget: each SSH client identity holds at
 //! most its share of open streams, and its share comes back as its streams end.
 
-use std::sync::Arc;
 use std::time::Duration;
 
-use tether::client::{ClientError, DialClient, DialClientConfig};
-use tether::identity::Identity;
+use tether::client::{ClientError, DialClient};
 use tether::protocol::Target;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::support::*;
-
-fn client_config(rig: &Rig, name: &str) -> DialClientConfig {
-    DialClientConfig {
-        proxy_addr: rig.proxy.local_addr().to_string(),
-        root_cluster: rig.pki.root.cluster().clone(),
-        root_cas: vec![rig.pki.root.public_key().clone()],
-        identity: Arc::new(
-            Identity::generate_client(&rig.pki.root, name, Duration::from_secs(600))
-                .expect("client identity"),
-        ),
-        timeout: Duration::from_secs(10),
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_client_cannot_hold_more_than_its_share_of_streams() {
@@ -37,7 +22,7 @@ async fn one_client_cannot_hold_more_than_its_share_of_streams() {
     let target = Target::parse(&format!("127.0.0.1.leaf.tether:{}", echo.port())).expect("t");
     // The greedy client holds its share on one connection, and asks again on a second one:
     // the share is per identity, not per connection.
-    let greedy = DialClient::connect(&client_config(&rig, "greedy"))
+    let greedy = DialClient::connect(&client_config(&rig, &rig.pki.root, "greedy"))
         .await
         .expect("connects");
     let mut held = Vec::new();
@@ -49,7 +34,7 @@ async fn one_client_cannot_hold_more_than_its_share_of_streams() {
                 .expect("within the share"),
         );
     }
-    let again = DialClient::connect(&client_config(&rig, "greedy"))
+    let again = DialClient::connect(&client_config(&rig, &rig.pki.root, "greedy"))
         .await
         .expect("connects");
     let refused = again.open(&target, "127.0.0.1").await;
@@ -59,7 +44,7 @@ async fn one_client_cannot_hold_more_than_its_share_of_streams() {
         refused.err()
     );
     // Another client is not affected, and its stream carries bytes.
-    let other = DialClient::connect(&client_config(&rig, "other"))
+    let other = DialClient::connect(&client_config(&rig, &rig.pki.root, "other"))
         .await
         .expect("connects");
     let mut stream = other.open(&target, "127.0.0.1").await.expect("own share");

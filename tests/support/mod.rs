@@ -281,3 +281,22 @@ pub async fn start_client_entry(
     ));
     addr
 }
+
+/// A `tether dial` client of `rig`'s proxy named `name`, its certificate signed by `ca` (the
+/// rig's root CA, or another the test makes the proxy trust).
+pub fn client_config(
+    rig: &Rig,
+    ca: &tether::identity::CertificateAuthority,
+    name: &str,
+) -> tether::client::DialClientConfig {
+    tether::client::DialClientConfig {
+        proxy_addr: rig.proxy.local_addr().to_string(),
+        root_cluster: rig.pki.root.cluster().clone(),
+        root_cas: vec![rig.pki.root.public_key().clone()],
+        identity: Arc::new(
+            tether::identity::Identity::generate_client(ca, name, Duration::from_secs(600))
+                .expect("client identity"),
+        ),
+        timeout: Duration::from_secs(10),
+    }
+}
