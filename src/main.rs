@@ -424,7 +424,8 @@ async fn run_dial(args: DialArgs) -> anyhow::Result<()> {
         timeout: Duration::from_secs(15),
     };
     let client = DialClient::connect(&config).await?;
-    let stdio = tokio::io::join(tokio::io::stdin(), tokio::io::stdout());
+    // The output really closes when the far end does, so an ssh ProxyCommand sees it end.
+    let stdio = tokio::io::join(tokio::io::stdin(), cli::stdio::ClosingStdout::new());
     client.splice(&target, stdio).await?;
     Ok(())
 }

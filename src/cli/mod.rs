@@ -1,6 +1,7 @@
 //! Subcommands big enough for a module of their own.
 
 pub mod proxy;
+pub mod stdio;
 
 use std::path::Path;
 

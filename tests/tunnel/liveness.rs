@@ -122,3 +122,99 @@ async fn a_proxy_awaiting_peer_discovery_is_not_ready_until_it_knows_its_peers()
         "a closed (draining) proxy is not ready"
     );
 }
+
+/// `tether dial` as an ssh `ProxyCommand`: when the agent carrying its stream dies (kill -9),
+/// its standard output ends within one heartbeat timeout although its standard input stays
+/// open, so the ssh reading it ends the session instead of hanging.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dial_s_output_ends_when_the_agent_carrying_it_dies() {
+    use std::io::{Read, Write};
+    use std::process::Stdio;
+
+    let echo = echo_server().await.expect("echo");
+    let pki = pki();
+    let proxy = ProxyServer::start(pki.proxy_config("p1").expect("config"))
+        .await
+        .expect("proxy");
+    let files = Files::write(&pki, &[]);
+    tether::identity::Identity::generate_client(&pki.root, "alice", Duration::from_secs(600))
+        .expect("client identity")
+        .save(&files.path("alice"))
+        .expect("save");
+    let agent = spawn_agent(
+        &files,
+        proxy.local_addr(),
+        &[
+            "--heartbeat-interval".into(),
+            "200ms".into(),
+            "--allow".into(),
+            format!("127.0.0.1/32:{}", echo.port()),
+        ],
+    );
+    // The path is up once a dial through it succeeds (a site is Online a moment earlier).
+    let target = tether::protocol::Target::parse(&format!("127.0.0.1.leaf.tether:{}", echo.port()))
+        .expect("target");
+    within("a dial through the agent", Duration::from_secs(20), async {
+        let dialer = proxy.dialer();
+        let client = "127.0.0.1:1".parse().expect("addr");
+        while tether::proxy::Dialer::dial(&dialer, target.clone(), client)
+            .await
+            .is_err()
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    let mut dial = Command::new(env!("CARGO_BIN_EXE_tether"))
+        .args(["dial", "leaf", &format!("127.0.0.1:{}", echo.port())])
+        .arg("--proxy")
+        .arg(proxy.local_addr().to_string())
+        .args(["--root-cluster", "root", "--identity"])
+        .arg(files.path("alice"))
+        .arg("--root-ca")
+        .arg(files.path("root-ca.pub"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("tether dial starts");
+    let mut input = dial.stdin.take().expect("stdin");
+    let mut output = dial.stdout.take().expect("stdout");
+    input.write_all(b"ping").expect("write");
+    // Reads on a blocking thread: the first 4 bytes (the echo), then until end-of-file.
+    let reader = tokio::task::spawn_blocking(move || {
+        let mut echoed = [0u8; 4];
+        output.read_exact(&mut echoed).map(|()| echoed)?;
+        let mut rest = Vec::new();
+        output.read_to_end(&mut rest).map(|_| echoed)
+    });
+    within(
+        "the echo through the dial",
+        Duration::from_secs(20),
+        async {
+            while proxy
+                .sites()
+                .tunnels()
+                .iter()
+                .all(|t| t.open_streams() == 0)
+            {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        },
+    )
+    .await;
+    signal(agent.0.id(), "-KILL");
+    // One heartbeat timeout (3 × 200 ms) and then some; the input stays open throughout.
+    let echoed = within(
+        "the dial's output to end after the agent died",
+        Duration::from_secs(10),
+        reader,
+    )
+    .await
+    .expect("reader")
+    .expect("read");
+    assert_eq!(&echoed, b"ping");
+    drop(input);
+    let _ = dial.kill();
+    let _ = dial.wait();
+}
