@@ -44,6 +44,22 @@ fuzz_target!(|data: &[u8]| {
                 "line {line} out of range"
             );
         }
-        Err(e @ TokenFileError::Io { .. }) => panic!("parsing text did I/O: {e}"),
+        // A weak token is named by its line and user, never quoted.
+        Err(ref e @ TokenFileError::WeakToken { line, ref user, .. }) => {
+            assert!(
+                line >= 1 && line <= text.lines().count(),
+                "line {line} out of range"
+            );
+            let token = entries.iter().find(|(name, _)| name == user).map(|e| e.1);
+            // (The user's own name may happen to contain the token's text.)
+            let message = e.to_string().replace(&format!("{user:?}"), "");
+            assert!(
+                token.is_none_or(|t| t.is_empty() || !message.contains(t)),
+                "the error quotes the token: {message}"
+            );
+        }
+        Err(e @ (TokenFileError::Io { .. } | TokenFileError::Permissions(_))) => {
+            panic!("parsing text touched a file: {e}")
+        }
     }
 });
