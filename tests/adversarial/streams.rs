@@ -5,7 +5,6 @@ use std::time::Duration;
 
 use tether::client::{ClientError, DialClient};
 use tether::protocol::Target;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::support::*;
 
@@ -48,16 +47,7 @@ async fn one_client_cannot_hold_more_than_its_share_of_streams() {
         .await
         .expect("connects");
     let mut stream = other.open(&target, "127.0.0.1").await.expect("own share");
-    stream.write_all(b"ping").await.expect("write");
-    let mut back = [0u8; 4];
-    within(
-        "the echo",
-        Duration::from_secs(10),
-        stream.read_exact(&mut back),
-    )
-    .await
-    .expect("read");
-    assert_eq!(&back, b"ping");
+    echo_once(&mut stream, b"ping").await;
     // The share comes back when a stream ends.
     drop(held.pop());
     // (The proxy learns of the end when the channel closes: try until it has.)

@@ -185,6 +185,24 @@ pub async fn echo_round_trip(stream: &mut DuplexStream, message: &[u8]) -> Vec<u
     back
 }
 
+/// Sends `message` through a stream to an echo server and checks it comes back, leaving the
+/// stream open (unlike [`echo_round_trip`], which half-closes it).
+pub async fn echo_once<S>(stream: &mut S, message: &[u8])
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    stream.write_all(message).await.expect("write");
+    let mut back = vec![0u8; message.len()];
+    within(
+        "the echo",
+        Duration::from_secs(10),
+        stream.read_exact(&mut back),
+    )
+    .await
+    .expect("read");
+    assert_eq!(back, message, "the echo came back different");
+}
+
 /// Captures log lines for the tests that assert what an operator would read.
 #[derive(Clone, Default)]
 pub struct LogCapture(Arc<Mutex<Vec<u8>>>);
