@@ -6,7 +6,9 @@
 //! dial that lands on a proxy already held is refused during key exchange and costs one TCP and
 //! key-exchange round. Landing on held proxies is normal and retried after a short jitter;
 //! real failures back off exponentially, so a fleet does not stampede a restarting root
-//! (Teleport's RFD 48). Proxies no longer announced are forgotten after `forget_after` and
+//! (Teleport's RFD 48). A proxy newly announced (a replica restarted or added, whose peers
+//! announce it once it is ready) is dialled within `rejoin_jitter` (300 ms) whatever back-off
+//! the outage built up. Proxies no longer announced are forgotten after `forget_after` and
 //! their tunnels closed.
 
 use std::collections::{HashMap, HashSet};
@@ -38,6 +40,10 @@ pub struct PoolLimits {
     /// A proxy not announced by any discovery for this long is forgotten and its tunnel
     /// closed. Discovery repeats every 2 minutes, so the default survives a lost message.
     pub forget_after: Duration,
+    /// Upper bound of the random pause before dialling a proxy that has just been announced
+    /// (a replica that restarted or joined): short, so it gets its tunnel within a second of
+    /// being ready; random, so a fleet does not arrive in one instant.
+    pub rejoin_jitter: Duration,
 }
 
 impl Default for PoolLimits {
@@ -46,6 +52,7 @@ impl Default for PoolLimits {
             max_concurrent_dials: 2,
             duplicate_jitter: Duration::from_millis(50),
             forget_after: Duration::from_secs(300),
+            rejoin_jitter: Duration::from_millis(300),
         }
     }
 }
@@ -275,6 +282,11 @@ impl Pool {
                         announcements.insert(proxy_id, announced);
                         let now_wanted = union(&announcements);
                         if now_wanted != wanted {
+                            if let Some(at) = rejoin_at(&wanted, &now_wanted, &held, self.limits.rejoin_jitter) {
+                                // The pause built up while it was gone no longer applies.
+                                failures = 0;
+                                next_dial = at;
+                            }
                             duplicates = 0;
                             wanted = now_wanted;
                         }
@@ -382,6 +394,27 @@ fn track_convergence(
 /// Every proxy any live tunnel's proxy announces.
 fn union(announcements: &HashMap<String, HashSet<String>>) -> HashSet<String> {
     announcements.values().flatten().cloned().collect()
+}
+
+/// When to dial after the announced set changed from `before` to `after`: soon (within
+/// `jitter`) if it gained a proxy the pool does not hold, `None` if the pacing stands.
+///
+/// A restarted replica is announced again by its peers as soon as it is ready (its endpoint
+/// turns ready). Until then the pool's dials through the load balancer were landing on the dead
+/// replica (failures: exponential back-off up to 30 s) or on held ones (duplicates: up to 5 s),
+/// so without this the restarted proxy waited 0.3-10.3 s for its tunnel (issue #13). The jitter
+/// keeps a fleet that learns of the replica at the same moment from arriving in one burst; the
+/// proxy's handshake admission paces what still arrives together.
+fn rejoin_at(
+    before: &HashSet<String>,
+    after: &HashSet<String>,
+    held: &HashMap<String, Held>,
+    jitter_max: Duration,
+) -> Option<tokio::time::Instant> {
+    let gained = after
+        .iter()
+        .any(|id| !before.contains(id) && !held.contains_key(id));
+    gained.then(|| tokio::time::Instant::now() + jitter(jitter_max))
 }
 
 /// A uniformly random duration in [0, max].

@@ -3,6 +3,7 @@
 #[path = "../support/mod.rs"]
 mod support;
 
+mod rejoin;
 mod restarts;
 
 use std::collections::HashMap;
@@ -60,6 +61,11 @@ impl Root {
             .expect("proxy starts");
         self.proxies.push((id.to_owned(), proxy));
         self.announce();
+    }
+
+    /// Lets go of the port of proxy `id`, which the test closes itself (a replica that died).
+    pub(crate) fn forget_port(&mut self, id: &str) {
+        self.ports.remove(id);
     }
 
     async fn remove(&mut self, id: &str) {
