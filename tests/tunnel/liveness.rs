@@ -218,3 +218,129 @@ async fn a_dial_s_output_ends_when_the_agent_carrying_it_dies() {
     let _ = dial.kill();
     let _ = dial.wait();
 }
+
+const TOKEN: &str = "liveness-token-0123456789abcdef";
+
+/// Opens a SOCKS5 stream (username/password method, the target by name) through `entry`.
+async fn socks5(entry: std::net::SocketAddr, host: &str, port: u16) -> tokio::net::TcpStream {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(entry).await.expect("entry");
+    s.write_all(&[5, 1, 2]).await.expect("greeting");
+    let mut reply = [0u8; 2];
+    s.read_exact(&mut reply).await.expect("method");
+    assert_eq!(reply, [5, 2], "the entry wants username/password");
+    let mut auth = vec![1, 5];
+    auth.extend_from_slice(b"alice");
+    auth.push(TOKEN.len() as u8);
+    auth.extend_from_slice(TOKEN.as_bytes());
+    s.write_all(&auth).await.expect("auth");
+    s.read_exact(&mut reply).await.expect("auth reply");
+    assert_eq!(reply, [1, 0], "the token is accepted");
+    let mut request = vec![5, 1, 0, 3, host.len() as u8];
+    request.extend_from_slice(host.as_bytes());
+    request.extend_from_slice(&port.to_be_bytes());
+    s.write_all(&request).await.expect("connect");
+    let mut head = [0u8; 10];
+    s.read_exact(&mut head).await.expect("connect reply");
+    assert_eq!(head[1], 0, "SOCKS5 CONNECT succeeded: {head:?}");
+    s
+}
+
+/// Reads until the stream ends (end of file or a reset): what a client of a dead path must see.
+async fn ended<S: tokio::io::AsyncRead + Unpin>(mut stream: S) {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 64];
+    loop {
+        match stream.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+    }
+}
+
+/// The clients of the client entry (HTTP CONNECT, SOCKS5, and `tether forward` in front of it)
+/// each hold a stream through an agent process; `kill -9` of the agent ends every one of them
+/// within one heartbeat timeout, their own sides still open (issue #13).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_entry_s_streams_end_when_the_agent_carrying_them_dies() {
+    use tether::forward::{ForwardConfig, connect};
+    let echo = echo_server().await.expect("echo");
+    let pki = pki();
+    let proxy = ProxyServer::start(pki.proxy_config("p1").expect("config"))
+        .await
+        .expect("proxy");
+    let entry = start_client_entry(&proxy, &format!("alice:{TOKEN}\n"), |_| {}).await;
+    let files = Files::write(&pki, &[]);
+    let agent = spawn_agent(
+        &files,
+        proxy.local_addr(),
+        &[
+            "--heartbeat-interval".into(),
+            "200ms".into(),
+            "--allow".into(),
+            format!("127.0.0.1/32:{}", echo.port()),
+        ],
+    );
+    let target = tether::protocol::Target::parse(&format!("127.0.0.1.leaf.tether:{}", echo.port()))
+        .expect("target");
+    let config = ForwardConfig {
+        entry: entry.to_string(),
+        user: "alice".into(),
+        token: TOKEN.into(),
+        target: target.clone(),
+        connect_timeout: Duration::from_secs(10),
+    };
+    // The path is up once a CONNECT through it succeeds.
+    let mut via_connect = within(
+        "a CONNECT through the agent",
+        Duration::from_secs(20),
+        async {
+            loop {
+                match connect(&config).await {
+                    Ok(s) => break s,
+                    Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+                }
+            }
+        },
+    )
+    .await;
+    echo_once(&mut via_connect, b"connect").await;
+    let mut via_socks = socks5(entry, "127.0.0.1.leaf.tether", echo.port()).await;
+    echo_once(&mut via_socks, b"socks5").await;
+    let forward_port = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let forward_addr = forward_port.local_addr().expect("addr");
+    drop(forward_port);
+    let _forward = crate::support::procs::spawn({
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_tether"));
+        cmd.args(["forward", "--listen", &forward_addr.to_string()])
+            .args(["--entry", &entry.to_string(), "--user", "alice"])
+            .args(["--to", &format!("127.0.0.1.leaf.tether:{}", echo.port())])
+            .env("TETHER_TOKEN", TOKEN);
+        cmd
+    });
+    let mut via_forward = within("tether forward to listen", Duration::from_secs(20), async {
+        loop {
+            match tokio::net::TcpStream::connect(forward_addr).await {
+                Ok(s) => break s,
+                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        }
+    })
+    .await;
+    echo_once(&mut via_forward, b"forward").await;
+
+    signal(agent.0.id(), "-KILL");
+    // One heartbeat timeout is 3 × 200 ms; the deadline leaves room for a loaded machine.
+    for (name, stream) in [
+        ("HTTP CONNECT", via_connect),
+        ("SOCKS5", via_socks),
+        ("tether forward", via_forward),
+    ] {
+        within(
+            &format!("the {name} stream to end after the agent died"),
+            Duration::from_secs(10),
+            ended(stream),
+        )
+        .await;
+    }
+}
