@@ -27,6 +27,10 @@ struct Cli {
     /// Log format.
     #[arg(long, global = true, default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
+    /// What to log: a level (`debug`, `warn`) or a filter (`info,tether::proxy=debug`).
+    /// Without it, `RUST_LOG` applies, else `info`.
+    #[arg(long, global = true, env = "TETHER_LOG_LEVEL")]
+    log_level: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -142,7 +146,7 @@ struct AgentArgs {
     #[arg(long)]
     root_cluster: ClusterName,
     /// The proxies' address, HOST:PORT (resolved anew on every attempt).
-    #[arg(long)]
+    #[arg(long, value_parser = cli::parse_host_port)]
     proxy: String,
     /// The agent's key; its certificate is read from IDENTITY-cert.pub.
     #[arg(long)]
@@ -173,8 +177,8 @@ struct DialArgs {
     cluster: ClusterName,
     /// The target, HOST:PORT (`_apiserver:443` for the cluster's API server).
     target: String,
-    /// The proxy's address.
-    #[arg(long)]
+    /// The proxy's address, HOST:PORT.
+    #[arg(long, value_parser = cli::parse_host_port)]
     proxy: String,
     /// The root cluster's name.
     #[arg(long)]
@@ -187,23 +191,27 @@ struct DialArgs {
     root_ca: PathBuf,
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
     tether::stream::tune_allocator();
     let cli = Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,russh=warn"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if cli.log_format == "json" {
-        builder.json().init();
-    } else {
-        builder.init();
+    let result = cli::output::init_logging(&cli.log_format, cli.log_level.as_deref())
+        .map_err(anyhow::Error::from)
+        .and_then(|()| {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?;
+            runtime.block_on(run(cli.command))
+        });
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            for line in cli::output::error_lines(&e) {
+                eprintln!("{line}");
+            }
+            std::process::ExitCode::FAILURE
+        }
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
-    runtime.block_on(run(cli.command))
 }
 
 async fn run(command: Command) -> anyhow::Result<()> {
@@ -325,7 +333,9 @@ async fn run_forward(args: ForwardArgs) -> anyhow::Result<()> {
         target,
         connect_timeout: Duration::from_secs(30),
     };
-    let (listener, addr) = tether::forward::bind(args.listen).await?;
+    let (listener, addr) = tether::forward::bind(args.listen)
+        .await
+        .with_context(|| format!("--listen {}: cannot listen", args.listen))?;
     println!("forwarding {addr} to {}", config.target);
     tokio::select! {
         () = tether::forward::serve(listener, Arc::new(config)) => {}
@@ -381,7 +391,7 @@ async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
         cluster: args.cluster,
         root_cluster: args.root_cluster,
         proxy_addr: args.proxy,
-        identity: Arc::new(Identity::load(&args.identity)?),
+        identity: Arc::new(cli::load_identity("--identity", &args.identity)?),
         root_cas: read_cas(&args.root_ca)?,
         allow: Arc::new(ArcSwap::from_pointee(AllowList::parse(&args.allow)?)),
         api_server: args.api_server,
@@ -395,7 +405,7 @@ async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
     let agent = Arc::new(Agent::new(config));
     let stop = CancellationToken::new();
     if let Some(addr) = args.admin_listen {
-        let listener = tokio::net::TcpListener::bind(addr).await?;
+        let listener = cli::bind("--admin-listen", addr).await?;
         println!("admin endpoint on {}", listener.local_addr()?);
         let stopped = stop.clone();
         tokio::spawn(tether::admin::serve(listener, agent.clone(), async move {
@@ -420,7 +430,7 @@ async fn run_dial(args: DialArgs) -> anyhow::Result<()> {
         proxy_addr: args.proxy,
         root_cluster: args.root_cluster,
         root_cas: read_cas(&args.root_ca)?,
-        identity: Arc::new(Identity::load(&args.identity)?),
+        identity: Arc::new(cli::load_identity("--identity", &args.identity)?),
         timeout: Duration::from_secs(15),
     };
     let client = DialClient::connect(&config).await?;

@@ -3,14 +3,15 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
+use anyhow::Context;
 use arc_swap::ArcSwap;
 use clap::Args;
 use tokio_util::sync::CancellationToken;
 
 use tether::agent::allow_list::AllowList;
-use tether::identity::{CertificateAuthority, Identity, TrustStore};
+use tether::identity::{CertificateAuthority, Identity, TrustStore, check_own_host_certificate};
 use tether::protocol::ClusterName;
 use tether::proxy::client_entry::{self, ClientEntryConfig, ClientTokens};
 use tether::proxy::{
@@ -119,7 +120,7 @@ pub struct ProxyArgs {
     #[arg(long, requires = "client_tokens")]
     client_listen: Option<SocketAddr>,
     /// File of `name:token` lines: the clients allowed on the HTTP CONNECT / SOCKS5 entry.
-    #[arg(long)]
+    #[arg(long, requires = "client_listen")]
     client_tokens: Option<PathBuf>,
     /// Serve /healthz, /readyz and /status here (`IP:PORT`; an IPv6 IP may go without brackets).
     #[arg(long, value_parser = tether::admin::parse_listen)]
@@ -140,9 +141,11 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
         own_ca.insert(args.cluster.clone(), ca.public_key().clone());
     }
     let from_dir = match &args.trust_dir {
-        Some(dir) => TrustStore::load_dir(dir)?,
+        Some(dir) => TrustStore::load_dir(dir)
+            .with_context(|| format!("--trust-dir {}: cannot load it", dir.display()))?,
         None => TrustStore::new(),
     };
+    report_trust(&args, &from_dir);
     let trust = tether::proxy::trust::union(&from_dir, &own_ca);
     let (host_identity, peering_identity) = identities(&args, ca.as_ref())?;
     let direct = if args.direct_allow.is_empty() {
@@ -189,7 +192,9 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
             )) as Arc<dyn JoinAuthority>
         }),
     };
-    let proxy = ProxyServer::start(config).await?;
+    let proxy = ProxyServer::start(config)
+        .await
+        .with_context(|| format!("--listen {}: cannot listen", args.listen))?;
     let mut peers = vec![Peer {
         id: args.proxy_id.clone(),
         addr: Some(proxy.local_addr()),
@@ -239,7 +244,10 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
                 listen: *listen,
                 ..ClientEntryConfig::new(ClientTokens::load(tokens)?)
             };
-            let listener = config.bind().await?;
+            let listener = config
+                .bind()
+                .await
+                .with_context(|| format!("--client-listen {listen}: cannot listen"))?;
             println!(
                 "client entry (HTTP CONNECT, SOCKS5) on {}",
                 listener.local_addr()?
@@ -257,7 +265,7 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
     // The admin endpoint outlives the drain, so load balancers see /readyz fail meanwhile.
     let admin_stop = CancellationToken::new();
     if let Some(addr) = args.admin_listen {
-        let listener = tokio::net::TcpListener::bind(addr).await?;
+        let listener = super::bind("--admin-listen", addr).await?;
         println!("admin endpoint on {}", listener.local_addr()?);
         let stopped = admin_stop.clone();
         tokio::spawn(tether::admin::serve(
@@ -279,6 +287,24 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
         entry.abort();
     }
     Ok(())
+}
+
+/// Says at start-up which clusters the trust directory makes trusted: a file named by accident
+/// (`leaf-ca.pub` trusts a cluster called `leaf-ca`) shows here, and an empty directory, with
+/// nothing else to learn trust from, means no agent can connect yet.
+fn report_trust(args: &ProxyArgs, from_dir: &TrustStore) {
+    let Some(dir) = &args.trust_dir else { return };
+    let mut clusters: Vec<String> = from_dir.clusters().map(|c| c.to_string()).collect();
+    clusters.sort();
+    if !clusters.is_empty() {
+        tracing::info!(dir = %dir.display(), ?clusters, "trusting the clusters of the trust directory");
+    } else if !args.kubernetes {
+        tracing::warn!(
+            dir = %dir.display(),
+            "the trust directory (--trust-dir) holds no CLUSTER.pub file: no agent can connect \
+             until one is added (it is re-read every 2 s and on SIGHUP)"
+        );
+    }
 }
 
 fn parse_peer(text: &str) -> Result<Peer, String> {
@@ -309,13 +335,28 @@ fn identities(
             let (host, peering) = issue_from_ca(ca, &args.proxy_id)?;
             Ok((host, Some(peering)))
         }
-        (None, Some(path)) => Ok((
-            Identity::load(path)?,
-            match &args.peer_identity {
-                Some(path) => Some(Identity::load(path)?),
+        (None, Some(path)) => {
+            let host = super::load_identity("--identity", path)?;
+            check_own_host_certificate(
+                &host.certificate,
+                &args.cluster,
+                &args.proxy_id,
+                SystemTime::now(),
+            )
+            .with_context(|| {
+                format!(
+                    "--identity {}: not a host certificate for --proxy-id {} of --cluster {}",
+                    path.display(),
+                    args.proxy_id,
+                    args.cluster
+                )
+            })?;
+            let peering = match &args.peer_identity {
+                Some(path) => Some(super::load_identity("--peer-identity", path)?),
                 None => None,
-            },
-        )),
+            };
+            Ok((host, peering))
+        }
         (None, None) => anyhow::bail!("--identity or --ca is required"),
     }
 }

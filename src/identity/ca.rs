@@ -14,6 +14,10 @@ use crate::protocol::target::ClusterName;
 use super::error::IdentityError;
 use super::keypair::{Overwrite, generate_key, read_private_key, write_key_pair};
 use super::role::{ROLE_EXTENSION, Role};
+
+/// The comment `tether ca init` gives a CA key, followed by the cluster's name: the key says
+/// which cluster it was made for, so it cannot be used for another by mistake.
+const CA_COMMENT_PREFIX: &str = "tether-ca ";
 use super::verify::{fingerprint, unix_seconds, validate_proxy_id, validate_user_name};
 
 /// How far in the past certificates start to be valid, so that a peer whose clock runs a little
@@ -40,7 +44,7 @@ impl fmt::Debug for CertificateAuthority {
 impl CertificateAuthority {
     /// Creates a CA with a fresh Ed25519 key, for a new cluster (or a CA rotation).
     pub fn generate(cluster: ClusterName) -> Result<Self, IdentityError> {
-        let key = generate_key(&format!("tether-ca {cluster}"))?;
+        let key = generate_key(&format!("{CA_COMMENT_PREFIX}{cluster}"))?;
         Ok(Self { cluster, key })
     }
 
@@ -66,11 +70,21 @@ impl CertificateAuthority {
 
     /// Loads a CA from an unencrypted OpenSSH private key file, refusing one other users may
     /// read.
+    ///
+    /// A key made by `tether ca init` names its cluster in its comment (`tether-ca <cluster>`);
+    /// loading it for another cluster is refused. Keys made elsewhere carry no such claim.
     pub fn load(path: &Path, cluster: ClusterName) -> Result<Self, IdentityError> {
-        Ok(Self {
-            cluster,
-            key: read_private_key(path)?,
-        })
+        let key = read_private_key(path)?;
+        if let Some(made_for) = AsRef::<str>::as_ref(key.comment()).strip_prefix(CA_COMMENT_PREFIX)
+            && made_for != cluster.as_str()
+        {
+            return Err(IdentityError::CaClusterMismatch {
+                path: path.to_owned(),
+                made_for: made_for.to_owned(),
+                given: cluster,
+            });
+        }
+        Ok(Self { cluster, key })
     }
 
     /// Saves the private key at `path` (mode 0600) and the public key at `path.pub`, in the

@@ -85,6 +85,21 @@ pub enum IdentityError {
         /// Fingerprint of the private key.
         private_key: String,
     },
+    /// A CA key made for one cluster was given as another's: its certificates would name the
+    /// wrong cluster and be refused wherever they are used.
+    #[error(
+        "{}: this is the CA of cluster {made_for:?} (it was made with --cluster {made_for}), \
+         not of \"{given}\"",
+        path.display()
+    )]
+    CaClusterMismatch {
+        /// The CA key file.
+        path: PathBuf,
+        /// The cluster named in the key's comment when `tether ca init` made it.
+        made_for: String,
+        /// The cluster it was loaded for.
+        given: ClusterName,
+    },
     /// A proxy id, user name or principal cannot go into a certificate.
     #[error("invalid {what} {value:?}: {reason}")]
     InvalidName {

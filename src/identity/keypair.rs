@@ -139,6 +139,18 @@ pub(super) fn generate_key(comment: &str) -> Result<PrivateKey, IdentityError> {
 /// Reads an unencrypted OpenSSH private key, refusing a file other users may read
 /// ([`check_key_permissions`]).
 pub(super) fn read_private_key(path: &Path) -> Result<PrivateKey, IdentityError> {
+    // The `.pub` beside a key is the usual slip; say so before its mode (0644, as public keys
+    // are) is blamed.
+    if path.extension().is_some_and(|e| e == "pub") {
+        return Err(IdentityError::Parse {
+            path: path.to_owned(),
+            line: None,
+            message: format!(
+                "a public key or certificate; give the private key file ({}) instead",
+                path.with_extension("").display()
+            ),
+        });
+    }
     check_key_permissions(path)?;
     let text = read_to_string(path)?;
     let key = PrivateKey::from_openssh(text.as_bytes()).map_err(|e| IdentityError::Parse {

@@ -29,7 +29,10 @@ pub use error::{AuthError, IdentityError, Timestamp};
 pub use keypair::{Identity, check_key_permissions};
 pub use role::{ROLE_EXTENSION, Role};
 pub use trust::{TrustSource, TrustStore, parse_ca_keys, same_keys};
-pub use verify::{fingerprint, validate_proxy_id, validate_user_name, verify_host_certificate};
+pub use verify::{
+    check_own_host_certificate, fingerprint, validate_proxy_id, validate_user_name,
+    verify_host_certificate,
+};
 
 /// The SSH key and certificate types this module works with, re-exported so callers need not
 /// name `russh`'s internals.

@@ -89,6 +89,30 @@ pub fn verify_host_certificate(
         })
 }
 
+/// A proxy checks its own host certificate at start-up, so that a wrong file fails there with
+/// the reason rather than in every agent's handshake: a host certificate (not a user one),
+/// valid now, naming `<proxy_id>.<cluster>`. Who signed it is the agents' check (against their
+/// root CAs); here the certificate is checked against its own signer.
+pub fn check_own_host_certificate(
+    cert: &Certificate,
+    cluster: &ClusterName,
+    proxy_id: &str,
+    now: SystemTime,
+) -> Result<(), AuthError> {
+    let signer = PublicKey::from(cert.signature_key().clone());
+    verify_host_certificate(cert, &[signer], cluster, now)?;
+    let expected = format!("{proxy_id}.{cluster}");
+    if cert.valid_principals().contains(&expected) {
+        Ok(())
+    } else {
+        Err(AuthError::PrincipalMismatch {
+            key_id: cert.key_id().to_owned(),
+            expected,
+            principals: cert.valid_principals().to_vec(),
+        })
+    }
+}
+
 /// Checks a user certificate: signed by one of `cas` (those of `cluster`), valid at `now`, naming
 /// `principal` and carrying `role`.
 pub(super) fn check_user(

@@ -194,49 +194,9 @@ mod secrets {
     use std::io::BufRead;
     use std::os::unix::fs::PermissionsExt;
     use std::path::Path;
-    use std::process::{Command, Output, Stdio};
-    use std::time::{Duration, Instant};
+    use std::process::{Command, Stdio};
 
-    /// Runs `tether ARGS` in `dir` to completion, killing it (and failing) if it is still
-    /// running after 30 s: a command that should have refused may instead be serving.
-    fn tether(dir: &Path, args: &[&str]) -> Output {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_tether"))
-            .current_dir(dir)
-            .args(args)
-            .env_remove("TETHER_TOKEN")
-            .env_remove("TETHER_TOKEN_FILE")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("tether runs");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while child.try_wait().expect("wait").is_none() {
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("tether {args:?} still running after 30 s");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        child.wait_with_output().expect("output")
-    }
-
-    fn ok(dir: &Path, args: &[&str]) {
-        let out = tether(dir, args);
-        assert!(
-            out.status.success(),
-            "{args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-
-    /// Runs `tether ARGS`, expecting failure; its stderr.
-    fn fails(dir: &Path, args: &[&str]) -> String {
-        let out = tether(dir, args);
-        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-        assert!(!out.status.success(), "{args:?} succeeded: {stderr}");
-        stderr
-    }
+    use crate::support::procs::{fails, ok};
 
     fn chmod(path: &Path, mode: u32) {
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod");

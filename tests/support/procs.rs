@@ -3,9 +3,9 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream as StdStream};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
 use tether::demo::Pki;
 use tether::identity::Identity;
@@ -138,4 +138,47 @@ pub fn admin_get(addr: SocketAddr, path: &str) -> Option<String> {
     let mut out = String::new();
     s.read_to_string(&mut out).ok()?;
     out.split_once("\r\n\r\n").map(|(_, body)| body.to_owned())
+}
+
+// ---- one-shot commands ----------------------------------------------------------------
+
+/// Runs `tether ARGS` in `dir` to completion, killing it (and failing) if it is still
+/// running after 30 s: a command that should have refused may instead be serving.
+pub fn tether(dir: &Path, args: &[&str]) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tether"))
+        .current_dir(dir)
+        .args(args)
+        .env_remove("TETHER_TOKEN")
+        .env_remove("TETHER_TOKEN_FILE")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("tether runs");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while child.try_wait().expect("wait").is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("tether {args:?} still running after 30 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().expect("output")
+}
+
+pub fn ok(dir: &Path, args: &[&str]) {
+    let out = tether(dir, args);
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Runs `tether ARGS`, expecting failure; its stderr.
+pub fn fails(dir: &Path, args: &[&str]) -> String {
+    let out = tether(dir, args);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "{args:?} succeeded: {stderr}");
+    stderr
 }

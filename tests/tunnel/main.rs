@@ -10,3 +10,4 @@ mod join;
 mod liveness;
 mod metrics;
 mod policy;
+mod startup;
