@@ -208,8 +208,15 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
         tokio::spawn(renew_certificates(proxy.clone(), ca, args.proxy_id.clone()));
     }
     let root_state = CancellationToken::new();
+    let hangup = Hangup::install()?;
     if let Some(dir) = args.trust_dir.clone() {
-        follow_trust_dir(&proxy, dir, own_ca, root_state.clone())?;
+        tokio::spawn(tether::proxy::trust::follow_dir(
+            proxy.shared().clone(),
+            dir,
+            own_ca,
+            hangup.trust.clone(),
+            root_state.clone(),
+        ));
     }
     let root_task = root_client.map(|client| {
         tokio::spawn(tether::operator::root::run(
@@ -240,10 +247,23 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
     let stop = CancellationToken::new();
     let entry = match (&args.client_listen, &args.client_tokens) {
         (Some(listen), Some(tokens)) => {
+            let loaded = ClientTokens::load(tokens)
+                .with_context(|| format!("--client-tokens {}", tokens.display()))?;
             let config = ClientEntryConfig {
                 listen: *listen,
-                ..ClientEntryConfig::new(ClientTokens::load(tokens)?)
+                ..ClientEntryConfig::new(loaded)
             };
+            let swap = config.tokens.clone();
+            tokio::spawn(tether::proxy::reload::follow_file(
+                "client token file",
+                tokens.clone(),
+                tether::proxy::reload::POLL,
+                hangup.tokens.clone(),
+                stop.clone(),
+                move |path: &std::path::Path| {
+                    ClientTokens::load(path).map(|t| swap.store(Arc::new(t)))
+                },
+            ));
             let listener = config
                 .bind()
                 .await
@@ -388,29 +408,31 @@ async fn renew_certificates(proxy: Arc<ProxyServer>, ca: CertificateAuthority, p
     }
 }
 
-/// Re-reads `dir` into the proxy's static trust (with `own_ca`) every 2 s and on SIGHUP, until
-/// `stop`; see [`tether::proxy::trust::follow_dir`].
-fn follow_trust_dir(
-    proxy: &Arc<ProxyServer>,
-    dir: PathBuf,
-    own_ca: TrustStore,
-    stop: CancellationToken,
-) -> anyhow::Result<()> {
-    let wake = Arc::new(tokio::sync::Notify::new());
-    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
-    let notify = wake.clone();
-    tokio::spawn(async move {
-        while hangup.recv().await.is_some() {
-            tracing::info!("SIGHUP: re-reading the trust directory");
-            notify.notify_one();
-        }
-    });
-    tokio::spawn(tether::proxy::trust::follow_dir(
-        proxy.shared().clone(),
-        dir,
-        own_ca,
-        wake,
-        stop,
-    ));
-    Ok(())
+/// SIGHUP asks for the trust directory and the token file to be re-read now. Installed
+/// whatever the flags, so a HUP never kills the proxy (its default action) without a drain.
+struct Hangup {
+    /// Woken for the trust directory's follower.
+    trust: Arc<tokio::sync::Notify>,
+    /// Woken for the token file's follower.
+    tokens: Arc<tokio::sync::Notify>,
+}
+
+impl Hangup {
+    fn install() -> anyhow::Result<Self> {
+        let mut signal = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            .context("installing the SIGHUP handler")?;
+        let hangup = Hangup {
+            trust: Arc::default(),
+            tokens: Arc::default(),
+        };
+        let (trust, tokens) = (hangup.trust.clone(), hangup.tokens.clone());
+        tokio::spawn(async move {
+            while signal.recv().await.is_some() {
+                tracing::info!("SIGHUP: re-reading the trust directory and the client token file");
+                trust.notify_one();
+                tokens.notify_one();
+            }
+        });
+        Ok(hangup)
+    }
 }

@@ -10,6 +10,7 @@ pub mod join;
 pub mod limits;
 pub mod peers;
 pub mod quota;
+pub mod reload;
 pub mod server;
 pub mod sites;
 pub mod trust;

@@ -1,5 +1,6 @@
 //! The mistakes people make starting `tether` (issue #14): each is refused at start-up, and the
-//! error names the flag, the file or address, and the cause, once.
+//! error names the flag, the file or address, and the cause, once. And the day-two edit: a
+//! proxy's token file re-read on SIGHUP and when it changes.
 
 use std::net::TcpListener;
 use std::path::Path;
@@ -214,4 +215,82 @@ fn a_bad_log_level_names_the_flag() {
 
 fn tether_pki() -> tether::demo::Pki {
     crate::support::pki()
+}
+
+/// The status code the client entry at `entry` answers a CONNECT with `user:token`.
+fn connect_status(entry: std::net::SocketAddr, user: &str, token: &str) -> Option<u16> {
+    use base64::Engine as _;
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(entry).ok()?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .ok()?;
+    let auth = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{token}"));
+    write!(
+        s,
+        "CONNECT 127.0.0.1.leaf.tether:1 HTTP/1.1\r\nHost: x\r\nProxy-Authorization: Basic {auth}\r\n\r\n"
+    )
+    .ok()?;
+    let mut head = [0u8; 12];
+    s.read_exact(&mut head).ok()?;
+    std::str::from_utf8(&head[9..12]).ok()?.parse().ok()
+}
+
+/// Waits (up to 10 s) until `user:token` gets an answer other than 407, or 407 if `admitted`
+/// is false.
+fn wait_admission(entry: std::net::SocketAddr, user: &str, token: &str, admitted: bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let status = connect_status(entry, user, token);
+        if status.is_some_and(|s| (s != 407) == admitted) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{user}: still {status:?}, expected admitted={admitted}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn the_token_file_is_re_read_on_sighup_and_when_it_changes() {
+    use std::os::unix::fs::PermissionsExt;
+    let pki = tether_pki();
+    let files = Files::write(&pki, &["p1"]);
+    let tokens = files.path("tokens.txt");
+    let write_tokens = |text: &str| {
+        std::fs::write(&tokens, text).expect("write tokens");
+        std::fs::set_permissions(&tokens, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    };
+    let (alice, bob) = ("a1ic3-70k3n-9f8e7d6c5b4a3921", "b0b-70k3n-1a2b3c4d5e6f7089");
+    write_tokens(&format!("alice:{alice}\n"));
+    let entry = crate::support::haproxy::free_port();
+    let mut proxy = crate::support::procs::spawn({
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_tether"));
+        cmd.current_dir(files.dir.path())
+            .args(proxy_args("p1", "p1", &["--listen", "127.0.0.1:0"]))
+            .args(["--client-listen", &entry.to_string()])
+            .args(["--client-tokens", "tokens.txt"]);
+        cmd
+    });
+    wait_admission(entry, "alice", alice, true);
+    assert_eq!(connect_status(entry, "bob", bob), Some(407));
+
+    // Added, then SIGHUP: bob is in at once (the poll would take up to 2 s more).
+    write_tokens(&format!("alice:{alice}\nbob:{bob}\n"));
+    let pid = proxy.0.id().to_string();
+    let hup = std::process::Command::new("kill")
+        .args(["-HUP", &pid])
+        .status()
+        .expect("kill");
+    assert!(hup.success());
+    wait_admission(entry, "bob", bob, true);
+    assert!(
+        proxy.0.try_wait().expect("wait").is_none(),
+        "SIGHUP must not stop the proxy"
+    );
+    // Removed, no signal: the change is seen by itself.
+    write_tokens(&format!("bob:{bob}\n"));
+    wait_admission(entry, "alice", alice, false);
+    wait_admission(entry, "bob", bob, true);
 }

@@ -112,7 +112,7 @@ pub(super) async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
         )
         .await;
     }
-    let Some(user) = authenticate(authorization.as_deref(), &config.tokens) else {
+    let Some(user) = authenticate(authorization.as_deref(), &config.tokens.load()) else {
         let result = reject(
             stream,
             407,

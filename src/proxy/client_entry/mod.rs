@@ -28,6 +28,7 @@ use std::pin::pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -69,8 +70,10 @@ pub struct ClientEntryConfig {
     /// Largest HTTP request head read. Bounds the memory a single client can make us hold
     /// before it has authenticated.
     pub max_header_bytes: usize,
-    /// The clients allowed in. Empty means nobody: there is no anonymous access.
-    pub tokens: ClientTokens,
+    /// The clients allowed in. Empty means nobody: there is no anonymous access. Shared and
+    /// swapped whole, so the proxy can re-read its token file (on SIGHUP or when the file
+    /// changes) while connections are being served; a removed token admits no new connection.
+    pub tokens: Arc<ArcSwap<ClientTokens>>,
 }
 
 impl Default for ClientEntryConfig {
@@ -83,7 +86,7 @@ impl Default for ClientEntryConfig {
             auth_penalty: Duration::from_secs(30),
             handshake_timeout: Duration::from_secs(10),
             max_header_bytes: 8 * 1024,
-            tokens: ClientTokens::default(),
+            tokens: Arc::new(ArcSwap::from_pointee(ClientTokens::default())),
         }
     }
 }
@@ -92,7 +95,7 @@ impl ClientEntryConfig {
     /// The defaults, with `tokens` as the allowed clients.
     pub fn new(tokens: ClientTokens) -> Self {
         Self {
-            tokens,
+            tokens: Arc::new(ArcSwap::from_pointee(tokens)),
             ..Self::default()
         }
     }

@@ -56,7 +56,7 @@ pub(super) async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
     let user = read_short(stream).await?;
     let password = read_short(stream).await?;
     let user = match std::str::from_utf8(&user) {
-        Ok(name) if config.tokens.verify(name, &password) => name.to_owned(),
+        Ok(name) if config.tokens.load().verify(name, &password) => name.to_owned(),
         _ => {
             write(stream, &[AUTH_VERSION, 0x01]).await?;
             return Err(HandshakeError::AuthFailed("SOCKS5 authentication failed"));
