@@ -57,20 +57,66 @@ pub enum ForwardError {
     /// The entry answered with something other than `200`.
     #[error("the client entry refused the tunnel: {0}")]
     Refused(String),
+    /// The entry does not take this client's token (HTTP 407).
+    #[error(
+        "the client entry refused the token of {user:?} (HTTP 407): check --user and the token \
+         (TETHER_TOKEN or --token-file) against the proxy's token file"
+    )]
+    BadToken {
+        /// The client's name as given.
+        user: String,
+    },
 }
 
 /// Opens a tunnel to `config.target` through the entry: connects, sends `CONNECT` and reads the
 /// answer. Returns the connection ready to carry the target's bytes.
 pub async fn connect(config: &ForwardConfig) -> Result<TcpStream, ForwardError> {
-    tokio::time::timeout(config.connect_timeout, connect_inner(config))
+    let (name, port) = config.target.to_name();
+    let (stream, status_line) = within(config, ask(config, &name, port)).await?;
+    if status_code(&status_line) == Some(200) {
+        Ok(stream)
+    } else {
+        Err(ForwardError::Refused(status_line))
+    }
+}
+
+/// The target a start-up check asks for: not a `HOST.CLUSTER.tether` name, so the entry answers
+/// `400` once it has accepted the token, and nothing is dialled anywhere.
+const CHECK_TARGET: &str = "tether-start-up-check.invalid";
+
+/// Checks at start-up that the entry is reachable and takes the token, so that a wrong one
+/// fails `tether forward` with a reason instead of resetting every client it later accepts.
+/// The entry checks credentials before the target, and the target asked for is one it refuses
+/// without dialling.
+pub async fn check_entry(config: &ForwardConfig) -> Result<(), ForwardError> {
+    let (_, status_line) = within(config, ask(config, CHECK_TARGET, 1)).await?;
+    match status_code(&status_line) {
+        Some(400) => Ok(()),
+        Some(407) => Err(ForwardError::BadToken {
+            user: config.user.clone(),
+        }),
+        _ => Err(ForwardError::Refused(status_line)),
+    }
+}
+
+async fn within<T>(
+    config: &ForwardConfig,
+    exchange: impl std::future::Future<Output = Result<T, ForwardError>>,
+) -> Result<T, ForwardError> {
+    tokio::time::timeout(config.connect_timeout, exchange)
         .await
         .map_err(|_| ForwardError::Timeout(config.connect_timeout))?
 }
 
-async fn connect_inner(config: &ForwardConfig) -> Result<TcpStream, ForwardError> {
+/// Sends `CONNECT name:port` with the client's credentials; the connection and the answer's
+/// status line. Nothing past the answer's head is read: it belongs to the target.
+async fn ask(
+    config: &ForwardConfig,
+    name: &str,
+    port: u16,
+) -> Result<(TcpStream, String), ForwardError> {
     let mut stream = TcpStream::connect(config.entry.as_str()).await?;
     stream.set_nodelay(true)?;
-    let (name, port) = config.target.to_name();
     let credentials = base64::engine::general_purpose::STANDARD
         .encode(format!("{}:{}", config.user, config.token));
     let request = format!(
@@ -78,7 +124,7 @@ async fn connect_inner(config: &ForwardConfig) -> Result<TcpStream, ForwardError
          Proxy-Authorization: Basic {credentials}\r\n\r\n"
     );
     stream.write_all(request.as_bytes()).await?;
-    // Read the head byte by byte: nothing past it may be consumed, it belongs to the target.
+    // Byte by byte: a buffered read could take the target's first bytes.
     let mut head = Vec::with_capacity(64);
     while !head.ends_with(b"\r\n\r\n") {
         if head.len() >= MAX_RESPONSE_HEAD {
@@ -92,15 +138,12 @@ async fn connect_inner(config: &ForwardConfig) -> Result<TcpStream, ForwardError
         .next()
         .map(|l| String::from_utf8_lossy(l).into_owned())
         .unwrap_or_default();
-    let ok = status_line
-        .split_whitespace()
-        .nth(1)
-        .is_some_and(|code| code == "200");
-    if ok {
-        Ok(stream)
-    } else {
-        Err(ForwardError::Refused(status_line))
-    }
+    Ok((stream, status_line))
+}
+
+/// The code of an HTTP status line (`HTTP/1.1 407 Proxy Authentication Required` → 407).
+fn status_code(status_line: &str) -> Option<u16> {
+    status_line.split_whitespace().nth(1)?.parse().ok()
 }
 
 /// Serves `listener` until the task is dropped: each connection is carried to the target.

@@ -333,6 +333,9 @@ async fn run_forward(args: ForwardArgs) -> anyhow::Result<()> {
         target,
         connect_timeout: Duration::from_secs(30),
     };
+    tether::forward::check_entry(&config)
+        .await
+        .with_context(|| format!("--entry {}: cannot forward through it", config.entry))?;
     let (listener, addr) = tether::forward::bind(args.listen)
         .await
         .with_context(|| format!("--listen {}: cannot listen", args.listen))?;

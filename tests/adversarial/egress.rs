@@ -304,6 +304,34 @@ mod secrets {
         "127.0.0.1:0",
     ];
 
+    /// A client entry for one start-up check: it answers 400 (token taken, no such target) if
+    /// the request carries `credentials`, else 407. Its address.
+    fn entry_taking(credentials: &str) -> String {
+        use base64::Engine as _;
+        use std::io::{Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr").to_string();
+        let expected = base64::engine::general_purpose::STANDARD.encode(credentials);
+        std::thread::spawn(move || {
+            let Ok((mut s, _)) = listener.accept() else {
+                return;
+            };
+            let mut head = Vec::new();
+            let mut byte = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") && s.read_exact(&mut byte).is_ok() {
+                head.push(byte[0]);
+            }
+            let taken = String::from_utf8_lossy(&head).contains(&format!("Basic {expected}"));
+            let answer: &[u8] = if taken {
+                b"HTTP/1.1 400 Bad Request\r\n\r\n"
+            } else {
+                b"HTTP/1.1 407 Proxy Authentication Required\r\n\r\n"
+            };
+            let _ = s.write_all(answer);
+        });
+        addr
+    }
+
     #[test]
     fn the_forward_token_never_comes_from_argv() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -331,9 +359,17 @@ mod secrets {
             (vec!["--token-file", "alice.token"], None),
             (vec![], Some(secret)),
         ] {
+            let entry = entry_taking(&format!("alice:{secret}"));
             let mut cmd = Command::new(env!("CARGO_BIN_EXE_tether"));
             cmd.current_dir(dir)
-                .args(FORWARD)
+                // FORWARD's entry (port 1) replaced by the one that takes the token.
+                .args(FORWARD.map(|a| {
+                    if a == "127.0.0.1:1" {
+                        entry.as_str()
+                    } else {
+                        a
+                    }
+                }))
                 .args(&args)
                 .env_remove("TETHER_TOKEN")
                 .stdout(Stdio::piped())

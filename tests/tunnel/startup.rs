@@ -294,3 +294,70 @@ fn the_token_file_is_re_read_on_sighup_and_when_it_changes() {
     wait_admission(entry, "alice", alice, false);
     wait_admission(entry, "bob", bob, true);
 }
+
+#[test]
+fn tether_forward_checks_its_entry_and_token_before_it_listens() {
+    use std::os::unix::fs::PermissionsExt;
+    let pki = tether_pki();
+    let files = Files::write(&pki, &["p1"]);
+    let dir = files.dir.path();
+    let secret = |name: &str, text: &str| {
+        std::fs::write(dir.join(name), text).expect("write");
+        std::fs::set_permissions(dir.join(name), std::fs::Permissions::from_mode(0o600))
+            .expect("chmod");
+    };
+    secret("tokens.txt", "alice:a1ic3-70k3n-9f8e7d6c5b4a3921\n");
+    secret("wrong.token", "not-alice-s-token-0f1e2d3c4b5a\n");
+    let entry = crate::support::haproxy::free_port();
+    let _proxy = crate::support::procs::spawn({
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_tether"));
+        cmd.current_dir(dir)
+            .args(proxy_args("p1", "p1", &["--listen", "127.0.0.1:0"]))
+            .args(["--client-listen", &entry.to_string()])
+            .args(["--client-tokens", "tokens.txt"]);
+        cmd
+    });
+    let forward = |entry: &str| -> String {
+        fails(
+            dir,
+            &[
+                "forward",
+                "--entry",
+                entry,
+                "--user",
+                "alice",
+                "--token-file",
+                "wrong.token",
+                "--to",
+                "db.leaf.tether:5432",
+            ],
+        )
+    };
+    // The entry is up once it refuses the token (before, the connection is refused).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let err = loop {
+        let err = forward(&entry.to_string());
+        if err.contains("407") || std::time::Instant::now() > deadline {
+            break err;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    says(
+        &err,
+        &[
+            &format!("--entry {entry}: cannot forward through it"),
+            "refused the token of \"alice\" (HTTP 407)",
+        ],
+    );
+    let closed = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let closed_addr = closed.local_addr().expect("addr").to_string();
+    drop(closed);
+    let err = forward(&closed_addr);
+    says(
+        &err,
+        &[
+            &format!("--entry {closed_addr}: cannot forward through it"),
+            "refused",
+        ],
+    );
+}
