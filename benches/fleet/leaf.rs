@@ -26,7 +26,7 @@ use crate::common::api_writes::{since, total, write_counts};
 use crate::haproxy::free_port;
 use crate::procs::{Files, Proc, proxy_command};
 use crate::tunnel_e2e::{create_secrets, example, install_crds};
-use crate::{Opts, Res, Row, cpu_time, poll, status_kib, verdict};
+use crate::{Opts, Res, Row, cpu_time, poll, status_kib, tether_bin, verdict};
 use tether::demo::Pki;
 use tether::operator::crd::ReverseTunnel;
 use tether::operator::crd::reverse_tunnel::Phase;
@@ -151,7 +151,7 @@ fn spawn_root_proxy(files: &Files) -> Res<(Proc, SocketAddr)> {
 /// `tether operator` as the chart runs it (one replica, electing itself through its Lease).
 fn spawn_operator(cp: &ControlPlane, ns: &str, log: &std::path::Path) -> Res<Proc> {
     let log = std::fs::File::create(log).map_err(|e| e.to_string())?;
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_tether"));
+    let mut cmd = Command::new(tether_bin());
     cmd.arg("operator")
         .arg("--kubeconfig")
         .arg(cp.kubeconfig_path())

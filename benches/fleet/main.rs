@@ -11,7 +11,8 @@
 //! Modules: `root` (N leaves × 3 `tether proxy --kubernetes` replicas: time to Online,
 //! writes at rest, Offline after a frozen agent, proxies' memory), `leaf` (one `tether
 //! operator` reconciling N ReverseTunnels: start-up, memory, CPU and writes at rest).
-//! The table goes to stdout and `target/bench/fleet-kube.md`.
+//! The table goes to stdout and `target/bench/fleet-kube.md`. `TETHER_BIN=PATH` runs another
+//! build of `tether` as the proxies, agents and operator under test.
 
 #[path = "../../tests/common/mod.rs"]
 mod common;
@@ -91,6 +92,14 @@ impl Opts {
     fn wants(&self, part: &str) -> bool {
         self.only.as_deref().is_none_or(|o| o == part)
     }
+}
+
+/// The `tether` binary this bench was built with; `TETHER_BIN` overrides it for the processes
+/// under test (an A/B of two builds).
+pub fn tether_bin() -> PathBuf {
+    std::env::var_os("TETHER_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_tether")))
 }
 
 /// One row of the report: what, the figure, and the target it is held to (if any).

@@ -39,7 +39,7 @@ use crate::common::api_writes::{since, total, write_counts};
 use crate::haproxy::{Haproxy, free_port};
 use crate::procs::Proc;
 use crate::tunnel_e2e::install_crds;
-use crate::{Opts, Res, Row, cpu_time, poll, status_kib, verdict};
+use crate::{Opts, Res, Row, cpu_time, poll, status_kib, tether_bin, verdict};
 use tether::agent::allow_list::AllowList;
 use tether::agent::{Agent, AgentConfig, Backoff};
 use tether::identity::{CertificateAuthority, Identity};
@@ -234,7 +234,7 @@ fn spawn_proxy(cp: &ControlPlane, id: &str, ns: &str, dir: &Path) -> Res<(Proc, 
         let (listen, admin) = (free_port(), free_port());
         let log =
             std::fs::File::create(dir.join(format!("{id}.log"))).map_err(|e| e.to_string())?;
-        let child = Command::new(env!("CARGO_BIN_EXE_tether"))
+        let child = Command::new(tether_bin())
             .args(["proxy", "--cluster", "root", "--proxy-id", id])
             .arg("--ca")
             .arg(dir.join("root-ca"))
@@ -350,7 +350,7 @@ fn spawn_agent(dir: &Path, leaf: &Leaf, lb: SocketAddr, heartbeat: Duration) -> 
     leaf.identity.save(&key).map_err(|e| e.to_string())?;
     let log =
         std::fs::File::create(dir.join(format!("{}.log", leaf.name))).map_err(|e| e.to_string())?;
-    let child = Command::new(env!("CARGO_BIN_EXE_tether"))
+    let child = Command::new(tether_bin())
         .args([
             "agent",
             "--cluster",
