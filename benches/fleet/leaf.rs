@@ -52,6 +52,9 @@ pub struct LeafFigures {
     pub cpu: Duration,
     /// Most `observedAt` stamps falling on one second of the minute, at the window's end.
     pub busiest_second: usize,
+    /// Whether a refresh period passed before the window (not in `--smoke`): before it, the
+    /// first stamps after Connected are still moving onto their slots, so rates are not judged.
+    pub settled: bool,
 }
 
 impl LeafFigures {
@@ -67,6 +70,15 @@ impl LeafFigures {
         self.writes.values().sum::<f64>()
             - total(&self.writes, "leases")
             - total(&self.writes, "reversetunnels")
+    }
+
+    /// `verdict`, or why there is none: the window did not follow a refresh period.
+    fn judged(&self, verdict: String) -> String {
+        if self.settled {
+            verdict
+        } else {
+            "not judged (no settling minute in --smoke)".to_owned()
+        }
     }
 
     /// The report's rows.
@@ -104,18 +116,18 @@ impl LeafFigures {
                     self.writes.values().sum::<f64>() / self.window.as_secs_f64(),
                     breakdown.join(", ")
                 ),
-                verdict(
+                self.judged(verdict(
                     "Leases + ≤ 1 per ReverseTunnel per minute",
                     self.other_writes() == 0.0 && rate <= 1.05,
-                ),
+                )),
             ),
             Row::new(
                 "observedAt stamps in the busiest second of the minute",
                 format!("{} of {n}", self.busiest_second),
-                verdict(
+                self.judged(verdict(
                     &format!("spread (lock-step: {n})"),
                     n < 60 || self.busiest_second * 10 <= n,
-                ),
+                )),
             ),
         ]
     }
@@ -293,5 +305,6 @@ pub async fn measure(opts: &Opts) -> Res<LeafFigures> {
         writes,
         cpu,
         busiest_second,
+        settled: !opts.smoke,
     })
 }
