@@ -20,6 +20,16 @@
 //! ```
 //!
 //! Heartbeat times alone never cause a write: they ride along with the next refresh.
+//!
+//! **Spreading the stamps.** An operator that starts with 1,000 tunnels connects them within
+//! seconds; stamped again "a minute after the last write", they would stay in lock-step and
+//! hit the API server with 1,000 writes in the same second of every minute. Each tunnel
+//! therefore has its own second of the minute, its [`RefreshSlot`] (a hash of its namespace and
+//! name), and is restamped at the first such second more than a second after its last stamp:
+//! never more than 61 s after it (so `SEEN ≤ 61s` still means carried), exactly a minute apart
+//! at rest (one write per tunnel per minute), and the first refresh after a change comes
+//! earlier, once, to move onto the slot. 1,000 tunnels then write ~17 stamps a second instead
+//! of 1,000 at once.
 
 use std::time::{Duration, SystemTime};
 
@@ -64,10 +74,50 @@ fn rfc3339(t: SystemTime) -> String {
 /// second: the stamp drops fractions) means no operator carries the tunnel.
 pub const SEEN_REFRESH: Duration = Duration::from_secs(60);
 
+/// The second of each minute at which one tunnel's unchanged status is stamped again, so that
+/// many tunnels' stamps spread over the minute instead of falling together.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RefreshSlot {
+    /// Seconds past the minute, below `SEEN_REFRESH`'s seconds.
+    second: u64,
+}
+
+impl RefreshSlot {
+    /// The slot of the tunnel `namespace/name`: FNV-1a of the key (stable across restarts and
+    /// replicas, so a new operator keeps the spread its predecessor had).
+    pub fn of(namespace: &str, name: &str) -> Self {
+        let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+        for byte in namespace.bytes().chain([b'/']).chain(name.bytes()) {
+            hash ^= u64::from(byte);
+            hash = hash.wrapping_mul(0x0100_0000_01b3);
+        }
+        Self {
+            second: hash % SEEN_REFRESH.as_secs(),
+        }
+    }
+
+    /// The first instant on this slot more than a second after `stamped`: within
+    /// (`stamped` + 1 s, `stamped` + `SEEN_REFRESH` + 1 s], the second being what the stamp
+    /// drops.
+    fn next_after(self, stamped: SystemTime) -> SystemTime {
+        let period = SEEN_REFRESH.as_secs();
+        let base = stamped
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs()
+            + 1;
+        let wait = match (self.second + period - base % period) % period {
+            0 => period,
+            w => w,
+        };
+        SystemTime::UNIX_EPOCH + Duration::from_secs(base + wait)
+    }
+}
+
 /// When `last` must be stamped again, or `None` if it carries no readable stamp.
-fn refresh_due(last: &ReverseTunnelStatus) -> Option<SystemTime> {
+fn refresh_due(last: &ReverseTunnelStatus, slot: RefreshSlot) -> Option<SystemTime> {
     let stamped = humantime::parse_rfc3339(last.observed_at.as_deref()?).ok()?;
-    Some(stamped + SEEN_REFRESH + Duration::from_secs(1))
+    Some(slot.next_after(stamped))
 }
 
 /// `status` without what changes on its own (the stamp, heartbeat times).
@@ -82,14 +132,15 @@ fn settled(status: &ReverseTunnelStatus) -> ReverseTunnelStatus {
 }
 
 /// Whether `next` must be written over `last` at `now`: it says something new, or the stamp
-/// of `last` is due.
+/// of `last` is due on the tunnel's `slot`.
 pub fn needs_write(
     last: Option<&ReverseTunnelStatus>,
     next: &ReverseTunnelStatus,
+    slot: RefreshSlot,
     now: SystemTime,
 ) -> bool {
     let Some(last) = last else { return true };
-    settled(last) != settled(next) || refresh_due(last).is_none_or(|due| now >= due)
+    settled(last) != settled(next) || refresh_due(last, slot).is_none_or(|due| now >= due)
 }
 
 /// The status for `spec` and `pool`, reusing `previous` transition times where a condition's
@@ -290,13 +341,15 @@ pub struct StatusWriter {
 
 impl StatusWriter {
     /// Writes the status whenever `spec` or `pool` change it, and stamps it again every
-    /// [`SEEN_REFRESH`], until `stop`.
+    /// [`SEEN_REFRESH`] on the tunnel's [`RefreshSlot`], until `stop`.
     pub async fn run(
         mut self,
         mut spec: watch::Receiver<SpecState>,
         mut pool: watch::Receiver<Option<PoolStatus>>,
         stop: CancellationToken,
     ) {
+        let namespace = self.reference.namespace.clone().unwrap_or_default();
+        let slot = RefreshSlot::of(&namespace, &self.name);
         let mut retry = Duration::from_millis(200);
         loop {
             let now = SystemTime::now();
@@ -305,7 +358,7 @@ impl StatusWriter {
                 let pool_now = pool.borrow_and_update().clone();
                 compose(&spec_now, pool_now.as_ref(), self.last.as_ref(), now)
             };
-            if needs_write(self.last.as_ref(), &next, now) {
+            if needs_write(self.last.as_ref(), &next, slot, now) {
                 next.observed_at = Some(rfc3339(now));
                 match self.write(&next).await {
                     Ok(()) => {
@@ -329,7 +382,7 @@ impl StatusWriter {
                     }
                 }
             }
-            let due = self.last.as_ref().and_then(refresh_due);
+            let due = self.last.as_ref().and_then(|last| refresh_due(last, slot));
             let until_due = due.map_or(SEEN_REFRESH, |due| {
                 due.duration_since(SystemTime::now()).unwrap_or_default()
             });
@@ -363,6 +416,7 @@ impl StatusWriter {
 mod tests {
     use super::*;
     use crate::agent::status::ProxyTunnelStatus;
+    use std::collections::BTreeMap;
 
     #[test]
     fn steady_state_composes_identically() {
@@ -423,23 +477,67 @@ mod tests {
             discovered: true,
             last_error: None,
         };
+        let slot = RefreshSlot::of("default", "to-root");
         let mut written = compose(&spec, Some(&heartbeat_at(t0)), None, t0);
-        assert!(needs_write(None, &written, t0));
+        assert!(needs_write(None, &written, slot, t0));
         written.observed_at = Some(rfc3339(t0));
-        // A newer heartbeat alone: no write before the minute is up.
-        let later = t0 + Duration::from_secs(59);
-        let next = compose(&spec, Some(&heartbeat_at(later)), Some(&written), later);
-        assert!(!needs_write(Some(&written), &next, later));
-        // A minute (and the stamp's lost fraction) on: stamped again, heartbeat included.
-        let due = t0 + SEEN_REFRESH + Duration::from_secs(1);
-        assert!(needs_write(Some(&written), &next, due));
+        // The first refresh falls on the tunnel's slot, within the minute and the second the
+        // stamp drops.
+        let due = slot.next_after(t0);
+        assert!(
+            due > t0 + Duration::from_secs(1) && due <= t0 + SEEN_REFRESH + Duration::from_secs(1)
+        );
+        // A newer heartbeat alone: no write before the slot.
+        let early = due - Duration::from_secs(1);
+        let next = compose(&spec, Some(&heartbeat_at(early)), Some(&written), early);
+        assert!(!needs_write(Some(&written), &next, slot, early));
+        // On the slot: stamped again, heartbeat included; from then on a minute apart.
+        assert!(needs_write(Some(&written), &next, slot, due));
+        let mut restamped = next.clone();
+        restamped.observed_at = Some(rfc3339(due));
+        assert_eq!(refresh_due(&restamped, slot), Some(due + SEEN_REFRESH));
         // A change is written at once.
-        let mut down = heartbeat_at(later);
+        let mut down = heartbeat_at(early);
         down.proxies[0].state = TunnelState::Connecting;
-        let changed = compose(&spec, Some(&down), Some(&written), later);
-        assert!(needs_write(Some(&written), &changed, later));
+        let changed = compose(&spec, Some(&down), Some(&written), early);
+        assert!(needs_write(Some(&written), &changed, slot, early));
         // A status read back without a stamp (written by an older operator) is stamped.
         written.observed_at = None;
-        assert!(needs_write(Some(&written), &next, later));
+        assert!(needs_write(Some(&written), &next, slot, early));
+    }
+
+    /// 1,000 tunnels connected in the same second (an operator starting) must not restamp in
+    /// the same second of every minute: their stamps spread over the minute, each still within
+    /// 61 s of the last one and a minute apart at rest.
+    #[test]
+    fn the_stamps_of_many_tunnels_spread_over_the_minute() {
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_007);
+        let mut per_second: BTreeMap<SystemTime, usize> = BTreeMap::new();
+        for i in 0..1000 {
+            let slot = RefreshSlot::of("fleet", &format!("rt-{i}"));
+            let stamped = ReverseTunnelStatus {
+                observed_at: Some(rfc3339(t0)),
+                ..Default::default()
+            };
+            let first = refresh_due(&stamped, slot).expect("a readable stamp");
+            let age = first.duration_since(t0).expect("after the stamp");
+            assert!(
+                age > Duration::from_secs(1) && age <= SEEN_REFRESH + Duration::from_secs(1),
+                "rt-{i} restamped {age:?} after its stamp"
+            );
+            let again = ReverseTunnelStatus {
+                observed_at: Some(rfc3339(first)),
+                ..Default::default()
+            };
+            assert_eq!(refresh_due(&again, slot), Some(first + SEEN_REFRESH));
+            *per_second.entry(first).or_default() += 1;
+        }
+        // 1,000 over 60 seconds is ~17 a second; lock-step would be 1,000 in one.
+        let busiest = per_second.values().copied().max().unwrap_or_default();
+        assert!(
+            per_second.len() >= 55 && busiest <= 40,
+            "{} distinct seconds, busiest {busiest}: {per_second:?}",
+            per_second.len()
+        );
     }
 }

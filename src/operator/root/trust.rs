@@ -10,7 +10,17 @@
 //! A leaf that joined through this replica is trusted at once ([`TrustSource::Joined`]) and
 //! handed over to the records as soon as they show it; a `RemoteCluster` deleted before this
 //! follower ever saw it ends that trust too.
+//!
+//! **Cost at fleet scale.** Rebuilding the trust reads every object's CA keys, and changing it
+//! checks every tunnel's certificate: O(leaves) each time. Most events are status writes (three
+//! replicas' entries and a summary per leaf: ~4,000 events as 1,000 leaves come online), which
+//! change no key, so they only wake the status writers ([`Applied`] tells them apart); and
+//! events already waiting are taken together, one rebuild per batch. Rebuilding on every event
+//! made 1,000 leaves × 3 replicas quadratic: the follower fell minutes behind the API, the
+//! status writers read a stale store, and after 4 minutes most leaves still had no status
+//! (`cargo bench --bench fleet`, BENCHMARKS.md).
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use futures::StreamExt as _;
@@ -46,9 +56,58 @@ pub fn recorded_trust(remotes: &[Arc<RemoteCluster>]) -> TrustStore {
     trust
 }
 
+/// Most events taken together into one trust rebuild.
+const BATCH: usize = 1024;
+
+/// Each `RemoteCluster`'s CA keys as the trust was last built from them, to tell the events
+/// that change the trust (a key, an object added or deleted, a relist) from status writes.
+#[derive(Debug, Default)]
+pub struct Applied {
+    /// Object name → `spec.caKeys`.
+    keys: BTreeMap<String, Vec<String>>,
+}
+
+impl Applied {
+    /// Whether `event` changes what the trust is built from; remembers what it says.
+    pub fn changes_trust(&mut self, event: &watcher::Event<RemoteCluster>) -> bool {
+        match event {
+            watcher::Event::Apply(rc) => {
+                let name = rc.metadata.name.clone().unwrap_or_default();
+                if self.keys.get(&name) == Some(&rc.spec.ca_keys) {
+                    return false;
+                }
+                self.keys.insert(name, rc.spec.ca_keys.clone());
+                true
+            }
+            watcher::Event::Delete(rc) => {
+                self.keys
+                    .remove(rc.metadata.name.as_deref().unwrap_or_default());
+                true
+            }
+            // A relist may have dropped objects deleted meanwhile: start again from the store.
+            watcher::Event::InitDone => {
+                self.keys.clear();
+                true
+            }
+            watcher::Event::Init | watcher::Event::InitApply(_) => false,
+        }
+    }
+
+    /// Records the keys of every object in `remotes` (after a rebuild from them).
+    fn record(&mut self, remotes: &[Arc<RemoteCluster>]) {
+        self.keys = remotes
+            .iter()
+            .map(|rc| {
+                let name = rc.metadata.name.clone().unwrap_or_default();
+                (name, rc.spec.ca_keys.clone())
+            })
+            .collect();
+    }
+}
+
 /// Keeps `proxy`'s recorded trust equal to the `RemoteCluster` objects in `api`, until the
 /// watch stream ends (never, in practice: the watcher retries with backoff). The objects are
-/// kept in `writer`'s store, and `changed` is bumped after every change to them.
+/// kept in `writer`'s store, and `changed` is bumped after every batch of changes to them.
 pub async fn follow_remote_clusters(
     api: Api<RemoteCluster>,
     (reader, writer): (Store<RemoteCluster>, Writer<RemoteCluster>),
@@ -57,23 +116,39 @@ pub async fn follow_remote_clusters(
 ) {
     let stream = watcher(api, watcher::Config::default())
         .default_backoff()
-        .reflect(writer);
+        .reflect(writer)
+        .ready_chunks(BATCH);
     futures::pin_mut!(stream);
-    while let Some(event) = stream.next().await {
-        let deleted = match event {
-            Err(e) => {
-                warn!(error = %e, "watching RemoteClusters");
-                continue;
+    let mut applied = Applied::default();
+    let mut initialised = false;
+    while let Some(batch) = stream.next().await {
+        let mut deleted = Vec::new();
+        let mut rebuild = false;
+        for event in &batch {
+            match event {
+                Err(e) => warn!(error = %e, "watching RemoteClusters"),
+                Ok(event) => {
+                    initialised |= matches!(event, watcher::Event::InitDone);
+                    if let watcher::Event::Delete(rc) = event {
+                        deleted.extend(rc.metadata.name.clone());
+                    }
+                    rebuild |= applied.changes_trust(event);
+                }
             }
-            // Mid-relist: the store is incomplete until InitDone, so a leaf would look revoked.
-            Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => continue,
-            Ok(watcher::Event::Delete(rc)) => rc.metadata.name.clone(),
-            Ok(_) => None,
-        };
+        }
+        // Mid-relist the store is incomplete: a leaf would look revoked.
+        if !initialised {
+            continue;
+        }
         changed.send_modify(|n| *n = n.wrapping_add(1));
-        let recorded = recorded_trust(&reader.state());
+        if !rebuild {
+            continue;
+        }
+        let state = reader.state();
+        applied.record(&state);
+        let recorded = recorded_trust(&state);
         let change = proxy
-            .update_trust(|trust| apply_records(trust, &recorded, deleted.as_deref()))
+            .update_trust(|trust| apply_records(trust, &recorded, &deleted))
             .await;
         if change.changed {
             info!(
@@ -87,11 +162,11 @@ pub async fn follow_remote_clusters(
 
 /// Makes `recorded` the store's recorded source, and ends the join-time trust of leaves the
 /// records now speak for (or that were just deleted).
-fn apply_records(trust: &mut TrustStore, recorded: &TrustStore, deleted: Option<&str>) {
+fn apply_records(trust: &mut TrustStore, recorded: &TrustStore, deleted: &[String]) {
     trust.replace_source(TrustSource::Recorded, recorded);
     let handed_over: Vec<ClusterName> = trust
         .clusters_from(TrustSource::Joined)
-        .filter(|c| recorded.contains(c) || deleted == Some(c.as_str()))
+        .filter(|c| recorded.contains(c) || deleted.iter().any(|d| d == c.as_str()))
         .cloned()
         .collect();
     for cluster in &handed_over {
@@ -123,14 +198,55 @@ mod tests {
         // The records show leaf-a; leaf-b is not there yet; leaf-c was deleted unseen.
         let mut recorded = TrustStore::new();
         recorded.insert(a.clone(), a_key);
-        apply_records(&mut trust, &recorded, Some("leaf-c"));
+        apply_records(&mut trust, &recorded, &["leaf-c".to_owned()]);
         assert_eq!(trust.sources(&a), [TrustSource::Recorded]);
         assert_eq!(trust.sources(&b), [TrustSource::Joined]);
         assert!(!trust.contains(&c));
 
         // leaf-a's record is deleted: nothing trusts it any more.
-        apply_records(&mut trust, &TrustStore::new(), Some("leaf-a"));
+        apply_records(&mut trust, &TrustStore::new(), &["leaf-a".to_owned()]);
         assert!(!trust.contains(&a));
         assert!(trust.contains(&b));
+    }
+
+    fn remote(name: &str, keys: &[&str], tunnels: Option<u32>) -> RemoteCluster {
+        let mut rc = RemoteCluster::new(
+            name,
+            crate::operator::crd::RemoteClusterSpec {
+                ca_keys: keys.iter().map(|k| (*k).to_owned()).collect(),
+                join_token: None,
+            },
+        );
+        rc.status = tunnels.map(
+            |t| crate::operator::crd::remote_cluster::RemoteClusterStatus {
+                tunnels: Some(t),
+                ..Default::default()
+            },
+        );
+        rc
+    }
+
+    /// The replicas' status writes (thousands as a fleet comes online) leave the trust alone;
+    /// what it is built from (keys, objects, a relist) rebuilds it.
+    #[test]
+    fn only_key_changes_rebuild_the_trust() {
+        let mut applied = Applied::default();
+        let apply = |rc| watcher::Event::Apply(rc);
+        assert!(applied.changes_trust(&apply(remote("leaf-a", &["k1"], None))));
+        assert!(applied.changes_trust(&apply(remote("leaf-b", &["k2"], None))));
+        // Status writes: one entry, then another, then the summary.
+        for tunnels in [1, 2, 3] {
+            assert!(!applied.changes_trust(&apply(remote("leaf-a", &["k1"], Some(tunnels)))));
+        }
+        // A rotated key, a deletion, a return, a relist: each rebuilds.
+        assert!(applied.changes_trust(&apply(remote("leaf-a", &["k1", "k3"], Some(3)))));
+        assert!(!applied.changes_trust(&apply(remote("leaf-a", &["k1", "k3"], Some(2)))));
+        assert!(applied.changes_trust(&watcher::Event::Delete(remote("leaf-b", &["k2"], None))));
+        assert!(applied.changes_trust(&apply(remote("leaf-b", &["k2"], None))));
+        assert!(!applied.changes_trust(&watcher::Event::Init));
+        assert!(applied.changes_trust(&watcher::Event::InitDone));
+        // After a rebuild from the store, its objects' status writes are quiet again.
+        applied.record(&[Arc::new(remote("leaf-a", &["k1", "k3"], None))]);
+        assert!(!applied.changes_trust(&apply(remote("leaf-a", &["k1", "k3"], Some(1)))));
     }
 }
