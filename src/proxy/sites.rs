@@ -1,5 +1,24 @@
 //! The registry of remote sites (the seed's `RemoteSite`): per leaf cluster, its live tunnels,
 //! their heartbeats, and how dials choose among them.
+//!
+//! # No dial waits on a dead path
+//!
+//! A tunnel is declared dead when its agent misses `missed` heartbeats (the control channel's
+//! watchdog), when its connection ends, or when the trust stops accepting it. Each of these
+//! removes it from its site, and removal *closes* it: every dial pending on it is woken at once
+//! and answered as a path failure, and every stream it carries ends (the client sees its socket
+//! close), whatever russh does with the dead connection's channels.
+//!
+//! ```text
+//!   t0 agent freezes      t0+1.5i late: no new dial      t0+m·i(+i) declared dead: pending
+//!   ─────┬────────────────────────┬─────────────────────────────────┬──── dials woken, retried
+//!        dials still picked here  only picked if no on-time tunnel   on another tunnel
+//! ```
+//!
+//! Before, a dial pending on a frozen agent waited the whole dial timeout (30 s) although the
+//! proxy had closed the tunnel seconds earlier. A path failure (the channel would not open, the
+//! tunnel died before the agent answered) is worth retrying on another tunnel of the same leaf;
+//! the agent's own answer (refused, forbidden, not resolved) is not, and goes to the client.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -10,6 +29,7 @@ use std::time::{Duration, Instant, SystemTime};
 use russh::keys::{Certificate, PublicKey};
 use russh::server::{Handle, Msg};
 use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 
 use crate::admin::metrics::{METRICS, label};
 use crate::identity::{AuthError, TrustStore, validate_proxy_id};
@@ -34,6 +54,10 @@ impl std::fmt::Display for SiteStatus {
         })
     }
 }
+
+/// How long a dial whose channel ended unanswered waits for its tunnel to be declared dead
+/// (the connection's end reaches the control channel's reader within milliseconds).
+const DEATH_NOTICE: Duration = Duration::from_millis(500);
 
 /// Most proxies an agent's heartbeat may say it holds: far more replicas than a root runs,
 /// far fewer than a list that would swell `/status` (each ID is at most 253 bytes).
@@ -107,6 +131,29 @@ pub struct Tunnel {
     held_by: std::sync::Mutex<Vec<String>>,
     /// What this tunnel's streams may grow their receive windows by, together.
     window_budget: Arc<WindowBudget>,
+    /// Cancelled when the tunnel is declared dead (removed from its site): wakes the dials
+    /// pending on it and ends its streams without waiting for russh to notice.
+    closed: CancellationToken,
+}
+
+/// How a dial through one tunnel failed: the path, or the agent's answer.
+#[derive(Debug)]
+pub enum TunnelDialError {
+    /// The tunnel could not carry the dial (it died, or would not open a channel): another
+    /// tunnel of the same leaf may well succeed.
+    Path(DialError),
+    /// The agent answered (the target refused, the allow-list forbade, ...) or the time ran
+    /// out: final, whatever tunnel is tried.
+    Answer(DialError),
+}
+
+impl TunnelDialError {
+    /// The error, whichever it is.
+    pub fn into_inner(self) -> DialError {
+        match self {
+            TunnelDialError::Path(e) | TunnelDialError::Answer(e) => e,
+        }
+    }
 }
 
 impl Tunnel {
@@ -135,7 +182,23 @@ impl Tunnel {
             idle: tokio::sync::Notify::new(),
             held_by: std::sync::Mutex::new(Vec::new()),
             window_budget,
+            closed: CancellationToken::new(),
         }
+    }
+
+    /// Declares the tunnel dead: pending dials fail over, streams end. Idempotent.
+    pub fn close(&self) {
+        self.closed.cancel();
+    }
+
+    /// Whether the tunnel has been declared dead.
+    pub fn is_closed(&self) -> bool {
+        self.closed.is_cancelled()
+    }
+
+    /// Whether a new dial may be handed to this tunnel: not closed, heartbeats not missed.
+    pub fn is_usable(&self) -> bool {
+        !self.is_closed() && !self.is_offline()
     }
 
     /// Records which proxies the agent holds tunnels to, if the list is believable; an
@@ -218,7 +281,8 @@ impl Tunnel {
             .await;
     }
 
-    /// Opens a stream to `endpoint` through this tunnel.
+    /// Opens a stream to `endpoint` through this tunnel, within `timeout`. Returns early, as a
+    /// path failure, if the tunnel is declared dead meanwhile.
     pub async fn dial(
         self: &Arc<Self>,
         endpoint: &Endpoint,
@@ -226,8 +290,35 @@ impl Tunnel {
         max_streams: usize,
         limits: StreamLimits,
         timeout: Duration,
-    ) -> Result<ProxyStream, DialError> {
-        let guard = StreamGuard::acquire(self, max_streams)?;
+    ) -> Result<ProxyStream, TunnelDialError> {
+        let guard = StreamGuard::acquire(self, max_streams).map_err(TunnelDialError::Answer)?;
+        let attempt = tokio::time::timeout(timeout, self.open_and_await(endpoint, client, limits));
+        let stream = tokio::select! {
+            r = attempt => match r {
+                Ok(r) => r?,
+                Err(_) => {
+                    return Err(TunnelDialError::Answer(DialError::new(
+                        DialErrorKind::TimedOut,
+                        format!("the agent of {} did not answer the dial within {timeout:?}", self.cluster),
+                    )));
+                }
+            },
+            () = self.closed.cancelled() => return Err(self.died_pending()),
+        };
+        Ok(ProxyStream {
+            stream,
+            closed: self.closed.clone(),
+            _guard: guard,
+        })
+    }
+
+    /// Opens the channel and waits for the agent's answer (no deadline of its own).
+    async fn open_and_await(
+        &self,
+        endpoint: &Endpoint,
+        client: SocketAddr,
+        limits: StreamLimits,
+    ) -> Result<TunnelStream<Msg>, TunnelDialError> {
         let (address, port) = endpoint.to_wire();
         let open = self.handle.channel_open_forwarded_tcpip(
             address,
@@ -235,31 +326,42 @@ impl Tunnel {
             client.ip().to_string(),
             u32::from(client.port()),
         );
-        let started = Instant::now();
-        let channel = match tokio::time::timeout(timeout, open).await {
-            Ok(Ok(channel)) => channel,
-            Ok(Err(e)) => {
-                return Err(DialError::new(
-                    DialErrorKind::NoTunnel,
-                    format!("the tunnel to {} refused a stream: {e}", self.cluster),
-                ));
-            }
-            Err(_) => {
-                return Err(DialError::new(
-                    DialErrorKind::TimedOut,
-                    format!("the agent of {} did not accept a stream", self.cluster),
-                ));
-            }
-        };
+        let channel = open.await.map_err(|e| {
+            TunnelDialError::Path(DialError::new(
+                DialErrorKind::NoTunnel,
+                format!(
+                    "tunnel {} to {} would not open a stream: {e}",
+                    self.id, self.cluster
+                ),
+            ))
+        })?;
         let (read, write) = channel.split();
-        let remaining = timeout.saturating_sub(started.elapsed());
-        let stream =
-            TunnelStream::await_dial(read, write, limits, self.window_budget.clone(), remaining)
-                .await?;
-        Ok(ProxyStream {
-            stream,
-            _guard: guard,
-        })
+        let budget = self.window_budget.clone();
+        // The agent answers within its own dial timeout; the caller's deadline bounds the rest.
+        match TunnelStream::await_dial(read, write, limits, budget, Duration::MAX).await {
+            Ok(stream) => Ok(stream),
+            // A channel that ends without the agent's answer (kind `Other`) usually ended with
+            // its connection, a moment before the control channel's reader declares the
+            // tunnel dead: give that a moment, and call it a path failure if it happens.
+            Err(e) if e.kind == DialErrorKind::Other => {
+                match tokio::time::timeout(DEATH_NOTICE, self.closed.cancelled()).await {
+                    Ok(()) => Err(self.died_pending()),
+                    Err(_) => Err(TunnelDialError::Answer(e)),
+                }
+            }
+            Err(e) => Err(TunnelDialError::Answer(e)),
+        }
+    }
+
+    /// The path failure of a dial pending when the tunnel died.
+    fn died_pending(&self) -> TunnelDialError {
+        TunnelDialError::Path(DialError::new(
+            DialErrorKind::NoTunnel,
+            format!(
+                "tunnel {} to {} was declared dead while the dial was pending",
+                self.id, self.cluster
+            ),
+        ))
     }
 }
 
@@ -293,7 +395,11 @@ impl Drop for StreamGuard {
 
 /// A stream through a tunnel, counted against the tunnel's limit until it ends.
 pub struct ProxyStream {
+    /// The channel, its dial answered.
     stream: TunnelStream<Msg>,
+    /// The tunnel's: the stream ends (its local side dropped) when the tunnel is declared dead.
+    closed: CancellationToken,
+    /// Counts the stream against its tunnel.
     _guard: StreamGuard,
 }
 
@@ -302,8 +408,20 @@ impl Splice for ProxyStream {
     where
         L: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
-        let ProxyStream { stream, _guard } = self;
-        stream.splice(local).await
+        let ProxyStream {
+            stream,
+            closed,
+            _guard,
+        } = self;
+        tokio::select! {
+            r = stream.splice(local) => r,
+            // Dropping the splice drops the client's side: it sees the stream end now, not
+            // when (if ever) the dead connection's channels are torn down.
+            () = closed.cancelled() => Err(std::io::Error::new(
+                std::io::ErrorKind::ConnectionAborted,
+                "the tunnel carrying the stream was declared dead",
+            )),
+        }
     }
 }
 
@@ -403,7 +521,12 @@ impl Sites {
         {
             let mut sites = self.sites.write().unwrap_or_else(|p| p.into_inner());
             if let Some(site) = sites.get_mut(cluster) {
-                site.tunnels.retain(|t| t.id != id);
+                site.tunnels.retain(|t| {
+                    if t.id == id {
+                        t.close();
+                    }
+                    t.id != id
+                });
                 site.last_connected = Some(SystemTime::now());
             }
         }
@@ -418,7 +541,8 @@ impl Sites {
             .unwrap_or_else(|p| p.into_inner())
             .remove(cluster)
             .map(|s| s.tunnels);
-        if removed.is_some() {
+        if let Some(tunnels) = &removed {
+            tunnels.iter().for_each(|t| t.close());
             METRICS
                 .proxy_tunnels
                 .get_or_create(&label("site", cluster.as_str()))
@@ -466,9 +590,11 @@ impl Sites {
         out
     }
 
-    /// Chooses the tunnel a new stream to `cluster` should use: among tunnels whose heartbeats
-    /// are on time, the least loaded, rotating among ties; late tunnels only if no other.
-    pub fn pick(&self, cluster: &ClusterName) -> Result<Arc<Tunnel>, DialError> {
+    /// Chooses the tunnel a new stream to `cluster` should use, skipping those in `tried`:
+    /// among tunnels whose heartbeats are on time, the least loaded, rotating among ties; late
+    /// tunnels only if no other; offline or closed tunnels never (their dials would wait for
+    /// a dead agent until the watchdog closes them).
+    pub fn pick(&self, cluster: &ClusterName, tried: &[u64]) -> Result<Arc<Tunnel>, DialError> {
         let mut sites = self.sites.write().unwrap_or_else(|p| p.into_inner());
         let site = sites.get_mut(cluster).ok_or_else(|| {
             DialError::new(
@@ -477,19 +603,24 @@ impl Sites {
             )
         })?;
         let n = site.tunnels.len();
-        if n == 0 {
-            return Err(DialError::new(
-                DialErrorKind::NoTunnel,
-                format!("cluster {cluster} is offline: no tunnel is connected"),
-            ));
-        }
-        let start = site.next % n;
+        let start = site.next % n.max(1);
         site.next = site.next.wrapping_add(1);
         let best = (0..n)
             .map(|i| &site.tunnels[(start + i) % n])
+            .filter(|t| t.is_usable() && !tried.contains(&t.id))
             .min_by_key(|t| (t.is_late(), t.open_streams()))
             .cloned();
-        best.ok_or_else(|| DialError::new(DialErrorKind::NoTunnel, "no tunnel"))
+        best.ok_or_else(|| {
+            let why = match (n, tried.len()) {
+                (0, _) => "no tunnel is connected".to_owned(),
+                (n, 0) => format!("its {n} tunnel(s) missed their heartbeats"),
+                (n, _) => format!("none of its {n} tunnel(s) could carry the dial"),
+            };
+            DialError::new(
+                DialErrorKind::NoTunnel,
+                format!("cluster {cluster} is offline to this proxy: {why}"),
+            )
+        })
     }
 }
 
