@@ -278,8 +278,8 @@ impl PeerPool {
                 link.conn = Conn::Connecting(connecting.clone());
                 let (pool, id) = (self.clone(), id.to_owned());
                 tokio::spawn(async move {
-                    let result = connecting.await;
-                    pool.settle(&id, &result);
+                    let result = connecting.clone().await;
+                    pool.settle(&id, &connecting, &result);
                     match result {
                         Ok(_) => info!(peer = %id, "peer answered its probe; using it again"),
                         Err(e) => debug!(peer = %id, error = %e, "peer still failing"),
@@ -311,18 +311,21 @@ impl PeerPool {
         .shared()
     }
 
-    /// Records how setting up a connection to `id` ended.
-    fn settle(&self, id: &str, result: &Result<Arc<DialClient>, String>) {
+    /// Records how setting up the connection `attempt` to `id` ended. Every dial that waited
+    /// for it reports it; only the first report counts, so one failure trips the breaker once.
+    fn settle(&self, id: &str, attempt: &Connecting, result: &Result<Arc<DialClient>, String>) {
         let mut links = self.lock();
         let Some(link) = links.get_mut(id) else {
             return;
         };
+        let current = matches!(&link.conn, Conn::Connecting(c) if c.ptr_eq(attempt));
+        if !current {
+            return;
+        }
         match result {
             Ok(client) => {
                 link.breaker.succeeded();
-                if let Conn::Connecting(_) = link.conn {
-                    link.conn = Conn::Up(client.clone());
-                }
+                link.conn = Conn::Up(client.clone());
             }
             Err(_) => {
                 link.breaker.failed(Instant::now());
@@ -331,9 +334,14 @@ impl PeerPool {
         }
     }
 
-    /// Trips `id`'s breaker: its connection died or would not open a stream.
-    fn failed(&self, id: &str) {
-        if let Some(link) = self.lock().get_mut(id) {
+    /// Trips `id`'s breaker: its connection `client` died with dials pending. Counted once per
+    /// connection, however many dials were pending on it.
+    fn died(&self, id: &str, client: &Arc<DialClient>) {
+        let mut links = self.lock();
+        let Some(link) = links.get_mut(id) else {
+            return;
+        };
+        if matches!(&link.conn, Conn::Up(c) if Arc::ptr_eq(c, client)) {
             link.breaker.failed(Instant::now());
             link.conn = Conn::Idle;
         }
@@ -411,10 +419,11 @@ pub async fn dial_via_peers(fwd: Forward<'_>, target: &Target) -> Result<PeerStr
             }
             Checkout::Ready(client) => client,
             Checkout::Wait(connecting) => {
-                let Ok(result) = tokio::time::timeout_at(deadline, connecting).await else {
+                let waited = tokio::time::timeout_at(deadline, connecting.clone()).await;
+                let Ok(result) = waited else {
                     break;
                 };
-                fwd.pool.settle(id, &result);
+                fwd.pool.settle(id, &connecting, &result);
                 match result {
                     Ok(client) => client,
                     Err(e) => {
@@ -441,7 +450,7 @@ pub async fn dial_via_peers(fwd: Forward<'_>, target: &Target) -> Result<PeerStr
             }
             Err(_) if client.is_closed() => {
                 warn!(peer = %id, %target, "the peer's connection died with the dial pending; skipping it for a while");
-                fwd.pool.failed(id);
+                fwd.pool.died(id, &client);
                 failed += 1;
             }
             // Alive, without a tunnel to the site: the next peer may have one.
