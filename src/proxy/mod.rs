@@ -13,6 +13,7 @@ pub mod quota;
 pub mod server;
 pub mod sites;
 pub mod trust;
+pub mod tunnel;
 
 pub use config::{HeartbeatPolicy, ProxyConfig, ProxyLimits};
 pub use dialer::Dialer;

@@ -220,8 +220,11 @@ struct PeerLink {
 
 /// How a dial gets a peer's connection.
 enum Checkout {
+    /// Its connection is up.
     Ready(Arc<DialClient>),
+    /// Its connection is being set up: wait for it.
     Wait(Connecting),
+    /// Its breaker is open: try another peer.
     Skip,
 }
 
@@ -383,12 +386,19 @@ impl Splice for PeerStream {
 
 /// Where and as whom a proxy forwards a dial.
 pub struct Forward<'a> {
+    /// The client certificate peers accept.
     pub peering: &'a PeeringConfig,
+    /// Shared connections and breakers.
     pub pool: &'a Arc<PeerPool>,
+    /// The proxies of this cluster, this one included (skipped by `self_id`).
     pub peers: &'a [Peer],
+    /// This proxy's ID, never dialled.
     pub self_id: &'a str,
+    /// This (root) cluster: peers' host certificates must name it.
     pub cluster: &'a ClusterName,
+    /// CA keys trusted to sign peers' host certificates.
     pub root_cas: Vec<PublicKey>,
+    /// The whole forwarded dial's budget, every peer tried included.
     pub timeout: Duration,
 }
 

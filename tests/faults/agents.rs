@@ -123,3 +123,59 @@ async fn a_frozen_agent_s_pending_dials_move_to_the_other_agent() {
 async fn a_black_holed_path_s_pending_dials_move_to_the_other_agent() {
     one_of_two_agent_paths_dies(Fault::BlackHole).await;
 }
+
+/// A stream through the client entry ends for its client once the proxy declares its tunnel
+/// dead (the agent frozen): within one heartbeat timeout (3 × 200 ms) and a margin.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_stream_ends_when_its_agent_freezes() {
+    use tokio::io::AsyncReadExt;
+
+    let echo = echo_server().await.expect("echo");
+    let pki = pki();
+    let proxy = ProxyServer::start(pki.proxy_config("p1").expect("config"))
+        .await
+        .expect("proxy");
+    let entry = start_client_entry(&proxy, &tokens(), |_| {}).await;
+    let files = Files::write(&pki, &[]);
+    let agent = spawn_agent(
+        &files,
+        proxy.local_addr(),
+        &[
+            "--heartbeat-interval".into(),
+            "200ms".into(),
+            "--allow".into(),
+            format!("127.0.0.1/32:{}", echo.port()),
+        ],
+    );
+    let mut stream = within(
+        "a stream through the agent",
+        Duration::from_secs(20),
+        async {
+            loop {
+                if let Ok(s) = crate::load::open_stream(entry, echo).await {
+                    return s;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        },
+    )
+    .await;
+    let frozen_at = Instant::now();
+    signal(agent.0.id(), "-STOP");
+    let mut buf = [0u8; 16];
+    let end = within(
+        "the stream to end",
+        Duration::from_secs(5),
+        stream.read(&mut buf),
+    )
+    .await;
+    assert!(
+        matches!(end, Ok(0) | Err(_)),
+        "data instead of the end: {end:?}"
+    );
+    println!(
+        "frozen agent: the client saw its stream end after {:?}",
+        frozen_at.elapsed()
+    );
+    signal(agent.0.id(), "-CONT");
+}

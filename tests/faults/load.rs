@@ -181,6 +181,14 @@ pub fn report<'a>(what: &str, dials: &'a [Dial], from: Instant) -> Vec<&'a Dial>
         quantile(&during, 0.99),
         quantile(&during, 1.0),
     );
+    for d in during.iter().filter(|d| d.outcome != Outcome::Served) {
+        println!(
+            "  {:?}: started {:?} into the fault, took {:?}",
+            d.outcome,
+            d.started.duration_since(from),
+            d.took
+        );
+    }
     during
 }
 
