@@ -156,6 +156,10 @@ async fn a_forwarded_stream_ends_when(death: Death) {
         },
     )
     .await;
+    // Idle for longer than the keepalive detection (3 × 200 ms): a live peer answers the
+    // keepalives, so its idle streams stay up.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    echo_once(&mut stream, b"still there").await;
     let peer = &peers[0];
     let died_at = Instant::now();
     match death {
