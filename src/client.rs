@@ -92,12 +92,29 @@ pub struct DialClient {
 impl DialClient {
     /// Connects and authenticates.
     pub async fn connect(config: &DialClientConfig) -> Result<Self, ClientError> {
-        tokio::time::timeout(config.timeout, Self::connect_inner(config))
+        Self::connect_with(config, ssh::client_config()).await
+    }
+
+    /// [`connect`](Self::connect) with SSH settings of the caller's (peering sets keepalives,
+    /// so a connection shared by many streams notices a frozen peer).
+    pub async fn connect_with(
+        config: &DialClientConfig,
+        ssh_config: client::Config,
+    ) -> Result<Self, ClientError> {
+        tokio::time::timeout(config.timeout, Self::connect_inner(config, ssh_config))
             .await
             .map_err(|_| ClientError::Timeout(config.timeout))?
     }
 
-    async fn connect_inner(config: &DialClientConfig) -> Result<Self, ClientError> {
+    /// Whether the connection has ended (its session task is gone).
+    pub fn is_closed(&self) -> bool {
+        self.handle.is_closed()
+    }
+
+    async fn connect_inner(
+        config: &DialClientConfig,
+        ssh_config: client::Config,
+    ) -> Result<Self, ClientError> {
         let socket = TcpStream::connect(config.proxy_addr.as_str())
             .await
             .map_err(|source| ClientError::Connect {
@@ -111,7 +128,7 @@ impl DialClient {
             addr: config.proxy_addr.clone(),
             source,
         })?;
-        let ssh_config = Arc::new(ssh::client_config());
+        let ssh_config = Arc::new(ssh_config);
         let check = ProxyCheck {
             root_cas: config.root_cas.clone(),
             root_cluster: config.root_cluster.clone(),

@@ -85,6 +85,9 @@ pub struct ProxyLimits {
     pub max_streams_per_client: usize,
     /// How long a dial may take, agent's answer included.
     pub dial_timeout: Duration,
+    /// Handshakes in progress at once from announced peers' addresses: their own slots,
+    /// apart from `max_handshakes` (see [`super::limits`]).
+    pub max_peer_handshakes: usize,
 }
 
 impl Default for ProxyLimits {
@@ -100,6 +103,7 @@ impl Default for ProxyLimits {
             max_streams_per_tunnel: 4096,
             max_streams_per_client: 1024,
             dial_timeout: Duration::from_secs(30),
+            max_peer_handshakes: 64,
         }
     }
 }

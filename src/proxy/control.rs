@@ -131,7 +131,6 @@ async fn serve(
     frames: &mut FrameReader,
     mut peers: watch::Receiver<Vec<Peer>>,
 ) -> ControlEnd {
-    let mut watchdog = tokio::time::interval(tunnel.interval);
     let mut refresh = tokio::time::interval(DISCOVERY_REFRESH);
     refresh.reset();
     let mut draining = false;
@@ -148,7 +147,10 @@ async fn serve(
                 Some(ChannelMsg::Eof | ChannelMsg::Close) | None => Err(ControlEnd::Closed),
                 Some(_) => Ok(()),
             },
-            _ = watchdog.tick() => {
+            // Wakes exactly when the tunnel would go offline (re-armed on every message), so a
+            // dead tunnel is declared dead after `offline_after`, not up to an interval later:
+            // the dials pending on it wait that much less.
+            () = tokio::time::sleep(until_offline(tunnel)) => {
                 if tunnel.is_offline() {
                     Err(ControlEnd::MissedHeartbeats(tunnel.since_heartbeat()))
                 } else {
@@ -167,6 +169,14 @@ async fn serve(
             return end;
         }
     }
+}
+
+/// Time left until `tunnel` counts as offline, and a millisecond more so it then does.
+fn until_offline(tunnel: &Tunnel) -> Duration {
+    tunnel
+        .offline_after
+        .saturating_sub(tunnel.since_heartbeat())
+        + Duration::from_millis(1)
 }
 
 async fn handle_data(

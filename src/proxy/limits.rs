@@ -27,8 +27,24 @@
 //!
 //! Every count is held under one mutex, updated in O(1) per accept; handshake and connection
 //! permits release their counts when dropped, so a count lives exactly as long as its holder.
+//!
+//! # Peers' handshakes have their own slots
+//!
+//! When a frozen proxy resumed, its peers' reconnects tripped the shared handshake limit on
+//! every proxy (55/55/44 refusals), refusing agents too; an agent reconnect storm could as well
+//! starve peers. Admission happens at accept, before anything is authenticated, so the only
+//! thing knowable is the source address. Peers announce theirs (discovery: EndpointSlices or
+//! `--peer ID=ADDR`), and a peer dials from the address it is announced at (its pod IP), so a
+//! connection from an announced peer's address takes a slot from a separate budget of
+//! `max_peer_handshakes` (64: a root runs at most 64 replicas, and a proxy opens one
+//! connection per peer, so the whole peer set fits), without random early drop and without
+//! touching the agents' slots; everyone else shares the slots above. Deciding the class at
+//! authentication instead would come too late: the slot is taken at accept. An attacker
+//! that can connect from a peer's pod IP can take at most the peers' 64 slots (still under the
+//! per-source connection limit and the 15 s deadline), never the agents'. Where an agent
+//! shares its address with a peer (host networking, loopback tests), it uses the peers' slots.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 
@@ -52,8 +68,12 @@ struct Counts {
     per_ip: HashMap<IpAddr, SourceCounts>,
     /// Connections held, all sources together.
     connections: usize,
-    /// Handshakes in flight, all sources together.
+    /// Handshakes in flight, all sources together (peers' excepted).
     handshakes: usize,
+    /// Handshakes in flight from announced peers' addresses.
+    peer_handshakes: usize,
+    /// The addresses peers are announced at: their handshakes take the peers' slots.
+    peer_sources: HashSet<IpAddr>,
 }
 
 /// One source address's share.
@@ -78,6 +98,8 @@ pub enum Refusal {
     HandshakesPerIp { ip: IpAddr, limit: usize },
     #[error("{in_flight} handshakes in progress: dropped early at random (above {start})")]
     EarlyDrop { in_flight: usize, start: usize },
+    #[error("{limit} handshakes from peer proxies are already in progress, their limit")]
+    PeerHandshakes { limit: usize },
 }
 
 impl Refusal {
@@ -89,6 +111,7 @@ impl Refusal {
             Refusal::Handshakes { .. } => "handshakes",
             Refusal::HandshakesPerIp { .. } => "handshakes_per_ip",
             Refusal::EarlyDrop { .. } => "early_drop",
+            Refusal::PeerHandshakes { .. } => "peer_handshakes",
         }
     }
 }
@@ -107,6 +130,8 @@ pub struct HandshakePermit {
     limiter: Arc<ConnectionLimiter>,
     /// Whose share it counts against.
     ip: IpAddr,
+    /// Whether it took one of the peers' slots rather than the shared ones.
+    peer: bool,
 }
 
 impl Drop for ConnectionPermit {
@@ -118,8 +143,13 @@ impl Drop for ConnectionPermit {
 
 impl Drop for HandshakePermit {
     fn drop(&mut self) {
-        self.limiter
-            .release(self.ip, |c| &mut c.handshakes, |t| &mut t.handshakes);
+        if self.peer {
+            let mut state = self.limiter.lock();
+            state.peer_handshakes = state.peer_handshakes.saturating_sub(1);
+        } else {
+            self.limiter
+                .release(self.ip, |c| &mut c.handshakes, |t| &mut t.handshakes);
+        }
     }
 }
 
@@ -151,18 +181,25 @@ impl ConnectionLimiter {
         let l = &self.limits;
         let mut state = self.lock();
         let source = state.per_ip.get(&ip).copied().unwrap_or_default();
-        if state.handshakes >= l.max_handshakes {
+        let peer = state.peer_sources.contains(&ip);
+        if peer {
+            if state.peer_handshakes >= l.max_peer_handshakes {
+                return Err(Refusal::PeerHandshakes {
+                    limit: l.max_peer_handshakes,
+                });
+            }
+        } else if state.handshakes >= l.max_handshakes {
             return Err(Refusal::Handshakes {
                 limit: l.max_handshakes,
             });
         }
-        if source.handshakes >= l.max_handshakes_per_ip {
+        if !peer && source.handshakes >= l.max_handshakes_per_ip {
             return Err(Refusal::HandshakesPerIp {
                 ip,
                 limit: l.max_handshakes_per_ip,
             });
         }
-        if draw < drop_probability(state.handshakes, l) {
+        if !peer && draw < drop_probability(state.handshakes, l) {
             return Err(Refusal::EarlyDrop {
                 in_flight: state.handshakes,
                 start: l.handshakes_early_drop_start,
@@ -180,10 +217,14 @@ impl ConnectionLimiter {
             });
         }
         state.connections += 1;
-        state.handshakes += 1;
+        if peer {
+            state.peer_handshakes += 1;
+        } else {
+            state.handshakes += 1;
+        }
         let entry = state.per_ip.entry(ip).or_default();
         entry.connections += 1;
-        entry.handshakes += 1;
+        entry.handshakes += usize::from(!peer);
         drop(state);
         Ok((
             ConnectionPermit {
@@ -193,8 +234,20 @@ impl ConnectionLimiter {
             HandshakePermit {
                 limiter: self.clone(),
                 ip,
+                peer,
             },
         ))
+    }
+
+    /// Replaces the addresses peers are announced at (see the module doc): connections from
+    /// them take the peers' handshake slots.
+    pub fn set_peer_sources(&self, sources: HashSet<IpAddr>) {
+        self.lock().peer_sources = sources;
+    }
+
+    /// Handshakes from peers' addresses in flight now, for metrics and tests.
+    pub fn peer_handshakes(&self) -> usize {
+        self.lock().peer_handshakes
     }
 
     /// Logs a refusal, at most one line a second with the count of those not logged.
@@ -344,6 +397,37 @@ mod tests {
             .label(),
             "early_drop"
         );
+    }
+
+    #[test]
+    fn peers_and_agents_do_not_take_each_other_s_handshake_slots() {
+        let limiter = ConnectionLimiter::new(ProxyLimits {
+            max_handshakes: 2,
+            max_handshakes_per_ip: 2,
+            handshakes_early_drop_start: 2,
+            max_peer_handshakes: 2,
+            ..ProxyLimits::default()
+        });
+        let (peer, agents) = (ip("127.0.0.7"), ip("127.0.0.1"));
+        limiter.set_peer_sources(HashSet::from([peer]));
+        // Agents fill the shared slots; a peer still gets in.
+        let _agents: Vec<_> = (0..2).map(|_| limiter.admit(agents).unwrap()).collect();
+        assert!(matches!(
+            limiter.admit(agents),
+            Err(Refusal::Handshakes { .. })
+        ));
+        let (_c1, h1) = limiter.admit(peer).unwrap();
+        let _p2 = limiter.admit(peer).unwrap();
+        // A burst of peers fills only the peers' slots.
+        assert!(matches!(
+            limiter.admit(peer),
+            Err(Refusal::PeerHandshakes { .. })
+        ));
+        assert_eq!((limiter.handshakes(), limiter.peer_handshakes()), (2, 2));
+        drop(h1);
+        assert_eq!(limiter.peer_handshakes(), 1);
+        assert_eq!(limiter.handshakes(), 2, "the agents' count is untouched");
+        assert!(limiter.admit(peer).is_ok());
     }
 
     #[test]

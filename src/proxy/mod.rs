@@ -14,6 +14,7 @@ pub mod reload;
 pub mod server;
 pub mod sites;
 pub mod trust;
+pub mod tunnel;
 
 pub use config::{HeartbeatPolicy, ProxyConfig, ProxyLimits};
 pub use dialer::Dialer;

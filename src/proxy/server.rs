@@ -19,13 +19,17 @@ use super::clients::ClientSessions;
 use super::config::ProxyConfig;
 use super::handler::ConnectionHandler;
 use super::limits::{ConnectionLimiter, HandshakePermit};
-use super::peers::{Peer, PeerStream, dial_via_peers};
+use super::peers::{Forward, Peer, PeerLiveness, PeerPool, PeerStream, dial_via_peers};
 use super::quota::StreamQuota;
-use super::sites::{ProxyStream, SiteInfo, Sites};
+use super::sites::{ProxyStream, SiteInfo, Sites, TunnelDialError};
 use crate::admin::metrics::{METRICS, label};
 use crate::identity::Identity;
 use crate::protocol::{ClusterName, DialError, DialErrorKind, Endpoint, Target, ssh};
 use crate::stream::{HandshakeGuard, Splice};
+
+/// Tunnels one dial tries before giving up: a leaf runs a few agent instances, and each failed
+/// attempt costs at most the time to declare a tunnel dead.
+const MAX_TUNNEL_ATTEMPTS: usize = 4;
 
 /// State shared by every connection of one proxy.
 pub struct ProxyShared {
@@ -47,6 +51,8 @@ pub struct ProxyShared {
     pub client_streams: Arc<StreamQuota>,
     /// Client sessions carrying streams, ended when the trust stops accepting them.
     pub client_sessions: Arc<ClientSessions>,
+    /// Connections to peer proxies, shared by forwarded dials, and their circuit breakers.
+    pub peer_pool: Arc<PeerPool>,
     /// Whether the peer set is known: false from [`ProxyServer::expect_peer_discovery`] until
     /// the first [`ProxyServer::set_peers`], so a replica is not ready before it can announce
     /// its peers.
@@ -90,6 +96,7 @@ impl ProxyServer {
             limiter: ConnectionLimiter::new(config.limits),
             client_streams: StreamQuota::new(config.limits.max_streams_per_client),
             client_sessions: Arc::default(),
+            peer_pool: PeerPool::new(PeerLiveness::from_heartbeat(&config.heartbeat)),
             config,
             sites: Sites::default(),
             peers: watch::channel(vec![me]).0,
@@ -174,6 +181,11 @@ impl ProxyServer {
         self.shared
             .peers_known
             .store(true, std::sync::atomic::Ordering::Release);
+        let me = &self.shared.config.proxy_id;
+        let sources = peers.iter().filter(|p| &p.id != me).filter_map(|p| p.addr);
+        self.shared
+            .limiter
+            .set_peer_sources(sources.map(|a| a.ip()).collect());
         self.shared.peers.send_if_modified(|current| {
             let changed = *current != peers;
             *current = peers;
@@ -411,18 +423,18 @@ impl ProxyDialer {
             Err(e) if e.kind == DialErrorKind::NoTunnel => match &config.peering {
                 Some(peering) => {
                     let peers = self.shared.peers.borrow().clone();
-                    let root_cas = config.trust.load().cas(&config.cluster).to_vec();
-                    dial_via_peers(
+                    let forward = Forward {
                         peering,
-                        &peers,
-                        &config.proxy_id,
-                        &config.cluster,
-                        root_cas,
-                        &target,
-                        config.limits.dial_timeout,
-                    )
-                    .await
-                    .map(|s| ProxyConn::Peer(Box::new(s)))
+                        pool: &self.shared.peer_pool,
+                        peers: &peers,
+                        self_id: &config.proxy_id,
+                        cluster: &config.cluster,
+                        root_cas: config.trust.load().cas(&config.cluster).to_vec(),
+                        timeout: config.limits.dial_timeout,
+                    };
+                    dial_via_peers(forward, &target)
+                        .await
+                        .map(|s| ProxyConn::Peer(Box::new(s)))
                 }
                 None => Err(e),
             },
@@ -433,30 +445,40 @@ impl ProxyDialer {
 
 impl ProxyDialer {
     /// Dials through this proxy's own tunnels only (never through peers): what a peer's
-    /// forwarded request gets.
+    /// forwarded request gets. A path failure (the tunnel died, or would not open a channel)
+    /// moves the dial to another tunnel of the leaf, another agent instance, within the same
+    /// deadline; the agent's answer goes back to the client as it is.
     pub async fn dial_local(
         &self,
         target: &Target,
         client: SocketAddr,
     ) -> Result<ProxyConn, DialError> {
-        let config = &self.shared.config;
-        // One retry on another tunnel if the first one turns out to be dead.
-        let mut last = None;
-        for _ in 0..2 {
-            let tunnel = self.shared.sites.pick(&target.cluster)?;
-            match tunnel
-                .dial(
-                    &target.endpoint,
-                    client,
-                    config.limits.max_streams_per_tunnel,
-                    config.stream,
-                    config.limits.dial_timeout,
-                )
-                .await
-            {
+        let limits = &self.shared.config.limits;
+        let deadline = tokio::time::Instant::now() + limits.dial_timeout;
+        let mut tried = Vec::new();
+        let mut last: Option<DialError> = None;
+        while tried.len() < MAX_TUNNEL_ATTEMPTS {
+            let tunnel = match self.shared.sites.pick(&target.cluster, &tried) {
+                Ok(t) => t,
+                // Say why the tunnels tried failed rather than that none is left.
+                Err(e) => return Err(last.unwrap_or(e)),
+            };
+            tried.push(tunnel.id);
+            let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let dialled = tunnel.dial(
+                &target.endpoint,
+                client,
+                limits.max_streams_per_tunnel,
+                self.shared.config.stream,
+                remaining,
+            );
+            match dialled.await {
                 Ok(s) => return Ok(ProxyConn::Tunnel(s)),
-                Err(e) if e.kind == DialErrorKind::NoTunnel => last = Some(e),
-                Err(e) => return Err(e),
+                Err(TunnelDialError::Path(e)) => {
+                    warn!(tunnel = tunnel.id, %target, error = %e, "path failure; trying another tunnel of the leaf");
+                    last = Some(e);
+                }
+                Err(TunnelDialError::Answer(e)) => return Err(e),
             }
         }
         Err(last.unwrap_or_else(|| DialError::new(DialErrorKind::NoTunnel, "no tunnel")))

@@ -1,20 +1,25 @@
 //! The registry of remote sites (the seed's `RemoteSite`): per leaf cluster, its live tunnels,
 //! their heartbeats, and how dials choose among them.
+//!
+//! A new dial goes to a tunnel whose heartbeats are on time (the least loaded), to a late one
+//! only if there is no other, and never to one that has missed its heartbeats or was declared
+//! dead (see [`super::tunnel`] for what happens to the dials pending on a tunnel that dies).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::SystemTime;
 
-use russh::keys::{Certificate, PublicKey};
-use russh::server::{Handle, Msg};
 use tokio::sync::watch;
 
 use crate::admin::metrics::{METRICS, label};
-use crate::identity::{AuthError, TrustStore, validate_proxy_id};
-use crate::protocol::{ClusterName, DialError, DialErrorKind, Endpoint};
-use crate::stream::{Splice, StreamLimits, TunnelStream, WindowBudget};
+use crate::protocol::{ClusterName, DialError, DialErrorKind};
+
+pub use super::tunnel::{
+    AuthenticatedAgent, HeldError, MAX_HELD_PROXIES, ProxyStream, Tunnel, TunnelDialError,
+    validate_held,
+};
 
 /// Whether a site's agents are keeping their heartbeats.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -32,278 +37,6 @@ impl std::fmt::Display for SiteStatus {
             SiteStatus::Online => "online",
             SiteStatus::Offline => "offline",
         })
-    }
-}
-
-/// Most proxies an agent's heartbeat may say it holds: far more replicas than a root runs,
-/// far fewer than a list that would swell `/status` (each ID is at most 253 bytes).
-pub const MAX_HELD_PROXIES: usize = 64;
-
-/// Why an agent's list of held proxies was not believed.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum HeldError {
-    #[error("the agent reports {0} proxies held; at most {MAX_HELD_PROXIES} are believed")]
-    TooMany(usize),
-    #[error("the agent reports holding {id:?}, which is not a proxy ID: {reason}")]
-    NotAProxyId {
-        /// The offending entry, cut to 64 characters for the log.
-        id: String,
-        /// The rule it breaks.
-        reason: &'static str,
-    },
-}
-
-/// Checks an agent-supplied list of held proxies before it is shown anywhere.
-pub fn validate_held(held: &[String]) -> Result<(), HeldError> {
-    if held.len() > MAX_HELD_PROXIES {
-        return Err(HeldError::TooMany(held.len()));
-    }
-    for id in held {
-        validate_proxy_id(id).map_err(|reason| HeldError::NotAProxyId {
-            id: id.chars().take(64).collect(),
-            reason,
-        })?;
-    }
-    Ok(())
-}
-
-/// An agent as it authenticated: its cluster and the certificate that proved it.
-#[derive(Debug, Clone)]
-pub struct AuthenticatedAgent {
-    /// The leaf cluster (its SSH user name and certificate principal).
-    pub cluster: ClusterName,
-    /// Kept for the tunnel's lifetime, so a change of trust can check it again.
-    pub certificate: Certificate,
-}
-
-/// One agent connection to this proxy.
-pub struct Tunnel {
-    /// Unique per proxy process; tells two tunnels of one site apart in logs and removal.
-    pub id: u64,
-    /// The leaf cluster the agent authenticated as.
-    pub cluster: ClusterName,
-    /// The certificate the agent authenticated with: checked again whenever the trust changes,
-    /// so revoking or re-keying a leaf closes the tunnels the old trust let in.
-    certificate: Certificate,
-    /// The agent's address as this proxy sees it (its NAT's, usually).
-    pub peer: SocketAddr,
-    /// When the control channel came up.
-    pub connected_at: SystemTime,
-    /// Opens channels to the agent.
-    handle: Handle,
-    /// Milliseconds since `epoch` of the last heartbeat; an atomic so heartbeats never lock.
-    last_heartbeat_ms: AtomicU64,
-    /// The process-local clock origin for `last_heartbeat_ms`.
-    epoch: Instant,
-    /// Heartbeat interval agreed with this agent.
-    pub interval: Duration,
-    /// Silence after which the tunnel counts as offline (and is closed).
-    pub offline_after: Duration,
-    /// Streams currently open, to enforce the per-tunnel limit and spread load.
-    open_streams: AtomicUsize,
-    /// Woken when the last open stream ends, so a draining proxy waits without polling.
-    idle: tokio::sync::Notify,
-    /// The proxies the agent last reported holding tunnels to (its heartbeat says).
-    held_by: std::sync::Mutex<Vec<String>>,
-    /// What this tunnel's streams may grow their receive windows by, together.
-    window_budget: Arc<WindowBudget>,
-}
-
-impl Tunnel {
-    /// A tunnel whose control channel just completed its hello.
-    pub fn new(
-        id: u64,
-        agent: AuthenticatedAgent,
-        peer: SocketAddr,
-        handle: Handle,
-        interval: Duration,
-        missed: u32,
-        window_budget: Arc<WindowBudget>,
-    ) -> Self {
-        Self {
-            id,
-            cluster: agent.cluster,
-            certificate: agent.certificate,
-            peer,
-            connected_at: SystemTime::now(),
-            handle,
-            last_heartbeat_ms: AtomicU64::new(0),
-            epoch: Instant::now(),
-            interval,
-            offline_after: interval * missed.max(1),
-            open_streams: AtomicUsize::new(0),
-            idle: tokio::sync::Notify::new(),
-            held_by: std::sync::Mutex::new(Vec::new()),
-            window_budget,
-        }
-    }
-
-    /// Records which proxies the agent holds tunnels to, if the list is believable; an
-    /// unbelievable one is dropped and the last good one kept.
-    pub fn set_held_by(&self, proxies: Vec<String>) -> Result<(), HeldError> {
-        validate_held(&proxies)?;
-        *self.held_by.lock().unwrap_or_else(|p| p.into_inner()) = proxies;
-        Ok(())
-    }
-
-    /// Checks the agent's certificate against `trust` again: `Err` once the trust no longer
-    /// accepts it (its CA revoked or rotated out, the leaf forgotten, the certificate expired).
-    pub fn verify(&self, trust: &TrustStore, now: SystemTime) -> Result<(), AuthError> {
-        trust
-            .verify_agent(self.cluster.as_str(), &self.certificate, now)
-            .map(|_| ())
-    }
-
-    /// Whether the agent's certificate was signed by one of `cas`.
-    pub fn signed_by(&self, cas: &[PublicKey]) -> bool {
-        let signer = self.certificate.signature_key();
-        cas.iter().any(|ca| ca.key_data() == signer)
-    }
-
-    /// Records a heartbeat now.
-    pub fn heartbeat(&self) {
-        let ms = self.epoch.elapsed().as_millis() as u64;
-        self.last_heartbeat_ms.store(ms, Ordering::Release);
-    }
-
-    /// Time since the last heartbeat (or since connecting).
-    pub fn since_heartbeat(&self) -> Duration {
-        let last = Duration::from_millis(self.last_heartbeat_ms.load(Ordering::Acquire));
-        self.epoch.elapsed().saturating_sub(last)
-    }
-
-    /// When the last heartbeat arrived, in wall-clock time.
-    pub fn last_heartbeat(&self) -> SystemTime {
-        SystemTime::now() - self.since_heartbeat()
-    }
-
-    /// A heartbeat is late when more than one interval and a half have passed.
-    pub fn is_late(&self) -> bool {
-        self.since_heartbeat() > self.interval + self.interval / 2
-    }
-
-    /// Offline: silent for `offline_after`.
-    pub fn is_offline(&self) -> bool {
-        self.since_heartbeat() > self.offline_after
-    }
-
-    /// Streams open now.
-    pub fn open_streams(&self) -> usize {
-        self.open_streams.load(Ordering::Acquire)
-    }
-
-    /// Resolves once no stream is open on this tunnel.
-    pub async fn until_idle(&self) {
-        loop {
-            let notified = self.idle.notified();
-            tokio::pin!(notified);
-            // Registered before the check, so an end between the two is not missed.
-            notified.as_mut().enable();
-            if self.open_streams() == 0 {
-                return;
-            }
-            notified.await;
-        }
-    }
-
-    /// Closes the agent's connection.
-    pub async fn disconnect(&self, reason: &str) {
-        let _ = self
-            .handle
-            .disconnect(
-                russh::Disconnect::ByApplication,
-                reason.to_owned(),
-                String::new(),
-            )
-            .await;
-    }
-
-    /// Opens a stream to `endpoint` through this tunnel.
-    pub async fn dial(
-        self: &Arc<Self>,
-        endpoint: &Endpoint,
-        client: SocketAddr,
-        max_streams: usize,
-        limits: StreamLimits,
-        timeout: Duration,
-    ) -> Result<ProxyStream, DialError> {
-        let guard = StreamGuard::acquire(self, max_streams)?;
-        let (address, port) = endpoint.to_wire();
-        let open = self.handle.channel_open_forwarded_tcpip(
-            address,
-            port,
-            client.ip().to_string(),
-            u32::from(client.port()),
-        );
-        let started = Instant::now();
-        let channel = match tokio::time::timeout(timeout, open).await {
-            Ok(Ok(channel)) => channel,
-            Ok(Err(e)) => {
-                return Err(DialError::new(
-                    DialErrorKind::NoTunnel,
-                    format!("the tunnel to {} refused a stream: {e}", self.cluster),
-                ));
-            }
-            Err(_) => {
-                return Err(DialError::new(
-                    DialErrorKind::TimedOut,
-                    format!("the agent of {} did not accept a stream", self.cluster),
-                ));
-            }
-        };
-        let (read, write) = channel.split();
-        let remaining = timeout.saturating_sub(started.elapsed());
-        let stream =
-            TunnelStream::await_dial(read, write, limits, self.window_budget.clone(), remaining)
-                .await?;
-        Ok(ProxyStream {
-            stream,
-            _guard: guard,
-        })
-    }
-}
-
-/// Counts one open stream against its tunnel's limit for as long as it lives.
-struct StreamGuard(Arc<Tunnel>);
-
-impl StreamGuard {
-    fn acquire(tunnel: &Arc<Tunnel>, max: usize) -> Result<Self, DialError> {
-        let previous = tunnel.open_streams.fetch_add(1, Ordering::AcqRel);
-        let guard = StreamGuard(tunnel.clone());
-        if previous >= max {
-            return Err(DialError::new(
-                DialErrorKind::Other,
-                format!(
-                    "the tunnel to {} already carries {max} streams, its limit",
-                    tunnel.cluster
-                ),
-            ));
-        }
-        Ok(guard)
-    }
-}
-
-impl Drop for StreamGuard {
-    fn drop(&mut self) {
-        if self.0.open_streams.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.0.idle.notify_waiters();
-        }
-    }
-}
-
-/// A stream through a tunnel, counted against the tunnel's limit until it ends.
-pub struct ProxyStream {
-    stream: TunnelStream<Msg>,
-    _guard: StreamGuard,
-}
-
-impl Splice for ProxyStream {
-    async fn splice<L>(self, local: L) -> std::io::Result<()>
-    where
-        L: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-    {
-        let ProxyStream { stream, _guard } = self;
-        stream.splice(local).await
     }
 }
 
@@ -403,7 +136,12 @@ impl Sites {
         {
             let mut sites = self.sites.write().unwrap_or_else(|p| p.into_inner());
             if let Some(site) = sites.get_mut(cluster) {
-                site.tunnels.retain(|t| t.id != id);
+                site.tunnels.retain(|t| {
+                    if t.id == id {
+                        t.close();
+                    }
+                    t.id != id
+                });
                 site.last_connected = Some(SystemTime::now());
             }
         }
@@ -418,7 +156,8 @@ impl Sites {
             .unwrap_or_else(|p| p.into_inner())
             .remove(cluster)
             .map(|s| s.tunnels);
-        if removed.is_some() {
+        if let Some(tunnels) = &removed {
+            tunnels.iter().for_each(|t| t.close());
             METRICS
                 .proxy_tunnels
                 .get_or_create(&label("site", cluster.as_str()))
@@ -466,9 +205,11 @@ impl Sites {
         out
     }
 
-    /// Chooses the tunnel a new stream to `cluster` should use: among tunnels whose heartbeats
-    /// are on time, the least loaded, rotating among ties; late tunnels only if no other.
-    pub fn pick(&self, cluster: &ClusterName) -> Result<Arc<Tunnel>, DialError> {
+    /// Chooses the tunnel a new stream to `cluster` should use, skipping those in `tried`:
+    /// among tunnels whose heartbeats are on time, the least loaded, rotating among ties; late
+    /// tunnels only if no other; offline or closed tunnels never (their dials would wait for
+    /// a dead agent until the watchdog closes them).
+    pub fn pick(&self, cluster: &ClusterName, tried: &[u64]) -> Result<Arc<Tunnel>, DialError> {
         let mut sites = self.sites.write().unwrap_or_else(|p| p.into_inner());
         let site = sites.get_mut(cluster).ok_or_else(|| {
             DialError::new(
@@ -477,19 +218,24 @@ impl Sites {
             )
         })?;
         let n = site.tunnels.len();
-        if n == 0 {
-            return Err(DialError::new(
-                DialErrorKind::NoTunnel,
-                format!("cluster {cluster} is offline: no tunnel is connected"),
-            ));
-        }
-        let start = site.next % n;
+        let start = site.next % n.max(1);
         site.next = site.next.wrapping_add(1);
         let best = (0..n)
             .map(|i| &site.tunnels[(start + i) % n])
+            .filter(|t| t.is_usable() && !tried.contains(&t.id))
             .min_by_key(|t| (t.is_late(), t.open_streams()))
             .cloned();
-        best.ok_or_else(|| DialError::new(DialErrorKind::NoTunnel, "no tunnel"))
+        best.ok_or_else(|| {
+            let why = match (n, tried.len()) {
+                (0, _) => "no tunnel is connected".to_owned(),
+                (n, 0) => format!("its {n} tunnel(s) missed their heartbeats"),
+                (n, _) => format!("none of its {n} tunnel(s) could carry the dial"),
+            };
+            DialError::new(
+                DialErrorKind::NoTunnel,
+                format!("cluster {cluster} is offline to this proxy: {why}"),
+            )
+        })
     }
 }
 
@@ -508,11 +254,7 @@ fn info(name: &ClusterName, site: &Site) -> SiteInfo {
         })
         .collect();
     let online = tunnels.iter().any(|t| !t.offline);
-    let mut held_by: Vec<String> = site
-        .tunnels
-        .iter()
-        .flat_map(|t| t.held_by.lock().unwrap_or_else(|p| p.into_inner()).clone())
-        .collect();
+    let mut held_by: Vec<String> = site.tunnels.iter().flat_map(|t| t.held_by()).collect();
     held_by.sort();
     held_by.dedup();
     SiteInfo {

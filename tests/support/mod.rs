@@ -4,6 +4,7 @@
 
 pub mod haproxy;
 pub mod procs;
+pub mod relay;
 
 use std::future::Future;
 use std::net::SocketAddr;

@@ -181,28 +181,24 @@ async fn a_dial_s_output_ends_when_the_agent_carrying_it_dies() {
     let mut input = dial.stdin.take().expect("stdin");
     let mut output = dial.stdout.take().expect("stdout");
     input.write_all(b"ping").expect("write");
-    // Reads on a blocking thread: the first 4 bytes (the echo), then until end-of-file.
+    // Reads on a blocking thread: the first 4 bytes (the echo), then until end-of-file. The
+    // echo is announced, so the agent dies only once the stream has carried it (killing it
+    // while the dial was still pending made the test race the echo).
+    let (echo_seen, echo_arrived) = tokio::sync::oneshot::channel();
     let reader = tokio::task::spawn_blocking(move || {
         let mut echoed = [0u8; 4];
         output.read_exact(&mut echoed).map(|()| echoed)?;
+        let _ = echo_seen.send(());
         let mut rest = Vec::new();
         output.read_to_end(&mut rest).map(|_| echoed)
     });
     within(
         "the echo through the dial",
         Duration::from_secs(20),
-        async {
-            while proxy
-                .sites()
-                .tunnels()
-                .iter()
-                .all(|t| t.open_streams() == 0)
-            {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        },
+        echo_arrived,
     )
-    .await;
+    .await
+    .expect("the echo came back");
     signal(agent.0.id(), "-KILL");
     // One heartbeat timeout (3 × 200 ms) and then some; the input stays open throughout.
     let echoed = within(

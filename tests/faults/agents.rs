@@ -1,0 +1,181 @@
+//! One leaf, two agent instances (real `tether agent` processes) on one proxy; one of their
+//! paths dies under a dial load.
+
+use std::time::{Duration, Instant};
+
+use tether::proxy::ProxyServer;
+
+use crate::load::{Load, assert_no_dial_waited, dial_once, report, tokens};
+use crate::signal;
+use crate::support::procs::{Files, spawn_agent};
+use crate::support::relay::Relay;
+use crate::support::*;
+
+/// How a path dies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fault {
+    /// The agent process is stopped (SIGSTOP): its connection stays open, silent.
+    FrozenAgent,
+    /// The path between agent and proxy drops every byte (a paused relay).
+    BlackHole,
+}
+
+/// What a dial may take beyond the time the proxy took to declare the path dead: one retry on
+/// the other agent (milliseconds) and a generous margin for a loaded test machine. A dial left
+/// waiting on the dead path takes the proxy's dial timeout, 30 s.
+const RETRY_MARGIN: Duration = Duration::from_secs(5);
+
+async fn one_of_two_agent_paths_dies(fault: Fault) {
+    let echo = echo_server().await.expect("echo");
+    let pki = pki();
+    let proxy = ProxyServer::start(pki.proxy_config("p1").expect("config"))
+        .await
+        .expect("proxy");
+    let entry = start_client_entry(&proxy, &tokens(), |_| {}).await;
+    let files = Files::write(&pki, &[]);
+    let relay = Relay::start(proxy.local_addr()).await;
+    let args = [
+        "--heartbeat-interval".to_owned(),
+        "200ms".to_owned(),
+        "--allow".to_owned(),
+        format!("127.0.0.1/32:{}", echo.port()),
+    ];
+    let tunnels = || proxy.sites().tunnels_of(&leaf());
+    let path_a = match fault {
+        Fault::FrozenAgent => proxy.local_addr(),
+        Fault::BlackHole => relay.addr,
+    };
+    let agent_a = spawn_agent(&files, path_a, &args);
+    wait_for("agent A's tunnel", Duration::from_secs(20), || {
+        tunnels().len() == 1
+    })
+    .await;
+    let tunnel_a = tunnels()[0].clone();
+    let _agent_b = spawn_agent(&files, proxy.local_addr(), &args);
+    wait_for("agent B's tunnel", Duration::from_secs(20), || {
+        tunnels().len() == 2
+    })
+    .await;
+
+    // A load before the fault, to warm both paths up; stopped a moment for the fault itself,
+    // so that both tunnels are idle and the proxy spreads the next two dials over them.
+    let warm_up = Load::start(entry, echo, Duration::from_millis(50));
+    wait_for("the load to get going", Duration::from_secs(20), || {
+        warm_up.finished() >= 10
+    })
+    .await;
+    let mut all = warm_up.finish().await;
+    // Right after a heartbeat, so the proxy still hands A dials for a while (until it is late).
+    wait_for("a fresh heartbeat from A", Duration::from_secs(5), || {
+        tunnel_a.since_heartbeat() < Duration::from_millis(30)
+    })
+    .await;
+    let fault_at = Instant::now();
+    match fault {
+        Fault::FrozenAgent => signal(agent_a.0.id(), "-STOP"),
+        Fault::BlackHole => relay.pause(),
+    }
+    // Two dials at once on two idle tunnels: the proxy spreads them, so one waits on A.
+    let probes = [
+        tokio::spawn(dial_once(entry, echo)),
+        tokio::spawn(dial_once(entry, echo)),
+    ];
+    wait_for(
+        "a dial pending on the dead path",
+        Duration::from_secs(2),
+        || tunnel_a.open_streams() > 0,
+    )
+    .await;
+    let load = Load::start(entry, echo, Duration::from_millis(50));
+    wait_for(
+        "the dead tunnel to be removed",
+        Duration::from_secs(10),
+        || tunnels().iter().all(|t| t.id != tunnel_a.id),
+    )
+    .await;
+    let detected = fault_at.elapsed();
+    // The load goes on over the one path left, for a while.
+    let so_far = load.finished();
+    wait_for(
+        "dials over the remaining path",
+        Duration::from_secs(30),
+        || load.finished() >= so_far + 20,
+    )
+    .await;
+    all.extend(load.finish().await);
+    for p in probes {
+        all.push(p.await.expect("probe"));
+    }
+    if fault == Fault::FrozenAgent {
+        signal(agent_a.0.id(), "-CONT");
+    }
+    println!("{fault:?}: the proxy declared the path dead after {detected:?}");
+    report(&format!("{fault:?}"), &all, fault_at);
+    assert_no_dial_waited(&all, detected + RETRY_MARGIN);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_agent_s_pending_dials_move_to_the_other_agent() {
+    one_of_two_agent_paths_dies(Fault::FrozenAgent).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_black_holed_path_s_pending_dials_move_to_the_other_agent() {
+    one_of_two_agent_paths_dies(Fault::BlackHole).await;
+}
+
+/// A stream through the client entry ends for its client once the proxy declares its tunnel
+/// dead (the agent frozen): within one heartbeat timeout (3 × 200 ms) and a margin.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_stream_ends_when_its_agent_freezes() {
+    use tokio::io::AsyncReadExt;
+
+    let echo = echo_server().await.expect("echo");
+    let pki = pki();
+    let proxy = ProxyServer::start(pki.proxy_config("p1").expect("config"))
+        .await
+        .expect("proxy");
+    let entry = start_client_entry(&proxy, &tokens(), |_| {}).await;
+    let files = Files::write(&pki, &[]);
+    let agent = spawn_agent(
+        &files,
+        proxy.local_addr(),
+        &[
+            "--heartbeat-interval".into(),
+            "200ms".into(),
+            "--allow".into(),
+            format!("127.0.0.1/32:{}", echo.port()),
+        ],
+    );
+    let mut stream = within(
+        "a stream through the agent",
+        Duration::from_secs(20),
+        async {
+            loop {
+                if let Ok(s) = crate::load::open_stream(entry, echo).await {
+                    return s;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        },
+    )
+    .await;
+    let frozen_at = Instant::now();
+    signal(agent.0.id(), "-STOP");
+    let mut buf = [0u8; 16];
+    let end = within(
+        "the stream to end",
+        Duration::from_secs(5),
+        stream.read(&mut buf),
+    )
+    .await;
+    assert!(
+        matches!(end, Ok(0) | Err(_)),
+        "data instead of the end: {end:?}"
+    );
+    println!(
+        "frozen agent: the client saw its stream end after {:?}",
+        frozen_at.elapsed()
+    );
+    signal(agent.0.id(), "-CONT");
+}
