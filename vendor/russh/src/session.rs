@@ -149,6 +149,14 @@ impl<C> CommonSession<C> {
             .is_some_and(|channel| channel.confirmed)
     }
 
+    /// A channel this side has closed (`Encrypted::close` sent its CLOSE and dropped its
+    /// parameters): the peer's CLOSE that answers it finds it here no longer.
+    pub(crate) fn is_forgotten_channel(&self, channel: ChannelId) -> bool {
+        self.encrypted
+            .as_ref()
+            .is_some_and(|enc| !enc.channels.contains_key(&channel))
+    }
+
     pub fn newkeys(&mut self, newkeys: NewKeys) {
         if let Some(ref mut enc) = self.encrypted {
             enc.exchange = Some(newkeys.exchange);

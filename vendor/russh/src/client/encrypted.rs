@@ -527,6 +527,12 @@ impl Session {
                 let channel_num = map_err!(ChannelId::decode(&mut r))?;
                 map_err!(ensure_end(&r))?;
                 if !self.common.is_established_channel(channel_num) {
+                    // The peer's answer to a CLOSE we sent first: `Encrypted::close` forgot
+                    // the channel then, so drop its sender now, or it is kept (~3 KB) until
+                    // the session ends.
+                    if self.common.is_forgotten_channel(channel_num) {
+                        self.channels.remove(&channel_num);
+                    }
                     return Ok(());
                 }
                 if let Some(ref mut enc) = self.common.encrypted {
