@@ -26,7 +26,7 @@ use tokio::net::TcpStream;
 use tokio::runtime::Runtime;
 use tokio_util::sync::CancellationToken;
 
-use alloc::Side;
+use alloc::{Side, live_bytes};
 use support::*;
 
 #[global_allocator]
@@ -66,13 +66,20 @@ async fn connect(entry: SocketAddr, target: &str) -> (TcpStream, String) {
     let head = format!(
         "CONNECT {target} HTTP/1.1\r\nHost: {target}\r\nProxy-Authorization: Bearer {TOKEN}\r\n\r\n"
     );
-    socket.write_all(head.as_bytes()).await.expect("send CONNECT");
+    socket
+        .write_all(head.as_bytes())
+        .await
+        .expect("send CONNECT");
     // Nothing follows a 200 until we send, so reading up to its blank line reads no echo.
     let mut reply = Vec::new();
     while !reply.windows(4).any(|w| w == b"\r\n\r\n") {
         let mut buf = [0u8; 256];
         let n = socket.read(&mut buf).await.expect("read reply");
-        assert!(n > 0, "entry closed mid-reply: {:?}", String::from_utf8_lossy(&reply));
+        assert!(
+            n > 0,
+            "entry closed mid-reply: {:?}",
+            String::from_utf8_lossy(&reply)
+        );
         reply.extend_from_slice(&buf[..n]);
     }
     (socket, String::from_utf8_lossy(&reply).into_owned())
@@ -92,7 +99,10 @@ async fn dial_echo(entry: SocketAddr, target: &str) {
 /// A dial the agent refuses (its allow-list): the stream opens and closes with an error.
 async fn dial_refused(entry: SocketAddr, target: &str) {
     let (_, reply) = connect(entry, target).await;
-    assert!(reply.starts_with("HTTP/1.1 403"), "expected a refusal: {reply}");
+    assert!(
+        reply.starts_with("HTTP/1.1 403"),
+        "expected a refusal: {reply}"
+    );
 }
 
 /// Runs `count` dials, `CONCURRENCY` at a time; one in ten to `refused`, the rest to `echo`.
@@ -174,7 +184,10 @@ fn five_thousand_closed_streams_leave_proxy_and_agent_heaps_where_they_were() {
         dial_many(entry, &target, &refused, WARM_UP).await;
         wait_streams_closed().await;
         let base = [live_bytes(Side::Proxy), live_bytes(Side::Agent)];
-        eprintln!("after warm-up: proxy heap {} B, agent heap {} B", base[0], base[1]);
+        eprintln!(
+            "after warm-up: proxy heap {} B, agent heap {} B",
+            base[0], base[1]
+        );
 
         dial_many(entry, &target, &refused, DIALS).await;
         wait_streams_closed().await;
@@ -211,8 +224,4 @@ fn five_thousand_closed_streams_leave_proxy_and_agent_heaps_where_they_were() {
     });
     proxy_rt.shutdown_background();
     agent_rt.shutdown_background();
-}
-
-fn live_bytes(side: Side) -> i64 {
-    alloc::live_bytes(side)
 }
