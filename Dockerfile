@@ -7,6 +7,8 @@ WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
 COPY benches ./benches
+# russh with a fix carried until upstream has it (vendor/README.md).
+COPY vendor ./vendor
 RUN cargo build --locked --release --bin tether && strip target/release/tether
 
 FROM gcr.io/distroless/cc-debian12:nonroot

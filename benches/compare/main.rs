@@ -4,6 +4,7 @@
 //! ```sh
 //! cargo bench --bench compare              # the full table (installs what it needs)
 //! cargo bench --bench compare -- --smoke   # seconds: checks every quick path moves bytes
+//! cargo bench --bench compare -- --only soak --soak-secs 3600   # the long soak (issue #18)
 //! ```
 //!
 //! Every server binds 127.0.0.1 on a free port; every child process is killed when the run ends,
@@ -12,7 +13,7 @@
 //!
 //! Modules: `procs` (child processes, ports, /proc), `workloads` (bulk, round trips, setup rate,
 //! iperf3), `paths` (each path's setup and [`paths::measure`]), `tunnel` (Tether's path, idle
-//! memory, convergence), `setup` (packages, tools, machine), `report` (the table and targets).
+//! memory, convergence), `soak` (steady dials through one tunnel, memory over time), `setup` (packages, tools, machine), `report` (the table and targets).
 
 use std::fs;
 use std::path::PathBuf;
@@ -22,6 +23,7 @@ mod paths;
 mod procs;
 mod report;
 mod setup;
+mod soak;
 mod tunnel;
 mod workloads;
 
@@ -59,6 +61,10 @@ struct Opts {
     install_others: bool,
     /// Only run paths whose name contains one of these (empty: all).
     only: Vec<String>,
+    /// Run the soak this long (`--soak-secs`; 300 s with `--only soak`).
+    soak_secs: Option<u64>,
+    /// The soak's dials a second (`--soak-rate`, 50 as in issue #18).
+    soak_rate: u32,
 }
 
 impl Opts {
@@ -73,6 +79,8 @@ impl Opts {
             idle_streams: 1000,
             install_others: true,
             only: Vec::new(),
+            soak_secs: None,
+            soak_rate: 50,
         };
         let mut args = std::env::args().skip(1);
         while let Some(a) = args.next() {
@@ -90,11 +98,21 @@ impl Opts {
                 "--secs" => o.secs = args.next().and_then(|v| v.parse().ok()).unwrap_or(o.secs),
                 "--no-install" => o.install_others = false,
                 "--only" => o.only.extend(args.next()),
+                "--soak-secs" => o.soak_secs = args.next().and_then(|v| v.parse().ok()),
+                "--soak-rate" => {
+                    o.soak_rate = args.next().and_then(|v| v.parse().ok()).unwrap_or(50)
+                }
                 // `cargo bench` passes --bench; filters and other harness flags are ignored.
                 _ => {}
             }
         }
         o
+    }
+
+    /// How long to soak, if asked (never by default: it is the long run).
+    fn soak(&self) -> Option<u64> {
+        self.soak_secs
+            .or_else(|| self.only.iter().any(|o| o == "soak").then_some(300))
     }
 
     fn wants(&self, name: &str) -> bool {
@@ -205,7 +223,19 @@ fn main() {
         Ok(_) => Err("skipped".into()),
         Err(e) => Err(e.clone()),
     };
-    let (table, ok) = report(&opts, &results, &idle, &converge, &notes, started.elapsed());
+    let (mut table, ok) = report(&opts, &results, &idle, &converge, &notes, started.elapsed());
+    if let (Some(secs), Ok(f)) = (opts.soak(), &files) {
+        match soak::soak(&env, f, secs, opts.soak_rate) {
+            Ok(soak) => {
+                table.push_str(&format!("\n{}", soak.render()));
+                let csv = out_dir.join("soak.csv");
+                if let Err(e) = fs::write(&csv, soak.csv()) {
+                    eprintln!("writing {}: {e}", csv.display());
+                }
+            }
+            Err(e) => table.push_str(&format!("\n## Soak\n\nfailed: {e}\n")),
+        }
+    }
     println!("\n{table}");
     let file = out_dir.join(if opts.smoke {
         "results-smoke.md"

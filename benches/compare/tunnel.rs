@@ -125,31 +125,7 @@ pub(crate) fn tether_path(
     iperf: u16,
 ) -> Res<PathUnderTest> {
     let (proxy, port, entry) = files.proxy(env, procs, "tether-proxy")?;
-    let agent = procs.spawn(
-        "tether-agent",
-        Command::new(tether_bin())
-            .current_dir(&files.dir)
-            .args([
-                "agent",
-                "--cluster",
-                "leaf",
-                "--root-cluster",
-                "root",
-                "--identity",
-                "agent",
-            ])
-            .args([
-                "--root-ca",
-                "root-ca.pub",
-                "--proxy",
-                &local(port).to_string(),
-            ])
-            .args([
-                "--allow",
-                &format!("127.0.0.1/32:{iperf},{}", env.echo.port()),
-            ]),
-        &env.logs,
-    )?;
+    let agent = spawn_agent(env, files, procs, "tether-agent", port, &[iperf])?;
     let echo = Dial::Entry(Arc::new(files.entry(entry, env.echo.port())?));
     ready(env, procs, &echo)?;
     let fwd = free_port()?;
@@ -180,6 +156,44 @@ pub(crate) fn tether_path(
         agent_pids: vec![agent],
         note: "iperf3 via `tether forward` → HTTP CONNECT entry; echo clients speak CONNECT".into(),
     })
+}
+
+/// Starts an agent of the proxy on `port`, allowed to dial the echo server and `ports`.
+pub(crate) fn spawn_agent(
+    env: &Env,
+    files: &TetherFiles,
+    procs: &mut Procs,
+    name: &str,
+    port: u16,
+    ports: &[u16],
+) -> Res<u32> {
+    let allowed: Vec<String> = ports
+        .iter()
+        .chain([&env.echo.port()])
+        .map(u16::to_string)
+        .collect();
+    procs.spawn(
+        name,
+        Command::new(tether_bin())
+            .current_dir(&files.dir)
+            .args([
+                "agent",
+                "--cluster",
+                "leaf",
+                "--root-cluster",
+                "root",
+                "--identity",
+                "agent",
+            ])
+            .args([
+                "--root-ca",
+                "root-ca.pub",
+                "--proxy",
+                &local(port).to_string(),
+            ])
+            .args(["--allow", &format!("127.0.0.1/32:{}", allowed.join(","))]),
+        &env.logs,
+    )
 }
 
 // ---------------------------------------------------------------------------------------------
