@@ -1,38 +1,42 @@
 //! Turning what the agent reports ([`PoolStatus`]) and what the reconcile decided
-//! ([`SpecState`]) into a `ReverseTunnel` status, and writing it only when it changed.
+//! ([`SpecState`]) into this replica's view of a `ReverseTunnel`, and writing it, as this
+//! replica's entry of `status.replicas`, only when it changed.
 //!
-//! One task per tunnel owns the status: it is the only writer, under one field manager, so
-//! reconciles and agent events never race each other's writes. A write happens when the
-//! composed status differs from the last one written (or read from the object at start), and
-//! transition times are carried over while a condition's status holds.
+//! Every operator replica runs an agent for every tunnel (see [`super::leader`]), so each
+//! replica has one task per tunnel that owns its entry: the only writer of that entry, under the
+//! replica's own field manager ([`super::replicas::field_manager`]), so reconciles and agent
+//! events never race each other's writes, and replicas never overwrite each other. The leader
+//! folds the live entries into the summary (`phase`, `proxiesReady`, conditions:
+//! [`super::replicas`]). A write happens when the composed view differs from the last one
+//! written, and transition times are carried over while a condition's status holds.
 //!
 //! **Telling a dead operator from a live one.** The agents run inside the operator, so when
 //! every replica is gone (`kill -9`, `helm uninstall`) nothing carries the tunnel and nothing
-//! can write that either: the status keeps saying `Connected 3/3`. So every write stamps
-//! `observedAt`, and a status that did not change is stamped again every [`SEEN_REFRESH`]
-//! (one write per tunnel per minute, the whole cost at rest). `kubectl get rt` shows its age
-//! as `SEEN`:
+//! can write that either: the status keeps saying `Connected 3/3`. So every write stamps the
+//! entry's and the object's `observedAt`, and an entry that did not change is stamped again
+//! every refresh ([`SEEN_REFRESH`] by default, plus up to a twentieth of it at random so that
+//! replicas and tunnels started together do not write together): at most one write per tunnel
+//! per replica per minute, the whole cost at rest. `kubectl get rt` shows the object's stamp's
+//! age as `SEEN`:
 //!
 //! ```text
-//!   NAME      CLUSTER  STATUS     PROXIES  SEEN   AGE
-//!   to-root   root     Connected  3/3      23s    2d     an operator carries it (SEEN ≤ 61s)
-//!   to-root   root     Connected  3/3      7m     2d     nobody has for 7 minutes
+//!   NAME      CLUSTER  STATUS     PROXIES  REPLICAS  SEEN   AGE
+//!   to-root   root     Connected  3/3      2/2       23s    2d   a replica carries it
+//!   to-root   root     Connected  3/3      2/2       7m     2d   none has for 7 minutes
 //! ```
 //!
 //! Heartbeat times alone never cause a write: they ride along with the next refresh.
 
 use std::time::{Duration, SystemTime};
 
-use k8s_openapi::api::core::v1::ObjectReference;
 use kube::api::{Patch, PatchParams};
-use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::events::{Event, EventType};
 use kube::{Api, Resource};
 use serde_json::json;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use super::FIELD_MANAGER;
 use super::crd::reverse_tunnel::{Phase, ProxyState, ProxyTunnel};
 use super::crd::{Condition, ConditionStatus, ReverseTunnel, ReverseTunnelStatus};
 use crate::agent::status::{PoolStatus, TunnelState};
@@ -56,18 +60,31 @@ pub struct SpecState {
     pub problem: Option<Problem>,
 }
 
-fn rfc3339(t: SystemTime) -> String {
+pub(crate) fn rfc3339(t: SystemTime) -> String {
     humantime::format_rfc3339_seconds(t).to_string()
 }
 
-/// How often an unchanged status is stamped again, so that `observedAt` older than this (and a
-/// second: the stamp drops fractions) means no operator carries the tunnel.
+/// How often an unchanged entry is stamped again by default (`tether operator
+/// --status-refresh`), so that an `observedAt` older than [`stale_after`] of it means no
+/// replica carries the tunnel.
 pub const SEEN_REFRESH: Duration = Duration::from_secs(60);
 
-/// When `last` must be stamped again, or `None` if it carries no readable stamp.
-fn refresh_due(last: &ReverseTunnelStatus) -> Option<SystemTime> {
+/// The random part added to each refresh: up to a twentieth of it (3 s of a minute).
+fn refresh_jitter(refresh: Duration) -> Duration {
+    (refresh / 20).mul_f64(rand::random::<f64>())
+}
+
+/// The age past which a stamp written every `refresh` (and its jitter) is a dead writer's: the
+/// refresh, its jitter, the second the stamp drops and a second of lateness in writing.
+pub fn stale_after(refresh: Duration) -> Duration {
+    refresh + refresh / 20 + Duration::from_secs(2)
+}
+
+/// When `last` must be stamped again `interval` after its stamp, or `None` if it carries no
+/// readable stamp.
+fn refresh_due(last: &ReverseTunnelStatus, interval: Duration) -> Option<SystemTime> {
     let stamped = humantime::parse_rfc3339(last.observed_at.as_deref()?).ok()?;
-    Some(stamped + SEEN_REFRESH + Duration::from_secs(1))
+    Some(stamped + interval)
 }
 
 /// `status` without what changes on its own (the stamp, heartbeat times).
@@ -82,14 +99,15 @@ fn settled(status: &ReverseTunnelStatus) -> ReverseTunnelStatus {
 }
 
 /// Whether `next` must be written over `last` at `now`: it says something new, or the stamp
-/// of `last` is due.
+/// of `last` is `interval` old.
 pub fn needs_write(
     last: Option<&ReverseTunnelStatus>,
     next: &ReverseTunnelStatus,
     now: SystemTime,
+    interval: Duration,
 ) -> bool {
     let Some(last) = last else { return true };
-    settled(last) != settled(next) || refresh_due(last).is_none_or(|due| now >= due)
+    settled(last) != settled(next) || refresh_due(last, interval).is_none_or(|due| now >= due)
 }
 
 /// The status for `spec` and `pool`, reusing `previous` transition times where a condition's
@@ -204,6 +222,8 @@ pub fn compose(
         ],
         observed_generation: spec.generation,
         observed_at: None,
+        replicas: Vec::new(),
+        replicas_ready: None,
     }
 }
 
@@ -240,7 +260,7 @@ pub fn condition(
 }
 
 /// The Event announcing a phase change, if the change is one users care about.
-fn phase_event(before: Option<Phase>, after: &ReverseTunnelStatus) -> Option<Event> {
+pub fn phase_event(before: Option<Phase>, after: &ReverseTunnelStatus) -> Option<Event> {
     let after_phase = after.phase?;
     if before == Some(after_phase) {
         return None;
@@ -280,48 +300,44 @@ pub struct StatusWriter {
     pub api: Api<ReverseTunnel>,
     /// The tunnel's name.
     pub name: String,
-    /// Publishes Events on the tunnel.
-    pub recorder: Recorder,
-    /// The tunnel, as Events refer to it.
-    pub reference: ObjectReference,
-    /// The status the object carried when the task started.
-    pub last: Option<ReverseTunnelStatus>,
+    /// This replica's identity: the key of its entry and the name in its field manager.
+    pub replica: String,
+    /// How often an unchanged entry is stamped again (before jitter).
+    pub refresh: Duration,
 }
 
 impl StatusWriter {
-    /// Writes the status whenever `spec` or `pool` change it, and stamps it again every
-    /// [`SEEN_REFRESH`], until `stop`.
+    /// Writes this replica's entry whenever `spec` or `pool` change it, and stamps it again
+    /// every refresh, until `stop`; then removes the entry (the replica no longer carries the
+    /// tunnel: shutdown, or the object is going).
     pub async fn run(
-        mut self,
+        self,
         mut spec: watch::Receiver<SpecState>,
         mut pool: watch::Receiver<Option<PoolStatus>>,
         stop: CancellationToken,
     ) {
+        let mut last: Option<ReverseTunnelStatus> = None;
         let mut retry = Duration::from_millis(200);
+        let mut interval = self.refresh + refresh_jitter(self.refresh);
         loop {
             let now = SystemTime::now();
             let mut next = {
                 let spec_now = spec.borrow_and_update().clone();
                 let pool_now = pool.borrow_and_update().clone();
-                compose(&spec_now, pool_now.as_ref(), self.last.as_ref(), now)
+                compose(&spec_now, pool_now.as_ref(), last.as_ref(), now)
             };
-            if needs_write(self.last.as_ref(), &next, now) {
+            if needs_write(last.as_ref(), &next, now, interval) {
                 next.observed_at = Some(rfc3339(now));
                 match self.write(&next).await {
                     Ok(()) => {
                         retry = Duration::from_millis(200);
-                        let before = self.last.as_ref().and_then(|s| s.phase);
-                        if let Some(event) = phase_event(before, &next)
-                            && let Err(e) = self.recorder.publish(&event, &self.reference).await
-                        {
-                            debug!(name = %self.name, error = %e, "could not publish an Event");
-                        }
-                        self.last = Some(next);
+                        interval = self.refresh + refresh_jitter(self.refresh);
+                        last = Some(next);
                     }
                     Err(e) => {
                         warn!(name = %self.name, error = %e, ?retry, "status write failed; retrying");
                         tokio::select! {
-                            () = stop.cancelled() => return,
+                            () = stop.cancelled() => break,
                             () = tokio::time::sleep(retry) => {}
                         }
                         retry = (retry * 2).min(Duration::from_secs(30));
@@ -329,29 +345,40 @@ impl StatusWriter {
                     }
                 }
             }
-            let due = self.last.as_ref().and_then(refresh_due);
-            let until_due = due.map_or(SEEN_REFRESH, |due| {
+            let due = last.as_ref().and_then(|l| refresh_due(l, interval));
+            let until_due = due.map_or(interval, |due| {
                 due.duration_since(SystemTime::now()).unwrap_or_default()
             });
             tokio::select! {
-                () = stop.cancelled() => return,
-                r = spec.changed() => if r.is_err() { return },
-                r = pool.changed() => if r.is_err() { return },
+                () = stop.cancelled() => break,
+                r = spec.changed() => if r.is_err() { break },
+                r = pool.changed() => if r.is_err() { break },
                 () = tokio::time::sleep(until_due) => {}
             }
         }
+        let withdrawn = super::replicas::withdraw(&self.api, &self.name, &self.replica);
+        match tokio::time::timeout(Duration::from_secs(5), withdrawn).await {
+            Ok(Ok(())) => debug!(name = %self.name, "removed this replica's status entry"),
+            Ok(Err(e)) => {
+                debug!(name = %self.name, error = %e, "removing this replica's status entry")
+            }
+            Err(_) => debug!(name = %self.name, "removing this replica's status entry timed out"),
+        }
     }
 
+    /// Applies this replica's entry (and the object's `observedAt`: a replica lives).
     async fn write(&self, status: &ReverseTunnelStatus) -> Result<(), kube::Error> {
+        let entry = super::replicas::entry(&self.replica, status);
         let patch = json!({
             "apiVersion": ReverseTunnel::api_version(&()),
             "kind": ReverseTunnel::kind(&()),
-            "status": status,
+            "status": { "replicas": [entry], "observedAt": status.observed_at },
         });
+        let manager = super::replicas::field_manager(&self.replica);
         self.api
             .patch_status(
                 &self.name,
-                &PatchParams::apply(FIELD_MANAGER).force(),
+                &PatchParams::apply(&manager).force(),
                 &Patch::Apply(&patch),
             )
             .await
@@ -423,23 +450,24 @@ mod tests {
             discovered: true,
             last_error: None,
         };
+        let every = SEEN_REFRESH + Duration::from_secs(1);
         let mut written = compose(&spec, Some(&heartbeat_at(t0)), None, t0);
-        assert!(needs_write(None, &written, t0));
+        assert!(needs_write(None, &written, t0, every));
         written.observed_at = Some(rfc3339(t0));
         // A newer heartbeat alone: no write before the minute is up.
         let later = t0 + Duration::from_secs(59);
         let next = compose(&spec, Some(&heartbeat_at(later)), Some(&written), later);
-        assert!(!needs_write(Some(&written), &next, later));
+        assert!(!needs_write(Some(&written), &next, later, every));
         // A minute (and the stamp's lost fraction) on: stamped again, heartbeat included.
         let due = t0 + SEEN_REFRESH + Duration::from_secs(1);
-        assert!(needs_write(Some(&written), &next, due));
+        assert!(needs_write(Some(&written), &next, due, every));
         // A change is written at once.
         let mut down = heartbeat_at(later);
         down.proxies[0].state = TunnelState::Connecting;
         let changed = compose(&spec, Some(&down), Some(&written), later);
-        assert!(needs_write(Some(&written), &changed, later));
+        assert!(needs_write(Some(&written), &changed, later, every));
         // A status read back without a stamp (written by an older operator) is stamped.
         written.observed_at = None;
-        assert!(needs_write(Some(&written), &next, later));
+        assert!(needs_write(Some(&written), &next, later, every));
     }
 }
