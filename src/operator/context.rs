@@ -23,8 +23,10 @@ use crate::agent::status::PoolStatus;
 use crate::agent::{Agent, AgentConfig};
 use crate::operator::controller::Backoffs;
 
-/// How long stopping a tunnel waits for its tasks before leaving them to finish alone.
-const STOP_GRACE: Duration = Duration::from_secs(5);
+/// How long stopping a tunnel waits for its tasks before leaving them to finish alone: the
+/// agent's own grace for streams in flight ([`crate::agent::tunnel::LEAVE_GRACE`]) and 5 s.
+const STOP_GRACE: Duration =
+    crate::agent::tunnel::LEAVE_GRACE.saturating_add(Duration::from_secs(5));
 
 /// The registry key: one entry per `ReverseTunnel` object.
 pub type TunnelKey = ObjectRef<ReverseTunnel>;

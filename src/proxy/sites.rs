@@ -107,6 +107,8 @@ pub struct Tunnel {
     held_by: std::sync::Mutex<Vec<String>>,
     /// What this tunnel's streams may grow their receive windows by, together.
     window_budget: Arc<WindowBudget>,
+    /// The agent said it is stopping: new dials go to the site's other tunnels.
+    leaving: std::sync::atomic::AtomicBool,
 }
 
 impl Tunnel {
@@ -135,7 +137,18 @@ impl Tunnel {
             idle: tokio::sync::Notify::new(),
             held_by: std::sync::Mutex::new(Vec::new()),
             window_budget,
+            leaving: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// The agent announced it is stopping: pick this tunnel only when no other is left.
+    pub fn set_leaving(&self) {
+        self.leaving.store(true, Ordering::Release);
+    }
+
+    /// Whether the agent announced it is stopping.
+    pub fn is_leaving(&self) -> bool {
+        self.leaving.load(Ordering::Acquire)
     }
 
     /// Records which proxies the agent holds tunnels to, if the list is believable; an
@@ -467,7 +480,8 @@ impl Sites {
     }
 
     /// Chooses the tunnel a new stream to `cluster` should use: among tunnels whose heartbeats
-    /// are on time, the least loaded, rotating among ties; late tunnels only if no other.
+    /// are on time, the least loaded, rotating among ties; late tunnels only if no other, and
+    /// tunnels whose agent is leaving last.
     pub fn pick(&self, cluster: &ClusterName) -> Result<Arc<Tunnel>, DialError> {
         let mut sites = self.sites.write().unwrap_or_else(|p| p.into_inner());
         let site = sites.get_mut(cluster).ok_or_else(|| {
@@ -487,7 +501,7 @@ impl Sites {
         site.next = site.next.wrapping_add(1);
         let best = (0..n)
             .map(|i| &site.tunnels[(start + i) % n])
-            .min_by_key(|t| (t.is_late(), t.open_streams()))
+            .min_by_key(|t| (t.is_leaving(), t.is_late(), t.open_streams()))
             .cloned();
         best.ok_or_else(|| DialError::new(DialErrorKind::NoTunnel, "no tunnel"))
     }

@@ -76,6 +76,20 @@ pub(crate) async fn carried_by_two(
     (cp, client, ns, root, operators, echo)
 }
 
+/// Waits until the example's `status.replicas` names exactly `live` (in any order).
+pub(crate) async fn wait_entries(client: &Client, ns: &str, live: &[String]) {
+    let api: Api<ReverseTunnel> = Api::namespaced(client.clone(), ns);
+    let mut want = live.to_vec();
+    want.sort();
+    eventually(&format!("status.replicas to name {want:?}"), || async {
+        let rt = api.get(RT).await.ok()?;
+        let mut names: Vec<String> = rt.status?.replicas.iter().map(|e| e.name.clone()).collect();
+        names.sort();
+        (names == want).then_some(())
+    })
+    .await;
+}
+
 fn describe(failed: &[&DialRecord], origin: Instant) -> Vec<String> {
     failed
         .iter()
@@ -100,7 +114,12 @@ async fn kill_9_of_either_replica_fails_no_new_dial() {
     let mut kills = Vec::new();
     // First the leader, then (after a replacement joined) the replica that did not lead.
     for (round, successor) in ["operator-c", "operator-d"].into_iter().enumerate() {
-        let leader = eventually("a Lease holder", || lease_holder(&leases)).await;
+        // The Lease names a live replica (after the first kill: once the standby took it).
+        let live: Vec<String> = operators.keys().cloned().collect();
+        let leader = eventually("a live Lease holder", || async {
+            lease_holder(&leases).await.filter(|h| live.contains(h))
+        })
+        .await;
         let victim = if round == 0 {
             leader.clone()
         } else {
@@ -128,9 +147,12 @@ async fn kill_9_of_either_replica_fails_no_new_dial() {
         // A replacement, as the Deployment would start.
         operators.insert(successor.to_owned(), replica(cp, &ns, &root, successor));
         root.wait_each_holds(2).await;
+        let live: Vec<String> = operators.keys().cloned().collect();
+        wait_entries(&client, &ns, &live).await;
         wait_row(cp, &ns, &[("STATUS", "Connected"), ("REPLICAS", "2/2")]).await;
         eprintln!(
-            "[{ns}] {successor} replaced {victim}: 2/2 again {:?} after the kill",
+            "[{ns}] {successor} replaced {victim}: the status lists exactly the live replicas, \
+             2/2, {:?} after the kill",
             killed.elapsed()
         );
     }
@@ -162,20 +184,25 @@ async fn kill_9_of_either_replica_fails_no_new_dial() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rolling_restart_of_both_replicas_fails_no_dial() {
     let _serial = SERIAL.lock().await;
-    let (cp, _client, ns, mut root, mut operators, echo) = carried_by_two("ha-roll").await;
+    let (cp, client, ns, mut root, mut operators, echo) = carried_by_two("ha-roll").await;
     let load = Load::start(root.dialer(), echo, WORKERS);
     let origin = Instant::now();
     load.wait_dials_after(origin, DIALS_AFTER).await;
     for (old, successor) in [("operator-a", "operator-a2"), ("operator-b", "operator-b2")] {
         let mut stopping = operators.remove(old).expect("running replica");
+        let live: Vec<String> = operators.keys().cloned().collect();
         let stopped = Instant::now();
         stopping.signal(libc::SIGTERM);
         let status = stopping.exited().await;
         assert!(status.success(), "{old} exited with {status}");
         let exited = stopped.elapsed();
         root.wait_each_holds(1).await;
+        // A clean stop removes the replica's own entry at once.
+        wait_entries(&client, &ns, &live).await;
         operators.insert(successor.to_owned(), replica(cp, &ns, &root, successor));
         root.wait_each_holds(2).await;
+        let live: Vec<String> = operators.keys().cloned().collect();
+        wait_entries(&client, &ns, &live).await;
         wait_row(cp, &ns, &[("STATUS", "Connected"), ("REPLICAS", "2/2")]).await;
         eprintln!(
             "[{ns}] SIGTERM {old}: exited after {exited:?}; {successor} carrying (2/2) after {:?}",
