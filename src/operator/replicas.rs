@@ -26,7 +26,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant, SystemTime};
 
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use kube::api::{Patch, PatchParams};
 use kube::core::DeserializeGuard;
 use kube::runtime::events::Recorder;
@@ -378,6 +378,7 @@ pub async fn run(
             {
                 continue;
             }
+            debug!(%name, before = ?settled(&status), after = ?settled(&summary), "writing the summary");
             match write_summary(&api, &name, &summary).await {
                 Ok(()) => {
                     if let Some(event) = phase_event(status.phase, &summary)
@@ -402,6 +403,13 @@ pub async fn run(
                 Some(Ok(_)) => tokio::time::sleep(DEBOUNCE).await,
             },
             () = tokio::time::sleep(until) => {}
+        }
+        // Everything the watch has delivered meanwhile, so the pass sees the objects as they
+        // are (a store one event behind would have every pass rewrite what it just wrote).
+        while let Some(Some(event)) = events.next().now_or_never() {
+            if let Err(e) = event {
+                debug!(error = %e, "watching ReverseTunnels");
+            }
         }
         written.retain(|key, _| store.get(key).is_some());
     }
