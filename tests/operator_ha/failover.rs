@@ -2,7 +2,7 @@
 //! from each. Under a dial load, losing either replica (kill -9, the leader included) or
 //! restarting both in turn must not fail a dial the loss could not have touched.
 
-use super::load::{DialRecord, Load, split_at};
+use super::load::{DialRecord, Load, LongDial, split_at};
 use super::*;
 
 /// The Lease in these tests: renewed every 4 s, expires 6 s after the last renewal.
@@ -11,6 +11,8 @@ pub(crate) const LEASE_TIMES: (&str, &str) = ("6s", "2s");
 pub(crate) const REFRESH: Duration = Duration::from_secs(3);
 /// Dials that must complete after an event before the load is judged over it.
 const DIALS_AFTER: usize = 30;
+/// Streams held open across each SIGTERM of the rolling restart.
+const LONG_STREAMS: usize = 6;
 /// Load workers dialling back to back.
 const WORKERS: usize = 2;
 
@@ -188,11 +190,26 @@ async fn rolling_restart_of_both_replicas_fails_no_dial() {
     let load = Load::start(root.dialer(), echo, WORKERS);
     let origin = Instant::now();
     load.wait_dials_after(origin, DIALS_AFTER).await;
+    let mut long_failed = Vec::new();
     for (old, successor) in [("operator-a", "operator-a2"), ("operator-b", "operator-b2")] {
         let mut stopping = operators.remove(old).expect("running replica");
         let live: Vec<String> = operators.keys().cloned().collect();
+        // Long-lived streams across the stop: the proxies spread them over both replicas'
+        // tunnels, and those on the stopping replica's must be let finish.
+        let dialer = root.dialer();
+        let mut long = Vec::new();
+        for i in 0..LONG_STREAMS {
+            long.push(LongDial::open(&dialer, echo, format!("long {i} opens\n").as_bytes()).await);
+        }
         let stopped = Instant::now();
         stopping.signal(libc::SIGTERM);
+        // The stopping replica waits for its streams; they end now, after the SIGTERM.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        for (i, dial) in long.into_iter().enumerate() {
+            if let Err(e) = dial.finish(format!("long {i} closes\n").as_bytes()).await {
+                long_failed.push(format!("{old}: long stream {i}: {e}"));
+            }
+        }
         let status = stopping.exited().await;
         assert!(status.success(), "{old} exited with {status}");
         let exited = stopped.elapsed();
@@ -218,5 +235,11 @@ async fn rolling_restart_of_both_replicas_fails_no_dial() {
         failed.len(),
         describe(&failed, origin)
     );
+    eprintln!(
+        "[{ns}] long-lived streams across the SIGTERMs: {} of {} failed: {long_failed:?}",
+        long_failed.len(),
+        2 * LONG_STREAMS
+    );
     assert!(failed.is_empty(), "dials failed during a rolling restart");
+    assert!(long_failed.is_empty(), "long-lived streams cut by a rolling restart");
 }

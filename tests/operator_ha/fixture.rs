@@ -440,11 +440,10 @@ pub(crate) struct Dialer {
 }
 
 impl Dialer {
-    /// `tether dial leaf-1 <target>` through haproxy: sends `message`, closes its side, and
-    /// returns what came back, or the exit status and stderr.
-    pub(crate) async fn dial(&self, target: SocketAddr, message: &[u8]) -> Result<Vec<u8>, String> {
-        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_tether"))
-            .args(["dial", LEAF, &target.to_string(), "--root-cluster", "root"])
+    /// `tether dial leaf-1 <target>` through haproxy, its standard streams piped.
+    pub(crate) fn command(&self, target: SocketAddr) -> tokio::process::Command {
+        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_tether"));
+        cmd.args(["dial", LEAF, &target.to_string(), "--root-cluster", "root"])
             .args(["--proxy", &self.lb.to_string()])
             .arg("--identity")
             .arg(&self.identity)
@@ -453,9 +452,14 @@ impl Dialer {
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("tether dial starts");
+            .kill_on_drop(true);
+        cmd
+    }
+
+    /// `tether dial leaf-1 <target>` through haproxy: sends `message`, closes its side, and
+    /// returns what came back, or the exit status and stderr.
+    pub(crate) async fn dial(&self, target: SocketAddr, message: &[u8]) -> Result<Vec<u8>, String> {
+        let mut child = self.command(target).spawn().expect("tether dial starts");
         let mut stdin = child.stdin.take().expect("stdin");
         stdin.write_all(message).await.map_err(|e| e.to_string())?;
         drop(stdin);

@@ -108,3 +108,49 @@ pub(crate) fn split_at(
         .collect();
     (in_flight, failed_after, after.len())
 }
+
+/// A `tether dial` kept open: its first message echoed, the rest to come.
+pub(crate) struct LongDial {
+    child: tokio::process::Child,
+    stdin: tokio::process::ChildStdin,
+    stdout: tokio::process::ChildStdout,
+}
+
+impl LongDial {
+    /// Opens a dial to `target` and waits for `first` to come back.
+    pub(crate) async fn open(dialer: &Dialer, target: SocketAddr, first: &[u8]) -> LongDial {
+        use tokio::io::AsyncReadExt;
+        let mut child = dialer.command(target).spawn().expect("tether dial starts");
+        let mut stdin = child.stdin.take().expect("stdin");
+        let mut stdout = child.stdout.take().expect("stdout");
+        stdin.write_all(first).await.expect("write");
+        let mut echo = vec![0u8; first.len()];
+        tokio::time::timeout(Duration::from_secs(30), stdout.read_exact(&mut echo))
+            .await
+            .expect("the first echo in time")
+            .expect("the first echo");
+        assert_eq!(echo, first);
+        LongDial {
+            child,
+            stdin,
+            stdout,
+        }
+    }
+
+    /// Sends `last`, closes its side, and checks that exactly `last` comes back before the end.
+    pub(crate) async fn finish(mut self, last: &[u8]) -> Result<(), String> {
+        use tokio::io::AsyncReadExt;
+        self.stdin.write_all(last).await.map_err(|e| format!("writing: {e}"))?;
+        drop(self.stdin);
+        let mut rest = Vec::new();
+        tokio::time::timeout(Duration::from_secs(30), self.stdout.read_to_end(&mut rest))
+            .await
+            .map_err(|_| "the stream did not end".to_owned())?
+            .map_err(|e| format!("reading: {e}"))?;
+        let status = self.child.wait().await.map_err(|e| e.to_string())?;
+        if rest != last || !status.success() {
+            return Err(format!("{status}: echoed {} of {} bytes", rest.len(), last.len()));
+        }
+        Ok(())
+    }
+}
