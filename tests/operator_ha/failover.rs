@@ -241,5 +241,8 @@ async fn rolling_restart_of_both_replicas_fails_no_dial() {
         2 * LONG_STREAMS
     );
     assert!(failed.is_empty(), "dials failed during a rolling restart");
-    assert!(long_failed.is_empty(), "long-lived streams cut by a rolling restart");
+    assert!(
+        long_failed.is_empty(),
+        "long-lived streams cut by a rolling restart"
+    );
 }

@@ -140,7 +140,10 @@ impl LongDial {
     /// Sends `last`, closes its side, and checks that exactly `last` comes back before the end.
     pub(crate) async fn finish(mut self, last: &[u8]) -> Result<(), String> {
         use tokio::io::AsyncReadExt;
-        self.stdin.write_all(last).await.map_err(|e| format!("writing: {e}"))?;
+        self.stdin
+            .write_all(last)
+            .await
+            .map_err(|e| format!("writing: {e}"))?;
         drop(self.stdin);
         let mut rest = Vec::new();
         tokio::time::timeout(Duration::from_secs(30), self.stdout.read_to_end(&mut rest))
@@ -149,7 +152,11 @@ impl LongDial {
             .map_err(|e| format!("reading: {e}"))?;
         let status = self.child.wait().await.map_err(|e| e.to_string())?;
         if rest != last || !status.success() {
-            return Err(format!("{status}: echoed {} of {} bytes", rest.len(), last.len()));
+            return Err(format!(
+                "{status}: echoed {} of {} bytes",
+                rest.len(),
+                last.len()
+            ));
         }
         Ok(())
     }
