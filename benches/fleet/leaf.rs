@@ -9,7 +9,7 @@
 //!
 //! Measured: start-up to all Connected; the operator's RSS and CPU at rest; API writes at rest
 //! by resource over the quiet window, after one refresh period has let the first stamps move
-//! onto their slots (`status::RefreshSlot`); and how the `observedAt` stamps spread over the
+//! onto their slots (`status.rs`, `refresh_slot`); and how the `observedAt` stamps spread over the
 //! minute (the busiest second), which without the slots is N in one second.
 
 use std::collections::BTreeMap;

@@ -22,6 +22,13 @@ use crate::protocol::stream::{CONTROL_EXT, StreamControl};
 use crate::protocol::{DialError, DialErrorKind, Endpoint, ssh};
 use crate::stream::{HandshakeGuard, Splice, TunnelStream, WindowBudget};
 
+/// How long a stopping agent lets its streams in flight finish before it closes a tunnel
+/// (within the operator's stop grace and a pod's 30 s termination grace).
+pub const LEAVE_GRACE: Duration = Duration::from_secs(10);
+/// How long a stopping agent waits, after saying it leaves, for dials the proxy sent just
+/// before it read that (a loopback round trip takes well under a millisecond; a WAN one, 200 ms).
+const LEAVE_SETTLE: Duration = Duration::from_millis(300);
+
 /// Why a tunnel could not be set up or ended.
 #[derive(Debug, thiserror::Error)]
 pub enum TunnelError {
@@ -430,7 +437,10 @@ impl Tunnel {
     ) -> Result<(), TunnelError> {
         let result = self.heartbeat_loop(&stop, events.as_ref()).await;
         let reason = match &result {
-            Ok(()) => "agent stopping".to_owned(),
+            Ok(()) => {
+                self.leave().await;
+                "agent stopping".to_owned()
+            }
             Err(e) => e.to_string(),
         };
         let _ = self
@@ -439,6 +449,26 @@ impl Tunnel {
             .await;
         self.tasks.close();
         result
+    }
+
+    /// A clean stop: tells the proxy to send no new dial here, then lets the streams in flight
+    /// end (at most [`LEAVE_GRACE`]), so stopping one agent instance fails no dial another
+    /// instance's tunnel can carry. A dial the proxy picked just before it read the message
+    /// is still served.
+    async fn leave(&self) {
+        if send(&self.write, &AgentMessage::Leaving).await.is_err() {
+            return;
+        }
+        self.tasks.close();
+        // The proxy may have sent an open just before it read `Leaving`: give it a moment to
+        // arrive and be counted before waiting for the count to reach zero.
+        tokio::time::sleep(LEAVE_SETTLE).await;
+        if tokio::time::timeout(LEAVE_GRACE, self.tasks.wait())
+            .await
+            .is_err()
+        {
+            warn!(proxy = %self.proxy_id, open = self.tasks.len(), "streams still open after the leave grace; closing the tunnel");
+        }
     }
 
     async fn heartbeat_loop(

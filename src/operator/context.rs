@@ -9,7 +9,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::ObjectRef;
-use kube::{Api, Client, Resource, ResourceExt};
+use kube::{Api, Client, ResourceExt};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -23,8 +23,10 @@ use crate::agent::status::PoolStatus;
 use crate::agent::{Agent, AgentConfig};
 use crate::operator::controller::Backoffs;
 
-/// How long stopping a tunnel waits for its tasks before leaving them to finish alone.
-const STOP_GRACE: Duration = Duration::from_secs(5);
+/// How long stopping a tunnel waits for its tasks before leaving them to finish alone: the
+/// agent's own grace for streams in flight ([`crate::agent::tunnel::LEAVE_GRACE`]) and 5 s.
+const STOP_GRACE: Duration =
+    crate::agent::tunnel::LEAVE_GRACE.saturating_add(Duration::from_secs(5));
 
 /// The registry key: one entry per `ReverseTunnel` object.
 pub type TunnelKey = ObjectRef<ReverseTunnel>;
@@ -74,20 +76,27 @@ pub struct Context {
     tunnels: Mutex<HashMap<TunnelKey, RunningTunnel>>,
     /// Failed reconciles per tunnel, for the retry delay.
     pub failures: Backoffs<TunnelKey>,
+    /// This replica's identity: the key of its entry in each tunnel's `status.replicas`.
+    replica: String,
+    /// How often this replica stamps its unchanged entries (`--status-refresh`).
+    refresh: Duration,
 }
 
 impl Context {
-    /// A context with an empty registry; `instance` names this replica in Events.
-    pub fn new(client: Client, instance: Option<String>) -> Self {
+    /// A context with an empty registry; `replica` names this replica in Events and in the
+    /// status entries it writes every `refresh`.
+    pub fn new(client: Client, replica: String, refresh: Duration) -> Self {
         let reporter = Reporter {
             controller: super::FIELD_MANAGER.to_owned(),
-            instance,
+            instance: Some(replica.clone()),
         };
         Self {
             recorder: Recorder::new(client.clone(), reporter),
             client,
             tunnels: Mutex::default(),
             failures: Backoffs::default(),
+            replica,
+            refresh,
         }
     }
 
@@ -98,6 +107,11 @@ impl Context {
     /// Whether an agent runs for `key` (for tests and metrics).
     pub fn is_running(&self, key: &TunnelKey) -> bool {
         self.tunnels().get(key).is_some_and(|t| t.agent.is_some())
+    }
+
+    /// Whether anything runs for `key` (an agent, or a status task reporting a problem).
+    pub fn is_known(&self, key: &TunnelKey) -> bool {
+        self.tunnels().contains_key(key)
     }
 
     /// The registry entry of `rt`, created (with its status task) if missing.
@@ -115,9 +129,8 @@ impl Context {
             let writer = StatusWriter {
                 api: Api::namespaced(self.client.clone(), &namespace),
                 name: rt.name_any(),
-                recorder: self.recorder.clone(),
-                reference: rt.object_ref(&()),
-                last: rt.status.clone(),
+                replica: self.replica.clone(),
+                refresh: self.refresh,
             };
             let status_task = tokio::spawn(writer.run(spec_rx, pool_rx, stop.clone()));
             RunningTunnel {
@@ -202,8 +215,24 @@ impl Context {
         stopped
     }
 
-    /// Stops every tunnel (shutdown, or leadership lost). Objects keep their finalizers: the
-    /// next leader takes them over.
+    /// Stops what runs for every tunnel not in `live` (objects deleted while the watch was
+    /// away: a relist shows them gone without a delete event).
+    pub fn retain(&self, live: &std::collections::HashSet<TunnelKey>) -> Stopped {
+        let gone: Vec<TunnelKey> = self
+            .tunnels()
+            .keys()
+            .filter(|k| !live.contains(*k))
+            .cloned()
+            .collect();
+        let mut stopped = Stopped::default();
+        for key in gone {
+            stopped.0.extend(self.remove(&key).0);
+        }
+        stopped
+    }
+
+    /// Stops every tunnel (shutdown). Objects keep their finalizers and the other replicas'
+    /// agents keep carrying them.
     pub fn remove_all(&self) -> Stopped {
         let all: Vec<RunningTunnel> = self.tunnels().drain().map(|(_, t)| t).collect();
         let mut stopped = Stopped::default();

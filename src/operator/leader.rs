@@ -1,56 +1,48 @@
-//! Leader election, so that several operator replicas can run for availability while only one
-//! holds the tunnels.
+//! Leader election, so that several operator replicas can run for availability while one of
+//! them does what needs a single writer.
 //!
 //! # The HA story
 //!
+//! Every replica runs the `ReverseTunnel` controller and so an agent for every tunnel, whatever
+//! the Lease says (see [`super::run_with_refresh`]): each proxy holds one tunnel per replica
+//! from the leaf, and losing a replica loses only its own tunnels. The Lease holder also runs
+//! what must have one writer: the `TrustedCluster` controller (joins, owned objects), the
+//! `ReverseTunnel` finalizer, and the status summary folded from every replica's own entry
+//! ([`super::replicas`]).
+//!
 //! Every replica competes for one `coordination.k8s.io/v1` Lease (via `kube-lease-manager`,
 //! which takes it with server-side apply, so two replicas can never both believe they hold it,
-//! and renews it with a strategic-merge PATCH). The holder runs the controller and so the
-//! agents; the others wait. The holder renews the Lease every `duration - grace` seconds; if it
-//! dies or is partitioned from the API server, another replica takes the Lease once it expires
-//! (`duration` after the last renewal) and starts agents of its own.
+//! and renews it with a strategic-merge PATCH). The holder renews the Lease every
+//! `duration - grace` seconds; if it dies or is partitioned from the API server, another
+//! replica takes the Lease once it expires (`duration` after the last renewal, plus 0.1-1 s of
+//! kube-lease-manager's random back-off). On losing the Lease a replica stops its leader-only
+//! tasks (renewals start `grace` seconds before expiry, and a failed renewal ends leadership
+//! at once); its agents keep running. On a clean shutdown the holder releases the Lease, so
+//! the next replica takes over immediately.
 //!
-//! On losing the Lease a replica stops its controller and every agent *before* it could be
-//! taken over, as far as it can tell: renewals start `grace` seconds before expiry, and a
-//! failed renewal ends leadership at once. Because agents are stateless clients that the
-//! proxies accept from any replica (a tunnel is identified by the leaf's certificate, not by
-//! the pod), a brief overlap during a partition only means two tunnels from the same leaf,
-//! which the proxies already handle as a pool. On a clean shutdown the holder releases the
-//! Lease, so the next replica takes over immediately.
+//! ## When a replica dies (measured)
 //!
-//! ## When the active replica dies (measured)
+//! `tests/operator_ha/failover.rs` runs two `tether operator` processes (`--lease-duration 6s
+//! --lease-grace 2s`), three `tether proxy` processes behind haproxy, a real kube-apiserver and
+//! `tether dial` back to back through haproxy, and kills a replica with SIGKILL:
 //!
-//! `tests/operator_ha.rs` (`standby_takes_over_after_kill_9`) runs two `tether operator`
-//! processes with `--lease-duration 6s --lease-grace 2s` (a renewal every 4 s), three `tether
-//! proxy` processes behind haproxy and a real kube-apiserver, and kills the leader with
-//! SIGKILL. What happens, with the figures of eight runs on a loaded two-core machine:
+//! 1. The kernel closes the dead replica's sockets, so every proxy drops its tunnels at once
+//!    (108-151 ms after the kill, at a 50 ms polling step). The survivor's tunnels stay, and
+//!    dials go to them: in four runs no dial started after the kill failed (125-648 dials
+//!    after killing the leader, 71-323 after killing the other replica); a dial in flight on a
+//!    dead tunnel can fail (1, in one of the runs).
+//! 2. Leader-only work waits for the Lease to expire (4-7 s with a 6 s Lease; 5-16 s with the
+//!    defaults): a join, a deletion's finalizer or a change of the summary in that window is
+//!    late by that much. No dial waits on it. Before every replica carried tunnels, this wait
+//!    was the leaf's dark time: 13.4-15.4 s with the defaults.
+//! 3. The dead replica's status entry stops counting once its stamp is stale (65 s at the
+//!    default refresh), and the leader removes it.
 //!
-//! 1. The kernel closes the dead replica's sockets, so every proxy drops the leaf's tunnels at
-//!    once (all three gone 56-65 ms after the kill, at a 50 ms polling step). From then on the
-//!    leaf is unreachable: dials fail until the standby's agent is connected. Nothing keeps
-//!    tunnels across a failover; the gap is the whole cost.
-//! 2. Nobody writes the ReverseTunnel during the gap, so `kubectl get rt` goes on showing the
-//!    dead leader's last status (`Connected 3/3`) while no tunnel exists.
-//! 3. The standby takes the Lease once it expires: `duration` minus the time since the last
-//!    renewal, plus 0.1-1 s (kube-lease-manager waits a random moment after force-releasing an
-//!    expired Lease). Measured: 4.0-6.8 s after the kill (4.0, 4.2, 4.5, 4.7 s when the Lease
-//!    was renewed about 2.3 s before the kill; 6.1, 6.3, 6.5, 6.8 s when it was renewed
-//!    0.03-0.4 s before).
-//! 4. Its controller starts the agent at once: tunnels to all three proxies were back 50-120 ms
-//!    after the Lease changed hands (4.1-6.9 s after the kill), and the status went `Pending`,
-//!    `Degraded 1/3`, `Connected 3/3` within the same ~100 ms. (Before proxies sent discovery
-//!    with the welcome, a brief `Connected 1/1` could appear; now a tunnel up before its proxy
-//!    announced the set shows as `Connecting`, reason `AwaitingDiscovery`.)
-//!
-//! So the gap is `duration - (time since the last renewal) + up to 1 s + a reconnect`: at most
-//! about `duration + 1 s`. With the defaults (`--lease-duration 15s --lease-grace 5s`, a renewal
-//! every 10 s) that means 5-16 s without a tunnel; three runs of the same test at the defaults
-//! (the test's Lease constants edited for the run) measured 13.4, 13.6 and 15.4 s from the kill
-//! to three tunnels back, the Lease having been renewed 2.4, 2.3 and 0.07 s before the kill.
-//! Shorter Leases shorten the gap at the price of more Lease writes: in steady state
-//! the holder writes the Lease every `duration - grace` and nothing else (measured by
-//! `steady_state_is_quiet`: 6 Lease PATCHes in 60 s with the defaults, no status or Event
-//! writes).
+//! A graceful stop (SIGTERM) makes each agent tell its proxies it is leaving and wait for its
+//! streams in flight before closing: a rolling restart of both replicas under the dial load
+//! failed no dial (3 runs, 223-247 dials each). In steady state the holder writes the Lease every `duration - grace`
+//! (`steady_state_is_quiet`: 6 Lease PATCHes in 60 s with the defaults), and each replica
+//! stamps its status entries once a refresh.
 
 use std::future::Future;
 use std::time::Duration;

@@ -7,7 +7,8 @@
 //! - [`controller`]: the reconcilers;
 //! - [`context`]: state shared by reconciles, including the registry of running tunnels;
 //! - [`resolve`]: spec and Secrets to an agent configuration;
-//! - [`status`]: status composition and the one writer per tunnel;
+//! - [`status`]: status composition and each replica's one writer per tunnel;
+//! - [`replicas`]: the replicas' entries and the leader's summary of them;
 //! - [`leader`]: Lease-based leader election (and the HA story);
 //! - [`error`]: the reconcile error type.
 
@@ -17,6 +18,7 @@ pub mod crd;
 pub mod endpoints;
 pub mod error;
 pub mod leader;
+pub mod replicas;
 pub mod resolve;
 pub mod root;
 pub mod status;
@@ -41,45 +43,100 @@ pub const FIELD_MANAGER: &str = "tether-operator";
 pub struct OperatorConfig {
     /// Watch only this namespace; `None` watches all (needs cluster-wide RBAC).
     pub namespace: Option<String>,
-    /// Compete for a Lease and run agents only while holding it; `None` always runs (one
-    /// replica, or tests).
+    /// Compete for a Lease for what needs one writer (joins, finalizers, the status
+    /// summary); `None` always leads (one replica, or tests). Agents run either way.
     pub leader_election: Option<LeaderElection>,
-    /// This replica's name in Events (usually the pod name).
+    /// This replica's name in Events and in the status entries it writes (usually the pod
+    /// name); default: the Lease identity, else the host name.
     pub instance: Option<String>,
 }
 
+impl OperatorConfig {
+    /// The name this replica writes its status entries under.
+    fn replica(&self) -> String {
+        self.instance
+            .clone()
+            .or_else(|| self.leader_election.as_ref().map(|e| e.identity.clone()))
+            .or_else(|| std::env::var("HOSTNAME").ok())
+            .unwrap_or_else(|| format!("tether-operator-{}", std::process::id()))
+    }
+}
+
 /// Runs the operator with `client` until `shutdown` is cancelled, then stops every agent.
-/// The in-process entry point of `tether operator`, used directly by tests.
+/// The in-process entry point of `tether operator`, used directly by tests; replicas stamp
+/// their status entries every [`status::SEEN_REFRESH`].
 pub async fn run(
     client: Client,
     config: OperatorConfig,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    run_with_refresh(client, config, status::SEEN_REFRESH, shutdown).await
+}
+
+/// [`run`], with this replica stamping its unchanged status entries every `refresh` (and the
+/// leader counting an entry dead after [`status::stale_after`] of it).
+///
+/// Every replica runs the `ReverseTunnel` controller, and so an agent for every tunnel, from
+/// the start and whatever the Lease says: losing a replica loses only its own tunnels, while
+/// the others' keep carrying the leaf. The Lease holder also runs what needs one writer: the
+/// `TrustedCluster` controller (joins and owned objects), the `ReverseTunnel` finalizer, and
+/// the status summary.
+pub async fn run_with_refresh(
+    client: Client,
+    config: OperatorConfig,
+    refresh: Duration,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let namespace = config.namespace.clone();
-    let instance = config.instance.clone();
+    let replica = config.replica();
+    let ctx = Arc::new(context::Context::new(
+        client.clone(),
+        replica.clone(),
+        refresh,
+    ));
+    let carry = controller::reverse_tunnel::run(
+        client.clone(),
+        namespace.as_deref(),
+        ctx.clone(),
+        shutdown.clone(),
+    );
     let lead = |term: CancellationToken| {
         let client = client.clone();
         let namespace = namespace.clone();
-        let ctx = Arc::new(context::Context::new(client.clone(), instance.clone()));
+        let ctx = ctx.clone();
         async move {
+            let recorder = ctx.recorder.clone();
             tokio::join!(
-                controller::reverse_tunnel::run(
+                controller::trusted_cluster::run(
                     client.clone(),
                     namespace.as_deref(),
-                    ctx.clone(),
+                    ctx,
                     term.clone()
                 ),
-                controller::trusted_cluster::run(client, namespace.as_deref(), ctx, term),
+                controller::tunnel_finalizer::run(
+                    client.clone(),
+                    namespace.as_deref(),
+                    recorder.clone(),
+                    refresh,
+                    term.clone()
+                ),
+                replicas::run(client, namespace.as_deref(), recorder, refresh, term),
             );
         }
     };
-    match config.leader_election {
-        None => {
-            lead(shutdown).await;
-            Ok(())
+    let led = async {
+        match config.leader_election {
+            None => {
+                lead(shutdown.clone()).await;
+                Ok(())
+            }
+            Some(election) => {
+                leader::run_when_leader(client.clone(), election, shutdown.clone(), lead).await
+            }
         }
-        Some(election) => leader::run_when_leader(client.clone(), election, shutdown, lead).await,
-    }
+    };
+    let ((), result) = tokio::join!(carry, led);
+    result
 }
 
 /// `tether operator`'s flags.
@@ -104,14 +161,20 @@ pub struct OperatorArgs {
     /// /metrics here (the chart passes the pod IP, bare IPv6 included).
     #[arg(long, value_parser = crate::admin::parse_listen)]
     pub admin_listen: Option<std::net::SocketAddr>,
-    /// How long the Lease lasts after its last renewal: the longest a dead leader's tunnels go
-    /// unreplaced (whole seconds).
+    /// How long the Lease lasts after its last renewal: the longest joins, finalizers and the
+    /// status summary wait for a new leader when the leader dies (whole seconds; tunnels do
+    /// not wait: every replica carries them).
     #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
     pub lease_duration: Duration,
     /// How long before the Lease expires its holder renews it (whole seconds, less than
     /// --lease-duration): the holder writes the Lease every duration - grace.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     pub lease_grace: Duration,
+    /// How often each replica stamps its unchanged status entry of every ReverseTunnel (plus
+    /// up to a twentieth at random): the cost at rest is one write per tunnel per replica per
+    /// refresh, and a replica silent for a refresh (and a twentieth, and 2 s) counts as dead.
+    #[arg(long, env = "TETHER_STATUS_REFRESH", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub status_refresh: Duration,
 }
 
 /// `tether operator`: builds a client from the flags and runs until Ctrl-C or SIGTERM.
@@ -171,13 +234,18 @@ pub async fn run_cli(args: OperatorArgs) -> anyhow::Result<()> {
             stopped.cancelled().await
         }));
     }
-    let result = run(
+    anyhow::ensure!(
+        args.status_refresh >= Duration::from_secs(1),
+        "--status-refresh must be at least 1s"
+    );
+    let result = run_with_refresh(
         client,
         OperatorConfig {
             namespace: args.namespace,
             leader_election,
             instance: Some(identity),
         },
+        args.status_refresh,
         shutdown,
     )
     .await;

@@ -44,6 +44,11 @@ pub enum AgentMessage {
     },
     /// The agent has seen a `Reconnect` and is leaving.
     ReconnectAck,
+    /// The agent is stopping (its operator replica shuts down): the proxy sends no new dial on
+    /// this tunnel while another tunnel of the site can take it; the agent closes the tunnel
+    /// once the streams in flight have ended. (A proxy that predates this message closes the
+    /// tunnel at once, as the agent's stop did before.)
+    Leaving,
 }
 
 /// Messages from the proxy to the agent.

@@ -205,6 +205,13 @@ async fn handle_data(
                 send(write, &ProxyMessage::Pong { seq }).await?;
             }
             AgentMessage::ReconnectAck => debug!(tunnel = tunnel.id, "agent acknowledged drain"),
+            AgentMessage::Leaving => {
+                info!(
+                    tunnel = tunnel.id,
+                    "the agent is leaving; no new dials on its tunnel"
+                );
+                tunnel.set_leaving();
+            }
             AgentMessage::Hello { .. } => {
                 return Err(ControlEnd::Protocol("a second hello".into()));
             }

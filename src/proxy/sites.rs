@@ -207,7 +207,8 @@ impl Sites {
 
     /// Chooses the tunnel a new stream to `cluster` should use, skipping those in `tried`:
     /// among tunnels whose heartbeats are on time, the least loaded, rotating among ties; late
-    /// tunnels only if no other; offline or closed tunnels never (their dials would wait for
+    /// tunnels only if no other, and tunnels whose agent is leaving last; offline or closed
+    /// tunnels never (their dials would wait for
     /// a dead agent until the watchdog closes them).
     pub fn pick(&self, cluster: &ClusterName, tried: &[u64]) -> Result<Arc<Tunnel>, DialError> {
         let mut sites = self.sites.write().unwrap_or_else(|p| p.into_inner());
@@ -223,7 +224,7 @@ impl Sites {
         let best = (0..n)
             .map(|i| &site.tunnels[(start + i) % n])
             .filter(|t| t.is_usable() && !tried.contains(&t.id))
-            .min_by_key(|t| (t.is_late(), t.open_streams()))
+            .min_by_key(|t| (t.is_leaving(), t.is_late(), t.open_streams()))
             .cloned();
         best.ok_or_else(|| {
             let why = match (n, tried.len()) {

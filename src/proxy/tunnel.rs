@@ -112,6 +112,9 @@ pub struct Tunnel {
     /// Cancelled when the tunnel is declared dead (removed from its site): wakes the dials
     /// pending on it and ends its streams without waiting for russh to notice.
     closed: CancellationToken,
+    /// The agent said it is stopping (its operator replica shuts down): new dials go to the
+    /// site's other tunnels while one is left, so a rolling restart loses no dial.
+    leaving: std::sync::atomic::AtomicBool,
 }
 
 /// How a dial through one tunnel failed: the path, or the agent's answer.
@@ -161,7 +164,18 @@ impl Tunnel {
             held_by: std::sync::Mutex::new(Vec::new()),
             window_budget,
             closed: CancellationToken::new(),
+            leaving: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// The agent announced it is stopping: pick this tunnel only when no other is left.
+    pub fn set_leaving(&self) {
+        self.leaving.store(true, Ordering::Release);
+    }
+
+    /// Whether the agent announced it is stopping.
+    pub fn is_leaving(&self) -> bool {
+        self.leaving.load(Ordering::Acquire)
     }
 
     /// Declares the tunnel dead: pending dials fail over, streams end. Idempotent.

@@ -171,6 +171,29 @@ async fn lint_template_and_schema() {
     let operator = find(&docs, "Deployment", "tether-operator");
     assert_eq!(operator["spec"]["replicas"], 2);
     assert_hardened(operator);
+    // Every replica carries every tunnel (issue #13): two by default, spread over nodes, one
+    // always kept through voluntary disruptions, and a successor up before its predecessor
+    // stops.
+    let operator_pod = &operator["spec"]["template"]["spec"];
+    let anti = &operator_pod["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+        [0]["podAffinityTerm"];
+    assert_eq!(anti["topologyKey"], "kubernetes.io/hostname");
+    assert_eq!(
+        anti["labelSelector"]["matchLabels"],
+        operator["spec"]["selector"]["matchLabels"]
+    );
+    let rollout = &operator["spec"]["strategy"]["rollingUpdate"];
+    assert_eq!(
+        (&rollout["maxSurge"], &rollout["maxUnavailable"]),
+        (&serde_json::json!(1), &serde_json::json!(0))
+    );
+    let operator_pdb = find(&docs, "PodDisruptionBudget", "tether-operator");
+    assert_eq!(operator_pdb["spec"]["minAvailable"], 1);
+    assert!(operator_pdb["spec"].get("maxUnavailable").is_none());
+    assert_eq!(
+        operator_pdb["spec"]["selector"]["matchLabels"],
+        operator["spec"]["selector"]["matchLabels"]
+    );
     assert_eq!(
         strings(&operator["spec"]["template"]["spec"]["containers"][0]["args"]),
         [
@@ -266,6 +289,18 @@ async fn lint_template_and_schema() {
     assert_eq!(kinds(&leaf)["Deployment"], 1);
     assert!(!kinds(&leaf).contains_key("Service"), "{:?}", kinds(&leaf));
     find(&leaf, "Deployment", "tether-operator");
+    // One replica: no PodDisruptionBudget, which would block every drain.
+    let single = render(
+        cp,
+        "tether",
+        ns,
+        &concat(&[LEAF_ONLY, &["--set", "leaf.replicas=1"]]),
+    );
+    assert!(
+        !kinds(&single).contains_key("PodDisruptionBudget"),
+        "{:?}",
+        kinds(&single)
+    );
 
     // Options.
     let all = render(

@@ -399,22 +399,67 @@ impl Root {
         .await
     }
 
-    /// `tether dial leaf-1 <target>` through haproxy: sends `message`, closes its side, and
-    /// returns what came back, or the exit status and stderr.
+    /// Waits until every live proxy holds exactly `n` tunnels from the leaf (one per operator
+    /// replica).
+    pub(crate) async fn wait_each_holds(&mut self, n: usize) -> BTreeMap<String, Vec<u64>> {
+        let proxies = self.proxies.len();
+        eventually(
+            &format!("{n} tunnels on each of the {proxies} proxies"),
+            || {
+                let tunnels = self.tunnels();
+                async move { tunnels.values().all(|t| t.len() == n).then_some(tunnels) }
+            },
+        )
+        .await
+    }
+
+    /// What a dial needs, apart from the root: runs dials from other tasks.
+    pub(crate) fn dialer(&self) -> Dialer {
+        Dialer {
+            lb: self.lb.addr,
+            identity: self.files.path("alice"),
+            root_ca: self.files.path("root-ca.pub"),
+        }
+    }
+
+    /// `tether dial leaf-1 <target>` through haproxy (see [`Dialer::dial`]).
     pub(crate) async fn dial(&self, target: SocketAddr, message: &[u8]) -> Result<Vec<u8>, String> {
-        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_tether"))
-            .args(["dial", LEAF, &target.to_string(), "--root-cluster", "root"])
-            .args(["--proxy", &self.lb.addr.to_string()])
+        self.dialer().dial(target, message).await
+    }
+}
+
+/// A client of the root: `tether dial` through haproxy as alice.
+#[derive(Clone)]
+pub(crate) struct Dialer {
+    /// haproxy's frontend.
+    lb: SocketAddr,
+    /// alice's identity file.
+    identity: PathBuf,
+    /// The root CA the proxies' host certificates are checked against.
+    root_ca: PathBuf,
+}
+
+impl Dialer {
+    /// `tether dial leaf-1 <target>` through haproxy, its standard streams piped.
+    pub(crate) fn command(&self, target: SocketAddr) -> tokio::process::Command {
+        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_tether"));
+        cmd.args(["dial", LEAF, &target.to_string(), "--root-cluster", "root"])
+            .args(["--proxy", &self.lb.to_string()])
             .arg("--identity")
-            .arg(self.files.path("alice"))
+            .arg(&self.identity)
             .arg("--root-ca")
-            .arg(self.files.path("root-ca.pub"))
+            .arg(&self.root_ca)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("tether dial starts");
+            .kill_on_drop(true);
+        cmd
+    }
+
+    /// `tether dial leaf-1 <target>` through haproxy: sends `message`, closes its side, and
+    /// returns what came back, or the exit status and stderr.
+    pub(crate) async fn dial(&self, target: SocketAddr, message: &[u8]) -> Result<Vec<u8>, String> {
+        let mut child = self.command(target).spawn().expect("tether dial starts");
         let mut stdin = child.stdin.take().expect("stdin");
         stdin.write_all(message).await.map_err(|e| e.to_string())?;
         drop(stdin);
@@ -443,6 +488,18 @@ pub(crate) fn spawn_operator(
     identity: &str,
     lease: Option<Option<(&str, &str)>>,
 ) -> Process {
+    spawn_operator_with(cp, ns, logs, identity, lease, &[])
+}
+
+/// [`spawn_operator`] with `extra` arguments (`--status-refresh 3s`).
+pub(crate) fn spawn_operator_with(
+    cp: &ControlPlane,
+    ns: &str,
+    logs: &Path,
+    identity: &str,
+    lease: Option<Option<(&str, &str)>>,
+    extra: &[&str],
+) -> Process {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_tether"));
     cmd.arg("operator")
         .arg("--kubeconfig")
@@ -454,9 +511,11 @@ pub(crate) fn spawn_operator(
         "POD_NAMESPACE",
         "TETHER_NAMESPACE",
         "TETHER_LEASE_NAME",
+        "TETHER_STATUS_REFRESH",
     ] {
         cmd.env_remove(var);
     }
+    cmd.args(extra);
     if let Some(times) = lease {
         cmd.args(["--lease-name", LEASE, "--lease-namespace", ns]);
         if let Some((duration, grace)) = times {
@@ -520,6 +579,61 @@ pub(crate) async fn apply_example(cp: &'static ControlPlane, root: &Root) {
     std::fs::write(&path, text).expect("write manifest");
     let path = path.to_string_lossy().into_owned();
     kubectl(cp, args(&["apply", "-n", &root.ns, "-f", &path])).await;
+}
+
+/// The example's row in `kubectl get rt`, by column (`STATUS`, `PROXIES`, `REPLICAS`, `SEEN`).
+pub(crate) async fn kubectl_row(cp: &'static ControlPlane, ns: &str) -> BTreeMap<String, String> {
+    let table = kubectl(cp, args(&["get", "rt", "-n", ns])).await;
+    let mut lines = table.lines();
+    let header: Vec<&str> = lines
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
+    let row: Vec<&str> = lines
+        .find(|l| l.split_whitespace().next() == Some(RT))
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
+    header
+        .iter()
+        .zip(row)
+        .map(|(h, v)| ((*h).to_owned(), v.to_owned()))
+        .collect()
+}
+
+/// Waits until the example's row shows `want` in every named column; returns the row.
+pub(crate) async fn wait_row(
+    cp: &'static ControlPlane,
+    ns: &str,
+    want: &[(&str, &str)],
+) -> BTreeMap<String, String> {
+    let start = Instant::now();
+    loop {
+        let row = kubectl_row(cp, ns).await;
+        if want
+            .iter()
+            .all(|(k, v)| row.get(*k).map(String::as_str) == Some(*v))
+        {
+            return row;
+        }
+        assert!(
+            start.elapsed() < DEADLINE,
+            "kubectl get rt never showed {want:?}; last {row:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Lets the example's agents reach `target` (the allow-list edit a user would make).
+pub(crate) async fn allow(cp: &'static ControlPlane, ns: &str, target: SocketAddr) {
+    let rule = format!("127.0.0.1/32:{}", target.port());
+    let patch = json!([{"op": "add", "path": "/spec/allow/-", "value": rule}]).to_string();
+    kubectl(
+        cp,
+        args(&["patch", "rt", RT, "-n", ns, "--type=json", "-p", &patch]),
+    )
+    .await;
 }
 
 /// STATUS and PROXIES of the example's row in `kubectl get reversetunnels`.

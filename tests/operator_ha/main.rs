@@ -7,8 +7,13 @@
 //!   examples/reversetunnel.yaml` shows 3/3 Connected in `kubectl get rt`, a dial goes through
 //!   once the allow-list admits it, and the tunnel follows the endpoints 3 -> 5 -> 2 while nobody
 //!   touches the ReverseTunnel.
-//! - [`failover`]: two operators share a Lease; the leader dies by
-//!   SIGKILL and the standby holds the Lease, and the tunnels, within a bound.
+//! - [`failover`]: two operator replicas, each carrying every tunnel (each proxy holds two
+//!   tunnels from the leaf), under a dial load: `kill -9` of either (the leader included) fails
+//!   no dial started after it, and a rolling restart of both (SIGTERM, successor, ready, then
+//!   the other) fails none at all.
+//! - [`status`]: `kubectl get rt` shows each replica's holdings (`REPLICAS 2/2`, one
+//!   `status.replicas` entry each), a dead replica's entry stops counting once its stamp is
+//!   stale, and `SEEN` passes the stale age after the last replica dies.
 //! - [`quiet`]: a Connected ReverseTunnel writes nothing to the API over a quiet minute but
 //!   the Lease renewals and one `observedAt` stamp, counted by the API server's own
 //!   `apiserver_request_total`; once the operator is killed, `kubectl get rt`'s `SEEN` passes a
@@ -34,9 +39,11 @@ mod tunnel_e2e;
 mod endpoints;
 mod failover;
 mod fixture;
+mod load;
 mod quiet;
+mod status;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, RawFd};

@@ -7,16 +7,18 @@
 use super::*;
 use common::api_writes::{since, total, write_counts};
 use tether::operator::crd::ReverseTunnelStatus;
-use tether::operator::status::SEEN_REFRESH;
+use tether::operator::status::{SEEN_REFRESH, stale_after};
 
 /// The quiet window: a minute, and long enough to hold at least one `observedAt` stamp (they
 /// come every `SEEN_REFRESH` and a second).
 const QUIET: Duration = SEEN_REFRESH.saturating_add(Duration::from_secs(5));
 /// `tether operator`'s default Lease: 15 s, renewed 5 s before expiry, so every 10 s.
 const RENEWAL: Duration = Duration::from_secs(10);
-/// The oldest `SEEN` a live operator shows: the refresh, the second the stamp drops, and a
-/// loaded machine's lateness in writing.
-const FRESH: Duration = SEEN_REFRESH.saturating_add(Duration::from_secs(3));
+/// The oldest `SEEN` a live operator shows: the refresh and its jitter, the second the stamp
+/// drops, and a loaded machine's lateness in writing.
+fn fresh() -> Duration {
+    stale_after(SEEN_REFRESH)
+}
 
 /// A status without what moves on its own (the stamp, heartbeat times).
 fn settled(status: Option<&ReverseTunnelStatus>) -> Option<ReverseTunnelStatus> {
@@ -25,6 +27,12 @@ fn settled(status: Option<&ReverseTunnelStatus>) -> Option<ReverseTunnelStatus> 
     s.last_heartbeat = None;
     for p in &mut s.proxies {
         p.last_heartbeat = None;
+    }
+    for r in &mut s.replicas {
+        r.observed_at = None;
+        for p in &mut r.proxies {
+            p.last_heartbeat = None;
+        }
     }
     Some(s)
 }
@@ -35,7 +43,7 @@ fn stamp(rt: &ReverseTunnel) -> std::time::SystemTime {
 }
 
 /// `kubectl`'s age (`45s`, `2m5s`, `7m`, `3h`, `2d`) as a duration.
-fn parse_age(age: &str) -> Option<Duration> {
+pub(crate) fn parse_age(age: &str) -> Option<Duration> {
     let mut total = 0u64;
     let mut number = String::new();
     for c in age.chars() {
@@ -188,7 +196,7 @@ async fn steady_state_is_quiet() {
         stamps.push(stamp(rt));
     }
     // The first refresh after the Connected write may come sooner: it moves the stamps onto
-    // the tunnel's own second of the minute (`RefreshSlot`); from then on they are a minute
+    // the tunnel's own second of the minute (`refresh_slot` in `status.rs`); from then on they are a minute
     // apart. None comes later than a refresh and the second a stamp drops.
     for (i, pair) in stamps.windows(2).enumerate() {
         let gap = pair[1].duration_since(pair[0]).unwrap_or_default();
@@ -242,17 +250,17 @@ async fn steady_state_is_quiet() {
     // within a refresh (the rest of the row cannot change: nobody is left to write it).
     let (_, _, seen_alive) = row(cp, &ns).await.expect("a row with SEEN");
     assert!(
-        seen_alive <= FRESH,
+        seen_alive <= fresh(),
         "SEEN {seen_alive:?} with a live operator"
     );
     operator.signal(libc::SIGKILL);
     operator.exited().await;
     let killed = Instant::now();
-    let deadline = FRESH + Duration::from_secs(10);
+    let deadline = fresh() + Duration::from_secs(10);
     let stale = loop {
         let now = row(cp, &ns).await;
         if let Some((status, proxies, seen)) = &now
-            && *seen > FRESH
+            && *seen > fresh()
         {
             break (status.clone(), proxies.clone(), *seen);
         }
@@ -264,8 +272,9 @@ async fn steady_state_is_quiet() {
         tokio::time::sleep(Duration::from_millis(500)).await;
     };
     eprintln!(
-        "[{ns}] {:?} after kill -9 of the operator, kubectl get rt: {stale:?} (SEEN past {FRESH:?})",
-        killed.elapsed()
+        "[{ns}] {:?} after kill -9 of the operator, kubectl get rt: {stale:?} (SEEN past {:?})",
+        killed.elapsed(),
+        fresh()
     );
-    assert!(killed.elapsed() <= FRESH + Duration::from_secs(5));
+    assert!(killed.elapsed() <= fresh() + Duration::from_secs(5));
 }

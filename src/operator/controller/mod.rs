@@ -3,6 +3,7 @@
 
 pub mod reverse_tunnel;
 pub mod trusted_cluster;
+pub mod tunnel_finalizer;
 
 use std::collections::HashMap;
 use std::future::Future;

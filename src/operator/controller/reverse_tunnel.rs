@@ -1,4 +1,7 @@
-//! The `ReverseTunnel` controller: reconciles each object into a running agent.
+//! The `ReverseTunnel` controller: reconciles each object into a running agent. Every operator
+//! replica runs it (no Lease), so every replica carries every tunnel; what needs one writer
+//! (the finalizer, the status summary) is the leader's ([`super::tunnel_finalizer`],
+//! [`crate::operator::replicas`]).
 //!
 //! - The watch reads objects through [`DeserializeGuard`], so one malformed object is logged,
 //!   gets a Warning event and its agent stopped, and never stalls the stream for the others.
@@ -7,20 +10,21 @@
 //! - Secrets are watched by metadata only (no key material cached); a change to a Secret a
 //!   tunnel names reconciles that tunnel, which restarts the agent if the identity or root CA
 //!   actually changed.
-//! - [`finalizer`] wraps the reconcile: deleting an object stops its agent (closing the
-//!   tunnel) before the object goes.
+//! - Deletion: once an object carries a deletion timestamp (the leader's finalizer holds it),
+//!   every replica stops its agent, which closes its tunnels and removes its status entry; the
+//!   leader removes the finalizer when no live entry is left. An object that is gone (a delete
+//!   event, or missing from a relist) stops its agent too.
 
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::Secret;
 use kube::core::{DeserializeGuard, PartialObjectMeta};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType};
-use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::runtime::reflector::{self, ObjectRef};
 use kube::runtime::{Controller, WatchStreamExt, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
@@ -32,15 +36,12 @@ use crate::operator::crd::ReverseTunnel;
 use crate::operator::error::{Error, Result};
 use crate::operator::resolve::resolve;
 
-/// The finalizer that keeps an object until its tunnel is closed.
-pub const FINALIZER: &str = "tether.dev/reverse-tunnel";
-
 /// How often a healthy tunnel is reconciled anyway (catches anything a watch missed).
 const RESYNC: Duration = super::MAX_RETRY_DELAY;
 
 type Guarded = DeserializeGuard<ReverseTunnel>;
 
-fn key_of(meta: &kube::api::ObjectMeta) -> TunnelKey {
+pub(super) fn key_of(meta: &kube::api::ObjectMeta) -> TunnelKey {
     let name = meta.name.clone().unwrap_or_default();
     match &meta.namespace {
         Some(ns) => ObjectRef::new(&name).within(ns),
@@ -69,18 +70,15 @@ async fn reconcile(obj: Arc<Guarded>, ctx: Arc<Context>) -> Result<Action> {
             return Ok(Action::await_change());
         }
     };
-    let namespace = rt
-        .namespace()
-        .ok_or_else(|| Error::Malformed("a ReverseTunnel without namespace".to_owned()))?;
-    let api: Api<ReverseTunnel> = Api::namespaced(ctx.client.clone(), &namespace);
-    finalizer(&api, FINALIZER, rt, |event| async {
-        match event {
-            Finalizer::Apply(rt) => apply(&rt, &ctx).await,
-            Finalizer::Cleanup(rt) => cleanup(&rt, &ctx).await,
-        }
-    })
-    .await
-    .map_err(|e| Error::Finalizer(Box::new(e)))
+    if rt.namespace().is_none() {
+        return Err(Error::Malformed(
+            "a ReverseTunnel without namespace".to_owned(),
+        ));
+    }
+    if rt.metadata.deletion_timestamp.is_some() {
+        return cleanup(&rt, &ctx).await;
+    }
+    apply(&rt, &ctx).await
 }
 
 async fn apply(rt: &ReverseTunnel, ctx: &Context) -> Result<Action> {
@@ -110,18 +108,10 @@ async fn apply(rt: &ReverseTunnel, ctx: &Context) -> Result<Action> {
 }
 
 async fn cleanup(rt: &ReverseTunnel, ctx: &Context) -> Result<Action> {
-    info!(name = %rt.name_any(), namespace = ?rt.namespace(), "ReverseTunnel deleted; closing its tunnel");
-    ctx.remove(&ObjectRef::from_obj(rt)).join().await;
-    let event = Event {
-        type_: EventType::Normal,
-        reason: "Stopped".to_owned(),
-        note: Some("the tunnel is closed; removing the finalizer".to_owned()),
-        action: "Delete".to_owned(),
-        secondary: None,
-    };
-    if let Err(e) = ctx.recorder.publish(&event, &rt.object_ref(&())).await {
-        debug!(error = %e, "could not publish an Event");
+    if ctx.is_known(&ObjectRef::from_obj(rt)) {
+        info!(name = %rt.name_any(), namespace = ?rt.namespace(), "ReverseTunnel deleted; closing this replica's tunnels");
     }
+    ctx.remove(&ObjectRef::from_obj(rt)).join().await;
     Ok(Action::await_change())
 }
 
@@ -147,8 +137,30 @@ fn error_policy(obj: Arc<Guarded>, error: &Error, ctx: Arc<Context>) -> Action {
     Action::requeue(delay)
 }
 
+/// Stops the agents of objects that are gone: on a delete event, and after a relist, those the
+/// store no longer holds (deleted while the watch was away). The finalizer normally makes every
+/// replica see the deletion timestamp first, but the last update and the delete may arrive
+/// together, and the reconcile of an object gone from the store never runs.
+fn forget_deleted(
+    ctx: Arc<Context>,
+    store: reflector::Store<Guarded>,
+) -> impl FnMut(watcher::Event<Guarded>) -> watcher::Event<Guarded> {
+    move |event| {
+        let stopped = match &event {
+            watcher::Event::Delete(obj) => ctx.remove(&key_of(obj.meta())),
+            watcher::Event::InitDone => {
+                let live = store.state().iter().map(|o| key_of(o.meta())).collect();
+                ctx.retain(&live)
+            }
+            _ => return event,
+        };
+        tokio::spawn(stopped.join());
+        event
+    }
+}
+
 /// Runs the controller over `namespace` (or all namespaces) until `stop`; then stops every
-/// agent it started. Objects keep their finalizers across restarts.
+/// agent it started (and so removes this replica's status entries).
 pub async fn run(
     client: Client,
     namespace: Option<&str>,
@@ -163,9 +175,11 @@ pub async fn run(
         None => (Api::all(client.clone()), Api::all(client)),
     };
     let (reader, writer) = reflector::store();
+    let gone = forget_deleted(ctx.clone(), reader.clone());
     let trigger = watcher(tunnels, watcher::Config::default().any_semantic())
         .default_backoff()
         .reflect(writer)
+        .map_ok(gone)
         .applied_objects()
         .predicate_filter(predicate_key, Default::default());
     let store = reader.clone();

@@ -50,13 +50,19 @@ pub const DURATION_PATTERN: &str = r"^([0-9]+(ms|s|m|h))+$";
         name = "Proxies",
         type_ = "string",
         json_path = ".status.proxiesReady",
-        description = "Proxies with a live tunnel / proxies expected"
+        description = "Proxies with a live tunnel from some replica / proxies expected"
+    ),
+    printcolumn(
+        name = "Replicas",
+        type_ = "string",
+        json_path = ".status.replicasReady",
+        description = "Operator replicas holding a tunnel to every expected proxy / replicas alive"
     ),
     printcolumn(
         name = "Seen",
         type_ = "date",
         json_path = ".status.observedAt",
-        description = "When the operator last confirmed this status; refreshed every minute, so an older age means no operator carries the tunnel"
+        description = "When an operator replica last confirmed it carries the tunnel; each replica refreshes it every minute, so an older age means no replica does"
     ),
     printcolumn(
         name = "Age",
@@ -151,6 +157,44 @@ pub struct ProxyTunnel {
     pub last_heartbeat: Option<String>,
 }
 
+/// One operator replica's holdings: its own agent's tunnels, as that replica sees them.
+///
+/// Every replica runs an agent for every tunnel, so each writes its own entry (server-side
+/// apply under its own field manager, `tether-operator-<replica>`), on change and restamped
+/// about once a minute; the leader folds the live entries into the summary fields above and
+/// removes entries whose stamp is older than a refresh (a dead replica).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ReplicaHolding {
+    /// The replica's identity (its pod name): the list's key.
+    pub name: String,
+    /// This replica's agent: Pending, Connecting, Connected, Degraded or Failed.
+    pub phase: Phase,
+    /// Proxies this replica holds a live tunnel to.
+    #[serde(default)]
+    pub connected: u32,
+    /// Proxies the root announced to this replica.
+    #[serde(default)]
+    pub expected: u32,
+    /// Why the replica's agent is in its phase (the `Ready` condition's reason it would give).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub reason: String,
+    /// The same, in words (an unusable spec's error, the last dial error).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub message: String,
+    /// The tunnels of this replica's agent, one per proxy.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["id"]))]
+    pub proxies: Vec<ProxyTunnel>,
+    /// The `metadata.generation` this replica acted on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// When the replica last confirmed this entry (RFC 3339): its liveness. An entry older
+    /// than the refresh (a minute, and a second) belongs to a dead replica and stops counting.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_at: Option<String>,
+}
+
 /// What the operator observes about a `ReverseTunnel`; written only by the operator.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
@@ -175,12 +219,20 @@ pub struct ReverseTunnelStatus {
     /// alone cause no write, so this is up to a few minutes old.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_heartbeat: Option<String>,
-    /// When the operator carrying the tunnel last confirmed this status (RFC 3339): stamped
-    /// on every write and refreshed at least every minute while nothing changes, so its age
-    /// (`kubectl get rt`, column `SEEN`) passing a minute means no operator runs the agent and
-    /// the rest of the status is a dead process's last word.
+    /// When an operator replica carrying the tunnel last confirmed it (RFC 3339): stamped by
+    /// every replica's write and refreshed by each at least every minute while nothing
+    /// changes, so its age (`kubectl get rt`, column `SEEN`) passing a minute means no replica
+    /// runs an agent and the rest of the status is dead processes' last word.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_at: Option<String>,
+    /// Each operator replica's own entry (see [`ReplicaHolding`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
+    pub replicas: Vec<ReplicaHolding>,
+    /// `ready/alive` over the live replica entries, for `kubectl get`: replicas holding a
+    /// tunnel to every expected proxy / replicas whose entry is fresh.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replicas_ready: Option<String>,
     /// `Ready` (the tunnel serves dials) and `Degraded` (some proxies are missing).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
