@@ -15,7 +15,8 @@
 //!   probability 30 %, rising linearly to 100 % at 256. A flood then slows every source's
 //!   handshakes down instead of locking everyone out at once, and a legitimate agent that
 //!   retries gets in with a probability that only reaches zero at the full limit.
-//! - **Per-source connections** (1,024) and **total** (10,000) bound descriptors and memory.
+//! - **Per-source connections** (1,024) and **total** (20,000: twice a 10,000-leaf fleet) bound
+//!   descriptors and memory.
 //!
 //! A NAT in front of 1,000 agents: each agent holds one tunnel per proxy replica, so the NAT's
 //! address holds 1,000 connections to each proxy, under the per-source limit of 1,024. After a
@@ -33,6 +34,7 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 
 use super::config::ProxyLimits;
+use crate::admin::metrics::METRICS;
 
 /// Counts connections per source IP and in total, and shares handshake slots fairly.
 pub struct ConnectionLimiter {
@@ -54,6 +56,9 @@ struct Counts {
     connections: usize,
     /// Handshakes in flight, all sources together.
     handshakes: usize,
+    /// The most handshakes ever in flight at once: what shows, after a reconnect storm, that
+    /// the limit held (exported as `tether_proxy_handshakes_in_flight_max`).
+    handshakes_peak: usize,
 }
 
 /// One source address's share.
@@ -181,6 +186,8 @@ impl ConnectionLimiter {
         }
         state.connections += 1;
         state.handshakes += 1;
+        state.handshakes_peak = state.handshakes_peak.max(state.handshakes);
+        publish(&state);
         let entry = state.per_ip.entry(ip).or_default();
         entry.connections += 1;
         entry.handshakes += 1;
@@ -222,6 +229,11 @@ impl ConnectionLimiter {
         self.lock().handshakes
     }
 
+    /// The most handshakes that were ever in flight at once.
+    pub fn handshakes_peak(&self) -> usize {
+        self.lock().handshakes_peak
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Counts> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -236,6 +248,7 @@ impl ConnectionLimiter {
         let mut state = self.lock();
         let t = total(&mut state);
         *t = t.saturating_sub(1);
+        publish(&state);
         if let Some(source) = state.per_ip.get_mut(&ip) {
             let n = field(source);
             *n = n.saturating_sub(1);
@@ -244,6 +257,15 @@ impl ConnectionLimiter {
             }
         }
     }
+}
+
+/// Exports the counts (called under the lock, so the gauges follow the counts in order).
+fn publish(state: &Counts) {
+    METRICS.proxy_connections.set(state.connections as i64);
+    METRICS.proxy_handshakes.set(state.handshakes as i64);
+    METRICS
+        .proxy_handshakes_peak
+        .set(state.handshakes_peak as i64);
 }
 
 /// OpenSSH's `MaxStartups start:rate:full`: 0 below `start`, `rate` at `start`, rising linearly
@@ -344,6 +366,20 @@ mod tests {
             .label(),
             "early_drop"
         );
+    }
+
+    #[test]
+    fn the_peak_of_handshakes_in_flight_outlives_them() {
+        let limiter = ConnectionLimiter::new(ProxyLimits::default());
+        let held: Vec<_> = (1..=3)
+            .map(|i| limiter.admit(ip(&format!("127.0.0.{i}"))).unwrap())
+            .collect();
+        assert_eq!(limiter.handshakes_peak(), 3);
+        drop(held);
+        assert_eq!(limiter.handshakes(), 0);
+        assert_eq!(limiter.handshakes_peak(), 3, "the high-water mark stays");
+        let _one = limiter.admit(ip("127.0.0.1")).unwrap();
+        assert_eq!(limiter.handshakes_peak(), 3);
     }
 
     #[test]
