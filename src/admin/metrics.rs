@@ -39,7 +39,7 @@ pub struct Metrics {
     /// Agent: tunnels held now.
     pub agent_tunnels: Gauge,
     /// Agent: connections made to the proxies' address, by result (`connected`, `duplicate`,
-    /// `failed`).
+    /// `busy`, `failed`).
     pub agent_dials: Family<Labels, Counter>,
     /// Agent: heartbeat round-trip time, seconds.
     pub agent_heartbeat_rtt: Histogram,

@@ -21,10 +21,17 @@
 //! A NAT in front of 1,000 agents: each agent holds one tunnel per proxy replica, so the NAT's
 //! address holds 1,000 connections to each proxy, under the per-source limit of 1,024. After a
 //! proxy restart all 1,000 reconnect at once; 32 handshake slots at ~10-50 ms each pass several
-//! hundred handshakes a second, and the refused agents retry with jittered exponential backoff
-//! (250 ms doubling up to 30 s), so the NAT is whole again within seconds of the first wave,
+//! hundred handshakes a second. A connection refused for handshakes in flight (the two shares
+//! and random early drop) is told so before it is closed ([`crate::protocol::busy`]: "busy,
+//! retry in about [`BUSY_RETRY`]"), and the agent comes back around that hint instead of
+//! doubling its backoff as after a failure: the storm is spread by the proxy's capacity, not by
+//! the agents' backoff cap (30 s). The NAT is whole again within seconds of the first wave,
 //! with nothing refused for good. A single host behind that NAT cannot hold more than 32 of the
 //! slots, and its silent sockets are closed at the deadline.
+//!
+//! The gauges `tether_proxy_handshakes_in_flight` and `tether_proxy_handshakes_in_flight_max`
+//! (the high-water mark since start) show a storm and that the limit held; with several proxies
+//! in one process (tests) they show the last one to change.
 //!
 //! Every count is held under one mutex, updated in O(1) per accept; handshake and connection
 //! permits release their counts when dropped, so a count lives exactly as long as its holder.
@@ -32,6 +39,7 @@
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use super::config::ProxyLimits;
 use crate::admin::metrics::METRICS;
@@ -85,7 +93,26 @@ pub enum Refusal {
     EarlyDrop { in_flight: usize, start: usize },
 }
 
+/// What a refused agent is told to wait before its next try when the proxy is only busy
+/// (see [`crate::protocol::busy`]); the agent spreads its retry around it. At ~300 handshakes a
+/// second on a 2-core proxy, a thousand refused agents coming back within 1-2 s keep the slots
+/// full without growing the queue, and a retry that meets the door again costs the proxy an
+/// accept and a close (tens of microseconds).
+pub const BUSY_RETRY: Duration = Duration::from_secs(2);
+
 impl Refusal {
+    /// The retry hint to give the refused peer: `Some` when the refusal is about handshakes
+    /// in flight (a storm or a flood passes), `None` for the connection limits (a full proxy
+    /// stays full, and the agent's own backoff applies).
+    pub fn retry_hint(&self) -> Option<Duration> {
+        match self {
+            Refusal::Handshakes { .. }
+            | Refusal::HandshakesPerIp { .. }
+            | Refusal::EarlyDrop { .. } => Some(BUSY_RETRY),
+            Refusal::PerIp { .. } | Refusal::Total { .. } => None,
+        }
+    }
+
     /// A fixed label for metrics.
     pub fn label(&self) -> &'static str {
         match self {

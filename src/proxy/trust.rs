@@ -122,7 +122,7 @@ pub async fn follow_dir(
 ) {
     let mut tick = tokio::time::interval(TRUST_DIR_POLL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut follower = DirFollower::new(dir.clone(), extra);
+    let mut follower = TrustDirFollower::new(dir.clone(), extra);
     let mut last_error: Option<String> = None;
     loop {
         let forced = tokio::select! {
@@ -164,7 +164,7 @@ pub async fn follow_dir(
 /// changed within [`RACY_WINDOW`] of now is read again at every poll, because a second edit
 /// within the file system's timestamp granularity would leave the stamp as it was (git's
 /// "racily clean" entries).
-struct DirFollower {
+pub struct TrustDirFollower {
     /// The trust directory.
     dir: PathBuf,
     /// Keys trusted beside the directory's files (the proxy's own CA).
@@ -180,8 +180,10 @@ struct DirFollower {
 /// How recent a change must be for its file to be read again whatever the stamp says.
 const RACY_WINDOW: Duration = Duration::from_secs(2 * TRUST_DIR_POLL.as_secs());
 
-impl DirFollower {
-    fn new(dir: PathBuf, extra: TrustStore) -> Self {
+impl TrustDirFollower {
+    /// A follower of `dir`, adding `extra` to what it reads; nothing is read before the first
+    /// [`poll`](Self::poll).
+    pub fn new(dir: PathBuf, extra: TrustStore) -> Self {
         Self {
             dir,
             extra,
@@ -192,7 +194,7 @@ impl DirFollower {
 
     /// The static trust when the directory changed since the last read (or `forced`);
     /// `None` when it did not.
-    fn poll(&mut self, forced: bool) -> Result<Option<TrustStore>, IdentityError> {
+    pub fn poll(&mut self, forced: bool) -> Result<Option<TrustStore>, IdentityError> {
         let stamp = dir_stamp(&self.dir, self.racy_window).map_err(|source| IdentityError::Io {
             action: "list",
             path: self.dir.clone(),
@@ -286,10 +288,10 @@ mod tests {
 
     const RACY: Duration = Duration::from_millis(300);
 
-    fn follower(dir: &Path) -> DirFollower {
-        DirFollower {
+    fn follower(dir: &Path) -> TrustDirFollower {
+        TrustDirFollower {
             racy_window: RACY,
-            ..DirFollower::new(dir.to_owned(), TrustStore::new())
+            ..TrustDirFollower::new(dir.to_owned(), TrustStore::new())
         }
     }
 
