@@ -74,6 +74,9 @@ pub(crate) struct Section {
     pub(crate) ok: bool,
 }
 
+/// A section's measurement, by name in `main`.
+type SectionRun = fn(&Opts) -> Res<Section>;
+
 fn main() {
     let opts = Opts::parse();
     let started = Instant::now();
@@ -87,7 +90,7 @@ fn main() {
         load_average(),
     );
     let mut ok = true;
-    let sections: [(&str, fn(&Opts) -> Res<Section>); 1] = [("tunnels", tunnels::run)];
+    let sections: [(&str, SectionRun); 1] = [("tunnels", tunnels::run)];
     for (name, run) in sections {
         if !opts.wants(name) {
             continue;
