@@ -24,9 +24,10 @@ use kube::{Api, Client};
 use crate::common::ControlPlane;
 use crate::common::api_writes::{since, total, write_counts};
 use crate::haproxy::free_port;
-use crate::procs::{Files, Proc, proxy_command};
+use crate::procs::status_kib;
+use crate::test_procs::{Files, Proc, proxy_command};
 use crate::tunnel_e2e::{create_secrets, example, install_crds};
-use crate::{Opts, Res, Row, cpu_time, poll, status_kib, tether_bin, verdict};
+use crate::{Opts, Res, Row, cpu_time, poll, tether_bin, verdict};
 use tether::demo::Pki;
 use tether::operator::crd::ReverseTunnel;
 use tether::operator::crd::reverse_tunnel::Phase;
@@ -231,7 +232,7 @@ async fn connected(api: &Api<ReverseTunnel>) -> Option<(usize, usize)> {
 
 /// Runs the leaf part.
 pub async fn measure(opts: &Opts) -> Res<LeafFigures> {
-    let n = opts.tunnels;
+    let n = opts.reverse_tunnels;
     let cp = crate::common::control_plane().await;
     let client: Client = cp.kube_client();
     install_crds(&client).await;

@@ -1,98 +1,125 @@
-//! Fleet benchmarks against a real Kubernetes control plane (issue #12): etcd and
-//! kube-apiserver from `tests/kube/build.sh`, real `tether` processes, counted by the API
-//! server's own `apiserver_request_total`. See BENCHMARKS.md, "Fleet on Kubernetes".
+//! Tether at fleet scale, with real processes (issue #12). See BENCHMARKS.md, "Fleet" and
+//! "Fleet on Kubernetes".
 //!
 //! ```sh
-//! cargo bench --bench fleet                           # 1,000 leaves, 1,000 ReverseTunnels
-//! cargo bench --bench fleet -- --smoke                # 20 of each, asserts outcomes only
+//! cargo bench --bench fleet                         # every section, full size
+//! cargo bench --bench fleet -- --smoke              # small counts; asserts outcomes only (CI)
+//! cargo bench --bench fleet -- --only tunnels --tunnels 2000
 //! cargo bench --bench fleet -- --only root --leaves 200
 //! ```
 //!
-//! Modules: `root` (N leaves × 3 `tether proxy --kubernetes` replicas: time to Online,
-//! writes at rest, Offline after a frozen agent, proxies' memory), `leaf` (one `tether
-//! operator` reconciling N ReverseTunnels: start-up, memory, CPU and writes at rest).
-//! The table goes to stdout and `target/bench/fleet-kube.md`. `TETHER_BIN=PATH` runs another
-//! build of `tether` as the proxies, agents and operator under test.
+//! Sections, each a module returning a [`Section`] of the report:
+//! - `tunnels`: one `tether proxy` holding N leaf tunnels of N distinct clusters (default
+//!   10,000): memory, CPU at rest, cold start, `kill -9` and restart;
+//! - `root`: N leaves (default 1,000) × 3 `tether proxy --kubernetes` replicas against a real
+//!   kube-apiserver: time to Online, writes at rest, Offline after a frozen agent, memory;
+//! - `leaf`: one `tether operator` reconciling N ReverseTunnels (default 1,000): start-up,
+//!   memory, CPU and writes at rest.
+//!
+//! This file parses the options, runs the sections asked for, and prints and writes the report
+//! (`target/bench/fleet.md`, or `fleet-smoke.md`). Child processes die with the driver.
+//! `TETHER_BIN=PATH` runs another build of `tether` as the processes under test (A/B).
 
+use std::fs;
+use std::future::Future;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+// Shared with the `compare` bench and the tests rather than copied; each is used in part.
 #[path = "../../tests/common/mod.rs"]
 mod common;
 #[path = "../../tests/support/haproxy.rs"]
 mod haproxy;
 #[allow(dead_code)]
-#[path = "../../tests/support/procs.rs"]
+#[path = "../compare/procs.rs"]
 mod procs;
+#[allow(dead_code)]
+#[path = "../compare/setup.rs"]
+mod setup;
+#[allow(dead_code)]
+#[path = "../../tests/support/procs.rs"]
+mod test_procs;
 #[path = "../../tests/common/tunnel_e2e.rs"]
 mod tunnel_e2e;
 
 mod leaf;
 mod root;
-
-use std::fmt::Write as _;
-use std::future::Future;
-use std::path::PathBuf;
-use std::time::{Duration, Instant};
+mod tunnels;
 
 type Res<T> = Result<T, String>;
 
-/// What one run measures and how big it is.
+/// What the command line asked for.
 #[derive(Clone, Debug)]
-pub struct Opts {
-    /// Small counts and short windows; only outcomes are asserted.
-    pub smoke: bool,
-    /// `root`, `leaf`, or both when `None`.
-    pub only: Option<String>,
-    /// Leaves declared to the root (the root part).
-    pub leaves: usize,
-    /// ReverseTunnels the leaf operator reconciles (the leaf part).
-    pub tunnels: usize,
+pub(crate) struct Opts {
+    /// Small counts, short waits; only outcomes are asserted (the exit code says).
+    pub(crate) smoke: bool,
+    /// Only sections whose name contains one of these (empty: all).
+    pub(crate) only: Vec<String>,
+    /// Leaf tunnels the `tunnels` section holds on one proxy.
+    pub(crate) tunnels: usize,
+    /// Leaves declared to the root (`root`).
+    pub(crate) leaves: usize,
+    /// ReverseTunnels the leaf operator reconciles (`leaf`).
+    pub(crate) reverse_tunnels: usize,
     /// The quiet window over which writes at rest are counted.
-    pub quiet: Duration,
+    pub(crate) quiet: Duration,
 }
 
 impl Opts {
     fn parse() -> Res<Self> {
         let mut o = Opts {
             smoke: false,
-            only: None,
+            only: Vec::new(),
+            tunnels: 10_000,
             leaves: 1000,
-            tunnels: 1000,
+            reverse_tunnels: 1000,
             quiet: Duration::from_secs(65),
         };
-        let mut args = std::env::args().skip(1);
         let number = |flag: &str, v: Option<String>| -> Res<usize> {
             v.and_then(|v| v.parse().ok())
                 .filter(|n| *n > 0)
                 .ok_or_else(|| format!("{flag} takes a positive number"))
         };
-        let mut leaves = None;
-        let mut tunnels = None;
+        let (mut tunnels, mut leaves, mut reverse_tunnels) = (None, None, None);
+        let mut args = std::env::args().skip(1);
         while let Some(a) = args.next() {
             match a.as_str() {
                 "--smoke" => o.smoke = true,
-                "--only" => match args.next().as_deref() {
-                    Some(part @ ("root" | "leaf")) => o.only = Some(part.to_owned()),
-                    other => return Err(format!("--only takes root or leaf, not {other:?}")),
-                },
-                "--leaves" => leaves = Some(number("--leaves", args.next())?),
+                "--only" => o.only.extend(args.next()),
                 "--tunnels" => tunnels = Some(number("--tunnels", args.next())?),
+                "--leaves" => leaves = Some(number("--leaves", args.next())?),
+                "--reverse-tunnels" => {
+                    reverse_tunnels = Some(number("--reverse-tunnels", args.next())?)
+                }
                 // `cargo bench` passes --bench; other harness flags are ignored.
                 _ => {}
             }
         }
         if o.smoke {
-            o.leaves = 20;
-            o.tunnels = 20;
+            (o.tunnels, o.leaves, o.reverse_tunnels) = (200, 20, 20);
             o.quiet = Duration::from_secs(15);
         }
-        o.leaves = leaves.unwrap_or(o.leaves);
         o.tunnels = tunnels.unwrap_or(o.tunnels);
+        o.leaves = leaves.unwrap_or(o.leaves);
+        o.reverse_tunnels = reverse_tunnels.unwrap_or(o.reverse_tunnels);
         Ok(o)
     }
 
-    fn wants(&self, part: &str) -> bool {
-        self.only.as_deref().is_none_or(|o| o == part)
+    fn wants(&self, name: &str) -> bool {
+        self.only.is_empty() || self.only.iter().any(|o| name.contains(o.as_str()))
     }
 }
+
+/// One measurement's part of the report.
+pub(crate) struct Section {
+    /// Markdown: a heading, the table, notes.
+    pub(crate) markdown: String,
+    /// Whether every asserted outcome held (what `--smoke` exits on).
+    pub(crate) ok: bool,
+}
+
+/// A section's measurement, by name in `main`.
+type SectionRun = fn(&Opts) -> Res<Section>;
 
 /// The `tether` binary this bench was built with; `TETHER_BIN` overrides it for the processes
 /// under test (an A/B of two builds).
@@ -102,7 +129,7 @@ pub fn tether_bin() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_tether")))
 }
 
-/// One row of the report: what, the figure, and the target it is held to (if any).
+/// One row of a Kubernetes section: what, the figure, and the target it is held to (if any).
 pub struct Row {
     /// What was measured.
     pub what: String,
@@ -150,18 +177,6 @@ where
     }
 }
 
-/// A field of `/proc/PID/status` in KiB (`VmRSS:`), `None` once the process is gone.
-pub fn status_kib(pid: u32, field: &str) -> Option<u64> {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()?
-        .lines()
-        .find(|l| l.starts_with(field))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
-}
-
 /// User plus system CPU time of `pid` so far (`/proc/PID/stat`, in clock ticks of 10 ms).
 pub fn cpu_time(pid: u32) -> Option<Duration> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
@@ -172,26 +187,31 @@ pub fn cpu_time(pid: u32) -> Option<Duration> {
     Some(Duration::from_millis(ticks * 10))
 }
 
-/// More descriptors than the default soft limit: 1,000 leaves hold 3,000 sockets here.
-fn raise_nofile() {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: plain syscalls on a local struct.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
-            lim.rlim_cur = lim.rlim_max.min(65536);
-            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
-        }
+/// Runs a Kubernetes part (`root` or `leaf`) on its own runtime; its rows as a section.
+fn kube_section<F: Future<Output = Res<Vec<Row>>>>(name: &str, part: F) -> Res<Section> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("tokio runtime: {e}"))?;
+    let rows = rt.block_on(part)?;
+    let mut markdown = format!("## {name}\n\n| measure | figure | target |\n|---|---|---|\n");
+    for r in rows {
+        markdown.push_str(&format!("| {} | {} | {} |\n", r.what, r.value, r.target));
     }
+    markdown.push('\n');
+    Ok(Section { markdown, ok: true })
 }
 
-fn uptime() -> String {
-    std::process::Command::new("uptime")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
-        .unwrap_or_default()
+fn root_section(opts: &Opts) -> Res<Section> {
+    kube_section("root (Kubernetes)", async {
+        root::measure(opts).await.map(|f| f.rows())
+    })
+}
+
+fn leaf_section(opts: &Opts) -> Res<Section> {
+    kube_section("leaf (Kubernetes)", async {
+        leaf::measure(opts).await.map(|f| f.rows())
+    })
 }
 
 fn main() {
@@ -202,67 +222,61 @@ fn main() {
             std::process::exit(2);
         }
     };
-    raise_nofile();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
     let started = Instant::now();
-    let mut report = String::new();
-    let _ = writeln!(
-        report,
-        "# Fleet on Kubernetes ({})\n\nload before: {}\n",
+    setup::raise_nofile();
+    let out_dir = procs::target_dir().join("bench");
+    let _ = fs::create_dir_all(&out_dir);
+    let mut report = format!(
+        "# Fleet ({})\n\nMachine: {}. Run started with load average {}.\n\n",
         if opts.smoke { "smoke" } else { "full" },
-        uptime()
+        setup::machine(),
+        load_average(),
     );
-    let _ = writeln!(
-        report,
-        "| part | measure | figure | target |\n|---|---|---|---|"
-    );
-    let mut failed = Vec::new();
-    let mut parts: Vec<(&str, Res<Vec<Row>>)> = Vec::new();
-    if opts.wants("root") {
-        let result = rt.block_on(root::measure(&opts));
-        parts.push(("root", result.map(|f| f.rows())));
-    }
-    if opts.wants("leaf") {
-        let result = rt.block_on(leaf::measure(&opts));
-        parts.push(("leaf", result.map(|f| f.rows())));
-    }
-    for (part, result) in parts {
-        match result {
-            Ok(rows) => {
-                for r in rows {
-                    let _ = writeln!(
-                        report,
-                        "| {part} | {} | {} | {} |",
-                        r.what, r.value, r.target
-                    );
-                }
+    let mut ok = true;
+    let sections: [(&str, SectionRun); 3] = [
+        ("tunnels", tunnels::run),
+        ("root", root_section),
+        ("leaf", leaf_section),
+    ];
+    for (name, run) in sections {
+        if !opts.wants(name) {
+            continue;
+        }
+        match run(&opts) {
+            Ok(s) => {
+                ok &= s.ok;
+                report.push_str(&s.markdown);
             }
             Err(e) => {
-                let _ = writeln!(report, "| {part} | FAILED | {e} | |");
-                failed.push(format!("{part}: {e}"));
+                ok = false;
+                report.push_str(&format!("## {name}\n\n**failed**: {e}\n\n"));
             }
         }
     }
-    let _ = writeln!(
-        report,
-        "\nload after: {}; {:.0?} in all",
-        uptime(),
-        started.elapsed()
-    );
-    println!("{report}");
-    let out: PathBuf = [env!("CARGO_MANIFEST_DIR"), "target", "bench"]
-        .iter()
-        .collect();
-    if let Err(e) = std::fs::create_dir_all(&out)
-        .and_then(|()| std::fs::write(out.join("fleet-kube.md"), &report))
-    {
-        eprintln!("fleet: writing {}: {e}", out.display());
+    report.push_str(&format!(
+        "Total time {:.0} s; load average at the end {}.\n",
+        started.elapsed().as_secs_f64(),
+        load_average()
+    ));
+    println!("\n{report}");
+    let file = out_dir.join(if opts.smoke {
+        "fleet-smoke.md"
+    } else {
+        "fleet.md"
+    });
+    match fs::write(&file, &report) {
+        Ok(()) => println!("written to {}", file.display()),
+        Err(e) => eprintln!("writing {}: {e}", file.display()),
     }
-    if !failed.is_empty() {
-        eprintln!("fleet: failed: {failed:#?}");
+    if !ok {
         std::process::exit(1);
     }
+}
+
+/// The 1, 5 and 15 minute load averages: the machine is shared, so every figure is noted with
+/// the load it was taken under.
+pub(crate) fn load_average() -> String {
+    fs::read_to_string("/proc/loadavg")
+        .map(|t| t.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "unknown".into())
 }

@@ -25,6 +25,13 @@ pub struct Metrics {
     pub proxy_refused: Family<Labels, Counter>,
     /// Proxy: heartbeats received.
     pub proxy_heartbeats: Counter,
+    /// Proxy: connections held now (authenticated or not), against `--max-connections`.
+    pub proxy_connections: Gauge,
+    /// Proxy: SSH handshakes in flight now, against `--max-handshakes`.
+    pub proxy_handshakes: Gauge,
+    /// Proxy: the most handshakes ever in flight at once; after a reconnect storm it shows
+    /// whether the limit held and how close the storm came.
+    pub proxy_handshakes_peak: Gauge,
     /// Both: bytes carried by tunnel streams, by direction (`in` from the tunnel, `out` to it).
     pub stream_bytes: Family<Labels, Counter>,
     /// Both: tunnel streams open now.
@@ -32,7 +39,7 @@ pub struct Metrics {
     /// Agent: tunnels held now.
     pub agent_tunnels: Gauge,
     /// Agent: connections made to the proxies' address, by result (`connected`, `duplicate`,
-    /// `failed`).
+    /// `busy`, `failed`).
     pub agent_dials: Family<Labels, Counter>,
     /// Agent: heartbeat round-trip time, seconds.
     pub agent_heartbeat_rtt: Histogram,
@@ -61,6 +68,9 @@ impl Metrics {
             proxy_dials: Family::default(),
             proxy_refused: Family::default(),
             proxy_heartbeats: Counter::default(),
+            proxy_connections: Gauge::default(),
+            proxy_handshakes: Gauge::default(),
+            proxy_handshakes_peak: Gauge::default(),
             stream_bytes: Family::default(),
             streams_open: Gauge::default(),
             agent_tunnels: Gauge::default(),
@@ -91,6 +101,21 @@ impl Metrics {
             "proxy_heartbeats",
             "Heartbeats received from agents",
             m.proxy_heartbeats.clone(),
+        );
+        registry.register(
+            "proxy_connections",
+            "Connections held, authenticated or not",
+            m.proxy_connections.clone(),
+        );
+        registry.register(
+            "proxy_handshakes_in_flight",
+            "SSH handshakes in flight",
+            m.proxy_handshakes.clone(),
+        );
+        registry.register(
+            "proxy_handshakes_in_flight_max",
+            "The most SSH handshakes ever in flight at once",
+            m.proxy_handshakes_peak.clone(),
         );
         registry.register(
             "stream_bytes",

@@ -31,17 +31,53 @@ impl Default for Backoff {
     }
 }
 
+/// The longest pause after a refused connection (nothing listens at the proxy's address).
+///
+/// A refused SYN costs the proxy's host one reset and nothing of the proxy, which is down or
+/// restarting: retrying every few seconds brings a fleet back within seconds of the restart,
+/// where the general cap (30 s) left the last agents of a 10,000-leaf proxy waiting up to 30 s
+/// after it was up again (BENCHMARKS.md "Fleet"). A proxy that accepts and then fails, or that
+/// does not answer at all, still backs the agent off to the general cap.
+pub const REFUSED_MAX: Duration = Duration::from_secs(5);
+
+/// How many busy answers in a row grow the pause after one (×1.25 each): a proxy that stays
+/// busy is asked less often, up to about 6 times its own hint.
+const BUSY_GROWTH_STEPS: i32 = 8;
+
 impl Backoff {
     /// The delay before attempt `attempt` (0-based): uniform in [d/2, d] with
     /// d = min(max, initial × 2^attempt).
     pub fn delay(&self, attempt: u32) -> Duration {
+        self.delay_capped(attempt, self.max)
+    }
+
+    /// The delay before attempt `attempt` after a refused connection (nothing listens):
+    /// [`delay`](Self::delay) capped at [`REFUSED_MAX`].
+    pub fn delay_after_refusal(&self, attempt: u32) -> Duration {
+        self.delay_capped(attempt, self.max.min(REFUSED_MAX))
+    }
+
+    /// The delay after the `streak`-th busy answer in a row (0-based) whose hint was `hint`:
+    /// uniform in [d/2, d] with d = min(max, hint × 1.25^streak), so a refused fleet comes back
+    /// spread over the hint instead of at once.
+    pub fn busy_delay(&self, hint: Duration, streak: u32) -> Duration {
+        let steps = streak.min(BUSY_GROWTH_STEPS as u32) as i32;
+        jittered(hint.mul_f64(1.25f64.powi(steps)).min(self.max))
+    }
+
+    fn delay_capped(&self, attempt: u32, cap: Duration) -> Duration {
         let exp = self
             .initial
             .saturating_mul(1u32.checked_shl(attempt.min(20)).unwrap_or(u32::MAX))
-            .min(self.max);
-        let half = exp / 2;
-        half + half.mul_f64(rand::random::<f64>())
+            .min(cap);
+        jittered(exp)
     }
+}
+
+/// Uniform in [d/2, d].
+fn jittered(d: Duration) -> Duration {
+    let half = d / 2;
+    half + half.mul_f64(rand::random::<f64>())
 }
 
 /// Configuration of one agent (one tunnel target).
@@ -94,6 +130,29 @@ mod tests {
                 d >= cap / 2 && d <= cap,
                 "attempt {attempt}: {d:?} vs {cap:?}"
             );
+        }
+    }
+
+    #[test]
+    fn a_refused_connection_is_retried_within_seconds() {
+        let b = Backoff::default();
+        for _ in 0..100 {
+            let d = b.delay_after_refusal(30);
+            assert!(d >= REFUSED_MAX / 2 && d <= REFUSED_MAX, "{d:?}");
+            assert!(b.delay(30) >= b.max / 2);
+        }
+    }
+
+    #[test]
+    fn busy_answers_follow_the_hint_and_grow_slowly() {
+        let b = Backoff::default();
+        let hint = Duration::from_secs(2);
+        for _ in 0..100 {
+            let first = b.busy_delay(hint, 0);
+            assert!(first >= hint / 2 && first <= hint, "{first:?}");
+            let late = b.busy_delay(hint, 1000);
+            let cap = hint.mul_f64(1.25f64.powi(BUSY_GROWTH_STEPS));
+            assert!(late >= cap / 2 && late <= cap, "{late:?}");
         }
     }
 }

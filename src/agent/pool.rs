@@ -140,6 +140,8 @@ impl Pool {
         let held_report = watch::channel(Vec::<String>::new()).0;
         let mut dialling = 0usize;
         let mut failures = 0u32;
+        // Busy answers in a row from the proxies (see `protocol::busy`).
+        let mut busy = 0u32;
         let mut next_dial = tokio::time::Instant::now();
         let mut last_error: Option<String> = None;
         let mut converging: Option<tokio::time::Instant> = None;
@@ -194,6 +196,7 @@ impl Pool {
                             METRICS.agent_dials.get_or_create(&label("result", "connected")).inc();
                             METRICS.agent_tunnels.inc();
                             failures = 0;
+                            busy = 0;
                             duplicates = 0;
                             last_error = None;
                             let proxy_id = tunnel.proxy_id.clone();
@@ -227,12 +230,26 @@ impl Pool {
                             duplicates = duplicates.saturating_add(1);
                             next_dial = tokio::time::Instant::now() + jitter(pause);
                         }
+                        Outcome::Dialled(Err(TunnelError::Busy(hint))) => {
+                            dialling -= 1;
+                            METRICS.agent_dials.get_or_create(&label("result", "busy")).inc();
+                            debug!(?hint, "the proxy is busy");
+                            // Not a failure: the proxy is up and paces its handshakes.
+                            next_dial = tokio::time::Instant::now() + self.config.backoff.busy_delay(hint, busy);
+                            busy = busy.saturating_add(1);
+                        }
                         Outcome::Dialled(Err(e)) => {
                             dialling -= 1;
                             METRICS.agent_dials.get_or_create(&label("result", "failed")).inc();
                             warn!(error = %e, "could not open a tunnel");
+                            let backoff = &self.config.backoff;
+                            let delay = if nothing_listens(&e) {
+                                backoff.delay_after_refusal(failures)
+                            } else {
+                                backoff.delay(failures)
+                            };
+                            next_dial = tokio::time::Instant::now() + delay;
                             last_error = Some(e.to_string());
-                            next_dial = tokio::time::Instant::now() + self.config.backoff.delay(failures);
                             failures = failures.saturating_add(1);
                         }
                         Outcome::Ended { proxy_id, result } => {
@@ -415,6 +432,13 @@ fn rejoin_at(
         .iter()
         .any(|id| !before.contains(id) && !held.contains_key(id));
     gained.then(|| tokio::time::Instant::now() + jitter(jitter_max))
+}
+
+/// Whether the proxy's address refused the connection: nothing listens there (the proxy is
+/// down or restarting), which a retry costs it nothing (see [`super::config::REFUSED_MAX`]).
+fn nothing_listens(error: &TunnelError) -> bool {
+    matches!(error, TunnelError::Connect { source, .. }
+        if source.kind() == std::io::ErrorKind::ConnectionRefused)
 }
 
 /// A uniformly random duration in [0, max].

@@ -19,7 +19,7 @@ use crate::protocol::control::{
     self, AgentMessage, CONTROL_SUBSYSTEM, ChannelReadError, FrameReader, ProxyInfo, ProxyMessage,
 };
 use crate::protocol::stream::{CONTROL_EXT, StreamControl};
-use crate::protocol::{DialError, DialErrorKind, Endpoint, ssh};
+use crate::protocol::{DialError, DialErrorKind, Endpoint, busy, ssh};
 use crate::stream::{HandshakeGuard, Splice, TunnelStream, WindowBudget};
 
 /// How long a stopping agent lets its streams in flight finish before it closes a tunnel
@@ -55,6 +55,8 @@ pub enum TunnelError {
     AlreadyClaimed(String),
     #[error("refused the proxy: {0}")]
     UntrustedProxy(String),
+    #[error("the proxy is busy (too many handshakes in flight); it asks for a retry in {0:?}")]
+    Busy(Duration),
 }
 
 /// What a tunnel reports while it lives.
@@ -335,6 +337,9 @@ impl Tunnel {
                 source,
             })?;
         let _ = socket.set_nodelay(true);
+        if let Some(retry) = busy_hint(&socket).await {
+            return Err(TunnelError::Busy(retry));
+        }
         // russh's session task owns the socket once the version is exchanged; if the deadline
         // in `connect_claiming` drops this future mid-handshake, the guard's drop shuts the
         // socket down so that task (and the socket) ends too instead of leaking.
@@ -572,6 +577,15 @@ impl Tunnel {
             }
         }
     }
+}
+
+/// Whether the proxy's first bytes are its busy line (see [`busy`]): peeked, so russh still
+/// reads the version string of a proxy that is not busy. An error or the end of the stream is
+/// left for russh to report.
+async fn busy_hint(socket: &TcpStream) -> Option<std::time::Duration> {
+    let mut first = [0u8; 64];
+    let n = socket.peek(&mut first).await.ok()?;
+    busy::parse_busy(&first[..n])
 }
 
 /// The proxy will refuse a certificate outside its validity window; say so on the agent's side

@@ -2,6 +2,7 @@
 //!
 //! The vocabulary both ends agree on, and its framing: nothing here opens a connection.
 
+pub mod busy;
 pub mod control;
 pub mod dial;
 pub mod join;

@@ -53,14 +53,18 @@ impl HeartbeatPolicy {
 /// unauthenticated is `max_handshakes_per_ip` (32) sockets for 15 s, and what all addresses can
 /// hold is `max_handshakes` (256), with random early drop from 64 on. Authenticated connections
 /// need a certificate; they are bounded by the per-source (1,024: a NAT of 1,000 agents) and
-/// total (10,000) limits.
+/// total (20,000) limits.
 #[derive(Debug, Clone, Copy)]
 pub struct ProxyLimits {
     /// Concurrent connections from one source IP. Many agents may share a NAT address (each
     /// holds one tunnel per replica), so this is generous; it stops one host from exhausting
     /// the proxy's descriptors.
     pub max_connections_per_ip: usize,
-    /// Connections, in total.
+    /// Connections, in total. Twice the fleet one proxy is sized for (10,000 leaf tunnels,
+    /// BENCHMARKS.md "Fleet"): root clients' sessions and connections still in their handshake
+    /// during a reconnect storm come on top of the tunnels, and a proxy at 10,000 exactly would
+    /// refuse its 10,001st leaf. At ~50 KiB per idle tunnel the cap stands for about 1 GiB, and
+    /// each connection is a descriptor: `RLIMIT_NOFILE` must be above it.
     pub max_connections: usize,
     /// SSH handshakes (version exchange, key exchange, authentication) in progress at once;
     /// handshakes are the expensive part of a connection. The `full` of `MaxStartups`.
@@ -94,7 +98,7 @@ impl Default for ProxyLimits {
     fn default() -> Self {
         Self {
             max_connections_per_ip: 1024,
-            max_connections: 10_000,
+            max_connections: 20_000,
             max_handshakes: 256,
             max_handshakes_per_ip: 32,
             handshakes_early_drop_start: 64,

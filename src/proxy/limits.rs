@@ -15,15 +15,23 @@
 //!   probability 30 %, rising linearly to 100 % at 256. A flood then slows every source's
 //!   handshakes down instead of locking everyone out at once, and a legitimate agent that
 //!   retries gets in with a probability that only reaches zero at the full limit.
-//! - **Per-source connections** (1,024) and **total** (10,000) bound descriptors and memory.
+//! - **Per-source connections** (1,024) and **total** (20,000: twice a 10,000-leaf fleet) bound
+//!   descriptors and memory.
 //!
 //! A NAT in front of 1,000 agents: each agent holds one tunnel per proxy replica, so the NAT's
 //! address holds 1,000 connections to each proxy, under the per-source limit of 1,024. After a
 //! proxy restart all 1,000 reconnect at once; 32 handshake slots at ~10-50 ms each pass several
-//! hundred handshakes a second, and the refused agents retry with jittered exponential backoff
-//! (250 ms doubling up to 30 s), so the NAT is whole again within seconds of the first wave,
+//! hundred handshakes a second. A connection refused for handshakes in flight (the two shares
+//! and random early drop) is told so before it is closed ([`crate::protocol::busy`]: "busy,
+//! retry in about [`BUSY_RETRY`]"), and the agent comes back around that hint instead of
+//! doubling its backoff as after a failure: the storm is spread by the proxy's capacity, not by
+//! the agents' backoff cap (30 s). The NAT is whole again within seconds of the first wave,
 //! with nothing refused for good. A single host behind that NAT cannot hold more than 32 of the
 //! slots, and its silent sockets are closed at the deadline.
+//!
+//! The gauges `tether_proxy_handshakes_in_flight` and `tether_proxy_handshakes_in_flight_max`
+//! (the high-water mark since start) show a storm and that the limit held; with several proxies
+//! in one process (tests) they show the last one to change.
 //!
 //! Every count is held under one mutex, updated in O(1) per accept; handshake and connection
 //! permits release their counts when dropped, so a count lives exactly as long as its holder.
@@ -47,8 +55,10 @@
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use super::config::ProxyLimits;
+use crate::admin::metrics::METRICS;
 
 /// Counts connections per source IP and in total, and shares handshake slots fairly.
 pub struct ConnectionLimiter {
@@ -74,6 +84,9 @@ struct Counts {
     peer_handshakes: usize,
     /// The addresses peers are announced at: their handshakes take the peers' slots.
     peer_sources: HashSet<IpAddr>,
+    /// The most handshakes ever in flight at once: what shows, after a reconnect storm, that
+    /// the limit held (exported as `tether_proxy_handshakes_in_flight_max`).
+    handshakes_peak: usize,
 }
 
 /// One source address's share.
@@ -102,7 +115,27 @@ pub enum Refusal {
     PeerHandshakes { limit: usize },
 }
 
+/// What a refused agent is told to wait before its next try when the proxy is only busy
+/// (see [`crate::protocol::busy`]); the agent spreads its retry around it. At ~300 handshakes a
+/// second on a 2-core proxy, a thousand refused agents coming back within 1-2 s keep the slots
+/// full without growing the queue, and a retry that meets the door again costs the proxy an
+/// accept and a close (tens of microseconds).
+pub const BUSY_RETRY: Duration = Duration::from_secs(2);
+
 impl Refusal {
+    /// The retry hint to give the refused peer: `Some` when the refusal is about handshakes
+    /// in flight (a storm or a flood passes), `None` for the connection limits (a full proxy
+    /// stays full, and the agent's own backoff applies).
+    pub fn retry_hint(&self) -> Option<Duration> {
+        match self {
+            Refusal::Handshakes { .. }
+            | Refusal::HandshakesPerIp { .. }
+            | Refusal::PeerHandshakes { .. }
+            | Refusal::EarlyDrop { .. } => Some(BUSY_RETRY),
+            Refusal::PerIp { .. } | Refusal::Total { .. } => None,
+        }
+    }
+
     /// A fixed label for metrics.
     pub fn label(&self) -> &'static str {
         match self {
@@ -221,7 +254,9 @@ impl ConnectionLimiter {
             state.peer_handshakes += 1;
         } else {
             state.handshakes += 1;
+            state.handshakes_peak = state.handshakes_peak.max(state.handshakes);
         }
+        publish(&state);
         let entry = state.per_ip.entry(ip).or_default();
         entry.connections += 1;
         entry.handshakes += usize::from(!peer);
@@ -275,6 +310,11 @@ impl ConnectionLimiter {
         self.lock().handshakes
     }
 
+    /// The most handshakes that were ever in flight at once.
+    pub fn handshakes_peak(&self) -> usize {
+        self.lock().handshakes_peak
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Counts> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -289,6 +329,7 @@ impl ConnectionLimiter {
         let mut state = self.lock();
         let t = total(&mut state);
         *t = t.saturating_sub(1);
+        publish(&state);
         if let Some(source) = state.per_ip.get_mut(&ip) {
             let n = field(source);
             *n = n.saturating_sub(1);
@@ -297,6 +338,15 @@ impl ConnectionLimiter {
             }
         }
     }
+}
+
+/// Exports the counts (called under the lock, so the gauges follow the counts in order).
+fn publish(state: &Counts) {
+    METRICS.proxy_connections.set(state.connections as i64);
+    METRICS.proxy_handshakes.set(state.handshakes as i64);
+    METRICS
+        .proxy_handshakes_peak
+        .set(state.handshakes_peak as i64);
 }
 
 /// OpenSSH's `MaxStartups start:rate:full`: 0 below `start`, `rate` at `start`, rising linearly
@@ -428,6 +478,20 @@ mod tests {
         assert_eq!(limiter.peer_handshakes(), 1);
         assert_eq!(limiter.handshakes(), 2, "the agents' count is untouched");
         assert!(limiter.admit(peer).is_ok());
+    }
+
+    #[test]
+    fn the_peak_of_handshakes_in_flight_outlives_them() {
+        let limiter = ConnectionLimiter::new(ProxyLimits::default());
+        let held: Vec<_> = (1..=3)
+            .map(|i| limiter.admit(ip(&format!("127.0.0.{i}"))).unwrap())
+            .collect();
+        assert_eq!(limiter.handshakes_peak(), 3);
+        drop(held);
+        assert_eq!(limiter.handshakes(), 0);
+        assert_eq!(limiter.handshakes_peak(), 3, "the high-water mark stays");
+        let _one = limiter.admit(ip("127.0.0.1")).unwrap();
+        assert_eq!(limiter.handshakes_peak(), 3);
     }
 
     #[test]

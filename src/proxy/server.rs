@@ -24,7 +24,7 @@ use super::quota::StreamQuota;
 use super::sites::{ProxyStream, SiteInfo, Sites, TunnelDialError};
 use crate::admin::metrics::{METRICS, label};
 use crate::identity::Identity;
-use crate::protocol::{ClusterName, DialError, DialErrorKind, Endpoint, Target, ssh};
+use crate::protocol::{ClusterName, DialError, DialErrorKind, Endpoint, Target, busy, ssh};
 use crate::stream::{HandshakeGuard, Splice};
 
 /// Tunnels one dial tries before giving up: a leaf runs a few agent instances, and each failed
@@ -263,6 +263,11 @@ async fn accept_loop(shared: Arc<ProxyShared>, listener: TcpListener) {
                     .get_or_create(&label("reason", refusal.label()))
                     .inc();
                 shared.limiter.log_refusal(peer, &refusal);
+                if let Some(retry) = refusal.retry_hint() {
+                    // Never waits: a fresh socket's send buffer has room for one line, and a
+                    // peer that cannot take it just sees the close.
+                    let _ = socket.try_write(&busy::busy_line(retry));
+                }
                 continue;
             }
         };

@@ -98,15 +98,14 @@ impl Sites {
         self.next_id.fetch_add(1, Ordering::Relaxed)
     }
 
-    fn changed(&self) {
-        let sites = self.sites.read().unwrap_or_else(|p| p.into_inner());
-        for (name, site) in sites.iter() {
-            METRICS
-                .proxy_tunnels
-                .get_or_create(&label("site", name.as_str()))
-                .set(site.tunnels.len() as i64);
-        }
-        drop(sites);
+    /// Records that `cluster` now holds `tunnels` tunnels. Only that site's gauge is set: setting
+    /// every site's on every change cost O(sites) per tunnel, and a proxy taking back 10,000
+    /// leaves after a restart spent most of its CPU there (BENCHMARKS.md "Fleet").
+    fn changed(&self, cluster: &ClusterName, tunnels: usize) {
+        METRICS
+            .proxy_tunnels
+            .get_or_create(&label("site", cluster.as_str()))
+            .set(tunnels as i64);
         self.changes.send_modify(|n| *n += 1);
     }
 
@@ -117,7 +116,7 @@ impl Sites {
 
     /// Adds a tunnel whose hello has completed.
     pub fn add(&self, tunnel: Arc<Tunnel>) {
-        {
+        let count = {
             let mut sites = self.sites.write().unwrap_or_else(|p| p.into_inner());
             let site = sites.entry(tunnel.cluster.clone()).or_insert(Site {
                 tunnels: Vec::new(),
@@ -125,27 +124,32 @@ impl Sites {
                 next: 0,
             });
             site.last_connected = Some(SystemTime::now());
-            site.tunnels.push(tunnel);
-        }
-        self.changed();
+            site.tunnels.push(tunnel.clone());
+            site.tunnels.len()
+        };
+        self.changed(&tunnel.cluster, count);
     }
 
     /// Removes a tunnel that has closed. The site stays known, offline, with its last-connected
     /// time.
     pub fn remove_tunnel(&self, cluster: &ClusterName, id: u64) {
-        {
+        let count = {
             let mut sites = self.sites.write().unwrap_or_else(|p| p.into_inner());
-            if let Some(site) = sites.get_mut(cluster) {
-                site.tunnels.retain(|t| {
-                    if t.id == id {
-                        t.close();
-                    }
-                    t.id != id
-                });
-                site.last_connected = Some(SystemTime::now());
+            match sites.get_mut(cluster) {
+                Some(site) => {
+                    site.tunnels.retain(|t| {
+                        if t.id == id {
+                            t.close();
+                        }
+                        t.id != id
+                    });
+                    site.last_connected = Some(SystemTime::now());
+                    site.tunnels.len()
+                }
+                None => 0,
             }
-        }
-        self.changed();
+        };
+        self.changed(cluster, count);
     }
 
     /// Forgets a site and returns its tunnels so the caller can close them.
@@ -158,11 +162,7 @@ impl Sites {
             .map(|s| s.tunnels);
         if let Some(tunnels) = &removed {
             tunnels.iter().for_each(|t| t.close());
-            METRICS
-                .proxy_tunnels
-                .get_or_create(&label("site", cluster.as_str()))
-                .set(0);
-            self.changed();
+            self.changed(cluster, 0);
         }
         removed
     }

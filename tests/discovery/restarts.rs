@@ -259,3 +259,80 @@ async fn after_kill_9_dials_recover_and_the_restarted_proxy_gets_its_tunnel_back
     assert!(late.is_empty(), "dials failed after detection: {late:?}");
     stop.cancel();
 }
+
+/// A reconnect storm meets the handshake limit: the refused agent is told the proxy is busy and
+/// comes back at the proxy's hint, not after its own backoff. Before, the refusal was a silent
+/// close that counted as a failure, so every refusal doubled the agent's pause (up to 30 s
+/// after a restart of a 10,000-tunnel proxy: BENCHMARKS.md "Fleet"). Here the agent's backoff
+/// is an hour: only the busy answer can bring it back in time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_refused_by_a_busy_proxy_retries_at_its_hint_not_its_backoff() {
+    use tether::agent::{AgentEvent, Backoff};
+    use tether::proxy::ProxyLimits;
+    use tokio::io::AsyncReadExt;
+
+    let pki = pki();
+    let mut config = pki.proxy_config("proxy-1").expect("config");
+    config.limits = ProxyLimits {
+        max_handshakes: 1,
+        max_handshakes_per_ip: 1,
+        handshakes_early_drop_start: 1,
+        handshake_timeout: Duration::from_secs(60),
+        ..ProxyLimits::default()
+    };
+    let proxy = ProxyServer::start(config).await.expect("proxy starts");
+    let addr = proxy.local_addr();
+    // A silent connection takes the only handshake slot until it closes.
+    let silent = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let limiter = proxy.shared().limiter.clone();
+    wait_for("the slot to be taken", Duration::from_secs(5), || {
+        limiter.handshakes() == 1
+    })
+    .await;
+    // What a refused peer reads: the busy line, then the end.
+    let mut refused = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let mut said = Vec::new();
+    within(
+        "the refusal",
+        Duration::from_secs(5),
+        refused.read_to_end(&mut said),
+    )
+    .await
+    .expect("read");
+    assert!(
+        said.starts_with(b"tether-busy retry-ms="),
+        "{:?}",
+        String::from_utf8_lossy(&said)
+    );
+
+    let mut agent_config = pki
+        .agent_config(
+            &addr.to_string(),
+            AllowList::parse(["127.0.0.1/32:9"]).expect("allow"),
+        )
+        .expect("agent config");
+    agent_config.backoff = Backoff {
+        initial: Duration::from_secs(3600),
+        max: Duration::from_secs(3600),
+    };
+    let agent = Arc::new(Agent::new(agent_config));
+    let mut events = agent.events();
+    let stop = CancellationToken::new();
+    tokio::spawn({
+        let (agent, stop) = (agent.clone(), stop.clone());
+        async move { agent.run(stop).await }
+    });
+    // Refused, and back at the hint (1-2 s), while the slot is still taken.
+    wait_for("a second dial", Duration::from_secs(20), || {
+        agent.attempts() >= 2
+    })
+    .await;
+    drop(silent);
+    within(
+        "the refused agent to connect",
+        Duration::from_secs(20),
+        async { while !matches!(events.recv().await, Ok(AgentEvent::Connected { .. })) {} },
+    )
+    .await;
+    stop.cancel();
+}
