@@ -116,6 +116,13 @@ pub(super) async fn run(
         Err(e) => ControlEnd::Untrusted(e),
     };
     shared.sites.remove_tunnel(&cluster, tunnel.id);
+    // A tunnel its agent closed (after its streams ended, or killed: the connection is gone
+    // either way) lets russh deliver what its channels already hold: ending them here cut the
+    // last bytes of streams a stopping replica had just finished (1 in 12 across a rolling
+    // restart). Any other end is a dead path: nothing more will come on its streams.
+    if !matches!(end, ControlEnd::Closed) {
+        tunnel.close();
+    }
     match &end {
         ControlEnd::Closed => info!(tunnel = tunnel.id, "tunnel closed by the agent"),
         other => warn!(tunnel = tunnel.id, reason = %other, "tunnel closed"),

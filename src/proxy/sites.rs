@@ -130,19 +130,16 @@ impl Sites {
         self.changed(&tunnel.cluster, count);
     }
 
-    /// Removes a tunnel that has closed. The site stays known, offline, with its last-connected
-    /// time.
+    /// Takes a tunnel out of its site, so no new dial goes to it; the site stays known, offline,
+    /// with its last-connected time. Whether its streams end now is the caller's choice: a
+    /// dead path's are ended ([`Tunnel::close`]); those of a tunnel its agent closed drain
+    /// (russh ends each channel once its data is delivered).
     pub fn remove_tunnel(&self, cluster: &ClusterName, id: u64) {
         let count = {
             let mut sites = self.sites.write().unwrap_or_else(|p| p.into_inner());
             match sites.get_mut(cluster) {
                 Some(site) => {
-                    site.tunnels.retain(|t| {
-                        if t.id == id {
-                            t.close();
-                        }
-                        t.id != id
-                    });
+                    site.tunnels.retain(|t| t.id != id);
                     site.last_connected = Some(SystemTime::now());
                     site.tunnels.len()
                 }

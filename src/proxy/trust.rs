@@ -81,6 +81,7 @@ pub async fn revalidate(shared: &ProxyShared) -> usize {
         .collect();
     for (tunnel, reason) in &refused {
         shared.sites.remove_tunnel(&tunnel.cluster, tunnel.id);
+        tunnel.close();
         warn!(leaf = %tunnel.cluster, tunnel = tunnel.id, peer = %tunnel.peer, %reason, "the trust no longer accepts this tunnel's certificate; closing it");
         tunnel.disconnect("no longer trusted").await;
     }

@@ -133,24 +133,11 @@ async fn a_dial_s_output_ends_when_the_agent_carrying_it_dies() {
 
     let echo = echo_server().await.expect("echo");
     let pki = pki();
-    let proxy = ProxyServer::start(pki.proxy_config("p1").expect("config"))
-        .await
-        .expect("proxy");
-    let files = Files::write(&pki, &[]);
+    let (proxy, files, agent) = proxy_and_agent_process(&pki, echo).await;
     tether::identity::Identity::generate_client(&pki.root, "alice", Duration::from_secs(600))
         .expect("client identity")
         .save(&files.path("alice"))
         .expect("save");
-    let agent = spawn_agent(
-        &files,
-        proxy.local_addr(),
-        &[
-            "--heartbeat-interval".into(),
-            "200ms".into(),
-            "--allow".into(),
-            format!("127.0.0.1/32:{}", echo.port()),
-        ],
-    );
     // The path is up once a dial through it succeeds (a site is Online a moment earlier).
     let target = tether::protocol::Target::parse(&format!("127.0.0.1.leaf.tether:{}", echo.port()))
         .expect("target");
@@ -217,6 +204,29 @@ async fn a_dial_s_output_ends_when_the_agent_carrying_it_dies() {
 
 const TOKEN: &str = "liveness-token-0123456789abcdef";
 
+/// A proxy in this process and a real `tether agent` process (200 ms heartbeats) that may
+/// reach `echo`: the path the tests below kill.
+async fn proxy_and_agent_process(
+    pki: &tether::demo::Pki,
+    echo: std::net::SocketAddr,
+) -> (ProxyServer, Files, crate::support::procs::Proc) {
+    let proxy = ProxyServer::start(pki.proxy_config("p1").expect("config"))
+        .await
+        .expect("proxy");
+    let files = Files::write(pki, &[]);
+    let agent = spawn_agent(
+        &files,
+        proxy.local_addr(),
+        &[
+            "--heartbeat-interval".into(),
+            "200ms".into(),
+            "--allow".into(),
+            format!("127.0.0.1/32:{}", echo.port()),
+        ],
+    );
+    (proxy, files, agent)
+}
+
 /// Opens a SOCKS5 stream (username/password method, the target by name) through `entry`.
 async fn socks5(entry: std::net::SocketAddr, host: &str, port: u16) -> tokio::net::TcpStream {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -262,21 +272,8 @@ async fn every_entry_s_streams_end_when_the_agent_carrying_them_dies() {
     use tether::forward::{ForwardConfig, connect};
     let echo = echo_server().await.expect("echo");
     let pki = pki();
-    let proxy = ProxyServer::start(pki.proxy_config("p1").expect("config"))
-        .await
-        .expect("proxy");
+    let (proxy, _files, agent) = proxy_and_agent_process(&pki, echo).await;
     let entry = start_client_entry(&proxy, &format!("alice:{TOKEN}\n"), |_| {}).await;
-    let files = Files::write(&pki, &[]);
-    let agent = spawn_agent(
-        &files,
-        proxy.local_addr(),
-        &[
-            "--heartbeat-interval".into(),
-            "200ms".into(),
-            "--allow".into(),
-            format!("127.0.0.1/32:{}", echo.port()),
-        ],
-    );
     let target = tether::protocol::Target::parse(&format!("127.0.0.1.leaf.tether:{}", echo.port()))
         .expect("target");
     let config = ForwardConfig {
