@@ -3,16 +3,17 @@
 //! `ProxyCommand`.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use russh::ChannelOpenFailure;
 use russh::client::{self, Handle};
 use russh::keys::PublicKey;
+use russh::keys::ssh_key::certificate::CertType;
 use tokio::net::TcpStream;
 use tracing::warn;
 
-use crate::identity::Identity;
-use crate::protocol::{ClusterName, Target, ssh};
+use crate::identity::{Identity, ROLE_EXTENSION, Role};
+use crate::protocol::{ClusterName, DialErrorKind, Target, ssh};
 use crate::stream::HandshakeGuard;
 
 /// Where and as whom to dial.
@@ -45,21 +46,108 @@ pub enum ClientError {
     NoPrincipal,
     #[error("the proxy refused the client certificate")]
     AuthRefused,
+    /// An agent's or a proxy's certificate: the proxy would refuse it without a reason.
     #[error(
-        "the dial to {0} is forbidden: the leaf's allow-list (or the proxy's direct allow-list) does not permit it"
+        "certificate {key_id:?} is {found}, not a client's: dials need one from `tether cert client`"
     )]
-    Forbidden(Target),
+    NotAClient {
+        /// The certificate's key id.
+        key_id: String,
+        /// What it is instead ("an agent's", "a proxy host's", ...).
+        found: String,
+    },
+    /// Past its validity: the proxy would refuse it without a reason.
     #[error(
-        "no tunnel to {} is up (the leaf is offline or unknown to the root), or you hold your share of open streams (the proxy's log says which)",
-        .0.cluster
+        "certificate {key_id:?} expired at {expired}: issue a new one with `tether cert client`"
     )]
-    NoTunnel(Target),
-    #[error(
-        "the dial to {0} failed: refused, timed out, not resolved or unreachable from the leaf (the proxy's log says which)"
-    )]
-    Refused(Target),
+    Expired {
+        /// The certificate's key id.
+        key_id: String,
+        /// When it expired (RFC 3339, UTC).
+        expired: String,
+    },
+    /// The leaf's agent (or the proxy, for the root's own targets) tried the dial and it failed;
+    /// the kind says how, so a person or a script can tell a typo from an outage.
+    #[error("{}", dial_failure(.target, *.kind))]
+    Dial {
+        /// What was dialled.
+        target: Target,
+        /// How it failed.
+        kind: DialErrorKind,
+    },
+    /// The proxy refused to open the stream for a reason of its own, before any dial.
+    #[error("the proxy refused a stream to {target}: {}", stream_refusal(.reason))]
+    StreamRefused {
+        /// What was dialled.
+        target: Target,
+        /// The SSH reason the proxy gave.
+        reason: ChannelOpenFailure,
+    },
     #[error("I/O: {0}")]
     Io(#[from] std::io::Error),
+}
+
+/// Checks, before connecting, what the proxy would refuse without saying why: a certificate
+/// that is not a client's (an agent's, a proxy's) or one past its validity.
+pub fn check_client_identity(identity: &Identity, now: SystemTime) -> Result<(), ClientError> {
+    let cert = &identity.certificate;
+    let key_id = cert.key_id().to_owned();
+    let role = cert.extensions().get(ROLE_EXTENSION).map(String::as_str);
+    let found = match (cert.cert_type(), role) {
+        (CertType::User, Some(role)) if role == Role::Client.as_str() => None,
+        (CertType::Host, _) => Some("a proxy host's".to_owned()),
+        (CertType::User, Some(role)) => Some(format!("an {role}'s")),
+        (CertType::User, None) => Some("a user certificate without a Tether role".to_owned()),
+    };
+    if let Some(found) = found {
+        return Err(ClientError::NotAClient { key_id, found });
+    }
+    let expired = UNIX_EPOCH + Duration::from_secs(cert.valid_before());
+    if expired <= now {
+        let expired = humantime::format_rfc3339_seconds(expired).to_string();
+        return Err(ClientError::Expired { key_id, expired });
+    }
+    Ok(())
+}
+
+/// What a failed dial means for the person who ran it.
+fn dial_failure(target: &Target, kind: DialErrorKind) -> String {
+    let host = target.endpoint.to_string();
+    match kind {
+        DialErrorKind::Forbidden => format!(
+            "the dial to {target} is forbidden: the leaf's allow-list (or the proxy's direct allow-list) does not permit it"
+        ),
+        DialErrorKind::NoTunnel => format!(
+            "no tunnel to cluster {} is up: the leaf is offline, or unknown to the root",
+            target.cluster
+        ),
+        DialErrorKind::Refused => format!(
+            "the dial to {target} was refused: nothing listens at {host} (the leaf's agent was answered with a reset)"
+        ),
+        DialErrorKind::TimedOut => {
+            format!("the dial to {target} timed out: {host} did not answer the leaf's agent")
+        }
+        DialErrorKind::NameNotResolved => format!(
+            "the dial to {target} failed: the leaf's agent could not resolve the name in {host}"
+        ),
+        DialErrorKind::Unreachable => {
+            format!("the dial to {target} failed: {host} is unreachable from the leaf (no route)")
+        }
+        DialErrorKind::Other => {
+            format!("the dial to {target} failed (the proxy's and the agent's logs say why)")
+        }
+    }
+}
+
+/// What a proxy's refusal to open a stream means.
+fn stream_refusal(reason: &ChannelOpenFailure) -> &'static str {
+    match reason {
+        ChannelOpenFailure::ResourceShortage => {
+            "you hold your share of open streams, or the proxy holds all it may (close some, or retry)"
+        }
+        ChannelOpenFailure::UnknownChannelType => "this proxy does not serve such streams",
+        _ => "the proxy is stopping, or refused the target (its log says which)",
+    }
 }
 
 struct ProxyCheck {
@@ -163,13 +251,14 @@ impl DialClient {
             .channel_open_direct_tcpip(name, u32::from(port), originator, 0)
             .await
             .map_err(|e| match e {
-                russh::Error::ChannelOpenFailure(
-                    ChannelOpenFailure::AdministrativelyProhibited,
-                ) => ClientError::Forbidden(target.clone()),
-                russh::Error::ChannelOpenFailure(ChannelOpenFailure::ResourceShortage) => {
-                    ClientError::NoTunnel(target.clone())
+                russh::Error::ChannelOpenFailure(reason) => {
+                    let target = target.clone();
+                    match DialErrorKind::from_open_failure(&reason) {
+                        Some(kind) => ClientError::Dial { target, kind },
+                        None => ClientError::StreamRefused { target, reason },
+                    }
                 }
-                _ => ClientError::Refused(target.clone()),
+                other => ClientError::Ssh(other),
             })?;
         Ok(channel.into_stream())
     }

@@ -436,6 +436,8 @@ async fn run_dial(args: DialArgs) -> anyhow::Result<()> {
         identity: Arc::new(cli::load_identity("--identity", &args.identity)?),
         timeout: Duration::from_secs(15),
     };
+    tether::client::check_client_identity(&config.identity, std::time::SystemTime::now())
+        .with_context(|| format!("--identity {}", args.identity.display()))?;
     let client = DialClient::connect(&config).await?;
     // The output really closes when the far end does, so an ssh ProxyCommand sees it end.
     let stdio = tokio::io::join(tokio::io::stdin(), cli::stdio::ClosingStdout::new());

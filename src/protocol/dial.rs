@@ -1,6 +1,19 @@
 //! Why a dial through a tunnel failed, in terms a caller can act on.
+//!
+//! The kind travels twice: from the agent to the proxy as one byte ([`DialErrorKind::code`]),
+//! and from the proxy to an SSH client (`tether dial`, a peer proxy) as the reason code of the
+//! channel-open failure ([`DialErrorKind::open_failure`]). SSH's four standard codes cannot
+//! tell "refused" from "timed out" or "not resolved", so each kind has a code of its own in the
+//! private-use range (RFC 4250 §4.3), with the kind's text as the description an OpenSSH client
+//! would print.
 
 use std::fmt;
+
+use russh::ChannelOpenFailure;
+
+/// Reason codes `PRIVATE_OPEN_FAILURE + code` carry a [`DialErrorKind`]: the first code of the
+/// private-use range RFC 4250 §4.3 sets aside (0xFE000000-0xFFFFFFFF).
+const PRIVATE_OPEN_FAILURE: u32 = 0xFE00_0000;
 
 /// The class of a dial failure. The agent reports it over the wire as one byte (see
 /// [`DialErrorKind::code`]); unknown codes read as [`DialErrorKind::Other`] so that an older
@@ -50,6 +63,27 @@ impl DialErrorKind {
         }
     }
 
+    /// The channel-open failure an SSH server answers a dial that failed this way with.
+    pub fn open_failure(self) -> ChannelOpenFailure {
+        ChannelOpenFailure::Other {
+            code: PRIVATE_OPEN_FAILURE + u32::from(self.code()),
+            reason: self.to_string(),
+        }
+    }
+
+    /// The kind an SSH client reads from a channel-open failure; `None` for the standard codes,
+    /// which the proxy keeps for refusals that are not a failed dial (a stream quota, a channel
+    /// type it does not serve, a shutdown).
+    pub fn from_open_failure(failure: &ChannelOpenFailure) -> Option<Self> {
+        match failure {
+            ChannelOpenFailure::Other { code, .. } => code
+                .checked_sub(PRIVATE_OPEN_FAILURE)
+                .and_then(|code| u8::try_from(code).ok())
+                .map(DialErrorKind::from_code),
+            _ => None,
+        }
+    }
+
     /// A short lowercase label, stable enough for logs and metric labels.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -95,6 +129,67 @@ impl DialError {
         Self {
             kind,
             message: message.into(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KINDS: [DialErrorKind; 7] = [
+        DialErrorKind::Forbidden,
+        DialErrorKind::Refused,
+        DialErrorKind::TimedOut,
+        DialErrorKind::NameNotResolved,
+        DialErrorKind::Unreachable,
+        DialErrorKind::NoTunnel,
+        DialErrorKind::Other,
+    ];
+
+    #[test]
+    fn every_kind_survives_an_ssh_open_failure() {
+        for kind in KINDS {
+            let failure = kind.open_failure();
+            assert!(
+                failure.code() >= PRIVATE_OPEN_FAILURE,
+                "{kind:?}: {failure:?}"
+            );
+            assert_eq!(failure.description(), kind.to_string());
+            assert_eq!(DialErrorKind::from_open_failure(&failure), Some(kind));
+        }
+    }
+
+    #[test]
+    fn standard_and_foreign_codes_are_not_dial_failures() {
+        let standard = [
+            ChannelOpenFailure::AdministrativelyProhibited,
+            ChannelOpenFailure::ConnectFailed,
+            ChannelOpenFailure::UnknownChannelType,
+            ChannelOpenFailure::ResourceShortage,
+        ];
+        for failure in standard {
+            assert_eq!(
+                DialErrorKind::from_open_failure(&failure),
+                None,
+                "{failure:?}"
+            );
+        }
+        for code in [
+            5,
+            PRIVATE_OPEN_FAILURE - 1,
+            PRIVATE_OPEN_FAILURE + 300,
+            u32::MAX,
+        ] {
+            let other = ChannelOpenFailure::Other {
+                code,
+                reason: String::new(),
+            };
+            assert_eq!(
+                DialErrorKind::from_open_failure(&other),
+                None,
+                "code {code:#x}"
+            );
         }
     }
 }

@@ -28,9 +28,9 @@ use super::clients::ClientRegistration;
 use super::peers::PEER_ORIGINATOR;
 use super::server::{ProxyDialer, ProxyShared};
 use super::sites::AuthenticatedAgent;
+use crate::protocol::Target;
 use crate::protocol::control::CONTROL_SUBSYSTEM;
 use crate::protocol::join::{JOIN_SUBSYSTEM, JOIN_USER};
-use crate::protocol::{DialErrorKind, Target};
 use crate::stream::Splice;
 
 /// Session channels an agent may hold open before its control channel starts. It needs one;
@@ -388,15 +388,8 @@ impl Handler for ConnectionHandler {
                     }
                     Err(e) => {
                         warn!(error = %e, "dial failed");
-                        // SSH carries only a reason code: forbidden, no tunnel, or failed.
-                        let reason = match e.kind {
-                            DialErrorKind::Forbidden => {
-                                ChannelOpenFailure::AdministrativelyProhibited
-                            }
-                            DialErrorKind::NoTunnel => ChannelOpenFailure::ResourceShortage,
-                            _ => ChannelOpenFailure::ConnectFailed,
-                        };
-                        reply.reject(reason).await;
+                        // The kind only: the message may name addresses the client need not see.
+                        reply.reject(e.kind.open_failure()).await;
                     }
                 }
             }

@@ -464,11 +464,15 @@ pub async fn dial_via_peers(fwd: Forward<'_>, target: &Target) -> Result<PeerStr
                 failed += 1;
             }
             // Alive, without a tunnel to the site: the next peer may have one.
-            Err(ClientError::NoTunnel(_)) => debug!(peer = %id, "peer has no tunnel to the site"),
-            Err(ClientError::Forbidden(_)) => {
+            Err(ClientError::Dial {
+                kind: DialErrorKind::NoTunnel,
+                ..
+            }) => debug!(peer = %id, "peer has no tunnel to the site"),
+            // The peer's agent tried the dial: its answer is the answer.
+            Err(ClientError::Dial { kind, .. }) => {
                 return Err(DialError::new(
-                    DialErrorKind::Forbidden,
-                    format!("{target} is forbidden (answered through peer {id})"),
+                    kind,
+                    format!("{target}: {kind} (answered through peer {id})"),
                 ));
             }
             Err(e) => {

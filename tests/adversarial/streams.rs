@@ -38,7 +38,13 @@ async fn one_client_cannot_hold_more_than_its_share_of_streams() {
         .expect("connects");
     let refused = again.open(&target, "127.0.0.1").await;
     assert!(
-        matches!(refused, Err(ClientError::NoTunnel(_))),
+        matches!(
+            refused,
+            Err(ClientError::StreamRefused {
+                reason: russh::ChannelOpenFailure::ResourceShortage,
+                ..
+            })
+        ),
         "a stream beyond the share must be refused: {:?}",
         refused.err()
     );

@@ -5,6 +5,7 @@ mod support;
 
 mod auth;
 mod data;
+mod dial_errors;
 mod entry;
 mod join;
 mod liveness;
