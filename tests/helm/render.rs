@@ -419,3 +419,74 @@ async fn rendered_manifests_pass_a_server_side_dry_run() {
         started.elapsed()
     );
 }
+
+/// What `kubectl` users meet of the CRDs (issue #14): they install without a warning (schemars'
+/// `format: uint32` drew "unrecognized format" twice per install), their short names are their
+/// own (`rc` listed ReplicationControllers), and `kubectl explain` reads whole sentences.
+#[tokio::test]
+async fn the_crds_install_without_warnings_under_short_names_of_their_own() {
+    let cp = common::control_plane().await;
+    // Created afresh under a group of their own (a dry run of `create`): the apiserver checks
+    // and warns on creation, and the real CRDs may be installed already.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("crds.yaml");
+    let mut text = String::new();
+    for mut crd in tether::operator::crd::all() {
+        crd.spec.group = "warnings.tether.test".into();
+        crd.metadata.name = Some(format!("{}.{}", crd.spec.names.plural, crd.spec.group));
+        text += &format!("---\n{}", serde_yaml::to_string(&crd).expect("yaml"));
+    }
+    std::fs::write(&path, text).expect("write");
+    let path = path.to_string_lossy().into_owned();
+    let out = cp.kubectl(["create", "--dry-run=server", "-f", &*path]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "kubectl create failed:\n{stderr}");
+    assert!(
+        !stderr.contains("Warning"),
+        "the apiserver warned:\n{stderr}"
+    );
+
+    let listed = kubectl_ok(cp, &["api-resources", "--no-headers", "-o", "wide"]);
+    let theirs: Vec<&str> = listed
+        .lines()
+        .filter(|line| !line.contains("tether.dev/"))
+        .flat_map(|line| line.split_whitespace().nth(1))
+        .flat_map(|short| short.split(','))
+        .collect();
+    for crd in tether::operator::crd::all() {
+        let names = &crd.spec.names;
+        for short in names.short_names.iter().flatten() {
+            assert!(
+                !theirs.contains(&short.as_str()),
+                "{}: short name {short:?} is taken by a built-in resource",
+                names.kind
+            );
+        }
+        let schema = serde_json::to_string(&crd.spec.versions[0].schema).expect("json");
+        assert!(
+            !schema.contains("Auto-generated"),
+            "{}: boilerplate",
+            names.kind
+        );
+        let descriptions = serde_json::from_str::<Value>(&schema).expect("json");
+        assert_whole_sentences(&names.kind, &descriptions);
+    }
+}
+
+/// Every `description` in `schema` keeps a line break only between paragraphs or list items.
+fn assert_whole_sentences(kind: &str, schema: &Value) {
+    match schema {
+        Value::Object(map) => {
+            if let Some(Value::String(text)) = map.get("description") {
+                let broken = text.replace("\n\n", "").replace("\n- ", "").contains('\n');
+                assert!(
+                    !broken,
+                    "{kind}: a description breaks mid-paragraph: {text:?}"
+                );
+            }
+            map.values().for_each(|v| assert_whole_sentences(kind, v));
+        }
+        Value::Array(items) => items.iter().for_each(|v| assert_whole_sentences(kind, v)),
+        _ => {}
+    }
+}

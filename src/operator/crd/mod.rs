@@ -6,6 +6,9 @@ pub mod remote_cluster;
 pub mod reverse_tunnel;
 pub mod trusted_cluster;
 
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::{
+    CustomResourceDefinition, JSONSchemaProps,
+};
 use kube::CustomResourceExt;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -62,14 +65,70 @@ pub struct Condition {
 }
 
 /// Every CRD Tether defines, in the order `tether crd` prints them (and `crds/` holds them).
-pub fn all()
--> Vec<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition>
-{
-    vec![
+pub fn all() -> Vec<CustomResourceDefinition> {
+    let mut crds = vec![
         RemoteCluster::crd(),
         ReverseTunnel::crd(),
         TrustedCluster::crd(),
-    ]
+    ];
+    for crd in &mut crds {
+        for version in &mut crd.spec.versions {
+            if let Some(schema) = version.schema.as_mut() {
+                schema.open_api_v3_schema = schema.open_api_v3_schema.take().map(tidy_schema);
+            }
+        }
+    }
+    crds
+}
+
+/// Mends two things schemars writes that Kubernetes users see: `format: uint32` (and its kin),
+/// which the apiserver warns about on every install ("unrecognized format"; `minimum: 0`
+/// already says it), and descriptions broken where the doc comment wrapped, which
+/// `kubectl explain` shows as lines ending mid-sentence.
+fn tidy_schema(schema: JSONSchemaProps) -> JSONSchemaProps {
+    let Ok(mut value) = serde_json::to_value(&schema) else {
+        return schema;
+    };
+    tidy_value(&mut value);
+    serde_json::from_value(value).unwrap_or(schema)
+}
+
+fn tidy_value(value: &mut serde_json::Value) {
+    match value {
+        serde_json::Value::Object(map) => {
+            if map
+                .get("format")
+                .and_then(|f| f.as_str())
+                .is_some_and(|f| f.starts_with("uint"))
+            {
+                map.remove("format");
+            }
+            if let Some(serde_json::Value::String(text)) = map.get_mut("description") {
+                *text = unwrap_lines(text);
+            }
+            map.values_mut().for_each(tidy_value);
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(tidy_value),
+        _ => {}
+    }
+}
+
+/// Joins the lines of each paragraph of a doc comment into one; paragraphs (blank lines) and
+/// list items (`- `) keep their breaks.
+fn unwrap_lines(text: &str) -> String {
+    text.split("\n\n")
+        .map(|paragraph| {
+            let mut joined = String::with_capacity(paragraph.len());
+            for (i, line) in paragraph.lines().enumerate() {
+                if i > 0 {
+                    joined.push(if line.starts_with("- ") { '\n' } else { ' ' });
+                }
+                joined.push_str(line);
+            }
+            joined
+        })
+        .collect::<Vec<_>>()
+        .join("\n\n")
 }
 
 /// File name under `crds/` of each CRD, matching [`all`]'s order (file-name order).

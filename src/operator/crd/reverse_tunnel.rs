@@ -29,6 +29,7 @@ pub const DURATION_PATTERN: &str = r"^([0-9]+(ms|s|m|h))+$";
     group = "tether.dev",
     version = "v1alpha1",
     kind = "ReverseTunnel",
+    doc = "A tunnel this leaf cluster keeps to a root cluster: the operator runs its agent, which dials out to the root's proxies and serves the dials the allow-list permits.",
     plural = "reversetunnels",
     shortname = "rt",
     category = "tether",

@@ -22,6 +22,7 @@ use super::{Condition, SecretReference};
     group = "tether.dev",
     version = "v1alpha1",
     kind = "TrustedCluster",
+    doc = "A root cluster this leaf joins with a one-time token; joining yields the root's CA, the agent's identity and a ReverseTunnel, all removed with this object.",
     plural = "trustedclusters",
     shortname = "tc",
     category = "tether",
