@@ -155,7 +155,11 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
     };
     // One API client for everything Kubernetes gives this proxy: peers, joins, trust, status.
     let kube = if args.kubernetes || args.peers_service.is_some() {
-        Some(kube::Client::try_default().await?)
+        let config = kube::Config::infer().await?;
+        Some(tether::operator::api_client::named_client(
+            config,
+            "tether-proxy",
+        )?)
     } else {
         None
     };

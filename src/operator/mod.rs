@@ -12,6 +12,7 @@
 //! - [`leader`]: Lease-based leader election (and the HA story);
 //! - [`error`]: the reconcile error type.
 
+pub mod api_client;
 pub mod context;
 pub mod controller;
 pub mod crd;
@@ -187,7 +188,7 @@ pub async fn run_cli(args: OperatorArgs) -> anyhow::Result<()> {
         }
         None => kube::Config::infer().await?,
     };
-    let client = Client::try_from(config)?;
+    let client = api_client::named_client(config, FIELD_MANAGER)?;
     let identity = args
         .identity
         .or_else(|| std::env::var("HOSTNAME").ok())

@@ -513,7 +513,11 @@ async fn the_operator_container_command_runs_with_the_charts_rbac() {
     let rt: ReverseTunnel =
         serde_json::from_value(example(&proxy.local_addr().to_string(), &[rule])).expect("rt");
     let api: Api<ReverseTunnel> = Api::namespaced(admin.clone(), &ns);
-    api.create(&PostParams::default(), &rt)
+    let by_test = PostParams {
+        field_manager: Some("the-test".into()),
+        ..PostParams::default()
+    };
+    api.create(&by_test, &rt)
         .await
         .expect("creating the ReverseTunnel");
     eventually("status Connected 1/1", || async {
@@ -522,6 +526,29 @@ async fn the_operator_container_command_runs_with_the_charts_rbac() {
             .then_some(())
     })
     .await;
+    // Every write the operator made (its finalizer too, a patch kube-runtime makes without a
+    // field manager) is its own, not `unknown`'s.
+    let fields = api
+        .get("to-root")
+        .await
+        .expect("rt")
+        .metadata
+        .managed_fields;
+    let managers: Vec<String> = fields
+        .into_iter()
+        .flatten()
+        .flat_map(|f| f.manager)
+        .collect();
+    assert!(
+        managers
+            .iter()
+            .all(|m| m == "the-test" || m.starts_with("tether-operator")),
+        "managers: {managers:?}"
+    );
+    assert!(
+        managers.iter().any(|m| m == "tether-operator"),
+        "{managers:?}"
+    );
     let echoed = eventually("a dial through the tunnel", || async {
         echo_through(
             &proxy,
