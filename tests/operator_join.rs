@@ -452,6 +452,76 @@ async fn a_token_joins_the_leaf_and_bad_tokens_say_why() {
     stop.cancel();
 }
 
+/// A mistyped token Secret, then corrected (issue #14): the operator watches the Secret, so the
+/// leaf joins as soon as the token is right, not at the retry 60 s after the refusal.
+#[tokio::test]
+async fn a_corrected_token_secret_joins_at_once() {
+    let cp = common::control_plane().await;
+    let client = cp.kube_client();
+    install_crds(&client).await;
+    let root_ns = cp.new_namespace("join-fix-root").await;
+    let leaf_ns = cp.new_namespace("join-fix-leaf").await;
+    let stop = CancellationToken::new();
+    let root_ca = CertificateAuthority::generate(name("root")).expect("root ca");
+    let proxy = start_root(&client, &root_ns, &root_ca, &[], &stop).await;
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &leaf_ns);
+    let tcs: Api<TrustedCluster> = Api::namespaced(client.clone(), &leaf_ns);
+    leaf_ca_secret(&secrets, "leaf-fix").await;
+    let typo = secret("join-typo", &[("token", JoinToken::generate().reveal())]);
+    secrets
+        .create(&PostParams::default(), &typo)
+        .await
+        .expect("token Secret");
+    let operator = CancellationToken::new();
+    {
+        let (client, ns, stop) = (client.clone(), leaf_ns.clone(), operator.clone());
+        tokio::spawn(async move {
+            let config = OperatorConfig {
+                namespace: Some(ns),
+                leader_election: None,
+                instance: Some("test".into()),
+            };
+            tether::operator::run(client, config, stop).await
+        });
+    }
+    let root_addr = proxy.local_addr().to_string();
+    tcs.create(
+        &PostParams::default(),
+        &trusted_cluster("fix", &root_addr, "join-typo", "leaf-fix", &[]),
+    )
+    .await
+    .expect("create");
+    wait_joined_false(&tcs, "fix", "TokenUnknown").await;
+
+    let token = issue_token(&client, &root_ns, None).await;
+    let corrected = std::time::Instant::now();
+    secrets
+        .replace(
+            "join-typo",
+            &PostParams::default(),
+            &secret("join-typo", &[("token", token.reveal())]),
+        )
+        .await
+        .expect("correcting the token");
+    eventually("fix: Joined=True", || async {
+        matches!(
+            joined(&tcs, "fix").await,
+            Some((ConditionStatus::True, _, _))
+        )
+        .then_some(())
+    })
+    .await;
+    // The refusal's retry is 60 s away; a join that waited for it would take that long.
+    let took = corrected.elapsed();
+    assert!(
+        took < Duration::from_secs(30),
+        "joined {took:?} after the correction"
+    );
+    eprintln!("a corrected token Secret joined {took:?} after the correction");
+    operator.cancel();
+    stop.cancel();
+}
+
 #[tokio::test]
 async fn entries_of_departed_replicas_are_pruned() {
     let cp = common::control_plane().await;

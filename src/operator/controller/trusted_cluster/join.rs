@@ -33,8 +33,8 @@ pub(super) async fn ensure_joined(
         let retry = if e.is_transient() {
             Duration::from_secs(15)
         } else {
-            // A refused token stays refused; a new token (a Secret change) or spec edit is
-            // picked up at the next resync or edit.
+            // A refused token stays refused: a new token (its Secret is watched) or a spec
+            // edit triggers the next attempt at once; this retry is only a safety net.
             Duration::from_secs(60)
         };
         Blocked::new(e.reason(), e.to_string(), Some(retry))

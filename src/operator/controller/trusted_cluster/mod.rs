@@ -26,13 +26,13 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
-use kube::api::{DeleteParams, ObjectMeta, Patch, PatchParams, PostParams};
+use kube::api::{DeleteParams, ObjectMeta, PartialObjectMeta, Patch, PatchParams, PostParams};
 use kube::core::DeserializeGuard;
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType};
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::runtime::reflector::ObjectRef;
-use kube::runtime::{Controller, watcher};
+use kube::runtime::{Controller, WatchStreamExt, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 use russh::keys::{Certificate, PrivateKey, PublicKey};
 use serde_json::json;
@@ -278,16 +278,47 @@ pub async fn run(
     ctx: Arc<Context>,
     stop: CancellationToken,
 ) {
-    let (trusts, tunnels): (Api<Guarded>, Api<ReverseTunnel>) = match namespace {
+    let (trusts, tunnels, secrets): (
+        Api<Guarded>,
+        Api<ReverseTunnel>,
+        Api<PartialObjectMeta<Secret>>,
+    ) = match namespace {
         Some(ns) => (
+            Api::namespaced(client.clone(), ns),
             Api::namespaced(client.clone(), ns),
             Api::namespaced(client, ns),
         ),
-        None => (Api::all(client.clone()), Api::all(client)),
+        None => (
+            Api::all(client.clone()),
+            Api::all(client.clone()),
+            Api::all(client),
+        ),
     };
     let tctx = Arc::new(TrustContext::new(ctx));
-    Controller::new(trusts, watcher::Config::default().any_semantic())
-        .owns(tunnels, watcher::Config::default().any_semantic())
+    let controller = Controller::new(trusts, watcher::Config::default().any_semantic())
+        .owns(tunnels, watcher::Config::default().any_semantic());
+    // A token Secret written or corrected after its TrustedCluster joins at once, not at the
+    // next retry (60 s after a refused token). Metadata only: the tokens stay unread until a
+    // join needs one.
+    let store = controller.store();
+    let token_changes = watcher(secrets, watcher::Config::default().any_semantic())
+        .default_backoff()
+        .touched_objects();
+    let joins_waiting_for = move |secret: PartialObjectMeta<Secret>| {
+        let (name, namespace) = (secret.name_any(), secret.namespace());
+        store
+            .state()
+            .into_iter()
+            .filter(|obj| {
+                obj.0.as_ref().is_ok_and(|tc| {
+                    tc.namespace() == namespace && tc.spec.token_secret_ref.name == name
+                })
+            })
+            .map(|obj| ObjectRef::from_obj(&*obj))
+            .collect::<Vec<_>>()
+    };
+    controller
+        .watches_stream(token_changes, joins_waiting_for)
         .graceful_shutdown_on(stop.cancelled_owned())
         .run(
             |obj, ctx| super::measured("trusted_cluster", reconcile(obj, ctx)),
