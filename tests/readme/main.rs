@@ -16,6 +16,10 @@
 //!   asserted: exit 0, every client printed the leaf's page, the refused dial was refused
 //! ```
 
+#[path = "../common/mod.rs"]
+mod common;
+mod kube;
+mod kubelet;
 mod script;
 
 use std::path::Path;
@@ -42,7 +46,9 @@ fn running_it_by_hand_works_as_written() {
         [3024, 3080, 8000, 8080, 9090, 9091],
         "the ports the README says the test changes"
     );
-    let run = Run::execute(&section.script(&ports), BY_HAND_DEADLINE);
+    let (script, held) = section.script(&ports);
+    drop(held);
+    let run = Run::execute(&script, BY_HAND_DEADLINE);
     run.assert_succeeded();
 
     // `tether dial` hands back the raw bytes of the web server's answer (only it prints a

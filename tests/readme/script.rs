@@ -17,8 +17,8 @@ use std::time::Duration;
 /// The README the tests run.
 pub const README: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/README.md");
 
-/// The words before the list of ports the README says its test changes.
-const PORTS_ANNOUNCED: &str = "changing only the ports ";
+/// The words before the port (or list of ports) the README says its test changes.
+const PORTS_ANNOUNCED: &str = "changing only the port";
 
 /// Fails, naming the tool, unless `tool` is on `PATH` (`scripts/test` installs the tools the
 /// README uses; a test that skipped itself would prove nothing).
@@ -83,7 +83,7 @@ impl Section {
     }
 
     /// The ports the section's prose says the test changes ("changing only the ports 3024,
-    /// 3080 and 9090 to free ones").
+    /// 3080 and 9090 to free ones", "changing only the port 3024 to a free one").
     pub fn announced_ports(&self) -> Vec<u16> {
         let (_, rest) = self.prose.split_once(PORTS_ANNOUNCED).unwrap_or_else(|| {
             panic!(
@@ -108,9 +108,12 @@ impl Section {
         self.code().lines().filter(|l| pred(l.trim_start())).count()
     }
 
-    /// The script to run: the blocks in order, each of `ports` changed to a free port.
-    pub fn script(&self, ports: &[u16]) -> String {
-        // All held at once so that they differ; let go just before the script binds them.
+    /// The script to run: the blocks in order, each of `ports` changed to a free port. The
+    /// free ports come back bound, in the order of `ports`: whoever plays a server the README
+    /// only names (a cloud load balancer) serves on its listener; the others are dropped just
+    /// before the script binds their ports.
+    pub fn script(&self, ports: &[u16]) -> (String, Vec<TcpListener>) {
+        // All held at once so that they differ.
         let held: Vec<TcpListener> = ports
             .iter()
             .map(|_| TcpListener::bind("127.0.0.1:0").expect("binding a free port"))
@@ -120,7 +123,7 @@ impl Section {
             .zip(&held)
             .map(|(port, l)| (*port, l.local_addr().expect("address").port()))
             .collect();
-        substitute_ports(&self.code(), &free)
+        (substitute_ports(&self.code(), &free), held)
     }
 }
 
@@ -161,6 +164,16 @@ impl Run {
     /// `tether` first on `PATH`, killing its process group when it ends or at `deadline`.
     pub fn execute(script: &str, deadline: Duration) -> Run {
         let dir = tempfile::tempdir().expect("temp dir");
+        Self::execute_in(dir, script, &Shell::default(), deadline)
+    }
+
+    /// [`Run::execute`] in `dir`, with `shell`'s additions to the environment.
+    pub fn execute_in(
+        dir: tempfile::TempDir,
+        script: &str,
+        shell: &Shell,
+        deadline: Duration,
+    ) -> Run {
         std::fs::write(dir.path().join("script.sh"), script).expect("writing the script");
         let transcript_path = dir.path().join("transcript");
         let out = File::create(&transcript_path).expect("transcript file");
@@ -168,7 +181,8 @@ impl Run {
         let mut child = Command::new("bash")
             .args(["-euo", "pipefail", "script.sh"])
             .current_dir(dir.path())
-            .env("PATH", search_path())
+            .env("PATH", search_path(&shell.path))
+            .envs(shell.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)
@@ -218,6 +232,11 @@ impl Run {
         report
     }
 
+    /// Whether the script ran to its end with status 0.
+    pub fn succeeded(&self) -> bool {
+        self.status.is_some_and(|s| s.success())
+    }
+
     /// Fails, with the report, unless the script ran to its end with status 0.
     pub fn assert_succeeded(&self) {
         match self.status {
@@ -240,16 +259,26 @@ impl Run {
     }
 }
 
-/// `PATH` with the directory of the built `tether` first.
-fn search_path() -> String {
+/// What a script's environment adds to the test's own.
+#[derive(Default)]
+pub struct Shell {
+    /// Directories put on `PATH` after the built `tether`'s (the tools the README uses).
+    pub path: Vec<PathBuf>,
+    /// Variables set for the script (such as `KUBECONFIG`).
+    pub env: Vec<(String, PathBuf)>,
+}
+
+/// `PATH` with the directory of the built `tether` first, then `extra`.
+fn search_path(extra: &[PathBuf]) -> String {
     let bin = Path::new(env!("CARGO_BIN_EXE_tether"))
         .parent()
         .expect("tether's directory");
-    format!(
-        "{}:{}",
-        bin.display(),
-        std::env::var("PATH").unwrap_or_default()
-    )
+    let mut dirs = vec![bin.to_path_buf()];
+    dirs.extend(extra.iter().cloned());
+    let mut path = std::env::join_paths(dirs).expect("PATH entries");
+    path.push(":");
+    path.push(std::env::var_os("PATH").unwrap_or_default());
+    path.to_string_lossy().into_owned()
 }
 
 /// Kills the process group the script leads: bash, and what it started in the background.
