@@ -53,9 +53,11 @@ async fn in_kubernetes_works_as_written() {
     let _root_node = Node::start(root, &pods.path().join("root"), Some(balancer));
     let _leaf_node = Node::start(leaf, &pods.path().join("leaf"), None);
 
+    let started = std::time::Instant::now();
     let run = tokio::task::spawn_blocking(move || Run::execute_in(dir, &script, &shell, DEADLINE))
         .await
         .expect("running the script");
+    eprintln!("the Kubernetes section ran in {:?}", started.elapsed());
     let pod_logs = pod_logs(pods.path());
     if !run.succeeded() {
         panic!("{}\n{pod_logs}", run.report());
@@ -77,6 +79,17 @@ async fn in_kubernetes_works_as_written() {
         .find(|l| l.starts_with("leaf-1 "))
         .unwrap_or_else(|| panic!("no RemoteCluster row\n{}", run.report()));
     assert!(leaf_row.contains("Online"), "{leaf_row}\n{}", run.report());
+    // The hand-written tunnel of `leaf-2`, admitted by the RemoteCluster the README writes.
+    let by_hand = run
+        .transcript()
+        .lines()
+        .find(|l| l.starts_with("leaf-2 ") && l.contains(" root "))
+        .unwrap_or_else(|| panic!("no ReverseTunnel row for leaf-2\n{}", run.report()));
+    assert!(
+        by_hand.contains(" Connected "),
+        "{by_hand}\n{}",
+        run.report()
+    );
 }
 
 /// A kubeconfig with contexts `root` and `leaf`, one per control plane, as admin.

@@ -1,20 +1,26 @@
 //! The README's shell blocks, run as written.
 //!
 //! A README that does not work pasted is the first thing a new user meets (issue #14: a token
-//! file never created, a fictitious peer re-dialled forever, processes in the foreground). So
-//! the blocks are not copied into a test: they are read from `README.md` at test time, by
-//! section, and run with `bash -euo pipefail` in an empty directory, with the freshly built
-//! `tether` first on `PATH`. The only change made to them is the one the README itself
-//! announces: its fixed ports become free ones.
+//! file never created, a fictitious peer re-dialled forever, processes in the foreground, a
+//! namespace never created, a required chart value missing). So the blocks are not copied
+//! into a test: they are read from `README.md` at test time, by section, and run with
+//! `bash -euo pipefail` in an empty directory, with the freshly built `tether` first on
+//! `PATH`. The only change made to them is the one the README itself announces: its fixed
+//! ports become free ones.
 //!
 //! ```text
 //!   README.md ── "## Running it by hand" ──► ```sh blocks ──► ports 3024… → free ports
-//!                                                                   │
-//!   temp dir ◄── bash -euo pipefail script.sh (own process group) ◄─┘
+//!             ── "## In Kubernetes" ───────►                          │
+//!   temp dir ◄── bash -euo pipefail script.sh (own process group) ◄──┘
 //!       │  transcript (stdout + stderr), *.log of the background processes
 //!       ▼
-//!   asserted: exit 0, every client printed the leaf's page, the refused dial was refused
+//!   by hand:    exit 0, every client printed the leaf's page, the refused dial was refused
+//!   Kubernetes: exit 0, `kubectl get rt` Connected 3/3 (joined, and written by hand with
+//!               the root's RemoteCluster), the root's RemoteCluster Online
 //! ```
+//!
+//! The Kubernetes section runs against two real API servers (contexts `root` and `leaf`);
+//! [`kubelet`] plays the nodes, the EndpointSlice controller and the load balancer.
 
 #[path = "../common/mod.rs"]
 mod common;
