@@ -317,8 +317,12 @@ impl State {
                     Some(json!({"name": p["name"], "port": host, "protocol": "TCP"}))
                 })
                 .collect();
-            if let Some(port) = ports.first().and_then(|p| p["port"].as_u64()) {
-                backends.push(SocketAddr::new([127, 0, 0, 1].into(), port as u16));
+            if let Some(port) = ports
+                .first()
+                .and_then(|p| p["port"].as_u64())
+                .and_then(|p| u16::try_from(p).ok())
+            {
+                backends.push(SocketAddr::new([127, 0, 0, 1].into(), port));
             }
             let slice: EndpointSlice = serde_json::from_value(json!({
                 "metadata": {"name": label(&pod.name), "labels": {"kubernetes.io/service-name": name}},
@@ -339,6 +343,9 @@ impl State {
             }
         }
         if spec["type"] == "LoadBalancer" {
+            if backends.is_empty() {
+                return Err(format!("{key}: no pod port for its load balancer"));
+            }
             let listener = self
                 .balancer
                 .take()

@@ -9,11 +9,13 @@
 //! ports become free ones.
 //!
 //! ```text
-//!   README.md ── "## Running it by hand" ──► ```sh blocks ──► ports 3024… → free ports
+//!   README.md ── "## Quickstart" ──────────► `cargo run -- demo` as `tether demo`
+//!             ── "## Running it by hand" ──► ```sh blocks ──► ports 3024… → free ports
 //!             ── "## In Kubernetes" ───────►                          │
 //!   temp dir ◄── bash -euo pipefail script.sh (own process group) ◄──┘
 //!       │  transcript (stdout + stderr), *.log of the background processes
 //!       ▼
+//!   quickstart: exit 0, the demo's closing line
 //!   by hand:    exit 0, every client printed the leaf's page, the refused dial was refused
 //!   Kubernetes: exit 0, `kubectl get rt` Connected 3/3 (joined, and written by hand with
 //!               the root's RemoteCluster), the root's RemoteCluster Online
@@ -85,6 +87,27 @@ fn running_it_by_hand_works_as_written() {
     // The dial the allow-list refuses is refused by the agent, and said so.
     run.assert_contains("the dial to 127.0.0.1:22 in cluster leaf is forbidden");
     run.assert_contains("refused: not on the agent's --allow list");
+}
+
+/// How long `tether demo` may take (about 1.4 s on an idle machine).
+const DEMO_DEADLINE: Duration = Duration::from_secs(60);
+
+#[test]
+fn the_quickstart_demo_runs_as_written() {
+    let section = Section::read("## Quickstart");
+    let demo: Vec<String> = section
+        .code()
+        .lines()
+        .filter(|l| l.starts_with("cargo run -- "))
+        // The one change the README announces: the built binary for `cargo run --`.
+        .map(|l| l.replacen("cargo run --", "tether", 1))
+        .collect();
+    assert_eq!(demo.len(), 1, "one `cargo run -- demo` line: {demo:?}");
+    let run = Run::execute(&demo[0], DEMO_DEADLINE);
+    run.assert_succeeded();
+    run.assert_contains(
+        "demo finished: three tunnels up, a dial through them, allow-list enforced",
+    );
 }
 
 #[test]
