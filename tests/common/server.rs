@@ -108,7 +108,13 @@ pub fn run_dir() -> Result<PathBuf, String> {
         .and_then(|p| p.file_stem().map(|s| s.to_string_lossy().into_owned()))
         .unwrap_or_else(|| "test".into());
     let exe: String = exe.chars().take(40).collect();
-    let dir = base.join(format!("{exe}-{}", std::process::id()));
+    // A second control plane in one process (tests/readme: a root and a leaf cluster) needs a
+    // directory of its own; the pid stays last, for the clean-up above.
+    static STARTED: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let dir = match STARTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed) {
+        0 => base.join(format!("{exe}-{}", std::process::id())),
+        n => base.join(format!("{exe}-{n}-{}", std::process::id())),
+    };
     let _ = fs::remove_dir_all(&dir);
     fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
     Ok(dir)
