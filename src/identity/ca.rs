@@ -12,7 +12,7 @@ use russh::keys::ssh_key::{Certificate, PrivateKey, PublicKey};
 use crate::protocol::target::ClusterName;
 
 use super::error::IdentityError;
-use super::keypair::{Overwrite, generate_key, read_private_key, write_key_pair};
+use super::keyfile::{Overwrite, generate_key, read_private_key, write_key_pair};
 use super::role::{ROLE_EXTENSION, Role};
 
 /// The comment `tether ca init` gives a CA key, followed by the cluster's name: the key says

@@ -16,6 +16,7 @@
 
 mod ca;
 mod error;
+mod keyfile;
 mod keypair;
 mod role;
 mod trust;
@@ -26,7 +27,8 @@ mod tests;
 
 pub use ca::{CLOCK_SKEW_ALLOWANCE, CertificateAuthority};
 pub use error::{AuthError, IdentityError, Timestamp};
-pub use keypair::{Identity, check_key_permissions};
+pub use keyfile::check_key_permissions;
+pub use keypair::Identity;
 pub use role::{ROLE_EXTENSION, Role};
 pub use trust::{TrustSource, TrustStore, parse_ca_keys, same_keys};
 pub use verify::{

@@ -25,7 +25,7 @@ use russh::keys::ssh_key::{Certificate, PublicKey};
 use crate::protocol::target::ClusterName;
 
 use super::error::{AuthError, IdentityError};
-use super::keypair::read_to_string;
+use super::keyfile::read_to_string;
 use super::role::Role;
 use super::verify::{check_user, validate_user_name};
 
