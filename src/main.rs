@@ -25,8 +25,8 @@ mod cli;
 #[command(name = "tether", version, about = "Reverse tunnels between clusters")]
 struct Cli {
     /// Log format.
-    #[arg(long, global = true, default_value = "text", value_parser = ["text", "json"])]
-    log_format: String,
+    #[arg(long, global = true, value_enum, default_value_t = cli::output::LogFormat::Text)]
+    log_format: cli::output::LogFormat,
     /// What to log: a level (`debug`, `warn`) or a filter (`info,tether::proxy=debug`).
     /// Without it, `RUST_LOG` applies, else `info`.
     #[arg(long, global = true, env = "TETHER_LOG_LEVEL")]
@@ -194,7 +194,7 @@ struct DialArgs {
 fn main() -> std::process::ExitCode {
     tether::stream::tune_allocator();
     let cli = Cli::parse();
-    let result = cli::output::init_logging(&cli.log_format, cli.log_level.as_deref())
+    let result = cli::output::init_logging(cli.log_format, cli.log_level.as_deref())
         .map_err(anyhow::Error::from)
         .and_then(|()| {
             let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -47,8 +47,17 @@ pub fn use_colour(is_terminal: bool, no_color: Option<&std::ffi::OsStr>) -> bool
     is_terminal && no_color.is_none_or(|v| v.is_empty())
 }
 
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// One human-readable line per event.
+    Text,
+    /// One JSON object per line, for log collectors.
+    Json,
+}
+
 /// Installs the process's log subscriber (text or JSON lines) on standard error.
-pub fn init_logging(format: &str, level: Option<&str>) -> Result<(), LogLevelError> {
+pub fn init_logging(format: LogFormat, level: Option<&str>) -> Result<(), LogLevelError> {
     let filter = log_filter(level)?;
     let colour = use_colour(
         std::io::stderr().is_terminal(),
@@ -58,10 +67,9 @@ pub fn init_logging(format: &str, level: Option<&str>) -> Result<(), LogLevelErr
         .with_env_filter(filter)
         .with_ansi(colour)
         .with_writer(std::io::stderr);
-    if format == "json" {
-        builder.json().init();
-    } else {
-        builder.init();
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
     }
     Ok(())
 }
