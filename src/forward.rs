@@ -72,11 +72,11 @@ pub enum ForwardError {
 /// answer. Returns the connection ready to carry the target's bytes.
 pub async fn connect(config: &ForwardConfig) -> Result<TcpStream, ForwardError> {
     let (name, port) = config.target.to_name();
-    let (stream, status_line) = within(config, ask(config, &name, port)).await?;
-    if status_code(&status_line) == Some(200) {
+    let (stream, answer) = within(config, ask(config, &name, port)).await?;
+    if answer.code == 200 {
         Ok(stream)
     } else {
-        Err(ForwardError::Refused(status_line))
+        Err(ForwardError::Refused(answer.status_line))
     }
 }
 
@@ -89,13 +89,13 @@ const CHECK_TARGET: &str = "tether-start-up-check.invalid";
 /// The entry checks credentials before the target, and the target asked for is one it refuses
 /// without dialling.
 pub async fn check_entry(config: &ForwardConfig) -> Result<(), ForwardError> {
-    let (_, status_line) = within(config, ask(config, CHECK_TARGET, 1)).await?;
-    match status_code(&status_line) {
-        Some(400) => Ok(()),
-        Some(407) => Err(ForwardError::BadToken {
+    let (_, answer) = within(config, ask(config, CHECK_TARGET, 1)).await?;
+    match answer.code {
+        400 => Ok(()),
+        407 => Err(ForwardError::BadToken {
             user: config.user.clone(),
         }),
-        _ => Err(ForwardError::Refused(status_line)),
+        _ => Err(ForwardError::Refused(answer.status_line)),
     }
 }
 
@@ -108,13 +108,21 @@ async fn within<T>(
         .map_err(|_| ForwardError::Timeout(config.connect_timeout))?
 }
 
-/// Sends `CONNECT name:port` with the client's credentials; the connection and the answer's
-/// status line. Nothing past the answer's head is read: it belongs to the target.
+/// The entry's answer to a `CONNECT`.
+struct Answer {
+    /// The HTTP status code.
+    code: u16,
+    /// The status line as the entry wrote it, for an error message.
+    status_line: String,
+}
+
+/// Sends `CONNECT name:port` with the client's credentials; the connection and the entry's
+/// answer. Nothing past the answer's head is read: it belongs to the target.
 async fn ask(
     config: &ForwardConfig,
     name: &str,
     port: u16,
-) -> Result<(TcpStream, String), ForwardError> {
+) -> Result<(TcpStream, Answer), ForwardError> {
     let mut stream = TcpStream::connect(config.entry.as_str()).await?;
     stream.set_nodelay(true)?;
     let credentials = base64::engine::general_purpose::STANDARD
@@ -133,17 +141,32 @@ async fn ask(
         let byte = stream.read_u8().await?;
         head.push(byte);
     }
-    let status_line = head
-        .split(|&b| b == b'\r')
-        .next()
-        .map(|l| String::from_utf8_lossy(l).into_owned())
-        .unwrap_or_default();
-    Ok((stream, status_line))
+    let answer = parse_answer(&head)?;
+    Ok((stream, answer))
 }
 
-/// The code of an HTTP status line (`HTTP/1.1 407 Proxy Authentication Required` → 407).
-fn status_code(status_line: &str) -> Option<u16> {
-    status_line.split_whitespace().nth(1)?.parse().ok()
+/// Reads a complete response head.
+fn parse_answer(head: &[u8]) -> Result<Answer, ForwardError> {
+    let mut headers = [httparse::EMPTY_HEADER; 32];
+    let mut response = httparse::Response::new(&mut headers);
+    let not_http = |why: String| ForwardError::Refused(format!("not an HTTP answer: {why}"));
+    match response.parse(head) {
+        Ok(httparse::Status::Complete(_)) => {}
+        Ok(httparse::Status::Partial) => return Err(not_http("incomplete head".into())),
+        Err(e) => return Err(not_http(e.to_string())),
+    }
+    let code = response
+        .code
+        .ok_or_else(|| not_http("no status code".into()))?;
+    let status_line = format!(
+        "HTTP/1.{} {code} {}",
+        response.version.unwrap_or(1),
+        response.reason.unwrap_or("")
+    );
+    Ok(Answer {
+        code,
+        status_line: status_line.trim_end().to_owned(),
+    })
 }
 
 /// Serves `listener` until the task is dropped: each connection is carried to the target.
@@ -187,4 +210,25 @@ pub async fn bind(listen: SocketAddr) -> io::Result<(TcpListener, SocketAddr)> {
     let listener = TcpListener::bind(listen).await?;
     let addr = listener.local_addr()?;
     Ok((listener, addr))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn answers_are_read_by_their_status_code() {
+        let ok = parse_answer(b"HTTP/1.1 200 Connection established\r\n\r\n").expect("200");
+        assert_eq!(ok.code, 200);
+        assert_eq!(ok.status_line, "HTTP/1.1 200 Connection established");
+        let refused = parse_answer(
+            b"HTTP/1.1 407 Proxy Authentication Required\r\nProxy-Authenticate: Basic\r\n\r\n",
+        )
+        .expect("407");
+        assert_eq!(refused.code, 407);
+        for garbage in [&b"SSH-2.0-OpenSSH_9.2\r\n\r\n"[..], b"HTTP/1.1 abc\r\n\r\n"] {
+            let err = parse_answer(garbage).err().expect("not HTTP");
+            assert!(err.to_string().contains("not an HTTP answer"), "{err}");
+        }
+    }
 }
