@@ -453,9 +453,10 @@ async fn a_token_joins_the_leaf_and_bad_tokens_say_why() {
 }
 
 /// A mistyped token Secret, then corrected (issue #14): the operator watches the Secret, so the
-/// leaf joins as soon as the token is right, not at the retry 60 s after the refusal.
+/// leaf joins as soon as the token is right, not at the retry 60 s after the refusal. Then an
+/// edit of the tunnel it owns is replaced, not a reason to stop reconciling.
 #[tokio::test]
-async fn a_corrected_token_secret_joins_at_once() {
+async fn a_corrected_token_joins_at_once_and_its_tunnel_follows_the_trusted_cluster() {
     let cp = common::control_plane().await;
     let client = cp.kube_client();
     install_crds(&client).await;
@@ -518,6 +519,40 @@ async fn a_corrected_token_secret_joins_at_once() {
         "joined {took:?} after the correction"
     );
     eprintln!("a corrected token Secret joined {took:?} after the correction");
+
+    // Day two: someone edits the tunnel the TrustedCluster owns (as `kubectl edit` would, taking
+    // the field). The TrustedCluster is its source: the edit is replaced, and reconciling goes
+    // on (it stopped at TunnelNameTaken, a conflict with the editor, until the tunnel was
+    // deleted).
+    let rts: Api<ReverseTunnel> = Api::namespaced(client.clone(), &leaf_ns);
+    eventually("the TrustedCluster's ReverseTunnel", || async {
+        rts.get_opt("fix").await.ok()?
+    })
+    .await;
+    let edit = json!({ "spec": { "allow": ["127.0.0.1/32:9"] } });
+    let by_hand = PatchParams {
+        field_manager: Some("kubectl-edit".into()),
+        ..PatchParams::default()
+    };
+    rts.patch("fix", &by_hand, &Patch::Merge(&edit))
+        .await
+        .expect("editing the tunnel");
+    eventually("the edit replaced by the TrustedCluster's spec", || async {
+        let rt = rts.get_opt("fix").await.ok()??;
+        rt.spec.allow.is_empty().then_some(())
+    })
+    .await;
+    let tc = tcs.get("fix").await.expect("tc");
+    let reasons: Vec<String> = tc
+        .status
+        .into_iter()
+        .flat_map(|s| s.conditions)
+        .map(|c| c.reason)
+        .collect();
+    assert!(
+        !reasons.iter().any(|r| r == "TunnelNameTaken"),
+        "{reasons:?}"
+    );
     operator.cancel();
     stop.cancel();
 }

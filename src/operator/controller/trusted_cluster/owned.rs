@@ -73,15 +73,25 @@ pub(super) async fn ensure_tunnel(
         )
     })?;
     let uid = tc.uid();
-    if existing.is_some_and(|rt| {
-        rt.spec == spec
-            && rt
-                .owner_references()
-                .iter()
-                .any(|o| Some(&o.uid) == uid.as_ref())
-    }) {
+    let ours = existing.as_ref().is_some_and(|rt| {
+        rt.owner_references()
+            .iter()
+            .any(|o| Some(&o.uid) == uid.as_ref())
+    });
+    if ours && existing.as_ref().is_some_and(|rt| rt.spec == spec) {
         return Ok(Some(name));
     }
+    // Our own tunnel, edited by hand (`kubectl edit` takes the fields it changed): this object
+    // is its source, so the edit is replaced, by force, and said in the log. A tunnel of the
+    // same name that is not ours stays untouched: applying without force conflicts.
+    let params = if ours {
+        if existing.is_some() {
+            info!(trusted_cluster = %name, "restoring the ReverseTunnel's spec from its TrustedCluster (edit the TrustedCluster instead)");
+        }
+        PatchParams::apply(FIELD_MANAGER).force()
+    } else {
+        PatchParams::apply(FIELD_MANAGER)
+    };
     let patch = json!({
         "apiVersion": "tether.dev/v1alpha1",
         "kind": "ReverseTunnel",
@@ -93,16 +103,15 @@ pub(super) async fn ensure_tunnel(
         "spec": spec,
     });
     tunnels
-        .patch(
-            &name,
-            &PatchParams::apply(FIELD_MANAGER),
-            &Patch::Apply(&patch),
-        )
+        .patch(&name, &params, &Patch::Apply(&patch))
         .await
         .map_err(|e| match &e {
             kube::Error::Api(s) if s.code == 409 => Blocked::new(
                 "TunnelNameTaken",
-                format!("ReverseTunnel {name} exists and is managed by someone else: {e}"),
+                format!(
+                    "ReverseTunnel {name} exists and belongs to someone else ({}); rename this TrustedCluster or delete that tunnel",
+                    s.message
+                ),
                 Some(Duration::from_secs(60)),
             ),
             _ => Blocked::new(
