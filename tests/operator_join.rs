@@ -18,7 +18,6 @@ use tokio_util::sync::CancellationToken;
 
 use tether::demo::echo_server;
 use tether::identity::{CertificateAuthority, TrustStore, fingerprint};
-use tether::operator::OperatorConfig;
 use tether::operator::crd::reverse_tunnel::Phase;
 use tether::operator::crd::{ConditionStatus, RemoteCluster, ReverseTunnel, TrustedCluster};
 use tether::operator::root::tokens::token_secret;
@@ -26,7 +25,7 @@ use tether::operator::root::{self, KubeJoinAuthority};
 use tether::protocol::ClusterName;
 use tether::protocol::join::JoinToken;
 use tether::proxy::{JoinAuthority, ProxyServer};
-use tunnel_e2e::{echo_through, eventually, install_crds, secret};
+use tunnel_e2e::{echo_through, eventually, install_crds, secret, start_operator};
 
 fn name(s: &str) -> ClusterName {
     ClusterName::new(s).expect("valid cluster name")
@@ -180,18 +179,7 @@ async fn a_token_joins_the_leaf_and_bad_tokens_say_why() {
         .await
         .expect("token Secret");
 
-    let operator = CancellationToken::new();
-    {
-        let (client, ns, stop) = (client.clone(), leaf_ns.clone(), operator.clone());
-        tokio::spawn(async move {
-            let config = OperatorConfig {
-                namespace: Some(ns),
-                leader_election: None,
-                instance: Some("test".into()),
-            };
-            tether::operator::run(client, config, stop).await
-        });
-    }
+    let operator = start_operator(client.clone(), &leaf_ns, None);
     let allow = vec![format!("127.0.0.1/32:{}", echo.port())];
     // The shipped example, pointed at this root and this echo server.
     let text = std::fs::read_to_string(concat!(
@@ -473,18 +461,7 @@ async fn a_corrected_token_joins_at_once_and_its_tunnel_follows_the_trusted_clus
         .create(&PostParams::default(), &typo)
         .await
         .expect("token Secret");
-    let operator = CancellationToken::new();
-    {
-        let (client, ns, stop) = (client.clone(), leaf_ns.clone(), operator.clone());
-        tokio::spawn(async move {
-            let config = OperatorConfig {
-                namespace: Some(ns),
-                leader_election: None,
-                instance: Some("test".into()),
-            };
-            tether::operator::run(client, config, stop).await
-        });
-    }
+    let operator = start_operator(client.clone(), &leaf_ns, None);
     let root_addr = proxy.local_addr().to_string();
     tcs.create(
         &PostParams::default(),
