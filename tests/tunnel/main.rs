@@ -7,6 +7,7 @@ mod auth;
 mod data;
 mod entry;
 mod join;
+mod leaving;
 mod liveness;
 mod metrics;
 mod policy;
