@@ -61,17 +61,25 @@ async fn a_leaving_agent_keeps_its_tunnel_until_the_proxy_has_written_out_every_
     let (mut client, _splice) = attach(conn, 16 * 1024);
     client.write_all(b"request").await.expect("request");
     client.shutdown().await.expect("half-close");
-    within("the target's answer", Duration::from_secs(10), answered.wait_for(|a| *a))
-        .await
-        .expect("target");
+    within(
+        "the target's answer",
+        Duration::from_secs(10),
+        answered.wait_for(|a| *a),
+    )
+    .await
+    .expect("target");
 
     // The agent's end of the stream is over (the target closed); the client has read nothing.
     rig.stop.cancel();
     let sites = rig.proxy.sites();
-    wait_for("the proxy to see the agent leave", Duration::from_secs(10), || {
-        let tunnels = sites.tunnels_of(&leaf());
-        !tunnels.is_empty() && tunnels.iter().all(|t| t.is_leaving())
-    })
+    wait_for(
+        "the proxy to see the agent leave",
+        Duration::from_secs(10),
+        || {
+            let tunnels = sites.tunnels_of(&leaf());
+            !tunnels.is_empty() && tunnels.iter().all(|t| t.is_leaving())
+        },
+    )
     .await;
     let leaving_seen = Instant::now();
     // Either the agent has closed the tunnel (the bug), or it is still there, heartbeating
@@ -101,8 +109,10 @@ async fn a_leaving_agent_keeps_its_tunnel_until_the_proxy_has_written_out_every_
         received.len()
     );
     // With the stream over, the proxy lets the agent go.
-    wait_for("the proxy to close the tunnel", Duration::from_secs(10), || {
-        sites.tunnels_of(&leaf()).is_empty()
-    })
+    wait_for(
+        "the proxy to close the tunnel",
+        Duration::from_secs(10),
+        || sites.tunnels_of(&leaf()).is_empty(),
+    )
     .await;
 }
