@@ -82,18 +82,25 @@ async fn a_leaving_agent_keeps_its_tunnel_until_the_proxy_has_written_out_every_
     )
     .await;
     let leaving_seen = Instant::now();
-    // Either the agent has closed the tunnel (the bug), or it is still there, heartbeating
-    // after it said it leaves: the proxy has a stream to finish on it.
+    // Either the agent has closed the tunnel (the bug), or it is still there past the point
+    // where the proxy's watchdog would have declared it dead had the agent stopped its
+    // heartbeats when it said it leaves: the proxy has a stream to finish on it.
     wait_for(
-        "a heartbeat from the leaving agent, or its tunnel closed",
+        "the leaving agent's tunnel kept alive past the heartbeat timeout, or closed",
         Duration::from_secs(10),
         || match sites.tunnels_of(&leaf()).first() {
             None => true,
-            Some(t) => t.since_heartbeat() < leaving_seen.elapsed(),
+            Some(t) => {
+                leaving_seen.elapsed() > t.offline_after
+                    && t.since_heartbeat() < leaving_seen.elapsed()
+            }
         },
     )
     .await;
-
+    assert!(
+        sites.tunnels_of(&leaf()).iter().all(|t| t.is_usable()),
+        "the proxy declared the leaving agent's tunnel dead"
+    );
     let mut received = Vec::new();
     within(
         "the response",
