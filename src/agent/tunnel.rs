@@ -342,7 +342,7 @@ impl Tunnel {
                     let data = match msg {
                         Some(ChannelMsg::Data { data }) => data,
                         Some(ChannelMsg::Eof | ChannelMsg::Close) | None if leaving.is_some() => {
-                            info!(proxy = %self.proxy_id, "the proxy closed the tunnel: its streams have ended");
+                            info!(proxy = %self.proxy_id, "the proxy closed the tunnel: its streams on it have ended (or it went away)");
                             return Ok(());
                         }
                         Some(ChannelMsg::Eof | ChannelMsg::Close) | None => {
