@@ -9,6 +9,7 @@ pub mod allow_list;
 pub mod claims;
 pub mod config;
 pub mod connect;
+mod handler;
 pub mod join;
 pub mod pool;
 pub mod status;

@@ -329,7 +329,18 @@ impl Pool {
         for h in held.values() {
             h.stop.cancel();
         }
-        while tasks.join_next().await.is_some() {}
+        while let Some(joined) = tasks.join_next().await {
+            // A dial that completed after the stop: the proxy may already have sent a dial
+            // through the new tunnel, so it leaves like the others rather than being dropped.
+            if let Ok(Outcome::Dialled(Ok(tunnel))) = joined {
+                let stop = stop.clone();
+                tasks.spawn(async move {
+                    let proxy_id = tunnel.proxy_id.clone();
+                    let result = tunnel.run(stop, None).await;
+                    Outcome::Ended { proxy_id, result }
+                });
+            }
+        }
         self.status.send_replace(PoolStatus::default());
         let _ = self.events.send(AgentEvent::Closed);
     }

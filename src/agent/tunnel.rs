@@ -1,33 +1,32 @@
-//! One agent connection to one proxy: authenticate both ways, keep heartbeats, serve dials.
+//! One agent connection to one proxy: authenticate both ways, keep heartbeats, and leave
+//! cleanly (the proxy closes a leaving agent's tunnel once its streams have ended: see
+//! [`Tunnel::run`]). The dials the proxy opens are served by `super::handler`.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use russh::client::{self, Handle, Msg, Session};
-use russh::{Channel, ChannelMsg, ChannelOpenFailure, ChannelReadHalf, ChannelWriteHalf};
+use russh::client::{self, Handle, Msg};
+use russh::{ChannelMsg, ChannelReadHalf, ChannelWriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{Instrument, debug, info, info_span, warn};
+use tracing::{debug, info, warn};
 
 use super::claims::{Claim, Claims};
 use super::config::AgentConfig;
-use super::connect::connect_via;
-use crate::admin::metrics::{METRICS, label};
+use super::handler::AgentHandler;
+use crate::admin::metrics::METRICS;
 use crate::protocol::control::{
     self, AgentMessage, CONTROL_SUBSYSTEM, ChannelReadError, FrameReader, ProxyInfo, ProxyMessage,
 };
-use crate::protocol::stream::{CONTROL_EXT, StreamControl};
-use crate::protocol::{DialError, DialErrorKind, Endpoint, busy, ssh};
-use crate::stream::{HandshakeGuard, Splice, TunnelStream, WindowBudget};
+use crate::protocol::{busy, ssh};
+use crate::stream::HandshakeGuard;
 
 /// How long a stopping agent lets its streams in flight finish before it closes a tunnel
-/// (within the operator's stop grace and a pod's 30 s termination grace).
+/// itself (within the operator's stop grace and a pod's 30 s termination grace). Normally the
+/// proxy closes it first, as soon as its last stream has ended (see [`Tunnel::run`]).
 pub const LEAVE_GRACE: Duration = Duration::from_secs(10);
-/// How long a stopping agent waits, after saying it leaves, for dials the proxy sent just
-/// before it read that (a loopback round trip takes well under a millisecond; a WAN one, 200 ms).
-const LEAVE_SETTLE: Duration = Duration::from_millis(300);
 
 /// Why a tunnel could not be set up or ended.
 #[derive(Debug, thiserror::Error)]
@@ -73,212 +72,6 @@ pub enum TunnelEvent {
     Draining { proxy_id: String },
     /// The proxy answered a heartbeat.
     Heartbeat { proxy_id: String },
-}
-
-/// What key exchange concluded about the proxy: its ID and claim, or why it was refused.
-type Verdict = Result<(String, Option<Claim>), TunnelError>;
-
-/// Verifies the proxy, answers dials.
-struct AgentHandler {
-    config: Arc<AgentConfig>,
-    /// What key exchange learned: the proxy's claim, or why it was refused.
-    verdict: Arc<Mutex<Option<Verdict>>>,
-    /// Proxies already held; `None` when the caller does not track claims.
-    claims: Option<Claims>,
-    tasks: TaskTracker,
-    /// What the streams of this tunnel may grow their receive windows by, together.
-    window_budget: Arc<WindowBudget>,
-}
-
-impl client::Handler for AgentHandler {
-    type Error = russh::Error;
-
-    async fn check_server_key(
-        &mut self,
-        key: &russh::keys::PublicKeyOrCertificate,
-    ) -> Result<bool, Self::Error> {
-        let verdict = match ssh::verify_proxy_key(
-            key,
-            &self.config.root_cas,
-            &self.config.root_cluster,
-        ) {
-            Ok(id) => match &self.claims {
-                None => Ok((id, None)),
-                Some(claims) => match claims.try_claim(&id) {
-                    Some(claim) => Ok((id, Some(claim))),
-                    None => {
-                        debug!(proxy = %id, "already holding a tunnel to this proxy; closing early");
-                        Err(TunnelError::AlreadyClaimed(id))
-                    }
-                },
-            },
-            Err(reason) => {
-                warn!(%reason, "refusing the proxy");
-                Err(TunnelError::UntrustedProxy(reason))
-            }
-        };
-        let accept = verdict.is_ok();
-        *self.verdict.lock().unwrap_or_else(|p| p.into_inner()) = Some(verdict);
-        Ok(accept)
-    }
-
-    async fn server_channel_open_forwarded_tcpip(
-        &mut self,
-        channel: Channel<Msg>,
-        connected_address: &str,
-        connected_port: u32,
-        _originator_address: &str,
-        _originator_port: u32,
-        reply: russh::client::ChannelOpenHandle,
-        _session: &mut Session,
-    ) -> Result<(), Self::Error> {
-        let endpoint = Endpoint::from_wire(connected_address, connected_port);
-        let config = self.config.clone();
-        let budget = self.window_budget.clone();
-        let span = info_span!("dial", target = %connected_address, port = connected_port);
-        self.tasks.spawn(
-            async move {
-                reply.accept().await;
-                serve_dial(config, budget, channel, endpoint).await;
-            }
-            .instrument(span),
-        );
-        Ok(())
-    }
-
-    async fn server_channel_open_session(
-        &mut self,
-        _channel: Channel<Msg>,
-        reply: russh::client::ChannelOpenHandle,
-        _session: &mut Session,
-    ) -> Result<(), Self::Error> {
-        refuse(reply, "session").await
-    }
-
-    async fn server_channel_open_direct_tcpip(
-        &mut self,
-        _channel: Channel<Msg>,
-        _host: &str,
-        _port: u32,
-        _oa: &str,
-        _op: u32,
-        reply: russh::client::ChannelOpenHandle,
-        _session: &mut Session,
-    ) -> Result<(), Self::Error> {
-        refuse(reply, "direct-tcpip").await
-    }
-
-    async fn server_channel_open_x11(
-        &mut self,
-        _channel: Channel<Msg>,
-        _oa: &str,
-        _op: u32,
-        reply: russh::client::ChannelOpenHandle,
-        _session: &mut Session,
-    ) -> Result<(), Self::Error> {
-        refuse(reply, "x11").await
-    }
-
-    async fn server_channel_open_agent_forward(
-        &mut self,
-        _channel: Channel<Msg>,
-        reply: russh::client::ChannelOpenHandle,
-        _session: &mut Session,
-    ) -> Result<(), Self::Error> {
-        refuse(reply, "agent forwarding").await
-    }
-
-    async fn server_channel_open_forwarded_streamlocal(
-        &mut self,
-        _channel: Channel<Msg>,
-        _path: &str,
-        reply: russh::client::ChannelOpenHandle,
-        _session: &mut Session,
-    ) -> Result<(), Self::Error> {
-        refuse(reply, "streamlocal").await
-    }
-}
-
-/// Refuses a channel the agent never serves: only dials (`forwarded-tcpip`) are.
-async fn refuse(reply: russh::client::ChannelOpenHandle, kind: &str) -> Result<(), russh::Error> {
-    warn!(kind, "refused a channel opened by the proxy");
-    reply
-        .reject(ChannelOpenFailure::AdministrativelyProhibited)
-        .await;
-    Ok(())
-}
-
-/// Connects to the target the proxy asked for, answers the dial, then carries the bytes.
-async fn serve_dial(
-    config: Arc<AgentConfig>,
-    budget: Arc<WindowBudget>,
-    channel: Channel<Msg>,
-    endpoint: Result<Endpoint, crate::protocol::TargetParseError>,
-) {
-    let (read, write) = channel.split();
-    let connected = match endpoint {
-        Err(e) => Err(DialError::new(DialErrorKind::Other, e.to_string())),
-        Ok(Endpoint::ApiServer) => dial_api_server(&config).await,
-        Ok(Endpoint::Host { host, port }) => {
-            let allow = config.allow.load();
-            connect_via(&config.resolver, &allow, &host, port, config.dial_timeout)
-                .await
-                .map(|(s, _)| s)
-        }
-    };
-    let outcome = match &connected {
-        Ok(_) => "ok",
-        Err(e) => e.kind.as_str(),
-    };
-    METRICS
-        .agent_served
-        .get_or_create(&label("outcome", outcome))
-        .inc();
-    match connected {
-        Ok(target) => {
-            let ok = StreamControl::DialOk.encode();
-            if write.extended_data_bytes(CONTROL_EXT, ok).await.is_err() {
-                return;
-            }
-            let stream = TunnelStream::new(read, write, config.stream, budget);
-            if let Err(e) = stream.splice(target).await {
-                debug!(error = %e, "stream ended with an error");
-            }
-        }
-        Err(e) => {
-            info!(error = %e, "dial refused");
-            let frame = StreamControl::DialFailed(e).encode();
-            let _ = write.extended_data_bytes(CONTROL_EXT, frame).await;
-            let _ = write.close().await;
-        }
-    }
-}
-
-async fn dial_api_server(config: &AgentConfig) -> Result<TcpStream, DialError> {
-    let Some(addr) = &config.api_server else {
-        return Err(DialError::new(
-            DialErrorKind::Forbidden,
-            "this agent exposes no API server",
-        ));
-    };
-    match tokio::time::timeout(config.dial_timeout, TcpStream::connect(addr.as_str())).await {
-        Ok(Ok(s)) => {
-            let _ = s.set_nodelay(true);
-            Ok(s)
-        }
-        Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => Err(DialError::new(
-            DialErrorKind::Refused,
-            format!("the API server at {addr} refused the connection"),
-        )),
-        Ok(Err(e)) => Err(DialError::new(
-            DialErrorKind::Other,
-            format!("the API server at {addr}: {e}"),
-        )),
-        Err(_) => Err(DialError::new(
-            DialErrorKind::TimedOut,
-            format!("the API server at {addr} did not answer"),
-        )),
-    }
 }
 
 /// A tunnel whose hello completed.
@@ -435,6 +228,27 @@ impl Tunnel {
 
     /// Keeps heartbeats until the tunnel fails, the proxy drains it, or `stop` is cancelled.
     /// Discovery announcements go to `events`.
+    ///
+    /// # A clean stop loses no byte
+    ///
+    /// When `stop` is cancelled the agent tells the proxy it is leaving and keeps the tunnel
+    /// (heartbeats included) until the *proxy* closes it, which the proxy does once the last
+    /// stream it carries on this tunnel has ended, or until [`LEAVE_GRACE`] has passed. The
+    /// proxy is the side that can tell: its end of a stream ends only after it has received
+    /// the agent's end and written out everything before it, and it counts the dials it sent
+    /// before it read `Leaving`.
+    ///
+    /// ```text
+    ///  agent ── Leaving ──▶ proxy: no new dial here; open streams 2 … 1 … 0 ── DISCONNECT ──▶
+    ///  agent: streams finish, heartbeats go on ───────────────────────────── session ends
+    /// ```
+    ///
+    /// Before, the agent closed the tunnel as soon as its own streams had ended, and lost
+    /// bytes (1 long stream in 12 across a rolling restart, each ending cleanly without its
+    /// tail): russh's client queues the messages of channels the proxy opened apart from its
+    /// own, so the `disconnect` could overtake a finished stream's last data; and a proxy
+    /// stream still writing out what it had received failed on its first credit grant to the
+    /// closed connection and dropped the rest (`tests/tunnel/leaving.rs`).
     pub async fn run(
         mut self,
         stop: CancellationToken,
@@ -442,10 +256,7 @@ impl Tunnel {
     ) -> Result<(), TunnelError> {
         let result = self.heartbeat_loop(&stop, events.as_ref()).await;
         let reason = match &result {
-            Ok(()) => {
-                self.leave().await;
-                "agent stopping".to_owned()
-            }
+            Ok(()) => "agent stopping".to_owned(),
             Err(e) => e.to_string(),
         };
         let _ = self
@@ -456,24 +267,12 @@ impl Tunnel {
         result
     }
 
-    /// A clean stop: tells the proxy to send no new dial here, then lets the streams in flight
-    /// end (at most [`LEAVE_GRACE`]), so stopping one agent instance fails no dial another
-    /// instance's tunnel can carry. A dial the proxy picked just before it read the message
-    /// is still served.
-    async fn leave(&self) {
-        if send(&self.write, &AgentMessage::Leaving).await.is_err() {
-            return;
-        }
-        self.tasks.close();
-        // The proxy may have sent an open just before it read `Leaving`: give it a moment to
-        // arrive and be counted before waiting for the count to reach zero.
-        tokio::time::sleep(LEAVE_SETTLE).await;
-        if tokio::time::timeout(LEAVE_GRACE, self.tasks.wait())
-            .await
-            .is_err()
-        {
-            warn!(proxy = %self.proxy_id, open = self.tasks.len(), "streams still open after the leave grace; closing the tunnel");
-        }
+    /// Tells the proxy the agent is leaving; returns when to stop waiting for the proxy to
+    /// close the tunnel.
+    async fn start_leaving(&self) -> Result<tokio::time::Instant, TunnelError> {
+        send(&self.write, &AgentMessage::Leaving).await?;
+        info!(proxy = %self.proxy_id, open = self.tasks.len(), "leaving: the proxy closes the tunnel once its streams have ended");
+        Ok(tokio::time::Instant::now() + LEAVE_GRACE)
     }
 
     async fn heartbeat_loop(
@@ -507,9 +306,18 @@ impl Tunnel {
                 })
                 .await;
         }
+        // Set once the agent said it leaves: when it stops waiting for the proxy to close.
+        let mut leaving: Option<tokio::time::Instant> = None;
         loop {
+            let give_up = leaving.unwrap_or_else(far_future);
             tokio::select! {
-                () = stop.cancelled() => return Ok(()),
+                () = stop.cancelled(), if leaving.is_none() => {
+                    leaving = Some(self.start_leaving().await?);
+                }
+                () = tokio::time::sleep_until(give_up), if leaving.is_some() => {
+                    warn!(proxy = %self.proxy_id, open = self.tasks.len(), "the proxy did not close the tunnel within the leave grace; closing it");
+                    return Ok(());
+                }
                 _ = ticker.tick() => {
                     if last_pong.elapsed() > stale_after {
                         return Err(TunnelError::Stale(last_pong.elapsed()));
@@ -533,6 +341,10 @@ impl Tunnel {
                 msg = self.read.wait() => {
                     let data = match msg {
                         Some(ChannelMsg::Data { data }) => data,
+                        Some(ChannelMsg::Eof | ChannelMsg::Close) | None if leaving.is_some() => {
+                            info!(proxy = %self.proxy_id, "the proxy closed the tunnel: its streams on it have ended (or it went away)");
+                            return Ok(());
+                        }
                         Some(ChannelMsg::Eof | ChannelMsg::Close) | None => {
                             return Err(match draining.take() {
                                 Some(reason) => TunnelError::Drained(reason),
@@ -577,6 +389,11 @@ impl Tunnel {
             }
         }
     }
+}
+
+/// A deadline that never comes, for a `sleep_until` arm that is disabled.
+fn far_future() -> tokio::time::Instant {
+    tokio::time::Instant::now() + Duration::from_secs(86_400 * 365)
 }
 
 /// Whether the proxy's first bytes are its busy line (see [`busy`]): peeked, so russh still

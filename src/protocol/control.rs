@@ -45,9 +45,9 @@ pub enum AgentMessage {
     /// The agent has seen a `Reconnect` and is leaving.
     ReconnectAck,
     /// The agent is stopping (its operator replica shuts down): the proxy sends no new dial on
-    /// this tunnel while another tunnel of the site can take it; the agent closes the tunnel
-    /// once the streams in flight have ended. (A proxy that predates this message closes the
-    /// tunnel at once, as the agent's stop did before.)
+    /// this tunnel while another tunnel of the site can take it, and closes the tunnel once the
+    /// streams on it have ended; the agent keeps it (and its heartbeats) until then, at most
+    /// `LEAVE_GRACE`. (A proxy that predates this message closes the tunnel at once.)
     Leaving,
 }
 

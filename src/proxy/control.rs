@@ -28,6 +28,8 @@ const HELD_WARNING_EVERY: Duration = Duration::from_secs(300);
 pub enum ControlEnd {
     #[error("the agent closed the control channel")]
     Closed,
+    #[error("the agent left and its last stream has ended")]
+    Left,
     #[error("no heartbeat for {0:?}")]
     MissedHeartbeats(Duration),
     #[error("protocol error: {0}")]
@@ -116,20 +118,30 @@ pub(super) async fn run(
         Err(e) => ControlEnd::Untrusted(e),
     };
     shared.sites.remove_tunnel(&cluster, tunnel.id);
-    // A tunnel its agent closed (after its streams ended, or killed: the connection is gone
-    // either way) lets russh deliver what its channels already hold: ending them here cut the
-    // last bytes of streams a stopping replica had just finished (1 in 12 across a rolling
-    // restart). Any other end is a dead path: nothing more will come on its streams.
+    // A tunnel its agent closed (killed, or given up waiting: the connection is gone either
+    // way) lets russh deliver what its channels already hold: ending them here cut the last
+    // bytes of streams a stopping replica had just finished. A tunnel whose agent left has no
+    // stream left to end; closing it fails over a dial that picked it a moment ago. Any other
+    // end is a dead path: nothing more will come on its streams.
     if !matches!(end, ControlEnd::Closed) {
         tunnel.close();
     }
     match &end {
         ControlEnd::Closed => info!(tunnel = tunnel.id, "tunnel closed by the agent"),
+        ControlEnd::Left => info!(tunnel = tunnel.id, "the agent left; its streams have ended"),
         other => warn!(tunnel = tunnel.id, reason = %other, "tunnel closed"),
     }
     tunnel.disconnect(&end.to_string()).await;
 }
 
+/// Serves the control channel until the tunnel ends.
+///
+/// An agent that says it is leaving (its replica stops) gets no new dial while the site has
+/// another tunnel, and this proxy closes its tunnel once the last stream on it has ended: only
+/// this side knows when every byte of those streams has arrived here (a stream ends here after
+/// the agent's end of it, and counts from before its channel opened), so the agent waits for
+/// this close rather than closing on its own count, which lost the tail of a stream that had
+/// just ended (the agent's `Tunnel::run` tells how).
 async fn serve(
     shared: &ProxyShared,
     tunnel: &Tunnel,
@@ -164,6 +176,7 @@ async fn serve(
                     Ok(())
                 }
             }
+            () = tunnel.until_idle(), if tunnel.is_leaving() => Err(ControlEnd::Left),
             Ok(()) = peers.changed() => send_discovery(&mut peers, write).await,
             _ = refresh.tick() => send_discovery(&mut peers, write).await,
             () = shared.draining.cancelled(), if !draining => {

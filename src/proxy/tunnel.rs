@@ -113,7 +113,9 @@ pub struct Tunnel {
     /// pending on it and ends its streams without waiting for russh to notice.
     closed: CancellationToken,
     /// The agent said it is stopping (its operator replica shuts down): new dials go to the
-    /// site's other tunnels while one is left, so a rolling restart loses no dial.
+    /// site's other tunnels while one is left, so a rolling restart loses no dial, and the
+    /// control channel closes the tunnel once its last stream has ended (the agent waits for
+    /// that, so no stream loses its tail).
     leaving: std::sync::atomic::AtomicBool,
 }
 
@@ -168,7 +170,8 @@ impl Tunnel {
         }
     }
 
-    /// The agent announced it is stopping: pick this tunnel only when no other is left.
+    /// The agent announced it is stopping: pick this tunnel only when no other is left, and
+    /// close it once idle ([`Tunnel::until_idle`]).
     pub fn set_leaving(&self) {
         self.leaving.store(true, Ordering::Release);
     }

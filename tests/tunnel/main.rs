@@ -8,6 +8,7 @@ mod data;
 mod dial_errors;
 mod entry;
 mod join;
+mod leaving;
 mod liveness;
 mod metrics;
 mod policy;
