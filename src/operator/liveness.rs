@@ -8,11 +8,13 @@
 //! minute per replica, whatever the number of tunnels), and writes its entries only when they
 //! change. The leader reads the Leases of the replicas named in the entries by name (a GET per
 //! replica per poll, no writes) and prunes the entries of a replica whose Lease expired, is
-//! gone, or names another holder ([`Liveness::Dead`]). A replica stopping cleanly deletes its
-//! Lease after removing its entries, so its entries stop counting at once.
+//! gone, or names another holder ([`Liveness::Dead`]), and deletes an expired one (pods come
+//! and go under new names). A replica stopping cleanly removes its entries, then deletes its
+//! Lease.
 //!
-//! A Lease whose renewal was late (the API server unreachable for longer than the Lease) may
-//! have had its entries pruned meanwhile: the renewal loop then bumps an epoch
+//! A replica whose renewal came late (the API server unreachable for longer than the Lease),
+//! or whose Lease the leader deleted meanwhile (a partition, clocks more than [`CLOCK_SKEW`]
+//! apart), may have had its entries pruned: the renewal loop then bumps an epoch
 //! ([`ReplicaLease::run`]) and every status writer of the replica writes its entry again.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -20,7 +22,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
-use kube::api::{DeleteParams, Patch, PatchParams};
+use kube::api::{DeleteParams, Patch, PatchParams, Preconditions};
 use kube::{Api, Client};
 use serde_json::json;
 use tokio::sync::watch;
@@ -92,14 +94,20 @@ impl ReplicaLease {
             .saturating_sub(self.spec.grace)
             .max(Duration::from_secs(1));
         let mut last_ok: Option<Instant> = None;
+        let mut uid: Option<String> = None;
         let mut retry = Duration::from_millis(200);
         loop {
             let wait = match self.renew().await {
-                Ok(()) => {
-                    if last_ok.is_some_and(|t| t.elapsed() >= self.spec.duration) {
-                        info!(lease = %self.name, "renewed the replica Lease after it may have expired; rewriting this replica's status entries");
+                Ok(lease) => {
+                    let late = last_ok.is_some_and(|t| t.elapsed() >= self.spec.duration);
+                    // A new object: the leader judged this replica dead (a partition, clock
+                    // skew) and deleted the Lease, and pruned its entries.
+                    let recreated = uid.is_some() && uid != lease.metadata.uid;
+                    if late || recreated {
+                        info!(lease = %self.name, late, recreated, "the replica Lease may have lapsed; rewriting this replica's status entries");
                         epoch.send_modify(|e| *e += 1);
                     }
+                    uid = lease.metadata.uid;
                     last_ok = Some(Instant::now());
                     retry = Duration::from_millis(200);
                     every
@@ -132,7 +140,7 @@ impl ReplicaLease {
 
     /// One renewal: server-side apply of holder, duration and renewal time (creating the
     /// Lease if missing).
-    async fn renew(&self) -> Result<(), kube::Error> {
+    async fn renew(&self) -> Result<Lease, kube::Error> {
         let now = MicroTime(k8s_openapi::jiff::Timestamp::now());
         let patch = json!({
             "apiVersion": "coordination.k8s.io/v1",
@@ -151,7 +159,6 @@ impl ReplicaLease {
                 &Patch::Apply(&patch),
             )
             .await
-            .map(|_| ())
     }
 }
 
@@ -198,7 +205,8 @@ pub fn judge(lease: &Lease, replica: &str, now: SystemTime) -> Liveness {
 }
 
 /// Reads the replicas' Leases by name (a GET each: the chart grants Leases by name in one
-/// namespace, not a list of them).
+/// namespace, not a list of them), and deletes those that expired: pods come and go under new
+/// names, and a killed one's Lease would otherwise stay forever.
 #[derive(Clone)]
 pub struct LeaseReader {
     /// The namespace's Lease API.
@@ -222,7 +230,13 @@ impl LeaseReader {
                 Liveness::Alive(None)
             } else {
                 match self.api.get_opt(&lease_name(&self.base, replica)).await {
-                    Ok(Some(lease)) => judge(&lease, replica, now),
+                    Ok(Some(lease)) => {
+                        let liveness = judge(&lease, replica, now);
+                        if liveness == Liveness::Dead {
+                            self.remove_expired(&lease, replica).await;
+                        }
+                        liveness
+                    }
                     Ok(None) => Liveness::Dead,
                     Err(e) => {
                         debug!(%replica, error = %e, "reading a replica Lease");
@@ -233,6 +247,30 @@ impl LeaseReader {
             out.insert(replica.clone(), liveness);
         }
         out
+    }
+
+    /// Deletes `lease`, the expired Lease of `replica`, unless it changed since it was read (it
+    /// was renewed) or names another holder (not this replica's to delete).
+    async fn remove_expired(&self, lease: &Lease, replica: &str) {
+        let holder = lease.spec.as_ref().and_then(|s| s.holder_identity.as_deref());
+        let (Some(name), Some(version)) = (&lease.metadata.name, &lease.metadata.resource_version)
+        else {
+            return;
+        };
+        if holder != Some(replica) {
+            return;
+        }
+        let params = DeleteParams {
+            preconditions: Some(Preconditions {
+                resource_version: Some(version.clone()),
+                uid: None,
+            }),
+            ..DeleteParams::default()
+        };
+        match self.api.delete(name, &params).await {
+            Ok(_) => info!(%replica, lease = %name, "deleted a dead replica's expired Lease"),
+            Err(e) => debug!(%replica, error = %e, "deleting a dead replica's Lease"),
+        }
     }
 }
 
