@@ -252,7 +252,10 @@ impl LeaseReader {
     /// Deletes `lease`, the expired Lease of `replica`, unless it changed since it was read (it
     /// was renewed) or names another holder (not this replica's to delete).
     async fn remove_expired(&self, lease: &Lease, replica: &str) {
-        let holder = lease.spec.as_ref().and_then(|s| s.holder_identity.as_deref());
+        let holder = lease
+            .spec
+            .as_ref()
+            .and_then(|s| s.holder_identity.as_deref());
         let (Some(name), Some(version)) = (&lease.metadata.name, &lease.metadata.resource_version)
         else {
             return;

@@ -25,8 +25,8 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime};
 
-use kube::api::{Patch, PatchParams};
 use kube::Api;
+use kube::api::{Patch, PatchParams};
 use serde_json::json;
 
 use super::FIELD_MANAGER;

@@ -107,11 +107,19 @@ fn a_dead_replicas_entry_stops_counting_and_is_pruned() {
     assert!(unread.summary.is_none() && unread.prune.is_none());
     // b's Lease expired: 1/1, b's entry removed, and the summary stamped.
     let later = t0() + Duration::from_secs(20);
-    let p = plan(&status, &leases(&[("a", ALIVE), ("b", Liveness::Dead)]), stamp(), later);
+    let p = plan(
+        &status,
+        &leases(&[("a", ALIVE), ("b", Liveness::Dead)]),
+        stamp(),
+        later,
+    );
     let summary = p.summary.expect("a new summary");
     assert_eq!(summary.replicas_ready.as_deref(), Some("1/1"));
     assert_eq!(summary.phase, Some(Phase::Connected));
-    assert_eq!(summary.observed_at, Some(crate::operator::status::rfc3339(later)));
+    assert_eq!(
+        summary.observed_at,
+        Some(crate::operator::status::rfc3339(later))
+    );
     let ops = serde_json::to_value(p.prune.expect("a prune")).expect("json");
     assert_eq!(ops[0]["path"], "/status/replicas/1/name");
     assert_eq!(ops[0]["value"], "b");
@@ -138,7 +146,11 @@ fn the_leader_stamps_once_a_refresh_on_the_tunnels_slot_while_a_replica_lives() 
     assert_eq!(settled(&written), settled(&status));
     status.observed_at = written.observed_at;
     let due = first.next_stamp.expect("a next stamp");
-    let secs = |t: SystemTime| t.duration_since(SystemTime::UNIX_EPOCH).expect("epoch").as_secs();
+    let secs = |t: SystemTime| {
+        t.duration_since(SystemTime::UNIX_EPOCH)
+            .expect("epoch")
+            .as_secs()
+    };
     assert_eq!(secs(due) % 60, 17);
     assert!(due > t0() + Duration::from_secs(1) && due <= t0() + REFRESH + Duration::from_secs(1));
     // Newer heartbeats change nothing that counts: no write until the slot.

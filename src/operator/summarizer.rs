@@ -102,14 +102,15 @@ impl Summarizer {
             }
         }
         loop {
-            if state
-                .read_at
-                .is_none_or(|at| at.elapsed() >= self.poll)
-            {
+            if state.read_at.is_none_or(|at| at.elapsed() >= self.poll) {
                 everything |= self.read_leases(&store, &mut state).await;
             }
             let keys: Vec<Key> = if everything {
-                store.state().iter().map(|o| ObjectRef::from_obj(&**o)).collect()
+                store
+                    .state()
+                    .iter()
+                    .map(|o| ObjectRef::from_obj(&**o))
+                    .collect()
             } else {
                 let now = SystemTime::now();
                 let due = state.due.iter().filter(|(_, at)| **at <= now);
@@ -125,9 +126,11 @@ impl Summarizer {
             let now = SystemTime::now();
             let since_read = state.read_at.map_or(self.poll, |t| t.elapsed());
             let until_poll = self.poll.saturating_sub(since_read);
-            let until_due = state.due.values().min().map(|at| {
-                at.duration_since(now).unwrap_or_default()
-            });
+            let until_due = state
+                .due
+                .values()
+                .min()
+                .map(|at| at.duration_since(now).unwrap_or_default());
             let wake = until_due
                 .map_or(until_poll, |d| d.min(until_poll))
                 .max(DEBOUNCE);

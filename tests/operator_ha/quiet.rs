@@ -229,14 +229,14 @@ async fn steady_state_is_quiet() {
     let mut stamps = vec![stamp(&first)];
     for rt in &changes {
         assert_eq!(
-            settled(rt.status.as_ref()),
-            settled(first.status.as_ref()),
-            "the status changed in the quiet minute"
-        );
-        assert_eq!(
             rt.status.as_ref().map(|s| s.replicas.clone()),
             entries_before,
             "a replica rewrote its entry at rest"
+        );
+        assert_eq!(
+            settled(rt.status.as_ref()),
+            settled(first.status.as_ref()),
+            "the status changed in the quiet minute"
         );
         let writers = status_writers(rt);
         for manager in &replica_managers {
@@ -296,7 +296,10 @@ async fn steady_state_is_quiet() {
         .filter(|k| k.starts_with(&format!("{ns}/")))
         .filter(|k| !ours.iter().any(|l| **k == format!("{ns}/{l}")))
         .collect();
-    assert!(theirs.is_empty(), "other Leases written in {ns}: {theirs:?}");
+    assert!(
+        theirs.is_empty(),
+        "other Leases written in {ns}: {theirs:?}"
+    );
     // Every Lease write the API server counted is one of the renewals the watch saw.
     let lease_writes = total(&writes, "leases");
     let seen: u32 = renewals.values().sum();

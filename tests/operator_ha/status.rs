@@ -90,7 +90,10 @@ async fn kubectl_shows_each_replica_until_it_dies() {
         );
     }
     let leader = eventually("a Lease holder", || lease_holder(&leases)).await;
-    let mut others = names.iter().map(|n| (*n).to_owned()).filter(|n| *n != leader);
+    let mut others = names
+        .iter()
+        .map(|n| (*n).to_owned())
+        .filter(|n| *n != leader);
     let (stopped, killed) = (
         others.next().expect("a replica"),
         others.next().expect("another"),
