@@ -37,7 +37,7 @@
 //!    was the leaf's dark time: 13.4-15.4 s with the defaults.
 //! 3. The dead replica's status entries stop counting once its own Lease
 //!    ([`super::liveness`]) expires, and the leader removes them and the Lease
-//!    (`tests/operator_ha/status.rs`: 6.1 s after the kill with a 6 s Lease; at most the
+//!    (`tests/operator_ha/status.rs`: 6.1-7.8 s after the kill with a 6 s Lease; at most the
 //!    Lease, 2 s of clock skew and a 7.5 s poll with the defaults).
 //!
 //! A graceful stop (SIGTERM) makes each agent tell its proxies it is leaving and wait for its

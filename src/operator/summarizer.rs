@@ -98,7 +98,7 @@ impl State {
     }
 
     /// The tunnels a pass looks at: all of them, or those changed or due.
-    fn to_look(&mut self, store: &Store<Guarded>, everything: bool) -> Vec<Key> {
+    fn take_keys(&mut self, store: &Store<Guarded>, everything: bool) -> Vec<Key> {
         if everything {
             self.dirty.clear();
             return store
@@ -164,7 +164,7 @@ impl Summarizer {
             if state.read_at.is_none_or(|at| at.elapsed() >= self.poll) {
                 everything |= self.read_leases(&store, &mut state).await;
             }
-            let keys = state.to_look(&store, everything);
+            let keys = state.take_keys(&store, everything);
             everything = false;
             self.pass(&store, keys, &mut state).await;
             let wake = state.wake(self.poll);
