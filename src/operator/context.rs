@@ -78,14 +78,15 @@ pub struct Context {
     pub failures: Backoffs<TunnelKey>,
     /// This replica's identity: the key of its entry in each tunnel's `status.replicas`.
     replica: String,
-    /// How often this replica stamps its unchanged entries (`--status-refresh`).
-    refresh: Duration,
+    /// Moves when this replica's Lease was renewed after it may have expired, so every status
+    /// writer writes its entry again ([`super::liveness::ReplicaLease::run`]).
+    epoch: watch::Receiver<u64>,
 }
 
 impl Context {
     /// A context with an empty registry; `replica` names this replica in Events and in the
-    /// status entries it writes every `refresh`.
-    pub fn new(client: Client, replica: String, refresh: Duration) -> Self {
+    /// status entries it writes (again whenever `epoch` moves).
+    pub fn new(client: Client, replica: String, epoch: watch::Receiver<u64>) -> Self {
         let reporter = Reporter {
             controller: super::FIELD_MANAGER.to_owned(),
             instance: Some(replica.clone()),
@@ -96,7 +97,7 @@ impl Context {
             tunnels: Mutex::default(),
             failures: Backoffs::default(),
             replica,
-            refresh,
+            epoch,
         }
     }
 
@@ -130,7 +131,7 @@ impl Context {
                 api: Api::namespaced(self.client.clone(), &namespace),
                 name: rt.name_any(),
                 replica: self.replica.clone(),
-                refresh: self.refresh,
+                epoch: self.epoch.clone(),
             };
             let status_task = tokio::spawn(writer.run(spec_rx, pool_rx, stop.clone()));
             RunningTunnel {

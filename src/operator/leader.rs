@@ -35,14 +35,16 @@
 //!    defaults): a join, a deletion's finalizer or a change of the summary in that window is
 //!    late by that much. No dial waits on it. Before every replica carried tunnels, this wait
 //!    was the leaf's dark time: 13.4-15.4 s with the defaults.
-//! 3. The dead replica's status entry stops counting once its stamp is stale (65 s at the
-//!    default refresh), and the leader removes it.
+//! 3. The dead replica's status entries stop counting once its own Lease
+//!    ([`super::liveness`]) expires, and the leader removes them and the Lease
+//!    (`tests/operator_ha/status.rs`: 6.1-7.8 s after the kill with a 6 s Lease; at most the
+//!    Lease, 2 s of clock skew and a 7.5 s poll with the defaults).
 //!
 //! A graceful stop (SIGTERM) makes each agent tell its proxies it is leaving and wait for its
 //! streams in flight before closing: a rolling restart of both replicas under the dial load
-//! failed no dial (3 runs, 223-247 dials each). In steady state the holder writes the Lease every `duration - grace`
-//! (`steady_state_is_quiet`: 6 Lease PATCHes in 60 s with the defaults), and each replica
-//! stamps its status entries once a refresh.
+//! failed no dial (3 runs, 223-247 dials each). In steady state the holder writes the Lease every `duration - grace`,
+//! each replica renews its own Lease as often, and the leader stamps each tunnel's
+//! `observedAt` once a refresh; no replica rewrites an unchanged entry.
 
 use std::future::Future;
 use std::time::Duration;

@@ -9,6 +9,8 @@
 //! - [`resolve`]: spec and Secrets to an agent configuration;
 //! - [`status`]: status composition and each replica's one writer per tunnel;
 //! - [`replicas`]: the replicas' entries and the leader's summary of them;
+//! - [`summarizer`]: the leader's loop writing that summary and the `observedAt` stamp;
+//! - [`liveness`]: each replica's own Lease, which vouches for its entries;
 //! - [`leader`]: Lease-based leader election (and the HA story);
 //! - [`error`]: the reconcile error type.
 
@@ -19,10 +21,12 @@ pub mod crd;
 pub mod endpoints;
 pub mod error;
 pub mod leader;
+pub mod liveness;
 pub mod replicas;
 pub mod resolve;
 pub mod root;
 pub mod status;
+pub mod summarizer;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -53,6 +57,29 @@ pub struct OperatorConfig {
 }
 
 impl OperatorConfig {
+    /// Where this replica's own Lease lives and how long it lasts: next to the leader Lease
+    /// and as long, or (no election) in the watched namespace, else `default`, with the CLI's
+    /// default times.
+    fn replica_lease(&self) -> liveness::LeaseSpec {
+        match &self.leader_election {
+            Some(e) => liveness::LeaseSpec {
+                namespace: e.lease_namespace.clone(),
+                base: e.lease_name.clone(),
+                duration: Duration::from_secs(e.duration_secs),
+                grace: Duration::from_secs(e.grace_secs),
+            },
+            None => liveness::LeaseSpec {
+                namespace: self
+                    .namespace
+                    .clone()
+                    .unwrap_or_else(|| "default".to_owned()),
+                base: FIELD_MANAGER.to_owned(),
+                duration: Duration::from_secs(15),
+                grace: Duration::from_secs(5),
+            },
+        }
+    }
+
     /// The name this replica writes its status entries under.
     fn replica(&self) -> String {
         self.instance
@@ -64,8 +91,8 @@ impl OperatorConfig {
 }
 
 /// Runs the operator with `client` until `shutdown` is cancelled, then stops every agent.
-/// The in-process entry point of `tether operator`, used directly by tests; replicas stamp
-/// their status entries every [`status::SEEN_REFRESH`].
+/// The in-process entry point of `tether operator`, used directly by tests; the leader stamps
+/// each tunnel's `observedAt` every [`status::SEEN_REFRESH`].
 pub async fn run(
     client: Client,
     config: OperatorConfig,
@@ -74,14 +101,16 @@ pub async fn run(
     run_with_refresh(client, config, status::SEEN_REFRESH, shutdown).await
 }
 
-/// [`run`], with this replica stamping its unchanged status entries every `refresh` (and the
-/// leader counting an entry dead after [`status::stale_after`] of it).
+/// [`run`], with the leader stamping each unchanged tunnel's `observedAt` every `refresh`
+/// (so `SEEN` older than [`status::stale_after`] of it means no replica runs).
 ///
 /// Every replica runs the `ReverseTunnel` controller, and so an agent for every tunnel, from
 /// the start and whatever the Lease says: losing a replica loses only its own tunnels, while
-/// the others' keep carrying the leaf. The Lease holder also runs what needs one writer: the
+/// the others' keep carrying the leaf. Every replica also renews its own Lease
+/// ([`liveness`]), which vouches for its status entries; on a clean stop it removes its
+/// entries, then that Lease. The leader Lease's holder also runs what needs one writer: the
 /// `TrustedCluster` controller (joins and owned objects), the `ReverseTunnel` finalizer, and
-/// the status summary.
+/// the status summary with its stamp.
 pub async fn run_with_refresh(
     client: Client,
     config: OperatorConfig,
@@ -90,21 +119,49 @@ pub async fn run_with_refresh(
 ) -> anyhow::Result<()> {
     let namespace = config.namespace.clone();
     let replica = config.replica();
+    let lease_spec = config.replica_lease();
+    let own_lease = liveness::ReplicaLease {
+        api: lease_spec.api(client.clone()),
+        name: liveness::lease_name(&lease_spec.base, &replica),
+        replica: replica.clone(),
+        spec: lease_spec.clone(),
+    };
+    let leases = liveness::LeaseReader {
+        api: lease_spec.api(client.clone()),
+        base: lease_spec.base.clone(),
+        own: replica.clone(),
+    };
+    let (epoch_tx, epoch_rx) = tokio::sync::watch::channel(0u64);
     let ctx = Arc::new(context::Context::new(
         client.clone(),
         replica.clone(),
-        refresh,
+        epoch_rx,
     ));
-    let carry = controller::reverse_tunnel::run(
-        client.clone(),
-        namespace.as_deref(),
-        ctx.clone(),
-        shutdown.clone(),
-    );
+    let lease_stop = CancellationToken::new();
+    // The entries go first (the controller withdraws them as it stops), then the Lease.
+    let carry = async {
+        controller::reverse_tunnel::run(
+            client.clone(),
+            namespace.as_deref(),
+            ctx.clone(),
+            shutdown.clone(),
+        )
+        .await;
+        lease_stop.cancel();
+    };
+    let renew = own_lease.run(epoch_tx, lease_stop.clone());
     let lead = |term: CancellationToken| {
         let client = client.clone();
         let namespace = namespace.clone();
         let ctx = ctx.clone();
+        let leases = leases.clone();
+        let summarizer = summarizer::Summarizer {
+            client: client.clone(),
+            recorder: ctx.recorder.clone(),
+            leases: leases.clone(),
+            poll: summarizer::poll_for(lease_spec.duration),
+            refresh,
+        };
         async move {
             let recorder = ctx.recorder.clone();
             tokio::join!(
@@ -117,11 +174,11 @@ pub async fn run_with_refresh(
                 controller::tunnel_finalizer::run(
                     client.clone(),
                     namespace.as_deref(),
-                    recorder.clone(),
-                    refresh,
+                    recorder,
+                    leases,
                     term.clone()
                 ),
-                replicas::run(client, namespace.as_deref(), recorder, refresh, term),
+                summarizer.run(namespace.as_deref(), term),
             );
         }
     };
@@ -136,7 +193,8 @@ pub async fn run_with_refresh(
             }
         }
     };
-    let ((), result) = tokio::join!(carry, led);
+    let ((), (), result) = tokio::join!(carry, renew, led);
+    own_lease.release().await;
     result
 }
 
@@ -171,9 +229,11 @@ pub struct OperatorArgs {
     /// --lease-duration): the holder writes the Lease every duration - grace.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     pub lease_grace: Duration,
-    /// How often each replica stamps its unchanged status entry of every ReverseTunnel (plus
-    /// up to a twentieth at random): the cost at rest is one write per tunnel per replica per
-    /// refresh, and a replica silent for a refresh (and a twentieth, and 2 s) counts as dead.
+    /// How often the leader stamps each unchanged ReverseTunnel's `observedAt` (SEEN), each on
+    /// its own second of the period: the cost at rest is one write per tunnel per refresh,
+    /// whatever the number of replicas, and SEEN older than the refresh (and a twentieth, and
+    /// 2 s) means no replica runs. A replica's own liveness is its Lease
+    /// (`<lease-name>.<identity>`, renewed like the leader Lease).
     #[arg(long, env = "TETHER_STATUS_REFRESH", default_value = "60s", value_parser = humantime::parse_duration)]
     pub status_refresh: Duration,
 }

@@ -3,53 +3,37 @@
 //!
 //! Every operator replica runs an agent for every tunnel, so the leaf has one tunnel per proxy
 //! per replica. Each replica writes its own entry of `status.replicas` ([`entry`], written by
-//! [`super::status::StatusWriter`] under [`field_manager`]): its agent's phase, its tunnels,
-//! and an `observedAt` it stamps about once a minute. The leader ([`run`]) turns the live
-//! entries into the fields `kubectl get rt` shows, from their union:
+//! [`super::status::StatusWriter`] under [`field_manager`]) when it changes: its agent's
+//! phase and its tunnels. The leader ([`super::summarizer`]) turns the entries of the live
+//! replicas into the fields `kubectl get rt` shows, from their union:
 //!
 //! ```text
 //!   NAME     CLUSTER  STATUS     PROXIES  REPLICAS  SEEN  AGE
 //!   to-root  root     Connected  3/3      2/2       12s   2d    both replicas hold all 3
-//!   to-root  root     Connected  3/3      1/1       40s   2d    one replica died a minute ago
+//!   to-root  root     Connected  3/3      1/1       40s   2d    one replica died
 //! ```
 //!
 //! `PROXIES` counts the proxies that hold a tunnel from *some* replica (a dial reaches the leaf
 //! through any of them); `REPLICAS` is the replicas holding every expected proxy over the
-//! replicas alive. An entry whose stamp is older than [`stale_after`] (65 s at the default
-//! minute) is a dead replica's: it stops counting and the leader removes it. A replica that
-//! stops cleanly removes its own entry at once. When every replica is dead nobody can write
-//! anything, and `SEEN` (the newest stamp of any replica) passes a minute instead.
-//!
-//! The leader writes the summary only when it changes (heartbeat times and stamps ride along),
-//! so at rest the tunnel costs one write per replica per minute: the replicas' stamps.
+//! replicas alive. Whether a replica is alive is its own Lease's to say
+//! ([`super::liveness`]): the entries of a replica whose Lease expired or is gone stop
+//! counting and the leader removes them ([`plan`]); a replica that stops cleanly removes its
+//! entries and then its Lease. The leader stamps `observedAt` (`SEEN`) while a live replica's
+//! entry is there, at most once a refresh per tunnel at rest, so when every replica is dead
+//! `SEEN` passes a minute.
 
-use std::collections::{BTreeMap, HashMap};
-use std::time::{Duration, Instant, SystemTime};
+use std::collections::BTreeMap;
+use std::time::{Duration, SystemTime};
 
-use futures::{FutureExt, StreamExt};
+use kube::Api;
 use kube::api::{Patch, PatchParams};
-use kube::core::DeserializeGuard;
-use kube::runtime::events::Recorder;
-use kube::runtime::reflector::{self, ObjectRef};
-use kube::runtime::{WatchStreamExt, watcher};
-use kube::{Api, Client, Resource, ResourceExt};
 use serde_json::json;
-use tokio_util::sync::CancellationToken;
-use tracing::{debug, warn};
 
 use super::FIELD_MANAGER;
 use super::crd::reverse_tunnel::{Phase, ProxyState, ProxyTunnel, ReplicaHolding};
 use super::crd::{ReverseTunnel, ReverseTunnelStatus};
-use super::status::{condition, phase_event, stale_after};
-
-/// How often the leader looks at the entries even without a change: a dead replica's entry
-/// expires without any event. Bounded by the refresh, so short test refreshes expire quickly.
-const RECHECK: Duration = Duration::from_secs(10);
-/// Changes closer together than this are summarized once.
-const DEBOUNCE: Duration = Duration::from_millis(200);
-/// How long a summary written may take to come back through the watch before the store is
-/// believed over it.
-const STORE_LAG: Duration = Duration::from_secs(5);
+use super::liveness::Liveness;
+use super::status::{condition, rfc3339, until_slot};
 
 /// The field manager of one replica's entry.
 pub fn field_manager(replica: &str) -> String {
@@ -70,15 +54,6 @@ pub fn entry(replica: &str, view: &ReverseTunnelStatus) -> ReplicaHolding {
         observed_generation: view.observed_generation,
         observed_at: view.observed_at.clone(),
     }
-}
-
-/// Whether `entry` was stamped within `stale_after(refresh)` of `now`.
-pub fn is_live(entry: &ReplicaHolding, refresh: Duration, now: SystemTime) -> bool {
-    entry
-        .observed_at
-        .as_deref()
-        .and_then(|t| humantime::parse_rfc3339(t).ok())
-        .is_some_and(|at| now.duration_since(at).unwrap_or_default() <= stale_after(refresh))
 }
 
 /// The JSON patch removing the entries `drop` selects, or `None` when there are none. Each
@@ -254,12 +229,13 @@ pub fn summarize(
             ),
         ],
         observed_generation: generation,
-        observed_at: entries.iter().filter_map(|e| e.observed_at.clone()).max(),
+        // The leader's stamp, set when it writes ([`plan`]).
+        observed_at: None,
     }
 }
 
 /// The summary fields of `status` without what moves on its own (stamps, heartbeat times).
-fn settled(status: &ReverseTunnelStatus) -> ReverseTunnelStatus {
+pub(crate) fn settled(status: &ReverseTunnelStatus) -> ReverseTunnelStatus {
     let mut s = status.clone();
     s.replicas = Vec::new();
     s.observed_at = None;
@@ -270,161 +246,83 @@ fn settled(status: &ReverseTunnelStatus) -> ReverseTunnelStatus {
     s
 }
 
-/// What the leader does for one tunnel: the summary to write (if it changed) and the removal of
-/// dead replicas' entries (if any).
+/// When and how the leader stamps a tunnel's `observedAt`.
+#[derive(Debug, Clone, Copy)]
+pub struct Stamp {
+    /// The tunnel's second within the period ([`super::status::refresh_slot`]).
+    pub slot: Duration,
+    /// The period (`--status-refresh`).
+    pub refresh: Duration,
+}
+
+impl Stamp {
+    /// When a stamp written at `stamped` (RFC 3339, whole seconds) must be renewed.
+    fn due(self, stamped: Option<&str>) -> Option<SystemTime> {
+        let at = humantime::parse_rfc3339(stamped?).ok()?;
+        Some(at + until_slot(self.slot, self.refresh, at))
+    }
+}
+
+/// What the leader does for one tunnel: the summary to write (if it changed, or the stamp is
+/// due) and the removal of dead replicas' entries (if any).
+#[derive(Debug)]
 pub struct Plan {
-    /// The new summary, when it differs from the object's.
+    /// The status to apply: a changed summary, or the same one with a new stamp.
     pub summary: Option<ReverseTunnelStatus>,
-    /// Removes the entries of replicas whose stamp is stale.
+    /// Removes the entries of replicas whose Lease says they are dead.
     pub prune: Option<json_patch::Patch>,
-    /// When the first live entry goes stale, if nothing else happens first.
-    pub next_expiry: Option<SystemTime>,
+    /// When the stamp is due next, if a live replica carries the tunnel.
+    pub next_stamp: Option<SystemTime>,
 }
 
-/// Plans the leader's writes for `status` at `now`.
-pub fn plan(status: &ReverseTunnelStatus, refresh: Duration, now: SystemTime) -> Plan {
-    let live: Vec<&ReplicaHolding> = status
-        .replicas
-        .iter()
-        .filter(|e| is_live(e, refresh, now))
-        .collect();
-    let next = summarize(&live, Some(status), now);
-    let next_expiry = live
-        .iter()
-        .filter_map(|e| humantime::parse_rfc3339(e.observed_at.as_deref()?).ok())
-        .map(|at| at + stale_after(refresh) + Duration::from_millis(100))
-        .min();
-    Plan {
-        summary: (settled(&next) != settled(status)).then_some(next),
-        prune: removal_patch(status, |e| !is_live(e, refresh, now)),
-        next_expiry,
-    }
-}
-
-type Guarded = DeserializeGuard<ReverseTunnel>;
-
-/// Keeps every `ReverseTunnel`'s summary up to date with its replicas' entries until `stop`:
-/// the leader's half of the status.
-pub async fn run(
-    client: Client,
-    namespace: Option<&str>,
-    recorder: Recorder,
-    refresh: Duration,
-    stop: CancellationToken,
-) {
-    let api: Api<Guarded> = match namespace {
-        Some(ns) => Api::namespaced(client.clone(), ns),
-        None => Api::all(client.clone()),
+/// Plans the leader's writes for `status` at `now`, given what the replicas' Leases say
+/// (`liveness`; a replica not in it counts until its Lease is read).
+pub fn plan(
+    status: &ReverseTunnelStatus,
+    liveness: &BTreeMap<String, Liveness>,
+    stamp: Stamp,
+    now: SystemTime,
+) -> Plan {
+    let dead = |e: &ReplicaHolding| liveness.get(&e.name) == Some(&Liveness::Dead);
+    let live: Vec<&ReplicaHolding> = status.replicas.iter().filter(|e| !dead(e)).collect();
+    let mut next = summarize(&live, Some(status), now);
+    let carried = !live.is_empty();
+    let stamp_due = carried
+        && stamp
+            .due(status.observed_at.as_deref())
+            .is_none_or(|due| now >= due);
+    let write = settled(&next) != settled(status) || stamp_due;
+    // Only a live replica's entry vouches for the tunnel; otherwise the old stamp stays, and
+    // ages.
+    next.observed_at = if carried {
+        Some(rfc3339(now))
+    } else {
+        status.observed_at.clone()
     };
-    let (store, writer) = reflector::store();
-    let mut events = watcher(api, watcher::Config::default().any_semantic())
-        .default_backoff()
-        .reflect(writer)
-        .boxed();
-    // What this leader wrote per tunnel and the watch has not shown yet, so a pass in between
-    // does not write it again.
-    let mut written: HashMap<ObjectRef<Guarded>, (ReverseTunnelStatus, Instant)> = HashMap::new();
-    // The first list, in full, before the first pass (the stream fills the store only while
-    // polled).
-    loop {
-        tokio::select! {
-            () = stop.cancelled() => return,
-            event = events.next() => match event {
-                None => return,
-                Some(Ok(watcher::Event::InitDone)) => break,
-                Some(Err(e)) => debug!(error = %e, "watching ReverseTunnels"),
-                Some(Ok(_)) => {}
-            },
-        }
-    }
-    loop {
-        let now = SystemTime::now();
-        let mut wake = now + RECHECK.min(refresh);
-        for obj in store.state() {
-            let Ok(rt) = &obj.0 else { continue };
-            if rt.metadata.deletion_timestamp.is_some() {
-                continue;
-            }
-            let key = ObjectRef::from_obj(&*obj);
-            let status = rt.status.clone().unwrap_or_default();
-            if written
-                .get(&key)
-                .is_some_and(|(w, at)| settled(w) == settled(&status) || at.elapsed() > STORE_LAG)
-            {
-                written.remove(&key);
-            }
-            let plan = plan(&status, refresh, now);
-            if let Some(at) = plan.next_expiry {
-                wake = wake.min(at);
-            }
-            let api: Api<ReverseTunnel> =
-                Api::namespaced(client.clone(), &rt.namespace().unwrap_or_default());
-            let name = rt.name_any();
-            if let Some(patch) = plan.prune {
-                match api
-                    .patch_status(&name, &PatchParams::default(), &Patch::<()>::Json(patch))
-                    .await
-                {
-                    Ok(_) => debug!(%name, "removed dead replicas' entries"),
-                    Err(e) => debug!(%name, error = %e, "removing dead replicas' entries"),
-                }
-            }
-            let Some(summary) = plan.summary else {
-                continue;
-            };
-            if written
-                .get(&key)
-                .is_some_and(|(w, _)| settled(w) == settled(&summary))
-            {
-                continue;
-            }
-            debug!(%name, before = ?settled(&status), after = ?settled(&summary), "writing the summary");
-            match write_summary(&api, &name, &summary).await {
-                Ok(()) => {
-                    if let Some(event) = phase_event(status.phase, &summary)
-                        && let Err(e) = recorder.publish(&event, &rt.object_ref(&())).await
-                    {
-                        debug!(%name, error = %e, "could not publish an Event");
-                    }
-                    written.insert(key, (summary, Instant::now()));
-                }
-                Err(e) => warn!(%name, error = %e, "writing the ReverseTunnel summary"),
-            }
-        }
-        let until = wake
-            .duration_since(SystemTime::now())
-            .unwrap_or_default()
-            .max(DEBOUNCE);
-        tokio::select! {
-            () = stop.cancelled() => return,
-            event = events.next() => match event {
-                None => return,
-                Some(Err(e)) => debug!(error = %e, "watching ReverseTunnels"),
-                Some(Ok(_)) => tokio::time::sleep(DEBOUNCE).await,
-            },
-            () = tokio::time::sleep(until) => {}
-        }
-        // Everything the watch has delivered meanwhile, so the pass sees the objects as they
-        // are (a store one event behind would have every pass rewrite what it just wrote).
-        while let Some(Some(event)) = events.next().now_or_never() {
-            if let Err(e) = event {
-                debug!(error = %e, "watching ReverseTunnels");
-            }
-        }
-        written.retain(|key, _| store.get(key).is_some());
+    let next_stamp = if !carried {
+        None
+    } else if write {
+        stamp.due(next.observed_at.as_deref())
+    } else {
+        stamp.due(status.observed_at.as_deref())
+    };
+    Plan {
+        summary: write.then_some(next),
+        prune: removal_patch(status, dead),
+        next_stamp,
     }
 }
 
-/// Applies the summary fields under the operator's shared field manager, so whichever replica
-/// leads takes them over without a conflict.
-async fn write_summary(
+/// Applies the summary fields and the stamp under the operator's shared field manager, so
+/// whichever replica leads takes them over without a conflict.
+pub async fn write_summary(
     api: &Api<ReverseTunnel>,
     name: &str,
     summary: &ReverseTunnelStatus,
 ) -> Result<(), kube::Error> {
     let patch = json!({
-        "apiVersion": ReverseTunnel::api_version(&()),
-        "kind": ReverseTunnel::kind(&()),
+        "apiVersion": <ReverseTunnel as kube::Resource>::api_version(&()),
+        "kind": <ReverseTunnel as kube::Resource>::kind(&()),
         "status": summary,
     });
     api.patch_status(

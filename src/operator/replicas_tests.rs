@@ -1,4 +1,5 @@
 use super::*;
+use crate::operator::liveness::Liveness;
 
 const REFRESH: Duration = Duration::from_secs(60);
 
@@ -73,44 +74,98 @@ fn the_union_counts_a_proxy_any_replica_holds() {
     assert_eq!(none.replicas_ready.as_deref(), Some("0/0"));
 }
 
+fn stamp() -> Stamp {
+    Stamp {
+        slot: Duration::from_secs(17),
+        refresh: REFRESH,
+    }
+}
+
+fn leases(list: &[(&str, Liveness)]) -> BTreeMap<String, Liveness> {
+    list.iter().map(|(n, l)| ((*n).to_owned(), *l)).collect()
+}
+
+const ALIVE: Liveness = Liveness::Alive(None);
+
 #[test]
-fn a_stale_entry_stops_counting_and_is_pruned() {
-    let fresh = replica(
-        "a",
-        Phase::Connected,
-        &[("p1", Up), ("p2", Up), ("p3", Up)],
-        t0(),
+fn a_dead_replicas_entry_stops_counting_and_is_pruned() {
+    let up = [("p1", Up), ("p2", Up), ("p3", Up)];
+    let a = replica("a", Phase::Connected, &up, t0());
+    let b = replica("b", Phase::Connected, &up, t0());
+    let mut status = summarize(&[&a, &b], None, t0());
+    status.replicas = vec![a, b];
+    status.observed_at = Some(crate::operator::status::rfc3339(t0()));
+    // Both Leases current, however old the entries: nothing to write before the stamp's slot,
+    // nothing to prune.
+    let both = leases(&[("a", ALIVE), ("b", ALIVE)]);
+    let at = t0() + Duration::from_secs(10);
+    let quiet = plan(&status, &both, stamp(), at);
+    assert!(quiet.summary.is_none(), "{:?}", quiet.summary);
+    assert!(quiet.prune.is_none());
+    // A replica not read yet, or whose Lease could not be read, still counts.
+    let unread = plan(&status, &leases(&[("a", Liveness::Unknown)]), stamp(), at);
+    assert!(unread.summary.is_none() && unread.prune.is_none());
+    // b's Lease expired: 1/1, b's entry removed, and the summary stamped.
+    let later = t0() + Duration::from_secs(20);
+    let p = plan(
+        &status,
+        &leases(&[("a", ALIVE), ("b", Liveness::Dead)]),
+        stamp(),
+        later,
     );
-    let old = replica(
-        "b",
-        Phase::Connected,
-        &[("p1", Up), ("p2", Up), ("p3", Up)],
-        t0(),
-    );
-    let mut status = summarize(&[&fresh, &old], None, t0());
-    status.replicas = vec![fresh.clone(), old];
-    // Within the stale age both count: nothing to write, nothing to prune.
-    let plan_now = plan(&status, REFRESH, t0() + Duration::from_secs(30));
-    assert!(plan_now.summary.is_none(), "{:?}", plan_now.summary);
-    assert!(plan_now.prune.is_none());
-    // b stops stamping; a stamps again. Past b's stale age: 1/1, b's entry removed.
-    status.replicas[0].observed_at = Some(crate::operator::status::rfc3339(t0() + REFRESH));
-    let later = t0() + stale_after(REFRESH) + Duration::from_secs(1);
-    let p = plan(&status, REFRESH, later);
     let summary = p.summary.expect("a new summary");
     assert_eq!(summary.replicas_ready.as_deref(), Some("1/1"));
     assert_eq!(summary.phase, Some(Phase::Connected));
+    assert_eq!(
+        summary.observed_at,
+        Some(crate::operator::status::rfc3339(later))
+    );
     let ops = serde_json::to_value(p.prune.expect("a prune")).expect("json");
     assert_eq!(ops[0]["path"], "/status/replicas/1/name");
     assert_eq!(ops[0]["value"], "b");
     assert_eq!(ops[1]["op"], "remove");
-    // Every replica dead: nothing counts, and the leader says so.
-    let dead = plan(
-        &status,
-        REFRESH,
-        t0() + REFRESH + stale_after(REFRESH) + Duration::from_secs(1),
-    );
-    assert_eq!(dead.summary.expect("summary").phase, Some(Phase::Pending));
+    // Every replica dead: nothing counts, the leader says so, and the stamp is left to age.
+    let none = leases(&[("a", Liveness::Dead), ("b", Liveness::Dead)]);
+    let dead = plan(&status, &none, stamp(), later);
+    let summary = dead.summary.expect("summary");
+    assert_eq!(summary.phase, Some(Phase::Pending));
+    assert_eq!(summary.observed_at, status.observed_at);
+    assert_eq!(dead.next_stamp, None);
+}
+
+#[test]
+fn the_leader_stamps_once_a_refresh_on_the_tunnels_slot_while_a_replica_lives() {
+    let up = [("p1", Up), ("p2", Up), ("p3", Up)];
+    let a = replica("a", Phase::Connected, &up, t0());
+    let mut status = summarize(&[&a], None, t0());
+    status.replicas = vec![a];
+    let alive = leases(&[("a", ALIVE)]);
+    // Never stamped: stamped at once, next on the slot (second 17 of the minute).
+    let first = plan(&status, &alive, stamp(), t0());
+    let written = first.summary.expect("a first stamp");
+    assert_eq!(settled(&written), settled(&status));
+    status.observed_at = written.observed_at;
+    let due = first.next_stamp.expect("a next stamp");
+    let secs = |t: SystemTime| {
+        t.duration_since(SystemTime::UNIX_EPOCH)
+            .expect("epoch")
+            .as_secs()
+    };
+    assert_eq!(secs(due) % 60, 17);
+    assert!(due > t0() + Duration::from_secs(1) && due <= t0() + REFRESH + Duration::from_secs(1));
+    // Newer heartbeats change nothing that counts: no write until the slot.
+    status.replicas[0].proxies[0].last_heartbeat = Some(crate::operator::status::rfc3339(due));
+    let before = plan(&status, &alive, stamp(), due - Duration::from_millis(500));
+    assert!(before.summary.is_none());
+    assert_eq!(before.next_stamp, Some(due));
+    let on_slot = plan(&status, &alive, stamp(), due);
+    status.observed_at = on_slot.summary.expect("the stamp").observed_at;
+    // From then on exactly a refresh apart.
+    assert_eq!(on_slot.next_stamp, Some(due + REFRESH));
+    // No live replica: no stamp at all, however old.
+    let dead = leases(&[("a", Liveness::Dead)]);
+    let p = plan(&status, &dead, stamp(), due + REFRESH * 10);
+    assert_eq!(p.summary.expect("Pending").observed_at, status.observed_at);
 }
 
 #[test]

@@ -8,24 +8,25 @@
 //! events never race each other's writes, and replicas never overwrite each other. The leader
 //! folds the live entries into the summary (`phase`, `proxiesReady`, conditions:
 //! [`super::replicas`]). A write happens when the composed view differs from the last one
-//! written, and transition times are carried over while a condition's status holds.
+//! written (heartbeat times alone never cause one: they ride along with the next change), and
+//! transition times are carried over while a condition's status holds. At rest a replica
+//! writes no entry at all: its liveness is its Lease ([`super::liveness`]), one renewal every
+//! 10 s whatever the number of tunnels, not a stamp per entry.
 //!
 //! **Telling a dead operator from a live one.** The agents run inside the operator, so when
 //! every replica is gone (`kill -9`, `helm uninstall`) nothing carries the tunnel and nothing
-//! can write that either: the status keeps saying `Connected 3/3`. So every write stamps the
-//! entry's and the object's `observedAt`, and an entry that did not change is stamped again
-//! every refresh ([`SEEN_REFRESH`] by default, plus up to a twentieth of it at random so that
-//! replicas and tunnels started together do not write together): at most one write per tunnel
-//! per replica per minute, the whole cost at rest. `kubectl get rt` shows the object's stamp's
-//! age as `SEEN`:
+//! can write that either: the status keeps saying `Connected 3/3`. So the leader stamps the
+//! object's `observedAt` while some live replica's entry is there: on every summary it writes,
+//! and at least every refresh ([`SEEN_REFRESH`] by default) on the tunnel's own second of the
+//! period ([`refresh_slot`], so tunnels created together do not stamp together): at most one
+//! write per tunnel per minute, whatever the number of replicas. `kubectl get rt` shows the
+//! stamp's age as `SEEN`; past [`stale_after`] (65 s) it means no operator runs:
 //!
 //! ```text
 //!   NAME      CLUSTER  STATUS     PROXIES  REPLICAS  SEEN   AGE
 //!   to-root   root     Connected  3/3      2/2       23s    2d   a replica carries it
 //!   to-root   root     Connected  3/3      2/2       7m     2d   none has for 7 minutes
 //! ```
-//!
-//! Heartbeat times alone never cause a write: they ride along with the next refresh.
 
 use std::time::{Duration, SystemTime};
 
@@ -64,19 +65,18 @@ pub(crate) fn rfc3339(t: SystemTime) -> String {
     humantime::format_rfc3339_seconds(t).to_string()
 }
 
-/// How often an unchanged entry is stamped again by default (`tether operator
+/// How often the leader stamps an unchanged tunnel's `observedAt` by default (`tether operator
 /// --status-refresh`), so that an `observedAt` older than [`stale_after`] of it means no
 /// replica carries the tunnel.
 pub const SEEN_REFRESH: Duration = Duration::from_secs(60);
 
-/// Where within each refresh period one writer (a tunnel's entry by one replica) stamps: a
-/// fixed offset from a hash (FNV-1a) of the tunnel's name and the replica, stable across
-/// restarts. Tunnels started together then stamp at different seconds instead of in one burst
+/// Where within each refresh period a tunnel is stamped: a fixed offset from a hash (FNV-1a) of
+/// the tunnel's namespace and name, stable across restarts and leader changes. Tunnels started together then stamp at different seconds instead of in one burst
 /// a period later: of 1,000 tunnels started together, 23 stamped in the busiest second against
 /// 151 with a random 3 s jitter (`cargo bench --bench fleet`, BENCHMARKS.md).
-fn refresh_slot(name: &str, replica: &str, refresh: Duration) -> Duration {
+pub fn refresh_slot(namespace: &str, name: &str, refresh: Duration) -> Duration {
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for byte in name.bytes().chain([b'/']).chain(replica.bytes()) {
+    for byte in namespace.bytes().chain([b'/']).chain(name.bytes()) {
         hash ^= u64::from(byte);
         hash = hash.wrapping_mul(0x0100_0000_01b3);
     }
@@ -86,7 +86,7 @@ fn refresh_slot(name: &str, replica: &str, refresh: Duration) -> Duration {
 /// How long after a stamp at `stamped` (whole seconds, as `observedAt` records it) the next one
 /// is due: the first second on `slot` (an offset within the `refresh` period) more than a
 /// second later, so within (1 s, `refresh` + 1 s], and exactly `refresh` apart at rest.
-fn until_slot(slot: Duration, refresh: Duration, stamped: SystemTime) -> Duration {
+pub fn until_slot(slot: Duration, refresh: Duration, stamped: SystemTime) -> Duration {
     let period = refresh.as_secs().max(1);
     let stamped = stamped
         .duration_since(SystemTime::UNIX_EPOCH)
@@ -100,18 +100,12 @@ fn until_slot(slot: Duration, refresh: Duration, stamped: SystemTime) -> Duratio
     Duration::from_secs(base + wait - stamped)
 }
 
-/// The age past which a stamp written every `refresh` (on its slot) is a dead writer's: the
+/// The age past which a stamp written every `refresh` (on its slot) says no replica runs: the
 /// refresh, the second a stamp may wait for its slot, the second the stamp drops and a margin
-/// for lateness in writing.
+/// for lateness in writing. (While the leader itself changes hands, the stamp may also wait
+/// for the leader Lease to expire: 15 s more at most with the defaults.)
 pub fn stale_after(refresh: Duration) -> Duration {
     refresh + refresh / 20 + Duration::from_secs(2)
-}
-
-/// When `last` must be stamped again `interval` after its stamp, or `None` if it carries no
-/// readable stamp.
-fn refresh_due(last: &ReverseTunnelStatus, interval: Duration) -> Option<SystemTime> {
-    let stamped = humantime::parse_rfc3339(last.observed_at.as_deref()?).ok()?;
-    Some(stamped + interval)
 }
 
 /// `status` without what changes on its own (the stamp, heartbeat times).
@@ -125,16 +119,10 @@ fn settled(status: &ReverseTunnelStatus) -> ReverseTunnelStatus {
     s
 }
 
-/// Whether `next` must be written over `last` at `now`: it says something new, or the stamp
-/// of `last` is `interval` old.
-pub fn needs_write(
-    last: Option<&ReverseTunnelStatus>,
-    next: &ReverseTunnelStatus,
-    now: SystemTime,
-    interval: Duration,
-) -> bool {
-    let Some(last) = last else { return true };
-    settled(last) != settled(next) || refresh_due(last, interval).is_none_or(|due| now >= due)
+/// Whether `next` must be written over `last`: it says something new (not only newer
+/// heartbeat times).
+pub fn needs_write(last: Option<&ReverseTunnelStatus>, next: &ReverseTunnelStatus) -> bool {
+    last.is_none_or(|last| settled(last) != settled(next))
 }
 
 /// The status for `spec` and `pool`, reusing `previous` transition times where a condition's
@@ -329,24 +317,25 @@ pub struct StatusWriter {
     pub name: String,
     /// This replica's identity: the key of its entry and the name in its field manager.
     pub replica: String,
-    /// How often an unchanged entry is stamped again (on this writer's slot in the period).
-    pub refresh: Duration,
+    /// Bumped when this replica's Lease was renewed after it may have expired: the leader
+    /// may have pruned the entry meanwhile, so it is written again.
+    pub epoch: watch::Receiver<u64>,
 }
 
 impl StatusWriter {
-    /// Writes this replica's entry whenever `spec` or `pool` change it, and stamps it again
-    /// every refresh, until `stop`; then removes the entry (the replica no longer carries the
-    /// tunnel: shutdown, or the object is going).
+    /// Writes this replica's entry whenever `spec` or `pool` change it (or the Lease epoch
+    /// moves), until `stop`; then removes the entry (the replica no longer carries the tunnel:
+    /// shutdown, or the object is going).
     pub async fn run(
-        self,
+        mut self,
         mut spec: watch::Receiver<SpecState>,
         mut pool: watch::Receiver<Option<PoolStatus>>,
         stop: CancellationToken,
     ) {
         let mut last: Option<ReverseTunnelStatus> = None;
         let mut retry = Duration::from_millis(200);
-        let slot = refresh_slot(&self.name, &self.replica, self.refresh);
-        let mut interval = self.refresh;
+        self.epoch.mark_unchanged();
+        let mut epoch_open = true;
         loop {
             let now = SystemTime::now();
             let mut next = {
@@ -354,13 +343,11 @@ impl StatusWriter {
                 let pool_now = pool.borrow_and_update().clone();
                 compose(&spec_now, pool_now.as_ref(), last.as_ref(), now)
             };
-            if needs_write(last.as_ref(), &next, now, interval) {
+            if needs_write(last.as_ref(), &next) {
                 next.observed_at = Some(rfc3339(now));
                 match self.write(&next).await {
                     Ok(()) => {
                         retry = Duration::from_millis(200);
-                        interval = until_slot(slot, self.refresh, now);
-                        // (`until_slot` counts from the whole second `observedAt` records.)
                         last = Some(next);
                     }
                     Err(e) => {
@@ -374,15 +361,16 @@ impl StatusWriter {
                     }
                 }
             }
-            let due = last.as_ref().and_then(|l| refresh_due(l, interval));
-            let until_due = due.map_or(interval, |due| {
-                due.duration_since(SystemTime::now()).unwrap_or_default()
-            });
             tokio::select! {
                 () = stop.cancelled() => break,
                 r = spec.changed() => if r.is_err() { break },
                 r = pool.changed() => if r.is_err() { break },
-                () = tokio::time::sleep(until_due) => {}
+                r = self.epoch.changed(), if epoch_open => match r {
+                    // Written again in full on the next turn.
+                    Ok(()) => last = None,
+                    // The Lease task ended (shutdown): keep reporting until stopped.
+                    Err(_) => epoch_open = false,
+                },
             }
         }
         let withdrawn = super::replicas::withdraw(&self.api, &self.name, &self.replica);
@@ -395,13 +383,14 @@ impl StatusWriter {
         }
     }
 
-    /// Applies this replica's entry (and the object's `observedAt`: a replica lives).
+    /// Applies this replica's entry (only its entry: the object's `observedAt` is the
+    /// leader's).
     async fn write(&self, status: &ReverseTunnelStatus) -> Result<(), kube::Error> {
         let entry = super::replicas::entry(&self.replica, status);
         let patch = json!({
             "apiVersion": ReverseTunnel::api_version(&()),
             "kind": ReverseTunnel::kind(&()),
-            "status": { "replicas": [entry], "observedAt": status.observed_at },
+            "status": { "replicas": [entry] },
         });
         let manager = super::replicas::field_manager(&self.replica);
         self.api
@@ -426,7 +415,7 @@ mod tests {
         let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
         let mut per_second = std::collections::HashMap::<u64, usize>::new();
         for i in 0..1000 {
-            let slot = refresh_slot(&format!("tunnel-{i}"), "operator-0", refresh);
+            let slot = refresh_slot("default", &format!("tunnel-{i}"), refresh);
             let next = until_slot(slot, refresh, t0);
             assert!(next > Duration::from_secs(1) && next <= refresh + Duration::from_secs(1));
             *per_second.entry(next.as_secs()).or_default() += 1;
@@ -481,7 +470,7 @@ mod tests {
     }
 
     #[test]
-    fn an_unchanged_status_is_stamped_again_once_a_minute() {
+    fn an_unchanged_entry_is_never_written_again() {
         let spec = SpecState {
             generation: Some(1),
             problem: None,
@@ -498,24 +487,20 @@ mod tests {
             discovered: true,
             last_error: None,
         };
-        let every = SEEN_REFRESH + Duration::from_secs(1);
         let mut written = compose(&spec, Some(&heartbeat_at(t0)), None, t0);
-        assert!(needs_write(None, &written, t0, every));
+        assert!(needs_write(None, &written));
         written.observed_at = Some(rfc3339(t0));
-        // A newer heartbeat alone: no write before the minute is up.
-        let later = t0 + Duration::from_secs(59);
-        let next = compose(&spec, Some(&heartbeat_at(later)), Some(&written), later);
-        assert!(!needs_write(Some(&written), &next, later, every));
-        // A minute (and the stamp's lost fraction) on: stamped again, heartbeat included.
-        let due = t0 + SEEN_REFRESH + Duration::from_secs(1);
-        assert!(needs_write(Some(&written), &next, due, every));
+        // Newer heartbeats alone, however late: no write (the Lease says the replica lives).
+        for later in [59, 61, 3600] {
+            let later = t0 + Duration::from_secs(later);
+            let next = compose(&spec, Some(&heartbeat_at(later)), Some(&written), later);
+            assert!(!needs_write(Some(&written), &next), "{later:?}");
+        }
         // A change is written at once.
+        let later = t0 + Duration::from_secs(5);
         let mut down = heartbeat_at(later);
         down.proxies[0].state = TunnelState::Connecting;
         let changed = compose(&spec, Some(&down), Some(&written), later);
-        assert!(needs_write(Some(&written), &changed, later, every));
-        // A status read back without a stamp (written by an older operator) is stamped.
-        written.observed_at = None;
-        assert!(needs_write(Some(&written), &next, later, every));
+        assert!(needs_write(Some(&written), &changed));
     }
 }

@@ -226,7 +226,7 @@ async fn lint_template_and_schema() {
         lease_rules,
         [(
             ("coordination.k8s.io".to_owned(), "leases".to_owned()),
-            verbs(&["get", "create", "update", "patch"])
+            verbs(&["get", "create", "update", "patch", "delete"])
         )]
         .into_iter()
         .collect()

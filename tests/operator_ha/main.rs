@@ -11,13 +11,15 @@
 //!   tunnels from the leaf), under a dial load: `kill -9` of either (the leader included) fails
 //!   no dial started after it, and a rolling restart of both (SIGTERM, successor, ready, then
 //!   the other) fails none at all.
-//! - [`status`]: `kubectl get rt` shows each replica's holdings (`REPLICAS 2/2`, one
-//!   `status.replicas` entry each), a dead replica's entry stops counting once its stamp is
-//!   stale, and `SEEN` passes the stale age after the last replica dies.
-//! - [`quiet`]: a Connected ReverseTunnel writes nothing to the API over a quiet minute but
-//!   the Lease renewals and one `observedAt` stamp, counted by the API server's own
-//!   `apiserver_request_total`; once the operator is killed, `kubectl get rt`'s `SEEN` passes a
-//!   minute.
+//! - [`status`]: `kubectl get rt` shows each replica's holdings (`REPLICAS 3/3`, one
+//!   `status.replicas` entry and one Lease each); a replica stopped by SIGTERM takes its entry
+//!   and Lease with it; a killed replica's entry stops counting once its Lease expires (not
+//!   before), and `SEEN` passes the stale age after the last replica dies.
+//! - [`quiet`]: with two replicas, a Connected ReverseTunnel writes nothing to the API over a
+//!   quiet minute but the Lease renewals (the leader's and each replica's own) and one
+//!   `observedAt` stamp by the leader, counted by the API server's own
+//!   `apiserver_request_total`; no replica rewrites its entry; once both are killed,
+//!   `kubectl get rt`'s `SEEN` passes a minute.
 //!
 //! The proxies and the operators listen on port 0 and print what they got; haproxy adopts a
 //! listener the test bound (`bind fd@3`), and proxies join it through its runtime API. The API

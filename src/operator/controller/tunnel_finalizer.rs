@@ -25,7 +25,7 @@ use super::Backoffs;
 use crate::operator::context::TunnelKey;
 use crate::operator::crd::ReverseTunnel;
 use crate::operator::error::{Error, Result};
-use crate::operator::replicas::is_live;
+use crate::operator::liveness::LeaseReader;
 
 /// The finalizer that keeps an object until its tunnels are closed.
 pub const FINALIZER: &str = "tether.dev/reverse-tunnel";
@@ -36,8 +36,8 @@ type Guarded = DeserializeGuard<ReverseTunnel>;
 struct Leader {
     client: Client,
     recorder: Recorder,
-    /// The replicas' refresh: an entry older than its stale age no longer holds deletion back.
-    refresh: Duration,
+    /// Reads the replicas' Leases: a replica whose Lease expired no longer holds deletion back.
+    leases: LeaseReader,
     failures: Backoffs<TunnelKey>,
 }
 
@@ -69,13 +69,17 @@ async fn reconcile(obj: Arc<Guarded>, leader: Arc<Leader>) -> Result<Action> {
 
 /// Lets the object go once no live replica still reports holding it.
 async fn cleanup(rt: &ReverseTunnel, leader: &Leader) -> Result<Action> {
-    let now = SystemTime::now();
-    let carrying: Vec<String> = rt
+    let named: std::collections::BTreeSet<String> = rt
         .status
         .iter()
         .flat_map(|s| &s.replicas)
-        .filter(|e| is_live(e, leader.refresh, now))
         .map(|e| e.name.clone())
+        .collect();
+    let liveness = leader.leases.read(&named, SystemTime::now()).await;
+    let carrying: Vec<&String> = liveness
+        .iter()
+        .filter(|(_, l)| l.counts())
+        .map(|(name, _)| name)
         .collect();
     if !carrying.is_empty() {
         return Err(Error::Unresolved {
@@ -121,7 +125,7 @@ pub async fn run(
     client: Client,
     namespace: Option<&str>,
     recorder: Recorder,
-    refresh: Duration,
+    leases: LeaseReader,
     stop: CancellationToken,
 ) {
     let api: Api<Guarded> = match namespace {
@@ -137,7 +141,7 @@ pub async fn run(
     let leader = Arc::new(Leader {
         client,
         recorder,
-        refresh,
+        leases,
         failures: Backoffs::default(),
     });
     Controller::for_stream(trigger, reader)

@@ -161,9 +161,9 @@ pub struct ProxyTunnel {
 /// One operator replica's holdings: its own agent's tunnels, as that replica sees them.
 ///
 /// Every replica runs an agent for every tunnel, so each writes its own entry (server-side
-/// apply under its own field manager, `tether-operator-<replica>`), on change and restamped
-/// about once a minute; the leader folds the live entries into the summary fields above and
-/// removes entries whose stamp is older than a refresh (a dead replica).
+/// apply under its own field manager, `tether-operator-<replica>`) when it changes; its own
+/// Lease (`<lease-name>.<replica>`) says it lives. The leader folds the live replicas' entries
+/// into the summary fields above and removes the entries of a replica whose Lease expired.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ReplicaHolding {
@@ -190,8 +190,7 @@ pub struct ReplicaHolding {
     /// The `metadata.generation` this replica acted on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
-    /// When the replica last confirmed this entry (RFC 3339): its liveness. An entry older
-    /// than the refresh (a minute, and a second) belongs to a dead replica and stops counting.
+    /// When the replica last changed this entry (RFC 3339); its liveness is its Lease.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_at: Option<String>,
 }
@@ -220,8 +219,8 @@ pub struct ReverseTunnelStatus {
     /// alone cause no write, so this is up to a few minutes old.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_heartbeat: Option<String>,
-    /// When an operator replica carrying the tunnel last confirmed it (RFC 3339): stamped by
-    /// every replica's write and refreshed by each at least every minute while nothing
+    /// When the leader last confirmed that a live operator replica carries the tunnel (RFC
+    /// 3339): stamped with every summary it writes and at least every minute while nothing
     /// changes, so its age (`kubectl get rt`, column `SEEN`) passing a minute means no replica
     /// runs an agent and the rest of the status is dead processes' last word.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -231,7 +230,7 @@ pub struct ReverseTunnelStatus {
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
     pub replicas: Vec<ReplicaHolding>,
     /// `ready/alive` over the live replica entries, for `kubectl get`: replicas holding a
-    /// tunnel to every expected proxy / replicas whose entry is fresh.
+    /// tunnel to every expected proxy / replicas whose Lease is current.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replicas_ready: Option<String>,
     /// `Ready` (the tunnel serves dials) and `Degraded` (some proxies are missing).
