@@ -7,7 +7,8 @@ use super::*;
 
 /// The Lease in these tests: renewed every 4 s, expires 6 s after the last renewal.
 pub(crate) const LEASE_TIMES: (&str, &str) = ("6s", "2s");
-/// How often replicas stamp their status entries in these tests (instead of a minute).
+/// `--status-refresh` in these tests (instead of a minute): how often the leader stamps each
+/// tunnel's `observedAt`.
 pub(crate) const REFRESH: Duration = Duration::from_secs(3);
 /// Dials that must complete after an event before the load is judged over it.
 const DIALS_AFTER: usize = 30;
@@ -26,7 +27,7 @@ pub(crate) async fn lease_holder(leases: &Api<Lease>) -> Option<String> {
         .holder_identity
 }
 
-/// An operator replica competing for the Lease, stamping its entries every [`REFRESH`].
+/// An operator replica competing for the Lease, with `--status-refresh` [`REFRESH`].
 pub(crate) fn replica(cp: &ControlPlane, ns: &str, root: &Root, name: &str) -> Process {
     let refresh = format!("{}s", REFRESH.as_secs());
     spawn_operator_with(
