@@ -40,7 +40,6 @@ use client::GexParams;
 use futures::future::Future;
 use log::{debug, error, info, warn};
 use msg::{is_kex_msg, validate_client_msg_strict_kex};
-use russh_util::runtime::JoinHandle;
 use russh_util::time::Instant;
 use ssh_key::{Certificate, PrivateKey};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
@@ -1065,7 +1064,7 @@ async fn start_reading<R: AsyncRead + Unpin>(
 /// Implements [Future] and can be awaited to wait for the session to finish.
 pub struct RunningSession<H: Handler> {
     handle: Handle,
-    join: JoinHandle<Result<(), H::Error>>,
+    join: tokio::task::JoinHandle<Result<(), H::Error>>,
 }
 
 impl<H: Handler> RunningSession<H> {
@@ -1081,7 +1080,8 @@ impl<H: Handler> Future for RunningSession<H> {
         match Future::poll(Pin::new(&mut self.join), cx) {
             Poll::Ready(r) => Poll::Ready(match r {
                 Ok(Ok(x)) => Ok(x),
-                Err(e) => Err(crate::Error::from(e).into()),
+                // Its task panicked or was cancelled, as the wrapper's dropped sender said.
+                Err(_) => Err(crate::Error::from(russh_util::runtime::JoinError).into()),
                 Ok(Err(e)) => Err(e),
             }),
             Poll::Pending => Poll::Pending,
@@ -1130,7 +1130,10 @@ where
 
     session.begin_rekey()?;
 
-    let join = russh_util::runtime::spawn(session.run(stream, handler));
+    // Spawned as it is: `russh_util::runtime::spawn` wraps it in another future that holds
+    // it twice (as captured, and as awaited), and it is the largest thing a session keeps.
+    let run = session.run(stream, handler);
+    let join = tokio::spawn(run);
 
     Ok(RunningSession { handle, join })
 }

@@ -85,7 +85,9 @@ pub enum Msg {
     },
     Channel(ChannelId, ChannelMsg),
     ChannelOpenReply {
-        pending: PendingChannelOpen,
+        // Boxed: the largest variant by far, and every slot of the session's two queues
+        // (a first block of 32 each, allocated per session) is as large as it.
+        pending: Box<PendingChannelOpen>,
         result: Result<(), ChannelOpenFailure>,
     },
 }
@@ -618,7 +620,7 @@ impl Session {
                     .disconnect(reason, &description, &language_tag)?;
             }
             Msg::ChannelOpenReply { pending, result } => {
-                self.finalize_channel_open_reply(pending, result)?;
+                self.finalize_channel_open_reply(*pending, result)?;
             }
             other => {
                 // should be unreachable, since the receiver only gets
@@ -629,15 +631,19 @@ impl Session {
         Ok(())
     }
 
-    pub(crate) async fn run<H, R>(
+    // Not an `async fn`: its arguments (the session, its stream and the handler, ~3 KB) would
+    // be kept twice in the future, once as arguments and once as the body's locals. The
+    // `async move` block uses them where they are captured.
+    pub(crate) fn run<H, R>(
         mut self,
         mut stream: SshRead<R>,
         mut handler: H,
-    ) -> Result<(), H::Error>
+    ) -> impl Future<Output = Result<(), H::Error>> + Send
     where
         H: Handler + Send + 'static,
         R: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
+        async move {
         self.flush()?;
 
         map_err!(self.common.packet_writer.flush_into(&mut stream).await)?;
@@ -740,7 +746,10 @@ impl Session {
                             std::mem::swap(&mut opening_cipher, &mut self.common.remote_to_local);
 
                             let kex_was_active = self.kex.active();
-                            match reply(&mut self, &mut handler, &mut pkt).await {
+                            // Boxed: with the handler's futures inlined it is the largest
+                            // part of this future, and it is live only while a packet is
+                            // handled; an idle session would keep its room for nothing.
+                            match Box::pin(reply(&mut self, &mut handler, &mut pkt)).await {
                                 Ok(_) => {},
                                 Err(e) => return Err(e),
                             }
@@ -867,6 +876,7 @@ impl Session {
         }
 
         Ok(())
+        } // async move (the body above keeps its indentation: a smaller diff)
     }
 
     /// Get a handle to this session.
