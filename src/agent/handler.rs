@@ -15,7 +15,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use super::claims::{Claim, Claims};
 use super::config::AgentConfig;
 use super::connect::connect_via;
-use super::tunnel::TunnelError;
+use super::error::TunnelError;
 use crate::admin::metrics::{METRICS, label};
 use crate::protocol::stream::{CONTROL_EXT, StreamControl};
 use crate::protocol::{DialError, DialErrorKind, Endpoint, ssh};

@@ -9,6 +9,7 @@ pub mod allow_list;
 pub mod claims;
 pub mod config;
 pub mod connect;
+mod error;
 mod handler;
 pub mod join;
 pub mod pool;
@@ -21,9 +22,10 @@ use tokio::sync::{broadcast, watch};
 use tokio_util::sync::CancellationToken;
 
 pub use config::{AgentConfig, Backoff};
+pub use error::TunnelError;
 pub use pool::PoolLimits;
 pub use status::{PoolStatus, ProxyTunnelStatus, TunnelState};
-pub use tunnel::{Tunnel, TunnelError, TunnelEvent};
+pub use tunnel::{Tunnel, TunnelEvent};
 
 /// An agent's state changes, for logs, status and tests (the seed's `ConnectedEvent`).
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -24,8 +24,9 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use super::AgentEvent;
 use super::claims::Claims;
 use super::config::AgentConfig;
+use super::error::TunnelError;
 use super::status::{PoolStatus, ProxyTunnelStatus, TunnelState};
-use super::tunnel::{Tunnel, TunnelError, TunnelEvent};
+use super::tunnel::{Tunnel, TunnelEvent};
 use crate::admin::metrics::{METRICS, label};
 use crate::protocol::control::ProxyInfo;
 

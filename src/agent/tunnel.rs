@@ -15,6 +15,7 @@ use tracing::{debug, info, warn};
 
 use super::claims::{Claim, Claims};
 use super::config::AgentConfig;
+use super::error::TunnelError;
 use super::handler::AgentHandler;
 use crate::admin::metrics::METRICS;
 use crate::protocol::control::{
@@ -27,36 +28,6 @@ use crate::stream::HandshakeGuard;
 /// itself (within the operator's stop grace and a pod's 30 s termination grace). Normally the
 /// proxy closes it first, as soon as its last stream has ended (see [`Tunnel::run`]).
 pub const LEAVE_GRACE: Duration = Duration::from_secs(10);
-
-/// Why a tunnel could not be set up or ended.
-#[derive(Debug, thiserror::Error)]
-pub enum TunnelError {
-    #[error("could not reach the proxy at {addr}: {source}")]
-    Connect {
-        addr: String,
-        source: std::io::Error,
-    },
-    #[error("timed out after {0:?} connecting to the proxy")]
-    Timeout(Duration),
-    #[error("SSH: {0}")]
-    Ssh(#[from] russh::Error),
-    #[error("the proxy refused the agent's certificate")]
-    AuthRefused,
-    #[error("control channel: {0}")]
-    Control(String),
-    #[error("the proxy stopped answering heartbeats ({0:?} of silence)")]
-    Stale(Duration),
-    #[error("the proxy closed the tunnel")]
-    Closed,
-    #[error("the proxy is draining: {0}")]
-    Drained(String),
-    #[error("landed on proxy {0}, which already holds a tunnel")]
-    AlreadyClaimed(String),
-    #[error("refused the proxy: {0}")]
-    UntrustedProxy(String),
-    #[error("the proxy is busy (too many handshakes in flight); it asks for a retry in {0:?}")]
-    Busy(Duration),
-}
 
 /// What a tunnel reports while it lives.
 #[derive(Debug, Clone, PartialEq, Eq)]

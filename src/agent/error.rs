@@ -1,0 +1,36 @@
+//! Why an agent's tunnel could not be set up, or ended: below both the tunnel and its SSH
+//! handler, which each produce some of these.
+
+use std::time::Duration;
+
+/// Why a tunnel could not be set up or ended.
+#[derive(Debug, thiserror::Error)]
+pub enum TunnelError {
+    #[error("could not reach the proxy at {addr}: {source}")]
+    Connect {
+        /// The proxy address dialled.
+        addr: String,
+        /// Why the TCP connect failed.
+        source: std::io::Error,
+    },
+    #[error("timed out after {0:?} connecting to the proxy")]
+    Timeout(Duration),
+    #[error("SSH: {0}")]
+    Ssh(#[from] russh::Error),
+    #[error("the proxy refused the agent's certificate")]
+    AuthRefused,
+    #[error("control channel: {0}")]
+    Control(String),
+    #[error("the proxy stopped answering heartbeats ({0:?} of silence)")]
+    Stale(Duration),
+    #[error("the proxy closed the tunnel")]
+    Closed,
+    #[error("the proxy is draining: {0}")]
+    Drained(String),
+    #[error("landed on proxy {0}, which already holds a tunnel")]
+    AlreadyClaimed(String),
+    #[error("refused the proxy: {0}")]
+    UntrustedProxy(String),
+    #[error("the proxy is busy (too many handshakes in flight); it asks for a retry in {0:?}")]
+    Busy(Duration),
+}
