@@ -31,7 +31,7 @@ use crate::{Opts, Res, Row, cpu_time, poll, tether_bin, verdict};
 use tether::demo::Pki;
 use tether::operator::crd::ReverseTunnel;
 use tether::operator::crd::reverse_tunnel::Phase;
-use tether::operator::status::SEEN_REFRESH;
+use tether::operator::stamps::SEEN_REFRESH;
 use tether::protocol::ClusterName;
 
 /// The operator's Lease, as the chart names it.

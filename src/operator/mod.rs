@@ -25,6 +25,7 @@ pub mod liveness;
 pub mod replicas;
 pub mod resolve;
 pub mod root;
+pub mod stamps;
 pub mod status;
 pub mod summarizer;
 
@@ -92,17 +93,17 @@ impl OperatorConfig {
 
 /// Runs the operator with `client` until `shutdown` is cancelled, then stops every agent.
 /// The in-process entry point of `tether operator`, used directly by tests; the leader stamps
-/// each tunnel's `observedAt` every [`status::SEEN_REFRESH`].
+/// each tunnel's `observedAt` every [`stamps::SEEN_REFRESH`].
 pub async fn run(
     client: Client,
     config: OperatorConfig,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    run_with_refresh(client, config, status::SEEN_REFRESH, shutdown).await
+    run_with_refresh(client, config, stamps::SEEN_REFRESH, shutdown).await
 }
 
 /// [`run`], with the leader stamping each unchanged tunnel's `observedAt` every `refresh`
-/// (so `SEEN` older than [`status::stale_after`] of it means no replica runs).
+/// (so `SEEN` older than [`stamps::stale_after`] of it means no replica runs).
 ///
 /// Every replica runs the `ReverseTunnel` controller, and so an agent for every tunnel, from
 /// the start and whatever the Lease says: losing a replica loses only its own tunnels, while

@@ -33,7 +33,7 @@ use super::FIELD_MANAGER;
 use super::crd::reverse_tunnel::{Phase, ProxyState, ProxyTunnel, ReplicaHolding};
 use super::crd::{ReverseTunnel, ReverseTunnelStatus};
 use super::liveness::Liveness;
-use super::status::{condition, rfc3339, until_slot};
+use super::stamps::{condition, rfc3339, until_slot};
 
 /// The field manager of one replica's entry.
 pub fn field_manager(replica: &str) -> String {
@@ -249,7 +249,7 @@ pub(crate) fn settled(status: &ReverseTunnelStatus) -> ReverseTunnelStatus {
 /// When and how the leader stamps a tunnel's `observedAt`.
 #[derive(Debug, Clone, Copy)]
 pub struct Stamp {
-    /// The tunnel's second within the period ([`super::status::refresh_slot`]).
+    /// The tunnel's second within the period ([`super::stamps::refresh_slot`]).
     pub slot: Duration,
     /// The period (`--status-refresh`).
     pub refresh: Duration,

@@ -36,7 +36,7 @@ fn replica(
         message: String::new(),
         proxies,
         observed_generation: Some(1),
-        observed_at: Some(crate::operator::status::rfc3339(at)),
+        observed_at: Some(crate::operator::stamps::rfc3339(at)),
     }
 }
 
@@ -94,7 +94,7 @@ fn a_dead_replicas_entry_stops_counting_and_is_pruned() {
     let b = replica("b", Phase::Connected, &up, t0());
     let mut status = summarize(&[&a, &b], None, t0());
     status.replicas = vec![a, b];
-    status.observed_at = Some(crate::operator::status::rfc3339(t0()));
+    status.observed_at = Some(crate::operator::stamps::rfc3339(t0()));
     // Both Leases current, however old the entries: nothing to write before the stamp's slot,
     // nothing to prune.
     let both = leases(&[("a", ALIVE), ("b", ALIVE)]);
@@ -118,7 +118,7 @@ fn a_dead_replicas_entry_stops_counting_and_is_pruned() {
     assert_eq!(summary.phase, Some(Phase::Connected));
     assert_eq!(
         summary.observed_at,
-        Some(crate::operator::status::rfc3339(later))
+        Some(crate::operator::stamps::rfc3339(later))
     );
     let ops = serde_json::to_value(p.prune.expect("a prune")).expect("json");
     assert_eq!(ops[0]["path"], "/status/replicas/1/name");
@@ -154,7 +154,7 @@ fn the_leader_stamps_once_a_refresh_on_the_tunnels_slot_while_a_replica_lives() 
     assert_eq!(secs(due) % 60, 17);
     assert!(due > t0() + Duration::from_secs(1) && due <= t0() + REFRESH + Duration::from_secs(1));
     // Newer heartbeats change nothing that counts: no write until the slot.
-    status.replicas[0].proxies[0].last_heartbeat = Some(crate::operator::status::rfc3339(due));
+    status.replicas[0].proxies[0].last_heartbeat = Some(crate::operator::stamps::rfc3339(due));
     let before = plan(&status, &alive, stamp(), due - Duration::from_millis(500));
     assert!(before.summary.is_none());
     assert_eq!(before.next_stamp, Some(due));

@@ -26,7 +26,8 @@ use tracing::{debug, warn};
 use super::crd::{ReverseTunnel, ReverseTunnelStatus};
 use super::liveness::{LeaseReader, Liveness};
 use super::replicas::{Stamp, plan, settled, write_summary};
-use super::status::{phase_event, refresh_slot};
+use super::stamps::refresh_slot;
+use super::status::phase_event;
 
 /// Changes closer together than this are summarized once.
 const DEBOUNCE: Duration = Duration::from_millis(200);

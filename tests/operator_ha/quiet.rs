@@ -11,7 +11,7 @@ use common::api_writes::{since, total, write_counts};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ManagedFieldsEntry;
 use tether::operator::crd::ReverseTunnelStatus;
 use tether::operator::liveness::lease_name;
-use tether::operator::status::{SEEN_REFRESH, stale_after};
+use tether::operator::stamps::{SEEN_REFRESH, stale_after};
 
 /// The quiet window: a minute, and long enough to hold at least one `observedAt` stamp (they
 /// come every `SEEN_REFRESH` and a second).

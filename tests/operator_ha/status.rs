@@ -9,7 +9,7 @@ use super::quiet::parse_age;
 use super::*;
 use tether::operator::crd::reverse_tunnel::ProxyState;
 use tether::operator::liveness::{CLOCK_SKEW, Liveness, judge, lease_name};
-use tether::operator::status::stale_after;
+use tether::operator::stamps::stale_after;
 use tether::operator::summarizer::poll_for;
 
 /// The stamp period here: far longer than the 6 s Lease, so a dead replica's entries pruned

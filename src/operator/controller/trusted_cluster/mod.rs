@@ -48,7 +48,7 @@ use crate::operator::crd::{
 };
 use crate::operator::error::{Error, Result};
 use crate::operator::resolve::{IDENTITY_CERT, IDENTITY_KEY, ROOT_CA_KEY, secret_text};
-use crate::operator::status::condition;
+use crate::operator::stamps::condition;
 use crate::protocol::ClusterName;
 use crate::protocol::join::JoinToken;
 
