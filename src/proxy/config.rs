@@ -141,5 +141,5 @@ pub struct ProxyConfig {
     pub peering: Option<super::peers::PeeringConfig>,
     /// Where join tokens are checked and joined leaves recorded; `None` refuses joins (and
     /// keeps SSH authentication certificate-only).
-    pub join: Option<Arc<dyn super::join::JoinAuthority>>,
+    pub join: Option<Arc<dyn super::authority::JoinAuthority>>,
 }

@@ -10,7 +10,7 @@ use tokio::sync::{oneshot, watch};
 use tracing::{debug, info, warn};
 
 use super::peers::Peer;
-use super::server::ProxyShared;
+use super::shared::ProxyShared;
 use super::sites::{AuthenticatedAgent, Tunnel};
 use crate::admin::metrics::METRICS;
 use crate::protocol::control::{self, AgentMessage, ChannelReadError, FrameReader, ProxyMessage};

@@ -25,8 +25,9 @@ use tracing::{Instrument, info, info_span, warn};
 
 use super::Dialer;
 use super::clients::ClientRegistration;
+use super::dialer::ProxyDialer;
 use super::peers::PEER_ORIGINATOR;
-use super::server::{ProxyDialer, ProxyShared};
+use super::shared::ProxyShared;
 use super::sites::AuthenticatedAgent;
 use crate::protocol::Target;
 use crate::protocol::control::CONTROL_SUBSYSTEM;

@@ -1,6 +1,6 @@
 //! The root's side of the join (see [`crate::protocol::join`] for the exchange).
 //!
-//! The proxy speaks the protocol; a [`JoinAuthority`] decides. The authority knows the issued
+//! The proxy speaks the protocol; a [`JoinAuthority`] ([`super::authority`]) decides. The authority knows the issued
 //! tokens and records admitted leaves: in Kubernetes it is `operator::root`, which keeps
 //! tokens in Secrets and leaves in `RemoteCluster` objects, so every replica trusts a leaf
 //! that joined through any one of them.
@@ -12,70 +12,19 @@
 //! the joiner does not send; the authority then checks its own records (a race between two
 //! replicas is settled there).
 
-use std::fmt;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use futures::future::BoxFuture;
 use russh::keys::PublicKey;
 use tracing::{info, warn};
 
-use super::server::ProxyShared;
+use super::authority::{Admission, JoinAuthority, Refused};
+use super::shared::ProxyShared;
 use crate::admin::metrics::{METRICS, label as metric_label};
 use crate::identity::{TrustSource, same_keys};
 use crate::protocol::ClusterName;
 use crate::protocol::control::{ControlError, read_message, write_message};
-use crate::protocol::join::{
-    self, JoinRefusal, JoinToken, JoinerMessage, MAX_CA_KEYS, RootMessage,
-};
-
-/// A refused join: the reason the leaf's status shows, and a message for its administrator.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{reason}: {message}")]
-pub struct Refused {
-    /// Machine-readable reason (a condition reason on the leaf).
-    pub reason: JoinRefusal,
-    /// What went wrong, in words; never contains a secret.
-    pub message: String,
-}
-
-impl Refused {
-    pub fn new(reason: JoinRefusal, message: impl Into<String>) -> Self {
-        Self {
-            reason,
-            message: message.into(),
-        }
-    }
-}
-
-/// A leaf asking to be trusted, after it proved it holds the token.
-#[derive(Debug, Clone)]
-pub struct Admission {
-    /// The token it proved (its ID names it in records).
-    pub token_id: String,
-    /// The name its agents' certificates carry.
-    pub leaf: ClusterName,
-    /// The CA keys that sign its agents' certificates.
-    pub ca_keys: Vec<PublicKey>,
-}
-
-/// Where the root's join state lives: issued tokens and admitted leaves.
-pub trait JoinAuthority: Send + Sync + 'static {
-    /// The token with this ID, if it exists and has not expired.
-    fn token<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<JoinToken, Refused>>;
-
-    /// Records the leaf as trusted, consuming the token if it is single-use. Refuses a name
-    /// another CA already holds, and a single-use token already used (by another leaf, with
-    /// other CA keys, or by a leaf since revoked). Must be idempotent for the same leaf, CA and
-    /// token while the leaf's record stands (a leaf retries when an answer is lost).
-    fn admit<'a>(&'a self, admission: &'a Admission) -> BoxFuture<'a, Result<(), Refused>>;
-}
-
-impl fmt::Debug for dyn JoinAuthority {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("JoinAuthority")
-    }
-}
+use crate::protocol::join::{self, JoinRefusal, JoinerMessage, MAX_CA_KEYS, RootMessage};
 
 /// Serves one join exchange on `stream`, logging the outcome. The caller bounds it in time.
 pub(super) async fn serve<S>(

@@ -1,5 +1,6 @@
 //! The root side: the tunnel server, its registry of remote sites, and the client entry.
 
+pub mod authority;
 pub mod client_entry;
 pub mod clients;
 pub mod config;
@@ -12,13 +13,14 @@ pub mod peers;
 pub mod quota;
 pub mod reload;
 pub mod server;
+pub mod shared;
 pub mod sites;
 pub mod trust;
 pub mod tunnel;
 
+pub use authority::{Admission, JoinAuthority, Refused};
 pub use config::{HeartbeatPolicy, ProxyConfig, ProxyLimits};
-pub use dialer::Dialer;
-pub use join::{Admission, JoinAuthority, Refused};
+pub use dialer::{Dialer, ProxyConn, ProxyDialer};
 pub use peers::{Peer, PeeringConfig};
-pub use server::{ProxyConn, ProxyDialer, ProxyServer};
+pub use server::ProxyServer;
 pub use sites::{SiteInfo, SiteStatus, Sites};

@@ -1,5 +1,6 @@
-//! The proxy's listener and lifecycle (the seed's `Server`: start, close, wait), and the
-//! dialer every client entry uses.
+//! The proxy's listener and lifecycle (the seed's `Server`: start, close, wait). The state its
+//! connections share is [`super::shared`]'s; the dialer every client entry uses is
+//! [`super::dialer`]'s.
 
 use std::io;
 use std::net::SocketAddr;
@@ -14,52 +15,18 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use super::Dialer;
-use super::clients::ClientSessions;
 use super::config::ProxyConfig;
+use super::dialer::ProxyDialer;
 use super::handler::ConnectionHandler;
 use super::limits::{ConnectionLimiter, HandshakePermit};
-use super::peers::{Forward, Peer, PeerLiveness, PeerPool, PeerStream, dial_via_peers};
+use super::peers::{Peer, PeerLiveness, PeerPool};
 use super::quota::StreamQuota;
-use super::sites::{ProxyStream, SiteInfo, Sites, TunnelDialError};
+use super::shared::ProxyShared;
+use super::sites::{SiteInfo, Sites};
 use crate::admin::metrics::{METRICS, label};
 use crate::identity::Identity;
-use crate::protocol::{ClusterName, DialError, DialErrorKind, Endpoint, Target, busy, ssh};
-use crate::stream::{HandshakeGuard, Splice};
-
-/// Tunnels one dial tries before giving up: a leaf runs a few agent instances, and each failed
-/// attempt costs at most the time to declare a tunnel dead.
-const MAX_TUNNEL_ATTEMPTS: usize = 4;
-
-/// State shared by every connection of one proxy.
-pub struct ProxyShared {
-    /// The configuration the proxy started with.
-    pub config: ProxyConfig,
-    /// Remote sites and their tunnels.
-    pub sites: Sites,
-    /// The proxies of this cluster: discovery announces them, peering dials them.
-    pub peers: watch::Sender<Vec<Peer>>,
-    /// Cancelled when the proxy starts draining: agents are told to reconnect elsewhere.
-    pub draining: CancellationToken,
-    /// Cancelled when the proxy stops: every connection closes.
-    pub stopped: CancellationToken,
-    /// Every task the proxy spawned, so shutdown can wait for them.
-    pub tasks: TaskTracker,
-    /// Admission control.
-    pub limiter: Arc<ConnectionLimiter>,
-    /// Each SSH client's share of open streams.
-    pub client_streams: Arc<StreamQuota>,
-    /// Client sessions carrying streams, ended when the trust stops accepting them.
-    pub client_sessions: Arc<ClientSessions>,
-    /// Connections to peer proxies, shared by forwarded dials, and their circuit breakers.
-    pub peer_pool: Arc<PeerPool>,
-    /// Whether the peer set is known: false from [`ProxyServer::expect_peer_discovery`] until
-    /// the first [`ProxyServer::set_peers`], so a replica is not ready before it can announce
-    /// its peers.
-    peers_known: std::sync::atomic::AtomicBool,
-    /// Swappable, so a renewed host certificate applies to the next connection.
-    ssh: ArcSwap<SshConfig>,
-}
+use crate::protocol::{ClusterName, busy, ssh};
+use crate::stream::HandshakeGuard;
 
 /// A running proxy.
 pub struct ProxyServer {
@@ -359,178 +326,6 @@ async fn serve_connection(
 async fn end_handshake<F: std::future::Future + Unpin>(guard: HandshakeGuard, session: F) {
     guard.shutdown();
     let _ = tokio::time::timeout(SHUTDOWN_LINGER, session).await;
-}
-
-/// Dials targets through tunnels, or directly in the local cluster.
-#[derive(Clone)]
-pub struct ProxyDialer {
-    shared: Arc<ProxyShared>,
-}
-
-impl ProxyDialer {
-    pub(super) fn new(shared: Arc<ProxyShared>) -> Self {
-        Self { shared }
-    }
-}
-
-/// A connection made by [`ProxyDialer`].
-pub enum ProxyConn {
-    /// Through a leaf's tunnel.
-    Tunnel(ProxyStream),
-    /// Straight to a server of the local cluster.
-    Direct(TcpStream),
-    /// Through a peer proxy that holds a tunnel to the site (boxed: it carries an SSH client).
-    Peer(Box<PeerStream>),
-}
-
-impl Splice for ProxyConn {
-    async fn splice<L>(self, local: L) -> io::Result<()>
-    where
-        L: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-    {
-        match self {
-            ProxyConn::Tunnel(s) => s.splice(local).await,
-            ProxyConn::Direct(s) => s.splice(local).await,
-            ProxyConn::Peer(s) => (*s).splice(local).await,
-        }
-    }
-}
-
-impl Dialer for ProxyDialer {
-    type Conn = ProxyConn;
-
-    async fn dial(&self, target: Target, client: SocketAddr) -> Result<ProxyConn, DialError> {
-        let result = self.dial_anywhere(target, client).await;
-        let outcome = match &result {
-            Ok(_) => "ok",
-            Err(e) => e.kind.as_str(),
-        };
-        METRICS
-            .proxy_dials
-            .get_or_create(&label("outcome", outcome))
-            .inc();
-        result
-    }
-}
-
-impl ProxyDialer {
-    /// Locally, directly, or through a peer.
-    async fn dial_anywhere(
-        &self,
-        target: Target,
-        client: SocketAddr,
-    ) -> Result<ProxyConn, DialError> {
-        let config = &self.shared.config;
-        if target.cluster == config.cluster {
-            return self.dial_direct(&target).await.map(ProxyConn::Direct);
-        }
-        match self.dial_local(&target, client).await {
-            Err(e) if e.kind == DialErrorKind::NoTunnel => match &config.peering {
-                Some(peering) => {
-                    let peers = self.shared.peers.borrow().clone();
-                    let forward = Forward {
-                        peering,
-                        pool: &self.shared.peer_pool,
-                        peers: &peers,
-                        self_id: &config.proxy_id,
-                        cluster: &config.cluster,
-                        root_cas: config.trust.load().cas(&config.cluster).to_vec(),
-                        timeout: config.limits.dial_timeout,
-                    };
-                    dial_via_peers(forward, &target)
-                        .await
-                        .map(|s| ProxyConn::Peer(Box::new(s)))
-                }
-                None => Err(e),
-            },
-            other => other,
-        }
-    }
-}
-
-impl ProxyDialer {
-    /// Dials through this proxy's own tunnels only (never through peers): what a peer's
-    /// forwarded request gets. A path failure (the tunnel died, or would not open a channel)
-    /// moves the dial to another tunnel of the leaf, another agent instance, within the same
-    /// deadline; the agent's answer goes back to the client as it is.
-    pub async fn dial_local(
-        &self,
-        target: &Target,
-        client: SocketAddr,
-    ) -> Result<ProxyConn, DialError> {
-        let limits = &self.shared.config.limits;
-        let deadline = tokio::time::Instant::now() + limits.dial_timeout;
-        let mut tried = Vec::new();
-        let mut last: Option<DialError> = None;
-        while tried.len() < MAX_TUNNEL_ATTEMPTS {
-            let tunnel = match self.shared.sites.pick(&target.cluster, &tried) {
-                Ok(t) => t,
-                // Say why the tunnels tried failed rather than that none is left.
-                Err(e) => return Err(last.unwrap_or(e)),
-            };
-            tried.push(tunnel.id);
-            let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
-            let dialled = tunnel.dial(
-                &target.endpoint,
-                client,
-                limits.max_streams_per_tunnel,
-                self.shared.config.stream,
-                remaining,
-            );
-            match dialled.await {
-                Ok(s) => return Ok(ProxyConn::Tunnel(s)),
-                Err(TunnelDialError::Path(e)) => {
-                    warn!(tunnel = tunnel.id, %target, error = %e, "path failure; trying another tunnel of the leaf");
-                    last = Some(e);
-                }
-                Err(TunnelDialError::Answer(e)) => return Err(e),
-            }
-        }
-        Err(last.unwrap_or_else(|| DialError::new(DialErrorKind::NoTunnel, "no tunnel")))
-    }
-}
-
-impl ProxyDialer {
-    async fn dial_direct(&self, target: &Target) -> Result<TcpStream, DialError> {
-        let config = &self.shared.config;
-        let Some(allow) = &config.direct else {
-            return Err(DialError::new(
-                DialErrorKind::Forbidden,
-                format!(
-                    "direct dials into the local cluster {} are disabled",
-                    config.cluster
-                ),
-            ));
-        };
-        let Endpoint::Host { host, port } = &target.endpoint else {
-            return Err(DialError::new(
-                DialErrorKind::Forbidden,
-                "the local API server is not reachable through the proxy",
-            ));
-        };
-        crate::agent::connect::connect(allow, host, *port, config.limits.dial_timeout)
-            .await
-            .map(|(stream, _)| stream)
-    }
-}
-
-impl crate::admin::Component for ProxyShared {
-    fn ready(&self) -> bool {
-        !self.draining.is_cancelled()
-            && self.peers_known.load(std::sync::atomic::Ordering::Acquire)
-            && !self.peers.borrow().is_empty()
-    }
-
-    fn status(&self) -> serde_json::Value {
-        serde_json::json!({
-            "proxy": self.config.proxy_id,
-            "cluster": self.config.cluster,
-            "draining": self.draining.is_cancelled(),
-            "peers_known": self.peers_known.load(std::sync::atomic::Ordering::Acquire),
-            "peers": self.peers.borrow().iter().map(|p| &p.id).collect::<Vec<_>>(),
-            "sites": self.sites.list(),
-        })
-    }
 }
 
 /// The SSH server settings for `config`, presenting `host`.

@@ -28,7 +28,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use super::server::ProxyShared;
+use super::shared::ProxyShared;
 use super::sites::Tunnel;
 use crate::identity::{IdentityError, TrustSource, TrustStore};
 
