@@ -10,6 +10,7 @@ use russh::client::{self, Handle};
 use russh::keys::PublicKey;
 use russh::keys::ssh_key::certificate::CertType;
 use tokio::net::TcpStream;
+use tokio::sync::oneshot;
 use tracing::warn;
 
 use crate::identity::{Identity, ROLE_EXTENSION, Role};
@@ -44,8 +45,9 @@ pub enum ClientError {
     Ssh(#[from] russh::Error),
     #[error("the client certificate has no principal to log in as")]
     NoPrincipal,
-    #[error("the proxy refused the client certificate")]
-    AuthRefused,
+    /// With the proxy's reason when it gave one.
+    #[error("the proxy refused the client certificate{}", .0.as_deref().map(|r| format!(": {r}")).unwrap_or_default())]
+    AuthRefused(Option<String>),
     /// An agent's or a proxy's certificate: the proxy would refuse it without a reason.
     #[error(
         "certificate {key_id:?} is {found}, not a client's: dials need one from `tether cert client`"
@@ -151,12 +153,32 @@ fn stream_refusal(reason: &ChannelOpenFailure) -> &'static str {
 }
 
 struct ProxyCheck {
+    /// CA keys trusted to sign the proxy's host certificate.
     root_cas: Vec<PublicKey>,
+    /// The cluster the proxy's host certificate must name.
     root_cluster: ClusterName,
+    /// Where the proxy's reason goes when it ends the connection (a refused certificate says
+    /// why in its disconnect message).
+    proxy_said: Option<oneshot::Sender<String>>,
 }
 
 impl client::Handler for ProxyCheck {
     type Error = russh::Error;
+
+    async fn disconnected(
+        &mut self,
+        reason: client::DisconnectReason<Self::Error>,
+    ) -> Result<(), Self::Error> {
+        match reason {
+            client::DisconnectReason::ReceivedDisconnect(info) => {
+                if let Some(said) = self.proxy_said.take() {
+                    let _ = said.send(info.message);
+                }
+                Ok(())
+            }
+            client::DisconnectReason::Error(e) => Err(e),
+        }
+    }
 
     async fn check_server_key(
         &mut self,
@@ -217,9 +239,11 @@ impl DialClient {
             source,
         })?;
         let ssh_config = Arc::new(ssh_config);
+        let (proxy_said, reason) = oneshot::channel();
         let check = ProxyCheck {
             root_cas: config.root_cas.clone(),
             root_cluster: config.root_cluster.clone(),
+            proxy_said: Some(proxy_said),
         };
         let mut handle = client::connect_stream(ssh_config, socket, check).await?;
         let cert = &config.identity.certificate;
@@ -232,7 +256,9 @@ impl DialClient {
             .authenticate_openssh_cert(user, Arc::new(config.identity.key.clone()), cert.clone())
             .await?;
         if !auth.success() {
-            return Err(ClientError::AuthRefused);
+            // The proxy follows its refusal with a disconnect that says why.
+            let said = tokio::time::timeout(Duration::from_secs(1), reason).await;
+            return Err(ClientError::AuthRefused(said.ok().and_then(Result::ok)));
         }
         guard.release();
         Ok(Self { handle })

@@ -17,8 +17,13 @@ pub enum TunnelError {
     Timeout(Duration),
     #[error("SSH: {0}")]
     Ssh(#[from] russh::Error),
-    #[error("the proxy refused the agent's certificate")]
-    AuthRefused,
+    /// With the proxy's reason when it gave one (what the agent's own certificate says, or
+    /// that its CA is not trusted for the cluster), so the leaf's status can name the fix.
+    #[error("the proxy refused the agent's certificate{}", .0.as_deref().map(|r| format!(": {r}")).unwrap_or_default())]
+    AuthRefused(Option<String>),
+    /// The agent's own certificate is outside its validity; found before dialling.
+    #[error("{0}")]
+    OwnCertificate(String),
     #[error("control channel: {0}")]
     Control(String),
     #[error("the proxy stopped answering heartbeats ({0:?} of silence)")]

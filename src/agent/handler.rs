@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use russh::client::{self, Msg, Session};
 use russh::{Channel, ChannelOpenFailure};
 use tokio::net::TcpStream;
+use tokio::sync::oneshot;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, info_span, warn};
 
@@ -36,10 +37,28 @@ pub(super) struct AgentHandler {
     pub(super) tasks: TaskTracker,
     /// What the streams of this tunnel may grow their receive windows by, together.
     pub(super) window_budget: Arc<WindowBudget>,
+    /// Where the proxy's reason goes when it ends the connection (a refused certificate says
+    /// why in its disconnect message); taken by the first disconnect.
+    pub(super) proxy_said: Option<oneshot::Sender<String>>,
 }
 
 impl client::Handler for AgentHandler {
     type Error = russh::Error;
+
+    async fn disconnected(
+        &mut self,
+        reason: client::DisconnectReason<Self::Error>,
+    ) -> Result<(), Self::Error> {
+        match reason {
+            client::DisconnectReason::ReceivedDisconnect(info) => {
+                if let Some(said) = self.proxy_said.take() {
+                    let _ = said.send(info.message);
+                }
+                Ok(())
+            }
+            client::DisconnectReason::Error(e) => Err(e),
+        }
+    }
 
     async fn check_server_key(
         &mut self,

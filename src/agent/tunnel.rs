@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use russh::client::{self, Handle, Msg};
 use russh::{ChannelMsg, ChannelReadHalf, ChannelWriteHalf};
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
@@ -23,6 +23,9 @@ use crate::protocol::control::{
 };
 use crate::protocol::{busy, ssh};
 use crate::stream::HandshakeGuard;
+
+/// How long a refused agent waits for the proxy's disconnect that says why.
+const REFUSAL_REASON_WAIT: Duration = Duration::from_secs(1);
 
 /// How long a stopping agent lets its streams in flight finish before it closes a tunnel
 /// itself (within the operator's stop grace and a pod's 30 s termination grace). Normally the
@@ -93,7 +96,7 @@ impl Tunnel {
         config: Arc<AgentConfig>,
         claims: Option<Claims>,
     ) -> Result<Tunnel, TunnelError> {
-        warn_if_certificate_invalid(&config.identity.certificate);
+        check_own_certificate(&config.identity.certificate)?;
         let socket = TcpStream::connect(config.proxy_addr.as_str())
             .await
             .map_err(|source| TunnelError::Connect {
@@ -114,12 +117,14 @@ impl Tunnel {
         let ssh_config = Arc::new(ssh::client_config());
         let verdict = Arc::new(Mutex::new(None));
         let tasks = TaskTracker::new();
+        let (proxy_said, reason) = oneshot::channel();
         let handler = AgentHandler {
             config: config.clone(),
             verdict: verdict.clone(),
             claims,
             tasks: tasks.clone(),
             window_budget: config.stream.tunnel_budget(),
+            proxy_said: Some(proxy_said),
         };
         let take_verdict = || verdict.lock().unwrap_or_else(|p| p.into_inner()).take();
         let mut handle = match client::connect_stream(ssh_config, socket, handler).await {
@@ -149,7 +154,10 @@ impl Tunnel {
             )
             .await?;
         if !auth.success() {
-            return Err(TunnelError::AuthRefused);
+            // The proxy follows its refusal with a disconnect that says why; an older one may
+            // not, so the wait is short.
+            let said = tokio::time::timeout(REFUSAL_REASON_WAIT, reason).await;
+            return Err(TunnelError::AuthRefused(said.ok().and_then(Result::ok)));
         }
         let channel = handle.channel_open_session().await?;
         channel.request_subsystem(true, CONTROL_SUBSYSTEM).await?;
@@ -378,13 +386,24 @@ async fn busy_hint(socket: &TcpStream) -> Option<std::time::Duration> {
 
 /// The proxy will refuse a certificate outside its validity window; say so on the agent's side
 /// too, where the operator who must renew it is looking.
-fn warn_if_certificate_invalid(cert: &russh::keys::Certificate) {
+/// Refuses to dial with a certificate outside its validity: every proxy would refuse it (russh
+/// checks the dates before any handler sees the certificate, so the proxy could not say why),
+/// and the agent knows why without asking.
+fn check_own_certificate(cert: &russh::keys::Certificate) -> Result<(), TunnelError> {
     let now = std::time::SystemTime::now();
-    if cert.valid_before_time().is_some_and(|t| now > t) {
-        warn!(key_id = cert.key_id(), valid_before = ?cert.valid_before_time(), "the agent's certificate has expired; issue a new one");
-    } else if cert.valid_after_time().is_some_and(|t| now < t) {
-        warn!(key_id = cert.key_id(), valid_after = ?cert.valid_after_time(), "the agent's certificate is not valid yet; check the clock");
-    }
+    let at = |t: std::time::SystemTime| humantime::format_rfc3339_seconds(t).to_string();
+    let problem = match (cert.valid_after_time(), cert.valid_before_time()) {
+        (_, Some(until)) if now > until => format!("expired at {}: issue a new one", at(until)),
+        (Some(from), _) if now < from => {
+            format!("is not valid before {}: check the clock", at(from))
+        }
+        _ => return Ok(()),
+    };
+    warn!(key_id = cert.key_id(), %problem, "the agent's certificate cannot be used");
+    Err(TunnelError::OwnCertificate(format!(
+        "the agent's certificate {:?} {problem}",
+        cert.key_id()
+    )))
 }
 
 async fn send(write: &ChannelWriteHalf<Msg>, msg: &AgentMessage) -> Result<(), TunnelError> {

@@ -241,6 +241,26 @@ pub enum AuthError {
     },
 }
 
+impl AuthError {
+    /// What a proxy may tell the peer it refused: what the peer's own certificate says and
+    /// whether its CA is trusted for the cluster it claims, never which names or keys the proxy
+    /// does trust. An unknown cluster, a CA that is not the cluster's and a bad signature all
+    /// read the same, so a prober with a self-made CA learns nothing from the difference.
+    pub fn disclosed(&self) -> String {
+        match self {
+            AuthError::UnknownCluster { cluster } => untrusted(cluster),
+            AuthError::UntrustedCa { cluster, .. } | AuthError::BadSignature { cluster, .. } => {
+                untrusted(cluster.as_str())
+            }
+            other => other.to_string(),
+        }
+    }
+}
+
+fn untrusted(cluster: &str) -> String {
+    format!("the certificate's authority is not trusted for cluster {cluster:?}")
+}
+
 /// A certificate time (seconds since the Unix epoch), shown as UTC date and time in messages so
 /// an operator can compare it with a clock.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]

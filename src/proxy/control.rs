@@ -50,7 +50,7 @@ pub(super) async fn run(
     agent: AuthenticatedAgent,
     peer: SocketAddr,
     handle: Handle,
-    ready: oneshot::Sender<()>,
+    ready: oneshot::Sender<super::handler::SetUp>,
 ) {
     let (mut read, write) = channel.split();
     let mut frames = FrameReader::default();
@@ -111,7 +111,7 @@ pub(super) async fn run(
     // made since the agent authenticated is seen here.
     let end = match tunnel.verify(&shared.config.trust.load(), SystemTime::now()) {
         Ok(()) => {
-            let _ = ready.send(());
+            let _ = ready.send(Ok(()));
             info!(tunnel = tunnel.id, ?interval, "tunnel online");
             serve(&shared, &tunnel, &mut read, &write, &mut frames, peers).await
         }

@@ -29,6 +29,7 @@ use super::dialer::ProxyDialer;
 use super::peers::PEER_ORIGINATOR;
 use super::shared::ProxyShared;
 use super::sites::AuthenticatedAgent;
+use crate::identity::{ROLE_EXTENSION, Role};
 use crate::protocol::Target;
 use crate::protocol::control::CONTROL_SUBSYSTEM;
 use crate::protocol::join::{JOIN_SUBSYSTEM, JOIN_USER};
@@ -69,14 +70,18 @@ impl Peer {
     }
 }
 
+/// How a connection's handshake ended: set up, or refused with what the peer may be told
+/// ([`crate::identity::AuthError::disclosed`]), which the listener sends in its disconnect.
+pub(super) type SetUp = Result<(), String>;
+
 /// Per-connection SSH handler.
 pub(super) struct ConnectionHandler {
     shared: Arc<ProxyShared>,
     peer_addr: SocketAddr,
     peer: Option<Peer>,
     /// Fired when the connection is fully set up (agent hello done, or client authenticated),
-    /// which ends its handshake deadline.
-    ready: Option<oneshot::Sender<()>>,
+    /// which ends its handshake deadline, or refused with a reason the peer may be told.
+    ready: Option<oneshot::Sender<SetUp>>,
     /// Session channels opened but not yet turned into the control channel (at most
     /// [`MAX_PENDING_SESSIONS`]).
     sessions: HashMap<ChannelId, Channel<Msg>>,
@@ -93,7 +98,7 @@ impl ConnectionHandler {
     pub(super) fn new(
         shared: Arc<ProxyShared>,
         peer_addr: SocketAddr,
-        ready: oneshot::Sender<()>,
+        ready: oneshot::Sender<SetUp>,
     ) -> Self {
         Self {
             shared,
@@ -193,8 +198,18 @@ impl Handler for ConnectionHandler {
                         name,
                         certificate: Box::new(certificate.clone()),
                     },
-                    Err(_) => {
-                        warn!(peer = %self.peer_addr, user, key_id = certificate.key_id(), reason = %agent_error, "authentication refused");
+                    Err(client_error) => {
+                        // Tell the peer about the role its certificate claims.
+                        let role = certificate.extensions().get(ROLE_EXTENSION);
+                        let error = if role.map(String::as_str) == Some(Role::Client.as_str()) {
+                            client_error
+                        } else {
+                            agent_error
+                        };
+                        warn!(peer = %self.peer_addr, user, key_id = certificate.key_id(), reason = %error, "authentication refused");
+                        if let Some(ready) = self.ready.take() {
+                            let _ = ready.send(Err(error.disclosed()));
+                        }
                         return Ok(Auth::reject());
                     }
                 }
@@ -204,7 +219,7 @@ impl Handler for ConnectionHandler {
         if let Peer::Client { .. } = peer
             && let Some(ready) = self.ready.take()
         {
-            let _ = ready.send(());
+            let _ = ready.send(Ok(()));
         }
         self.peer = Some(peer);
         Ok(Auth::Accept)

@@ -296,9 +296,21 @@ async fn serve_connection(
         () = shared.stopped.cancelled() => return end_handshake(guard, &mut session).await,
     };
     match ready {
-        Ok(Ok(())) => {
+        Ok(Ok(Ok(()))) => {
             guard.release();
             drop(handshake);
+        }
+        Ok(Ok(Err(reason))) => {
+            // The peer learns why (what its own certificate says), then the connection ends.
+            let said = handle.disconnect(
+                russh::Disconnect::NoMoreAuthMethodsAvailable,
+                reason,
+                String::new(),
+            );
+            if said.await.is_ok() {
+                let _ = tokio::time::timeout(SHUTDOWN_LINGER, &mut session).await;
+            }
+            return end_handshake(guard, &mut session).await;
         }
         Ok(Err(_)) => {
             debug!("the handshake ended without setting up a connection");

@@ -1,6 +1,7 @@
 //! `tether dial` tells each way a dial fails apart (issue #14): forbidden, no tunnel, refused,
-//! timed out, not resolved, and a certificate that is not a client's, through real `tether`
-//! processes; a dial forwarded by a peer proxy keeps the kind its agent reported.
+//! timed out, not resolved, a certificate that is not a client's and one the proxy refuses
+//! (with the reason it may disclose), through real `tether` processes; a dial forwarded by a
+//! peer proxy keeps the kind its agent reported.
 //!
 //! Unreachable is left out: it needs a target with no route, which loopback cannot offer; its
 //! code travels like the others (`protocol::dial` tests every kind's round trip) and the agent's
@@ -10,7 +11,8 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use tether::identity::Identity;
+use tether::identity::{CertificateAuthority, Identity};
+use tether::protocol::ClusterName;
 
 use crate::support::haproxy::free_port;
 use crate::support::procs::{Files, admin_get, fails, spawn_agent, spawn_proxy};
@@ -141,4 +143,17 @@ async fn tether_dial_names_each_way_a_dial_fails() {
     let not_client = dial_fails(dir, p1, "agent", "leaf", &format!("127.0.0.1:{closed}")).await;
     says(&not_client, "--identity agent");
     says(&not_client, "is an agent's, not a client's");
+
+    // A client certificate from a CA the proxy does not trust: the proxy says so (and no more).
+    let other_root = CertificateAuthority::generate(ClusterName::new("root").expect("name"))
+        .expect("another root CA");
+    Identity::generate_client(&other_root, "mallory", Duration::from_secs(3600))
+        .expect("client identity")
+        .save(&files.path("mallory"))
+        .expect("save");
+    let untrusted = dial_fails(dir, p1, "mallory", "leaf", &format!("127.0.0.1:{closed}")).await;
+    says(
+        &untrusted,
+        "the proxy refused the client certificate: the certificate's authority is not trusted for cluster \"root\"",
+    );
 }
