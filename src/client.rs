@@ -169,15 +169,7 @@ impl client::Handler for ProxyCheck {
         &mut self,
         reason: client::DisconnectReason<Self::Error>,
     ) -> Result<(), Self::Error> {
-        match reason {
-            client::DisconnectReason::ReceivedDisconnect(info) => {
-                if let Some(said) = self.proxy_said.take() {
-                    let _ = said.send(info.message);
-                }
-                Ok(())
-            }
-            client::DisconnectReason::Error(e) => Err(e),
-        }
+        ssh::keep_disconnect_message(reason, &mut self.proxy_said)
     }
 
     async fn check_server_key(

@@ -70,3 +70,20 @@ pub fn client_config() -> russh::client::Config {
         ..russh::client::Config::default()
     }
 }
+
+/// What a client handler does when the session ends: hands the message of a disconnect the
+/// proxy sent (a refused certificate says why in it) to `said`, once; an error stays an error.
+pub fn keep_disconnect_message(
+    reason: russh::client::DisconnectReason<russh::Error>,
+    said: &mut Option<tokio::sync::oneshot::Sender<String>>,
+) -> Result<(), russh::Error> {
+    match reason {
+        russh::client::DisconnectReason::ReceivedDisconnect(info) => {
+            if let Some(said) = said.take() {
+                let _ = said.send(info.message);
+            }
+            Ok(())
+        }
+        russh::client::DisconnectReason::Error(e) => Err(e),
+    }
+}
