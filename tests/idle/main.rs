@@ -30,10 +30,9 @@ use tether::identity::{CertificateAuthority, Identity};
 use tether::protocol::ClusterName;
 use tether::proxy::{ProxyLimits, ProxyServer};
 use tether::stream::StreamLimits;
-use tokio::runtime::Runtime;
 use tokio_util::sync::CancellationToken;
 
-use alloc::{Side, live_bytes};
+use alloc::{Side, live_bytes, runtime};
 use support::*;
 
 #[global_allocator]
@@ -45,17 +44,6 @@ const LEAVES: usize = 200;
 
 /// What the proxy's heap may hold per idle tunnel.
 const BOUND_PER_TUNNEL: i64 = 40 * 1024;
-
-/// A multi-thread runtime whose threads count their allocations against `side`.
-fn runtime(side: Side, name: &str) -> Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .thread_name(name)
-        .on_thread_start(move || alloc::enter(side))
-        .enable_all()
-        .build()
-        .expect("runtime")
-}
 
 /// A leaf: its cluster name, its CA and an agent identity the CA signed.
 struct Leaf {

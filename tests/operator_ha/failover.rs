@@ -29,7 +29,18 @@ pub(crate) async fn lease_holder(leases: &Api<Lease>) -> Option<String> {
 
 /// An operator replica competing for the Lease, with `--status-refresh` [`REFRESH`].
 pub(crate) fn replica(cp: &ControlPlane, ns: &str, root: &Root, name: &str) -> Process {
-    let refresh = format!("{}s", REFRESH.as_secs());
+    replica_refreshing(cp, ns, root, name, REFRESH)
+}
+
+/// [`replica`] with `--status-refresh` `refresh`.
+pub(crate) fn replica_refreshing(
+    cp: &ControlPlane,
+    ns: &str,
+    root: &Root,
+    name: &str,
+    refresh: Duration,
+) -> Process {
+    let refresh = format!("{}s", refresh.as_secs());
     spawn_operator_with(
         cp,
         ns,
@@ -60,16 +71,7 @@ pub(crate) async fn carried_by_two(
     apply_example(cp, &root).await;
     let echo = echo_server().await.expect("echo server");
     allow(cp, &ns, echo).await;
-    wait_row(
-        cp,
-        &ns,
-        &[
-            ("STATUS", "Connected"),
-            ("PROXIES", "3/3"),
-            ("REPLICAS", "2/2"),
-        ],
-    )
-    .await;
+    wait_connected_by_two(cp, &ns).await;
     let tunnels = root.wait_each_holds(2).await;
     eprintln!("[{ns}] two replicas carry the leaf: tunnels per proxy {tunnels:?}");
     eventually("a dial through the tunnel", || async {
@@ -77,6 +79,17 @@ pub(crate) async fn carried_by_two(
     })
     .await;
     (cp, client, ns, root, operators, echo)
+}
+
+/// Waits until `kubectl get rt` shows the example Connected to all three proxies by both
+/// replicas.
+pub(crate) async fn wait_connected_by_two(cp: &'static ControlPlane, ns: &str) {
+    let row = [
+        ("STATUS", "Connected"),
+        ("PROXIES", "3/3"),
+        ("REPLICAS", "2/2"),
+    ];
+    wait_row(cp, ns, &row).await;
 }
 
 /// Waits until the example's `status.replicas` names exactly `live` (in any order).

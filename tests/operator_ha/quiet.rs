@@ -6,6 +6,7 @@
 //! dies (kill -9), nothing can say so, and `SEEN` says it instead: within a minute it passes a
 //! minute, while the rest of the row still shows the dead operators' last word.
 
+use super::failover::wait_connected_by_two;
 use super::*;
 use common::api_writes::{since, total, write_counts};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ManagedFieldsEntry;
@@ -105,16 +106,7 @@ async fn steady_state_is_quiet() {
         .map(|name| spawn_operator(cp, &ns, &root.logs, name, Some(None)))
         .collect();
     apply_example(cp, &root).await;
-    wait_row(
-        cp,
-        &ns,
-        &[
-            ("STATUS", "Connected"),
-            ("PROXIES", "3/3"),
-            ("REPLICAS", "2/2"),
-        ],
-    )
-    .await;
+    wait_connected_by_two(cp, &ns).await;
     let tunnels = root.wait_each_holds(2).await;
     // The Connected Event is the last write of the connection.
     let events: Api<Event> = Api::namespaced(client.clone(), &ns);

@@ -4,7 +4,7 @@
 //! are pruned once its Lease expires (long before the stamp period, so stamp ages cannot be
 //! what prunes them); once the last replica is dead, `SEEN` passes the stale age.
 
-use super::failover::{LEASE_TIMES, lease_holder};
+use super::failover::{lease_holder, replica_refreshing};
 use super::quiet::parse_age;
 use super::*;
 use tether::operator::crd::reverse_tunnel::ProxyState;
@@ -20,15 +20,7 @@ const LEASE_DURATION: Duration = Duration::from_secs(6);
 
 /// An operator replica competing for the Lease, the leader stamping every [`REFRESH`].
 fn replica(cp: &ControlPlane, ns: &str, root: &Root, name: &str) -> Process {
-    let refresh = format!("{}s", REFRESH.as_secs());
-    spawn_operator_with(
-        cp,
-        ns,
-        &root.logs,
-        name,
-        Some(Some(LEASE_TIMES)),
-        &["--status-refresh", &refresh],
-    )
+    replica_refreshing(cp, ns, root, name, REFRESH)
 }
 
 /// The names in the example's `status.replicas`, sorted.

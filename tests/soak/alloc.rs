@@ -104,3 +104,14 @@ unsafe impl GlobalAlloc for Counting {
         unsafe { grown.add(head) }
     }
 }
+
+/// A one-thread runtime whose threads count their allocations against `side`.
+pub fn runtime(side: Side, name: &str) -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name(name)
+        .on_thread_start(move || enter(side))
+        .enable_all()
+        .build()
+        .expect("runtime")
+}

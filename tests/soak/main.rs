@@ -23,11 +23,11 @@ use tether::agent::allow_list::AllowList;
 use tether::proxy::ProxyServer;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::runtime::Runtime;
 use tokio_util::sync::CancellationToken;
 
-use alloc::{Side, live_bytes};
+use alloc::{Side, live_bytes, runtime};
 use support::*;
+use tokio::runtime::Runtime;
 
 #[global_allocator]
 static ALLOCATOR: alloc::Counting = alloc::Counting;
@@ -48,17 +48,6 @@ const CONCURRENCY: usize = 8;
 /// legitimately remains (a hash map that grew, a slab of the runtime's) is a few KB in all,
 /// far under 5,000 × 64 B = 320 KB.
 const BOUND_PER_DIAL: i64 = 64;
-
-/// A multi-thread runtime whose threads count their allocations against `side`.
-fn runtime(side: Side, name: &str) -> Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .thread_name(name)
-        .on_thread_start(move || alloc::enter(side))
-        .enable_all()
-        .build()
-        .expect("runtime")
-}
 
 /// Sends `CONNECT target` to the entry; returns the socket and the reply's head.
 async fn connect(entry: SocketAddr, target: &str) -> (TcpStream, String) {
