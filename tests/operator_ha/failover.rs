@@ -174,11 +174,12 @@ async fn kill_9_of_either_replica_fails_no_new_dial() {
     }
     let records = load.finish().await;
     let mut failed_new = 0;
-    for (victim, led, killed) in &kills {
-        let (in_flight, after, total) = split_at(&records, *killed);
+    for (i, (victim, led, killed)) in kills.iter().enumerate() {
+        let next = kills.get(i + 1).map(|(_, _, at)| *at);
+        let (in_flight, after, total) = split_at(&records, *killed, next);
         eprintln!(
-            "[{ns}] kill -9 of {victim} (leader: {led}): {total} dials started after it, {} \
-             failed: {:?}; {} in flight at the kill failed: {:?}",
+            "[{ns}] kill -9 of {victim} (leader: {led}): {total} dials started after it (and \
+             ended before the next kill), {} failed: {:?}; {} in flight at the kill failed: {:?}",
             after.len(),
             describe(&after, *killed),
             in_flight.len(),

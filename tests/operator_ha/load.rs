@@ -90,17 +90,25 @@ impl Load {
     }
 }
 
-/// The dials of `records` split at `event`: (failed while in flight at it, failed started after
-/// it, total started after it).
+/// The dials of `records` around `event`, up to `next` (the following event, if any): (failed
+/// while in flight at `event`, failed after it, total started after it).
+///
+/// A dial started after `event` but still in flight at `next` belongs to `next`: it is counted
+/// there as in flight, where a kill may fail it. (A dial begun 33 ms before the second kill
+/// and cut by it was once blamed on the first.)
 pub(crate) fn split_at(
     records: &[DialRecord],
     event: Instant,
+    next: Option<Instant>,
 ) -> (Vec<&DialRecord>, Vec<&DialRecord>, usize) {
     let in_flight = records
         .iter()
         .filter(|r| r.error.is_some() && r.started < event && r.ended >= event)
         .collect();
-    let after: Vec<&DialRecord> = records.iter().filter(|r| r.started >= event).collect();
+    let after: Vec<&DialRecord> = records
+        .iter()
+        .filter(|r| r.started >= event && next.is_none_or(|n| r.ended < n))
+        .collect();
     let failed_after = after
         .iter()
         .copied()
