@@ -6,6 +6,8 @@ mod common;
 #[path = "common/tunnel_e2e.rs"]
 mod tunnel_e2e;
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use futures::{StreamExt, TryStreamExt};
@@ -19,13 +21,12 @@ use serde_json::json;
 use tokio::time::timeout;
 
 use tether::demo::{Pki, echo_server};
-use tether::identity::Identity;
 use tether::operator::crd::reverse_tunnel::Phase;
 use tether::operator::crd::{ConditionStatus, ReverseTunnel};
 use tether::protocol::ClusterName;
 use tether::proxy::ProxyServer;
 use tunnel_e2e::{
-    create_secrets, echo_through, eventually, example, install_crds, secret, start_operator,
+    agent_secret, create_secrets, echo_through, eventually, example, install_crds, start_operator,
 };
 
 fn tunnel_ids(proxy: &ProxyServer, leaf: &ClusterName) -> Vec<u64> {
@@ -178,19 +179,12 @@ async fn reverse_tunnel_lifecycle() {
     assert_eq!(tunnel_ids(&proxy, &leaf), ids);
 
     // A rotated identity (a Secret edit, no spec change) restarts the agent: a new tunnel.
-    let rotated = Identity::generate_agent(&pki.leaf, Duration::from_secs(3600)).expect("agent id");
-    let key = rotated
-        .key
-        .to_openssh(Default::default())
-        .expect("encoding key")
-        .to_string();
-    let cert = rotated.certificate.to_openssh().expect("encoding cert");
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
     secrets
         .replace(
             "leaf-1-agent",
             &PostParams::default(),
-            &secret("leaf-1-agent", &[("key", key), ("cert", cert)]),
+            &agent_secret(&pki.leaf),
         )
         .await
         .expect("rotating the identity Secret");
@@ -314,4 +308,147 @@ async fn rules_the_schema_cannot_judge_fail_in_status() {
     })
     .await;
     stop.cancel();
+}
+
+/// Counts the connections it relays to `target` (each an agent's attempt).
+async fn counting_relay(target: std::net::SocketAddr) -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("address");
+    let count = Arc::new(AtomicUsize::new(0));
+    let counted = count.clone();
+    tokio::spawn(async move {
+        while let Ok((mut inbound, _)) = listener.accept().await {
+            counted.fetch_add(1, Ordering::Relaxed);
+            tokio::spawn(async move {
+                if let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await {
+                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                }
+            });
+        }
+    });
+    (addr, count)
+}
+
+/// The Events on `to-root` with `reason`.
+async fn events_for(
+    events: &Api<k8s_openapi::api::events::v1::Event>,
+    reason: &str,
+) -> Vec<k8s_openapi::api::events::v1::Event> {
+    let list = events
+        .list(&Default::default())
+        .await
+        .expect("listing Events");
+    list.items
+        .into_iter()
+        .filter(|e| {
+            e.reason.as_deref() == Some(reason)
+                && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("to-root")
+        })
+        .collect()
+}
+
+/// A leaf whose certificate the root does not trust can't fix that by waiting: its status says
+/// so with a reason of its own, and one Warning Event, however often the agent retries; once
+/// the certificate is replaced, the reconnect is a Normal Event.
+#[tokio::test]
+async fn a_refused_leaf_says_why_with_one_warning() {
+    let cp = common::control_plane().await;
+    let client = cp.kube_client();
+    install_crds(&client).await;
+    let ns = cp.new_namespace("op-refused").await;
+    let (root, leaf) = (
+        ClusterName::new("root").expect("name"),
+        ClusterName::new("leaf-1").expect("name"),
+    );
+    let trusted = Pki::generate(root.clone(), leaf.clone()).expect("pki");
+    let proxy = ProxyServer::start(trusted.proxy_config("proxy-1").expect("proxy config"))
+        .await
+        .expect("proxy");
+    // The agent's certificate comes from a leaf CA the proxy has never heard of.
+    let stranger = Pki::generate(root, leaf).expect("pki");
+    let Pki {
+        root,
+        leaf: trusted_leaf,
+    } = trusted;
+    create_secrets(
+        &client,
+        &ns,
+        &Pki {
+            root,
+            leaf: stranger.leaf,
+        },
+    )
+    .await;
+    let (relay, attempts) = counting_relay(proxy.local_addr()).await;
+    let stop = start_operator(client.clone(), &ns, None);
+    let api: Api<ReverseTunnel> = Api::namespaced(client.clone(), &ns);
+    let obj: ReverseTunnel =
+        serde_json::from_value(example(&relay.to_string(), &[])).expect("object");
+    api.create(&PostParams::default(), &obj)
+        .await
+        .expect("create");
+
+    let ready = eventually("a ProxyRefusedAgent status", || async {
+        let status = api.get("to-root").await.ok()?.status?;
+        let ready = status.conditions.into_iter().find(|c| c.type_ == "Ready")?;
+        (status.phase == Some(Phase::Connecting) && ready.reason == "ProxyRefusedAgent")
+            .then_some(ready)
+    })
+    .await;
+    assert!(
+        ready
+            .message
+            .contains("the proxy refused the agent's certificate"),
+        "{}",
+        ready.message
+    );
+    // Retries change nothing: still one Warning, never a second in its series.
+    let retried = attempts.load(Ordering::Relaxed) + 2;
+    eventually("two more attempts", || async {
+        (attempts.load(Ordering::Relaxed) >= retried).then_some(())
+    })
+    .await;
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(client.clone(), &ns);
+    let warned = eventually("the Warning Event", || async {
+        let found = events_for(&events, "ProxyRefusedAgent").await;
+        (!found.is_empty()).then_some(found)
+    })
+    .await;
+    assert_eq!(warned.len(), 1, "{warned:?}");
+    assert_eq!(warned[0].type_.as_deref(), Some("Warning"));
+    assert!(
+        warned[0].series.is_none(),
+        "repeated: {:?}",
+        warned[0].series
+    );
+    assert_eq!(warned[0].note.as_deref(), Some(ready.message.as_str()));
+
+    // A certificate the root trusts: the agent restarts and connects, a Normal Event.
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
+    secrets
+        .replace(
+            "leaf-1-agent",
+            &PostParams::default(),
+            &agent_secret(&trusted_leaf),
+        )
+        .await
+        .expect("replacing the identity Secret");
+    let connected = eventually("a Connected Event", || async {
+        let found = events_for(&events, "Connected").await;
+        (!found.is_empty()).then_some(found)
+    })
+    .await;
+    assert_eq!(connected[0].type_.as_deref(), Some("Normal"));
+    let warnings = events.list(&Default::default()).await.expect("Events");
+    let warnings: Vec<_> = warnings
+        .items
+        .iter()
+        .filter(|e| e.type_.as_deref() == Some("Warning"))
+        .map(|e| e.reason.clone())
+        .collect();
+    assert_eq!(warnings, [Some("ProxyRefusedAgent".to_owned())]);
+    stop.cancel();
+    proxy.shutdown(Duration::from_secs(1)).await;
 }

@@ -3,6 +3,8 @@
 
 use std::time::Duration;
 
+use super::status::{FailureKind, TunnelFailure};
+
 /// Why a tunnel could not be set up or ended.
 #[derive(Debug, thiserror::Error)]
 pub enum TunnelError {
@@ -38,4 +40,26 @@ pub enum TunnelError {
     UntrustedProxy(String),
     #[error("the proxy is busy (too many handshakes in flight); it asks for a retry in {0:?}")]
     Busy(Duration),
+}
+
+impl TunnelError {
+    /// The kind of failure the leaf's status reports.
+    pub fn kind(&self) -> FailureKind {
+        match self {
+            TunnelError::Connect { .. } => FailureKind::Unreachable,
+            TunnelError::Timeout(_) => FailureKind::TimedOut,
+            TunnelError::AuthRefused(_) => FailureKind::RefusedByProxy,
+            TunnelError::OwnCertificate(_) => FailureKind::CertificateInvalid,
+            TunnelError::UntrustedProxy(_) => FailureKind::ProxyNotTrusted,
+            _ => FailureKind::Other,
+        }
+    }
+
+    /// This error as the status reports it.
+    pub fn failure(&self) -> TunnelFailure {
+        TunnelFailure {
+            kind: self.kind(),
+            message: self.to_string(),
+        }
+    }
 }

@@ -25,7 +25,7 @@ use super::AgentEvent;
 use super::claims::Claims;
 use super::config::AgentConfig;
 use super::error::TunnelError;
-use super::status::{PoolStatus, ProxyTunnelStatus, TunnelState};
+use super::status::{PoolStatus, ProxyTunnelStatus, TunnelFailure, TunnelState};
 use super::tunnel::{Tunnel, TunnelEvent};
 use crate::admin::metrics::{METRICS, label};
 use crate::protocol::control::ProxyInfo;
@@ -144,7 +144,7 @@ impl Pool {
         // Busy answers in a row from the proxies (see `protocol::busy`).
         let mut busy = 0u32;
         let mut next_dial = tokio::time::Instant::now();
-        let mut last_error: Option<String> = None;
+        let mut last_error: Option<TunnelFailure> = None;
         let mut converging: Option<tokio::time::Instant> = None;
         let mut expiry =
             tokio::time::interval((self.limits.forget_after / 4).max(Duration::from_millis(10)));
@@ -250,7 +250,7 @@ impl Pool {
                                 backoff.delay(failures)
                             };
                             next_dial = tokio::time::Instant::now() + delay;
-                            last_error = Some(e.to_string());
+                            last_error = Some(e.failure());
                             failures = failures.saturating_add(1);
                         }
                         Outcome::Ended { proxy_id, result } => {
@@ -258,8 +258,11 @@ impl Pool {
                                 Ok(()) => "stopped".to_owned(),
                                 Err(e) => e.to_string(),
                             };
-                            if let Err(e) = &result {
-                                warn!(proxy = %proxy_id, error = %e, "tunnel lost");
+                            match &result {
+                                Ok(()) => {}
+                                // A rolling update: the proxy moved its agents on; routine.
+                                Err(TunnelError::Drained(why)) => info!(proxy = %proxy_id, reason = %why, "the proxy drained the tunnel; dialling again"),
+                                Err(e) => warn!(proxy = %proxy_id, error = %e, "tunnel lost"),
                             }
                             held.remove(&proxy_id);
                             METRICS.agent_tunnels.dec();
@@ -362,7 +365,7 @@ impl Pool {
         &self,
         wanted: &HashSet<String>,
         held: &HashMap<String, Held>,
-        last_error: &Option<String>,
+        last_error: &Option<TunnelFailure>,
     ) {
         let mut ids: Vec<&String> = wanted.iter().chain(held.keys()).collect();
         ids.sort();

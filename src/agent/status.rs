@@ -37,8 +37,60 @@ pub struct PoolStatus {
     pub expected: usize,
     /// Whether any proxy has announced the set yet; until then `expected` is a guess.
     pub discovered: bool,
-    /// The last error, if the latest attempt failed (for a condition message).
-    pub last_error: Option<String>,
+    /// Why the latest attempt failed, if it did (for the condition's reason and message).
+    pub last_error: Option<TunnelFailure>,
+}
+
+/// Why the latest attempt to open a tunnel failed.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct TunnelFailure {
+    /// What kind of failure, and so whether waiting can mend it.
+    pub kind: FailureKind,
+    /// The error as the agent logged it.
+    pub message: String,
+}
+
+/// The kinds of failure the leaf's status tells apart: some pass on their own (a proxy
+/// restarting), others last until someone changes a certificate or the root's trust.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub enum FailureKind {
+    /// Nothing answered at the proxy address (refused, unreachable, not resolved).
+    Unreachable,
+    /// The proxy did not complete the handshake in time.
+    TimedOut,
+    /// The proxy refused the agent's certificate (a cluster it does not know, a CA it does not
+    /// trust for the cluster, a bad signature): the root's trust or the agent's identity must
+    /// change.
+    RefusedByProxy,
+    /// The agent's own certificate is expired or not valid yet: it needs a new one.
+    CertificateInvalid,
+    /// The proxy's host certificate is not signed by the root CA the agent trusts, or names
+    /// another cluster: the agent's root CA or its address is wrong.
+    ProxyNotTrusted,
+    /// Anything else (a connection lost during set-up, a protocol error): retried.
+    Other,
+}
+
+impl FailureKind {
+    /// Every kind.
+    pub const ALL: [FailureKind; 6] = [
+        FailureKind::Unreachable,
+        FailureKind::TimedOut,
+        FailureKind::RefusedByProxy,
+        FailureKind::CertificateInvalid,
+        FailureKind::ProxyNotTrusted,
+        FailureKind::Other,
+    ];
+
+    /// Whether the failure lasts until someone acts: retrying cannot mend it.
+    pub fn needs_action(self) -> bool {
+        matches!(
+            self,
+            FailureKind::RefusedByProxy
+                | FailureKind::CertificateInvalid
+                | FailureKind::ProxyNotTrusted
+        )
+    }
 }
 
 impl PoolStatus {

@@ -304,7 +304,7 @@ impl Tunnel {
                     seq += 1;
                     let report = held.as_mut().map(|h| h.borrow_and_update().clone()).unwrap_or_default();
                     in_flight = Some((seq, Instant::now()));
-                    send(&self.write, &AgentMessage::Ping { seq, held: report }).await?;
+                    send(&self.write, &AgentMessage::Ping { seq, held: report }).await.map_err(|e| drained_or(e, &draining))?;
                 }
                 // The set of held proxies changed: tell this proxy now rather than at the next
                 // heartbeat, so status views are current.
@@ -315,7 +315,7 @@ impl Tunnel {
                     }
                     seq += 1;
                     let report = held.as_mut().map(|h| h.borrow_and_update().clone()).unwrap_or_default();
-                    send(&self.write, &AgentMessage::Ping { seq, held: report }).await?;
+                    send(&self.write, &AgentMessage::Ping { seq, held: report }).await.map_err(|e| drained_or(e, &draining))?;
                 }
                 msg = self.read.wait() => {
                     let data = match msg {
@@ -353,11 +353,11 @@ impl Tunnel {
                             }
                             ProxyMessage::Reconnect { reason } => {
                                 info!(proxy = %self.proxy_id, %reason, "proxy is draining; finishing its streams");
-                                send(&self.write, &AgentMessage::ReconnectAck).await?;
+                                draining = Some(reason);
+                                send(&self.write, &AgentMessage::ReconnectAck).await.map_err(|e| drained_or(e, &draining))?;
                                 if let Some(tx) = events {
                                     let _ = tx.send(TunnelEvent::Draining { proxy_id: self.proxy_id.clone() }).await;
                                 }
-                                draining = Some(reason);
                             }
                             ProxyMessage::Welcome { .. } => {
                                 return Err(TunnelError::Control("a second welcome".into()));
@@ -367,6 +367,15 @@ impl Tunnel {
                 }
             }
         }
+    }
+}
+
+/// `error`, unless the proxy asked the agent to leave: then a failed send is the drain
+/// completing (the proxy closed the tunnel as it went), not a lost tunnel.
+fn drained_or(error: TunnelError, draining: &Option<String>) -> TunnelError {
+    match draining {
+        Some(reason) => TunnelError::Drained(reason.clone()),
+        None => error,
     }
 }
 

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::events::Reporter;
 use kube::runtime::reflector::ObjectRef;
 use kube::{Api, Client, ResourceExt};
 use tokio::sync::watch;
@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use super::crd::ReverseTunnel;
+use super::events::EventPublisher;
 use super::resolve::Desired;
 use super::status::{Problem, SpecState, StatusWriter};
 use crate::agent::allow_list::AllowList;
@@ -72,7 +73,7 @@ pub struct Context {
     /// The API client.
     pub client: Client,
     /// Publishes Events on `ReverseTunnel` objects.
-    pub recorder: Recorder,
+    pub recorder: Arc<EventPublisher>,
     tunnels: Mutex<HashMap<TunnelKey, RunningTunnel>>,
     /// Failed reconciles per tunnel, for the retry delay.
     pub failures: Backoffs<TunnelKey>,
@@ -92,7 +93,7 @@ impl Context {
             instance: Some(replica.clone()),
         };
         Self {
-            recorder: Recorder::new(client.clone(), reporter),
+            recorder: Arc::new(EventPublisher::new(client.clone(), reporter)),
             client,
             tunnels: Mutex::default(),
             failures: Backoffs::default(),

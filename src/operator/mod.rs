@@ -12,6 +12,7 @@
 //! - [`summarizer`]: the leader's loop writing that summary and the `observedAt` stamp;
 //! - [`liveness`]: each replica's own Lease, which vouches for its entries;
 //! - [`leader`]: Lease-based leader election (and the HA story);
+//! - [`events`]: Events whose message stays current;
 //! - [`error`]: the reconcile error type.
 
 pub mod api_client;
@@ -20,6 +21,7 @@ pub mod controller;
 pub mod crd;
 pub mod endpoints;
 pub mod error;
+pub mod events;
 pub mod leader;
 pub mod liveness;
 pub mod replicas;

@@ -31,7 +31,6 @@
 use std::time::{Duration, SystemTime};
 
 use kube::api::{Patch, PatchParams};
-use kube::runtime::events::{Event, EventType};
 use kube::{Api, Resource};
 use serde_json::json;
 use tokio::sync::watch;
@@ -41,7 +40,7 @@ use tracing::{debug, warn};
 use super::crd::reverse_tunnel::{Phase, ProxyState, ProxyTunnel};
 use super::crd::{ReverseTunnel, ReverseTunnelStatus};
 use super::stamps::{condition, rfc3339};
-use crate::agent::status::{PoolStatus, TunnelState};
+use crate::agent::status::{FailureKind, PoolStatus, TunnelState};
 
 /// Why the spec cannot be honoured, for the `Ready` condition and a Warning event.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -111,8 +110,10 @@ pub fn compose(
             (None, Some(_)) if connected == 0 => (
                 Phase::Connecting,
                 false,
-                "Connecting",
-                last_error.unwrap_or_else(|| "dialling the root's proxies".to_owned()),
+                last_error
+                    .as_ref()
+                    .map_or("Connecting", |e| failure_reason(e.kind)),
+                last_error.map_or_else(|| "dialling the root's proxies".to_owned(), |e| e.message),
                 false,
                 "NotConnected",
             ),
@@ -196,39 +197,23 @@ pub fn compose(
     }
 }
 
-/// The Event announcing a phase change, if the change is one users care about.
-pub fn phase_event(before: Option<Phase>, after: &ReverseTunnelStatus) -> Option<Event> {
-    let after_phase = after.phase?;
-    if before == Some(after_phase) {
-        return None;
+/// The `Ready` reason of a tunnel no proxy holds, when the latest attempt failed for `kind`.
+pub fn failure_reason(kind: FailureKind) -> &'static str {
+    match kind {
+        FailureKind::Unreachable => "ProxyUnreachable",
+        FailureKind::TimedOut => "ProxyTimedOut",
+        FailureKind::RefusedByProxy => "ProxyRefusedAgent",
+        FailureKind::CertificateInvalid => "CertificateInvalid",
+        FailureKind::ProxyNotTrusted => "ProxyNotTrusted",
+        FailureKind::Other => "Connecting",
     }
-    let message = after
-        .conditions
-        .first()
-        .map(|c| c.message.clone())
-        .unwrap_or_default();
-    let (type_, reason) = match after_phase {
-        Phase::Connected => (EventType::Normal, "Connected".to_owned()),
-        Phase::Degraded => (EventType::Warning, "Degraded".to_owned()),
-        Phase::Connecting if matches!(before, Some(Phase::Connected | Phase::Degraded)) => {
-            (EventType::Warning, "Disconnected".to_owned())
-        }
-        Phase::Failed => (
-            EventType::Warning,
-            after
-                .conditions
-                .first()
-                .map_or_else(|| "Failed".to_owned(), |c| c.reason.clone()),
-        ),
-        Phase::Pending | Phase::Connecting => return None,
-    };
-    Some(Event {
-        type_,
-        reason,
-        note: Some(message.chars().take(1000).collect()),
-        action: "Reconcile".to_owned(),
-        secondary: None,
-    })
+}
+
+/// Whether `reason` (a `Ready` reason) names a failure that lasts until someone acts.
+pub fn needs_action(reason: &str) -> bool {
+    FailureKind::ALL
+        .iter()
+        .any(|k| k.needs_action() && failure_reason(*k) == reason)
 }
 
 /// Everything the status task of one tunnel needs.
@@ -329,7 +314,7 @@ impl StatusWriter {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::agent::status::ProxyTunnelStatus;
+    use crate::agent::status::{ProxyTunnelStatus, TunnelFailure};
 
     #[test]
     fn steady_state_composes_identically() {
@@ -360,16 +345,28 @@ mod tests {
         let later = t0 + Duration::from_secs(60);
         assert_eq!(compose(&spec, Some(&pool), Some(&first), later), first);
         pool.proxies = vec![proxy(TunnelState::Connecting, None)];
-        pool.last_error = Some("eof".into());
+        pool.last_error = Some(TunnelFailure {
+            kind: FailureKind::Other,
+            message: "eof".into(),
+        });
         let down = compose(&spec, Some(&pool), Some(&first), later);
         assert_eq!(down.phase, Some(Phase::Connecting));
+        assert_eq!(down.conditions[0].reason, "Connecting");
+        assert_eq!(down.conditions[0].message, "eof");
         assert_eq!(down.proxies_ready.as_deref(), Some("0/1"));
         assert_ne!(
             down.conditions[0].last_transition_time,
             first.conditions[0].last_transition_time
         );
-        let event = phase_event(first.phase, &down).map(|e| e.reason);
-        assert_eq!(event.as_deref(), Some("Disconnected"));
+        // A failure that lasts until someone acts has its own reason.
+        pool.last_error = Some(TunnelFailure {
+            kind: FailureKind::RefusedByProxy,
+            message: "the proxy refused the agent's certificate: expired".into(),
+        });
+        let refused = compose(&spec, Some(&pool), Some(&down), later);
+        assert_eq!(refused.conditions[0].reason, "ProxyRefusedAgent");
+        assert!(needs_action(&refused.conditions[0].reason));
+        assert!(!needs_action("ProxyUnreachable"));
     }
 
     #[test]

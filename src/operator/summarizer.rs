@@ -11,12 +11,12 @@
 //! Lease).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use futures::StreamExt;
 use kube::api::{Patch, PatchParams};
 use kube::core::DeserializeGuard;
-use kube::runtime::events::Recorder;
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
@@ -24,10 +24,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use super::crd::{ReverseTunnel, ReverseTunnelStatus};
+use super::events::{EventPublisher, transition_event};
 use super::liveness::{LeaseReader, Liveness};
 use super::replicas::{Stamp, plan, settled, write_summary};
 use super::stamps::refresh_slot;
-use super::status::phase_event;
 
 /// Changes closer together than this are summarized once.
 const DEBOUNCE: Duration = Duration::from_millis(200);
@@ -56,7 +56,7 @@ pub struct Summarizer {
     /// The API client.
     pub client: Client,
     /// Publishes phase-change Events.
-    pub recorder: Recorder,
+    pub recorder: Arc<EventPublisher>,
     /// Reads the replicas' Leases.
     pub leases: LeaseReader,
     /// How often the Leases are read.
@@ -256,7 +256,7 @@ impl Summarizer {
             api: Api::namespaced(self.client.clone(), &namespace),
             name,
             reference: rt.object_ref(&()),
-            phase: status.phase,
+            before: status,
             prune: plan.prune,
             summary,
         })
@@ -269,7 +269,7 @@ impl Summarizer {
             api,
             name,
             reference,
-            phase,
+            before,
             prune,
             summary,
         } = job;
@@ -296,7 +296,7 @@ impl Summarizer {
         debug!(%name, summary = ?settled(&summary), stamp = ?summary.observed_at, "writing the summary");
         match write_summary(&api, &name, &summary).await {
             Ok(()) => {
-                if let Some(event) = phase_event(phase, &summary)
+                if let Some(event) = transition_event(&before, &summary)
                     && let Err(e) = self.recorder.publish(&event, &reference).await
                 {
                     debug!(%name, error = %e, "could not publish an Event");
@@ -350,8 +350,8 @@ struct Job {
     name: String,
     /// What its Events refer to.
     reference: k8s_openapi::api::core::v1::ObjectReference,
-    /// Its phase before the write, for the phase-change Event.
-    phase: Option<super::crd::reverse_tunnel::Phase>,
+    /// Its status before the write, for the Event the change calls for.
+    before: ReverseTunnelStatus,
     /// Removes dead replicas' entries.
     prune: Option<json_patch::Patch>,
     /// The summary (and stamp) to apply.

@@ -18,7 +18,7 @@ use tokio::time::timeout;
 use tokio_util::sync::CancellationToken;
 
 use tether::demo::Pki;
-use tether::identity::Identity;
+use tether::identity::{CertificateAuthority, Identity};
 use tether::operator::{LeaderElection, OperatorConfig};
 use tether::protocol::Target;
 use tether::proxy::{Dialer, ProxyServer};
@@ -80,20 +80,26 @@ pub fn secret(name: &str, data: &[(&str, String)]) -> Secret {
     }
 }
 
-/// The agent identity (`leaf-1-agent`) and root CA (`root-ca`) Secrets the example names,
-/// for `pki`'s clusters, created with `client`.
-pub async fn create_secrets(client: &Client, ns: &str, pki: &Pki) {
-    let agent = Identity::generate_agent(&pki.leaf, Duration::from_secs(3600)).expect("agent id");
+/// The agent identity Secret the example names (`leaf-1-agent`): a new agent certificate
+/// from `leaf`.
+pub fn agent_secret(leaf: &CertificateAuthority) -> Secret {
+    let agent = Identity::generate_agent(leaf, Duration::from_secs(3600)).expect("agent id");
     let key = agent
         .key
         .to_openssh(Default::default())
         .expect("encoding key")
         .to_string();
     let cert = agent.certificate.to_openssh().expect("encoding cert");
+    secret("leaf-1-agent", &[("key", key), ("cert", cert)])
+}
+
+/// The agent identity (`leaf-1-agent`) and root CA (`root-ca`) Secrets the example names,
+/// for `pki`'s clusters, created with `client`.
+pub async fn create_secrets(client: &Client, ns: &str, pki: &Pki) {
     let ca = pki.root.public_key().to_openssh().expect("encoding CA");
     let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
     for s in [
-        secret("leaf-1-agent", &[("key", key), ("cert", cert)]),
+        agent_secret(&pki.leaf),
         secret("root-ca", &[("ca.pub", ca)]),
     ] {
         secrets

@@ -211,12 +211,17 @@ pub struct LogCapture(Arc<Mutex<Vec<u8>>>);
 impl LogCapture {
     /// Installs a capturing subscriber for this thread (use a current-thread runtime).
     pub fn install(&self) -> tracing::subscriber::DefaultGuard {
+        self.install_at(tracing::Level::INFO)
+    }
+
+    /// [`LogCapture::install`], capturing up to `level`.
+    pub fn install_at(&self, level: tracing::Level) -> tracing::subscriber::DefaultGuard {
         // russh logs through `log`; forward it so its refusals are captured too.
         let _ = tracing_log::LogTracer::init();
         let subscriber = tracing_subscriber::fmt()
             .with_writer(self.clone())
             .with_ansi(false)
-            .with_max_level(tracing::Level::INFO)
+            .with_max_level(level)
             .finish();
         tracing::subscriber::set_default(subscriber)
     }

@@ -10,6 +10,7 @@ mod entry;
 mod join;
 mod leaving;
 mod liveness;
+mod logs;
 mod metrics;
 mod policy;
 mod startup;

@@ -14,7 +14,7 @@ use std::time::{Duration, SystemTime};
 use futures::StreamExt;
 use kube::core::DeserializeGuard;
 use kube::runtime::controller::Action;
-use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::events::{Event, EventType};
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::runtime::{Controller, WatchStreamExt, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
@@ -25,6 +25,7 @@ use super::Backoffs;
 use crate::operator::context::TunnelKey;
 use crate::operator::crd::ReverseTunnel;
 use crate::operator::error::{Error, Result};
+use crate::operator::events::EventPublisher;
 use crate::operator::liveness::LeaseReader;
 
 /// The finalizer that keeps an object until its tunnels are closed.
@@ -35,7 +36,7 @@ type Guarded = DeserializeGuard<ReverseTunnel>;
 /// What the finalizer's reconciles share.
 struct Leader {
     client: Client,
-    recorder: Recorder,
+    recorder: Arc<EventPublisher>,
     /// Reads the replicas' Leases: a replica whose Lease expired no longer holds deletion back.
     leases: LeaseReader,
     failures: Backoffs<TunnelKey>,
@@ -124,7 +125,7 @@ fn error_policy(obj: Arc<Guarded>, error: &Error, leader: Arc<Leader>) -> Action
 pub async fn run(
     client: Client,
     namespace: Option<&str>,
-    recorder: Recorder,
+    recorder: Arc<EventPublisher>,
     leases: LeaseReader,
     stop: CancellationToken,
 ) {
