@@ -2,7 +2,7 @@
 //! `RemoteCluster` objects of its namespace closes, within seconds, every tunnel the records no
 //! longer vouch for: the leaf's record deleted (even when the name stays trusted statically
 //! with another CA), or one of its CA keys removed from the spec. A single-use token stays
-//! spent once its leaf was revoked.
+//! spent once its leaf was revoked, and (the garbage collector running) goes with the leaf.
 
 mod common;
 #[allow(unused_imports)]
@@ -193,53 +193,108 @@ async fn removing_a_ca_key_from_a_remote_cluster_ends_the_tunnels_it_signed() {
     stop.cancel();
 }
 
+/// A root in a new namespace with one single-use token, the leaf `leaf-j` joined with it (and
+/// admitted again on a retry, as after a lost answer).
+struct Joined {
+    client: Client,
+    ns: String,
+    remotes: Api<RemoteCluster>,
+    proxy: Arc<ProxyServer>,
+    token: JoinToken,
+    leaf_ca: CertificateAuthority,
+    stop: CancellationToken,
+}
+
+impl Joined {
+    async fn start(prefix: &str) -> Joined {
+        let cp = common::control_plane().await;
+        // The garbage collector, which deletes what a RemoteCluster owns.
+        cp.start_controller_manager().await;
+        let client = cp.kube_client();
+        install_crds(&client).await;
+        let ns = cp.new_namespace(prefix).await;
+        let remotes: Api<RemoteCluster> = Api::namespaced(client.clone(), &ns);
+        let stop = CancellationToken::new();
+        let proxy = start_root(&client, &ns, &pki(), TrustStore::new(), &stop).await;
+        let token = JoinToken::generate();
+        Api::<Secret>::namespaced(client.clone(), &ns)
+            .create(
+                &PostParams::default(),
+                &token_secret(&token, None, None, false),
+            )
+            .await
+            .expect("a single-use token");
+        let leaf_ca = CertificateAuthority::generate(name("leaf-j")).expect("ca");
+        let joined = Joined {
+            client,
+            ns,
+            remotes,
+            proxy,
+            token,
+            leaf_ca,
+            stop,
+        };
+        join(&joined.request(&joined.leaf_ca))
+            .await
+            .expect("the join");
+        join(&joined.request(&joined.leaf_ca))
+            .await
+            .expect("the retry");
+        joined
+    }
+
+    fn request(&self, ca: &CertificateAuthority) -> JoinRequest {
+        JoinRequest {
+            root_address: self.proxy.local_addr().to_string(),
+            token: self.token.clone(),
+            leaf_cluster: name("leaf-j"),
+            leaf_cas: vec![ca.public_key().clone()],
+            root_ca_pin: None,
+            timeout: Duration::from_secs(20),
+        }
+    }
+
+    /// Deletes the leaf's `RemoteCluster` with `params`, and waits until the proxy no longer
+    /// trusts it.
+    async fn revoke(&self, params: &DeleteParams) {
+        self.remotes
+            .delete("leaf-j", params)
+            .await
+            .expect("revoking the leaf");
+        eventually("the revocation seen by the proxy", || async {
+            let trust = self.proxy.shared().config.trust.load();
+            let gone = self.remotes.get_opt("leaf-j").await.ok()?.is_none();
+            (gone && !trust.contains(&name("leaf-j"))).then_some(())
+        })
+        .await;
+    }
+
+    fn secrets(&self) -> Api<Secret> {
+        Api::namespaced(self.client.clone(), &self.ns)
+    }
+}
+
+/// An administrator who keeps the token (deleting the leaf with `orphan`) still can't have it
+/// used again: the token remembers that its leaf was revoked.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_used_single_use_token_is_refused_once_its_leaf_was_revoked() {
-    let cp = common::control_plane().await;
-    let client = cp.kube_client();
-    install_crds(&client).await;
-    let ns = cp.new_namespace("revoke-token").await;
-    let remotes: Api<RemoteCluster> = Api::namespaced(client.clone(), &ns);
-    let pki = pki();
-    let leaf = name("leaf-j");
-    let stop = CancellationToken::new();
-    let proxy = start_root(&client, &ns, &pki, TrustStore::new(), &stop).await;
-    let token = JoinToken::generate();
-    Api::<Secret>::namespaced(client.clone(), &ns)
-        .create(
-            &PostParams::default(),
-            &token_secret(&token, None, None, false),
-        )
-        .await
-        .expect("a single-use token");
-    let leaf_ca = CertificateAuthority::generate(leaf.clone()).expect("ca");
-    let request = |ca: &CertificateAuthority| JoinRequest {
-        root_address: proxy.local_addr().to_string(),
-        token: token.clone(),
-        leaf_cluster: leaf.clone(),
-        leaf_cas: vec![ca.public_key().clone()],
-        root_ca_pin: None,
-        timeout: Duration::from_secs(20),
-    };
-    join(&request(&leaf_ca)).await.expect("the join");
-    // A lost answer: the same leaf with the same CA retries, and is admitted again.
-    join(&request(&leaf_ca)).await.expect("the retry");
+    let joined = Joined::start("revoke-token").await;
     // The same token for the same name with another CA: refused.
-    let other = CertificateAuthority::generate(leaf.clone()).expect("ca");
+    let other = CertificateAuthority::generate(name("leaf-j")).expect("ca");
     assert!(
-        matches!(join(&request(&other)).await, Err(JoinError::Refused { .. })),
+        matches!(
+            join(&joined.request(&other)).await,
+            Err(JoinError::Refused { .. })
+        ),
         "another CA used a spent token"
     );
-
-    remotes
-        .delete("leaf-j", &DeleteParams::default())
-        .await
-        .expect("revoking the leaf");
-    eventually("the revocation seen by the proxy", || async {
-        (!proxy.shared().config.trust.load().contains(&leaf)).then_some(())
-    })
-    .await;
-    match join(&request(&leaf_ca)).await {
+    joined
+        .revoke(&DeleteParams {
+            propagation_policy: Some(kube::api::PropagationPolicy::Orphan),
+            ..DeleteParams::default()
+        })
+        .await;
+    match join(&joined.request(&joined.leaf_ca)).await {
         Err(JoinError::Refused {
             reason: JoinRefusal::TokenAlreadyUsed,
             message,
@@ -247,8 +302,58 @@ async fn a_used_single_use_token_is_refused_once_its_leaf_was_revoked() {
         other => panic!("a revoked leaf reused its token: {other:?}"),
     }
     assert!(
-        remotes.get_opt("leaf-j").await.expect("get").is_none(),
+        joined
+            .remotes
+            .get_opt("leaf-j")
+            .await
+            .expect("get")
+            .is_none(),
         "the refused join recorded the leaf again"
     );
-    stop.cancel();
+    joined.stop.cancel();
+}
+
+/// A spent token does not stay behind: it belongs to the leaf it admitted, and goes with the
+/// leaf's revocation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spent_token_goes_with_the_leaf_it_admitted() {
+    let joined = Joined::start("spent-token").await;
+    let secret_name = tether::operator::root::tokens::secret_name(joined.token.id());
+    let record = joined
+        .remotes
+        .get("leaf-j")
+        .await
+        .expect("the leaf's RemoteCluster");
+    let token = joined.secrets().get(&secret_name).await.expect("the token");
+    let owners = token.metadata.owner_references.unwrap_or_default();
+    assert_eq!(
+        owners
+            .iter()
+            .map(|o| (o.kind.as_str(), o.uid.as_str()))
+            .collect::<Vec<_>>(),
+        [(
+            "RemoteCluster",
+            record.metadata.uid.as_deref().unwrap_or_default()
+        )],
+        "the spent token is not the leaf's dependent"
+    );
+    joined.revoke(&DeleteParams::default()).await;
+    eventually("the spent token deleted", || async {
+        joined
+            .secrets()
+            .get_opt(&secret_name)
+            .await
+            .ok()?
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    assert!(
+        matches!(
+            join(&joined.request(&joined.leaf_ca)).await,
+            Err(JoinError::Refused { .. })
+        ),
+        "a deleted token admitted a leaf"
+    );
+    joined.stop.cancel();
 }

@@ -11,7 +11,9 @@
 //! (fingerprints), and a second patch marks when the leaf's `RemoteCluster` was recorded. A
 //! used token admits again only the same leaf with the same keys, and only while its
 //! `RemoteCluster` stands, or before it was ever recorded (so a lost answer never strands a
-//! leaf); once the leaf is revoked, the token is spent for good.
+//! leaf); once the leaf is revoked, the token is spent for good, and goes: a recorded token is
+//! the `RemoteCluster`'s dependent (an owner reference), so the garbage collector deletes it
+//! with the leaf.
 //!
 //! ```text
 //!   unused ──spend (used-by, used-with; conditional)──▶ used ──RemoteCluster created──▶ recorded
@@ -25,8 +27,8 @@ use std::time::SystemTime;
 
 use futures::future::BoxFuture;
 use k8s_openapi::api::core::v1::Secret;
-use kube::Api;
 use kube::api::{ObjectMeta, Patch, PatchParams, PostParams};
+use kube::{Api, Resource};
 use serde_json::json;
 
 use crate::identity::fingerprint;
@@ -243,7 +245,13 @@ impl KubeJoinAuthority {
         }
     }
 
-    async fn record(&self, admission: &Admission, keys: Vec<String>) -> Result<(), Refused> {
+    /// Creates the leaf's `RemoteCluster` (or finds the one a retry or a race made first) and
+    /// returns it.
+    async fn record(
+        &self,
+        admission: &Admission,
+        keys: Vec<String>,
+    ) -> Result<RemoteCluster, Refused> {
         let leaf = admission.leaf.to_string();
         let mut rc = RemoteCluster::new(
             &leaf,
@@ -257,19 +265,29 @@ impl KubeJoinAuthority {
             admission.token_id.clone(),
         )]));
         match self.remotes.create(&PostParams::default(), &rc).await {
-            Ok(_) => Ok(()),
+            Ok(created) => Ok(created),
             // Created meanwhile (a retry, or a race): fine if it names the same CA.
             Err(kube::Error::Api(status)) if status.code == 409 => {
-                self.check_name(&leaf, &keys).await.map(|_| ())
+                self.check_name(&leaf, &keys).await?.ok_or_else(|| {
+                    unavailable(format!(
+                        "RemoteCluster {leaf} was deleted while this join recorded it"
+                    ))
+                })
             }
             Err(e) => Err(unavailable(format!("creating RemoteCluster {leaf}: {e}"))),
         }
     }
 
     /// Marks a single-use token's leaf as recorded: from now on, deleting its `RemoteCluster`
-    /// spends the token for good.
-    async fn mark_recorded(&self, id: &str) -> Result<(), Refused> {
-        let patch = json!({ "stringData": { KEY_RECORDED_AT: rfc3339(SystemTime::now()) } });
+    /// spends the token for good. The token becomes the `RemoteCluster`'s dependent, so the
+    /// garbage collector deletes it with the leaf's revocation: a spent token does not stay
+    /// behind.
+    async fn mark_recorded(&self, id: &str, record: &RemoteCluster) -> Result<(), Refused> {
+        let owners: Vec<_> = record.owner_ref(&()).into_iter().collect();
+        let patch = json!({
+            "metadata": { "ownerReferences": owners },
+            "stringData": { KEY_RECORDED_AT: rfc3339(SystemTime::now()) },
+        });
         self.secrets
             .patch(
                 &secret_name(id),
@@ -361,9 +379,9 @@ impl JoinAuthority for KubeJoinAuthority {
                     self.spend(&stored, leaf, &used_with).await?;
                 }
             }
-            self.record(admission, keys).await?;
+            let record = self.record(admission, keys).await?;
             if stored.single_use && !stored.recorded {
-                self.mark_recorded(&admission.token_id).await?;
+                self.mark_recorded(&admission.token_id, &record).await?;
             }
             Ok(())
         })
