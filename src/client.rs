@@ -13,7 +13,7 @@ use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 use tracing::warn;
 
-use crate::identity::{Identity, ROLE_EXTENSION, Role};
+use crate::identity::{Identity, ROLE_EXTENSION, Role, verify_proxy_key};
 use crate::protocol::{ClusterName, DialErrorKind, Target, ssh};
 use crate::stream::HandshakeGuard;
 
@@ -176,7 +176,7 @@ impl client::Handler for ProxyCheck {
         &mut self,
         key: &russh::keys::PublicKeyOrCertificate,
     ) -> Result<bool, Self::Error> {
-        match ssh::verify_proxy_key(key, &self.root_cas, &self.root_cluster) {
+        match verify_proxy_key(key, &self.root_cas, &self.root_cluster) {
             Ok(_) => Ok(true),
             Err(reason) => {
                 warn!(%reason, "refusing the proxy");

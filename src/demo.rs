@@ -10,8 +10,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::agent::allow_list::AllowList;
 use crate::agent::{Agent, AgentConfig, Backoff};
+use crate::egress::allow_list::AllowList;
 use crate::identity::{CertificateAuthority, Identity, IdentityError, TrustStore};
 use crate::protocol::{ClusterName, Target};
 use crate::proxy::{

@@ -7,7 +7,8 @@
 //! - [`identity`]: certificate authorities, certificates and the trust store.
 //! - [`stream`]: flow-controlled byte streams over SSH channels.
 //! - [`proxy`]: the tunnel server, its registry of remote sites and the client entry.
-//! - [`agent`]: the leaf side: tunnels, the pool and the allow-list.
+//! - [`egress`]: outbound dials under an allow-list, shared by agent and proxy.
+//! - [`agent`]: the leaf side: tunnels and the pool.
 //! - [`forward`]: `tether forward`, a local port-forward through a proxy's client entry.
 //!
 //! Only the `operator` module talks to Kubernetes; the data plane runs without it.
@@ -16,6 +17,7 @@ pub mod admin;
 pub mod agent;
 pub mod client;
 pub mod demo;
+pub mod egress;
 pub mod forward;
 pub mod identity;
 pub mod operator;

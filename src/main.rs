@@ -10,9 +10,9 @@ use arc_swap::ArcSwap;
 use clap::{Args, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
-use tether::agent::allow_list::AllowList;
 use tether::agent::{Agent, AgentConfig, Backoff};
 use tether::client::{DialClient, DialClientConfig};
+use tether::egress::allow_list::AllowList;
 use tether::identity::{CertificateAuthority, Identity, parse_ca_keys};
 use tether::protocol::{ClusterName, Endpoint, Target};
 use tether::stream::StreamLimits;

@@ -18,8 +18,8 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use tether::agent::Agent;
-use tether::agent::allow_list::AllowList;
 use tether::demo::Pki;
+use tether::egress::allow_list::AllowList;
 use tether::operator::endpoints::watch_peers;
 use tether::protocol::ClusterName;
 use tether::proxy::ProxyServer;

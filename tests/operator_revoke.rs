@@ -22,9 +22,9 @@ use tokio_util::sync::CancellationToken;
 
 use support::{pki, wait_for};
 use tether::agent::Agent;
-use tether::agent::allow_list::AllowList;
 use tether::agent::join::{JoinError, JoinRequest, join};
 use tether::demo::Pki;
+use tether::egress::allow_list::AllowList;
 use tether::identity::{CertificateAuthority, Identity, TrustStore};
 use tether::operator::crd::RemoteCluster;
 use tether::operator::root::tokens::token_secret;

@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use tokio_util::sync::CancellationToken;
 
-use tether::agent::allow_list::AllowList;
 use tether::agent::{Agent, AgentConfig, AgentEvent, Backoff};
+use tether::egress::allow_list::AllowList;
 use tether::forward::ForwardConfig;
 use tether::identity::{Identity, parse_ca_keys};
 use tether::protocol::{ClusterName, Target};

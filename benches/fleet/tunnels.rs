@@ -33,8 +33,8 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use tokio_util::sync::CancellationToken;
 
-use tether::agent::allow_list::AllowList;
 use tether::agent::{Agent, AgentConfig, Backoff};
+use tether::egress::allow_list::AllowList;
 use tether::identity::{CertificateAuthority, Identity};
 use tether::protocol::ClusterName;
 use tether::proxy::ProxyLimits;

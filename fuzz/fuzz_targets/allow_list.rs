@@ -10,7 +10,7 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use libfuzzer_sys::fuzz_target;
-use tether::agent::allow_list::{AllowList, Rule, never_allowed_reason};
+use tether::egress::allow_list::{AllowList, Rule, never_allowed_reason};
 
 fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else {

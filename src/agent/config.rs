@@ -6,8 +6,8 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use russh::keys::PublicKey;
 
-use super::allow_list::AllowList;
-use super::connect::Resolver;
+use crate::egress::allow_list::AllowList;
+use crate::egress::connect::Resolver;
 use crate::identity::Identity;
 use crate::protocol::ClusterName;
 use crate::stream::StreamLimits;

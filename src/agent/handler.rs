@@ -15,9 +15,10 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::claims::{Claim, Claims};
 use super::config::AgentConfig;
-use super::connect::connect_via;
 use super::error::TunnelError;
 use crate::admin::metrics::{METRICS, label};
+use crate::egress::connect::connect_via;
+use crate::identity::verify_proxy_key;
 use crate::protocol::stream::{CONTROL_EXT, StreamControl};
 use crate::protocol::{DialError, DialErrorKind, Endpoint, ssh};
 use crate::stream::{Splice, TunnelStream, WindowBudget};
@@ -56,11 +57,8 @@ impl client::Handler for AgentHandler {
         &mut self,
         key: &russh::keys::PublicKeyOrCertificate,
     ) -> Result<bool, Self::Error> {
-        let verdict = match ssh::verify_proxy_key(
-            key,
-            &self.config.root_cas,
-            &self.config.root_cluster,
-        ) {
+        let verdict = match verify_proxy_key(key, &self.config.root_cas, &self.config.root_cluster)
+        {
             Ok(id) => match &self.claims {
                 None => Ok((id, None)),
                 Some(claims) => match claims.try_claim(&id) {

@@ -5,10 +5,8 @@
 //! [`pool::Pool`] holds one tunnel per proxy that discovery announces and reconnects with
 //! jittered exponential backoff whenever one fails (the seed's `Agent` and `AgentPool`).
 
-pub mod allow_list;
 pub mod claims;
 pub mod config;
-pub mod connect;
 mod error;
 mod handler;
 pub mod join;

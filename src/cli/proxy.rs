@@ -10,7 +10,7 @@ use arc_swap::ArcSwap;
 use clap::Args;
 use tokio_util::sync::CancellationToken;
 
-use tether::agent::allow_list::AllowList;
+use tether::egress::allow_list::AllowList;
 use tether::identity::{CertificateAuthority, Identity, TrustStore, check_own_host_certificate};
 use tether::protocol::ClusterName;
 use tether::proxy::client_entry::{self, ClientEntryConfig, ClientTokens};

@@ -33,7 +33,7 @@ pub use role::{ROLE_EXTENSION, Role};
 pub use trust::{TrustSource, TrustStore, parse_ca_keys, same_keys};
 pub use verify::{
     check_own_host_certificate, fingerprint, validate_proxy_id, validate_user_name,
-    verify_host_certificate,
+    verify_host_certificate, verify_proxy_key,
 };
 
 /// The SSH key and certificate types this module works with, re-exported so callers need not

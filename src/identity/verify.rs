@@ -89,6 +89,25 @@ pub fn verify_host_certificate(
         })
 }
 
+/// Checks the key a proxy presented during key exchange (agents, `tether dial`, peering): it
+/// must be a host certificate signed by one of `root_cas` naming a proxy of `root_cluster`.
+/// Returns the proxy's ID, or why not.
+pub fn verify_proxy_key(
+    key: &russh::keys::PublicKeyOrCertificate,
+    root_cas: &[PublicKey],
+    root_cluster: &ClusterName,
+) -> Result<String, String> {
+    match key {
+        russh::keys::PublicKeyOrCertificate::Certificate(cert) => {
+            verify_host_certificate(cert, root_cas, root_cluster, SystemTime::now())
+                .map_err(|e| e.to_string())
+        }
+        russh::keys::PublicKeyOrCertificate::PublicKey { .. } => Err(
+            "the proxy presented a bare host key, not a certificate signed by the root CA".into(),
+        ),
+    }
+}
+
 /// A proxy checks its own host certificate at start-up, so that a wrong file fails there with
 /// the reason rather than in every agent's handshake: a host certificate (not a user one),
 /// valid now, naming `<proxy_id>.<cluster>`. Who signed it is the agents' check (against their

@@ -19,9 +19,9 @@ use super::crd::ReverseTunnel;
 use super::events::EventPublisher;
 use super::resolve::Desired;
 use super::status::{Problem, SpecState, StatusWriter};
-use crate::agent::allow_list::AllowList;
 use crate::agent::status::PoolStatus;
 use crate::agent::{Agent, AgentConfig};
+use crate::egress::allow_list::AllowList;
 use crate::operator::controller::Backoffs;
 
 /// How long stopping a tunnel waits for its tasks before leaving them to finish alone: the

@@ -13,8 +13,8 @@ use kube::Api;
 
 use super::crd::ReverseTunnel;
 use super::status::Problem;
-use crate::agent::allow_list::AllowList;
 use crate::agent::{AgentConfig, Backoff};
+use crate::egress::allow_list::AllowList;
 use crate::identity::{Certificate, Identity, PrivateKey, parse_ca_keys};
 use crate::protocol::ClusterName;
 use crate::stream::StreamLimits;

@@ -34,29 +34,6 @@ pub fn preferred() -> Preferred {
     }
 }
 
-/// Checks the key a proxy presented during key exchange: it must be a host certificate signed
-/// by one of `root_cas` naming a proxy of `root_cluster`. Returns the proxy's ID, or why not.
-pub fn verify_proxy_key(
-    key: &russh::keys::PublicKeyOrCertificate,
-    root_cas: &[russh::keys::PublicKey],
-    root_cluster: &crate::protocol::ClusterName,
-) -> Result<String, String> {
-    match key {
-        russh::keys::PublicKeyOrCertificate::Certificate(cert) => {
-            crate::identity::verify_host_certificate(
-                cert,
-                root_cas,
-                root_cluster,
-                std::time::SystemTime::now(),
-            )
-            .map_err(|e| e.to_string())
-        }
-        russh::keys::PublicKeyOrCertificate::PublicKey { .. } => Err(
-            "the proxy presented a bare host key, not a certificate signed by the root CA".into(),
-        ),
-    }
-}
-
 /// SSH client settings shared by agents, `tether dial` and peering: Tether's algorithms and
 /// sizes, no idle timeout (heartbeats detect dead peers), Nagle off for interactive streams.
 pub fn client_config() -> russh::client::Config {

@@ -135,7 +135,7 @@ pub struct ProxyConfig {
     pub stream: StreamLimits,
     /// Whether clients may dial the local cluster directly, and where (the seed's
     /// `DirectCluster`). `None` refuses dials to the local cluster.
-    pub direct: Option<Arc<crate::agent::allow_list::AllowList>>,
+    pub direct: Option<Arc<crate::egress::allow_list::AllowList>>,
     /// How to forward dials to peer proxies when this one holds no tunnel to the site;
     /// `None` disables peering.
     pub peering: Option<super::peers::PeeringConfig>,

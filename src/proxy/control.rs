@@ -50,7 +50,7 @@ pub(super) async fn run(
     agent: AuthenticatedAgent,
     peer: SocketAddr,
     handle: Handle,
-    ready: oneshot::Sender<super::handler::SetUp>,
+    ready: oneshot::Sender<super::shared::SetUp>,
 ) {
     let (mut read, write) = channel.split();
     let mut frames = FrameReader::default();

@@ -182,7 +182,7 @@ impl ProxyDialer {
                 "the local API server is not reachable through the proxy",
             ));
         };
-        crate::agent::connect::connect(allow, host, *port, config.limits.dial_timeout)
+        crate::egress::connect::connect(allow, host, *port, config.limits.dial_timeout)
             .await
             .map(|(stream, _)| stream)
     }

@@ -27,7 +27,7 @@ use super::Dialer;
 use super::clients::ClientRegistration;
 use super::dialer::ProxyDialer;
 use super::peers::PEER_ORIGINATOR;
-use super::shared::ProxyShared;
+use super::shared::{ProxyShared, SetUp};
 use super::sites::AuthenticatedAgent;
 use crate::identity::{ROLE_EXTENSION, Role};
 use crate::protocol::Target;
@@ -69,10 +69,6 @@ impl Peer {
         }
     }
 }
-
-/// How a connection's handshake ended: set up, or refused with what the peer may be told
-/// ([`crate::identity::AuthError::disclosed`]), which the listener sends in its disconnect.
-pub(super) type SetUp = Result<(), String>;
 
 /// Per-connection SSH handler.
 pub(super) struct ConnectionHandler {

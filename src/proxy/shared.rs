@@ -67,3 +67,8 @@ impl crate::admin::Component for ProxyShared {
         })
     }
 }
+
+/// How a connection's handshake ended: set up, or refused with what the peer may be told
+/// ([`crate::identity::AuthError::disclosed`]), which the listener sends in its disconnect.
+/// The SSH handler and the control channel report it; the listener waits for it.
+pub(super) type SetUp = Result<(), String>;

@@ -10,8 +10,8 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tether::agent::allow_list::AllowList;
-use tether::agent::connect::Resolver;
+use tether::egress::allow_list::AllowList;
+use tether::egress::connect::Resolver;
 use tether::protocol::{DialError, DialErrorKind};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;

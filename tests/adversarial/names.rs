@@ -10,9 +10,9 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 use tether::admin::Component;
-use tether::agent::allow_list::AllowList;
 use tether::agent::join::{JoinError, JoinRequest, join};
 use tether::agent::{Agent, AgentConfig};
+use tether::egress::allow_list::AllowList;
 use tether::identity::{CertificateAuthority, Identity, PublicKey, TrustSource, TrustStore};
 use tether::protocol::control::{self, AgentMessage, CONTROL_SUBSYSTEM, FrameReader, ProxyMessage};
 use tether::protocol::join::{JOIN_USER, JoinRefusal, JoinToken};

@@ -11,9 +11,9 @@ use std::net::{SocketAddr, TcpListener as StdListener};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tether::agent::allow_list::AllowList;
 use tether::agent::{Agent, PoolStatus};
 use tether::demo::Pki;
+use tether::egress::allow_list::AllowList;
 use tether::protocol::Target;
 use tether::proxy::{Dialer, Peer, ProxyServer};
 use tokio::sync::watch;

@@ -6,8 +6,8 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tether::agent::allow_list::AllowList;
 use tether::agent::{Agent, Backoff};
+use tether::egress::allow_list::AllowList;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio_util::sync::CancellationToken;
 

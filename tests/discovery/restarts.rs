@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tether::agent::Agent;
-use tether::agent::allow_list::AllowList;
+use tether::egress::allow_list::AllowList;
 use tether::protocol::Target;
 use tether::proxy::{Dialer, ProxyDialer, ProxyServer};
 use tokio_util::sync::CancellationToken;

@@ -226,7 +226,7 @@ async fn the_proxies_rbac_covers_peers_join_tokens_and_remote_clusters() {
     let mut agent_config = pki
         .agent_config(
             &server.local_addr().to_string(),
-            tether::agent::allow_list::AllowList::default(),
+            tether::egress::allow_list::AllowList::default(),
         )
         .expect("agent config");
     agent_config.root_cas = joined.root_cas;

@@ -24,8 +24,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use tether::agent::allow_list::AllowList;
 use tether::agent::{Agent, AgentConfig, Backoff};
+use tether::egress::allow_list::AllowList;
 use tether::identity::{CertificateAuthority, Identity};
 use tether::protocol::ClusterName;
 use tether::proxy::{ProxyLimits, ProxyServer};

@@ -19,7 +19,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use tether::admin::metrics::METRICS;
 use tether::agent::Agent;
-use tether::agent::allow_list::AllowList;
+use tether::egress::allow_list::AllowList;
 use tether::proxy::ProxyServer;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;

@@ -12,9 +12,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tether::agent::allow_list::AllowList;
 use tether::agent::{Agent, AgentConfig, AgentEvent};
 use tether::demo::Pki;
+use tether::egress::allow_list::AllowList;
 use tether::protocol::{ClusterName, DialError, Target};
 use tether::proxy::{Dialer, ProxyConfig, ProxyConn, ProxyServer};
 use tether::stream::Splice;

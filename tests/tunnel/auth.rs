@@ -4,8 +4,8 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use tether::agent::allow_list::AllowList;
 use tether::agent::{Tunnel, TunnelError};
+use tether::egress::allow_list::AllowList;
 use tether::identity::{CertificateAuthority, Identity, ROLE_EXTENSION};
 use tether::protocol::{ClusterName, DialErrorKind};
 use tether::proxy::{ProxyLimits, ProxyServer};

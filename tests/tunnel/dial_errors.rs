@@ -5,7 +5,7 @@
 //!
 //! Unreachable is left out: it needs a target with no route, which loopback cannot offer; its
 //! code travels like the others (`protocol::dial` tests every kind's round trip) and the agent's
-//! classification is tested in `agent::connect`.
+//! classification is tested in `egress::connect`.
 
 use std::net::SocketAddr;
 use std::path::Path;

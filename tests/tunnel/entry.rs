@@ -6,7 +6,7 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tether::agent::allow_list::AllowList;
+use tether::egress::allow_list::AllowList;
 use tether::identity::Identity;
 use tether::protocol::DialErrorKind;
 use tokio::io::AsyncWriteExt;

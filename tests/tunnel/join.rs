@@ -9,9 +9,9 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 use tether::agent::Agent;
-use tether::agent::allow_list::AllowList;
 use tether::agent::join::{JoinError, JoinRequest, join};
 use tether::demo::Pki;
+use tether::egress::allow_list::AllowList;
 use tether::identity::{CertificateAuthority, TrustStore, fingerprint};
 use tether::protocol::ClusterName;
 use tether::protocol::join::{JoinRefusal, JoinToken};

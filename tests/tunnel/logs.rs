@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tether::agent::Agent;
-use tether::agent::allow_list::AllowList;
+use tether::egress::allow_list::AllowList;
 use tether::proxy::{Peer, ProxyServer};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
-use tether::agent::allow_list::AllowList;
+use tether::egress::allow_list::AllowList;
 use tether::protocol::DialErrorKind;
 
 use crate::support::*;

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{Condition, SecretReference};
 
-/// A coarse RE2 form of the allow-list rule syntax (`tether::agent::allow_list`), so that the
+/// A coarse RE2 form of the allow-list rule syntax (`tether::egress::allow_list`), so that the
 /// API server rejects obvious typos at `kubectl apply` time. It accepts a superset of what the
 /// parser accepts; the operator parses every rule again and reports the precise error in the
 /// `Ready` condition.

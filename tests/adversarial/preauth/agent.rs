@@ -4,8 +4,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use tether::agent::allow_list::AllowList;
 use tether::agent::{Tunnel, TunnelError};
+use tether::egress::allow_list::AllowList;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
 
