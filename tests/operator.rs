@@ -84,12 +84,15 @@ async fn reverse_tunnel_lifecycle() {
         .expect("Ready condition");
     assert_eq!(ready.status, ConditionStatus::True);
     assert_eq!(ready.observed_generation, connected.metadata.generation);
-    assert!(
-        connected
-            .finalizers()
+    // The leader's finalizer controller adds it; the summary may be written first.
+    eventually("the finalizer", || async {
+        let rt = api.get("to-root").await.ok()?;
+        rt.finalizers()
             .iter()
             .any(|f| f == "tether.dev/reverse-tunnel")
-    );
+            .then_some(())
+    })
+    .await;
 
     let out = cp.kubectl(["get", "reversetunnels", "-n", &ns]);
     let table = String::from_utf8_lossy(&out.stdout);
@@ -449,6 +452,75 @@ async fn a_refused_leaf_says_why_with_one_warning() {
         .map(|e| e.reason.clone())
         .collect();
     assert_eq!(warnings, [Some("ProxyRefusedAgent".to_owned())]);
+    stop.cancel();
+    proxy.shutdown(Duration::from_secs(1)).await;
+}
+
+/// Two `ReverseTunnel`s for one leaf would run two agents with one identity and two
+/// allow-lists. The newer fails with `DuplicateLeaf`, naming the one that carries the leaf,
+/// and takes over as soon as that one is deleted.
+#[tokio::test]
+async fn a_second_tunnel_for_one_leaf_fails_and_takes_over_when_the_first_goes() {
+    let cp = common::control_plane().await;
+    let client = cp.kube_client();
+    install_crds(&client).await;
+    let ns = cp.new_namespace("op-dup").await;
+    let leaf = ClusterName::new("leaf-1").expect("name");
+    let pki = Pki::generate(ClusterName::new("root").expect("name"), leaf.clone()).expect("pki");
+    let proxy = ProxyServer::start(pki.proxy_config("proxy-1").expect("proxy config"))
+        .await
+        .expect("proxy");
+    create_secrets(&client, &ns, &pki).await;
+    let stop = start_operator(client.clone(), &ns, None);
+    let api: Api<ReverseTunnel> = Api::namespaced(client.clone(), &ns);
+    let create = |name: &str| {
+        let mut value = example(&proxy.local_addr().to_string(), &[]);
+        value["metadata"]["name"] = json!(name);
+        let obj: ReverseTunnel = serde_json::from_value(value).expect("object");
+        let api = api.clone();
+        async move {
+            api.create(&PostParams::default(), &obj)
+                .await
+                .expect("create")
+        }
+    };
+    let phase_of = |name: &'static str| {
+        let api = api.clone();
+        async move {
+            let status = api.get(name).await.ok()?.status?;
+            let ready = status.conditions.into_iter().find(|c| c.type_ == "Ready")?;
+            Some((status.phase?, ready.reason, ready.message))
+        }
+    };
+    create("to-root").await;
+    eventually("the first Connected", || async {
+        (phase_of("to-root").await?.0 == Phase::Connected).then_some(())
+    })
+    .await;
+    create("to-root-again").await;
+    let (_, _, message) = eventually("the second Failed as a duplicate", || async {
+        let seen = phase_of("to-root-again").await?;
+        (seen.0 == Phase::Failed && seen.1 == "DuplicateLeaf").then_some(seen)
+    })
+    .await;
+    assert!(message.contains(&format!("{ns}/to-root ")), "{message}");
+    assert_eq!(
+        tunnel_ids(&proxy, &leaf).len(),
+        1,
+        "two agents for one leaf"
+    );
+
+    api.delete("to-root", &DeleteParams::default())
+        .await
+        .expect("delete");
+    eventually("the second Connected", || async {
+        (phase_of("to-root-again").await?.0 == Phase::Connected).then_some(())
+    })
+    .await;
+    eventually("one tunnel, the second's", || async {
+        (tunnel_ids(&proxy, &leaf).len() == 1).then_some(())
+    })
+    .await;
     stop.cancel();
     proxy.shutdown(Duration::from_secs(1)).await;
 }

@@ -28,6 +28,7 @@ use kube::runtime::events::{Event, EventType};
 use kube::runtime::reflector::{self, ObjectRef};
 use kube::runtime::{Controller, WatchStreamExt, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -35,11 +36,65 @@ use crate::operator::context::{Context, TunnelKey};
 use crate::operator::crd::ReverseTunnel;
 use crate::operator::error::{Error, Result};
 use crate::operator::resolve::resolve;
+use crate::operator::status::Problem;
 
 /// How often a healthy tunnel is reconciled anyway (catches anything a watch missed).
 const RESYNC: Duration = super::MAX_RETRY_DELAY;
 
 type Guarded = DeserializeGuard<ReverseTunnel>;
+
+/// Reconciles asked for by a deletion, waiting to run.
+const RERUN_QUEUE: usize = 1024;
+
+/// What this controller's reconciles share: the operator's [`Context`], and what a
+/// reconcile needs to tell one tunnel from another of the same leaf.
+struct Tunnels {
+    ctx: Arc<Context>,
+    /// Every `ReverseTunnel` watched, to find the others that carry the same leaf.
+    store: reflector::Store<Guarded>,
+    /// Tunnels to reconcile again: a leaf's other tunnels when the one carrying it goes.
+    /// Bounded; a request dropped when it is full is made up by the periodic resync.
+    rerun: mpsc::Sender<ObjectRef<Guarded>>,
+}
+
+/// The tunnel that carries `rt`'s leaf when several name it: the oldest not being deleted
+/// (then by namespace and name), or `None` when it is `rt` itself.
+///
+/// Two `ReverseTunnel`s for one leaf and root would run two agents with one identity,
+/// dialling the same proxies, each with its own allow-list: a dial would get one list or the
+/// other by chance. The newer ones fail with `DuplicateLeaf` instead, naming the one that
+/// carries the leaf, and take over when it goes.
+fn carrier_of<'a>(rt: &ReverseTunnel, all: &'a [Arc<Guarded>]) -> Option<&'a ReverseTunnel> {
+    let order = |t: &ReverseTunnel| {
+        (
+            t.metadata.creation_timestamp.clone(),
+            t.namespace(),
+            t.name_any(),
+        )
+    };
+    let carrier = all
+        .iter()
+        .filter_map(|o| o.0.as_ref().ok())
+        .filter(|t| t.metadata.deletion_timestamp.is_none())
+        .filter(|t| {
+            t.spec.root_cluster == rt.spec.root_cluster
+                && t.spec.leaf_cluster == rt.spec.leaf_cluster
+        })
+        .min_by_key(|t| order(t))?;
+    (order(carrier) != order(rt)).then_some(carrier)
+}
+
+/// Reconciles again every other tunnel of `rt`'s leaf (one may take over from it).
+fn rerun_others(tunnels: &Tunnels, rt: &ReverseTunnel) {
+    for other in tunnels.store.state() {
+        let Ok(t) = &other.0 else { continue };
+        let same_leaf = t.spec.root_cluster == rt.spec.root_cluster
+            && t.spec.leaf_cluster == rt.spec.leaf_cluster;
+        if same_leaf && (t.namespace(), t.name_any()) != (rt.namespace(), rt.name_any()) {
+            let _ = tunnels.rerun.try_send(ObjectRef::from_obj(&*other));
+        }
+    }
+}
 
 pub(super) fn key_of(meta: &kube::api::ObjectMeta) -> TunnelKey {
     let name = meta.name.clone().unwrap_or_default();
@@ -49,7 +104,8 @@ pub(super) fn key_of(meta: &kube::api::ObjectMeta) -> TunnelKey {
     }
 }
 
-async fn reconcile(obj: Arc<Guarded>, ctx: Arc<Context>) -> Result<Action> {
+async fn reconcile(obj: Arc<Guarded>, tunnels: Arc<Tunnels>) -> Result<Action> {
+    let ctx = &tunnels.ctx;
     let rt = match &obj.0 {
         Ok(rt) => Arc::new(rt.clone()),
         Err(invalid) => {
@@ -76,9 +132,26 @@ async fn reconcile(obj: Arc<Guarded>, ctx: Arc<Context>) -> Result<Action> {
         ));
     }
     if rt.metadata.deletion_timestamp.is_some() {
-        return cleanup(&rt, &ctx).await;
+        rerun_others(&tunnels, &rt);
+        return cleanup(&rt, ctx).await;
     }
-    apply(&rt, &ctx).await
+    if let Some(carrier) = carrier_of(&rt, &tunnels.store.state()) {
+        let problem = Problem {
+            reason: "DuplicateLeaf",
+            message: format!(
+                "ReverseTunnel {}/{} already carries leaf {} to root {}: two would run two \
+                 agents with one identity and two allow-lists; delete one (this one takes over \
+                 when that one goes)",
+                carrier.namespace().unwrap_or_default(),
+                carrier.name_any(),
+                rt.spec.leaf_cluster,
+                rt.spec.root_cluster
+            ),
+        };
+        ctx.ensure_failed(&rt, problem).join().await;
+        return Ok(Action::requeue(RESYNC));
+    }
+    apply(&rt, ctx).await
 }
 
 async fn apply(rt: &ReverseTunnel, ctx: &Context) -> Result<Action> {
@@ -130,9 +203,9 @@ fn predicate_key(obj: &Guarded) -> Option<u64> {
     Some(hasher.finish())
 }
 
-fn error_policy(obj: Arc<Guarded>, error: &Error, ctx: Arc<Context>) -> Action {
+fn error_policy(obj: Arc<Guarded>, error: &Error, tunnels: Arc<Tunnels>) -> Action {
     let key = key_of(obj.meta());
-    let delay = ctx.failures.failed(&key);
+    let delay = tunnels.ctx.failures.failed(&key);
     warn!(name = %key.name, namespace = ?key.namespace, %error, ?delay, "reconcile failed; retrying");
     Action::requeue(delay)
 }
@@ -142,12 +215,17 @@ fn error_policy(obj: Arc<Guarded>, error: &Error, ctx: Arc<Context>) -> Action {
 /// replica see the deletion timestamp first, but the last update and the delete may arrive
 /// together, and the reconcile of an object gone from the store never runs.
 fn forget_deleted(
-    ctx: Arc<Context>,
-    store: reflector::Store<Guarded>,
+    tunnels: Arc<Tunnels>,
 ) -> impl FnMut(watcher::Event<Guarded>) -> watcher::Event<Guarded> {
     move |event| {
+        let (ctx, store) = (&tunnels.ctx, &tunnels.store);
         let stopped = match &event {
-            watcher::Event::Delete(obj) => ctx.remove(&key_of(obj.meta())),
+            watcher::Event::Delete(obj) => {
+                if let Ok(rt) = &obj.0 {
+                    rerun_others(&tunnels, rt);
+                }
+                ctx.remove(&key_of(obj.meta()))
+            }
             watcher::Event::InitDone => {
                 let live = store.state().iter().map(|o| key_of(o.meta())).collect();
                 ctx.retain(&live)
@@ -175,7 +253,13 @@ pub async fn run(
         None => (Api::all(client.clone()), Api::all(client)),
     };
     let (reader, writer) = reflector::store();
-    let gone = forget_deleted(ctx.clone(), reader.clone());
+    let (rerun, reruns) = mpsc::channel(RERUN_QUEUE);
+    let tunnels_ctx = Arc::new(Tunnels {
+        ctx: ctx.clone(),
+        store: reader.clone(),
+        rerun,
+    });
+    let gone = forget_deleted(tunnels_ctx.clone());
     let trigger = watcher(tunnels, watcher::Config::default().any_semantic())
         .default_backoff()
         .reflect(writer)
@@ -204,11 +288,14 @@ pub async fn run(
     };
     Controller::for_stream(trigger, reader)
         .watches_stream(secret_changes, mapper)
+        .reconcile_on(futures::stream::unfold(reruns, |mut rx| async move {
+            rx.recv().await.map(|r| (r, rx))
+        }))
         .graceful_shutdown_on(stop.clone().cancelled_owned())
         .run(
             |obj, ctx| super::measured("reverse_tunnel", reconcile(obj, ctx)),
             error_policy,
-            ctx.clone(),
+            tunnels_ctx,
         )
         .for_each(|result| {
             match result {
@@ -219,4 +306,57 @@ pub async fn run(
         })
         .await;
     ctx.remove_all().join().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tunnel(name: &str, leaf: &str, created: u64, deleting: bool) -> Arc<Guarded> {
+        let mut value = serde_json::json!({
+            "apiVersion": "tether.dev/v1alpha1",
+            "kind": "ReverseTunnel",
+            "metadata": {"name": name, "namespace": "ns"},
+            "spec": {
+                "rootCluster": "root", "leafCluster": leaf,
+                "proxyAddress": "proxy:3024",
+                "identitySecretRef": {"name": "id"}, "rootCaSecretRef": {"name": "ca"},
+            },
+        });
+        let at = |secs: u64| {
+            let t = std::time::UNIX_EPOCH + Duration::from_secs(secs);
+            serde_json::json!(humantime::format_rfc3339_seconds(t).to_string())
+        };
+        value["metadata"]["creationTimestamp"] = at(created);
+        if deleting {
+            value["metadata"]["deletionTimestamp"] = at(created + 1);
+        }
+        Arc::new(DeserializeGuard(Ok(
+            serde_json::from_value(value).expect("a ReverseTunnel")
+        )))
+    }
+
+    fn carrier(of: &Arc<Guarded>, all: &[Arc<Guarded>]) -> Option<String> {
+        let rt = of.0.as_ref().expect("valid");
+        carrier_of(rt, all).map(ResourceExt::name_any)
+    }
+
+    #[test]
+    fn the_oldest_tunnel_of_a_leaf_carries_it_and_one_being_deleted_does_not() {
+        let first = tunnel("b-first", "leaf-1", 100, false);
+        let second = tunnel("a-second", "leaf-1", 200, false);
+        let other_leaf = tunnel("c-other", "leaf-2", 50, false);
+        let all = [first.clone(), second.clone(), other_leaf.clone()];
+        assert_eq!(carrier(&first, &all), None);
+        assert_eq!(carrier(&second, &all).as_deref(), Some("b-first"));
+        assert_eq!(carrier(&other_leaf, &all), None);
+        // Created in the same second: the name decides, the same way on every replica.
+        let twin = tunnel("a-twin", "leaf-1", 100, false);
+        let all = [first.clone(), twin.clone()];
+        assert_eq!(carrier(&first, &all).as_deref(), Some("a-twin"));
+        assert_eq!(carrier(&twin, &all), None);
+        // The carrier being deleted hands over at once.
+        let going = tunnel("b-first", "leaf-1", 100, true);
+        assert_eq!(carrier(&second, &[going, second.clone()]), None);
+    }
 }
