@@ -65,12 +65,20 @@ impl Backoff {
         jittered(hint.mul_f64(1.25f64.powi(steps)).min(self.max))
     }
 
-    fn delay_capped(&self, attempt: u32, cap: Duration) -> Duration {
-        let exp = self
-            .initial
+    /// The delay before attempt `attempt` without jitter: min(max, initial × 2^attempt). The
+    /// operator's reconcile retries use it as is (one object's retries need no spreading).
+    pub fn ceiling(&self, attempt: u32) -> Duration {
+        self.exponential(attempt, self.max)
+    }
+
+    fn exponential(&self, attempt: u32, cap: Duration) -> Duration {
+        self.initial
             .saturating_mul(1u32.checked_shl(attempt.min(20)).unwrap_or(u32::MAX))
-            .min(cap);
-        jittered(exp)
+            .min(cap)
+    }
+
+    fn delay_capped(&self, attempt: u32, cap: Duration) -> Duration {
+        jittered(self.exponential(attempt, cap))
     }
 }
 

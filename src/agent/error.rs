@@ -26,8 +26,12 @@ pub enum TunnelError {
     /// The agent's own certificate is outside its validity; found before dialling.
     #[error("{0}")]
     OwnCertificate(String),
+    /// A control message that could not be encoded or read.
     #[error("control channel: {0}")]
-    Control(String),
+    Frame(#[from] crate::protocol::control::ControlError),
+    /// The proxy broke the protocol (what it did).
+    #[error("control channel: {0}")]
+    Protocol(&'static str),
     #[error("the proxy stopped answering heartbeats ({0:?} of silence)")]
     Stale(Duration),
     #[error("the proxy closed the tunnel")]
@@ -37,7 +41,7 @@ pub enum TunnelError {
     #[error("landed on proxy {0}, which already holds a tunnel")]
     AlreadyClaimed(String),
     #[error("refused the proxy: {0}")]
-    UntrustedProxy(String),
+    UntrustedProxy(#[source] crate::identity::AuthError),
     #[error("the proxy is busy (too many handshakes in flight); it asks for a retry in {0:?}")]
     Busy(Duration),
 }

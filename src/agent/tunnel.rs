@@ -140,8 +140,8 @@ impl Tunnel {
             Some(Ok(v)) => v,
             Some(Err(refusal)) => return Err(refusal),
             None => {
-                return Err(TunnelError::Control(
-                    "the proxy's identity was not verified".into(),
+                return Err(TunnelError::Protocol(
+                    "the proxy's identity was not verified",
                 ));
             }
         };
@@ -332,8 +332,8 @@ impl Tunnel {
                         }
                         Some(_) => continue,
                     };
-                    self.frames.push(&data).map_err(|e| TunnelError::Control(e.to_string()))?;
-                    while let Some(msg) = self.frames.next_message::<ProxyMessage>().map_err(|e| TunnelError::Control(e.to_string()))? {
+                    self.frames.push(&data)?;
+                    while let Some(msg) = self.frames.next_message::<ProxyMessage>()? {
                         match msg {
                             ProxyMessage::Pong { seq: answered } => {
                                 last_pong = Instant::now();
@@ -360,7 +360,7 @@ impl Tunnel {
                                 }
                             }
                             ProxyMessage::Welcome { .. } => {
-                                return Err(TunnelError::Control("a second welcome".into()));
+                                return Err(TunnelError::Protocol("a second welcome"));
                             }
                         }
                     }
@@ -416,7 +416,7 @@ fn check_own_certificate(cert: &russh::keys::Certificate) -> Result<(), TunnelEr
 }
 
 async fn send(write: &ChannelWriteHalf<Msg>, msg: &AgentMessage) -> Result<(), TunnelError> {
-    let bytes = control::encode(msg).map_err(|e| TunnelError::Control(e.to_string()))?;
+    let bytes = control::encode(msg)?;
     write.data_bytes(bytes).await?;
     Ok(())
 }
@@ -430,8 +430,8 @@ async fn next_message(
         .map_err(|e| match e {
             ChannelReadError::Closed => TunnelError::Closed,
             ChannelReadError::Refused => {
-                TunnelError::Control("the proxy refused the control subsystem".into())
+                TunnelError::Protocol("the proxy refused the control subsystem")
             }
-            ChannelReadError::Frame(e) => TunnelError::Control(e.to_string()),
+            ChannelReadError::Frame(e) => TunnelError::Frame(e),
         })
 }

@@ -231,6 +231,9 @@ pub enum AuthError {
         /// The option's name.
         option: String,
     },
+    /// A proxy presented a bare host key where a certificate from the root CA is required.
+    #[error("the proxy presented a bare host key, not a certificate signed by the root CA")]
+    BareHostKey,
     /// The certificate could not be re-encoded to check its signature.
     #[error("certificate {key_id:?} cannot be encoded: {message}")]
     Malformed {

@@ -91,20 +91,17 @@ pub fn verify_host_certificate(
 
 /// Checks the key a proxy presented during key exchange (agents, `tether dial`, peering): it
 /// must be a host certificate signed by one of `root_cas` naming a proxy of `root_cluster`.
-/// Returns the proxy's ID, or why not.
+/// Returns the proxy's ID.
 pub fn verify_proxy_key(
     key: &russh::keys::PublicKeyOrCertificate,
     root_cas: &[PublicKey],
     root_cluster: &ClusterName,
-) -> Result<String, String> {
+) -> Result<String, AuthError> {
     match key {
         russh::keys::PublicKeyOrCertificate::Certificate(cert) => {
             verify_host_certificate(cert, root_cas, root_cluster, SystemTime::now())
-                .map_err(|e| e.to_string())
         }
-        russh::keys::PublicKeyOrCertificate::PublicKey { .. } => Err(
-            "the proxy presented a bare host key, not a certificate signed by the root CA".into(),
-        ),
+        russh::keys::PublicKeyOrCertificate::PublicKey { .. } => Err(AuthError::BareHostKey),
     }
 }
 

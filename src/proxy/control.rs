@@ -13,7 +13,9 @@ use super::peers::Peer;
 use super::shared::ProxyShared;
 use super::sites::{AuthenticatedAgent, Tunnel};
 use crate::admin::metrics::METRICS;
-use crate::protocol::control::{self, AgentMessage, ChannelReadError, FrameReader, ProxyMessage};
+use crate::protocol::control::{
+    self, AgentMessage, ChannelReadError, ControlError, FrameReader, ProxyMessage,
+};
 
 /// How often the full proxy list is re-sent even when nothing changed, so an agent that missed
 /// one recovers.
@@ -32,8 +34,12 @@ pub enum ControlEnd {
     Left,
     #[error("no heartbeat for {0:?}")]
     MissedHeartbeats(Duration),
+    /// A control message that could not be encoded or read.
     #[error("protocol error: {0}")]
-    Protocol(String),
+    Frame(#[from] ControlError),
+    /// The agent broke the protocol (what it did).
+    #[error("protocol error: {0}")]
+    Protocol(&'static str),
     #[error("the agent did not say hello within {0:?}")]
     NoHello(Duration),
     #[error("sending failed: {0}")]
@@ -206,13 +212,8 @@ async fn handle_data(
     write: &ChannelWriteHalf<Msg>,
     held_warning: &mut RateLimited,
 ) -> Result<(), ControlEnd> {
-    frames
-        .push(data)
-        .map_err(|e| ControlEnd::Protocol(e.to_string()))?;
-    while let Some(msg) = frames
-        .next_message::<AgentMessage>()
-        .map_err(|e| ControlEnd::Protocol(e.to_string()))?
-    {
+    frames.push(data)?;
+    while let Some(msg) = frames.next_message::<AgentMessage>()? {
         match msg {
             AgentMessage::Ping { seq, held } => {
                 tunnel.heartbeat();
@@ -233,7 +234,7 @@ async fn handle_data(
                 tunnel.set_leaving();
             }
             AgentMessage::Hello { .. } => {
-                return Err(ControlEnd::Protocol("a second hello".into()));
+                return Err(ControlEnd::Protocol("a second hello"));
             }
         }
     }
@@ -249,7 +250,7 @@ async fn send_discovery(
 }
 
 async fn send(write: &ChannelWriteHalf<Msg>, msg: &ProxyMessage) -> Result<(), ControlEnd> {
-    let bytes = control::encode(msg).map_err(|e| ControlEnd::Protocol(e.to_string()))?;
+    let bytes = control::encode(msg)?;
     write.data_bytes(bytes).await?;
     Ok(())
 }
@@ -263,7 +264,10 @@ async fn next_message(
         .await
         .map_err(|e| match e {
             ChannelReadError::Closed => ControlEnd::Closed,
-            other => ControlEnd::Protocol(other.to_string()),
+            ChannelReadError::Refused => {
+                ControlEnd::Protocol("the agent refused a channel request")
+            }
+            ChannelReadError::Frame(e) => ControlEnd::Frame(e),
         })
 }
 

@@ -12,6 +12,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use crate::admin::metrics::{METRICS, label};
+use crate::agent::Backoff;
 
 /// Runs one reconcile of `controller`, counting it by result and timing it.
 pub(crate) async fn measured<T, E>(
@@ -38,8 +39,15 @@ pub(crate) async fn measured<T, E>(
 /// The longest a failing object waits between reconciles (also the controllers' resync).
 pub const MAX_RETRY_DELAY: Duration = Duration::from_secs(300);
 
-/// Consecutive failed reconciles per object, and the retry delay they call for: 2 s doubling
-/// with each failure, up to [`MAX_RETRY_DELAY`]. A success forgets the object's count.
+/// How a failing object's retries space out: 2 s doubling with each failure, up to
+/// [`MAX_RETRY_DELAY`] (the agent's [`Backoff`], without its jitter).
+const RETRY: Backoff = Backoff {
+    initial: Duration::from_secs(2),
+    max: MAX_RETRY_DELAY,
+};
+
+/// Consecutive failed reconciles per object, and the retry delay they call for ([`RETRY`]).
+/// A success forgets the object's count.
 pub struct Backoffs<K> {
     failures: Mutex<HashMap<K, u32>>,
 }
@@ -58,9 +66,7 @@ impl<K: Hash + Eq + Clone> Backoffs<K> {
         let mut failures = self.failures.lock().unwrap_or_else(|p| p.into_inner());
         let n = failures.entry(key.clone()).or_insert(0);
         *n = n.saturating_add(1);
-        Duration::from_secs(2)
-            .saturating_mul(1u32 << (*n).clamp(1, 8).saturating_sub(1))
-            .min(MAX_RETRY_DELAY)
+        RETRY.ceiling(*n - 1)
     }
 
     /// Forgets the failures of `key`.
@@ -80,7 +86,7 @@ mod tests {
     fn backoff_doubles_to_its_cap_and_resets_on_success() {
         let backoffs = Backoffs::default();
         let delays: Vec<u64> = (0..9).map(|_| backoffs.failed(&"a").as_secs()).collect();
-        assert_eq!(delays, [2, 4, 8, 16, 32, 64, 128, 256, 256]);
+        assert_eq!(delays, [2, 4, 8, 16, 32, 64, 128, 256, 300]);
         assert_eq!(backoffs.failed(&"b").as_secs(), 2, "counted per object");
         backoffs.succeeded(&"a");
         assert_eq!(backoffs.failed(&"a").as_secs(), 2);
