@@ -54,7 +54,7 @@ enum Command {
     /// Print the tether.dev CustomResourceDefinitions as YAML (what crds/ holds).
     Crd,
     /// Run the Kubernetes operator: reconcile ReverseTunnels into running agents.
-    Operator(tether::operator::OperatorArgs),
+    Operator(cli::operator::OperatorArgs),
     /// Forward a local port to HOST.CLUSTER.tether:PORT through a proxy's client entry (`ssh -L`).
     Forward(ForwardArgs),
     /// Issue a join token: prints its Secret (for `kubectl apply -f -` in the proxies'
@@ -247,7 +247,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             print!("{}", tether::operator::crds_yaml()?);
             Ok(())
         }
-        Command::Operator(args) => tether::operator::run_cli(args).await,
+        Command::Operator(args) => cli::operator::run(args).await,
         Command::Forward(args) => run_forward(args).await,
         Command::JoinToken(args) => {
             let token = tether::protocol::join::JoinToken::generate();

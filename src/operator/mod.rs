@@ -31,13 +31,10 @@ pub mod stamps;
 pub mod status;
 pub mod summarizer;
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context as _;
 use kube::Client;
-use kube::config::{KubeConfigOptions, Kubeconfig};
 use tokio_util::sync::CancellationToken;
 
 pub use leader::LeaderElection;
@@ -199,137 +196,6 @@ pub async fn run_with_refresh(
     let ((), (), result) = tokio::join!(carry, renew, led);
     own_lease.release().await;
     result
-}
-
-/// `tether operator`'s flags.
-#[derive(Debug, clap::Args)]
-pub struct OperatorArgs {
-    /// Kubeconfig to use; default: in-cluster, else $KUBECONFIG or ~/.kube/config.
-    #[arg(long, env = "KUBECONFIG")]
-    pub kubeconfig: Option<PathBuf>,
-    /// Watch only this namespace (default: all namespaces).
-    #[arg(long, env = "TETHER_NAMESPACE")]
-    pub namespace: Option<String>,
-    /// Compete for leadership through this Lease (in --lease-namespace); unset: always lead.
-    #[arg(long, env = "TETHER_LEASE_NAME")]
-    pub lease_name: Option<String>,
-    /// Namespace of the leader Lease.
-    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
-    pub lease_namespace: String,
-    /// This replica's identity (Lease holder, Event reporter); default: the host name.
-    #[arg(long, env = "POD_NAME")]
-    pub identity: Option<String>,
-    /// Serve /healthz, /readyz (the controller or leader-election loop is running) and
-    /// /metrics here (the chart passes the pod IP, bare IPv6 included).
-    #[arg(long, value_parser = crate::admin::parse_listen)]
-    pub admin_listen: Option<std::net::SocketAddr>,
-    /// How long the Lease lasts after its last renewal: the longest joins, finalizers and the
-    /// status summary wait for a new leader when the leader dies (whole seconds; tunnels do
-    /// not wait: every replica carries them).
-    #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
-    pub lease_duration: Duration,
-    /// How long before the Lease expires its holder renews it (whole seconds, less than
-    /// --lease-duration): the holder writes the Lease every duration - grace.
-    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
-    pub lease_grace: Duration,
-    /// How often the leader stamps each unchanged ReverseTunnel's `observedAt` (SEEN), each on
-    /// its own second of the period: the cost at rest is one write per tunnel per refresh,
-    /// whatever the number of replicas, and SEEN older than the refresh (and a twentieth, and
-    /// 2 s) means no replica runs. A replica's own liveness is its Lease
-    /// (`<lease-name>.<identity>`, renewed like the leader Lease).
-    #[arg(long, env = "TETHER_STATUS_REFRESH", default_value = "60s", value_parser = humantime::parse_duration)]
-    pub status_refresh: Duration,
-}
-
-/// `tether operator`: builds a client from the flags and runs until Ctrl-C or SIGTERM.
-pub async fn run_cli(args: OperatorArgs) -> anyhow::Result<()> {
-    let config = match &args.kubeconfig {
-        Some(path) => {
-            let kubeconfig = Kubeconfig::read_from(path)
-                .with_context(|| format!("reading kubeconfig {}", path.display()))?;
-            kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await?
-        }
-        None => kube::Config::infer().await?,
-    };
-    let client = api_client::named_client(config, FIELD_MANAGER)?;
-    let identity = args
-        .identity
-        .or_else(|| std::env::var("HOSTNAME").ok())
-        .unwrap_or_else(|| format!("tether-operator-{}", std::process::id()));
-    let leader_election = args.lease_name.map(|lease_name| LeaderElection {
-        lease_name,
-        lease_namespace: args.lease_namespace.clone(),
-        identity: identity.clone(),
-        duration_secs: args.lease_duration.as_secs(),
-        grace_secs: args.lease_grace.as_secs(),
-    });
-    if let Some(e) = &leader_election {
-        anyhow::ensure!(
-            e.grace_secs >= 1 && e.grace_secs < e.duration_secs,
-            "--lease-grace must be at least 1s and less than --lease-duration (whole seconds)"
-        );
-    }
-    let shutdown = CancellationToken::new();
-    tokio::spawn({
-        let shutdown = shutdown.clone();
-        async move {
-            wait_for_signal().await;
-            shutdown.cancel();
-        }
-    });
-    /// Ready while the operator's loop (controller or leader election) runs.
-    struct Running(std::sync::atomic::AtomicBool);
-    impl crate::admin::Component for Running {
-        fn ready(&self) -> bool {
-            self.0.load(std::sync::atomic::Ordering::Relaxed)
-        }
-        fn status(&self) -> serde_json::Value {
-            serde_json::json!({ "running": self.ready() })
-        }
-    }
-    let running = Arc::new(Running(true.into()));
-    if let Some(addr) = args.admin_listen {
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("binding the admin endpoint {addr}"))?;
-        tracing::info!(addr = %listener.local_addr()?, "admin endpoint");
-        let stopped = shutdown.clone();
-        tokio::spawn(crate::admin::serve(listener, running.clone(), async move {
-            stopped.cancelled().await
-        }));
-    }
-    anyhow::ensure!(
-        args.status_refresh >= Duration::from_secs(1),
-        "--status-refresh must be at least 1s"
-    );
-    let result = run_with_refresh(
-        client,
-        OperatorConfig {
-            namespace: args.namespace,
-            leader_election,
-            instance: Some(identity),
-        },
-        args.status_refresh,
-        shutdown,
-    )
-    .await;
-    running.0.store(false, std::sync::atomic::Ordering::Relaxed);
-    result
-}
-
-async fn wait_for_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-        }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
 }
 
 /// `tether crd`: every CRD as one multi-document YAML stream, exactly the concatenation of
