@@ -88,6 +88,7 @@ impl Pki {
             resolver: Default::default(),
             backoff: Backoff::default(),
             stream: StreamLimits::default(),
+            metrics: Default::default(),
         })
     }
 }

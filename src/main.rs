@@ -404,6 +404,7 @@ async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
         resolver: Default::default(),
         backoff: Backoff::default(),
         stream: StreamLimits::default(),
+        metrics: Default::default(),
     };
     let agent = Arc::new(Agent::new(config));
     let stop = CancellationToken::new();

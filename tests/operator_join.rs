@@ -16,6 +16,8 @@ use kube::{Api, Client, ResourceExt};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
+use tether::admin::Component;
+use tether::admin::metrics::{MetricsRegistry, OperatorMetrics};
 use tether::demo::echo_server;
 use tether::identity::{CertificateAuthority, TrustStore, fingerprint};
 use tether::operator::crd::reverse_tunnel::Phase;
@@ -25,7 +27,9 @@ use tether::operator::root::{self, KubeJoinAuthority};
 use tether::protocol::ClusterName;
 use tether::protocol::join::JoinToken;
 use tether::proxy::{JoinAuthority, ProxyServer};
-use tunnel_e2e::{echo_through, eventually, install_crds, secret, start_operator};
+use tunnel_e2e::{
+    echo_through, eventually, install_crds, secret, start_operator, start_operator_counting,
+};
 
 fn name(s: &str) -> ClusterName {
     ClusterName::new(s).expect("valid cluster name")
@@ -179,7 +183,8 @@ async fn a_token_joins_the_leaf_and_bad_tokens_say_why() {
         .await
         .expect("token Secret");
 
-    let operator = start_operator(client.clone(), &leaf_ns, None);
+    let counted = OperatorMetrics::default();
+    let operator = start_operator_counting(client.clone(), &leaf_ns, None, counted.clone());
     let allow = vec![format!("127.0.0.1/32:{}", echo.port())];
     // The shipped example, pointed at this root and this echo server.
     let text = std::fs::read_to_string(concat!(
@@ -252,8 +257,10 @@ async fn a_token_joins_the_leaf_and_bad_tokens_say_why() {
         Some(b"leaf-1".to_vec())
     );
 
-    // The join and the reconciles are counted.
-    let metrics = tether::admin::metrics::METRICS.encode();
+    // The join is counted by the proxy that served it, the reconciles and the agent's
+    // convergence by the operator, each in its own set.
+    let metrics =
+        proxy.shared().metrics() + &MetricsRegistry::default().operator(&counted).encode();
     let value = |name: &str| -> f64 {
         metrics
             .lines()

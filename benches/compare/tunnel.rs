@@ -387,6 +387,7 @@ pub(crate) fn idle_memory(env: &Env, files: &TetherFiles) -> Res<IdleMemory> {
         resolver: Default::default(),
         backoff: Backoff::default(),
         stream: StreamLimits::default(),
+        metrics: Default::default(),
     };
     let stop = CancellationToken::new();
     let n = env.opts.idle_agents;

@@ -391,6 +391,7 @@ fn agent_config(leaf: Leaf, lb: SocketAddr, root_ca: &CertificateAuthority) -> R
         resolver: Default::default(),
         backoff: Backoff::default(),
         stream: StreamLimits::default(),
+        metrics: Default::default(),
     })
 }
 

@@ -331,6 +331,8 @@ fn start_agents(
         AllowList::parse(["127.0.0.1/32:9"]).map_err(|e| e.to_string())?,
     ));
     let root_cas = vec![pki.root.public_key().clone()];
+    // One set of counters for the fleet, as the operator shares one among its agents.
+    let metrics = tether::admin::metrics::AgentMetrics::default();
     let mut agents = Vec::with_capacity(pki.agents.len());
     for (i, (name, identity)) in pki.agents.iter().enumerate() {
         let agent = Arc::new(Agent::new(AgentConfig {
@@ -347,6 +349,7 @@ fn start_agents(
             resolver: Default::default(),
             backoff: Backoff::default(),
             stream: StreamLimits::default(),
+            metrics: metrics.clone(),
         }));
         let mut status = agent.status();
         let tally = tally.clone();

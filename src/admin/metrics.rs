@@ -1,9 +1,11 @@
-//! Prometheus metrics, one registry per process.
+//! Prometheus metrics, as handles: each component (a proxy, an agent's side of a process, the
+//! operator's controllers, the streams either side carries) gets its own set at construction
+//! and counts into it; the process registers the sets it runs into one [`MetricsRegistry`],
+//! which `/metrics` encodes. So a proxy exports proxy series only, and two proxies in one
+//! process (tests, the demo) count apart.
 //!
 //! Label values are bounded: sites are clusters in the trust store, outcomes and reasons are
 //! fixed sets, directions are two. Nothing is labelled by address, stream or proxy ID.
-
-use std::sync::LazyLock;
 
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -14,165 +16,226 @@ use prometheus_client::registry::Registry;
 /// One label, with a static name.
 pub type Labels = Vec<(&'static str, String)>;
 
-/// Every metric Tether exports.
-pub struct Metrics {
-    registry: Registry,
-    /// Proxy: tunnels held per site.
-    pub proxy_tunnels: Family<Labels, Gauge>,
-    /// Proxy: dials by outcome (`ok` or a dial error kind).
-    pub proxy_dials: Family<Labels, Counter>,
-    /// Proxy: connections refused at the door, by reason.
-    pub proxy_refused: Family<Labels, Counter>,
-    /// Proxy: heartbeats received.
-    pub proxy_heartbeats: Counter,
-    /// Proxy: connections held now (authenticated or not), against `--max-connections`.
-    pub proxy_connections: Gauge,
-    /// Proxy: SSH handshakes in flight now, against `--max-handshakes`.
-    pub proxy_handshakes: Gauge,
-    /// Proxy: the most handshakes ever in flight at once; after a reconnect storm it shows
-    /// whether the limit held and how close the storm came.
-    pub proxy_handshakes_peak: Gauge,
-    /// Both: bytes carried by tunnel streams, by direction (`in` from the tunnel, `out` to it).
-    pub stream_bytes: Family<Labels, Counter>,
-    /// Both: tunnel streams open now.
-    pub streams_open: Gauge,
-    /// Agent: tunnels held now.
-    pub agent_tunnels: Gauge,
-    /// Agent: connections made to the proxies' address, by result (`connected`, `duplicate`,
-    /// `busy`, `failed`).
-    pub agent_dials: Family<Labels, Counter>,
-    /// Agent: heartbeat round-trip time, seconds.
-    pub agent_heartbeat_rtt: Histogram,
-    /// Agent: dials served for the proxy, by outcome.
-    pub agent_served: Family<Labels, Counter>,
-    /// Proxies the agent was told of but holds no tunnel to.
-    pub agent_proxies_missing: Gauge,
-    /// Time from the moment a proxy was missing until the agent held every announced proxy.
-    pub agent_convergence: Histogram,
-    /// Join exchanges served, by outcome (`joined` or a refusal reason: a fixed set).
-    pub proxy_joins: Family<Labels, Counter>,
-    /// Reconciles, by controller and result (`ok`, `error`).
-    pub operator_reconciles: Family<Labels, Counter>,
-    /// Reconcile durations, by controller.
-    pub operator_reconcile_duration: Family<Labels, Histogram, fn() -> Histogram>,
+/// A one-label set.
+pub fn label(name: &'static str, value: impl Into<String>) -> Labels {
+    vec![(name, value.into())]
 }
 
-/// The process's metrics.
-pub static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
+/// A proxy's series (`tether_proxy_*`).
+#[derive(Debug, Clone, Default)]
+pub struct ProxyMetrics {
+    /// Tunnels held, per site.
+    pub tunnels: Family<Labels, Gauge>,
+    /// Dials by outcome (`ok` or a dial error kind).
+    pub dials: Family<Labels, Counter>,
+    /// Connections refused at the door, by reason.
+    pub refused: Family<Labels, Counter>,
+    /// Heartbeats received.
+    pub heartbeats: Counter,
+    /// Connections held now (authenticated or not), against `--max-connections`.
+    pub connections: Gauge,
+    /// SSH handshakes in flight now, against `--max-handshakes`.
+    pub handshakes: Gauge,
+    /// The most handshakes ever in flight at once; after a reconnect storm it shows whether
+    /// the limit held and how close the storm came.
+    pub handshakes_peak: Gauge,
+    /// Join exchanges served, by outcome (`joined` or a refusal reason: a fixed set).
+    pub joins: Family<Labels, Counter>,
+}
 
-impl Metrics {
-    fn new() -> Self {
-        let mut registry = Registry::with_prefix("tether");
-        let m = Metrics {
-            proxy_tunnels: Family::default(),
-            proxy_dials: Family::default(),
-            proxy_refused: Family::default(),
-            proxy_heartbeats: Counter::default(),
-            proxy_connections: Gauge::default(),
-            proxy_handshakes: Gauge::default(),
-            proxy_handshakes_peak: Gauge::default(),
-            stream_bytes: Family::default(),
-            streams_open: Gauge::default(),
-            agent_tunnels: Gauge::default(),
-            agent_dials: Family::default(),
-            agent_heartbeat_rtt: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
-            agent_served: Family::default(),
-            agent_proxies_missing: Gauge::default(),
-            agent_convergence: Histogram::new(exponential_buckets(0.01, 2.0, 14)),
-            proxy_joins: Family::default(),
-            operator_reconciles: Family::default(),
-            operator_reconcile_duration: Family::new_with_constructor(|| {
-                Histogram::new(exponential_buckets(0.001, 2.0, 16))
-            }),
-            registry: Registry::default(),
-        };
-        registry.register(
-            "proxy_tunnels",
-            "Tunnels held, per site",
-            m.proxy_tunnels.clone(),
-        );
-        registry.register("proxy_dials", "Dials by outcome", m.proxy_dials.clone());
-        registry.register(
-            "proxy_refused_connections",
+impl ProxyMetrics {
+    fn register(&self, registry: &mut Registry) {
+        let r = registry.sub_registry_with_prefix("proxy");
+        r.register("tunnels", "Tunnels held, per site", self.tunnels.clone());
+        r.register("dials", "Dials by outcome", self.dials.clone());
+        r.register(
+            "refused_connections",
             "Connections refused by the limits, by reason",
-            m.proxy_refused.clone(),
+            self.refused.clone(),
         );
-        registry.register(
-            "proxy_heartbeats",
+        r.register(
+            "heartbeats",
             "Heartbeats received from agents",
-            m.proxy_heartbeats.clone(),
+            self.heartbeats.clone(),
         );
-        registry.register(
-            "proxy_connections",
+        r.register(
+            "connections",
             "Connections held, authenticated or not",
-            m.proxy_connections.clone(),
+            self.connections.clone(),
         );
-        registry.register(
-            "proxy_handshakes_in_flight",
+        r.register(
+            "handshakes_in_flight",
             "SSH handshakes in flight",
-            m.proxy_handshakes.clone(),
+            self.handshakes.clone(),
         );
-        registry.register(
-            "proxy_handshakes_in_flight_max",
+        r.register(
+            "handshakes_in_flight_max",
             "The most SSH handshakes ever in flight at once",
-            m.proxy_handshakes_peak.clone(),
+            self.handshakes_peak.clone(),
         );
+        r.register("joins", "Join exchanges, by outcome", self.joins.clone());
+    }
+}
+
+/// The series of the streams one side carries (`tether_stream_bytes`, `tether_streams_open`).
+#[derive(Debug, Clone, Default)]
+pub struct StreamMetrics {
+    /// Bytes carried by tunnel streams, by direction (`in` from the tunnel, `out` to it).
+    pub bytes: Family<Labels, Counter>,
+    /// Tunnel streams open now.
+    pub open: Gauge,
+}
+
+impl StreamMetrics {
+    fn register(&self, registry: &mut Registry) {
         registry.register(
             "stream_bytes",
             "Bytes carried by tunnel streams, by direction",
-            m.stream_bytes.clone(),
+            self.bytes.clone(),
         );
-        registry.register(
-            "streams_open",
-            "Tunnel streams open",
-            m.streams_open.clone(),
-        );
-        registry.register(
-            "agent_tunnels",
-            "Tunnels the agent holds",
-            m.agent_tunnels.clone(),
-        );
-        registry.register(
-            "agent_dials",
+        registry.register("streams_open", "Tunnel streams open", self.open.clone());
+    }
+}
+
+/// An agent's series (`tether_agent_*`); the operator's agents share one set.
+#[derive(Debug, Clone)]
+pub struct AgentMetrics {
+    /// Tunnels held now.
+    pub tunnels: Gauge,
+    /// Connections made to the proxies' address, by result (`connected`, `duplicate`, `busy`,
+    /// `failed`).
+    pub dials: Family<Labels, Counter>,
+    /// Heartbeat round-trip time, seconds.
+    pub heartbeat_rtt: Histogram,
+    /// Dials served for the proxy, by outcome.
+    pub served: Family<Labels, Counter>,
+    /// Proxies the agent was told of but holds no tunnel to.
+    pub proxies_missing: Gauge,
+    /// Time from the moment a proxy was missing until the agent held every announced proxy.
+    pub convergence: Histogram,
+    /// The streams the agents carry.
+    pub streams: StreamMetrics,
+}
+
+impl Default for AgentMetrics {
+    fn default() -> Self {
+        Self {
+            tunnels: Gauge::default(),
+            dials: Family::default(),
+            heartbeat_rtt: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
+            served: Family::default(),
+            proxies_missing: Gauge::default(),
+            convergence: Histogram::new(exponential_buckets(0.01, 2.0, 14)),
+            streams: StreamMetrics::default(),
+        }
+    }
+}
+
+impl AgentMetrics {
+    fn register(&self, registry: &mut Registry) {
+        self.streams.register(registry);
+        let r = registry.sub_registry_with_prefix("agent");
+        r.register("tunnels", "Tunnels the agent holds", self.tunnels.clone());
+        r.register(
+            "dials",
             "Connections to the proxies' address, by result",
-            m.agent_dials.clone(),
+            self.dials.clone(),
         );
-        registry.register(
-            "agent_heartbeat_rtt_seconds",
+        r.register(
+            "heartbeat_rtt_seconds",
             "Heartbeat round-trip time",
-            m.agent_heartbeat_rtt.clone(),
+            self.heartbeat_rtt.clone(),
         );
-        registry.register(
-            "agent_served_dials",
+        r.register(
+            "served_dials",
             "Dials served for the proxy, by outcome",
-            m.agent_served.clone(),
+            self.served.clone(),
         );
-        registry.register(
-            "agent_proxies_missing",
+        r.register(
+            "proxies_missing",
             "Announced proxies the agent holds no tunnel to",
-            m.agent_proxies_missing.clone(),
+            self.proxies_missing.clone(),
         );
-        registry.register(
-            "agent_convergence_seconds",
+        r.register(
+            "convergence_seconds",
             "Time until the agent held a tunnel to every announced proxy again",
-            m.agent_convergence.clone(),
+            self.convergence.clone(),
         );
-        registry.register(
-            "proxy_joins",
-            "Join exchanges, by outcome",
-            m.proxy_joins.clone(),
-        );
-        registry.register(
-            "operator_reconciles",
+    }
+}
+
+/// The operator's series: its controllers' (`tether_operator_*`) and its agents'.
+#[derive(Debug, Clone)]
+pub struct OperatorMetrics {
+    /// The agents the operator runs, all of them together.
+    pub agents: AgentMetrics,
+    /// Reconciles, by controller and result (`ok`, `error`).
+    pub reconciles: Family<Labels, Counter>,
+    /// Reconcile durations, by controller.
+    pub reconcile_duration: Family<Labels, Histogram, fn() -> Histogram>,
+}
+
+impl Default for OperatorMetrics {
+    fn default() -> Self {
+        Self {
+            agents: AgentMetrics::default(),
+            reconciles: Family::default(),
+            reconcile_duration: Family::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(0.001, 2.0, 16))
+            }),
+        }
+    }
+}
+
+impl OperatorMetrics {
+    fn register(&self, registry: &mut Registry) {
+        let r = registry.sub_registry_with_prefix("operator");
+        r.register(
+            "reconciles",
             "Reconciles, by controller and result",
-            m.operator_reconciles.clone(),
+            self.reconciles.clone(),
         );
-        registry.register(
-            "operator_reconcile_duration_seconds",
+        r.register(
+            "reconcile_duration_seconds",
             "Reconcile durations, by controller",
-            m.operator_reconcile_duration.clone(),
+            self.reconcile_duration.clone(),
         );
-        Metrics { registry, ..m }
+    }
+}
+
+/// The metrics one process exports: the sets of the components it runs, under `tether_`.
+#[derive(Debug)]
+pub struct MetricsRegistry {
+    registry: Registry,
+}
+
+impl Default for MetricsRegistry {
+    fn default() -> Self {
+        Self {
+            registry: Registry::with_prefix("tether"),
+        }
+    }
+}
+
+impl MetricsRegistry {
+    /// Exports a proxy's series (and those of the streams it carries).
+    pub fn proxy(mut self, proxy: &ProxyMetrics, streams: &StreamMetrics) -> Self {
+        proxy.register(&mut self.registry);
+        streams.register(&mut self.registry);
+        self
+    }
+
+    /// Exports an agent's series, its streams' included.
+    pub fn agent(mut self, agent: &AgentMetrics) -> Self {
+        agent.register(&mut self.registry);
+        self
+    }
+
+    /// Exports the operator controllers' series, and those of the agents it runs.
+    pub fn operator(mut self, operator: &OperatorMetrics) -> Self {
+        operator.agents.register(&mut self.registry);
+        operator.register(&mut self.registry);
+        self
     }
 
     /// The metrics in Prometheus text format.
@@ -182,9 +245,4 @@ impl Metrics {
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
     }
-}
-
-/// A one-label set.
-pub fn label(name: &'static str, value: impl Into<String>) -> Labels {
-    vec![(name, value.into())]
 }

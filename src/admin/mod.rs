@@ -82,6 +82,8 @@ pub trait Component: Send + Sync + 'static {
     fn ready(&self) -> bool;
     /// The component's status, for people and tools.
     fn status(&self) -> serde_json::Value;
+    /// Its metrics in Prometheus text format (its own handles: see [`metrics`]).
+    fn metrics(&self) -> String;
 }
 
 /// Serves the admin endpoint on `listener` until `shutdown` resolves, with the default
@@ -176,13 +178,13 @@ fn router<C: Component>(component: Arc<C>) -> Router {
         .route("/status", get(status::<C>))
         .route(
             "/metrics",
-            get(|| async {
+            get(|State(c): State<Arc<C>>| async move {
                 (
                     [(
                         axum::http::header::CONTENT_TYPE,
                         "text/plain; version=0.0.4; charset=utf-8",
                     )],
-                    metrics::METRICS.encode(),
+                    c.metrics(),
                 )
             }),
         )

@@ -1,5 +1,6 @@
 //! What an agent needs to run.
 
+use crate::admin::metrics::AgentMetrics;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -119,6 +120,9 @@ pub struct AgentConfig {
     pub backoff: Backoff,
     /// Flow control of each stream.
     pub stream: StreamLimits,
+    /// Where the agent counts (its streams included): a process running many agents (the
+    /// operator) hands them all one set.
+    pub metrics: AgentMetrics,
 }
 
 #[cfg(test)]

@@ -16,12 +16,12 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use super::claims::{Claim, Claims};
 use super::config::AgentConfig;
 use super::error::TunnelError;
-use crate::admin::metrics::{METRICS, label};
+use crate::admin::metrics::label;
 use crate::egress::connect::connect_via;
 use crate::identity::verify_proxy_key;
 use crate::protocol::stream::{CONTROL_EXT, StreamControl};
 use crate::protocol::{DialError, DialErrorKind, Endpoint, ssh};
-use crate::stream::{Splice, TunnelStream, WindowBudget};
+use crate::stream::{Splice, TunnelShare, TunnelStream};
 
 /// What key exchange concluded about the proxy: its ID and claim, or why it was refused.
 pub(super) type Verdict = Result<(String, Option<Claim>), TunnelError>;
@@ -36,8 +36,9 @@ pub(super) struct AgentHandler {
     pub(super) claims: Option<Claims>,
     /// The dials being served: the tunnel closes it when it ends.
     pub(super) tasks: TaskTracker,
-    /// What the streams of this tunnel may grow their receive windows by, together.
-    pub(super) window_budget: Arc<WindowBudget>,
+    /// What the streams of this tunnel share: their window growth budget, the agent's stream
+    /// counters.
+    pub(super) share: TunnelShare,
     /// Where the proxy's reason goes when it ends the connection (a refused certificate says
     /// why in its disconnect message); taken by the first disconnect.
     pub(super) proxy_said: Option<oneshot::Sender<String>>,
@@ -91,12 +92,12 @@ impl client::Handler for AgentHandler {
     ) -> Result<(), Self::Error> {
         let endpoint = Endpoint::from_wire(connected_address, connected_port);
         let config = self.config.clone();
-        let budget = self.window_budget.clone();
+        let share = self.share.clone();
         let span = info_span!("dial", target = %connected_address, port = connected_port);
         self.tasks.spawn(
             async move {
                 reply.accept().await;
-                serve_dial(config, budget, channel, endpoint).await;
+                serve_dial(config, share, channel, endpoint).await;
             }
             .instrument(span),
         );
@@ -168,7 +169,7 @@ async fn refuse(reply: russh::client::ChannelOpenHandle, kind: &str) -> Result<(
 /// Connects to the target the proxy asked for, answers the dial, then carries the bytes.
 async fn serve_dial(
     config: Arc<AgentConfig>,
-    budget: Arc<WindowBudget>,
+    share: TunnelShare,
     channel: Channel<Msg>,
     endpoint: Result<Endpoint, crate::protocol::TargetParseError>,
 ) {
@@ -187,8 +188,9 @@ async fn serve_dial(
         Ok(_) => "ok",
         Err(e) => e.kind.as_str(),
     };
-    METRICS
-        .agent_served
+    config
+        .metrics
+        .served
         .get_or_create(&label("outcome", outcome))
         .inc();
     match connected {
@@ -197,7 +199,7 @@ async fn serve_dial(
             if write.extended_data_bytes(CONTROL_EXT, ok).await.is_err() {
                 return;
             }
-            let stream = TunnelStream::new(read, write, config.stream, budget);
+            let stream = TunnelStream::new(read, write, config.stream, share);
             if let Err(e) = stream.splice(target).await {
                 debug!(error = %e, "stream ended with an error");
             }

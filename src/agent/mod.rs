@@ -42,6 +42,9 @@ pub enum AgentEvent {
 /// target's load balancer leads to.
 pub struct Agent {
     pool: pool::Pool,
+    /// The agent's counters, for `/metrics` (registered when asked: an operator runs a
+    /// thousand agents and exports their shared set itself).
+    metrics: crate::admin::metrics::AgentMetrics,
 }
 
 impl Agent {
@@ -53,6 +56,7 @@ impl Agent {
     /// An agent with explicit pool pacing.
     pub fn with_limits(config: AgentConfig, limits: pool::PoolLimits) -> Self {
         Self {
+            metrics: config.metrics.clone(),
             pool: pool::Pool::new(Arc::new(config), limits),
         }
     }
@@ -85,5 +89,11 @@ impl crate::admin::Component for Agent {
 
     fn status(&self) -> serde_json::Value {
         serde_json::to_value(&*self.pool.status().borrow()).unwrap_or_default()
+    }
+
+    fn metrics(&self) -> String {
+        crate::admin::metrics::MetricsRegistry::default()
+            .agent(&self.metrics)
+            .encode()
     }
 }

@@ -27,7 +27,7 @@ use super::config::AgentConfig;
 use super::error::TunnelError;
 use super::status::{PoolStatus, ProxyTunnelStatus, TunnelFailure, TunnelState};
 use super::tunnel::{Tunnel, TunnelEvent};
-use crate::admin::metrics::{METRICS, label};
+use crate::admin::metrics::{AgentMetrics, label};
 use crate::protocol::control::ProxyInfo;
 
 /// How the pool paces itself.
@@ -156,7 +156,7 @@ impl Pool {
             } else {
                 wanted.iter().filter(|id| !held.contains_key(*id)).count()
             };
-            converging = track_convergence(converging, missing);
+            converging = track_convergence(&self.config.metrics, converging, missing);
             while dialling < missing.min(self.limits.max_concurrent_dials)
                 && tokio::time::Instant::now() >= next_dial
             {
@@ -194,8 +194,8 @@ impl Pool {
                     match outcome {
                         Outcome::Dialled(Ok(tunnel)) => {
                             dialling -= 1;
-                            METRICS.agent_dials.get_or_create(&label("result", "connected")).inc();
-                            METRICS.agent_tunnels.inc();
+                            self.config.metrics.dials.get_or_create(&label("result", "connected")).inc();
+                            self.config.metrics.tunnels.inc();
                             failures = 0;
                             busy = 0;
                             duplicates = 0;
@@ -219,7 +219,7 @@ impl Pool {
                         }
                         Outcome::Dialled(Err(TunnelError::AlreadyClaimed(id))) => {
                             dialling -= 1;
-                            METRICS.agent_dials.get_or_create(&label("result", "duplicate")).inc();
+                            self.config.metrics.dials.get_or_create(&label("result", "duplicate")).inc();
                             debug!(proxy = %id, "landed on a held proxy");
                             // A load balancer that keeps choosing held proxies is slowed down
                             // against, not hammered: the pause grows ×1.5 per repeat, up to 5 s.
@@ -233,7 +233,7 @@ impl Pool {
                         }
                         Outcome::Dialled(Err(TunnelError::Busy(hint))) => {
                             dialling -= 1;
-                            METRICS.agent_dials.get_or_create(&label("result", "busy")).inc();
+                            self.config.metrics.dials.get_or_create(&label("result", "busy")).inc();
                             debug!(?hint, "the proxy is busy");
                             // Not a failure: the proxy is up and paces its handshakes.
                             next_dial = tokio::time::Instant::now() + self.config.backoff.busy_delay(hint, busy);
@@ -241,7 +241,7 @@ impl Pool {
                         }
                         Outcome::Dialled(Err(e)) => {
                             dialling -= 1;
-                            METRICS.agent_dials.get_or_create(&label("result", "failed")).inc();
+                            self.config.metrics.dials.get_or_create(&label("result", "failed")).inc();
                             warn!(error = %e, "could not open a tunnel");
                             let backoff = &self.config.backoff;
                             let delay = if nothing_listens(&e) {
@@ -265,7 +265,7 @@ impl Pool {
                                 Err(e) => warn!(proxy = %proxy_id, error = %e, "tunnel lost"),
                             }
                             held.remove(&proxy_id);
-                            METRICS.agent_tunnels.dec();
+                            self.config.metrics.tunnels.dec();
                             if announcements.remove(&proxy_id).is_some() {
                                 wanted = union(&announcements);
                             }
@@ -406,17 +406,16 @@ impl Pool {
 
 /// Updates the convergence metrics: `since` is when a proxy went missing, if one is.
 fn track_convergence(
+    metrics: &AgentMetrics,
     since: Option<tokio::time::Instant>,
     missing: usize,
 ) -> Option<tokio::time::Instant> {
-    METRICS.agent_proxies_missing.set(missing as i64);
+    metrics.proxies_missing.set(missing as i64);
     match (since, missing) {
         (None, 0) => None,
         (None, _) => Some(tokio::time::Instant::now()),
         (Some(start), 0) => {
-            METRICS
-                .agent_convergence
-                .observe(start.elapsed().as_secs_f64());
+            metrics.convergence.observe(start.elapsed().as_secs_f64());
             None
         }
         (Some(start), _) => Some(start),

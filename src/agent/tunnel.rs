@@ -17,7 +17,6 @@ use super::claims::{Claim, Claims};
 use super::config::AgentConfig;
 use super::error::TunnelError;
 use super::handler::AgentHandler;
-use crate::admin::metrics::METRICS;
 use crate::protocol::control::{
     self, AgentMessage, CONTROL_SUBSYSTEM, ChannelReadError, FrameReader, ProxyInfo, ProxyMessage,
 };
@@ -63,6 +62,8 @@ pub struct Tunnel {
     interval: Duration,
     missed: u32,
     tasks: TaskTracker,
+    /// Where heartbeat round trips are counted.
+    heartbeat_rtt: prometheus_client::metrics::histogram::Histogram,
 }
 
 impl std::fmt::Debug for Tunnel {
@@ -123,7 +124,7 @@ impl Tunnel {
             verdict: verdict.clone(),
             claims,
             tasks: tasks.clone(),
-            window_budget: config.stream.tunnel_budget(),
+            share: config.stream.tunnel_share(config.metrics.streams.clone()),
             proxy_said: Some(proxy_said),
         };
         let take_verdict = || verdict.lock().unwrap_or_else(|p| p.into_inner()).take();
@@ -196,6 +197,7 @@ impl Tunnel {
             interval,
             missed,
             tasks,
+            heartbeat_rtt: config.metrics.heartbeat_rtt.clone(),
         })
     }
 
@@ -342,7 +344,7 @@ impl Tunnel {
                                     let _ = tx.try_send(TunnelEvent::Heartbeat { proxy_id: self.proxy_id.clone() });
                                 }
                                 if let Some((_, sent_at)) = in_flight.take_if(|(s, _)| *s == answered) {
-                                    METRICS.agent_heartbeat_rtt.observe(sent_at.elapsed().as_secs_f64());
+                                    self.heartbeat_rtt.observe(sent_at.elapsed().as_secs_f64());
                                 }
                             }
                             ProxyMessage::Discovery { proxies } => {

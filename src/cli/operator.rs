@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use kube::config::{KubeConfigOptions, Kubeconfig};
+use tether::admin::metrics::{MetricsRegistry, OperatorMetrics};
 use tether::operator::{
     FIELD_MANAGER, LeaderElection, OperatorConfig, api_client, run_with_refresh,
 };
@@ -90,17 +91,28 @@ pub async fn run(args: OperatorArgs) -> anyhow::Result<()> {
             shutdown.cancel();
         }
     });
-    /// Ready while the operator's loop (controller or leader election) runs.
-    struct Running(std::sync::atomic::AtomicBool);
+    /// Ready while the operator's loop (controller or leader election) runs; exports the
+    /// operator's metrics (its controllers' and its agents').
+    struct Running {
+        running: std::sync::atomic::AtomicBool,
+        exported: MetricsRegistry,
+    }
     impl tether::admin::Component for Running {
         fn ready(&self) -> bool {
-            self.0.load(std::sync::atomic::Ordering::Relaxed)
+            self.running.load(std::sync::atomic::Ordering::Relaxed)
         }
         fn status(&self) -> serde_json::Value {
             serde_json::json!({ "running": self.ready() })
         }
+        fn metrics(&self) -> String {
+            self.exported.encode()
+        }
     }
-    let running = Arc::new(Running(true.into()));
+    let metrics = OperatorMetrics::default();
+    let running = Arc::new(Running {
+        running: true.into(),
+        exported: MetricsRegistry::default().operator(&metrics),
+    });
     if let Some(addr) = args.admin_listen {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
@@ -123,11 +135,14 @@ pub async fn run(args: OperatorArgs) -> anyhow::Result<()> {
             namespace: args.namespace,
             leader_election,
             instance: Some(identity),
+            metrics,
         },
         args.status_refresh,
         shutdown,
     )
     .await;
-    running.0.store(false, std::sync::atomic::Ordering::Relaxed);
+    running
+        .running
+        .store(false, std::sync::atomic::Ordering::Relaxed);
     result
 }

@@ -19,6 +19,7 @@ use super::crd::ReverseTunnel;
 use super::events::EventPublisher;
 use super::resolve::Desired;
 use super::status::{Problem, SpecState, StatusWriter};
+use crate::admin::metrics::OperatorMetrics;
 use crate::agent::status::PoolStatus;
 use crate::agent::{Agent, AgentConfig};
 use crate::egress::allow_list::AllowList;
@@ -74,6 +75,8 @@ pub struct Context {
     pub client: Client,
     /// Publishes Events on `ReverseTunnel` objects.
     pub recorder: Arc<EventPublisher>,
+    /// Where the controllers and every agent count.
+    pub metrics: OperatorMetrics,
     tunnels: Mutex<HashMap<TunnelKey, RunningTunnel>>,
     /// Failed reconciles per tunnel, for the retry delay.
     pub failures: Backoffs<TunnelKey>,
@@ -87,13 +90,19 @@ pub struct Context {
 impl Context {
     /// A context with an empty registry; `replica` names this replica in Events and in the
     /// status entries it writes (again whenever `epoch` moves).
-    pub fn new(client: Client, replica: String, epoch: watch::Receiver<u64>) -> Self {
+    pub fn new(
+        client: Client,
+        replica: String,
+        epoch: watch::Receiver<u64>,
+        metrics: OperatorMetrics,
+    ) -> Self {
         let reporter = Reporter {
             controller: super::FIELD_MANAGER.to_owned(),
             instance: Some(replica.clone()),
         };
         Self {
             recorder: Arc::new(EventPublisher::new(client.clone(), reporter)),
+            metrics,
             client,
             tunnels: Mutex::default(),
             failures: Backoffs::default(),
@@ -165,6 +174,7 @@ impl Context {
             }
             let mut config = desired.config;
             config.allow = tunnel.allow.clone();
+            config.metrics = self.metrics.agents.clone();
             tunnel.agent = Some(start_agent(
                 config,
                 desired.fingerprint,

@@ -54,6 +54,8 @@ pub struct OperatorConfig {
     /// This replica's name in Events and in the status entries it writes (usually the pod
     /// name); default: the Lease identity, else the host name.
     pub instance: Option<String>,
+    /// Where the controllers and the agents count; the caller exports it.
+    pub metrics: crate::admin::metrics::OperatorMetrics,
 }
 
 impl OperatorConfig {
@@ -136,6 +138,7 @@ pub async fn run_with_refresh(
         client.clone(),
         replica.clone(),
         epoch_rx,
+        config.metrics.clone(),
     ));
     let lease_stop = CancellationToken::new();
     // The entries go first (the controller withdraws them as it stops), then the Lease.
@@ -163,7 +166,7 @@ pub async fn run_with_refresh(
             refresh,
         };
         async move {
-            let recorder = ctx.recorder.clone();
+            let (recorder, metrics) = (ctx.recorder.clone(), ctx.metrics.clone());
             tokio::join!(
                 controller::trusted_cluster::run(
                     client.clone(),
@@ -176,6 +179,7 @@ pub async fn run_with_refresh(
                     namespace.as_deref(),
                     recorder,
                     leases,
+                    metrics,
                     term.clone()
                 ),
                 summarizer.run(namespace.as_deref(), term),

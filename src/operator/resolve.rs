@@ -208,6 +208,7 @@ pub async fn resolve(rt: &ReverseTunnel, secrets: &Api<Secret>) -> Result<Desire
         resolver: Default::default(),
         backoff: Backoff::default(),
         stream: StreamLimits::default(),
+        metrics: Default::default(),
     };
     Ok(Desired {
         config,

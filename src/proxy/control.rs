@@ -12,7 +12,6 @@ use tracing::{debug, info, warn};
 use super::peers::Peer;
 use super::shared::ProxyShared;
 use super::sites::{AuthenticatedAgent, Tunnel};
-use crate::admin::metrics::METRICS;
 use crate::protocol::control::{
     self, AgentMessage, ChannelReadError, ControlError, FrameReader, ProxyMessage,
 };
@@ -92,7 +91,7 @@ pub(super) async fn run(
         handle,
         interval,
         policy.missed,
-        shared.config.stream.tunnel_budget(),
+        shared.config.stream.tunnel_share(shared.streams.clone()),
     ));
     let welcome = ProxyMessage::Welcome {
         proxy_id: shared.config.proxy_id.clone(),
@@ -164,7 +163,7 @@ async fn serve(
         let result: Result<(), ControlEnd> = tokio::select! {
             msg = read.wait() => match msg {
                 Some(ChannelMsg::Data { data }) => {
-                    match handle_data(&data, frames, tunnel, write, &mut held_warning).await {
+                    match handle_data(&data, frames, tunnel, write, &mut held_warning, &shared.metrics.heartbeats).await {
                         Ok(()) => Ok(()),
                         Err(e) => Err(e),
                     }
@@ -211,13 +210,14 @@ async fn handle_data(
     tunnel: &Tunnel,
     write: &ChannelWriteHalf<Msg>,
     held_warning: &mut RateLimited,
+    heartbeats: &prometheus_client::metrics::counter::Counter,
 ) -> Result<(), ControlEnd> {
     frames.push(data)?;
     while let Some(msg) = frames.next_message::<AgentMessage>()? {
         match msg {
             AgentMessage::Ping { seq, held } => {
                 tunnel.heartbeat();
-                METRICS.proxy_heartbeats.inc();
+                heartbeats.inc();
                 if let Err(e) = tunnel.set_held_by(held)
                     && held_warning.allow()
                 {

@@ -13,7 +13,7 @@ use tracing::warn;
 use super::peers::{Forward, PeerStream, dial_via_peers};
 use super::shared::ProxyShared;
 use super::sites::{ProxyStream, TunnelDialError};
-use crate::admin::metrics::{METRICS, label};
+use crate::admin::metrics::label;
 use crate::protocol::{DialError, DialErrorKind, Endpoint, Target};
 use crate::stream::Splice;
 
@@ -79,8 +79,9 @@ impl Dialer for ProxyDialer {
             Ok(_) => "ok",
             Err(e) => e.kind.as_str(),
         };
-        METRICS
-            .proxy_dials
+        self.shared
+            .metrics
+            .dials
             .get_or_create(&label("outcome", outcome))
             .inc();
         result

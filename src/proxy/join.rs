@@ -20,7 +20,7 @@ use tracing::{info, warn};
 
 use super::authority::{Admission, JoinAuthority, Refused};
 use super::shared::ProxyShared;
-use crate::admin::metrics::{METRICS, label as metric_label};
+use crate::admin::metrics::label as metric_label;
 use crate::identity::{TrustSource, same_keys};
 use crate::protocol::ClusterName;
 use crate::protocol::control::{ControlError, read_message, write_message};
@@ -41,8 +41,9 @@ pub(super) async fn serve<S>(
         Err(Failure::Refused(r)) => r.reason.as_str(),
         Err(Failure::Io(_)) => "broken",
     };
-    METRICS
-        .proxy_joins
+    shared
+        .metrics
+        .joins
         .get_or_create(&metric_label("outcome", label))
         .inc();
     let answer = match outcome {

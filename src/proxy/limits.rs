@@ -58,7 +58,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use super::config::ProxyLimits;
-use crate::admin::metrics::METRICS;
+use crate::admin::metrics::ProxyMetrics;
 
 /// Counts connections per source IP and in total, and shares handshake slots fairly.
 pub struct ConnectionLimiter {
@@ -69,6 +69,8 @@ pub struct ConnectionLimiter {
     /// When a refusal was last logged, and how many were not logged since: a flood must not
     /// become a flood of log lines (one a second at most).
     refusal_log: Mutex<(Option<std::time::Instant>, u64)>,
+    /// Where the counts are exported (the proxy's connection and handshake gauges).
+    metrics: ProxyMetrics,
 }
 
 /// What the limiter counts.
@@ -189,10 +191,16 @@ impl Drop for HandshakePermit {
 impl ConnectionLimiter {
     /// A limiter enforcing `limits`.
     pub fn new(limits: ProxyLimits) -> Arc<Self> {
+        Self::with_metrics(limits, ProxyMetrics::default())
+    }
+
+    /// A limiter enforcing `limits`, exporting its counts to `metrics`.
+    pub fn with_metrics(limits: ProxyLimits, metrics: ProxyMetrics) -> Arc<Self> {
         Arc::new(Self {
             limits,
             state: Mutex::new(Counts::default()),
             refusal_log: Mutex::new((None, 0)),
+            metrics,
         })
     }
 
@@ -256,7 +264,7 @@ impl ConnectionLimiter {
             state.handshakes += 1;
             state.handshakes_peak = state.handshakes_peak.max(state.handshakes);
         }
-        publish(&state);
+        publish(&self.metrics, &state);
         let entry = state.per_ip.entry(ip).or_default();
         entry.connections += 1;
         entry.handshakes += usize::from(!peer);
@@ -329,7 +337,7 @@ impl ConnectionLimiter {
         let mut state = self.lock();
         let t = total(&mut state);
         *t = t.saturating_sub(1);
-        publish(&state);
+        publish(&self.metrics, &state);
         if let Some(source) = state.per_ip.get_mut(&ip) {
             let n = field(source);
             *n = n.saturating_sub(1);
@@ -341,12 +349,10 @@ impl ConnectionLimiter {
 }
 
 /// Exports the counts (called under the lock, so the gauges follow the counts in order).
-fn publish(state: &Counts) {
-    METRICS.proxy_connections.set(state.connections as i64);
-    METRICS.proxy_handshakes.set(state.handshakes as i64);
-    METRICS
-        .proxy_handshakes_peak
-        .set(state.handshakes_peak as i64);
+fn publish(metrics: &ProxyMetrics, state: &Counts) {
+    metrics.connections.set(state.connections as i64);
+    metrics.handshakes.set(state.handshakes as i64);
+    metrics.handshakes_peak.set(state.handshakes_peak as i64);
 }
 
 /// OpenSSH's `MaxStartups start:rate:full`: 0 below `start`, `rate` at `start`, rising linearly

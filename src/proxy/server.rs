@@ -23,7 +23,7 @@ use super::peers::{Peer, PeerLiveness, PeerPool};
 use super::quota::StreamQuota;
 use super::shared::ProxyShared;
 use super::sites::{SiteInfo, Sites};
-use crate::admin::metrics::{METRICS, label};
+use crate::admin::metrics::{MetricsRegistry, ProxyMetrics, StreamMetrics, label};
 use crate::identity::Identity;
 use crate::protocol::{ClusterName, busy, ssh};
 use crate::stream::HandshakeGuard;
@@ -59,19 +59,23 @@ impl ProxyServer {
             addr: Some(local_addr),
             generation: 0,
         };
+        let (metrics, streams) = (ProxyMetrics::default(), StreamMetrics::default());
         let shared = Arc::new(ProxyShared {
-            limiter: ConnectionLimiter::new(config.limits),
+            limiter: ConnectionLimiter::with_metrics(config.limits, metrics.clone()),
             client_streams: StreamQuota::new(config.limits.max_streams_per_client),
             client_sessions: Arc::default(),
             peer_pool: PeerPool::new(PeerLiveness::from_heartbeat(&config.heartbeat)),
             config,
-            sites: Sites::default(),
+            sites: Sites::new(metrics.tunnels.clone()),
             peers: watch::channel(vec![me]).0,
             peers_known: std::sync::atomic::AtomicBool::new(true),
             draining: CancellationToken::new(),
             stopped: CancellationToken::new(),
             tasks: TaskTracker::new(),
             ssh: ArcSwap::from_pointee(ssh),
+            exported: MetricsRegistry::default().proxy(&metrics, &streams),
+            metrics,
+            streams,
         });
         let span = info_span!("proxy", id = %shared.config.proxy_id, listen = %local_addr);
         shared
@@ -225,8 +229,9 @@ async fn accept_loop(shared: Arc<ProxyShared>, listener: TcpListener) {
         let (permit, handshake) = match shared.limiter.admit(peer.ip()) {
             Ok(p) => p,
             Err(refusal) => {
-                METRICS
-                    .proxy_refused
+                shared
+                    .metrics
+                    .refused
                     .get_or_create(&label("reason", refusal.label()))
                     .inc();
                 shared.limiter.log_refusal(peer, &refusal);

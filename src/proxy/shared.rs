@@ -18,6 +18,7 @@ use super::limits::ConnectionLimiter;
 use super::peers::{Peer, PeerPool};
 use super::quota::StreamQuota;
 use super::sites::Sites;
+use crate::admin::metrics::{MetricsRegistry, ProxyMetrics, StreamMetrics};
 
 /// State shared by every connection of one proxy.
 pub struct ProxyShared {
@@ -47,6 +48,12 @@ pub struct ProxyShared {
     pub(super) peers_known: std::sync::atomic::AtomicBool,
     /// Swappable, so a renewed host certificate applies to the next connection.
     pub(super) ssh: ArcSwap<SshConfig>,
+    /// This proxy's counters: its own, not another proxy's of the same process.
+    pub metrics: ProxyMetrics,
+    /// The counters of the streams this proxy carries.
+    pub streams: StreamMetrics,
+    /// What `/metrics` exports: the two sets above.
+    pub(super) exported: MetricsRegistry,
 }
 
 impl crate::admin::Component for ProxyShared {
@@ -65,6 +72,10 @@ impl crate::admin::Component for ProxyShared {
             "peers": self.peers.borrow().iter().map(|p| &p.id).collect::<Vec<_>>(),
             "sites": self.sites.list(),
         })
+    }
+
+    fn metrics(&self) -> String {
+        self.exported.encode()
     }
 }
 

@@ -13,8 +13,10 @@ use std::time::SystemTime;
 
 use tokio::sync::watch;
 
-use crate::admin::metrics::{METRICS, label};
+use crate::admin::metrics::{Labels, label};
 use crate::protocol::{ClusterName, DialError, DialErrorKind};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 
 pub use super::tunnel::{
     AuthenticatedAgent, HeldError, MAX_HELD_PROXIES, ProxyStream, Tunnel, TunnelDialError,
@@ -80,19 +82,27 @@ pub struct Sites {
     changes: watch::Sender<u64>,
     /// Hands out tunnel IDs.
     next_id: AtomicU64,
+    /// The proxy's tunnels-per-site gauge (`tether_proxy_tunnels`).
+    gauges: Family<Labels, Gauge>,
 }
 
 impl Default for Sites {
     fn default() -> Self {
-        Self {
-            sites: RwLock::default(),
-            changes: watch::channel(0).0,
-            next_id: AtomicU64::new(1),
-        }
+        Self::new(Family::default())
     }
 }
 
 impl Sites {
+    /// No site yet; tunnel counts go to `gauges`.
+    pub fn new(gauges: Family<Labels, Gauge>) -> Self {
+        Self {
+            sites: RwLock::default(),
+            changes: watch::channel(0).0,
+            next_id: AtomicU64::new(1),
+            gauges,
+        }
+    }
+
     /// A fresh tunnel ID.
     pub fn next_tunnel_id(&self) -> u64 {
         self.next_id.fetch_add(1, Ordering::Relaxed)
@@ -102,8 +112,7 @@ impl Sites {
     /// every site's on every change cost O(sites) per tunnel, and a proxy taking back 10,000
     /// leaves after a restart spent most of its CPU there (BENCHMARKS.md "Fleet").
     fn changed(&self, cluster: &ClusterName, tunnels: usize) {
-        METRICS
-            .proxy_tunnels
+        self.gauges
             .get_or_create(&label("site", cluster.as_str()))
             .set(tunnels as i64);
         self.changes.send_modify(|n| *n += 1);

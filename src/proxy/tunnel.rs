@@ -31,7 +31,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::identity::{AuthError, TrustStore, validate_proxy_id};
 use crate::protocol::{ClusterName, DialError, DialErrorKind, Endpoint};
-use crate::stream::{Splice, StreamLimits, TunnelStream, WindowBudget};
+use crate::stream::{Splice, StreamLimits, TunnelShare, TunnelStream};
 
 /// How long a dial whose channel ended unanswered waits for its tunnel to be declared dead
 /// (the connection's end reaches the control channel's reader within milliseconds).
@@ -107,8 +107,9 @@ pub struct Tunnel {
     idle: tokio::sync::Notify,
     /// The proxies the agent last reported holding tunnels to (its heartbeat says).
     held_by: std::sync::Mutex<Vec<String>>,
-    /// What this tunnel's streams may grow their receive windows by, together.
-    window_budget: Arc<WindowBudget>,
+    /// What this tunnel's streams share: how much they may grow their receive windows by,
+    /// together, and the proxy's stream counters.
+    share: TunnelShare,
     /// Cancelled when the tunnel is declared dead (removed from its site): wakes the dials
     /// pending on it and ends its streams without waiting for russh to notice.
     closed: CancellationToken,
@@ -148,7 +149,7 @@ impl Tunnel {
         handle: Handle,
         interval: Duration,
         missed: u32,
-        window_budget: Arc<WindowBudget>,
+        share: TunnelShare,
     ) -> Self {
         Self {
             id,
@@ -164,7 +165,7 @@ impl Tunnel {
             open_streams: AtomicUsize::new(0),
             idle: tokio::sync::Notify::new(),
             held_by: std::sync::Mutex::new(Vec::new()),
-            window_budget,
+            share,
             closed: CancellationToken::new(),
             leaving: std::sync::atomic::AtomicBool::new(false),
         }
@@ -339,9 +340,9 @@ impl Tunnel {
             ))
         })?;
         let (read, write) = channel.split();
-        let budget = self.window_budget.clone();
+        let share = self.share.clone();
         // The agent answers within its own dial timeout; the caller's deadline bounds the rest.
-        match TunnelStream::await_dial(read, write, limits, budget, Duration::MAX).await {
+        match TunnelStream::await_dial(read, write, limits, share, Duration::MAX).await {
             Ok(stream) => Ok(stream),
             // A channel that ends without the agent's answer (kind `Other`) usually ended with
             // its connection, a moment before the control channel's reader declares the

@@ -56,5 +56,5 @@ pub fn tune_allocator() {
 }
 
 pub use guard::HandshakeGuard;
-pub use tunnel::{StreamLimits, TunnelStream};
+pub use tunnel::{StreamLimits, TunnelShare, TunnelStream};
 pub use window::WindowBudget;

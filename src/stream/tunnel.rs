@@ -30,10 +30,11 @@ use tokio::sync::Notify;
 
 use super::Splice;
 use super::window::{Window, WindowBudget};
-use crate::admin::metrics::{METRICS, label};
+use crate::admin::metrics::{StreamMetrics, label};
 use crate::protocol::stream::{CONTROL_EXT, StreamControl};
 use crate::protocol::{DialError, DialErrorKind};
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
 
 /// Default credit per stream and direction at the start: what a side buffers for a stalled
 /// reader of a stream that has not been moving fast. 256 KiB: fast streams grow past it, and
@@ -74,10 +75,23 @@ pub struct StreamLimits {
 }
 
 impl StreamLimits {
-    /// A fresh growth budget for one tunnel's streams.
-    pub fn tunnel_budget(&self) -> Arc<WindowBudget> {
-        WindowBudget::new(u64::from(self.tunnel_growth))
+    /// What a new tunnel's streams will share: a fresh growth budget, and `metrics`, the
+    /// counters of the side (proxy or agent) that holds the tunnel.
+    pub fn tunnel_share(&self, metrics: StreamMetrics) -> TunnelShare {
+        TunnelShare {
+            budget: WindowBudget::new(u64::from(self.tunnel_growth)),
+            metrics,
+        }
     }
+}
+
+/// What the streams of one tunnel share.
+#[derive(Clone)]
+pub struct TunnelShare {
+    /// The tunnel's window growth budget.
+    pub budget: Arc<WindowBudget>,
+    /// The counters its streams count into (the holder's: a proxy's, an agent's).
+    pub metrics: StreamMetrics,
 }
 
 impl Default for StreamLimits {
@@ -95,23 +109,23 @@ pub struct TunnelStream<S: From<(ChannelId, ChannelMsg)> + Send + Sync + 'static
     read: ChannelReadHalf,
     write: ChannelWriteHalf<S>,
     limits: StreamLimits,
-    /// The tunnel's growth budget, shared with its other streams.
-    budget: Arc<WindowBudget>,
+    /// What it shares with the tunnel's other streams.
+    share: TunnelShare,
 }
 
 impl<S: From<(ChannelId, ChannelMsg)> + Send + Sync + 'static> TunnelStream<S> {
-    /// Wraps an open channel whose dial has succeeded; `budget` is its tunnel's.
+    /// Wraps an open channel whose dial has succeeded; `share` is its tunnel's.
     pub fn new(
         read: ChannelReadHalf,
         write: ChannelWriteHalf<S>,
         limits: StreamLimits,
-        budget: Arc<WindowBudget>,
+        share: TunnelShare,
     ) -> Self {
         Self {
             read,
             write,
             limits,
-            budget,
+            share,
         }
     }
 
@@ -120,7 +134,7 @@ impl<S: From<(ChannelId, ChannelMsg)> + Send + Sync + 'static> TunnelStream<S> {
         mut read: ChannelReadHalf,
         write: ChannelWriteHalf<S>,
         limits: StreamLimits,
-        budget: Arc<WindowBudget>,
+        share: TunnelShare,
         timeout: Duration,
     ) -> Result<Self, DialError> {
         let answer = tokio::time::timeout(timeout, async {
@@ -158,7 +172,7 @@ impl<S: From<(ChannelId, ChannelMsg)> + Send + Sync + 'static> TunnelStream<S> {
         })
         .await;
         match answer {
-            Ok(Ok(())) => Ok(Self::new(read, write, limits, budget)),
+            Ok(Ok(())) => Ok(Self::new(read, write, limits, share)),
             Ok(Err(e)) => {
                 let _ = write.close().await;
                 Err(e)
@@ -175,11 +189,18 @@ impl<S: From<(ChannelId, ChannelMsg)> + Send + Sync + 'static> TunnelStream<S> {
 }
 
 /// Counts a stream as open until dropped, whichever way the splice ends.
-struct OpenStream;
+struct OpenStream(Gauge);
+
+impl OpenStream {
+    fn count(open: &Gauge) -> Self {
+        open.inc();
+        Self(open.clone())
+    }
+}
 
 impl Drop for OpenStream {
     fn drop(&mut self) {
-        METRICS.streams_open.dec();
+        self.0.dec();
     }
 }
 
@@ -211,19 +232,19 @@ impl<S: From<(ChannelId, ChannelMsg)> + Send + Sync + 'static> Splice for Tunnel
             read,
             write,
             limits,
-            budget,
+            share,
         } = self;
+        let TunnelShare { budget, metrics } = share;
         let shared = Shared::default();
-        let bytes_in = METRICS
-            .stream_bytes
+        let bytes_in = metrics
+            .bytes
             .get_or_create(&label("direction", "in"))
             .clone();
-        let bytes_out = METRICS
-            .stream_bytes
+        let bytes_out = metrics
+            .bytes
             .get_or_create(&label("direction", "out"))
             .clone();
-        METRICS.streams_open.inc();
-        let _open = OpenStream;
+        let _open = OpenStream::count(&metrics.open);
         let (local_read, local_write) = tokio::io::split(local);
         // The first grant opens the peer's window; later ones return what was consumed.
         write

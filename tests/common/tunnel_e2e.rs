@@ -125,6 +125,16 @@ pub fn example(proxy: &str, allow: &[String]) -> serde_json::Value {
 /// Runs the operator in-process with `client`, watching `ns`, electing a leader through
 /// `lease` (in `ns`) when given. Cancel the token to stop it; it panics if the operator fails.
 pub fn start_operator(client: Client, ns: &str, lease: Option<&str>) -> CancellationToken {
+    start_operator_counting(client, ns, lease, Default::default())
+}
+
+/// [`start_operator`], counting into `metrics`.
+pub fn start_operator_counting(
+    client: Client,
+    ns: &str,
+    lease: Option<&str>,
+    metrics: tether::admin::metrics::OperatorMetrics,
+) -> CancellationToken {
     let shutdown = CancellationToken::new();
     let config = OperatorConfig {
         namespace: Some(ns.to_owned()),
@@ -136,6 +146,7 @@ pub fn start_operator(client: Client, ns: &str, lease: Option<&str>) -> Cancella
             grace_secs: 5,
         }),
         instance: Some("test".into()),
+        metrics,
     };
     let stop = shutdown.clone();
     tokio::spawn(async move {

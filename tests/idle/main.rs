@@ -84,6 +84,7 @@ fn agent_config(pki: &tether::demo::Pki, proxy: &ProxyServer, leaf: &Leaf) -> Ag
         resolver: Default::default(),
         backoff: Backoff::default(),
         stream: StreamLimits::default(),
+        metrics: Default::default(),
     }
 }
 

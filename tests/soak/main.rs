@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use tether::admin::metrics::METRICS;
+use tether::admin::metrics::StreamMetrics;
 use tether::agent::Agent;
 use tether::egress::allow_list::AllowList;
 use tether::proxy::ProxyServer;
@@ -114,9 +114,10 @@ async fn dial_many(entry: SocketAddr, echo: &str, refused: &str, count: usize) {
 }
 
 /// Waits until no stream is open on either side (their splices have ended).
-async fn wait_streams_closed() {
+async fn wait_streams_closed(proxy: &ProxyServer, agent: &StreamMetrics) {
+    let proxy = proxy.shared().streams.open.clone();
     wait_for("every stream to close", Duration::from_secs(20), || {
-        METRICS.streams_open.get() == 0
+        proxy.get() == 0 && agent.open.get() == 0
     })
     .await;
 }
@@ -134,15 +135,22 @@ async fn start_proxy(rt: &Runtime, pki: &tether::demo::Pki) -> (ProxyServer, Soc
     .expect("proxy task")
 }
 
-/// Starts an agent of `proxy` on `rt` allowing `echo`; runs until `stop`.
-fn start_agent(rt: &Runtime, pki: &tether::demo::Pki, proxy: &ProxyServer, echo: SocketAddr) {
+/// Starts an agent of `proxy` on `rt` allowing `echo`; returns its streams' counters.
+fn start_agent(
+    rt: &Runtime,
+    pki: &tether::demo::Pki,
+    proxy: &ProxyServer,
+    echo: SocketAddr,
+) -> StreamMetrics {
     let allow = AllowList::parse(&[format!("127.0.0.1/32:{}", echo.port())]).expect("allow");
     let config = pki
         .agent_config(&proxy.local_addr().to_string(), allow)
         .expect("agent config");
     let stop = CancellationToken::new();
+    let streams = config.metrics.streams.clone();
     let agent = Arc::new(Agent::new(config));
     rt.spawn(async move { agent.run(stop).await });
+    streams
 }
 
 #[test]
@@ -158,7 +166,7 @@ fn five_thousand_closed_streams_leave_proxy_and_agent_heaps_where_they_were() {
         let pki = pki();
         let echo = echo_server().await.expect("echo server");
         let (proxy, entry) = start_proxy(&proxy_rt, &pki).await;
-        start_agent(&agent_rt, &pki, &proxy, echo);
+        let agent_streams = start_agent(&agent_rt, &pki, &proxy, echo);
         let sites = proxy.sites();
         wait_for("the leaf to come online", Duration::from_secs(20), || {
             sites
@@ -171,7 +179,7 @@ fn five_thousand_closed_streams_leave_proxy_and_agent_heaps_where_they_were() {
         let refused = format!("127.0.0.1.leaf.tether:{}", echo.port() ^ 1);
 
         dial_many(entry, &target, &refused, WARM_UP).await;
-        wait_streams_closed().await;
+        wait_streams_closed(&proxy, &agent_streams).await;
         let base = [live_bytes(Side::Proxy), live_bytes(Side::Agent)];
         eprintln!(
             "after warm-up: proxy heap {} B, agent heap {} B",
@@ -179,7 +187,7 @@ fn five_thousand_closed_streams_leave_proxy_and_agent_heaps_where_they_were() {
         );
 
         dial_many(entry, &target, &refused, DIALS).await;
-        wait_streams_closed().await;
+        wait_streams_closed(&proxy, &agent_streams).await;
         let bound = BOUND_PER_DIAL * DIALS as i64;
         let growth = || {
             [

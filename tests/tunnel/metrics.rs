@@ -148,3 +148,88 @@ async fn metrics_follow_tunnels_dials_and_bytes() {
     )
     .await;
 }
+
+/// The value of `name` with `labels` in Prometheus text `body` (0 when absent).
+fn value_in(body: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    let lines = body.lines().map(|l| Ok(l.to_owned()));
+    let scrape = prometheus_parse::Scrape::parse(lines).expect("valid Prometheus text");
+    scrape
+        .samples
+        .iter()
+        .find(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+        .map_or(0.0, |s| match s.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => v,
+            _ => f64::NAN,
+        })
+}
+
+/// Metrics are handles, not one static per process: two proxies in one process count apart,
+/// and a proxy's `/metrics` carries proxy and stream series only (it exported every agent
+/// series as zeros).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_proxies_in_one_process_count_apart() {
+    use tether::admin::Component;
+    let echo = echo_server().await.expect("echo");
+    let rig = Rig::start(&[format!("127.0.0.1/32:{}", echo.port())], |_| {}, |_| {}).await;
+    rig.wait_online().await;
+    let other = tether::proxy::ProxyServer::start(rig.pki.proxy_config("proxy-2").expect("config"))
+        .await
+        .expect("second proxy");
+    for _ in 0..3 {
+        let conn = rig.dial(echo).await.expect("dial");
+        let (mut stream, splice) = attach(conn, 64 * 1024);
+        assert_eq!(echo_round_trip(&mut stream, b"ping").await, b"ping");
+        drop(stream);
+        let _ = splice.await;
+    }
+
+    let carrying = rig.proxy.shared().metrics();
+    let idle = other.shared().metrics();
+    assert_eq!(
+        value_in(&carrying, "tether_proxy_tunnels", &[("site", "leaf")]),
+        1.0,
+        "{carrying}"
+    );
+    assert_eq!(
+        value_in(&carrying, "tether_proxy_dials_total", &[("outcome", "ok")]),
+        3.0,
+        "{carrying}"
+    );
+    assert!(
+        value_in(
+            &carrying,
+            "tether_stream_bytes_total",
+            &[("direction", "out")]
+        ) >= 12.0
+    );
+    assert_eq!(
+        value_in(&idle, "tether_proxy_tunnels", &[("site", "leaf")]),
+        0.0
+    );
+    assert_eq!(
+        value_in(&idle, "tether_proxy_dials_total", &[("outcome", "ok")]),
+        0.0,
+        "{idle}"
+    );
+    for body in [&carrying, &idle] {
+        assert!(
+            !body.contains("tether_agent_") && !body.contains("tether_operator_"),
+            "a proxy exports another component's series:\n{body}"
+        );
+    }
+    // The agent counts its own dials served, and exports nothing of the proxies'.
+    let agent = rig.agent.metrics();
+    assert_eq!(
+        value_in(
+            &agent,
+            "tether_agent_served_dials_total",
+            &[("outcome", "ok")]
+        ),
+        3.0,
+        "{agent}"
+    );
+    assert!(!agent.contains("tether_proxy_"), "{agent}");
+    other.shutdown(Duration::from_secs(1)).await;
+}

@@ -11,26 +11,27 @@ use std::hash::Hash;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use crate::admin::metrics::{METRICS, label};
+use crate::admin::metrics::{OperatorMetrics, label};
 use crate::agent::Backoff;
 
 /// Runs one reconcile of `controller`, counting it by result and timing it.
 pub(crate) async fn measured<T, E>(
+    metrics: OperatorMetrics,
     controller: &'static str,
     reconcile: impl Future<Output = Result<T, E>>,
 ) -> Result<T, E> {
     let start = std::time::Instant::now();
     let result = reconcile.await;
     let outcome = if result.is_ok() { "ok" } else { "error" };
-    METRICS
-        .operator_reconciles
+    metrics
+        .reconciles
         .get_or_create(&vec![
             ("controller", controller.to_owned()),
             ("result", outcome.to_owned()),
         ])
         .inc();
-    METRICS
-        .operator_reconcile_duration
+    metrics
+        .reconcile_duration
         .get_or_create(&label("controller", controller))
         .observe(start.elapsed().as_secs_f64());
     result

@@ -293,7 +293,7 @@ pub async fn run(
         }))
         .graceful_shutdown_on(stop.clone().cancelled_owned())
         .run(
-            |obj, ctx| super::measured("reverse_tunnel", reconcile(obj, ctx)),
+            |obj, t| super::measured(t.ctx.metrics.clone(), "reverse_tunnel", reconcile(obj, t)),
             error_policy,
             tunnels_ctx,
         )

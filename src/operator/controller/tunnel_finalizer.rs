@@ -22,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
 use super::Backoffs;
+use crate::admin::metrics::OperatorMetrics;
 use crate::operator::context::TunnelKey;
 use crate::operator::crd::ReverseTunnel;
 use crate::operator::error::{Error, Result};
@@ -127,6 +128,7 @@ pub async fn run(
     namespace: Option<&str>,
     recorder: Arc<EventPublisher>,
     leases: LeaseReader,
+    metrics: OperatorMetrics,
     stop: CancellationToken,
 ) {
     let api: Api<Guarded> = match namespace {
@@ -148,7 +150,13 @@ pub async fn run(
     Controller::for_stream(trigger, reader)
         .graceful_shutdown_on(stop.cancelled_owned())
         .run(
-            |obj, leader| super::measured("reverse_tunnel_finalizer", reconcile(obj, leader)),
+            move |obj, leader| {
+                super::measured(
+                    metrics.clone(),
+                    "reverse_tunnel_finalizer",
+                    reconcile(obj, leader),
+                )
+            },
             error_policy,
             leader,
         )

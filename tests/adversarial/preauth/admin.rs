@@ -21,6 +21,9 @@ impl Component for Up {
     fn status(&self) -> serde_json::Value {
         serde_json::json!({})
     }
+    fn metrics(&self) -> String {
+        String::new()
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

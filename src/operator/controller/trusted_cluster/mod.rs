@@ -321,7 +321,7 @@ pub async fn run(
         .watches_stream(token_changes, joins_waiting_for)
         .graceful_shutdown_on(stop.cancelled_owned())
         .run(
-            |obj, ctx| super::measured("trusted_cluster", reconcile(obj, ctx)),
+            |obj, s| super::measured(s.ctx.metrics.clone(), "trusted_cluster", reconcile(obj, s)),
             error_policy,
             tctx,
         )
