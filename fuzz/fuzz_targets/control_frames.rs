@@ -11,8 +11,8 @@ use libfuzzer_sys::fuzz_target;
 use serde::{Serialize, de::DeserializeOwned};
 use tether::protocol::control::{
     AgentMessage, ControlError, FrameReader, MAX_CONTROL_MESSAGE, ProxyMessage, encode,
-    read_message,
 };
+use tether::stream::frames::read_message;
 
 fuzz_target!(|data: &[u8]| {
     let Some((&selector, wire)) = data.split_first() else {

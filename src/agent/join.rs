@@ -9,13 +9,14 @@ use russh::keys::{Certificate, PublicKey, PublicKeyOrCertificate};
 use tokio::net::TcpStream;
 
 use crate::identity::{fingerprint, verify_host_certificate};
-use crate::protocol::control::{ControlError, read_message, write_message};
+use crate::protocol::control::ControlError;
 use crate::protocol::join::{
     self, JOIN_SUBSYSTEM, JOIN_USER, JoinRefusal, JoinToken, JoinerMessage, MAX_CA_KEYS,
     RootMessage,
 };
 use crate::protocol::{ClusterName, ssh};
 use crate::stream::HandshakeGuard;
+use crate::stream::frames::{read_message, write_message};
 
 /// What a leaf needs to join a root.
 #[derive(Debug, Clone)]

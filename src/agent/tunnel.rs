@@ -18,10 +18,11 @@ use super::config::AgentConfig;
 use super::error::TunnelError;
 use super::handler::AgentHandler;
 use crate::protocol::control::{
-    self, AgentMessage, CONTROL_SUBSYSTEM, ChannelReadError, FrameReader, ProxyInfo, ProxyMessage,
+    self, AgentMessage, CONTROL_SUBSYSTEM, FrameReader, ProxyInfo, ProxyMessage,
 };
 use crate::protocol::{busy, ssh};
 use crate::stream::HandshakeGuard;
+use crate::stream::frames::{ChannelReadError, next_channel_message};
 
 /// How long a refused agent waits for the proxy's disconnect that says why.
 const REFUSAL_REASON_WAIT: Duration = Duration::from_secs(1);
@@ -427,7 +428,7 @@ async fn next_message(
     read: &mut ChannelReadHalf,
     frames: &mut FrameReader,
 ) -> Result<ProxyMessage, TunnelError> {
-    crate::protocol::control::next_channel_message(read, frames)
+    next_channel_message(read, frames)
         .await
         .map_err(|e| match e {
             ChannelReadError::Closed => TunnelError::Closed,

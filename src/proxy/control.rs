@@ -12,9 +12,8 @@ use tracing::{debug, info, warn};
 use super::peers::Peer;
 use super::shared::ProxyShared;
 use super::sites::{AuthenticatedAgent, Tunnel};
-use crate::protocol::control::{
-    self, AgentMessage, ChannelReadError, ControlError, FrameReader, ProxyMessage,
-};
+use crate::protocol::control::{self, AgentMessage, ControlError, FrameReader, ProxyMessage};
+use crate::stream::frames::{ChannelReadError, next_channel_message};
 
 /// How often the full proxy list is re-sent even when nothing changed, so an agent that missed
 /// one recovers.
@@ -260,7 +259,7 @@ async fn next_message(
     read: &mut ChannelReadHalf,
     frames: &mut FrameReader,
 ) -> Result<AgentMessage, ControlEnd> {
-    control::next_channel_message(read, frames)
+    next_channel_message(read, frames)
         .await
         .map_err(|e| match e {
             ChannelReadError::Closed => ControlEnd::Closed,

@@ -23,8 +23,9 @@ use super::shared::ProxyShared;
 use crate::admin::metrics::label as metric_label;
 use crate::identity::{TrustSource, same_keys};
 use crate::protocol::ClusterName;
-use crate::protocol::control::{ControlError, read_message, write_message};
+use crate::protocol::control::ControlError;
 use crate::protocol::join::{self, JoinRefusal, JoinerMessage, MAX_CA_KEYS, RootMessage};
+use crate::stream::frames::{read_message, write_message};
 
 /// Serves one join exchange on `stream`, logging the outcome. The caller bounds it in time.
 pub(super) async fn serve<S>(

@@ -25,6 +25,7 @@ impl Splice for tokio::net::TcpStream {
     }
 }
 
+pub mod frames;
 pub mod guard;
 pub mod tunnel;
 mod window;

@@ -421,7 +421,7 @@ impl RawControl {
         within(
             "a control message",
             Duration::from_secs(10),
-            control::next_channel_message(&mut self.read, &mut self.frames),
+            tether::stream::frames::next_channel_message(&mut self.read, &mut self.frames),
         )
         .await
         .expect("a control message")
