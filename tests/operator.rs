@@ -115,14 +115,7 @@ async fn reverse_tunnel_lifecycle() {
     // Users see the connection in `kubectl describe` / `kubectl events`.
     let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(client.clone(), &ns);
     eventually("a Connected Event", || async {
-        let list = events.list(&Default::default()).await.ok()?;
-        list.items
-            .iter()
-            .any(|e| {
-                e.reason.as_deref() == Some("Connected")
-                    && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("to-root")
-            })
-            .then_some(())
+        (!events_for(&events, "Connected").await.is_empty()).then_some(())
     })
     .await;
 

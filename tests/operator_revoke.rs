@@ -27,12 +27,11 @@ use tether::demo::Pki;
 use tether::egress::allow_list::AllowList;
 use tether::identity::{CertificateAuthority, Identity, TrustStore};
 use tether::operator::crd::RemoteCluster;
-use tether::operator::root::tokens::token_secret;
 use tether::operator::root::{self, KubeJoinAuthority};
 use tether::protocol::ClusterName;
 use tether::protocol::join::{JoinRefusal, JoinToken};
 use tether::proxy::{JoinAuthority, ProxyServer};
-use tunnel_e2e::{eventually, install_crds};
+use tunnel_e2e::{create_join_token, eventually, install_crds};
 
 /// How soon a revocation must have closed the tunnels it concerns.
 const EVICTION: Duration = Duration::from_secs(5);
@@ -216,14 +215,7 @@ impl Joined {
         let remotes: Api<RemoteCluster> = Api::namespaced(client.clone(), &ns);
         let stop = CancellationToken::new();
         let proxy = start_root(&client, &ns, &pki(), TrustStore::new(), &stop).await;
-        let token = JoinToken::generate();
-        Api::<Secret>::namespaced(client.clone(), &ns)
-            .create(
-                &PostParams::default(),
-                &token_secret(&token, None, None, false),
-            )
-            .await
-            .expect("a single-use token");
+        let token = create_join_token(&client, &ns).await;
         let leaf_ca = CertificateAuthority::generate(name("leaf-j")).expect("ca");
         let joined = Joined {
             client,

@@ -30,7 +30,6 @@ use std::time::{Duration, Instant};
 
 use futures::{StreamExt, TryStreamExt};
 
-use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{DeleteParams, ListParams, PostParams, WatchEvent, WatchParams};
 use kube::{Api, ResourceExt};
@@ -47,10 +46,8 @@ use tether::egress::allow_list::AllowList;
 use tether::identity::{CertificateAuthority, Identity};
 use tether::operator::crd::remote_cluster::Connection;
 use tether::operator::crd::{RemoteCluster, RemoteClusterSpec};
-use tether::operator::root::tokens::token_secret;
 use tether::protocol::ClusterName;
-use tether::protocol::join::JoinToken;
-use tunnel_e2e::{eventually, install_crds};
+use tunnel_e2e::{create_join_token, eventually, install_crds};
 
 const SERVICE: &str = "tether-proxy-peers";
 /// The proxies' (and agents') heartbeat interval; a tunnel silent for 3 is closed.
@@ -170,14 +167,7 @@ async fn replicas_share_a_joined_leaf_and_each_reports_its_tunnels() {
     let lb = haproxy::Haproxy::start("random", &addrs);
 
     // A leaf joins through the load balancer with a token from `tether join-token`'s Secret.
-    let token = JoinToken::generate();
-    Api::<Secret>::namespaced(client.clone(), &ns)
-        .create(
-            &PostParams::default(),
-            &token_secret(&token, None, None, false),
-        )
-        .await
-        .expect("token Secret");
+    let token = create_join_token(&client, &ns).await;
     let joined = join(&JoinRequest {
         root_address: lb.addr.to_string(),
         token,

@@ -109,6 +109,19 @@ pub async fn create_secrets(client: &Client, ns: &str, pki: &Pki) {
     }
 }
 
+/// A new single-use join token, its Secret (as `tether join-token` prints it) created in `ns`.
+pub async fn create_join_token(client: &Client, ns: &str) -> tether::protocol::join::JoinToken {
+    let token = tether::protocol::join::JoinToken::generate();
+    Api::<Secret>::namespaced(client.clone(), ns)
+        .create(
+            &PostParams::default(),
+            &tether::operator::root::tokens::token_secret(&token, None, None, false),
+        )
+        .await
+        .expect("a single-use join token Secret");
+    token
+}
+
 /// `examples/reversetunnel.yaml`, pointed at `proxy` and allowing `allow`.
 pub fn example(proxy: &str, allow: &[String]) -> serde_json::Value {
     let text = std::fs::read_to_string(concat!(

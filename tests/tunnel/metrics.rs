@@ -8,9 +8,14 @@ use crate::support::haproxy::free_port;
 use crate::support::procs::{Files, admin_get, spawn_agent, spawn_proxy};
 use crate::support::*;
 
-/// The value of `name` with `labels` (each `(key, value)` must match), if present.
+/// The value of `name` with `labels` (each `(key, value)` must match) in the `/metrics` of
+/// the admin endpoint at `admin`, if present.
 fn sample(admin: std::net::SocketAddr, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    let body = admin_get(admin, "/metrics")?;
+    find_sample(&admin_get(admin, "/metrics")?, name, labels)
+}
+
+/// The value of `name` with `labels` in Prometheus text `body`, if present.
+fn find_sample(body: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
     let lines = body.lines().map(|l| Ok(l.to_owned()));
     let scrape = prometheus_parse::Scrape::parse(lines).expect("valid Prometheus text");
     scrape
@@ -151,18 +156,7 @@ async fn metrics_follow_tunnels_dials_and_bytes() {
 
 /// The value of `name` with `labels` in Prometheus text `body` (0 when absent).
 fn value_in(body: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
-    let lines = body.lines().map(|l| Ok(l.to_owned()));
-    let scrape = prometheus_parse::Scrape::parse(lines).expect("valid Prometheus text");
-    scrape
-        .samples
-        .iter()
-        .find(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
-        .map_or(0.0, |s| match s.value {
-            prometheus_parse::Value::Counter(v)
-            | prometheus_parse::Value::Gauge(v)
-            | prometheus_parse::Value::Untyped(v) => v,
-            _ => f64::NAN,
-        })
+    find_sample(body, name, labels).unwrap_or(0.0)
 }
 
 /// Metrics are handles, not one static per process: two proxies in one process count apart,
