@@ -9,6 +9,7 @@ use anyhow::Context;
 use arc_swap::ArcSwap;
 use clap::Args;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use tether::egress::allow_list::AllowList;
 use tether::identity::{CertificateAuthority, Identity, TrustStore, check_own_host_certificate};
@@ -208,13 +209,26 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
     proxy.set_peers(peers.clone());
     println!("listening on {}", proxy.local_addr());
     let proxy = Arc::new(proxy);
+    // One tree stops everything, in three steps (see the end): what serves and watches stops
+    // at the signal, the root's Kubernetes state after the drain, the admin endpoint last (a
+    // load balancer sees /readyz fail while the proxy drains). Every task is tracked and
+    // waited for.
+    let shutdown = CancellationToken::new();
+    let (serving, root_state, admin_stop) = (
+        shutdown.child_token(),
+        shutdown.child_token(),
+        shutdown.child_token(),
+    );
+    let tasks = TaskTracker::new();
     if let Some(ca) = ca {
-        tokio::spawn(renew_certificates(proxy.clone(), ca, args.proxy_id.clone()));
+        tasks.spawn(until(
+            serving.clone(),
+            renew_certificates(proxy.clone(), ca, args.proxy_id.clone()),
+        ));
     }
-    let root_state = CancellationToken::new();
-    let hangup = Hangup::install()?;
+    let hangup = Hangup::install(&tasks, serving.clone())?;
     if let Some(dir) = args.trust_dir.clone() {
-        tokio::spawn(tether::proxy::trust::follow_dir(
+        tasks.spawn(tether::proxy::trust::follow_dir(
             proxy.shared().clone(),
             dir,
             own_ca,
@@ -222,19 +236,19 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
             root_state.clone(),
         ));
     }
-    let root_task = root_client.map(|client| {
-        tokio::spawn(tether::operator::root::run(
+    if let Some(client) = root_client {
+        tasks.spawn(tether::operator::root::run(
             client,
             args.namespace.clone(),
             proxy.clone(),
             args.peers_service.is_some(),
             root_state.clone(),
-        ))
-    });
+        ));
+    }
     if let (Some(service), Some(client)) = (args.peers_service.clone(), kube) {
         proxy.expect_peer_discovery();
         let (watched, me) = (proxy.clone(), peers[0].clone());
-        tokio::spawn(async move {
+        tasks.spawn(until(serving.clone(), async move {
             let sink = move |mut found: Vec<Peer>| {
                 // Until this pod is ready, its own endpoint is missing; it is a peer all the same.
                 if !found.iter().any(|p| p.id == me.id) {
@@ -246,71 +260,79 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
             let port_name = Some(args.peers_port_name);
             tether::operator::endpoints::watch_peers(client, &namespace, &service, port_name, sink)
                 .await;
-        });
+        }));
     }
-    let stop = CancellationToken::new();
-    let entry = match (&args.client_listen, &args.client_tokens) {
-        (Some(listen), Some(tokens)) => {
-            let loaded = ClientTokens::load(tokens)
-                .with_context(|| format!("--client-tokens {}", tokens.display()))?;
-            let config = ClientEntryConfig {
-                listen: *listen,
-                ..ClientEntryConfig::new(loaded)
-            };
-            let swap = config.tokens.clone();
-            tokio::spawn(tether::proxy::reload::follow_file(
-                "client token file",
-                tokens.clone(),
-                tether::proxy::reload::POLL,
-                hangup.tokens.clone(),
-                stop.clone(),
-                move |path: &std::path::Path| {
-                    ClientTokens::load(path).map(|t| swap.store(Arc::new(t)))
-                },
-            ));
-            let listener = config
-                .bind()
-                .await
-                .with_context(|| format!("--client-listen {listen}: cannot listen"))?;
-            println!(
-                "client entry (HTTP CONNECT, SOCKS5) on {}",
-                listener.local_addr()?
-            );
-            let stopped = stop.clone();
-            Some(tokio::spawn(client_entry::serve(
-                listener,
-                Arc::new(config),
-                Arc::new(proxy.dialer()),
-                async move { stopped.cancelled().await },
-            )))
-        }
-        _ => None,
-    };
-    // The admin endpoint outlives the drain, so load balancers see /readyz fail meanwhile.
-    let admin_stop = CancellationToken::new();
+    if let (Some(listen), Some(tokens)) = (&args.client_listen, &args.client_tokens) {
+        let loaded = ClientTokens::load(tokens)
+            .with_context(|| format!("--client-tokens {}", tokens.display()))?;
+        let config = ClientEntryConfig {
+            listen: *listen,
+            ..ClientEntryConfig::new(loaded)
+        };
+        let swap = config.tokens.clone();
+        tasks.spawn(tether::proxy::reload::follow_file(
+            "client token file",
+            tokens.clone(),
+            tether::proxy::reload::POLL,
+            hangup.tokens.clone(),
+            serving.clone(),
+            move |path: &std::path::Path| ClientTokens::load(path).map(|t| swap.store(Arc::new(t))),
+        ));
+        let listener = config
+            .bind()
+            .await
+            .with_context(|| format!("--client-listen {listen}: cannot listen"))?;
+        println!(
+            "client entry (HTTP CONNECT, SOCKS5) on {}",
+            listener.local_addr()?
+        );
+        let stopped = serving.clone();
+        tasks.spawn(client_entry::serve(
+            listener,
+            Arc::new(config),
+            Arc::new(proxy.dialer()),
+            async move { stopped.cancelled().await },
+        ));
+    }
     if let Some(addr) = args.admin_listen {
         let listener = super::bind("--admin-listen", addr).await?;
         println!("admin endpoint on {}", listener.local_addr()?);
         let stopped = admin_stop.clone();
-        tokio::spawn(tether::admin::serve(
+        tasks.spawn(tether::admin::serve(
             listener,
             proxy.shared().clone(),
             async move { stopped.cancelled().await },
         ));
     }
+    tasks.close();
     shutdown_signal().await;
-    stop.cancel();
+    serving.cancel();
     tracing::info!(grace = ?args.shutdown_grace, "draining");
     proxy.shutdown(args.shutdown_grace).await;
     root_state.cancel();
-    if let Some(task) = root_task {
-        let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
-    }
     admin_stop.cancel();
-    if let Some(entry) = entry {
-        entry.abort();
+    if tokio::time::timeout(TASKS_GRACE, tasks.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            left = tasks.len(),
+            "tasks still running after the drain; exiting"
+        );
     }
     Ok(())
+}
+
+/// How long the proxy's own tasks (watches, followers, the client entry's open connections)
+/// get to end after the drain.
+const TASKS_GRACE: Duration = Duration::from_secs(10);
+
+/// Runs `work` until it ends or `stop` is cancelled (for loops that take no token).
+async fn until(stop: CancellationToken, work: impl std::future::Future<Output = ()>) {
+    tokio::select! {
+        () = stop.cancelled() => {}
+        () = work => {}
+    }
 }
 
 /// Says at start-up which clusters the trust directory makes trusted: a file named by accident
@@ -422,7 +444,8 @@ struct Hangup {
 }
 
 impl Hangup {
-    fn install() -> anyhow::Result<Self> {
+    /// Installs the handler, its loop tracked by `tasks` until `stop`.
+    fn install(tasks: &TaskTracker, stop: CancellationToken) -> anyhow::Result<Self> {
         let mut signal = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
             .context("installing the SIGHUP handler")?;
         let hangup = Hangup {
@@ -430,13 +453,13 @@ impl Hangup {
             tokens: Arc::default(),
         };
         let (trust, tokens) = (hangup.trust.clone(), hangup.tokens.clone());
-        tokio::spawn(async move {
+        tasks.spawn(until(stop, async move {
             while signal.recv().await.is_some() {
                 tracing::info!("SIGHUP: re-reading the trust directory and the client token file");
                 trust.notify_one();
                 tokens.notify_one();
             }
-        });
+        }));
         Ok(hangup)
     }
 }

@@ -355,7 +355,7 @@ impl Root {
     }
 
     /// Scales proxy `id` away: its endpoint goes, haproxy stops sending to it, then it gets
-    /// SIGTERM (drain) and exits.
+    /// SIGTERM (drain) and exits 0, every task of its own stopped.
     pub(crate) async fn remove(&mut self, id: &str) {
         let slot = IDS.iter().position(|i| *i == id).expect("known id");
         self.slices
@@ -365,7 +365,8 @@ impl Root {
         self.lb.disable(slot);
         let mut proxy = self.proxies.remove(id).expect("running proxy");
         proxy.process.signal(libc::SIGTERM);
-        proxy.process.exited().await;
+        let status = proxy.process.exited().await;
+        assert!(status.success(), "{id} exited with {status} after SIGTERM");
     }
 
     /// Tunnel IDs from the leaf on each live proxy, from its admin `/status`.
