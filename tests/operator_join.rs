@@ -197,7 +197,7 @@ async fn a_token_joins_the_leaf_and_bad_tokens_say_why() {
     assert_eq!(example.spec.leaf_cluster, "leaf-1");
     example.spec.root_address = root_addr.clone();
     example.spec.token_secret_ref.name = "join-1".into();
-    example.spec.allow = allow.clone();
+    example.spec.tunnel.allow = allow.clone();
     tcs.create(&PostParams::default(), &example)
         .await
         .expect("creating the TrustedCluster");
@@ -224,7 +224,7 @@ async fn a_token_joins_the_leaf_and_bad_tokens_say_why() {
     })
     .await;
     assert_eq!(rt.owner_references()[0].uid, tc.uid().expect("uid"));
-    assert_eq!(rt.spec.allow, allow);
+    assert_eq!(rt.spec.tunnel.allow, allow);
     let target = format!("127.0.0.1.leaf-1.tether:{}", echo.port());
     assert_eq!(
         echo_through(&proxy, &target).await.as_deref(),
@@ -523,7 +523,7 @@ async fn a_corrected_token_joins_at_once_and_its_tunnel_follows_the_trusted_clus
         .expect("editing the tunnel");
     eventually("the edit replaced by the TrustedCluster's spec", || async {
         let rt = rts.get_opt("fix").await.ok()??;
-        rt.spec.allow.is_empty().then_some(())
+        rt.spec.tunnel.allow.is_empty().then_some(())
     })
     .await;
     let tc = tcs.get("fix").await.expect("tc");

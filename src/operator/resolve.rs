@@ -71,12 +71,12 @@ pub fn check_spec(
     };
     let root = name("rootCluster", &spec.root_cluster)?;
     let leaf = name("leafCluster", &spec.leaf_cluster)?;
-    let allow = AllowList::parse(&spec.allow)
+    let allow = AllowList::parse(&spec.tunnel.allow)
         .map_err(|e| unusable("InvalidAllowList", format!("spec.allow: {e}"), false))?;
-    let heartbeat = humantime::parse_duration(&spec.heartbeat_interval).map_err(|e| {
+    let heartbeat = humantime::parse_duration(&spec.tunnel.heartbeat_interval).map_err(|e| {
         unusable(
             "InvalidHeartbeatInterval",
-            format!("spec.heartbeatInterval {:?}: {e}", spec.heartbeat_interval),
+            format!("spec.heartbeatInterval {:?}: {e}", spec.tunnel.heartbeat_interval),
             false,
         )
     })?;
@@ -85,7 +85,7 @@ pub fn check_spec(
             "InvalidHeartbeatInterval",
             format!(
                 "spec.heartbeatInterval {:?} is outside 1s..10m",
-                spec.heartbeat_interval
+                spec.tunnel.heartbeat_interval
             ),
             false,
         ));
@@ -189,7 +189,7 @@ pub async fn resolve(rt: &ReverseTunnel, secrets: &Api<Secret>) -> Result<Desire
         &spec.proxy_address,
         &spec.root_cluster,
         &spec.leaf_cluster,
-        &spec.api_server,
+        &spec.tunnel.api_server,
         heartbeat,
     )
         .hash(&mut hasher);
@@ -201,7 +201,7 @@ pub async fn resolve(rt: &ReverseTunnel, secrets: &Api<Secret>) -> Result<Desire
         identity: Arc::new(identity),
         root_cas,
         allow: Arc::new(ArcSwap::from_pointee(allow.clone())),
-        api_server: spec.api_server.clone(),
+        api_server: spec.tunnel.api_server.clone(),
         heartbeat_interval: heartbeat,
         connect_timeout: Duration::from_secs(10),
         dial_timeout: Duration::from_secs(10),

@@ -93,6 +93,17 @@ pub struct ReverseTunnelSpec {
     /// Secret whose key `ca.pub` holds the root cluster's CA public keys (OpenSSH format, one
     /// per line; several during a CA rotation). Proxies not signed by one of them are refused.
     pub root_ca_secret_ref: SecretReference,
+    /// What the tunnel carries and how: its allow-list, the API server address, the
+    /// heartbeat (shared with `TrustedCluster`, which passes them on to the tunnel it owns).
+    #[serde(flatten)]
+    pub tunnel: TunnelSettings,
+}
+
+/// The settings of a tunnel that a `ReverseTunnel` and a `TrustedCluster` both take, so their
+/// schema, validation and documentation are written once.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct TunnelSettings {
     /// What the root may reach in this cluster through the tunnel; default deny. One rule per
     /// entry: `CIDR:PORTS` (`10.0.0.0/8:443`, `[fd00::/8]:80-90`) or `HOST:PORTS`
     /// (`db.internal:5432`, `*.svc.cluster.local:*`). Edits apply at once, without reconnecting.

@@ -11,7 +11,7 @@ use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::reverse_tunnel::{ALLOW_RULE_PATTERN, DURATION_PATTERN};
+use super::reverse_tunnel::TunnelSettings;
 use super::{Condition, SecretReference};
 
 /// A root cluster this leaf joins with a token. Joining yields the root's CA (in the Secret
@@ -88,29 +88,16 @@ pub struct TrustedClusterSpec {
     /// re-enabling needs no new token.
     #[serde(default = "enabled_default")]
     pub enabled: bool,
-    /// What the root may reach in this cluster, as in `ReverseTunnel.spec.allow`; default
-    /// deny. Edits apply to the tunnel at once.
-    #[serde(default)]
-    #[schemars(length(max = 256), inner(length(min = 1, max = 300)))]
-    #[x_kube(validation = Rule::new(format!("self.all(r, r.matches(r'{ALLOW_RULE_PATTERN}'))")).message("each allow rule must be CIDR:PORTS or HOST:PORTS, e.g. 10.0.0.0/8:443, [fd00::/8]:80-90, db.internal:5432 or *.svc.cluster.local:*"))]
-    pub allow: Vec<String>,
-    /// Address that `_apiserver.<leafCluster>.tether` reaches (this cluster's API server).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 3, max = 261))]
-    pub api_server: Option<String>,
-    /// Heartbeat interval of the tunnel (`15s`, `1m`).
-    #[serde(default = "default_heartbeat_interval")]
-    #[schemars(length(max = 32), regex(pattern = DURATION_PATTERN))]
-    pub heartbeat_interval: String,
+    /// The tunnel's allow-list, API server address and heartbeat, passed on to the
+    /// `ReverseTunnel` this object owns (edits apply to it at once).
+    #[serde(flatten)]
+    pub tunnel: TunnelSettings,
 }
 
 fn enabled_default() -> bool {
     true
 }
 
-fn default_heartbeat_interval() -> String {
-    "15s".to_owned()
-}
 
 /// What the join produced; written only by the operator.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]

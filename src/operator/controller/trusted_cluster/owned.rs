@@ -60,9 +60,7 @@ pub(super) async fn ensure_tunnel(
         root_ca_secret_ref: SecretReference {
             name: root_ca_secret(&name),
         },
-        allow: tc.spec.allow.clone(),
-        api_server: tc.spec.api_server.clone(),
-        heartbeat_interval: tc.spec.heartbeat_interval.clone(),
+        tunnel: tc.spec.tunnel.clone(),
     };
     // Reconciles follow the tunnel's status changes too; an unchanged spec is not rewritten.
     let existing = tunnels.get_opt(&name).await.map_err(|e| {
