@@ -67,3 +67,16 @@ impl TunnelError {
         }
     }
 }
+
+impl From<crate::stream::frames::ChannelReadError> for TunnelError {
+    fn from(e: crate::stream::frames::ChannelReadError) -> Self {
+        use crate::stream::frames::ChannelReadError;
+        match e {
+            ChannelReadError::Closed => TunnelError::Closed,
+            ChannelReadError::Refused => {
+                TunnelError::Protocol("the proxy refused the control subsystem")
+            }
+            ChannelReadError::Frame(e) => TunnelError::Frame(e),
+        }
+    }
+}

@@ -18,11 +18,11 @@ use super::config::AgentConfig;
 use super::error::TunnelError;
 use super::handler::AgentHandler;
 use crate::protocol::control::{
-    self, AgentMessage, CONTROL_SUBSYSTEM, FrameReader, ProxyInfo, ProxyMessage,
+    AgentMessage, CONTROL_SUBSYSTEM, FrameReader, ProxyInfo, ProxyMessage,
 };
 use crate::protocol::{busy, ssh};
 use crate::stream::HandshakeGuard;
-use crate::stream::frames::{ChannelReadError, next_channel_message};
+use crate::stream::frames::{next_channel_message, send_message};
 
 /// How long a refused agent waits for the proxy's disconnect that says why.
 const REFUSAL_REASON_WAIT: Duration = Duration::from_secs(1);
@@ -419,22 +419,12 @@ fn check_own_certificate(cert: &russh::keys::Certificate) -> Result<(), TunnelEr
 }
 
 async fn send(write: &ChannelWriteHalf<Msg>, msg: &AgentMessage) -> Result<(), TunnelError> {
-    let bytes = control::encode(msg)?;
-    write.data_bytes(bytes).await?;
-    Ok(())
+    send_message(write, msg).await
 }
 
 async fn next_message(
     read: &mut ChannelReadHalf,
     frames: &mut FrameReader,
 ) -> Result<ProxyMessage, TunnelError> {
-    next_channel_message(read, frames)
-        .await
-        .map_err(|e| match e {
-            ChannelReadError::Closed => TunnelError::Closed,
-            ChannelReadError::Refused => {
-                TunnelError::Protocol("the proxy refused the control subsystem")
-            }
-            ChannelReadError::Frame(e) => TunnelError::Frame(e),
-        })
+    Ok(next_channel_message(read, frames).await?)
 }

@@ -76,7 +76,10 @@ pub fn check_spec(
     let heartbeat = humantime::parse_duration(&spec.tunnel.heartbeat_interval).map_err(|e| {
         unusable(
             "InvalidHeartbeatInterval",
-            format!("spec.heartbeatInterval {:?}: {e}", spec.tunnel.heartbeat_interval),
+            format!(
+                "spec.heartbeatInterval {:?}: {e}",
+                spec.tunnel.heartbeat_interval
+            ),
             false,
         )
     })?;

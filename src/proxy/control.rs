@@ -12,8 +12,8 @@ use tracing::{debug, info, warn};
 use super::peers::Peer;
 use super::shared::ProxyShared;
 use super::sites::{AuthenticatedAgent, Tunnel};
-use crate::protocol::control::{self, AgentMessage, ControlError, FrameReader, ProxyMessage};
-use crate::stream::frames::{ChannelReadError, next_channel_message};
+use crate::protocol::control::{AgentMessage, ControlError, FrameReader, ProxyMessage};
+use crate::stream::frames::{ChannelReadError, next_channel_message, send_message};
 
 /// How often the full proxy list is re-sent even when nothing changed, so an agent that missed
 /// one recovers.
@@ -249,9 +249,7 @@ async fn send_discovery(
 }
 
 async fn send(write: &ChannelWriteHalf<Msg>, msg: &ProxyMessage) -> Result<(), ControlEnd> {
-    let bytes = control::encode(msg)?;
-    write.data_bytes(bytes).await?;
-    Ok(())
+    send_message(write, msg).await
 }
 
 /// Reads until one whole agent message has arrived.
@@ -259,15 +257,19 @@ async fn next_message(
     read: &mut ChannelReadHalf,
     frames: &mut FrameReader,
 ) -> Result<AgentMessage, ControlEnd> {
-    next_channel_message(read, frames)
-        .await
-        .map_err(|e| match e {
+    Ok(next_channel_message(read, frames).await?)
+}
+
+impl From<ChannelReadError> for ControlEnd {
+    fn from(e: ChannelReadError) -> Self {
+        match e {
             ChannelReadError::Closed => ControlEnd::Closed,
             ChannelReadError::Refused => {
                 ControlEnd::Protocol("the agent refused a channel request")
             }
             ChannelReadError::Frame(e) => ControlEnd::Frame(e),
-        })
+        }
+    }
 }
 
 /// Lets something happen at most once per period (the first time at once).

@@ -83,3 +83,16 @@ fn eof_is_closed(e: std::io::Error) -> ControlError {
         ControlError::Io(e)
     }
 }
+
+/// Sends one control message on an SSH channel; `E` is the caller's error, which says what a
+/// failed encoding or send means to it.
+pub async fn send_message<T, S, E>(write: &russh::ChannelWriteHalf<S>, message: &T) -> Result<(), E>
+where
+    T: Serialize,
+    S: From<(russh::ChannelId, russh::ChannelMsg)> + Send + Sync + 'static,
+    E: From<ControlError> + From<russh::Error>,
+{
+    let bytes = encode(message)?;
+    write.data_bytes(bytes).await?;
+    Ok(())
+}

@@ -98,7 +98,6 @@ fn enabled_default() -> bool {
     true
 }
 
-
 /// What the join produced; written only by the operator.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
