@@ -26,9 +26,11 @@ use crate::common::api_writes::{since, total, write_counts};
 use crate::haproxy::free_port;
 use crate::procs::status_kib;
 use crate::test_procs::{Files, Proc, proxy_command};
-use crate::tunnel_e2e::{create_secrets, example, install_crds};
+use crate::tunnel_e2e::{agent_secret_named, create_secrets, example, install_crds};
 use crate::{Opts, Res, Row, cpu_time, poll, tether_bin, verdict};
+use k8s_openapi::api::core::v1::Secret;
 use tether::demo::Pki;
+use tether::identity::CertificateAuthority;
 use tether::operator::crd::ReverseTunnel;
 use tether::operator::crd::reverse_tunnel::Phase;
 use tether::operator::stamps::SEEN_REFRESH;
@@ -188,13 +190,21 @@ fn spawn_operator(cp: &ControlPlane, ns: &str, log: &std::path::Path) -> Res<Pro
     Ok(Proc(child))
 }
 
-/// Creates `n` ReverseTunnels `rt-0000`… from the example, pointed at `proxy` (16 in flight).
+/// The leaf cluster of tunnel `i`.
+fn leaf_name(i: usize) -> String {
+    format!("leaf-{i:04}")
+}
+
+/// Creates `n` ReverseTunnels `rt-0000`… from the example, each for leaf `leaf-0000`… with
+/// its own identity Secret, pointed at `proxy` (16 in flight).
 async fn create_tunnels(api: &Api<ReverseTunnel>, proxy: SocketAddr, n: usize) -> Res<()> {
     let template = example(&proxy.to_string(), &["127.0.0.1/32:9".to_owned()]);
     futures::stream::iter(0..n)
         .map(|i| {
             let mut value = template.clone();
             value["metadata"]["name"] = format!("rt-{i:04}").into();
+            value["spec"]["leafCluster"] = leaf_name(i).into();
+            value["spec"]["identitySecretRef"]["name"] = format!("{}-agent", leaf_name(i)).into();
             async move {
                 let rt: ReverseTunnel =
                     serde_json::from_value(value).map_err(|e| format!("the example: {e}"))?;
@@ -246,8 +256,37 @@ pub async fn measure(opts: &Opts) -> Res<LeafFigures> {
     let name = |s: &str| ClusterName::new(s).map_err(|e| e.to_string());
     let pki = Pki::generate(name("root")?, name("leaf-1")?).map_err(|e| e.to_string())?;
     let files = Files::write(&pki, &["root-proxy"]);
+    // Each tunnel is a leaf of its own (two tunnels of one leaf are refused as duplicates):
+    // its CA in the proxy's trust directory, its agent's identity in a Secret.
+    let leaves = (0..n)
+        .map(|i| CertificateAuthority::generate(name(&leaf_name(i))?).map_err(|e| e.to_string()))
+        .collect::<Res<Vec<_>>>()?;
+    for ca in &leaves {
+        let key = ca.public_key().to_openssh().map_err(|e| e.to_string())?;
+        std::fs::write(
+            files.path("trust").join(format!("{}.pub", ca.cluster())),
+            key,
+        )
+        .map_err(|e| e.to_string())?;
+    }
     let (proxy, proxy_addr) = spawn_root_proxy(&files)?;
     create_secrets(&client, &ns, &pki).await;
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
+    futures::stream::iter(&leaves)
+        .map(|ca| {
+            let secret = agent_secret_named(&format!("{}-agent", ca.cluster()), ca);
+            let secrets = secrets.clone();
+            async move {
+                secrets
+                    .create(&PostParams::default(), &secret)
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| format!("creating an identity Secret: {e}"))
+            }
+        })
+        .buffer_unordered(16)
+        .try_collect::<()>()
+        .await?;
     let rts: Api<ReverseTunnel> = Api::namespaced(client.clone(), &ns);
     create_tunnels(&rts, proxy_addr, n).await?;
 

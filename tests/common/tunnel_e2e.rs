@@ -83,6 +83,11 @@ pub fn secret(name: &str, data: &[(&str, String)]) -> Secret {
 /// The agent identity Secret the example names (`leaf-1-agent`): a new agent certificate
 /// from `leaf`.
 pub fn agent_secret(leaf: &CertificateAuthority) -> Secret {
+    agent_secret_named("leaf-1-agent", leaf)
+}
+
+/// An agent identity Secret `name`: a new agent certificate from `leaf`.
+pub fn agent_secret_named(name: &str, leaf: &CertificateAuthority) -> Secret {
     let agent = Identity::generate_agent(leaf, Duration::from_secs(3600)).expect("agent id");
     let key = agent
         .key
@@ -90,7 +95,7 @@ pub fn agent_secret(leaf: &CertificateAuthority) -> Secret {
         .expect("encoding key")
         .to_string();
     let cert = agent.certificate.to_openssh().expect("encoding cert");
-    secret("leaf-1-agent", &[("key", key), ("cert", cert)])
+    secret(name, &[("key", key), ("cert", cert)])
 }
 
 /// The agent identity (`leaf-1-agent`) and root CA (`root-ca`) Secrets the example names,
