@@ -10,7 +10,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::agent::{Agent, AgentConfig, Backoff};
+use crate::agent::{Agent, AgentConfig};
 use crate::egress::allow_list::AllowList;
 use crate::identity::{CertificateAuthority, Identity, IdentityError, TrustStore};
 use crate::protocol::{ClusterName, Target};
@@ -74,22 +74,14 @@ impl Pki {
         proxy_addr: &str,
         allow: AllowList,
     ) -> Result<AgentConfig, IdentityError> {
-        Ok(AgentConfig {
-            cluster: self.leaf.cluster().clone(),
-            root_cluster: self.root.cluster().clone(),
-            proxy_addr: proxy_addr.to_owned(),
-            identity: Arc::new(Identity::generate_agent(&self.leaf, VALIDITY)?),
-            root_cas: vec![self.root.public_key().clone()],
-            allow: Arc::new(ArcSwap::from_pointee(allow)),
-            api_server: None,
-            heartbeat_interval: Duration::from_secs(15),
-            connect_timeout: Duration::from_secs(10),
-            dial_timeout: Duration::from_secs(10),
-            resolver: Default::default(),
-            backoff: Backoff::default(),
-            stream: StreamLimits::default(),
-            metrics: Default::default(),
-        })
+        Ok(AgentConfig::new(
+            self.leaf.cluster().clone(),
+            self.root.cluster().clone(),
+            proxy_addr,
+            Arc::new(Identity::generate_agent(&self.leaf, VALIDITY)?),
+            vec![self.root.public_key().clone()],
+            allow,
+        ))
     }
 }
 

@@ -6,16 +6,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use arc_swap::ArcSwap;
 use clap::{Args, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
-use tether::agent::{Agent, AgentConfig, Backoff};
+use tether::agent::{Agent, AgentConfig};
 use tether::client::{DialClient, DialClientConfig};
 use tether::egress::allow_list::AllowList;
 use tether::identity::{CertificateAuthority, Identity, parse_ca_keys};
 use tether::protocol::{ClusterName, Endpoint, Target};
-use tether::stream::StreamLimits;
 
 use cli::shutdown_signal;
 
@@ -391,20 +389,18 @@ fn read_cas(path: &Path) -> anyhow::Result<Vec<tether::identity::PublicKey>> {
 
 async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
     let config = AgentConfig {
-        cluster: args.cluster,
-        root_cluster: args.root_cluster,
-        proxy_addr: args.proxy,
-        identity: Arc::new(cli::load_identity("--identity", &args.identity)?),
-        root_cas: read_cas(&args.root_ca)?,
-        allow: Arc::new(ArcSwap::from_pointee(AllowList::parse(&args.allow)?)),
         api_server: args.api_server,
         heartbeat_interval: args.heartbeat_interval,
         connect_timeout: Duration::from_secs(15),
         dial_timeout: args.dial_timeout,
-        resolver: Default::default(),
-        backoff: Backoff::default(),
-        stream: StreamLimits::default(),
-        metrics: Default::default(),
+        ..AgentConfig::new(
+            args.cluster,
+            args.root_cluster,
+            args.proxy,
+            Arc::new(cli::load_identity("--identity", &args.identity)?),
+            read_cas(&args.root_ca)?,
+            AllowList::parse(&args.allow)?,
+        )
     };
     let agent = Arc::new(Agent::new(config));
     let stop = CancellationToken::new();

@@ -9,15 +9,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use arc_swap::ArcSwap;
 use tokio_util::sync::CancellationToken;
 
-use tether::agent::{Agent, AgentConfig, AgentEvent, Backoff};
+use tether::agent::{Agent, AgentConfig, AgentEvent};
 use tether::egress::allow_list::AllowList;
 use tether::forward::ForwardConfig;
 use tether::identity::{Identity, parse_ca_keys};
 use tether::protocol::{ClusterName, Target};
-use tether::stream::StreamLimits;
 
 use crate::paths::{Env, PathUnderTest, ready};
 use crate::procs::{Procs, free_port, local, run, status_kib, wait_port};
@@ -374,20 +372,15 @@ pub(crate) fn idle_memory(env: &Env, files: &TetherFiles) -> Res<IdleMemory> {
     let allow = AllowList::parse([format!("127.0.0.1/32:{}", env.echo.port())])
         .map_err(|e| e.to_string())?;
     let config = AgentConfig {
-        cluster: ClusterName::new("leaf").map_err(|e| e.to_string())?,
-        root_cluster: ClusterName::new("root").map_err(|e| e.to_string())?,
-        proxy_addr: local(port).to_string(),
-        identity,
-        root_cas,
-        allow: Arc::new(ArcSwap::from_pointee(allow)),
-        api_server: None,
-        heartbeat_interval: Duration::from_secs(15),
         connect_timeout: Duration::from_secs(30),
-        dial_timeout: Duration::from_secs(10),
-        resolver: Default::default(),
-        backoff: Backoff::default(),
-        stream: StreamLimits::default(),
-        metrics: Default::default(),
+        ..AgentConfig::new(
+            ClusterName::new("leaf").map_err(|e| e.to_string())?,
+            ClusterName::new("root").map_err(|e| e.to_string())?,
+            local(port).to_string(),
+            identity,
+            root_cas,
+            allow,
+        )
     };
     let stop = CancellationToken::new();
     let n = env.opts.idle_agents;

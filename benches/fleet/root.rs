@@ -26,7 +26,6 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use arc_swap::ArcSwap;
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{ListParams, PostParams};
@@ -41,13 +40,12 @@ use crate::procs::status_kib;
 use crate::test_procs::Proc;
 use crate::tunnel_e2e::install_crds;
 use crate::{Opts, Res, Row, cpu_time, poll, tether_bin, verdict};
-use tether::agent::{Agent, AgentConfig, Backoff};
+use tether::agent::{Agent, AgentConfig};
 use tether::egress::allow_list::AllowList;
 use tether::identity::{CertificateAuthority, Identity};
 use tether::operator::crd::remote_cluster::Connection;
 use tether::operator::crd::{RemoteCluster, RemoteClusterSpec};
 use tether::protocol::ClusterName;
-use tether::stream::StreamLimits;
 
 /// The Service whose EndpointSlices name the replicas.
 const SERVICE: &str = "tether-proxy-peers";
@@ -378,20 +376,16 @@ fn spawn_agent(dir: &Path, leaf: &Leaf, lb: SocketAddr, heartbeat: Duration) -> 
 /// An in-process agent for `leaf`, as a leaf's `tether agent` would run with the defaults.
 fn agent_config(leaf: Leaf, lb: SocketAddr, root_ca: &CertificateAuthority) -> Res<AgentConfig> {
     Ok(AgentConfig {
-        cluster: leaf.name,
-        root_cluster: ClusterName::new("root").map_err(|e| e.to_string())?,
-        proxy_addr: lb.to_string(),
-        identity: Arc::new(leaf.identity),
-        root_cas: vec![root_ca.public_key().clone()],
-        allow: Arc::new(ArcSwap::from_pointee(AllowList::default())),
-        api_server: None,
         heartbeat_interval: HEARTBEAT,
         connect_timeout: Duration::from_secs(30),
-        dial_timeout: Duration::from_secs(10),
-        resolver: Default::default(),
-        backoff: Backoff::default(),
-        stream: StreamLimits::default(),
-        metrics: Default::default(),
+        ..AgentConfig::new(
+            leaf.name,
+            ClusterName::new("root").map_err(|e| e.to_string())?,
+            lb.to_string(),
+            Arc::new(leaf.identity),
+            vec![root_ca.public_key().clone()],
+            AllowList::default(),
+        )
     })
 }
 

@@ -33,12 +33,11 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use tokio_util::sync::CancellationToken;
 
-use tether::agent::{Agent, AgentConfig, Backoff};
+use tether::agent::{Agent, AgentConfig};
 use tether::egress::allow_list::AllowList;
 use tether::identity::{CertificateAuthority, Identity};
 use tether::protocol::ClusterName;
 use tether::proxy::ProxyLimits;
-use tether::stream::StreamLimits;
 
 use crate::procs::{Procs, cpu_secs, free_port, local, status_kib};
 use crate::{Opts, Res, Section, load_average};
@@ -336,20 +335,18 @@ fn start_agents(
     let mut agents = Vec::with_capacity(pki.agents.len());
     for (i, (name, identity)) in pki.agents.iter().enumerate() {
         let agent = Arc::new(Agent::new(AgentConfig {
-            cluster: name.clone(),
-            root_cluster: pki.root.cluster().clone(),
-            proxy_addr: proxy.to_string(),
-            identity: identity.clone(),
-            root_cas: root_cas.clone(),
             allow: allow.clone(),
-            api_server: None,
             heartbeat_interval: HEARTBEAT,
             connect_timeout: Duration::from_secs(15),
-            dial_timeout: Duration::from_secs(10),
-            resolver: Default::default(),
-            backoff: Backoff::default(),
-            stream: StreamLimits::default(),
             metrics: metrics.clone(),
+            ..AgentConfig::new(
+                name.clone(),
+                pki.root.cluster().clone(),
+                proxy.to_string(),
+                identity.clone(),
+                root_cas.clone(),
+                AllowList::default(),
+            )
         }));
         let mut status = agent.status();
         let tally = tally.clone();

@@ -125,6 +125,38 @@ pub struct AgentConfig {
     pub metrics: AgentMetrics,
 }
 
+impl AgentConfig {
+    /// An agent of `cluster` dialling `proxy_addr` as `identity`, trusting `root_cas` to sign
+    /// the proxies of `root_cluster`, the root allowed to reach `allow`; the rest at its
+    /// default: 15 s heartbeats, 10 s to connect to the proxy and to a target, the system
+    /// resolver, the default back-off and stream limits, counters of its own, no API server.
+    pub fn new(
+        cluster: ClusterName,
+        root_cluster: ClusterName,
+        proxy_addr: impl Into<String>,
+        identity: Arc<Identity>,
+        root_cas: Vec<PublicKey>,
+        allow: AllowList,
+    ) -> Self {
+        Self {
+            cluster,
+            root_cluster,
+            proxy_addr: proxy_addr.into(),
+            identity,
+            root_cas,
+            allow: Arc::new(ArcSwap::from_pointee(allow)),
+            api_server: None,
+            heartbeat_interval: Duration::from_secs(15),
+            connect_timeout: Duration::from_secs(10),
+            dial_timeout: Duration::from_secs(10),
+            resolver: Resolver::default(),
+            backoff: Backoff::default(),
+            stream: StreamLimits::default(),
+            metrics: AgentMetrics::default(),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -7,17 +7,15 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
 use k8s_openapi::api::core::v1::Secret;
 use kube::Api;
 
 use super::crd::ReverseTunnel;
 use super::status::Problem;
-use crate::agent::{AgentConfig, Backoff};
+use crate::agent::AgentConfig;
 use crate::egress::allow_list::AllowList;
 use crate::identity::{Certificate, Identity, PrivateKey, parse_ca_keys};
 use crate::protocol::ClusterName;
-use crate::stream::StreamLimits;
 
 /// Secret key of the agent's private key.
 pub const IDENTITY_KEY: &str = "key";
@@ -198,20 +196,16 @@ pub async fn resolve(rt: &ReverseTunnel, secrets: &Api<Secret>) -> Result<Desire
         .hash(&mut hasher);
     (key_text.trim(), cert_text.trim(), ca_text.trim()).hash(&mut hasher);
     let config = AgentConfig {
-        cluster: leaf,
-        root_cluster: root,
-        proxy_addr: spec.proxy_address.clone(),
-        identity: Arc::new(identity),
-        root_cas,
-        allow: Arc::new(ArcSwap::from_pointee(allow.clone())),
         api_server: spec.tunnel.api_server.clone(),
         heartbeat_interval: heartbeat,
-        connect_timeout: Duration::from_secs(10),
-        dial_timeout: Duration::from_secs(10),
-        resolver: Default::default(),
-        backoff: Backoff::default(),
-        stream: StreamLimits::default(),
-        metrics: Default::default(),
+        ..AgentConfig::new(
+            leaf,
+            root,
+            spec.proxy_address.clone(),
+            Arc::new(identity),
+            root_cas,
+            allow.clone(),
+        )
     };
     Ok(Desired {
         config,

@@ -24,12 +24,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use tether::agent::{Agent, AgentConfig, Backoff};
+use tether::agent::{Agent, AgentConfig};
 use tether::egress::allow_list::AllowList;
 use tether::identity::{CertificateAuthority, Identity};
 use tether::protocol::ClusterName;
 use tether::proxy::{ProxyLimits, ProxyServer};
-use tether::stream::StreamLimits;
 use tokio_util::sync::CancellationToken;
 
 use alloc::{Side, live_bytes, runtime};
@@ -69,22 +68,15 @@ fn leaves(n: usize) -> Vec<Leaf> {
 
 fn agent_config(pki: &tether::demo::Pki, proxy: &ProxyServer, leaf: &Leaf) -> AgentConfig {
     AgentConfig {
-        cluster: leaf.name.clone(),
-        root_cluster: pki.root.cluster().clone(),
-        proxy_addr: proxy.local_addr().to_string(),
-        identity: leaf.identity.clone(),
-        root_cas: vec![pki.root.public_key().clone()],
-        allow: Arc::new(ArcSwap::from_pointee(
-            AllowList::parse(["127.0.0.1/32:9"]).expect("allow"),
-        )),
-        api_server: None,
-        heartbeat_interval: Duration::from_secs(15),
         connect_timeout: Duration::from_secs(15),
-        dial_timeout: Duration::from_secs(10),
-        resolver: Default::default(),
-        backoff: Backoff::default(),
-        stream: StreamLimits::default(),
-        metrics: Default::default(),
+        ..AgentConfig::new(
+            leaf.name.clone(),
+            pki.root.cluster().clone(),
+            proxy.local_addr().to_string(),
+            leaf.identity.clone(),
+            vec![pki.root.public_key().clone()],
+            AllowList::parse(["127.0.0.1/32:9"]).expect("allow"),
+        )
     }
 }
 
