@@ -29,6 +29,11 @@ struct Cli {
     /// Without it, `RUST_LOG` applies, else `info`.
     #[arg(long, global = true, env = "TETHER_LOG_LEVEL")]
     log_level: Option<String>,
+    /// Where `tether proxy` writes its audit records (one JSON line per dial: who, from where,
+    /// which leaf and target, the decision, bytes, duration), apart from the log and whatever
+    /// its level. Unset: they join the log (target `tether::audit`).
+    #[arg(long, global = true, env = "TETHER_AUDIT_LOG")]
+    audit_log: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -192,15 +197,18 @@ struct DialArgs {
 fn main() -> std::process::ExitCode {
     tether::stream::tune_allocator();
     let cli = Cli::parse();
-    let result = cli::output::init_logging(cli.log_format, cli.log_level.as_deref())
-        .map_err(anyhow::Error::from)
-        .and_then(|()| {
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-                .context("starting the async runtime")?;
-            runtime.block_on(run(cli.command))
-        });
+    let result = cli::output::init_logging(
+        cli.log_format,
+        cli.log_level.as_deref(),
+        cli.audit_log.as_deref(),
+    )
+    .and_then(|()| {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .context("starting the async runtime")?;
+        runtime.block_on(run(cli.command))
+    });
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

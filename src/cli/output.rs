@@ -12,6 +12,9 @@
 //! printing both said every cause twice. A cause already contained in what was printed is skipped.
 
 use std::io::IsTerminal;
+use std::path::Path;
+
+use anyhow::Context as _;
 
 use tracing_subscriber::EnvFilter;
 
@@ -56,22 +59,70 @@ pub enum LogFormat {
     Json,
 }
 
-/// Installs the process's log subscriber (text or JSON lines) on standard error.
-pub fn init_logging(format: LogFormat, level: Option<&str>) -> Result<(), LogLevelError> {
+/// Installs the process's log subscriber (text or JSON lines) on standard error; with
+/// `audit_log`, audit records ([`tether::proxy::audit::TARGET`]) go to that file instead, as
+/// JSON lines, whatever the log level.
+pub fn init_logging(
+    format: LogFormat,
+    level: Option<&str>,
+    audit_log: Option<&Path>,
+) -> anyhow::Result<()> {
+    use tracing_subscriber::Layer as _;
+    use tracing_subscriber::filter::{FilterExt as _, filter_fn};
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+
     let filter = log_filter(level)?;
     let colour = use_colour(
         std::io::stderr().is_terminal(),
         std::env::var_os("NO_COLOR").as_deref(),
     );
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let audit_apart = audit_log.is_some();
+    let not_audit = filter_fn(move |m| !(audit_apart && m.target() == AUDIT));
+    let stderr = tracing_subscriber::fmt::layer()
         .with_ansi(colour)
         .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Text => builder.init(),
-    }
+    let stderr = match format {
+        LogFormat::Json => stderr.json().with_filter(filter.and(not_audit)).boxed(),
+        LogFormat::Text => stderr.with_filter(filter.and(not_audit)).boxed(),
+    };
+    let audit = match audit_log {
+        Some(path) => {
+            let file = open_audit_log(path)?;
+            let only_audit = filter_fn(|m| m.target() == AUDIT);
+            let layer = tracing_subscriber::fmt::layer()
+                .json()
+                .with_ansi(false)
+                .with_writer(std::sync::Mutex::new(file))
+                .with_filter(only_audit);
+            Some(layer)
+        }
+        None => None,
+    };
+    tracing_subscriber::registry()
+        .with(stderr)
+        .with(audit)
+        .init();
     Ok(())
+}
+
+/// The target of audit records.
+const AUDIT: &str = tether::proxy::audit::TARGET;
+
+/// Opens (appending, created readable by its owner only) the `--audit-log` file.
+fn open_audit_log(path: &Path) -> anyhow::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| {
+            format!(
+                "--audit-log {}: cannot open it for appending",
+                path.display()
+            )
+        })
 }
 
 /// The lines to print for a failed command: the error, then each cause not already said.

@@ -24,6 +24,7 @@ use tokio::sync::oneshot;
 use tracing::{Instrument, info, info_span, warn};
 
 use super::Dialer;
+use super::audit::{DialAudit, Via};
 use super::clients::ClientRegistration;
 use super::dialer::ProxyDialer;
 use super::peers::PEER_ORIGINATOR;
@@ -372,16 +373,19 @@ impl Handler for ConnectionHandler {
                 return Ok(());
             }
         };
+        let client = self.peer_addr;
+        let via = if from_peer { Via::Peer } else { Via::Ssh };
+        let audit = DialAudit::start(&name, via, client, &target);
         let quota = match self.shared.client_streams.acquire(&name) {
             Ok(permit) => permit,
             Err(e) => {
                 warn!(peer = %self.peer_addr, error = %e, "stream refused");
+                audit.denied("quota", &e.to_string());
                 reply.reject(ChannelOpenFailure::ResourceShortage).await;
                 return Ok(());
             }
         };
         let dialer = ProxyDialer::new(self.shared.clone());
-        let client = self.peer_addr;
         let span = info_span!("client_stream", client = %name, target = %target);
         self.shared.tasks.spawn(
             async move {
@@ -394,12 +398,15 @@ impl Handler for ConnectionHandler {
                 match dialled {
                     Ok(conn) => {
                         reply.accept().await;
-                        if let Err(e) = conn.splice(channel.into_stream()).await {
+                        let ended = conn.splice(audit.count(channel.into_stream())).await;
+                        if let Err(e) = &ended {
                             info!(error = %e, "stream ended with an error");
                         }
+                        audit.ended(&ended);
                     }
                     Err(e) => {
                         warn!(error = %e, "dial failed");
+                        audit.refused(&e);
                         // The kind only: the message may name addresses the client need not see.
                         reply.reject(e.kind.open_failure()).await;
                     }

@@ -1,5 +1,6 @@
 //! The root side: the tunnel server, its registry of remote sites, and the client entry.
 
+pub mod audit;
 pub mod authority;
 pub mod client_entry;
 pub mod clients;

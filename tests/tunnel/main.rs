@@ -3,6 +3,7 @@
 #[path = "../support/mod.rs"]
 mod support;
 
+mod audit;
 mod auth;
 mod data;
 mod dial_errors;

@@ -42,6 +42,7 @@ use crate::protocol::Target;
 use crate::stream::Splice;
 
 use super::Dialer;
+use super::audit::{DialAudit, Via};
 use admission::{Door, DoorSettings, SourcePermit};
 use prefixed::Prefixed;
 
@@ -347,9 +348,15 @@ async fn handle<D: Dialer>(
     span.record("user", user.as_str());
     span.record("target", tracing::field::display(&target));
 
+    let via = match protocol {
+        Protocol::Http => Via::HttpConnect,
+        Protocol::Socks5 => Via::Socks5,
+    };
+    let audit = DialAudit::start(&user, via, peer, &target);
     match dialer.dial(target, peer).await {
         Err(e) => {
             info!(kind = e.kind.as_str(), error = %e.message, "dial failed");
+            audit.refused(&e);
             let write = async {
                 match protocol {
                     Protocol::Http => http::write_dial_error(&mut stream, &e).await,
@@ -369,14 +376,28 @@ async fn handle<D: Dialer>(
             };
             match timeout(limit, write).await {
                 Ok(Ok(())) => {}
-                Ok(Err(e)) => return debug!(error = %e, "client gone before the tunnel opened"),
-                Err(_) => return info!("client did not read the reply; dropping it"),
+                Ok(Err(e)) => {
+                    audit.ended(&Err(e));
+                    return debug!("client gone before the tunnel opened");
+                }
+                Err(_) => {
+                    let late = std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "the client did not read the reply",
+                    );
+                    audit.ended(&Err(late));
+                    return info!("client did not read the reply; dropping it");
+                }
             }
             info!("tunnel open");
-            match conn.splice(Prefixed::new(leftover, stream)).await {
+            let ended = conn
+                .splice(audit.count(Prefixed::new(leftover, stream)))
+                .await;
+            match &ended {
                 Ok(()) => info!("tunnel closed"),
                 Err(e) => info!(error = %e, "tunnel ended with an error"),
             }
+            audit.ended(&ended);
         }
     }
 }
