@@ -11,7 +11,8 @@ mod common;
 use libfuzzer_sys::fuzz_target;
 use tether::identity::PublicKey;
 use tether::protocol::ClusterName;
-use tether::protocol::control::{encode, read_message};
+use tether::protocol::control::encode;
+use tether::stream::frames::read_message;
 use tether::protocol::join::{JoinToken, JoinerMessage, RootMessage, validate_token_id};
 
 const TOKEN: &str = "abcdef.0123456789abcdef";
