@@ -1,12 +1,12 @@
 //! What an agent needs to run.
 
-use crate::admin::metrics::AgentMetrics;
 use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use russh::keys::PublicKey;
 
+use crate::admin::metrics::AgentMetrics;
 use crate::egress::allow_list::AllowList;
 use crate::egress::connect::Resolver;
 use crate::identity::Identity;

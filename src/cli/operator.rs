@@ -114,9 +114,7 @@ pub async fn run(args: OperatorArgs) -> anyhow::Result<()> {
         exported: MetricsRegistry::default().operator(&metrics),
     });
     if let Some(addr) = args.admin_listen {
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("binding the admin endpoint {addr}"))?;
+        let listener = super::bind("--admin-listen", addr).await?;
         tracing::info!(addr = %listener.local_addr()?, "admin endpoint");
         let stopped = shutdown.clone();
         tokio::spawn(tether::admin::serve(

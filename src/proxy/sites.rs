@@ -11,12 +11,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::SystemTime;
 
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::watch;
 
 use crate::admin::metrics::{Labels, label};
 use crate::protocol::{ClusterName, DialError, DialErrorKind};
-use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
 
 pub use super::tunnel::{
     AuthenticatedAgent, HeldError, MAX_HELD_PROXIES, ProxyStream, Tunnel, TunnelDialError,
@@ -84,12 +84,6 @@ pub struct Sites {
     next_id: AtomicU64,
     /// The proxy's tunnels-per-site gauge (`tether_proxy_tunnels`).
     gauges: Family<Labels, Gauge>,
-}
-
-impl Default for Sites {
-    fn default() -> Self {
-        Self::new(Family::default())
-    }
 }
 
 impl Sites {

@@ -145,15 +145,38 @@ pub fn admin_get(addr: SocketAddr, path: &str) -> Option<String> {
 /// Runs `tether ARGS` in `dir` to completion, killing it (and failing) if it is still
 /// running after 30 s: a command that should have refused may instead be serving.
 pub fn tether(dir: &Path, args: &[&str]) -> Output {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_tether"))
-        .current_dir(dir)
+    let child = tether_command(dir, args).spawn().expect("tether runs");
+    finish(child, args)
+}
+
+/// [`tether`], with `input` on its standard input (then closed): `tether dial` sends it.
+pub fn tether_with_input(dir: &Path, args: &[&str], input: &[u8]) -> Output {
+    let mut child = tether_command(dir, args)
+        .stdin(Stdio::piped())
+        .spawn()
+        .expect("tether runs");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(input)
+        .expect("writing tether's input");
+    finish(child, args)
+}
+
+fn tether_command(dir: &Path, args: &[&str]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_tether"));
+    cmd.current_dir(dir)
         .args(args)
         .env_remove("TETHER_TOKEN")
         .env_remove("TETHER_TOKEN_FILE")
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("tether runs");
+        .stderr(Stdio::piped());
+    cmd
+}
+
+/// Waits for `child` (`tether args`), killing it and failing after 30 s.
+fn finish(mut child: Child, args: &[&str]) -> Output {
     let deadline = Instant::now() + Duration::from_secs(30);
     while child.try_wait().expect("wait").is_none() {
         if Instant::now() > deadline {

@@ -3,38 +3,33 @@
 //! the duration. `tether proxy --audit-log FILE` writes the records there as JSON lines, apart
 //! from its log. Real processes: a proxy, an agent, `tether dial`.
 
-use std::io::Write as _;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use tether::identity::Identity;
 
 use crate::support::haproxy::free_port;
-use crate::support::procs::{Files, admin_get, proxy_command, spawn, spawn_agent};
+use crate::support::procs::{
+    Files, admin_get, proxy_command, spawn, spawn_agent, tether_with_input,
+};
 use crate::support::*;
 
 /// `tether dial leaf TARGET` through `proxy` as alice, sending `message`; what came back, or
 /// its stderr.
 fn dial(dir: &Path, proxy: SocketAddr, target: &str, message: &[u8]) -> Result<Vec<u8>, String> {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_tether"))
-        .current_dir(dir)
-        .args(["dial", "leaf", target, "--proxy", &proxy.to_string()])
-        .args(["--root-cluster", "root", "--identity", "alice"])
-        .args(["--root-ca", "root-ca.pub"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("tether dial starts");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(message)
-        .expect("write");
-    let out = child.wait_with_output().expect("tether dial ends");
+    let proxy = proxy.to_string();
+    let args = [
+        "dial",
+        "leaf",
+        target,
+        "--proxy",
+        &proxy,
+        "--root-cluster",
+        "root",
+    ];
+    let identity = ["--identity", "alice", "--root-ca", "root-ca.pub"];
+    let out = tether_with_input(dir, &[&args[..], &identity[..]].concat(), message);
     if out.status.success() {
         Ok(out.stdout)
     } else {

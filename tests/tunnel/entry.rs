@@ -1,7 +1,6 @@
 //! Root-side clients through standard tools: curl via HTTP CONNECT and SOCKS5, `tether dial`,
 //! the API-server alias, and direct dials into the local cluster.
 
-use std::io::Write;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,6 +11,7 @@ use tether::protocol::DialErrorKind;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
 
+use crate::support::procs::tether_with_input;
 use crate::support::*;
 
 const TOKEN: &str = "s3cret-token-for-tests-only";
@@ -117,32 +117,22 @@ async fn tether_dial_carries_stdin_and_stdout_with_a_client_certificate() {
     let proxy = rig.proxy.local_addr().to_string();
     let target = format!("127.0.0.1:{}", echo.port());
     let out = tokio::task::spawn_blocking(move || {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_tether"))
-            .args([
-                "dial",
-                "leaf",
-                &target,
-                "--proxy",
-                &proxy,
-                "--root-cluster",
-                "root",
-            ])
-            .arg("--identity")
-            .arg(&key)
-            .arg("--root-ca")
-            .arg(&root_ca)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("tether dial starts");
-        child
-            .stdin
-            .take()
-            .expect("stdin")
-            .write_all(b"through the tunnel\n")
-            .expect("write stdin");
-        child.wait_with_output().expect("tether dial ends")
+        let (key, root_ca) = (key.to_string_lossy(), root_ca.to_string_lossy());
+        let args = [
+            "dial",
+            "leaf",
+            &target,
+            "--proxy",
+            &proxy,
+            "--root-cluster",
+            "root",
+        ];
+        let files = ["--identity", &key, "--root-ca", &root_ca];
+        tether_with_input(
+            dir.path(),
+            &[&args[..], &files[..]].concat(),
+            b"through the tunnel\n",
+        )
     })
     .await
     .expect("join");

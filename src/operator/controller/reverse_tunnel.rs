@@ -75,22 +75,21 @@ fn carrier_of<'a>(rt: &ReverseTunnel, all: &'a [Arc<Guarded>]) -> Option<&'a Rev
     let carrier = all
         .iter()
         .filter_map(|o| o.0.as_ref().ok())
-        .filter(|t| t.metadata.deletion_timestamp.is_none())
-        .filter(|t| {
-            t.spec.root_cluster == rt.spec.root_cluster
-                && t.spec.leaf_cluster == rt.spec.leaf_cluster
-        })
+        .filter(|t| t.metadata.deletion_timestamp.is_none() && same_leaf(t, rt))
         .min_by_key(|t| order(t))?;
     (order(carrier) != order(rt)).then_some(carrier)
+}
+
+/// Whether `a` and `b` carry the same leaf to the same root.
+fn same_leaf(a: &ReverseTunnel, b: &ReverseTunnel) -> bool {
+    a.spec.root_cluster == b.spec.root_cluster && a.spec.leaf_cluster == b.spec.leaf_cluster
 }
 
 /// Reconciles again every other tunnel of `rt`'s leaf (one may take over from it).
 fn rerun_others(tunnels: &Tunnels, rt: &ReverseTunnel) {
     for other in tunnels.store.state() {
         let Ok(t) = &other.0 else { continue };
-        let same_leaf = t.spec.root_cluster == rt.spec.root_cluster
-            && t.spec.leaf_cluster == rt.spec.leaf_cluster;
-        if same_leaf && (t.namespace(), t.name_any()) != (rt.namespace(), rt.name_any()) {
+        if same_leaf(t, rt) && (t.namespace(), t.name_any()) != (rt.namespace(), rt.name_any()) {
             let _ = tunnels.rerun.try_send(ObjectRef::from_obj(&*other));
         }
     }
