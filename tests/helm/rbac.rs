@@ -33,6 +33,43 @@ async fn the_operator_runs_end_to_end_with_the_charts_rbac() {
     let path = file.path().to_string_lossy().into_owned();
     kubectl_ok(cp, &["apply", "-n", &ns, "-f", &path]);
 
+    // The same manifest, and the example TrustedCluster, where no operator watches: the CRDs'
+    // status default says what is missing instead of an empty STATUS.
+    let unwatched = cp.new_namespace("helm-unwatched").await;
+    kubectl_ok(cp, &["apply", "-n", &unwatched, "-f", &path]);
+    let example_tc = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/trustedcluster.yaml");
+    kubectl_ok(
+        cp,
+        &[
+            "apply",
+            "-n",
+            &unwatched,
+            "-f",
+            &example_tc.to_string_lossy(),
+        ],
+    );
+    let waiting = kubectl_ok(
+        cp,
+        &["get", "rt", "-n", &unwatched, "-o", "wide", "--no-headers"],
+    );
+    assert!(
+        waiting.contains("Pending") && waiting.contains("WaitingForOperator"),
+        "an unwatched ReverseTunnel: {waiting}"
+    );
+    let waiting = kubectl_ok(
+        cp,
+        &["get", "trustedclusters", "-n", &unwatched, "--no-headers"],
+    );
+    assert!(
+        waiting.contains("Unknown") && waiting.contains("WaitingForOperator"),
+        "an unwatched TrustedCluster: {waiting}"
+    );
+    let described = kubectl_ok(cp, &["describe", "rt", "-n", &unwatched]);
+    assert!(
+        described.contains("leaf.watchAllNamespaces=true"),
+        "the Ready message says what to do: {described}"
+    );
+
     let api: Api<ReverseTunnel> = Api::namespaced(admin.clone(), &ns);
     let connected = eventually("status Connected 1/1", || async {
         let rt = api.get("to-root").await.ok()?;
@@ -47,6 +84,14 @@ async fn the_operator_runs_end_to_end_with_the_charts_rbac() {
         .find(|c| c.type_ == "Ready")
         .expect("Ready condition");
     assert_eq!(ready.status, ConditionStatus::True);
+    assert!(
+        connected
+            .conditions
+            .iter()
+            .all(|c| c.reason != "WaitingForOperator"),
+        "the operator's status replaces the default: {:?}",
+        connected.conditions
+    );
     let echoed = eventually("a dial through the tunnel", || async {
         echo_through(
             &proxy,

@@ -7,7 +7,7 @@ pub mod reverse_tunnel;
 pub mod trusted_cluster;
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::{
-    CustomResourceDefinition, JSONSchemaProps,
+    CustomResourceDefinition, JSON, JSONSchemaProps,
 };
 use kube::CustomResourceExt;
 use schemars::JsonSchema;
@@ -72,13 +72,61 @@ pub fn all() -> Vec<CustomResourceDefinition> {
         TrustedCluster::crd(),
     ];
     for crd in &mut crds {
+        let awaiting = awaiting_operator(&crd.spec.names.kind);
         for version in &mut crd.spec.versions {
             if let Some(schema) = version.schema.as_mut() {
-                schema.open_api_v3_schema = schema.open_api_v3_schema.take().map(tidy_schema);
+                let mut props = schema.open_api_v3_schema.take().map(tidy_schema);
+                if let (Some(props), Some(status)) = (props.as_mut(), awaiting.clone()) {
+                    default_status(props, status);
+                }
+                schema.open_api_v3_schema = props;
             }
         }
     }
     crds
+}
+
+/// The reason of the condition an object reads with until an operator first acts on it.
+pub const AWAITING_OPERATOR: &str = "WaitingForOperator";
+
+/// The status a `ReverseTunnel` or `TrustedCluster` reads as until an operator first writes
+/// one, as a schema default the API server fills in (Gateway API's "Waiting for controller").
+/// Without it an object in a namespace no operator watches shows an empty `STATUS` for ever,
+/// and nothing says why; with it, `kubectl get rt -o wide` shows `Pending` and the reason,
+/// and `kubectl describe` what to check. The operator's first status write replaces it.
+/// `RemoteCluster`s are the root's own records and get none.
+fn awaiting_operator(kind: &str) -> Option<serde_json::Value> {
+    let (condition, phase) = match kind {
+        "ReverseTunnel" => ("Ready", Some("Pending")),
+        "TrustedCluster" => ("Joined", None),
+        _ => return None,
+    };
+    let message = format!(
+        "No Tether operator has acted on this {kind} yet. If this lasts more than a few \
+         seconds, no running operator watches its namespace: the chart's operator watches only \
+         its release namespace unless installed with leaf.watchAllNamespaces=true (or it is \
+         not running; see its pods)."
+    );
+    let mut status = serde_json::json!({
+        "conditions": [{
+            "type": condition,
+            "status": "Unknown",
+            "reason": AWAITING_OPERATOR,
+            "message": message,
+            "lastTransitionTime": "1970-01-01T00:00:00Z",
+        }],
+    });
+    if let Some(phase) = phase {
+        status["phase"] = phase.into();
+    }
+    Some(status)
+}
+
+/// Sets `status`'s schema default, where the schema has a `status`.
+fn default_status(schema: &mut JSONSchemaProps, status: serde_json::Value) {
+    if let Some(props) = schema.properties.as_mut().and_then(|p| p.get_mut("status")) {
+        props.default = Some(JSON(status));
+    }
 }
 
 /// Mends two things schemars writes that Kubernetes users see: `format: uint32` (and its kin),

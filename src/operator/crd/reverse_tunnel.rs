@@ -66,6 +66,13 @@ pub const DURATION_PATTERN: &str = r"^([0-9]+(ms|s|m|h))+$";
         description = "When an operator replica last confirmed it carries the tunnel; each replica refreshes it every minute, so an older age means no replica does"
     ),
     printcolumn(
+        name = "Reason",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].reason",
+        description = "Why the tunnel is or is not ready",
+        priority = 1
+    ),
+    printcolumn(
         name = "Age",
         type_ = "date",
         json_path = ".metadata.creationTimestamp"
@@ -130,7 +137,8 @@ fn default_heartbeat_interval() -> String {
 /// Where a tunnel is, as one word for `kubectl get`.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
 pub enum Phase {
-    /// Accepted; the agent has not reported yet.
+    /// No operator has acted yet (then `Ready`'s reason is `WaitingForOperator`), or the
+    /// agent has not reported yet.
     Pending,
     /// The agent is dialling, or waiting to redial after a failure.
     Connecting,
