@@ -5,12 +5,12 @@
 //! scripts/kube-up.sh --controller-manager
 //! ```
 //!
-//! It is the very code the tests use (`tests/common/`). Prints the admin
+//! It is the very code the tests use (`tests/support/kube/`). Prints the admin
 //! kubeconfig path and stays in the foreground until Ctrl-C (or SIGTERM), then
 //! stops everything.
 
-#[path = "../tests/common/mod.rs"]
-mod common;
+#[path = "../tests/support/mod.rs"]
+mod support;
 
 use tokio::signal::unix::{SignalKind, signal};
 
@@ -19,7 +19,7 @@ async fn main() {
     let with_kcm = std::env::args()
         .skip(1)
         .any(|a| a == "--controller-manager");
-    let cp = match tokio::task::spawn_blocking(common::ControlPlane::start).await {
+    let cp = match tokio::task::spawn_blocking(support::kube::ControlPlane::start).await {
         Ok(Ok(cp)) => cp,
         Ok(Err(e)) => {
             eprintln!("control plane failed to start: {e}");
@@ -38,7 +38,7 @@ async fn main() {
     println!("  {}", v.kube_apiserver);
     println!("  {}", v.etcd);
     if with_kcm {
-        println!("  kube-controller-manager ({})", common::CONTROLLERS);
+        println!("  kube-controller-manager ({})", support::kube::CONTROLLERS);
     }
     println!("logs:       {}", cp.log_dir().display());
     println!("binaries:   {}", cp.bin_dir().display());

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Starts the integration tests' Kubernetes control plane (etcd +
 # kube-apiserver, and kube-controller-manager with --controller-manager) on
-# free loopback ports, using the same Rust code as the tests (tests/common/,
+# free loopback ports, using the same Rust code as the tests (tests/support/kube/,
 # via examples/control_plane.rs). Builds the pinned binaries first if they are
 # not cached. Prints the kubeconfig path; Ctrl-C stops everything.
 #

@@ -3,7 +3,7 @@
 //! kube-controller-manager's EndpointSlice controller, all against a real
 //! kube-apiserver (see tests/kube/README.md).
 
-mod common;
+mod support;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -78,7 +78,7 @@ fn api_status(result: Result<impl std::fmt::Debug, kube::Error>) -> u16 {
 
 #[tokio::test]
 async fn crd_apply_status_watch_and_kubectl() {
-    let cp = common::control_plane().await;
+    let cp = support::kube::control_plane().await;
     let client = cp.kube_client();
     install_crd(&client).await;
     let ns = cp.new_namespace("smoke-crd").await;
@@ -223,7 +223,7 @@ async fn crd_apply_status_watch_and_kubectl() {
 
 #[tokio::test]
 async fn rbac_is_enforced_for_service_accounts() {
-    let cp = common::control_plane().await;
+    let cp = support::kube::control_plane().await;
     let admin = cp.kube_client();
     install_crd(&admin).await;
     let ns = cp.new_namespace("smoke-rbac").await;
@@ -323,7 +323,7 @@ fn pod(name: &str, node: &str, labels: &BTreeMap<String, String>) -> Pod {
 
 #[tokio::test]
 async fn controller_manager_writes_endpoint_slices() {
-    let cp = common::control_plane().await;
+    let cp = support::kube::control_plane().await;
     cp.start_controller_manager().await;
     let client = cp.kube_client();
     let ns = cp.new_namespace("smoke-eps").await;

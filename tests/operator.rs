@@ -2,9 +2,7 @@
 //! tunnel to an in-process proxy, allow-list edits in place, validation, deletion, and a quiet
 //! steady state.
 
-mod common;
-#[path = "common/tunnel_e2e.rs"]
-mod tunnel_e2e;
+mod support;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -20,14 +18,14 @@ use kube::{Api, ResourceExt};
 use serde_json::json;
 use tokio::time::timeout;
 
+use support::tunnel_e2e::{
+    agent_secret, create_secrets, echo_through, eventually, example, install_crds, start_operator,
+};
 use tether::demo::{Pki, echo_server};
 use tether::operator::crd::reverse_tunnel::Phase;
 use tether::operator::crd::{ConditionStatus, ReverseTunnel};
 use tether::protocol::ClusterName;
 use tether::proxy::ProxyServer;
-use tunnel_e2e::{
-    agent_secret, create_secrets, echo_through, eventually, example, install_crds, start_operator,
-};
 
 fn tunnel_ids(proxy: &ProxyServer, leaf: &ClusterName) -> Vec<u64> {
     proxy
@@ -38,7 +36,7 @@ fn tunnel_ids(proxy: &ProxyServer, leaf: &ClusterName) -> Vec<u64> {
 
 #[tokio::test]
 async fn reverse_tunnel_lifecycle() {
-    let cp = common::control_plane().await;
+    let cp = support::kube::control_plane().await;
     let client = cp.kube_client();
     install_crds(&client).await;
     let ns = cp.new_namespace("op-life").await;
@@ -219,7 +217,7 @@ fn api_message(result: Result<impl std::fmt::Debug, kube::Error>) -> String {
 
 #[tokio::test]
 async fn invalid_specs_are_rejected_with_clear_messages() {
-    let cp = common::control_plane().await;
+    let cp = support::kube::control_plane().await;
     let client = cp.kube_client();
     install_crds(&client).await;
     let ns = cp.new_namespace("op-invalid").await;
@@ -263,7 +261,7 @@ async fn invalid_specs_are_rejected_with_clear_messages() {
 
 #[tokio::test]
 async fn rules_the_schema_cannot_judge_fail_in_status() {
-    let cp = common::control_plane().await;
+    let cp = support::kube::control_plane().await;
     let client = cp.kube_client();
     install_crds(&client).await;
     let ns = cp.new_namespace("op-rule").await;
@@ -350,7 +348,7 @@ async fn events_for(
 /// the certificate is replaced, the reconnect is a Normal Event.
 #[tokio::test]
 async fn a_refused_leaf_says_why_with_one_warning() {
-    let cp = common::control_plane().await;
+    let cp = support::kube::control_plane().await;
     let client = cp.kube_client();
     install_crds(&client).await;
     let ns = cp.new_namespace("op-refused").await;
@@ -454,7 +452,7 @@ async fn a_refused_leaf_says_why_with_one_warning() {
 /// and takes over as soon as that one is deleted.
 #[tokio::test]
 async fn a_second_tunnel_for_one_leaf_fails_and_takes_over_when_the_first_goes() {
-    let cp = common::control_plane().await;
+    let cp = support::kube::control_plane().await;
     let client = cp.kube_client();
     install_crds(&client).await;
     let ns = cp.new_namespace("op-dup").await;

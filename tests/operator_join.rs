@@ -3,9 +3,7 @@
 //! connected tunnel; invalid, expired, reused tokens and a taken name each give a condition
 //! that says so and no tunnel; disable, re-enable, delete and revocation do what they say.
 
-mod common;
-#[path = "common/tunnel_e2e.rs"]
-mod tunnel_e2e;
+mod support;
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -16,6 +14,9 @@ use kube::{Api, Client, ResourceExt};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
+use support::tunnel_e2e::{
+    echo_through, eventually, install_crds, secret, start_operator, start_operator_counting,
+};
 use tether::admin::Component;
 use tether::admin::metrics::{MetricsRegistry, OperatorMetrics};
 use tether::demo::echo_server;
@@ -27,9 +28,6 @@ use tether::operator::root::{self, KubeJoinAuthority};
 use tether::protocol::ClusterName;
 use tether::protocol::join::JoinToken;
 use tether::proxy::{JoinAuthority, ProxyServer};
-use tunnel_e2e::{
-    echo_through, eventually, install_crds, secret, start_operator, start_operator_counting,
-};
 
 fn name(s: &str) -> ClusterName {
     ClusterName::new(s).expect("valid cluster name")
@@ -152,7 +150,7 @@ async fn leaf_ca_secret(secrets: &Api<Secret>, leaf: &str) -> CertificateAuthori
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_token_joins_the_leaf_and_bad_tokens_say_why() {
-    let cp = common::control_plane().await;
+    let cp = support::kube::control_plane().await;
     let client = cp.kube_client();
     install_crds(&client).await;
     let root_ns = cp.new_namespace("join-root").await;
@@ -452,7 +450,7 @@ async fn a_token_joins_the_leaf_and_bad_tokens_say_why() {
 /// edit of the tunnel it owns is replaced, not a reason to stop reconciling.
 #[tokio::test]
 async fn a_corrected_token_joins_at_once_and_its_tunnel_follows_the_trusted_cluster() {
-    let cp = common::control_plane().await;
+    let cp = support::kube::control_plane().await;
     let client = cp.kube_client();
     install_crds(&client).await;
     let root_ns = cp.new_namespace("join-fix-root").await;
@@ -543,7 +541,7 @@ async fn a_corrected_token_joins_at_once_and_its_tunnel_follows_the_trusted_clus
 
 #[tokio::test]
 async fn entries_of_departed_replicas_are_pruned() {
-    let cp = common::control_plane().await;
+    let cp = support::kube::control_plane().await;
     let client = cp.kube_client();
     install_crds(&client).await;
     let ns = cp.new_namespace("join-prune").await;
@@ -592,7 +590,7 @@ async fn entries_of_departed_replicas_are_pruned() {
 
 #[tokio::test]
 async fn invalid_trusted_clusters_are_rejected_by_the_api_server() {
-    let cp = common::control_plane().await;
+    let cp = support::kube::control_plane().await;
     let client = cp.kube_client();
     install_crds(&client).await;
     let ns = cp.new_namespace("join-invalid").await;

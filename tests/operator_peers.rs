@@ -2,9 +2,7 @@
 //! their Service, and an agent behind haproxy follows: 3/3, scaled to 5/5, then down to 2/2,
 //! without anything touching the agent.
 
-mod common;
-#[path = "support/haproxy.rs"]
-mod haproxy;
+mod support;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -46,7 +44,7 @@ fn slice(id: &str, index: usize, addr: SocketAddr) -> EndpointSlice {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn proxies_follow_their_endpoint_slices_and_the_agent_follows_them() {
-    let cp = common::control_plane().await;
+    let cp = support::kube::control_plane().await;
     let ns = cp.new_namespace("peers").await;
     let client = cp.kube_client();
     let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), &ns);
@@ -68,7 +66,7 @@ async fn proxies_follow_their_endpoint_slices_and_the_agent_follows_them() {
         .iter()
         .map(|l| l.local_addr().expect("addr"))
         .collect();
-    let lb = haproxy::Haproxy::start("random", &addrs);
+    let lb = support::haproxy::Haproxy::start("random", &addrs);
     let stop = CancellationToken::new();
     let mut proxies: HashMap<&str, Arc<ProxyServer>> = HashMap::new();
 

@@ -4,13 +4,8 @@
 //! with another CA), or one of its CA keys removed from the spec. A single-use token stays
 //! spent once its leaf was revoked, and (the garbage collector running) goes with the leaf.
 
-mod common;
-#[allow(unused_imports)]
-#[path = "support/mod.rs"]
 mod support;
-#[path = "common/tunnel_e2e.rs"]
-mod tunnel_e2e;
-
+#[allow(unused_imports)]
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,6 +15,7 @@ use kube::{Api, Client};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
+use support::tunnel_e2e::{create_join_token, eventually, install_crds};
 use support::{pki, wait_for};
 use tether::agent::Agent;
 use tether::agent::join::{JoinError, JoinRequest, join};
@@ -31,7 +27,6 @@ use tether::operator::root::{self, KubeJoinAuthority};
 use tether::protocol::ClusterName;
 use tether::protocol::join::{JoinRefusal, JoinToken};
 use tether::proxy::{JoinAuthority, ProxyServer};
-use tunnel_e2e::{create_join_token, eventually, install_crds};
 
 /// How soon a revocation must have closed the tunnels it concerns.
 const EVICTION: Duration = Duration::from_secs(5);
@@ -119,7 +114,7 @@ async fn wait_tunnels(proxy: &ProxyServer, leaf: &ClusterName, count: usize) -> 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deleting_a_remote_cluster_ends_its_tunnels_even_when_the_name_stays_trusted() {
-    let cp = common::control_plane().await;
+    let cp = support::kube::control_plane().await;
     let client = cp.kube_client();
     install_crds(&client).await;
     let ns = cp.new_namespace("revoke-delete").await;
@@ -156,7 +151,7 @@ async fn deleting_a_remote_cluster_ends_its_tunnels_even_when_the_name_stays_tru
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn removing_a_ca_key_from_a_remote_cluster_ends_the_tunnels_it_signed() {
-    let cp = common::control_plane().await;
+    let cp = support::kube::control_plane().await;
     let client = cp.kube_client();
     install_crds(&client).await;
     let ns = cp.new_namespace("revoke-rekey").await;
@@ -206,7 +201,7 @@ struct Joined {
 
 impl Joined {
     async fn start(prefix: &str) -> Joined {
-        let cp = common::control_plane().await;
+        let cp = support::kube::control_plane().await;
         // The garbage collector, which deletes what a RemoteCluster owns.
         cp.start_controller_manager().await;
         let client = cp.kube_client();

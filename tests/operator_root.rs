@@ -12,14 +12,7 @@
 //!
 //! The tests run one at a time ([`SERIAL`]): the quiet window reads cluster-wide counters.
 
-mod common;
-#[path = "support/haproxy.rs"]
-mod haproxy;
-#[allow(dead_code)]
-#[path = "support/procs.rs"]
-mod procs;
-#[path = "common/tunnel_e2e.rs"]
-mod tunnel_e2e;
+mod support;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -36,9 +29,10 @@ use kube::{Api, ResourceExt};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
-use common::api_writes::{since, total, write_counts};
-use haproxy::free_port;
-use procs::Proc;
+use support::kube::api_writes::{since, total, write_counts};
+use support::procs::Proc;
+use support::procs::free_addr;
+use support::tunnel_e2e::{create_join_token, eventually, install_crds};
 use tether::agent::Agent;
 use tether::agent::join::{JoinRequest, join};
 use tether::demo::Pki;
@@ -47,7 +41,6 @@ use tether::identity::{CertificateAuthority, Identity};
 use tether::operator::crd::remote_cluster::Connection;
 use tether::operator::crd::{RemoteCluster, RemoteClusterSpec};
 use tether::protocol::ClusterName;
-use tunnel_e2e::{create_join_token, eventually, install_crds};
 
 const SERVICE: &str = "tether-proxy-peers";
 /// The proxies' (and agents') heartbeat interval; a tunnel silent for 3 is closed.
@@ -59,44 +52,33 @@ static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 /// `tether proxy` as the chart runs it; retried on fresh ports if it loses a port race.
 fn spawn_proxy(id: &str, ns: &str, ca: &Path, kubeconfig: &Path, log: &Path) -> (Proc, SocketAddr) {
     for _ in 0..5 {
-        let (listen, admin) = (free_port(), free_port());
-        let child = Command::new(env!("CARGO_BIN_EXE_tether"))
-            .args([
-                "proxy",
-                "--cluster",
-                "root",
-                "--proxy-id",
-                id,
-                "--kubernetes",
-            ])
-            .args(["--namespace", ns, "--peers-service", SERVICE])
-            .arg("--ca")
-            .arg(ca)
-            .arg("--listen")
-            .arg(listen.to_string())
-            .arg("--admin-listen")
-            .arg(admin.to_string())
-            .args(["--heartbeat-interval", "500ms", "--shutdown-grace", "1s"])
-            .env("KUBECONFIG", kubeconfig)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(log).expect("log file"))
-            .spawn()
-            .expect("tether proxy starts");
-        let mut proc = Proc(child);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = proc.0.try_wait() {
-                break; // lost a port race: try others
-            }
-            if std::net::TcpStream::connect(listen).is_ok()
-                && std::net::TcpStream::connect(admin).is_ok()
-            {
-                return (proc, listen);
-            }
-            std::thread::sleep(Duration::from_millis(50));
+        let (listen, admin) = (free_addr(), free_addr());
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_tether"));
+        cmd.args([
+            "proxy",
+            "--cluster",
+            "root",
+            "--proxy-id",
+            id,
+            "--kubernetes",
+        ])
+        .args(["--namespace", ns, "--peers-service", SERVICE])
+        .arg("--ca")
+        .arg(ca)
+        .arg("--listen")
+        .arg(listen.to_string())
+        .arg("--admin-listen")
+        .arg(admin.to_string())
+        .args(["--heartbeat-interval", "500ms", "--shutdown-grace", "1s"])
+        .env("KUBECONFIG", kubeconfig)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log).expect("log file"));
+        let mut proc = Proc::start(id, &mut cmd).expect("tether proxy starts");
+        // If it lost a port race it exits: then try others.
+        if proc.accepts(&[listen, admin], Duration::from_secs(20)) {
+            return (proc, listen);
         }
-        let _ = proc.0.kill();
     }
     panic!(
         "tether proxy {id} did not start; log: {}",
@@ -135,7 +117,7 @@ async fn holders(remotes: &Api<RemoteCluster>, leaf: &str) -> Option<Vec<(String
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicas_share_a_joined_leaf_and_each_reports_its_tunnels() {
     let _serial = SERIAL.lock().await;
-    let cp = common::control_plane().await;
+    let cp = support::kube::control_plane().await;
     let client = cp.kube_client();
     install_crds(&client).await;
     let ns = cp.new_namespace("root-procs").await;
@@ -164,7 +146,7 @@ async fn replicas_share_a_joined_leaf_and_each_reports_its_tunnels() {
         procs.push(proc);
         addrs.push(addr);
     }
-    let lb = haproxy::Haproxy::start("random", &addrs);
+    let lb = support::haproxy::Haproxy::start("random", &addrs);
 
     // A leaf joins through the load balancer with a token from `tether join-token`'s Secret.
     let token = create_join_token(&client, &ns).await;
@@ -263,9 +245,8 @@ fn spawn_agent(dir: &Path, name: &str, ca: &CertificateAuthority, lb: SocketAddr
         .expect("agent identity")
         .save(&key)
         .expect("save the agent identity");
-    let log = std::fs::File::create(dir.join(format!("{name}.log"))).expect("log file");
-    let child = Command::new(env!("CARGO_BIN_EXE_tether"))
-        .args(["agent", "--cluster", name, "--root-cluster", "root"])
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_tether"));
+    cmd.args(["agent", "--cluster", name, "--root-cluster", "root"])
         .arg("--proxy")
         .arg(lb.to_string())
         .arg("--identity")
@@ -273,18 +254,8 @@ fn spawn_agent(dir: &Path, name: &str, ca: &CertificateAuthority, lb: SocketAddr
         .arg("--root-ca")
         .arg(dir.join("root-ca.pub"))
         .args(["--heartbeat-interval", "500ms"])
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .expect("tether agent starts");
-    Proc(child)
-}
-
-fn signal(proc: &Proc, signal: libc::c_int) {
-    let pid = libc::pid_t::try_from(proc.0.id()).expect("pid");
-    // SAFETY: kill(2) on our own, not yet reaped, child.
-    assert_eq!(unsafe { libc::kill(pid, signal) }, 0, "signalling {pid}");
+        .env("RUST_LOG", "info");
+    Proc::logged(name, &mut cmd, dir.join(format!("{name}.log"))).expect("tether agent starts")
 }
 
 /// What `kubectl get remoteclusters` would show of `leaf`: its summary (connection, held by,
@@ -335,7 +306,7 @@ async fn wait_views(remotes: &Api<RemoteCluster>, leaves: &[&str], want: &View, 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_quiet_root_writes_nothing_and_its_status_tells_the_truth() {
     let _serial = SERIAL.lock().await;
-    let cp = common::control_plane().await;
+    let cp = support::kube::control_plane().await;
     let client = cp.kube_client();
     install_crds(&client).await;
     let ns = cp.new_namespace("root-quiet").await;
@@ -365,7 +336,7 @@ async fn a_quiet_root_writes_nothing_and_its_status_tells_the_truth() {
         proxies.insert(*id, proc);
         addrs.push(addr);
     }
-    let lb = haproxy::Haproxy::start("random", &addrs);
+    let lb = support::haproxy::Haproxy::start("random", &addrs);
 
     // Four leaves, each a RemoteCluster (as a join leaves it) and an agent process.
     let remotes: Api<RemoteCluster> = Api::namespaced(client.clone(), &ns);
@@ -446,7 +417,7 @@ async fn a_quiet_root_writes_nothing_and_its_status_tells_the_truth() {
     );
     for proc in proxies.values_mut() {
         assert!(
-            matches!(proc.0.try_wait(), Ok(None)),
+            proc.running(),
             "a proxy exited; logs in {}",
             dir.path().display()
         );
@@ -491,8 +462,8 @@ async fn a_quiet_root_writes_nothing_and_its_status_tells_the_truth() {
     // leaf-4's agent freezes (SIGSTOP: its sockets stay open), leaf-3's is killed: both turn
     // Offline, held by nobody, within the heartbeat timeout (and at most one recheck); the
     // others stay as they were.
-    signal(&agents[3], libc::SIGSTOP);
-    signal(&agents[2], libc::SIGKILL);
+    agents[3].signal(libc::SIGSTOP).expect("SIGSTOP");
+    agents[2].signal(libc::SIGKILL).expect("SIGKILL");
     let stopped = Instant::now();
     let offline: View = (Some(Connection::Offline), None, Some(0), Vec::new());
     wait_views(

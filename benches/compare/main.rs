@@ -16,7 +16,6 @@
 //! memory, convergence), `soak` (steady dials through one tunnel, memory over time), `setup` (packages, tools, machine), `report` (the table and targets).
 
 use std::fs;
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 mod paths;
@@ -24,6 +23,8 @@ mod procs;
 mod report;
 mod setup;
 mod soak;
+#[path = "../../tests/support/mod.rs"]
+mod support;
 mod tunnel;
 mod workloads;
 
@@ -36,12 +37,6 @@ use workloads::bench_server;
 
 type Res<T> = Result<T, String>;
 
-/// The release binary this bench was built with; `TETHER_BIN` overrides it (A/B of variants).
-fn tether_bin() -> PathBuf {
-    std::env::var_os("TETHER_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_tether")))
-}
 const TOKEN: &str = "bench-token-0123456789abcdef";
 const GCM: &str = "aes128-gcm@openssh.com";
 

@@ -6,9 +6,8 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use crate::procs::{
-    Procs, cpu_secs, free_port, local, peak_kib, run, wait_listening, wait_port, which,
-};
+use crate::procs::{Procs, cpu_secs, local, peak_kib, run, wait_listening, wait_port, which};
+use crate::support::procs::free_port;
 use crate::workloads::{Dial, bulk, iperf, latency, setup_rate};
 use crate::{Opts, Res, TOKEN};
 

@@ -3,51 +3,36 @@
 use std::collections::BTreeMap;
 use std::fs;
 use std::io::Read;
-use std::net::{SocketAddr, TcpListener as StdListener, TcpStream as StdStream};
-use std::os::unix::process::CommandExt;
+use std::net::{SocketAddr, TcpStream as StdStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::Res;
+pub(crate) use crate::support::procs::Proc;
 
 // ---------------------------------------------------------------------------------------------
 // Processes
 
-/// Child processes, killed (in reverse order) when dropped.
+/// Child processes, killed (in reverse order) when dropped, each logging to `<logs>/<name>.log`.
 #[derive(Default)]
 pub(crate) struct Procs {
-    pub(crate) children: Vec<(String, Child)>,
+    pub(crate) children: Vec<Proc>,
 }
 
 impl Procs {
     pub(crate) fn spawn(&mut self, name: &str, cmd: &mut Command, logs: &Path) -> Res<u32> {
-        let log = fs::File::create(logs.join(format!("{name}.log"))).map_err(|e| e.to_string())?;
-        let err = log.try_clone().map_err(|e| e.to_string())?;
-        cmd.stdin(Stdio::null()).stdout(log).stderr(err);
-        // SAFETY: prctl is async-signal-safe; the child dies with this process.
-        unsafe {
-            cmd.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                Ok(())
-            });
-        }
-        let child = cmd
-            .spawn()
-            .map_err(|e| format!("starting {name} ({:?}): {e}", cmd.get_program()))?;
-        let pid = child.id();
-        self.children.push((name.to_owned(), child));
+        let proc = Proc::logged(name, cmd, logs.join(format!("{name}.log")))?;
+        let pid = proc.pid();
+        self.children.push(proc);
         Ok(pid)
     }
 
     /// Fails if any child has exited (with its log's tail).
     pub(crate) fn check(&mut self, logs: &Path) -> Res<()> {
-        for (name, child) in &mut self.children {
-            if let Ok(Some(status)) = child.try_wait() {
-                return Err(format!(
-                    "{name} exited ({status}): {}",
-                    log_tail(logs, name)
-                ));
+        for proc in &mut self.children {
+            if let Some(exit) = proc.exited() {
+                return Err(format!("{exit}: {}", log_tail(logs, &proc.name)));
             }
         }
         Ok(())
@@ -56,10 +41,7 @@ impl Procs {
 
 impl Drop for Procs {
     fn drop(&mut self) {
-        while let Some((_, mut child)) = self.children.pop() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        while self.children.pop().is_some() {}
     }
 }
 
@@ -118,11 +100,6 @@ pub(crate) fn run(cmd: &mut Command, limit: Duration) -> Res<String> {
             .collect();
         Err(format!("{name} failed ({status}): {}", tail.trim()))
     }
-}
-
-pub(crate) fn free_port() -> Res<u16> {
-    let l = StdListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
-    Ok(l.local_addr().map_err(|e| e.to_string())?.port())
 }
 
 pub(crate) fn local(port: u16) -> SocketAddr {

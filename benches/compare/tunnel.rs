@@ -2,7 +2,6 @@
 //! of one agent onto 5 proxies.
 
 use std::fs;
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::Arc;
@@ -18,9 +17,10 @@ use tether::identity::{Identity, parse_ca_keys};
 use tether::protocol::{ClusterName, Target};
 
 use crate::paths::{Env, PathUnderTest, ready};
-use crate::procs::{Procs, free_port, local, run, status_kib, wait_port};
+use crate::procs::{Procs, local, run, status_kib, wait_port};
+use crate::support::procs::{admin_get, free_port, tether_bin};
 use crate::workloads::Dial;
-use crate::{Res, TOKEN, tether_bin};
+use crate::{Res, TOKEN};
 
 /// CAs, certificates and the token file for Tether, made with the release binary's CLI.
 pub(crate) struct TetherFiles {
@@ -213,17 +213,6 @@ pub(crate) struct Convergence {
     pub(crate) max_ms: f64,
     pub(crate) median_attempts: u64,
     pub(crate) max_attempts: u64,
-}
-
-/// GET `path` from an admin endpoint (blocking, short timeouts).
-pub(crate) fn admin_get(addr: SocketAddr, path: &str) -> Option<String> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").ok()?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).ok()?;
-    out.split_once("\r\n\r\n").map(|(_, b)| b.to_owned())
 }
 
 /// Starts 5 proxies (peers of each other) behind haproxy, then, `runs` times, a fresh agent

@@ -21,13 +21,14 @@ use futures::{StreamExt, TryStreamExt};
 use kube::api::{ListParams, PostParams};
 use kube::{Api, Client};
 
-use crate::common::ControlPlane;
-use crate::common::api_writes::{since, total, write_counts};
-use crate::haproxy::free_port;
 use crate::procs::status_kib;
-use crate::test_procs::{Files, Proc, proxy_command};
-use crate::tunnel_e2e::{agent_secret_named, create_secrets, example, install_crds};
-use crate::{Opts, Res, Row, cpu_time, poll, tether_bin, verdict};
+use crate::support::kube::ControlPlane;
+use crate::support::kube::api_writes::{since, total, write_counts};
+use crate::support::procs::free_addr;
+use crate::support::procs::tether_bin;
+use crate::support::procs::{Files, Proc, proxy_command};
+use crate::support::tunnel_e2e::{agent_secret_named, create_secrets, example, install_crds};
+use crate::{Opts, Res, Row, cpu_time, poll, verdict};
 use k8s_openapi::api::core::v1::Secret;
 use tether::demo::Pki;
 use tether::identity::CertificateAuthority;
@@ -139,25 +140,15 @@ impl LeafFigures {
 /// `tether proxy` for the root, trusting leaf `leaf-1`, retried on fresh ports.
 fn spawn_root_proxy(files: &Files) -> Res<(Proc, SocketAddr)> {
     for _ in 0..5 {
-        let (listen, admin) = (free_port(), free_port());
+        let (listen, admin) = (free_addr(), free_addr());
         let mut cmd = proxy_command(files, "root-proxy", listen, admin, &[]);
         // Every tunnel comes from 127.0.0.1 here.
         cmd.args(["--max-connections-per-ip", "4096"]);
-        let mut proc = Proc(
-            cmd.stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .map_err(|e| format!("starting tether proxy: {e}"))?,
-        );
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = proc.0.try_wait() {
-                break;
-            }
-            if std::net::TcpStream::connect(listen).is_ok() {
-                return Ok((proc, listen));
-            }
-            std::thread::sleep(Duration::from_millis(50));
+        cmd.stdout(Stdio::null()).stderr(Stdio::null());
+        let mut proc = Proc::start("tether proxy", &mut cmd)?;
+        // If it lost a port race it exits: then try others.
+        if proc.accepts(&[listen], Duration::from_secs(20)) {
+            return Ok((proc, listen));
         }
     }
     Err("tether proxy did not start".into())
@@ -165,7 +156,6 @@ fn spawn_root_proxy(files: &Files) -> Res<(Proc, SocketAddr)> {
 
 /// `tether operator` as the chart runs it (one replica, electing itself through its Lease).
 fn spawn_operator(cp: &ControlPlane, ns: &str, log: &std::path::Path) -> Res<Proc> {
-    let log = std::fs::File::create(log).map_err(|e| e.to_string())?;
     let mut cmd = Command::new(tether_bin());
     cmd.arg("operator")
         .arg("--kubeconfig")
@@ -182,12 +172,7 @@ fn spawn_operator(cp: &ControlPlane, ns: &str, log: &std::path::Path) -> Res<Pro
     ] {
         cmd.env_remove(var);
     }
-    let child = cmd
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .map_err(|e| format!("starting tether operator: {e}"))?;
-    Ok(Proc(child))
+    Proc::logged("tether operator", &mut cmd, log.to_owned())
 }
 
 /// The leaf cluster of tunnel `i`.
@@ -243,7 +228,7 @@ async fn connected(api: &Api<ReverseTunnel>) -> Option<(usize, usize)> {
 /// Runs the leaf part.
 pub async fn measure(opts: &Opts) -> Res<LeafFigures> {
     let n = opts.reverse_tunnels;
-    let cp = crate::common::control_plane().await;
+    let cp = crate::support::kube::control_plane().await;
     let client: Client = cp.kube_client();
     install_crds(&client).await;
     let ns = cp.new_namespace("fleet-leaf").await;
@@ -291,7 +276,7 @@ pub async fn measure(opts: &Opts) -> Res<LeafFigures> {
     create_tunnels(&rts, proxy_addr, n).await?;
 
     let operator = spawn_operator(cp, &ns, &dir.join("operator.log"))?;
-    let pid = operator.0.id();
+    let pid = operator.pid();
     let started = Instant::now();
     let deadline = Duration::from_secs(60) + Duration::from_millis(300) * n as u32;
     let last_count = std::cell::Cell::new(0);

@@ -22,25 +22,17 @@
 
 use std::fs;
 use std::future::Future;
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 // Shared with the `compare` bench and the tests rather than copied; each is used in part.
-#[path = "../../tests/common/mod.rs"]
-mod common;
-#[path = "../../tests/support/haproxy.rs"]
-mod haproxy;
 #[allow(dead_code)]
 #[path = "../compare/procs.rs"]
 mod procs;
 #[allow(dead_code)]
 #[path = "../compare/setup.rs"]
 mod setup;
-#[allow(dead_code)]
-#[path = "../../tests/support/procs.rs"]
-mod test_procs;
-#[path = "../../tests/common/tunnel_e2e.rs"]
-mod tunnel_e2e;
+#[path = "../../tests/support/mod.rs"]
+mod support;
 
 mod leaf;
 mod root;
@@ -120,14 +112,6 @@ pub(crate) struct Section {
 
 /// A section's measurement, by name in `main`.
 type SectionRun = fn(&Opts) -> Res<Section>;
-
-/// The `tether` binary this bench was built with; `TETHER_BIN` overrides it for the processes
-/// under test (an A/B of two builds).
-pub fn tether_bin() -> PathBuf {
-    std::env::var_os("TETHER_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_tether")))
-}
 
 /// One row of a Kubernetes section: what, the figure, and the target it is held to (if any).
 pub struct Row {

@@ -22,7 +22,7 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -33,13 +33,13 @@ use kube::{Api, Client};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
-use crate::common::ControlPlane;
-use crate::common::api_writes::{since, total, write_counts};
-use crate::haproxy::{Haproxy, free_port};
 use crate::procs::status_kib;
-use crate::test_procs::Proc;
-use crate::tunnel_e2e::install_crds;
-use crate::{Opts, Res, Row, cpu_time, poll, tether_bin, verdict};
+use crate::support::haproxy::Haproxy;
+use crate::support::kube::ControlPlane;
+use crate::support::kube::api_writes::{since, total, write_counts};
+use crate::support::procs::{Proc, free_addr, tether_bin};
+use crate::support::tunnel_e2e::install_crds;
+use crate::{Opts, Res, Row, cpu_time, poll, verdict};
 use tether::agent::{Agent, AgentConfig};
 use tether::egress::allow_list::AllowList;
 use tether::identity::{CertificateAuthority, Identity};
@@ -191,7 +191,7 @@ fn mib(kib: u64) -> f64 {
 
 /// Runs the root part: the smaller fleet first (full runs of more than 100 leaves), then N.
 pub async fn measure(opts: &Opts) -> Res<RootFigures> {
-    let cp = crate::common::control_plane().await;
+    let cp = crate::support::kube::control_plane().await;
     let client = cp.kube_client();
     install_crds(&client).await;
     let mut sizes = vec![opts.leaves];
@@ -230,11 +230,9 @@ pub async fn measure(opts: &Opts) -> Res<RootFigures> {
 /// The chart's `tether proxy`, in `ns`, retried on fresh ports if it loses a port race.
 fn spawn_proxy(cp: &ControlPlane, id: &str, ns: &str, dir: &Path) -> Res<(Proc, SocketAddr)> {
     for _ in 0..5 {
-        let (listen, admin) = (free_port(), free_port());
-        let log =
-            std::fs::File::create(dir.join(format!("{id}.log"))).map_err(|e| e.to_string())?;
-        let child = Command::new(tether_bin())
-            .args(["proxy", "--cluster", "root", "--proxy-id", id])
+        let (listen, admin) = (free_addr(), free_addr());
+        let mut cmd = Command::new(tether_bin());
+        cmd.args(["proxy", "--cluster", "root", "--proxy-id", id])
             .arg("--ca")
             .arg(dir.join("root-ca"))
             .arg("--listen")
@@ -246,23 +244,11 @@ fn spawn_proxy(cp: &ControlPlane, id: &str, ns: &str, dir: &Path) -> Res<(Proc, 
             .args(["--shutdown-grace", "1s"])
             .args(["--max-connections-per-ip", "4096"])
             .env("KUBECONFIG", cp.kubeconfig_path())
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .map_err(|e| format!("starting tether proxy {id}: {e}"))?;
-        let mut proc = Proc(child);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = proc.0.try_wait() {
-                break; // lost a port race: try others
-            }
-            if std::net::TcpStream::connect(listen).is_ok()
-                && std::net::TcpStream::connect(admin).is_ok()
-            {
-                return Ok((proc, listen));
-            }
-            std::thread::sleep(Duration::from_millis(50));
+            .env("RUST_LOG", "info");
+        let mut proc = Proc::logged(id, &mut cmd, dir.join(format!("{id}.log")))?;
+        // If it lost a port race it exits: then try others.
+        if proc.accepts(&[listen, admin], Duration::from_secs(20)) {
+            return Ok((proc, listen));
         }
     }
     Err(format!(
@@ -347,30 +333,25 @@ async fn online(remotes: &Api<RemoteCluster>) -> Option<usize> {
 fn spawn_agent(dir: &Path, leaf: &Leaf, lb: SocketAddr, heartbeat: Duration) -> Res<Proc> {
     let key = dir.join(format!("{}-agent", leaf.name));
     leaf.identity.save(&key).map_err(|e| e.to_string())?;
-    let log =
-        std::fs::File::create(dir.join(format!("{}.log", leaf.name))).map_err(|e| e.to_string())?;
-    let child = Command::new(tether_bin())
-        .args([
-            "agent",
-            "--cluster",
-            leaf.name.as_str(),
-            "--root-cluster",
-            "root",
-        ])
-        .arg("--proxy")
-        .arg(lb.to_string())
-        .arg("--identity")
-        .arg(&key)
-        .arg("--root-ca")
-        .arg(dir.join("root-ca.pub"))
-        .arg("--heartbeat-interval")
-        .arg(humantime::format_duration(heartbeat).to_string())
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .map_err(|e| format!("starting tether agent: {e}"))?;
-    Ok(Proc(child))
+    let log = dir.join(format!("{}.log", leaf.name));
+    let mut cmd = Command::new(tether_bin());
+    cmd.args([
+        "agent",
+        "--cluster",
+        leaf.name.as_str(),
+        "--root-cluster",
+        "root",
+    ])
+    .arg("--proxy")
+    .arg(lb.to_string())
+    .arg("--identity")
+    .arg(&key)
+    .arg("--root-ca")
+    .arg(dir.join("root-ca.pub"))
+    .arg("--heartbeat-interval")
+    .arg(humantime::format_duration(heartbeat).to_string())
+    .env("RUST_LOG", "info");
+    Proc::logged("tether agent", &mut cmd, log)
 }
 
 /// An in-process agent for `leaf`, as a leaf's `tether agent` would run with the defaults.
@@ -387,18 +368,6 @@ fn agent_config(leaf: Leaf, lb: SocketAddr, root_ca: &CertificateAuthority) -> R
             AllowList::default(),
         )
     })
-}
-
-fn signal(proc: &Proc, signal: libc::c_int) -> Res<()> {
-    let pid = libc::pid_t::try_from(proc.0.id()).map_err(|e| e.to_string())?;
-    // SAFETY: kill(2) on our own, not yet reaped, child.
-    if unsafe { libc::kill(pid, signal) } != 0 {
-        return Err(format!(
-            "signalling {pid}: {}",
-            std::io::Error::last_os_error()
-        ));
-    }
-    Ok(())
 }
 
 /// One fleet of `n` leaves: up, at rest, and (with `freeze`, the frozen agent's heartbeat) one
@@ -441,7 +410,7 @@ async fn fleet(
         addrs.push(addr);
     }
     let lb = Haproxy::start("random", &addrs);
-    let pids: Vec<u32> = proxies.iter().map(|p| p.0.id()).collect();
+    let pids: Vec<u32> = proxies.iter().map(|p| p.pid()).collect();
     let rss = |pid: u32| status_kib(pid, "VmRSS:").ok_or_else(|| format!("proxy {pid} is gone"));
     let empty: Vec<u64> = pids.iter().map(|p| rss(*p)).collect::<Res<_>>()?;
 
@@ -546,7 +515,7 @@ async fn offline_after_freeze(
     heartbeat: Option<Duration>,
 ) -> Res<Duration> {
     let name = "leaf-0000";
-    signal(proc, libc::SIGSTOP)?;
+    proc.signal(libc::SIGSTOP)?;
     let frozen = Instant::now();
     let bound = heartbeat.unwrap_or(HEARTBEAT) * 3 + RECHECK + Duration::from_secs(30);
     let result = poll(
@@ -561,7 +530,7 @@ async fn offline_after_freeze(
     )
     .await;
     let took = frozen.elapsed();
-    signal(proc, libc::SIGCONT)?;
+    proc.signal(libc::SIGCONT)?;
     result.map(|()| {
         eprintln!("   {name} (frozen) Offline after {took:.1?}");
         took

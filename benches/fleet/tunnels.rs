@@ -24,7 +24,7 @@
 
 use std::fs;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -39,7 +39,8 @@ use tether::identity::{CertificateAuthority, Identity};
 use tether::protocol::ClusterName;
 use tether::proxy::ProxyLimits;
 
-use crate::procs::{Procs, cpu_secs, free_port, local, status_kib};
+use crate::procs::{Procs, cpu_secs, local, status_kib};
+use crate::support::procs::{free_port, http_get, tether_bin};
 use crate::{Opts, Res, Section, load_average};
 
 /// How long the certificates of this run stay valid.
@@ -234,34 +235,17 @@ fn start_proxy(procs: &mut Procs, dir: &Path, logs: &Path, ports: ProxyPorts) ->
     Ok(pid)
 }
 
-fn tether_bin() -> PathBuf {
-    std::env::var_os("TETHER_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_tether")))
-}
-
 /// `kill -9` of the proxy (the only child), waiting until it is gone.
 fn kill_proxy(procs: &mut Procs) {
-    for (_, mut child) in procs.children.drain(..) {
-        let _ = child.kill();
-        let _ = child.wait();
-    }
+    procs.children.clear();
 }
 
 /// The proxy's `/metrics`, or `None` while it does not answer.
 fn scrape(admin: SocketAddr) -> Option<String> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect_timeout(&admin, Duration::from_millis(500)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: fleet\r\n\r\n")
-        .ok()?;
-    let mut text = String::new();
-    s.read_to_string(&mut text).ok()?;
-    let (head, body) = text.split_once("\r\n\r\n")?;
-    head.starts_with("HTTP/1.")
-        .then_some(())
-        .filter(|()| head.split_whitespace().nth(1) == Some("200"))
-        .map(|()| body.to_owned())
+    match http_get(admin, "/metrics") {
+        Ok((200, body)) => Some(body),
+        _ => None,
+    }
 }
 
 /// The sum of a metric's samples (all label sets), 0 when absent.

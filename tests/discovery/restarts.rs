@@ -12,7 +12,8 @@ use tether::protocol::Target;
 use tether::proxy::{Dialer, ProxyDialer, ProxyServer};
 use tokio_util::sync::CancellationToken;
 
-use crate::support::haproxy::{Haproxy, free_port};
+use crate::support::haproxy::Haproxy;
+use crate::support::procs::free_addr;
 use crate::support::procs::{Files, Proc, admin_get, spawn_proxy};
 use crate::support::*;
 use crate::{Root, wait_connected};
@@ -170,8 +171,8 @@ async fn after_kill_9_dials_recover_and_the_restarted_proxy_gets_its_tunnel_back
     let pki = pki();
     let ids = ["p1", "p2", "p3", "p4", "p5"];
     let files = Files::write(&pki, &ids);
-    let listen: Vec<SocketAddr> = ids.iter().map(|_| free_port()).collect();
-    let admin: Vec<SocketAddr> = ids.iter().map(|_| free_port()).collect();
+    let listen: Vec<SocketAddr> = ids.iter().map(|_| free_addr()).collect();
+    let admin: Vec<SocketAddr> = ids.iter().map(|_| free_addr()).collect();
     let peers: Vec<(String, SocketAddr)> = ids
         .iter()
         .zip(&listen)
@@ -220,8 +221,7 @@ async fn after_kill_9_dials_recover_and_the_restarted_proxy_gets_its_tunnel_back
     .await;
 
     let killed_at = Instant::now();
-    procs[1].0.kill().expect("kill -9 p2");
-    let _ = procs[1].0.wait();
+    procs[1].kill();
     // The agent notices (its SSH connection drops at once on a kill) and holds 4, while the
     // other proxies still announce p2 (its endpoint has not gone yet).
     within(

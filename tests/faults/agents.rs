@@ -6,7 +6,6 @@ use std::time::{Duration, Instant};
 use tether::proxy::ProxyServer;
 
 use crate::load::{Load, assert_no_dial_waited, dial_once, report, tokens};
-use crate::signal;
 use crate::support::procs::{Files, spawn_agent};
 use crate::support::relay::Relay;
 use crate::support::*;
@@ -72,7 +71,7 @@ async fn one_of_two_agent_paths_dies(fault: Fault) {
     .await;
     let fault_at = Instant::now();
     match fault {
-        Fault::FrozenAgent => signal(agent_a.0.id(), "-STOP"),
+        Fault::FrozenAgent => agent_a.signal(libc::SIGSTOP).expect("SIGSTOP"),
         Fault::BlackHole => relay.pause(),
     }
     // Two dials at once on two idle tunnels: the proxy spreads them, so one waits on A.
@@ -107,7 +106,7 @@ async fn one_of_two_agent_paths_dies(fault: Fault) {
         all.push(p.await.expect("probe"));
     }
     if fault == Fault::FrozenAgent {
-        signal(agent_a.0.id(), "-CONT");
+        agent_a.signal(libc::SIGCONT).expect("SIGCONT");
     }
     println!("{fault:?}: the proxy declared the path dead after {detected:?}");
     report(&format!("{fault:?}"), &all, fault_at);
@@ -161,7 +160,7 @@ async fn an_open_stream_ends_when_its_agent_freezes() {
     )
     .await;
     let frozen_at = Instant::now();
-    signal(agent.0.id(), "-STOP");
+    agent.signal(libc::SIGSTOP).expect("SIGSTOP");
     let mut buf = [0u8; 16];
     let end = within(
         "the stream to end",
@@ -177,5 +176,5 @@ async fn an_open_stream_ends_when_its_agent_freezes() {
         "frozen agent: the client saw its stream end after {:?}",
         frozen_at.elapsed()
     );
-    signal(agent.0.id(), "-CONT");
+    agent.signal(libc::SIGCONT).expect("SIGCONT");
 }

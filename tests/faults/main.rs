@@ -12,14 +12,3 @@ mod support;
 mod agents;
 mod load;
 mod peers;
-
-use std::process::Command;
-
-/// Sends `sig` (`-STOP`, `-CONT`, `-KILL`) to `pid`.
-pub fn signal(pid: u32, sig: &str) {
-    let status = Command::new("kill")
-        .args([sig, &pid.to_string()])
-        .status()
-        .expect("kill runs");
-    assert!(status.success(), "kill {sig} {pid} failed");
-}

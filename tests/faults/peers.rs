@@ -9,8 +9,7 @@ use tether::proxy::{Peer, ProxyServer};
 use tokio::io::AsyncReadExt;
 
 use crate::load::{Load, assert_no_dial_waited, dial_once, open_stream, report, tokens};
-use crate::signal;
-use crate::support::haproxy::free_port;
+use crate::support::procs::free_addr;
 use crate::support::procs::{Files, Proc, admin_get, spawn_agent, spawn_proxy};
 use crate::support::*;
 
@@ -43,7 +42,7 @@ async fn peered(ids: &[&str]) -> (ProxyServer, SocketAddr, SocketAddr, Vec<PeerP
     }];
     let mut procs = Vec::new();
     for id in ids {
-        let (addr, admin) = (free_port(), free_port());
+        let (addr, admin) = (free_addr(), free_addr());
         let proxy = spawn_proxy(&files, id, addr, admin, &[]);
         let agent = spawn_agent(
             &files,
@@ -87,7 +86,7 @@ async fn a_frozen_peer_s_forwarded_dials_move_to_another_peer_and_it_is_skipped_
     .await;
     let frozen = &peers[0];
     let fault_at = Instant::now();
-    signal(frozen.proxy.0.id(), "-STOP");
+    frozen.proxy.signal(libc::SIGSTOP).expect("SIGSTOP");
     // Dials at once: each picks a random first peer, so some wait on the frozen one.
     let probes: Vec<_> = (0..12)
         .map(|_| tokio::spawn(dial_once(entry, echo)))
@@ -105,7 +104,7 @@ async fn a_frozen_peer_s_forwarded_dials_move_to_another_peer_and_it_is_skipped_
         load.finished() >= so_far + 40
     })
     .await;
-    signal(frozen.proxy.0.id(), "-CONT");
+    frozen.proxy.signal(libc::SIGCONT).expect("SIGCONT");
     let resumed_at = Instant::now();
     // Probed once its cool-down is over (the load's dials start the probe), and used again.
     wait_for(
@@ -163,8 +162,8 @@ async fn a_forwarded_stream_ends_when(death: Death) {
     let peer = &peers[0];
     let died_at = Instant::now();
     match death {
-        Death::FrozenPeer => signal(peer.proxy.0.id(), "-STOP"),
-        Death::KilledAgent => signal(peer.agent.0.id(), "-KILL"),
+        Death::FrozenPeer => peer.proxy.signal(libc::SIGSTOP).expect("SIGSTOP"),
+        Death::KilledAgent => peer.agent.signal(libc::SIGKILL).expect("SIGKILL"),
     }
     let mut buf = [0u8; 16];
     let end = within(
@@ -182,7 +181,7 @@ async fn a_forwarded_stream_ends_when(death: Death) {
         died_at.elapsed()
     );
     if let Death::FrozenPeer = death {
-        signal(peer.proxy.0.id(), "-CONT");
+        peer.proxy.signal(libc::SIGCONT).expect("SIGCONT");
     }
 }
 

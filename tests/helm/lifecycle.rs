@@ -5,7 +5,7 @@ use super::*;
 #[tokio::test]
 async fn install_upgrade_uninstall_leaves_only_the_crds() {
     let started = Instant::now();
-    let cp = common::control_plane().await;
+    let cp = support::kube::control_plane().await;
     let client = cp.kube_client();
     // The CRDs may exist already (other tests, an earlier release): the chart takes them over
     // and upgrades them, as it would from a release installed before it managed them.
@@ -147,7 +147,7 @@ async fn install_upgrade_uninstall_leaves_only_the_crds() {
 #[tokio::test]
 async fn root_and_leaf_install_as_two_releases_in_one_namespace() {
     let started = Instant::now();
-    let cp = common::control_plane().await;
+    let cp = support::kube::control_plane().await;
     let admin = cp.kube_client();
     ensure_crds(&admin).await;
     let ns = cp.new_namespace("helm-two-releases").await;

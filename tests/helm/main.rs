@@ -5,10 +5,8 @@
 //! connects and a dial goes through; in-process, and as the `tether` binary run with the
 //! container's rendered arguments) and for what proxies do, and no more (403s).
 
-#[path = "../common/mod.rs"]
-mod common;
-#[path = "../common/tunnel_e2e.rs"]
-mod tunnel_e2e;
+#[path = "../support/mod.rs"]
+mod support;
 
 mod lifecycle;
 mod rbac;
@@ -29,7 +27,8 @@ use kube::{Api, Client};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use common::ControlPlane;
+use support::kube::ControlPlane;
+use support::tunnel_e2e::{create_secrets, echo_through, eventually, example, start_operator};
 use tether::agent::join::{JoinRequest, join};
 use tether::demo::{Pki, echo_server};
 use tether::identity::TrustStore;
@@ -41,7 +40,6 @@ use tether::protocol::ClusterName;
 use tether::protocol::join::JoinToken;
 use tether::proxy::ProxyServer;
 use tokio_util::sync::CancellationToken;
-use tunnel_e2e::{create_secrets, echo_through, eventually, example, start_operator};
 
 /// Values of a root-only release.
 const ROOT_ONLY: &[&str] = &[
@@ -257,7 +255,7 @@ async fn ensure_crds(client: &Client) {
     static DONE: tokio::sync::Mutex<bool> = tokio::sync::Mutex::const_new(false);
     let mut done = DONE.lock().await;
     if !*done {
-        tunnel_e2e::install_crds(client).await;
+        support::tunnel_e2e::install_crds(client).await;
         *done = true;
     }
 }
@@ -294,29 +292,12 @@ fn status_code<T: std::fmt::Debug>(result: Result<T, kube::Error>) -> u16 {
     }
 }
 
-/// GETs `path` from `addr` over plain HTTP/1.1; returns the status code and the body.
+/// GETs `path` from `addr` (blocking, off the runtime); the status code and the body.
 async fn http_get(addr: &str, path: &str) -> (u16, String) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut conn = tokio::net::TcpStream::connect(addr)
+    let addr: std::net::SocketAddr = addr.parse().expect("an IP:port");
+    let path = path.to_owned();
+    tokio::task::spawn_blocking(move || support::procs::http_get(addr, &path))
         .await
-        .unwrap_or_else(|e| panic!("connecting to {addr}: {e}"));
-    conn.write_all(
-        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
-    )
-    .await
-    .expect("writing the request");
-    let mut response = String::new();
-    conn.read_to_string(&mut response)
-        .await
-        .expect("reading the response");
-    let code = response
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or_else(|| panic!("not an HTTP response: {response:?}"));
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    (code, body)
+        .expect("the GET ran")
+        .unwrap_or_else(|e| panic!("{e}"))
 }

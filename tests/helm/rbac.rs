@@ -6,7 +6,7 @@ use super::*;
 #[tokio::test]
 async fn the_operator_runs_end_to_end_with_the_charts_rbac() {
     let started = Instant::now();
-    let cp = common::control_plane().await;
+    let cp = support::kube::control_plane().await;
     let admin = cp.kube_client();
     ensure_crds(&admin).await;
     let ns = cp.new_namespace("helm-operator-rbac").await;
@@ -148,7 +148,7 @@ async fn the_operator_runs_end_to_end_with_the_charts_rbac() {
 #[tokio::test]
 async fn the_proxies_rbac_covers_peers_join_tokens_and_remote_clusters() {
     let started = Instant::now();
-    let cp = common::control_plane().await;
+    let cp = support::kube::control_plane().await;
     let admin = cp.kube_client();
     ensure_crds(&admin).await;
     let ns = cp.new_namespace("helm-proxy-rbac").await;
@@ -201,7 +201,7 @@ async fn the_proxies_rbac_covers_peers_join_tokens_and_remote_clusters() {
     });
     let next_ids =
         async |rx: &mut tokio::sync::mpsc::UnboundedReceiver<Vec<tether::proxy::Peer>>| {
-            let peers = tokio::time::timeout(tunnel_e2e::DEADLINE, rx.recv())
+            let peers = tokio::time::timeout(support::tunnel_e2e::DEADLINE, rx.recv())
                 .await
                 .expect("no peer set in time (is the proxy allowed to list and watch?)")
                 .expect("the watch ended");
@@ -256,7 +256,7 @@ async fn the_proxies_rbac_covers_peers_join_tokens_and_remote_clusters() {
         leaf_cluster: pki.leaf.cluster().clone(),
         leaf_cas: vec![pki.leaf.public_key().clone()],
         root_ca_pin: None,
-        timeout: tunnel_e2e::DEADLINE,
+        timeout: support::tunnel_e2e::DEADLINE,
     })
     .await
     .expect("a join served with the proxy's RBAC");
@@ -298,7 +298,10 @@ async fn the_proxies_rbac_covers_peers_join_tokens_and_remote_clusters() {
     assert_eq!(
         status_code(
             secrets
-                .create(&PostParams::default(), &tunnel_e2e::secret("mine", &[]))
+                .create(
+                    &PostParams::default(),
+                    &support::tunnel_e2e::secret("mine", &[])
+                )
                 .await
         ),
         403
@@ -317,7 +320,7 @@ async fn the_proxies_rbac_covers_peers_join_tokens_and_remote_clusters() {
 #[tokio::test]
 async fn the_operator_token_is_denied_outside_its_role() {
     let started = Instant::now();
-    let cp = common::control_plane().await;
+    let cp = support::kube::control_plane().await;
     let admin = cp.kube_client();
     ensure_crds(&admin).await;
     let ns = cp.new_namespace("helm-deny").await;
@@ -326,7 +329,7 @@ async fn the_operator_token_is_denied_outside_its_role() {
     Api::<Secret>::namespaced(admin.clone(), &other)
         .create(
             &PostParams::default(),
-            &tunnel_e2e::secret("elsewhere", &[("k", "v".to_owned())]),
+            &support::tunnel_e2e::secret("elsewhere", &[("k", "v".to_owned())]),
         )
         .await
         .expect("a Secret in another namespace");
@@ -423,7 +426,7 @@ async fn the_operator_token_is_denied_outside_its_role() {
 async fn the_operator_container_command_runs_with_the_charts_rbac() {
     use tokio::io::{AsyncBufReadExt, BufReader};
     let started = Instant::now();
-    let cp = common::control_plane().await;
+    let cp = support::kube::control_plane().await;
     let admin = cp.kube_client();
     ensure_crds(&admin).await;
     let ns = cp.new_namespace("helm-operator-cli").await;
@@ -521,7 +524,7 @@ async fn the_operator_container_command_runs_with_the_charts_rbac() {
             }
         }
     });
-    let addr = tokio::time::timeout(tunnel_e2e::DEADLINE, addr_rx)
+    let addr = tokio::time::timeout(support::tunnel_e2e::DEADLINE, addr_rx)
         .await
         .expect("no admin endpoint in time")
         .unwrap_or_else(|_| {
@@ -609,7 +612,7 @@ async fn the_operator_container_command_runs_with_the_charts_rbac() {
     let pid = i32::try_from(child.id().expect("pid")).expect("pid");
     // SAFETY: signals the child this test started (still running: it has not been waited).
     assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
-    let status = tokio::time::timeout(tunnel_e2e::DEADLINE, child.wait())
+    let status = tokio::time::timeout(support::tunnel_e2e::DEADLINE, child.wait())
         .await
         .expect("the operator did not exit after SIGTERM")
         .expect("waiting for the operator");

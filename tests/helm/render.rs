@@ -5,7 +5,7 @@ use super::*;
 #[tokio::test]
 async fn lint_template_and_schema() {
     let started = Instant::now();
-    let cp = common::control_plane().await;
+    let cp = support::kube::control_plane().await;
     let chart = chart_arg();
 
     for (what, values) in [
@@ -378,7 +378,7 @@ async fn lint_template_and_schema() {
 #[tokio::test]
 async fn rendered_manifests_pass_a_server_side_dry_run() {
     let started = Instant::now();
-    let cp = common::control_plane().await;
+    let cp = support::kube::control_plane().await;
     let ns = cp.new_namespace("helm-dry-run").await;
     for extra in [&[][..], &["--set", "leaf.watchAllNamespaces=true"][..]] {
         let text = render_text(cp, "tether", &ns, &concat(&[BOTH, extra]));
@@ -425,7 +425,7 @@ async fn rendered_manifests_pass_a_server_side_dry_run() {
 /// own (`rc` listed ReplicationControllers), and `kubectl explain` reads whole sentences.
 #[tokio::test]
 async fn the_crds_install_without_warnings_under_short_names_of_their_own() {
-    let cp = common::control_plane().await;
+    let cp = support::kube::control_plane().await;
     // Created afresh under a group of their own (a dry run of `create`): the apiserver checks
     // and warns on creation, and the real CRDs may be installed already.
     let dir = tempfile::tempdir().expect("temp dir");

@@ -13,8 +13,8 @@
 //! for allocations that vary from run to run (hash maps, the runtime's slabs), not for the old
 //! figure.
 
-#[path = "../support/mod.rs"]
 #[allow(unused_imports)] // what this test does not use of the shared helpers
+#[path = "../support/mod.rs"]
 mod support;
 
 #[path = "../soak/alloc.rs"]

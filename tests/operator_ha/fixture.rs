@@ -5,13 +5,15 @@ use super::*;
 // ---------------------------------------------------------------------------------------------
 // Processes
 
-/// A child process: stderr (and stdout lines) appended to a log file, stdout lines also handed
-/// to [`Process::printed`]. SIGKILLed and reaped on drop, and killed by the kernel if the
-/// thread that spawned it (a test's runtime thread) ends first (`PR_SET_PDEATHSIG`).
+/// A child process ([`Proc`]: killed on drop and with the thread that spawned it) whose stderr
+/// (and stdout lines) go to a log file, and whose stdout lines are also handed to
+/// [`Process::printed`].
 pub(crate) struct Process {
-    name: String,
-    child: Child,
+    /// The process itself.
+    proc: Proc,
+    /// Its log, named in failures.
     pub(crate) log: PathBuf,
+    /// Its stdout, line by line, for [`Process::printed`].
     lines: mpsc::Receiver<String>,
 }
 
@@ -31,34 +33,26 @@ impl Process {
         cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(err.try_clone().expect("dup log"));
-        // SAFETY: only async-signal-safe calls (prctl, getppid, fcntl, dup2, _exit) run between
-        // fork and exec.
-        unsafe {
-            cmd.pre_exec(move || {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                if libc::getppid() == 1 {
-                    libc::_exit(1);
-                }
-                if let Some(fd) = inherit {
+        if let Some(fd) = inherit {
+            // SAFETY: only async-signal-safe calls (fcntl, dup2) run between fork and exec.
+            unsafe {
+                cmd.pre_exec(move || {
                     // dup2 clears close-on-exec on the copy; fd 3 itself needs it cleared.
                     let ok = if fd == 3 {
                         libc::fcntl(3, libc::F_SETFD, 0) == 0
                     } else {
                         libc::dup2(fd, 3) == 3
                     };
-                    if !ok {
-                        return Err(std::io::Error::last_os_error());
+                    if ok {
+                        Ok(())
+                    } else {
+                        Err(std::io::Error::last_os_error())
                     }
-                }
-                Ok(())
-            });
+                });
+            }
         }
-        let mut child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("starting {name}: {e}"));
-        let stdout = child.stdout.take().expect("stdout");
+        let mut proc = Proc::start(name, &mut cmd).unwrap_or_else(|e| panic!("{e}"));
+        let stdout = proc.take_stdout().expect("stdout");
         let (tx, lines) = mpsc::channel();
         let mut copy = err;
         std::thread::spawn(move || {
@@ -68,12 +62,7 @@ impl Process {
                 let _ = tx.send(line);
             }
         });
-        Process {
-            name: name.to_owned(),
-            child,
-            log,
-            lines,
-        }
+        Process { proc, log, lines }
     }
 
     /// Waits (blocking, at most 30 s) for a stdout line starting with `prefix`; the rest of it.
@@ -89,28 +78,22 @@ impl Process {
                 }
                 Err(e) => panic!(
                     "{} printed no {prefix:?} line ({e}); log: {}",
-                    self.name,
+                    self.proc.name,
                     self.log.display()
                 ),
             }
         }
     }
 
-    pub(crate) fn pid(&self) -> i32 {
-        i32::try_from(self.child.id()).expect("pid")
-    }
-
     pub(crate) fn signal(&self, signal: libc::c_int) {
-        // SAFETY: kill(2) on our own, not yet reaped, child.
-        let rc = unsafe { libc::kill(self.pid(), signal) };
-        assert_eq!(rc, 0, "signalling {}", self.name);
+        self.proc.signal(signal).unwrap_or_else(|e| panic!("{e}"));
     }
 
     /// Waits for the process to exit (it was signalled).
     pub(crate) async fn exited(&mut self) -> std::process::ExitStatus {
-        let name = self.name.clone();
+        let name = self.proc.name.clone();
         eventually(&format!("{name} to exit"), || {
-            let status = self.child.try_wait().expect("try_wait");
+            let status = self.proc.exit_status();
             async move { status }
         })
         .await
@@ -118,20 +101,9 @@ impl Process {
 
     /// Panics (naming the log) if the process has already exited.
     pub(crate) fn assert_running(&mut self) {
-        if let Ok(Some(status)) = self.child.try_wait() {
-            panic!(
-                "{} exited: {status}; log: {}",
-                self.name,
-                self.log.display()
-            );
+        if let Some(exit) = self.proc.exited() {
+            panic!("{exit}; log: {}", self.log.display());
         }
-    }
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -335,7 +307,7 @@ impl Root {
         want.push(id.to_owned());
         want.sort();
         eventually(&format!("{id} to announce {want:?}"), || {
-            let peers: Option<Vec<String>> = procs::admin_get(admin, "/status")
+            let peers: Option<Vec<String>> = support::procs::admin_get(admin, "/status")
                 .and_then(|body| serde_json::from_str::<serde_json::Value>(&body).ok())
                 .and_then(|s| serde_json::from_value(s["peers"].clone()).ok());
             let done = peers.is_some_and(|mut p| {
@@ -374,7 +346,7 @@ impl Root {
         let mut all = BTreeMap::new();
         for (id, proxy) in &mut self.proxies {
             proxy.process.assert_running();
-            let status: serde_json::Value = procs::admin_get(proxy.admin, "/status")
+            let status: serde_json::Value = support::procs::admin_get(proxy.admin, "/status")
                 .and_then(|body| serde_json::from_str(&body).ok())
                 .unwrap_or_default();
             let ids: Vec<u64> = status["sites"]
@@ -678,7 +650,7 @@ pub(crate) async fn wait_kubectl_connected(cp: &'static ControlPlane, ns: &str, 
 
 /// Everything a test needs before the operator runs: CRDs, Secrets, the root with `n` proxies.
 pub(crate) async fn setup(prefix: &str, n: usize) -> (&'static ControlPlane, Client, String, Root) {
-    let cp = common::control_plane().await;
+    let cp = support::kube::control_plane().await;
     let client = cp.kube_client();
     let ns = cp.new_namespace(prefix).await;
     install_crds(cp).await;

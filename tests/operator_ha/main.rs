@@ -30,13 +30,8 @@
 //! The tests run one at a time ([`SERIAL`]): the quiet minute reads cluster-wide counters, and
 //! the machine is small. Process logs are in the control plane's run directory, `ha-<ns>/`.
 
-#[path = "../common/mod.rs"]
-mod common;
-#[allow(dead_code)]
-#[path = "../support/procs.rs"]
-mod procs;
-#[path = "../common/tunnel_e2e.rs"]
-mod tunnel_e2e;
+#[path = "../support/mod.rs"]
+mod support;
 
 mod endpoints;
 mod failover;
@@ -52,7 +47,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
@@ -66,14 +61,14 @@ use kube::{Api, Client, ResourceExt};
 use serde_json::json;
 use tokio::io::AsyncWriteExt;
 
-use common::ControlPlane;
-use procs::Files;
+use support::kube::ControlPlane;
+use support::procs::{Files, Proc};
+use support::tunnel_e2e::{DEADLINE, create_secrets, eventually};
 use tether::demo::{Pki, echo_server};
 use tether::identity::Identity;
 use tether::operator::crd::ReverseTunnel;
 use tether::operator::crd::reverse_tunnel::Phase;
 use tether::protocol::ClusterName;
-use tunnel_e2e::{DEADLINE, create_secrets, eventually};
 
 use fixture::*;
 

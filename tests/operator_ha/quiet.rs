@@ -8,8 +8,8 @@
 
 use super::failover::wait_connected_by_two;
 use super::*;
-use common::api_writes::{since, total, write_counts};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ManagedFieldsEntry;
+use support::kube::api_writes::{since, total, write_counts};
 use tether::operator::crd::ReverseTunnelStatus;
 use tether::operator::liveness::lease_name;
 use tether::operator::stamps::{SEEN_REFRESH, stale_after};

@@ -5,9 +5,9 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::common::{self, ControlPlane};
 use crate::kubelet::Node;
 use crate::script::{self, Run, Section, Shell};
+use crate::support::kube::{self, ControlPlane};
 
 /// From nothing to Connected: two chart installs, a join, agents to three proxies from two
 /// operator replicas. The README's own waits allow minutes; on an idle machine it takes
@@ -17,7 +17,7 @@ const DEADLINE: Duration = Duration::from_secs(300);
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn in_kubernetes_works_as_written() {
     script::require("bash");
-    let root = common::control_plane().await;
+    let root = kube::control_plane().await;
     let leaf: &'static ControlPlane = tokio::task::spawn_blocking(|| {
         Box::leak(Box::new(
             ControlPlane::start().expect("a second control plane (the leaf cluster)"),

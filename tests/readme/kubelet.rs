@@ -35,7 +35,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::common::ControlPlane;
+use crate::support::kube::ControlPlane;
 
 /// How often the stand-in looks for new Deployments and Services.
 const RESYNC: Duration = Duration::from_millis(300);

@@ -24,11 +24,11 @@
 //! The Kubernetes section runs against two real API servers (contexts `root` and `leaf`);
 //! [`kubelet`] plays the nodes, the EndpointSlice controller and the load balancer.
 
-#[path = "../common/mod.rs"]
-mod common;
 mod kube;
 mod kubelet;
 mod script;
+#[path = "../support/mod.rs"]
+mod support;
 
 use std::path::Path;
 use std::time::Duration;

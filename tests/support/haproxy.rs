@@ -1,22 +1,20 @@
 //! A real haproxy (Debian's) in TCP mode in front of the proxies, as a root cluster's load
 //! balancer would be.
 
-use std::net::{SocketAddr, TcpListener as StdListener, TcpStream as StdStream};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::net::SocketAddr;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use super::procs::{Proc, free_addr};
 
 /// A running haproxy; killed on drop.
 pub struct Haproxy {
-    child: Child,
+    /// The haproxy process (killed when this drops).
+    proc: Proc,
     /// Where clients connect.
     pub addr: SocketAddr,
+    /// Holds its configuration file.
     _dir: tempfile::TempDir,
-}
-
-/// A free loopback port, found by binding port 0 and letting go.
-pub fn free_port() -> SocketAddr {
-    let l = StdListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().expect("addr")
 }
 
 impl Haproxy {
@@ -24,7 +22,7 @@ impl Haproxy {
     /// checks and redispatch, and waits until it accepts connections.
     pub fn start(balance: &str, backends: &[SocketAddr]) -> Haproxy {
         for _ in 0..5 {
-            let addr = free_port();
+            let addr = free_addr();
             let dir = tempfile::tempdir().expect("tempdir");
             let mut servers = String::new();
             for (i, b) in backends.iter().enumerate() {
@@ -38,38 +36,24 @@ impl Haproxy {
             );
             let path = dir.path().join("haproxy.cfg");
             std::fs::write(&path, config).expect("write haproxy.cfg");
-            let child = Command::new("haproxy")
-                .arg("-db")
+            let mut cmd = Command::new("haproxy");
+            cmd.arg("-db")
                 .arg("-f")
                 .arg(&path)
                 .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("haproxy starts (apt-get install haproxy)");
+                .stderr(Stdio::null());
+            let proc = Proc::start("haproxy", &mut cmd)
+                .unwrap_or_else(|e| panic!("{e} (apt-get install haproxy)"));
             let mut haproxy = Haproxy {
-                child,
+                proc,
                 addr,
                 _dir: dir,
             };
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = haproxy.child.try_wait() {
-                    break; // lost the port race: try another
-                }
-                if StdStream::connect(addr).is_ok() {
-                    return haproxy;
-                }
-                std::thread::sleep(Duration::from_millis(20));
+            // If it lost the port race it exits: then try another port.
+            if haproxy.proc.accepts(&[addr], Duration::from_secs(10)) {
+                return haproxy;
             }
-            let _ = haproxy.child.kill();
         }
         panic!("haproxy did not start");
-    }
-}
-
-impl Drop for Haproxy {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }

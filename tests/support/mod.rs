@@ -1,10 +1,20 @@
-//! Shared helpers for the data-plane integration tests: a proxy and an agent on loopback,
-//! target servers, log capture, and waiting for conditions with a deadline.
+//! The one test-support module, included by every test binary (`mod support;`, or
+//! `#[path = "../support/mod.rs"] mod support;` from a test folder) and by the bench drivers.
+//! Each binary uses a part of it, hence `dead_code` is allowed.
+//!
+//! - here: a proxy and an agent in-process on loopback ([`Rig`]), target servers, log capture,
+//!   and waiting for conditions with a deadline;
+//! - [`procs`]: child processes (one [`procs::Proc`]), free ports, HTTP GETs, `tether` itself;
+//! - [`kube`]: a real control plane (etcd, kube-apiserver, kube-controller-manager);
+//! - [`tunnel_e2e`]: the operator's end-to-end pieces (CRDs, Secrets, an operator in-process);
+//! - [`haproxy`], [`relay`]: a real load balancer, and a relay that can black-hole a path.
 #![allow(dead_code)]
 
 pub mod haproxy;
+pub mod kube;
 pub mod procs;
 pub mod relay;
+pub mod tunnel_e2e;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -22,6 +32,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+#[allow(unused_imports)] // for the binaries that use it
 pub use tether::demo::echo_server;
 
 /// Polls `condition` until it holds or `deadline` passes (then panics naming `what`).

@@ -1,23 +1,305 @@
-//! `tether` processes for the tests that need a real process: signals, kill -9, per-process
-//! metrics.
+//! Child processes for tests and bench drivers: free ports, spawning so that nothing outlives
+//! the test binary, polling a process's readiness with a deadline, HTTP GETs of admin and
+//! health endpoints, and `tether` itself (long-running components and one-shot commands).
 
+use std::fs::{self, File};
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream as StdStream};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, ChildStdout, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use tether::demo::Pki;
 use tether::identity::Identity;
 
-/// A child process, killed on drop.
-pub struct Proc(pub Child);
+/// The `tether` binary Cargo built for this test or bench; `TETHER_BIN` overrides it (the
+/// benches' A/B of two builds). Examples, which Cargo builds without it, get `tether` on PATH.
+pub fn tether_bin() -> PathBuf {
+    std::env::var_os("TETHER_BIN")
+        .map(PathBuf::from)
+        .or_else(|| option_env!("CARGO_BIN_EXE_tether").map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from("tether"))
+}
+
+/// How often readiness is polled.
+pub const POLL: Duration = Duration::from_millis(100);
+
+/// A loopback port that was free a moment ago. Callers retry on a bind
+/// conflict (another process may take it between here and the child's bind).
+pub fn free_port() -> Result<u16, String> {
+    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .map_err(|e| format!("finding a free loopback port: {e}"))
+}
+
+/// [`free_port`] as a loopback address, for tests (panics if none is free).
+pub fn free_addr() -> SocketAddr {
+    let port = free_port().unwrap_or_else(|e| panic!("{e}"));
+    SocketAddr::from((Ipv4Addr::LOCALHOST, port))
+}
+
+/// A running component. Killed (SIGKILL) and reaped on drop; the kernel also
+/// kills it when the thread that spawned it exits (`PR_SET_PDEATHSIG`), so it
+/// cannot outlive the test binary even if nothing is dropped.
+#[derive(Debug)]
+pub struct Proc {
+    /// What it is, for messages.
+    pub name: String,
+    /// Where its stdout and stderr go, if anywhere (they are discarded otherwise).
+    pub log: Option<PathBuf>,
+    child: Child,
+}
+
+impl Proc {
+    /// Spawns `program args...` with stdout and stderr appended to `log`.
+    ///
+    /// Must be called from a thread that lives as long as the child should:
+    /// `PR_SET_PDEATHSIG` fires when the spawning *thread* exits.
+    pub fn spawn(
+        name: &str,
+        program: &Path,
+        args: &[String],
+        log: PathBuf,
+    ) -> Result<Self, String> {
+        let mut cmd = Command::new(program);
+        cmd.args(args);
+        Self::logged(name, &mut cmd, log)
+    }
+
+    /// Spawns `cmd` with stdout and stderr appended to `log` (see [`Proc::spawn`]).
+    pub fn logged(name: &str, cmd: &mut Command, log: PathBuf) -> Result<Self, String> {
+        let out = File::options()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .map_err(|e| format!("opening {}: {e}", log.display()))?;
+        let err = out
+            .try_clone()
+            .map_err(|e| format!("duplicating {}: {e}", log.display()))?;
+        cmd.stdin(Stdio::null()).stdout(out).stderr(err);
+        let mut proc = Self::start(name, cmd)?;
+        proc.log = Some(log);
+        Ok(proc)
+    }
+
+    /// Spawns `cmd` as it is set up (stdio included), dying with its spawning thread.
+    pub fn start(name: &str, cmd: &mut Command) -> Result<Self, String> {
+        // SAFETY: only async-signal-safe calls (prctl, getppid, _exit) run
+        // between fork and exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // The parent may have died before prctl took effect.
+                if libc::getppid() == 1 {
+                    libc::_exit(1);
+                }
+                Ok(())
+            });
+        }
+        let child = cmd
+            .spawn()
+            .map_err(|e| format!("starting {name} ({:?}): {e}", cmd.get_program()))?;
+        Ok(Self {
+            name: name.to_owned(),
+            log: None,
+            child,
+        })
+    }
+
+    /// `Some(description)` if the process has exited.
+    pub fn exited(&mut self) -> Option<String> {
+        match self.child.try_wait() {
+            Ok(Some(status)) => Some(format!("{} exited: {status}", self.name)),
+            Ok(None) => None,
+            Err(e) => Some(format!("{}: waiting failed: {e}", self.name)),
+        }
+    }
+
+    /// How it ended, once it has.
+    pub fn exit_status(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
+    /// Its stdout, if `cmd` piped it, for the caller to read.
+    pub fn take_stdout(&mut self) -> Option<ChildStdout> {
+        self.child.stdout.take()
+    }
+
+    /// Whether it still runs.
+    pub fn running(&mut self) -> bool {
+        self.exited().is_none()
+    }
+
+    /// The end of the log for error messages: its last klog error/fatal
+    /// lines (`E1126 ...`, `F1126 ...`) if any, else its last `lines` lines.
+    pub fn log_tail(&self, lines: usize) -> String {
+        let text = self
+            .log
+            .as_ref()
+            .and_then(|log| fs::read_to_string(log).ok())
+            .unwrap_or_default();
+        let all: Vec<&str> = text.lines().collect();
+        let errors: Vec<&str> = all
+            .iter()
+            .copied()
+            .filter(|l| {
+                let mut c = l.chars();
+                matches!(c.next(), Some('E' | 'F')) && c.next().is_some_and(|d| d.is_ascii_digit())
+            })
+            .collect();
+        let pick = if errors.is_empty() { &all } else { &errors };
+        pick[pick.len().saturating_sub(lines)..].join("\n")
+    }
+
+    /// Whether the log says a listen address was taken (worth a retry with
+    /// other ports).
+    pub fn port_conflict(&self) -> bool {
+        self.log
+            .as_ref()
+            .and_then(|log| fs::read_to_string(log).ok())
+            .is_some_and(|t| t.contains("address already in use"))
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends `signal` (`libc::SIGSTOP`, ...) to the process.
+    pub fn signal(&self, signal: libc::c_int) -> Result<(), String> {
+        let pid = libc::pid_t::try_from(self.pid()).map_err(|e| e.to_string())?;
+        // SAFETY: kill(2) on our own child, not yet reaped (that happens on drop).
+        if unsafe { libc::kill(pid, signal) } != 0 {
+            return Err(format!(
+                "signal {signal} to {} ({pid}): {}",
+                self.name,
+                std::io::Error::last_os_error()
+            ));
+        }
+        Ok(())
+    }
+
+    /// SIGKILL, and reap it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Polls `check` every [`POLL`] until it returns `Ok(Some(_))`, the process
+    /// exits, or `timeout` passes.
+    pub fn wait_for<T>(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        mut check: impl FnMut() -> Result<Option<T>, String>,
+    ) -> Result<T, String> {
+        let deadline = Instant::now() + timeout;
+        let mut last = String::from("not checked yet");
+        loop {
+            if let Some(exit) = self.exited() {
+                return Err(format!(
+                    "{exit} while waiting for {what}; {}",
+                    self.log_note()
+                ));
+            }
+            match check() {
+                Ok(Some(v)) => return Ok(v),
+                Ok(None) => {}
+                Err(e) => last = e,
+            }
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "timed out after {timeout:?} waiting for {what} (last error: {last}); {}",
+                    self.log_note()
+                ));
+            }
+            std::thread::sleep(POLL);
+        }
+    }
+
+    /// Whether it comes to accept connections on every one of `addrs` within `limit`; `false`
+    /// as soon as it exits (a child that lost a race for its port does).
+    pub fn accepts(&mut self, addrs: &[SocketAddr], limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline && self.running() {
+            if addrs.iter().all(|a| TcpStream::connect(a).is_ok()) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+
+    fn log_note(&self) -> String {
+        match &self.log {
+            Some(log) => format!("log {}:\n{}", log.display(), self.log_tail(10)),
+            None => "no log kept".to_owned(),
+        }
+    }
+}
 
 impl Drop for Proc {
     fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        self.kill();
     }
+}
+
+/// A plain-HTTP/1.0 GET; returns the status code and the body.
+pub fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String), String> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(500))
+        .map_err(|e| format!("connecting to {addr}: {e}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .map_err(|e| e.to_string())?;
+    write!(
+        s,
+        "GET {path} HTTP/1.0\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .map_err(|e| format!("writing to {addr}: {e}"))?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp)
+        .map_err(|e| format!("reading from {addr}: {e}"))?;
+    let code = resp
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| format!("malformed HTTP response from {addr}: {resp:?}"))?;
+    let body = resp
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Ok((code, body))
+}
+
+/// GET `path` from an admin endpoint, whatever the status; `None` while it is not answering.
+pub fn admin_get(addr: SocketAddr, path: &str) -> Option<String> {
+    http_get(addr, path).ok().map(|(_, body)| body)
+}
+
+/// Takes an exclusive `flock` on `path`, blocking; released when the file is
+/// closed (dropped) or the process exits.
+pub fn lock_file(path: &Path) -> Result<File, String> {
+    if let Some(dir) = path.parent() {
+        fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    }
+    let f = File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .map_err(|e| format!("opening {}: {e}", path.display()))?;
+    use std::os::fd::AsRawFd;
+    // SAFETY: flock on a valid, owned file descriptor.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
+        return Err(format!(
+            "locking {}: {}",
+            path.display(),
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(f)
 }
 
 /// Identities and trust files on disk, as the CLI reads them.
@@ -87,7 +369,7 @@ pub fn proxy_command(
     admin: SocketAddr,
     peers: &[(String, SocketAddr)],
 ) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_tether"));
+    let mut cmd = Command::new(tether_bin());
     cmd.args(["proxy", "--cluster", "root", "--proxy-id", id])
         .arg("--listen")
         .arg(listen.to_string())
@@ -108,7 +390,7 @@ pub fn proxy_command(
 
 /// `tether agent` for the leaf, dialling `proxy`, with extra arguments.
 pub fn spawn_agent(files: &Files, proxy: SocketAddr, extra: &[String]) -> Proc {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_tether"));
+    let mut cmd = Command::new(tether_bin());
     cmd.args(["agent", "--cluster", "leaf", "--root-cluster", "root"])
         .arg("--proxy")
         .arg(proxy.to_string())
@@ -122,22 +404,8 @@ pub fn spawn_agent(files: &Files, proxy: SocketAddr, extra: &[String]) -> Proc {
 
 /// Starts `cmd` with its output discarded, killed when the returned [`Proc`] drops.
 pub fn spawn(mut cmd: Command) -> Proc {
-    Proc(
-        cmd.stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("tether starts"),
-    )
-}
-
-/// GET `path` from an admin endpoint; `None` while it is not answering.
-pub fn admin_get(addr: SocketAddr, path: &str) -> Option<String> {
-    let mut s = StdStream::connect_timeout(&addr, Duration::from_millis(500)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").ok()?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).ok()?;
-    out.split_once("\r\n\r\n").map(|(_, body)| body.to_owned())
+    cmd.stdout(Stdio::null()).stderr(Stdio::null());
+    Proc::start("tether", &mut cmd).expect("tether starts")
 }
 
 // ---- one-shot commands ----------------------------------------------------------------
@@ -165,7 +433,7 @@ pub fn tether_with_input(dir: &Path, args: &[&str], input: &[u8]) -> Output {
 }
 
 fn tether_command(dir: &Path, args: &[&str]) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_tether"));
+    let mut cmd = Command::new(tether_bin());
     cmd.current_dir(dir)
         .args(args)
         .env_remove("TETHER_TOKEN")

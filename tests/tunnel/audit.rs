@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use tether::identity::Identity;
 
-use crate::support::haproxy::free_port;
+use crate::support::procs::free_addr;
 use crate::support::procs::{
     Files, admin_get, proxy_command, spawn, spawn_agent, tether_with_input,
 };
@@ -58,7 +58,7 @@ async fn every_dial_leaves_one_audit_record_apart_from_the_log() {
         .save(&files.path("alice"))
         .expect("save");
     let echo = echo_server().await.expect("echo");
-    let (listen, admin) = (free_port(), free_port());
+    let (listen, admin) = (free_addr(), free_addr());
     let audit_log = files.path("audit.jsonl");
     let mut cmd = proxy_command(&files, "p1", listen, admin, &[]);
     cmd.arg("--audit-log").arg(&audit_log);

@@ -14,13 +14,13 @@ use std::time::Duration;
 use tether::identity::{CertificateAuthority, Identity};
 use tether::protocol::ClusterName;
 
-use crate::support::haproxy::free_port;
+use crate::support::procs::free_addr;
 use crate::support::procs::{Files, admin_get, fails, spawn_agent, spawn_proxy};
 use crate::support::*;
 
 /// A loopback port nothing listens on.
 fn closed_port() -> u16 {
-    free_port().port()
+    free_addr().port()
 }
 
 /// A loopback listener that never accepts, its accept queue full: Linux drops further SYNs, so
@@ -92,7 +92,7 @@ async fn tether_dial_names_each_way_a_dial_fails() {
     let silent = silent.local_addr().expect("addr").port();
 
     // p1 holds the leaf's tunnel; p2 has none and forwards to p1.
-    let (p1, p1_admin, p2, p2_admin) = (free_port(), free_port(), free_port(), free_port());
+    let (p1, p1_admin, p2, p2_admin) = (free_addr(), free_addr(), free_addr(), free_addr());
     let _p1 = spawn_proxy(&files, "p1", p1, p1_admin, &[]);
     let _p2 = spawn_proxy(&files, "p2", p2, p2_admin, &[("p1".into(), p1)]);
     let allow = [

@@ -9,14 +9,6 @@ use tether::proxy::{ProxyServer, SiteStatus};
 use crate::support::procs::{Files, spawn_agent};
 use crate::support::*;
 
-fn signal(pid: u32, sig: &str) {
-    let status = Command::new("kill")
-        .args([sig, &pid.to_string()])
-        .status()
-        .expect("kill runs");
-    assert!(status.success(), "kill {sig} {pid} failed");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_agent_goes_offline_after_the_missed_heartbeats_and_comes_back() {
     let pki = pki();
@@ -36,7 +28,7 @@ async fn a_frozen_agent_goes_offline_after_the_missed_heartbeats_and_comes_back(
         status(&proxy) == Some(SiteStatus::Online)
     })
     .await;
-    signal(agent.0.id(), "-STOP");
+    agent.signal(libc::SIGSTOP).expect("SIGSTOP");
     let frozen_at = std::time::Instant::now();
     wait_for(
         "offline after missed heartbeats",
@@ -53,7 +45,7 @@ async fn a_frozen_agent_goes_offline_after_the_missed_heartbeats_and_comes_back(
     );
     let info = proxy.site(&leaf()).expect("site still known");
     assert!(info.last_connected.is_some());
-    signal(agent.0.id(), "-CONT");
+    agent.signal(libc::SIGCONT).expect("SIGCONT");
     wait_for("online again", Duration::from_secs(20), || {
         status(&proxy) == Some(SiteStatus::Online)
     })
@@ -186,7 +178,7 @@ async fn a_dial_s_output_ends_when_the_agent_carrying_it_dies() {
     )
     .await
     .expect("the echo came back");
-    signal(agent.0.id(), "-KILL");
+    agent.signal(libc::SIGKILL).expect("SIGKILL");
     // One heartbeat timeout (3 × 200 ms) and then some; the input stays open throughout.
     let echoed = within(
         "the dial's output to end after the agent died",
@@ -322,7 +314,7 @@ async fn every_entry_s_streams_end_when_the_agent_carrying_them_dies() {
     .await;
     echo_once(&mut via_forward, b"forward").await;
 
-    signal(agent.0.id(), "-KILL");
+    agent.signal(libc::SIGKILL).expect("SIGKILL");
     // One heartbeat timeout is 3 × 200 ms; the deadline leaves room for a loaded machine.
     for (name, stream) in [
         ("HTTP CONNECT", via_connect),

@@ -4,7 +4,7 @@
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use crate::support::haproxy::free_port;
+use crate::support::procs::free_addr;
 use crate::support::procs::{Files, admin_get, spawn_agent, spawn_proxy};
 use crate::support::*;
 
@@ -34,7 +34,7 @@ fn find_sample(body: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
 async fn metrics_follow_tunnels_dials_and_bytes() {
     let pki = pki();
     let files = Files::write(&pki, &["p1"]);
-    let (listen, proxy_admin, agent_admin) = (free_port(), free_port(), free_port());
+    let (listen, proxy_admin, agent_admin) = (free_addr(), free_addr(), free_addr());
     let _proxy = spawn_proxy(&files, "p1", listen, proxy_admin, &[]);
     wait_for(
         "the proxy's admin endpoint",

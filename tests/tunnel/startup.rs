@@ -264,7 +264,7 @@ fn the_token_file_is_re_read_on_sighup_and_when_it_changes() {
     };
     let (alice, bob) = ("a1ic3-70k3n-9f8e7d6c5b4a3921", "b0b-70k3n-1a2b3c4d5e6f7089");
     write_tokens(&format!("alice:{alice}\n"));
-    let entry = crate::support::haproxy::free_port();
+    let entry = crate::support::procs::free_addr();
     let mut proxy = crate::support::procs::spawn({
         let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_tether"));
         cmd.current_dir(files.dir.path())
@@ -278,17 +278,14 @@ fn the_token_file_is_re_read_on_sighup_and_when_it_changes() {
 
     // Added, then SIGHUP: bob is in at once (the poll would take up to 2 s more).
     write_tokens(&format!("alice:{alice}\nbob:{bob}\n"));
-    let pid = proxy.0.id().to_string();
+    let pid = proxy.pid().to_string();
     let hup = std::process::Command::new("kill")
         .args(["-HUP", &pid])
         .status()
         .expect("kill");
     assert!(hup.success());
     wait_admission(entry, "bob", bob, true);
-    assert!(
-        proxy.0.try_wait().expect("wait").is_none(),
-        "SIGHUP must not stop the proxy"
-    );
+    assert!(proxy.running(), "SIGHUP must not stop the proxy");
     // Removed, no signal: the change is seen by itself.
     write_tokens(&format!("bob:{bob}\n"));
     wait_admission(entry, "alice", alice, false);
@@ -308,7 +305,7 @@ fn tether_forward_checks_its_entry_and_token_before_it_listens() {
     };
     secret("tokens.txt", "alice:a1ic3-70k3n-9f8e7d6c5b4a3921\n");
     secret("wrong.token", "not-alice-s-token-0f1e2d3c4b5a\n");
-    let entry = crate::support::haproxy::free_port();
+    let entry = crate::support::procs::free_addr();
     let _proxy = crate::support::procs::spawn({
         let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_tether"));
         cmd.current_dir(dir)

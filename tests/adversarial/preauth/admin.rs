@@ -80,12 +80,12 @@ async fn idle_sockets_are_closed_and_the_endpoint_answers_after_a_flood_above_it
 async fn idle_admin_sockets_do_not_starve_a_proxy_of_descriptors() {
     use std::os::unix::process::CommandExt as _;
 
-    use crate::support::haproxy::free_port;
+    use crate::support::procs::free_addr;
     use crate::support::procs::{self, Files};
 
     let pki = pki();
     let files = Files::write(&pki, &["proxy-1"]);
-    let (listen, admin) = (free_port(), free_port());
+    let (listen, admin) = (free_addr(), free_addr());
     let mut cmd = procs::proxy_command(&files, "proxy-1", listen, admin, &[]);
     // SAFETY: only setrlimit runs between fork and exec; it is async-signal-safe.
     unsafe {

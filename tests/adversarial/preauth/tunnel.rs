@@ -10,7 +10,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
 use super::{ATTACKER, connect_from, hoard, open_fds, rss_of, until_closed};
-use crate::support::haproxy::free_port;
+use crate::support::procs::free_addr;
 use crate::support::procs::{self, Files};
 use crate::support::*;
 
@@ -161,11 +161,11 @@ pub async fn until_serving(
 async fn a_thousand_stalled_connections_leave_the_proxy_process_whole() {
     let pki = pki();
     let files = Files::write(&pki, &["proxy-1"]);
-    let (listen, admin) = (free_port(), free_port());
+    let (listen, admin) = (free_addr(), free_addr());
     let mut cmd = procs::proxy_command(&files, "proxy-1", listen, admin, &[]);
     cmd.args(["--handshake-timeout", "2s"]);
     let proxy = procs::spawn(cmd);
-    let pid = proxy.0.id();
+    let pid = proxy.pid();
     let echo = echo_server().await.expect("echo");
     let _agent = procs::spawn_agent(
         &files,

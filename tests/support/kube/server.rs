@@ -11,7 +11,7 @@ use std::time::Duration;
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::{Api, Client, Config};
 
-use super::procs::{self, Proc, free_port, http_get, wait_for};
+use super::procs::{self, Proc, free_port, http_get};
 
 const ETCD_READY: Duration = Duration::from_secs(60);
 const APISERVER_READY: Duration = Duration::from_secs(180);
@@ -214,8 +214,8 @@ fn boot(
     ];
     let mut etcd = Proc::spawn("etcd", &bin.join("etcd"), &etcd_args, dir.join("etcd.log"))
         .map_err(Boot::Failed)?;
-    if let Err(e) = wait_for("etcd /health", &mut etcd, ETCD_READY, || {
-        let (code, body) = http_get(etcd_client, "/health")?;
+    if let Err(e) = etcd.wait_for("etcd /health", ETCD_READY, || {
+        let (code, body) = http_get(([127, 0, 0, 1], etcd_client).into(), "/health")?;
         Ok((code == 200 && body.contains("true")).then_some(()))
     }) {
         return Err(failed(&etcd, e));
@@ -270,12 +270,7 @@ fn boot(
             Err(e) => Err(e.to_string()),
         }
     };
-    if let Err(e) = wait_for(
-        "kube-apiserver /readyz",
-        &mut apiserver,
-        APISERVER_READY,
-        readyz,
-    ) {
+    if let Err(e) = apiserver.wait_for("kube-apiserver /readyz", APISERVER_READY, readyz) {
         return Err(failed(&apiserver, e));
     }
     let started = Started {
@@ -315,21 +310,16 @@ fn start_kcm(
         Client::try_from(config.clone()).map_err(|e| format!("admin client: {e}"))?
     };
     let leases: Api<Lease> = Api::namespaced(client, "kube-system");
-    wait_for(
-        "kube-controller-manager leader lease",
-        &mut kcm,
-        KCM_READY,
-        || {
-            let lease = rt
-                .block_on(leases.get_opt("kube-controller-manager"))
-                .map_err(|e| e.to_string())?;
-            let holder = lease
-                .and_then(|l| l.spec)
-                .and_then(|s| s.holder_identity)
-                .filter(|h| !h.is_empty());
-            Ok(holder.map(|_| ()))
-        },
-    )
+    kcm.wait_for("kube-controller-manager leader lease", KCM_READY, || {
+        let lease = rt
+            .block_on(leases.get_opt("kube-controller-manager"))
+            .map_err(|e| e.to_string())?;
+        let holder = lease
+            .and_then(|l| l.spec)
+            .and_then(|s| s.holder_identity)
+            .filter(|h| !h.is_empty());
+        Ok(holder.map(|_| ()))
+    })
     .map_err(|e| format!("{e}\n(all logs: {})", dir.display()))?;
     Ok(kcm)
 }

@@ -3,11 +3,11 @@
 //! pinned Go module in `tests/kube/` and run on free loopback ports.
 //!
 //! ```ignore
-//! mod common;
+//! mod support;
 //!
 //! #[tokio::test]
 //! async fn works() {
-//!     let cp = common::control_plane().await;
+//!     let cp = support::kube::control_plane().await;
 //!     let ns = cp.new_namespace("works").await;
 //!     let client = cp.kube_client();
 //!     // ...
@@ -20,12 +20,12 @@
 //! panic or the binary is killed. Logs, certificates and the admin kubeconfig
 //! live in [`ControlPlane::dir`]; run directories of dead test processes are
 //! removed at the next start.
-#![allow(dead_code)]
 
 pub mod api_writes;
 mod certs;
-mod procs;
 mod server;
+
+use super::procs;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

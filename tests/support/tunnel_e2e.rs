@@ -1,8 +1,6 @@
 //! Pieces of the operator end-to-end test (a ReverseTunnel reconciled into a tunnel to an
 //! in-process proxy) that other test binaries reuse with a client of their choosing, e.g. one
-//! holding only a ServiceAccount's token. Include it with
-//! `#[path = "common/tunnel_e2e.rs"] mod tunnel_e2e;` next to `mod common;`.
-#![allow(dead_code)]
+//! holding only a ServiceAccount's token.
 
 use std::future::Future;
 use std::time::Duration;
