@@ -19,7 +19,8 @@ use serde_json::json;
 use tokio::time::timeout;
 
 use support::tunnel_e2e::{
-    agent_secret, create_secrets, echo_through, eventually, example, install_crds, start_operator,
+    agent_secret, crds_and_namespace, create_secrets, echo_through, eventually, example,
+    root_proxy_for_leaf_1, start_operator,
 };
 use tether::demo::{Pki, echo_server};
 use tether::operator::crd::reverse_tunnel::Phase;
@@ -36,15 +37,8 @@ fn tunnel_ids(proxy: &ProxyServer, leaf: &ClusterName) -> Vec<u64> {
 
 #[tokio::test]
 async fn reverse_tunnel_lifecycle() {
-    let cp = support::kube::control_plane().await;
-    let client = cp.kube_client();
-    install_crds(&client).await;
-    let ns = cp.new_namespace("op-life").await;
-    let leaf = ClusterName::new("leaf-1").expect("name");
-    let pki = Pki::generate(ClusterName::new("root").expect("name"), leaf.clone()).expect("pki");
-    let proxy = ProxyServer::start(pki.proxy_config("proxy-1").expect("proxy config"))
-        .await
-        .expect("proxy");
+    let (cp, client, ns) = crds_and_namespace("op-life").await;
+    let (leaf, pki, proxy) = root_proxy_for_leaf_1().await;
     let echo = echo_server().await.expect("echo");
     create_secrets(&client, &ns, &pki).await;
     let stop = start_operator(client.clone(), &ns, Some("tether-operator"));
@@ -217,10 +211,7 @@ fn api_message(result: Result<impl std::fmt::Debug, kube::Error>) -> String {
 
 #[tokio::test]
 async fn invalid_specs_are_rejected_with_clear_messages() {
-    let cp = support::kube::control_plane().await;
-    let client = cp.kube_client();
-    install_crds(&client).await;
-    let ns = cp.new_namespace("op-invalid").await;
+    let (_, client, ns) = crds_and_namespace("op-invalid").await;
     let api: Api<DynamicObject> =
         Api::namespaced_with(client, &ns, &ApiResource::erase::<ReverseTunnel>(&()));
     let base = example("proxy.example.com:3024", &["db.internal:5432".to_owned()]);
@@ -261,10 +252,7 @@ async fn invalid_specs_are_rejected_with_clear_messages() {
 
 #[tokio::test]
 async fn rules_the_schema_cannot_judge_fail_in_status() {
-    let cp = support::kube::control_plane().await;
-    let client = cp.kube_client();
-    install_crds(&client).await;
-    let ns = cp.new_namespace("op-rule").await;
+    let (_, client, ns) = crds_and_namespace("op-rule").await;
     let stop = start_operator(client.clone(), &ns, None);
     let api: Api<ReverseTunnel> = Api::namespaced(client.clone(), &ns);
     // Passes the schema's coarse pattern, but /99 is no IPv4 prefix.
@@ -348,10 +336,7 @@ async fn events_for(
 /// the certificate is replaced, the reconnect is a Normal Event.
 #[tokio::test]
 async fn a_refused_leaf_says_why_with_one_warning() {
-    let cp = support::kube::control_plane().await;
-    let client = cp.kube_client();
-    install_crds(&client).await;
-    let ns = cp.new_namespace("op-refused").await;
+    let (_, client, ns) = crds_and_namespace("op-refused").await;
     let (root, leaf) = (
         ClusterName::new("root").expect("name"),
         ClusterName::new("leaf-1").expect("name"),
@@ -452,15 +437,8 @@ async fn a_refused_leaf_says_why_with_one_warning() {
 /// and takes over as soon as that one is deleted.
 #[tokio::test]
 async fn a_second_tunnel_for_one_leaf_fails_and_takes_over_when_the_first_goes() {
-    let cp = support::kube::control_plane().await;
-    let client = cp.kube_client();
-    install_crds(&client).await;
-    let ns = cp.new_namespace("op-dup").await;
-    let leaf = ClusterName::new("leaf-1").expect("name");
-    let pki = Pki::generate(ClusterName::new("root").expect("name"), leaf.clone()).expect("pki");
-    let proxy = ProxyServer::start(pki.proxy_config("proxy-1").expect("proxy config"))
-        .await
-        .expect("proxy");
+    let (_, client, ns) = crds_and_namespace("op-dup").await;
+    let (leaf, pki, proxy) = root_proxy_for_leaf_1().await;
     create_secrets(&client, &ns, &pki).await;
     let stop = start_operator(client.clone(), &ns, None);
     let api: Api<ReverseTunnel> = Api::namespaced(client.clone(), &ns);

@@ -15,7 +15,7 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use support::tunnel_e2e::{
-    echo_through, eventually, install_crds, secret, start_operator, start_operator_counting,
+    crds_and_namespace, echo_through, eventually, secret, start_operator, start_operator_counting,
 };
 use tether::admin::Component;
 use tether::admin::metrics::{MetricsRegistry, OperatorMetrics};
@@ -150,10 +150,7 @@ async fn leaf_ca_secret(secrets: &Api<Secret>, leaf: &str) -> CertificateAuthori
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_token_joins_the_leaf_and_bad_tokens_say_why() {
-    let cp = support::kube::control_plane().await;
-    let client = cp.kube_client();
-    install_crds(&client).await;
-    let root_ns = cp.new_namespace("join-root").await;
+    let (cp, client, root_ns) = crds_and_namespace("join-root").await;
     let leaf_ns = cp.new_namespace("join-leaf").await;
     let stop = CancellationToken::new();
     let root_ca = CertificateAuthority::generate(name("root")).expect("root ca");
@@ -450,10 +447,7 @@ async fn a_token_joins_the_leaf_and_bad_tokens_say_why() {
 /// edit of the tunnel it owns is replaced, not a reason to stop reconciling.
 #[tokio::test]
 async fn a_corrected_token_joins_at_once_and_its_tunnel_follows_the_trusted_cluster() {
-    let cp = support::kube::control_plane().await;
-    let client = cp.kube_client();
-    install_crds(&client).await;
-    let root_ns = cp.new_namespace("join-fix-root").await;
+    let (cp, client, root_ns) = crds_and_namespace("join-fix-root").await;
     let leaf_ns = cp.new_namespace("join-fix-leaf").await;
     let stop = CancellationToken::new();
     let root_ca = CertificateAuthority::generate(name("root")).expect("root ca");
@@ -541,10 +535,7 @@ async fn a_corrected_token_joins_at_once_and_its_tunnel_follows_the_trusted_clus
 
 #[tokio::test]
 async fn entries_of_departed_replicas_are_pruned() {
-    let cp = support::kube::control_plane().await;
-    let client = cp.kube_client();
-    install_crds(&client).await;
-    let ns = cp.new_namespace("join-prune").await;
+    let (_, client, ns) = crds_and_namespace("join-prune").await;
     let remotes: Api<RemoteCluster> = Api::namespaced(client.clone(), &ns);
     let leaf_ca = CertificateAuthority::generate(name("leaf-x")).expect("ca");
     let rc: RemoteCluster = serde_json::from_value(json!({
@@ -590,10 +581,7 @@ async fn entries_of_departed_replicas_are_pruned() {
 
 #[tokio::test]
 async fn invalid_trusted_clusters_are_rejected_by_the_api_server() {
-    let cp = support::kube::control_plane().await;
-    let client = cp.kube_client();
-    install_crds(&client).await;
-    let ns = cp.new_namespace("join-invalid").await;
+    let (_, client, ns) = crds_and_namespace("join-invalid").await;
     let tcs: Api<TrustedCluster> = Api::namespaced(client.clone(), &ns);
     let cases = [
         ("leafCluster", json!("Leaf_1"), "leafCluster"),

@@ -12,9 +12,9 @@ use std::time::Duration;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::Api;
 use kube::api::{DeleteParams, PostParams};
-use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
+use support::tunnel_e2e::proxy_slice;
 use tether::agent::Agent;
 use tether::demo::Pki;
 use tether::egress::allow_list::AllowList;
@@ -23,24 +23,6 @@ use tether::protocol::ClusterName;
 use tether::proxy::ProxyServer;
 
 const SERVICE: &str = "tether-proxy";
-
-/// The EndpointSlice of one proxy pod. The API server refuses loopback endpoint addresses, so
-/// the slice names a TEST-NET-1 address (RFC 5737) with the proxy's real port; peering, the
-/// only user of peer addresses, is off in this test, so nothing ever dials it.
-fn slice(id: &str, index: usize, addr: SocketAddr) -> EndpointSlice {
-    let ip = format!("192.0.2.{}", index + 1);
-    serde_json::from_value(json!({
-        "metadata": {"name": format!("{SERVICE}-{id}"), "labels": {"kubernetes.io/service-name": SERVICE}},
-        "addressType": "IPv4",
-        "endpoints": [{
-            "addresses": [ip],
-            "conditions": {"ready": true},
-            "targetRef": {"kind": "Pod", "name": id}
-        }],
-        "ports": [{"name": "tunnel", "port": addr.port(), "protocol": "TCP"}]
-    }))
-    .expect("valid EndpointSlice")
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn proxies_follow_their_endpoint_slices_and_the_agent_follows_them() {
@@ -94,7 +76,10 @@ async fn proxies_follow_their_endpoint_slices_and_the_agent_follows_them() {
     for (i, (id, addr)) in ids.iter().zip(&addrs).enumerate().take(3) {
         proxies.insert(id, start(id, listeners.next().expect("listener")).await);
         slices
-            .create(&PostParams::default(), &slice(id, i, *addr))
+            .create(
+                &PostParams::default(),
+                &proxy_slice(SERVICE, id, i, addr.port(), true),
+            )
             .await
             .expect("create slice");
     }
@@ -126,7 +111,10 @@ async fn proxies_follow_their_endpoint_slices_and_the_agent_follows_them() {
     for (i, (id, addr)) in ids.iter().zip(&addrs).enumerate().skip(3) {
         proxies.insert(id, start(id, listeners.next().expect("listener")).await);
         slices
-            .create(&PostParams::default(), &slice(id, i, *addr))
+            .create(
+                &PostParams::default(),
+                &proxy_slice(SERVICE, id, i, addr.port(), true),
+            )
             .await
             .expect("create slice");
     }

@@ -15,7 +15,7 @@ use kube::{Api, Client};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
-use support::tunnel_e2e::{create_join_token, eventually, install_crds};
+use support::tunnel_e2e::{crds_and_namespace, create_join_token, eventually, install_crds};
 use support::{pki, wait_for};
 use tether::agent::Agent;
 use tether::agent::join::{JoinError, JoinRequest, join};
@@ -114,10 +114,7 @@ async fn wait_tunnels(proxy: &ProxyServer, leaf: &ClusterName, count: usize) -> 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deleting_a_remote_cluster_ends_its_tunnels_even_when_the_name_stays_trusted() {
-    let cp = support::kube::control_plane().await;
-    let client = cp.kube_client();
-    install_crds(&client).await;
-    let ns = cp.new_namespace("revoke-delete").await;
+    let (_, client, ns) = crds_and_namespace("revoke-delete").await;
     let remotes: Api<RemoteCluster> = Api::namespaced(client.clone(), &ns);
     let pki = pki();
     let leaf = name("leaf");
@@ -151,10 +148,7 @@ async fn deleting_a_remote_cluster_ends_its_tunnels_even_when_the_name_stays_tru
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn removing_a_ca_key_from_a_remote_cluster_ends_the_tunnels_it_signed() {
-    let cp = support::kube::control_plane().await;
-    let client = cp.kube_client();
-    install_crds(&client).await;
-    let ns = cp.new_namespace("revoke-rekey").await;
+    let (_, client, ns) = crds_and_namespace("revoke-rekey").await;
     let remotes: Api<RemoteCluster> = Api::namespaced(client.clone(), &ns);
     let pki = pki();
     let leaf = name("leaf-k");

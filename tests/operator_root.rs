@@ -17,7 +17,7 @@ mod support;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -26,13 +26,12 @@ use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{DeleteParams, ListParams, PostParams, WatchEvent, WatchParams};
 use kube::{Api, ResourceExt};
-use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use support::kube::api_writes::{since, total, write_counts};
+use support::procs::KubeProxy;
 use support::procs::Proc;
-use support::procs::free_addr;
-use support::tunnel_e2e::{create_join_token, eventually, install_crds};
+use support::tunnel_e2e::{crds_and_namespace, create_join_token, eventually, proxy_slice};
 use tether::agent::Agent;
 use tether::agent::join::{JoinRequest, join};
 use tether::demo::Pki;
@@ -49,57 +48,19 @@ const HEARTBEAT: Duration = Duration::from_millis(500);
 /// One test at a time (a tokio mutex: no poisoning when a test fails).
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-/// `tether proxy` as the chart runs it; retried on fresh ports if it loses a port race.
+/// A root replica in Kubernetes mode (heartbeats every 500 ms), logging to `log`.
 fn spawn_proxy(id: &str, ns: &str, ca: &Path, kubeconfig: &Path, log: &Path) -> (Proc, SocketAddr) {
-    for _ in 0..5 {
-        let (listen, admin) = (free_addr(), free_addr());
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_tether"));
-        cmd.args([
-            "proxy",
-            "--cluster",
-            "root",
-            "--proxy-id",
-            id,
-            "--kubernetes",
-        ])
-        .args(["--namespace", ns, "--peers-service", SERVICE])
-        .arg("--ca")
-        .arg(ca)
-        .arg("--listen")
-        .arg(listen.to_string())
-        .arg("--admin-listen")
-        .arg(admin.to_string())
-        .args(["--heartbeat-interval", "500ms", "--shutdown-grace", "1s"])
-        .env("KUBECONFIG", kubeconfig)
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(log).expect("log file"));
-        let mut proc = Proc::start(id, &mut cmd).expect("tether proxy starts");
-        // If it lost a port race it exits: then try others.
-        if proc.accepts(&[listen, admin], Duration::from_secs(20)) {
-            return (proc, listen);
-        }
+    KubeProxy {
+        id,
+        ns,
+        service: SERVICE,
+        ca,
+        kubeconfig,
+        log: log.to_owned(),
+        extra: &["--heartbeat-interval", "500ms"],
     }
-    panic!(
-        "tether proxy {id} did not start; log: {}",
-        std::fs::read_to_string(log).unwrap_or_default()
-    );
-}
-
-/// The EndpointSlice of one proxy pod (TEST-NET-1 address: the API server refuses loopback;
-/// only the IDs matter here, agents reach every proxy through haproxy).
-fn slice(id: &str, index: usize) -> EndpointSlice {
-    serde_json::from_value(json!({
-        "metadata": {"name": format!("{SERVICE}-{id}"), "labels": {"kubernetes.io/service-name": SERVICE}},
-        "addressType": "IPv4",
-        "endpoints": [{
-            "addresses": [format!("192.0.2.{}", index + 1)],
-            "conditions": {"ready": true},
-            "targetRef": {"kind": "Pod", "name": id}
-        }],
-        "ports": [{"name": "tunnel", "port": 3024, "protocol": "TCP"}]
-    }))
-    .expect("valid EndpointSlice")
+    .spawn()
+    .unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// Proxy IDs holding tunnels from `leaf`, per its RemoteCluster status.
@@ -117,10 +78,7 @@ async fn holders(remotes: &Api<RemoteCluster>, leaf: &str) -> Option<Vec<(String
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicas_share_a_joined_leaf_and_each_reports_its_tunnels() {
     let _serial = SERIAL.lock().await;
-    let cp = support::kube::control_plane().await;
-    let client = cp.kube_client();
-    install_crds(&client).await;
-    let ns = cp.new_namespace("root-procs").await;
+    let (cp, client, ns) = crds_and_namespace("root-procs").await;
     let dir = tempfile::tempdir().expect("tempdir");
     let pki = Pki::generate(
         ClusterName::new("root").expect("name"),
@@ -134,7 +92,10 @@ async fn replicas_share_a_joined_leaf_and_each_reports_its_tunnels() {
     let ids = ["proxy-a", "proxy-b"];
     for (i, id) in ids.iter().enumerate() {
         slices
-            .create(&PostParams::default(), &slice(id, i))
+            .create(
+                &PostParams::default(),
+                &proxy_slice(SERVICE, id, i, 3024, true),
+            )
             .await
             .expect("EndpointSlice");
     }
@@ -306,10 +267,7 @@ async fn wait_views(remotes: &Api<RemoteCluster>, leaves: &[&str], want: &View, 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_quiet_root_writes_nothing_and_its_status_tells_the_truth() {
     let _serial = SERIAL.lock().await;
-    let cp = support::kube::control_plane().await;
-    let client = cp.kube_client();
-    install_crds(&client).await;
-    let ns = cp.new_namespace("root-quiet").await;
+    let (cp, client, ns) = crds_and_namespace("root-quiet").await;
     let dir = tempfile::tempdir().expect("tempdir");
     let root_ca =
         CertificateAuthority::generate(ClusterName::new("root").expect("name")).expect("root CA");
@@ -328,7 +286,10 @@ async fn a_quiet_root_writes_nothing_and_its_status_tells_the_truth() {
     let mut addrs = Vec::new();
     for (i, id) in ids.iter().enumerate() {
         slices
-            .create(&PostParams::default(), &slice(id, i))
+            .create(
+                &PostParams::default(),
+                &proxy_slice(SERVICE, id, i, 3024, true),
+            )
             .await
             .expect("EndpointSlice");
         let log = dir.path().join(format!("{id}.log"));

@@ -382,15 +382,13 @@ pub(crate) fn rathole(env: &Env, procs: &mut Procs, iperf: u16, noise: bool) -> 
         Command::new(&bin).arg("-c").arg(&cp),
         &env.logs,
     )?;
-    let echo = Dial::Plain(local(v2));
-    ready(env, procs, &echo)?;
-    Ok(PathUnderTest {
-        iperf: v1,
-        echo,
-        server_pids: vec![s],
-        agent_pids: vec![c],
-        note: format!("rathole 0.5, {tag} transport"),
-    })
+    reverse_path(
+        env,
+        procs,
+        (s, c),
+        (v1, v2),
+        format!("rathole 0.5, {tag} transport"),
+    )
 }
 
 pub(crate) fn chisel(env: &Env, procs: &mut Procs, iperf: u16) -> Res<PathUnderTest> {
@@ -417,13 +415,31 @@ pub(crate) fn chisel(env: &Env, procs: &mut Procs, iperf: u16) -> Res<PathUnderT
             .arg(format!("R:127.0.0.1:{v2}:{}", env.echo)),
         &env.logs,
     )?;
-    let echo = Dial::Plain(local(v2));
+    reverse_path(
+        env,
+        procs,
+        (s, c),
+        (v1, v2),
+        "chisel (SSH over WebSocket)".into(),
+    )
+}
+
+/// A peer's reverse tunnel once its server and client run: the server's ports `iperf` and
+/// `echo` reach the targets through the client; ready once an echo goes through.
+fn reverse_path(
+    env: &Env,
+    procs: &mut Procs,
+    (server, client): (u32, u32),
+    (iperf, echo): (u16, u16),
+    note: String,
+) -> Res<PathUnderTest> {
+    let echo = Dial::Plain(local(echo));
     ready(env, procs, &echo)?;
     Ok(PathUnderTest {
-        iperf: v1,
+        iperf,
         echo,
-        server_pids: vec![s],
-        agent_pids: vec![c],
-        note: "chisel (SSH over WebSocket)".into(),
+        server_pids: vec![server],
+        agent_pids: vec![client],
+        note,
     })
 }

@@ -39,18 +39,7 @@ impl TetherFiles {
         };
         t(&["ca", "init", "--cluster", "root", "--out", "root-ca"])?;
         t(&["ca", "init", "--cluster", "leaf", "--out", "leaf-ca"])?;
-        t(&[
-            "cert",
-            "host",
-            "--ca",
-            "root-ca",
-            "--cluster",
-            "root",
-            "--proxy-id",
-            "proxy-1",
-            "--out",
-            "proxy-1",
-        ])?;
+        host_cert(&dir, "proxy-1")?;
         t(&[
             "cert",
             "agent",
@@ -215,6 +204,18 @@ pub(crate) struct Convergence {
     pub(crate) max_attempts: u64,
 }
 
+/// `tether cert host` for proxy `id` of the root, from `root-ca` in `dir`, to `dir/<id>`.
+fn host_cert(dir: &std::path::Path, id: &str) -> Res<String> {
+    let args = ["cert", "host", "--ca", "root-ca", "--cluster", "root"];
+    run(
+        Command::new(tether_bin())
+            .current_dir(dir)
+            .args(args)
+            .args(["--proxy-id", id, "--out", id]),
+        Duration::from_secs(30),
+    )
+}
+
 /// Starts 5 proxies (peers of each other) behind haproxy, then, `runs` times, a fresh agent
 /// process: the time from its start until its `/status` shows 5/5 tunnels, and its dials
 /// (`tether_agent_dials_total`) to get there.
@@ -223,21 +224,7 @@ pub(crate) fn convergence(env: &Env, files: &TetherFiles, runs: usize) -> Res<Co
     let ids = ["proxy-1", "proxy-2", "proxy-3", "proxy-4", "proxy-5"];
     for id in &ids[1..] {
         if !files.dir.join(id).exists() {
-            run(
-                Command::new(tether_bin()).current_dir(&files.dir).args([
-                    "cert",
-                    "host",
-                    "--ca",
-                    "root-ca",
-                    "--cluster",
-                    "root",
-                    "--proxy-id",
-                    id,
-                    "--out",
-                    id,
-                ]),
-                Duration::from_secs(30),
-            )?;
+            host_cert(&files.dir, id)?;
         }
     }
     let mut procs = Procs::default();

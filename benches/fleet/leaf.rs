@@ -14,7 +14,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use futures::{StreamExt, TryStreamExt};
@@ -24,9 +24,7 @@ use kube::{Api, Client};
 use crate::procs::status_kib;
 use crate::support::kube::ControlPlane;
 use crate::support::kube::api_writes::{since, total, write_counts};
-use crate::support::procs::free_addr;
-use crate::support::procs::tether_bin;
-use crate::support::procs::{Files, Proc, proxy_command};
+use crate::support::procs::{Files, Proc, free_addr, operator_command, proxy_command};
 use crate::support::tunnel_e2e::{agent_secret_named, create_secrets, example, install_crds};
 use crate::{Opts, Res, Row, cpu_time, poll, verdict};
 use k8s_openapi::api::core::v1::Secret;
@@ -156,22 +154,9 @@ fn spawn_root_proxy(files: &Files) -> Res<(Proc, SocketAddr)> {
 
 /// `tether operator` as the chart runs it (one replica, electing itself through its Lease).
 fn spawn_operator(cp: &ControlPlane, ns: &str, log: &std::path::Path) -> Res<Proc> {
-    let mut cmd = Command::new(tether_bin());
-    cmd.arg("operator")
-        .arg("--kubeconfig")
-        .arg(cp.kubeconfig_path())
-        .args(["--namespace", ns, "--identity", "fleet-operator"])
-        .args(["--lease-name", LEASE, "--lease-namespace", ns])
+    let mut cmd = operator_command(cp.kubeconfig_path(), ns, "fleet-operator");
+    cmd.args(["--lease-name", LEASE, "--lease-namespace", ns])
         .env("RUST_LOG", "info");
-    for var in [
-        "KUBECONFIG",
-        "POD_NAME",
-        "POD_NAMESPACE",
-        "TETHER_NAMESPACE",
-        "TETHER_LEASE_NAME",
-    ] {
-        cmd.env_remove(var);
-    }
     Proc::logged("tether operator", &mut cmd, log.to_owned())
 }
 

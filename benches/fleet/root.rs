@@ -30,15 +30,14 @@ use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{ListParams, PostParams};
 use kube::{Api, Client};
-use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use crate::procs::status_kib;
 use crate::support::haproxy::Haproxy;
 use crate::support::kube::ControlPlane;
 use crate::support::kube::api_writes::{since, total, write_counts};
-use crate::support::procs::{Proc, free_addr, tether_bin};
-use crate::support::tunnel_e2e::install_crds;
+use crate::support::procs::{KubeProxy, Proc, tether_bin};
+use crate::support::tunnel_e2e::{install_crds, proxy_slice};
 use crate::{Opts, Res, Row, cpu_time, poll, verdict};
 use tether::agent::{Agent, AgentConfig};
 use tether::egress::allow_list::AllowList;
@@ -229,47 +228,17 @@ pub async fn measure(opts: &Opts) -> Res<RootFigures> {
 
 /// The chart's `tether proxy`, in `ns`, retried on fresh ports if it loses a port race.
 fn spawn_proxy(cp: &ControlPlane, id: &str, ns: &str, dir: &Path) -> Res<(Proc, SocketAddr)> {
-    for _ in 0..5 {
-        let (listen, admin) = (free_addr(), free_addr());
-        let mut cmd = Command::new(tether_bin());
-        cmd.args(["proxy", "--cluster", "root", "--proxy-id", id])
-            .arg("--ca")
-            .arg(dir.join("root-ca"))
-            .arg("--listen")
-            .arg(listen.to_string())
-            .args(["--peers-service", SERVICE, "--peers-port-name", "tunnel"])
-            .args(["--kubernetes", "--namespace", ns])
-            .arg("--admin-listen")
-            .arg(admin.to_string())
-            .args(["--shutdown-grace", "1s"])
-            .args(["--max-connections-per-ip", "4096"])
-            .env("KUBECONFIG", cp.kubeconfig_path())
-            .env("RUST_LOG", "info");
-        let mut proc = Proc::logged(id, &mut cmd, dir.join(format!("{id}.log")))?;
-        // If it lost a port race it exits: then try others.
-        if proc.accepts(&[listen, admin], Duration::from_secs(20)) {
-            return Ok((proc, listen));
-        }
+    KubeProxy {
+        id,
+        ns,
+        service: SERVICE,
+        ca: &dir.join("root-ca"),
+        kubeconfig: cp.kubeconfig_path(),
+        log: dir.join(format!("{id}.log")),
+        // Every tunnel comes from 127.0.0.1 here.
+        extra: &["--max-connections-per-ip", "4096"],
     }
-    Err(format!(
-        "tether proxy {id} did not start; log in {}",
-        dir.display()
-    ))
-}
-
-/// The EndpointSlice of one replica's pod, ready.
-fn slice(id: &str, index: usize) -> Res<EndpointSlice> {
-    serde_json::from_value(json!({
-        "metadata": {"name": format!("{SERVICE}-{id}"), "labels": {"kubernetes.io/service-name": SERVICE}},
-        "addressType": "IPv4",
-        "endpoints": [{
-            "addresses": [format!("192.0.2.{}", index + 1)],
-            "conditions": {"ready": true},
-            "targetRef": {"kind": "Pod", "name": id}
-        }],
-        "ports": [{"name": "tunnel", "port": 3024, "protocol": "TCP"}]
-    }))
-    .map_err(|e| format!("EndpointSlice: {e}"))
+    .spawn()
 }
 
 /// One leaf: its name, its CA, and the agent identity that CA signed.
@@ -402,7 +371,10 @@ async fn fleet(
     let mut addrs = Vec::new();
     for (i, id) in IDS.iter().enumerate() {
         slices
-            .create(&PostParams::default(), &slice(id, i)?)
+            .create(
+                &PostParams::default(),
+                &proxy_slice(SERVICE, id, i, 3024, true),
+            )
             .await
             .map_err(|e| format!("EndpointSlice: {e}"))?;
         let (proc, addr) = spawn_proxy(cp, id, &ns, &dir)?;

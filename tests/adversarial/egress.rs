@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use tether::egress::allow_list::AllowList;
 use tether::egress::connect::Resolver;
-use tether::protocol::{DialError, DialErrorKind};
+use tether::protocol::DialErrorKind;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -63,7 +63,14 @@ async fn rig(rules: &[String]) -> Rig {
     .await
 }
 
-fn assert_refused_without_leak(what: &str, err: &DialError) {
+/// Dials `what` through `rig` and asserts it is refused as reached by no host rule, without
+/// the addresses DNS answered for it: the review read them in the refusals.
+async fn assert_refused_without_leak(rig: &Rig, what: &str) {
+    let err = rig
+        .dial_name(what)
+        .await
+        .err()
+        .unwrap_or_else(|| panic!("{what} was dialled"));
     assert_eq!(err.kind, DialErrorKind::Forbidden, "{what}: {err}");
     assert!(
         err.message.contains("no host rule may reach"),
@@ -80,10 +87,7 @@ async fn names_resolving_to_loopback_or_link_local_are_refused_through_the_tunne
     let rig = rig(&["*.svc.cluster.local:*".to_owned()]).await;
     for (name, _) in HOSTILE {
         let target = format!("{name}.leaf.tether:{}", echo.port());
-        match rig.dial_name(&target).await {
-            Ok(_) => panic!("{target} was dialled"),
-            Err(err) => assert_refused_without_leak(&target, &err),
-        }
+        assert_refused_without_leak(&rig, &target).await;
     }
 }
 
@@ -144,8 +148,7 @@ async fn an_address_rule_naming_loopback_still_permits_it() {
     }
     // The metadata address was not named, and the loopback rule does not widen to it.
     let meta = format!("meta.svc.cluster.local.leaf.tether:{}", echo.port());
-    let err = rig.dial_name(&meta).await.err().expect("metadata refused");
-    assert_refused_without_leak(&meta, &err);
+    assert_refused_without_leak(&rig, &meta).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -157,12 +160,7 @@ async fn localhost_through_the_system_resolver_is_refused_by_a_host_rule() {
     ];
     let rig = Rig::start(&rules, |_| {}, |_| {}).await;
     let target = format!("localhost.leaf.tether:{}", echo.port());
-    let err = rig
-        .dial_name(&target)
-        .await
-        .err()
-        .expect("localhost refused");
-    assert_refused_without_leak(&target, &err);
+    assert_refused_without_leak(&rig, &target).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -180,12 +178,7 @@ async fn the_proxys_direct_dials_apply_the_same_rule() {
     )
     .await;
     let target = format!("localhost.root.tether:{port}");
-    let err = rig
-        .dial_name(&target)
-        .await
-        .err()
-        .expect("localhost refused");
-    assert_refused_without_leak(&target, &err);
+    assert_refused_without_leak(&rig, &target).await;
 }
 
 // ---- keys and secrets through the real binary -------------------------------------------
@@ -196,10 +189,19 @@ mod secrets {
     use std::path::Path;
     use std::process::{Command, Stdio};
 
-    use crate::support::procs::{fails, ok};
+    use crate::support::procs::{agent_args, fails, ok};
 
     fn chmod(path: &Path, mode: u32) {
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+    }
+
+    /// Opens the private key `key` in `dir` to others (`mode`) and checks that `tether args`,
+    /// which loads it, refuses it naming the mode and the fix: every loader of a key must.
+    fn refuses_loose_key(dir: &Path, key: &str, mode: u32, args: &[&str]) {
+        chmod(&dir.join(key), mode);
+        let err = fails(dir, args);
+        assert!(err.contains(&format!("mode {mode:04o}")), "{err}");
+        assert!(err.contains(&format!("chmod 600 {key}")), "{err}");
     }
 
     const CA_INIT: [&str; 6] = ["ca", "init", "--cluster", "root", "--out", "root-ca"];
@@ -251,9 +253,10 @@ mod secrets {
         let dir = dir.path();
         ok(dir, &CA_INIT);
         ok(dir, &CERT_AGENT);
-        chmod(&dir.join("root-ca"), 0o644);
-        let err = fails(
+        refuses_loose_key(
             dir,
+            "root-ca",
+            0o644,
             &[
                 "cert",
                 "client",
@@ -267,29 +270,8 @@ mod secrets {
                 "alice",
             ],
         );
-        assert!(err.contains("mode 0644"), "{err}");
-        assert!(err.contains("chmod 600 root-ca"), "{err}");
         assert!(!dir.join("alice").exists());
-
-        chmod(&dir.join("agent"), 0o640);
-        let err = fails(
-            dir,
-            &[
-                "agent",
-                "--cluster",
-                "leaf",
-                "--root-cluster",
-                "root",
-                "--proxy",
-                "127.0.0.1:1",
-                "--identity",
-                "agent",
-                "--root-ca",
-                "root-ca.pub",
-            ],
-        );
-        assert!(err.contains("mode 0640"), "{err}");
-        assert!(err.contains("chmod 600 agent"), "{err}");
+        refuses_loose_key(dir, "agent", 0o640, &agent_args("127.0.0.1:1"));
     }
 
     const FORWARD: [&str; 9] = [

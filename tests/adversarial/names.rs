@@ -12,6 +12,7 @@ use futures::future::BoxFuture;
 use tether::admin::Component;
 use tether::agent::join::{JoinError, JoinRequest, join};
 use tether::agent::{Agent, AgentConfig};
+use tether::demo::Pki;
 use tether::egress::allow_list::AllowList;
 use tether::identity::{CertificateAuthority, Identity, PublicKey, TrustSource, TrustStore};
 use tether::protocol::control::{self, AgentMessage, CONTROL_SUBSYSTEM, FrameReader, ProxyMessage};
@@ -76,16 +77,34 @@ fn name_taken(result: Result<impl std::fmt::Debug, JoinError>) -> String {
     }
 }
 
-/// Starts an agent of `leaf` whose certificate `ca` signed, dialling `proxy`.
-fn start_agent(rig: &Rig, ca: &CertificateAuthority, stop: &CancellationToken) {
-    let mut config: AgentConfig = rig
-        .pki
-        .agent_config(&rig.proxy.local_addr().to_string(), AllowList::default())
+/// Starts an agent of `leaf` whose certificate `ca` signed, dialling `proxy`, until `stop`.
+fn start_agent(
+    pki: &Pki,
+    proxy: &ProxyServer,
+    ca: &CertificateAuthority,
+    stop: &CancellationToken,
+) {
+    let mut config: AgentConfig = pki
+        .agent_config(&proxy.local_addr().to_string(), AllowList::default())
         .expect("agent config");
     config.identity = Arc::new(Identity::generate_agent(ca, Duration::from_secs(600)).expect("id"));
     let agent = Arc::new(Agent::new(config));
     let stop = stop.clone();
     tokio::spawn(async move { agent.run(stop).await });
+}
+
+/// A rig whose proxy also takes joins, admitted by the returned authority; the rig's leaf is
+/// trusted statically (as through `--trust-dir`), a name no join may take.
+async fn rig_taking_joins() -> (Rig, Arc<AdmitAll>) {
+    let authority = Arc::new(AdmitAll::default());
+    let joins = authority.clone();
+    let rig = Rig::start(
+        &[],
+        move |c| c.join = Some(joins as Arc<dyn JoinAuthority>),
+        |_| {},
+    )
+    .await;
+    (rig, authority)
 }
 
 fn tunnel_ids(proxy: &ProxyServer) -> Vec<u64> {
@@ -97,15 +116,7 @@ fn tunnel_ids(proxy: &ProxyServer) -> Vec<u64> {
 
 #[tokio::test]
 async fn a_join_cannot_take_a_statically_trusted_name() {
-    let authority = Arc::new(AdmitAll::default());
-    let joins = authority.clone();
-    // The leaf is trusted through --trust-dir (the static source), and joins are on.
-    let rig = Rig::start(
-        &[],
-        move |c| c.join = Some(joins as Arc<dyn JoinAuthority>),
-        |_| {},
-    )
-    .await;
+    let (rig, authority) = rig_taking_joins().await;
     let impostor = CertificateAuthority::generate(leaf()).expect("ca");
     let token = authority.issue();
     let message = name_taken(join(&join_request(&rig.proxy, &token, impostor.public_key())).await);
@@ -138,15 +149,8 @@ async fn a_join_cannot_take_the_name_of_a_joined_leaf_that_is_online() {
     join(&join_request(&proxy, &first, pki.leaf.public_key()))
         .await
         .expect("the real leaf joins");
-    let agent_config = pki
-        .agent_config(&proxy.local_addr().to_string(), AllowList::default())
-        .expect("agent config");
-    let agent = Arc::new(Agent::new(agent_config));
     let stop = CancellationToken::new();
-    tokio::spawn({
-        let (agent, stop) = (agent.clone(), stop.clone());
-        async move { agent.run(stop).await }
-    });
+    start_agent(&pki, &proxy, &pki.leaf, &stop);
     wait_for("the real leaf online", Duration::from_secs(20), || {
         !tunnel_ids(&proxy).is_empty()
     })
@@ -250,7 +254,7 @@ async fn removing_a_ca_ends_only_the_tunnels_it_signed() {
     let first = tunnel_ids(&rig.proxy);
     assert_eq!(first.len(), 1);
     let stop = CancellationToken::new();
-    start_agent(&rig, &second_ca, &stop);
+    start_agent(&rig.pki, &rig.proxy, &second_ca, &stop);
     wait_for("both agents online", Duration::from_secs(20), || {
         tunnel_ids(&rig.proxy).len() == 2
     })
@@ -317,14 +321,7 @@ async fn open_sessions(
 
 #[tokio::test]
 async fn the_join_user_and_agents_cannot_make_the_proxy_hold_channels() {
-    let authority = Arc::new(AdmitAll::default());
-    let joins = authority.clone();
-    let rig = Rig::start(
-        &[],
-        move |c| c.join = Some(joins as Arc<dyn JoinAuthority>),
-        |_| {},
-    )
-    .await;
+    let (rig, _) = rig_taking_joins().await;
 
     // The join user: one session channel, then refusals, then the proxy hangs up.
     let mut joiner = raw_client(&rig.proxy).await;

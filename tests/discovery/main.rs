@@ -11,7 +11,7 @@ use std::net::{SocketAddr, TcpListener as StdListener};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tether::agent::{Agent, PoolStatus};
+use tether::agent::{Agent, AgentConfig, PoolStatus};
 use tether::demo::Pki;
 use tether::egress::allow_list::AllowList;
 use tether::protocol::Target;
@@ -68,13 +68,19 @@ impl Root {
         self.ports.remove(id);
     }
 
-    async fn remove(&mut self, id: &str) {
+    /// Takes proxy `id` out of the root, which keeps its port bound (for a restart on it); the
+    /// caller stops the proxy and announces the change when it means to.
+    pub(crate) fn take(&mut self, id: &str) -> ProxyServer {
         let i = self
             .proxies
             .iter()
             .position(|(p, _)| p == id)
             .expect("known proxy");
-        let (_, proxy) = self.proxies.remove(i);
+        self.proxies.remove(i).1
+    }
+
+    async fn remove(&mut self, id: &str) {
+        let proxy = self.take(id);
         self.ports.remove(id);
         self.announce();
         proxy.close();
@@ -110,10 +116,18 @@ impl Root {
     }
 }
 
-fn start_agent(pki: &Pki, lb: SocketAddr) -> (Arc<Agent>, CancellationToken) {
-    let config = pki
-        .agent_config(&lb.to_string(), AllowList::default())
+/// An agent of the leaf dialling `proxy` (a load balancer, or one proxy), allowed to reach
+/// `allow` and tuned by `tune`, running until the returned token is cancelled.
+pub(crate) fn start_agent(
+    pki: &Pki,
+    proxy: SocketAddr,
+    allow: AllowList,
+    tune: impl FnOnce(&mut AgentConfig),
+) -> (Arc<Agent>, CancellationToken) {
+    let mut config = pki
+        .agent_config(&proxy.to_string(), allow)
         .expect("agent config");
+    tune(&mut config);
     let agent = Arc::new(Agent::new(config));
     let stop = CancellationToken::new();
     tokio::spawn({
@@ -121,6 +135,11 @@ fn start_agent(pki: &Pki, lb: SocketAddr) -> (Arc<Agent>, CancellationToken) {
         async move { agent.run(stop).await }
     });
     (agent, stop)
+}
+
+/// Leave to reach the loopback server `target` alone: the echo server the dials go to.
+pub(crate) fn allow_only(target: SocketAddr) -> AllowList {
+    AllowList::parse([format!("127.0.0.1/32:{}", target.port())]).expect("rules")
 }
 
 pub(crate) async fn wait_connected(
@@ -149,7 +168,7 @@ async fn converge(balance: &str) -> (u64, Duration) {
     let root = Root::start(pki.clone(), &["p1", "p2", "p3", "p4", "p5"]).await;
     let lb = Haproxy::start(balance, &root.addrs());
     let started = Instant::now();
-    let (agent, stop) = start_agent(&pki, lb.addr);
+    let (agent, stop) = start_agent(&pki, lb.addr, AllowList::default(), |_| {});
     wait_connected(&mut agent.status(), 5, Duration::from_secs(30)).await;
     let took = started.elapsed();
     wait_for(
@@ -188,7 +207,7 @@ async fn a_new_proxy_gets_a_tunnel_and_a_removed_one_is_let_go_without_a_storm()
     let mut backends = root.addrs();
     backends.push(sixth.local_addr().expect("addr"));
     let lb = Haproxy::start("random", &backends);
-    let (agent, stop) = start_agent(&pki, lb.addr);
+    let (agent, stop) = start_agent(&pki, lb.addr, AllowList::default(), |_| {});
     let mut status = agent.status();
     wait_connected(&mut status, 5, Duration::from_secs(30)).await;
 
@@ -215,7 +234,9 @@ async fn a_hundred_agents_converge_on_five_proxies_with_bounded_attempts() {
     let pki = Arc::new(pki());
     let root = Root::start(pki.clone(), &["p1", "p2", "p3", "p4", "p5"]).await;
     let lb = Haproxy::start("roundrobin", &root.addrs());
-    let agents: Vec<_> = (0..100).map(|_| start_agent(&pki, lb.addr)).collect();
+    let agents: Vec<_> = (0..100)
+        .map(|_| start_agent(&pki, lb.addr, AllowList::default(), |_| {}))
+        .collect();
     within("100 agents × 5 tunnels", Duration::from_secs(120), async {
         for (agent, _) in &agents {
             agent
@@ -259,18 +280,7 @@ async fn a_dial_entering_a_proxy_without_a_tunnel_is_served_by_a_peer() {
         generation: 0,
     };
     p3.set_peers(vec![peer("p1", &p1), peer("p3", &p3)]);
-    let config = pki
-        .agent_config(
-            &p1.local_addr().to_string(),
-            AllowList::parse([format!("127.0.0.1/32:{}", echo.port())]).expect("rules"),
-        )
-        .expect("agent config");
-    let agent = Arc::new(Agent::new(config));
-    let stop = CancellationToken::new();
-    tokio::spawn({
-        let (agent, stop) = (agent.clone(), stop.clone());
-        async move { agent.run(stop).await }
-    });
+    let (agent, stop) = start_agent(&pki, p1.local_addr(), allow_only(echo), |_| {});
     wait_connected(&mut agent.status(), 1, Duration::from_secs(20)).await;
     assert!(p3.site(&leaf()).is_none(), "p3 holds no tunnel of its own");
 

@@ -6,13 +6,12 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tether::agent::{Agent, Backoff};
+use tether::agent::Backoff;
 use tether::egress::allow_list::AllowList;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
-use tokio_util::sync::CancellationToken;
 
 use crate::support::*;
-use crate::{Root, wait_connected};
+use crate::{Root, start_agent, wait_connected};
 
 /// A load balancer whose backends the test sets: each connection goes to the next backend in
 /// turn, and is closed at once when that backend refuses (as a Service does for a pod that died
@@ -70,26 +69,19 @@ async fn a_replica_announced_again_is_held_at_once_whatever_the_back_off() {
     let addrs = root.addrs();
     let p2 = addrs[1];
     let lb = Balancer::start(addrs.clone()).await;
-    let mut config = pki
-        .agent_config(&lb.addr.to_string(), AllowList::default())
-        .expect("agent config");
     // One failed dial puts the next one 30-60 s away: only the announcement can explain a
     // quick return.
-    config.backoff = Backoff {
-        initial: Duration::from_secs(60),
-        max: Duration::from_secs(60),
-    };
-    let agent = Arc::new(Agent::new(config));
-    let stop = CancellationToken::new();
-    tokio::spawn({
-        let (agent, stop) = (agent.clone(), stop.clone());
-        async move { agent.run(stop).await }
+    let (agent, stop) = start_agent(&pki, lb.addr, AllowList::default(), |c| {
+        c.backoff = Backoff {
+            initial: Duration::from_secs(60),
+            max: Duration::from_secs(60),
+        }
     });
     let mut status = agent.status();
     wait_connected(&mut status, 3, Duration::from_secs(30)).await;
 
     // p2 dies; its peers still announce it, and the balancer still sends dials to its address.
-    let (_, proxy) = root.proxies.remove(1);
+    let proxy = root.take("p2");
     root.forget_port("p2");
     proxy.close();
     proxy.wait().await;

@@ -6,17 +6,15 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tether::agent::Agent;
 use tether::egress::allow_list::AllowList;
 use tether::protocol::Target;
 use tether::proxy::{Dialer, ProxyDialer, ProxyServer};
-use tokio_util::sync::CancellationToken;
 
 use crate::support::haproxy::Haproxy;
 use crate::support::procs::free_addr;
 use crate::support::procs::{Files, Proc, admin_get, spawn_proxy};
 use crate::support::*;
-use crate::{Root, wait_connected};
+use crate::{Root, allow_only, start_agent, wait_connected};
 
 /// Dials the echo server through a randomly chosen live proxy, over and over.
 struct Load {
@@ -104,18 +102,7 @@ async fn a_rolling_restart_with_drain_fails_no_dial() {
     let ids = ["p1", "p2", "p3", "p4", "p5"];
     let mut root = Root::start(pki.clone(), &ids).await;
     let lb = Haproxy::start("random", &root.addrs());
-    let config = pki
-        .agent_config(
-            &lb.addr.to_string(),
-            AllowList::parse([format!("127.0.0.1/32:{}", echo.port())]).expect("rules"),
-        )
-        .expect("agent config");
-    let agent = Arc::new(Agent::new(config));
-    let stop = CancellationToken::new();
-    tokio::spawn({
-        let (agent, stop) = (agent.clone(), stop.clone());
-        async move { agent.run(stop).await }
-    });
+    let (agent, stop) = start_agent(&pki, lb.addr, allow_only(echo), |_| {});
     let mut status = agent.status();
     wait_connected(&mut status, 5, Duration::from_secs(30)).await;
 
@@ -128,12 +115,7 @@ async fn a_rolling_restart_with_drain_fails_no_dial() {
     let load = Load::start(live.clone(), echo);
     load.wait_for_more(5).await;
     for id in ids {
-        let i = root
-            .proxies
-            .iter()
-            .position(|(p, _)| p == id)
-            .expect("proxy");
-        let (_, proxy) = root.proxies.remove(i);
+        let proxy = root.take(id);
         // Clients stop being sent to it (its load balancer would take it out), then it drains.
         *live.lock().expect("lock") = root.proxies.iter().map(|(_, p)| p.dialer()).collect();
         proxy.shutdown(Duration::from_secs(5)).await;
@@ -183,18 +165,7 @@ async fn after_kill_9_dials_recover_and_the_restarted_proxy_gets_its_tunnel_back
         .collect();
     let lb = Haproxy::start("random", &listen);
     let echo = echo_server().await.expect("echo");
-    let config = pki
-        .agent_config(
-            &lb.addr.to_string(),
-            AllowList::parse([format!("127.0.0.1/32:{}", echo.port())]).expect("rules"),
-        )
-        .expect("agent config");
-    let agent = Arc::new(Agent::new(config));
-    let stop = CancellationToken::new();
-    tokio::spawn({
-        let (agent, stop) = (agent.clone(), stop.clone());
-        async move { agent.run(stop).await }
-    });
+    let (agent, stop) = start_agent(&pki, lb.addr, allow_only(echo), |_| {});
     let mut status = agent.status();
     wait_connected(&mut status, 5, Duration::from_secs(60)).await;
 
@@ -305,23 +276,15 @@ async fn an_agent_refused_by_a_busy_proxy_retries_at_its_hint_not_its_backoff() 
         String::from_utf8_lossy(&said)
     );
 
-    let mut agent_config = pki
-        .agent_config(
-            &addr.to_string(),
-            AllowList::parse(["127.0.0.1/32:9"]).expect("allow"),
-        )
-        .expect("agent config");
-    agent_config.backoff = Backoff {
-        initial: Duration::from_secs(3600),
-        max: Duration::from_secs(3600),
-    };
-    let agent = Arc::new(Agent::new(agent_config));
-    let mut events = agent.events();
-    let stop = CancellationToken::new();
-    tokio::spawn({
-        let (agent, stop) = (agent.clone(), stop.clone());
-        async move { agent.run(stop).await }
+    let allow = AllowList::parse(["127.0.0.1/32:9"]).expect("allow");
+    let (agent, stop) = start_agent(&pki, addr, allow, |c| {
+        c.backoff = Backoff {
+            initial: Duration::from_secs(3600),
+            max: Duration::from_secs(3600),
+        }
     });
+    // Subscribed once it runs: it cannot connect before `silent` gives up the slot.
+    let mut events = agent.events();
     // Refused, and back at the hint (1-2 s), while the slot is still taken.
     wait_for("a second dial", Duration::from_secs(20), || {
         agent.attempts() >= 2

@@ -1,12 +1,15 @@
 //! One leaf, two agent instances (real `tether agent` processes) on one proxy; one of their
 //! paths dies under a dial load.
 
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use tether::proxy::ProxyServer;
 
-use crate::load::{Load, assert_no_dial_waited, dial_once, report, tokens};
-use crate::support::procs::{Files, spawn_agent};
+use crate::load::{
+    Load, assert_no_dial_waited, assert_stream_ends, dial_once, first_stream, report, tokens,
+};
+use crate::support::procs::{Files, Proc, agent_flags_reaching, spawn_agent};
 use crate::support::relay::Relay;
 use crate::support::*;
 
@@ -24,33 +27,55 @@ enum Fault {
 /// waiting on the dead path takes the proxy's dial timeout, 30 s.
 const RETRY_MARGIN: Duration = Duration::from_secs(5);
 
+/// An in-process proxy with a client entry for the load, the echo server the leaf serves, and
+/// the files of the leaf's `tether agent` processes: each test here starts these, then kills
+/// an agent's path.
+struct OneProxy {
+    proxy: ProxyServer,
+    entry: SocketAddr,
+    echo: SocketAddr,
+    files: Files,
+}
+
+impl OneProxy {
+    async fn start() -> OneProxy {
+        let echo = echo_server().await.expect("echo");
+        let pki = pki();
+        let proxy = ProxyServer::start(pki.proxy_config("p1").expect("config"))
+            .await
+            .expect("proxy");
+        let entry = start_client_entry(&proxy, &tokens(), |_| {}).await;
+        let files = Files::write(&pki, &[]);
+        OneProxy {
+            proxy,
+            entry,
+            echo,
+            files,
+        }
+    }
+
+    /// A `tether agent` process of the leaf dialling `path` (the proxy, or a relay to it).
+    fn agent(&self, path: SocketAddr) -> Proc {
+        spawn_agent(&self.files, path, &agent_flags_reaching(self.echo))
+    }
+}
+
 async fn one_of_two_agent_paths_dies(fault: Fault) {
-    let echo = echo_server().await.expect("echo");
-    let pki = pki();
-    let proxy = ProxyServer::start(pki.proxy_config("p1").expect("config"))
-        .await
-        .expect("proxy");
-    let entry = start_client_entry(&proxy, &tokens(), |_| {}).await;
-    let files = Files::write(&pki, &[]);
-    let relay = Relay::start(proxy.local_addr()).await;
-    let args = [
-        "--heartbeat-interval".to_owned(),
-        "200ms".to_owned(),
-        "--allow".to_owned(),
-        format!("127.0.0.1/32:{}", echo.port()),
-    ];
-    let tunnels = || proxy.sites().tunnels_of(&leaf());
+    let p1 = OneProxy::start().await;
+    let (entry, echo) = (p1.entry, p1.echo);
+    let relay = Relay::start(p1.proxy.local_addr()).await;
+    let tunnels = || p1.proxy.sites().tunnels_of(&leaf());
     let path_a = match fault {
-        Fault::FrozenAgent => proxy.local_addr(),
+        Fault::FrozenAgent => p1.proxy.local_addr(),
         Fault::BlackHole => relay.addr,
     };
-    let agent_a = spawn_agent(&files, path_a, &args);
+    let agent_a = p1.agent(path_a);
     wait_for("agent A's tunnel", Duration::from_secs(20), || {
         tunnels().len() == 1
     })
     .await;
     let tunnel_a = tunnels()[0].clone();
-    let _agent_b = spawn_agent(&files, proxy.local_addr(), &args);
+    let _agent_b = p1.agent(p1.proxy.local_addr());
     wait_for("agent B's tunnel", Duration::from_secs(20), || {
         tunnels().len() == 2
     })
@@ -127,51 +152,12 @@ async fn a_black_holed_path_s_pending_dials_move_to_the_other_agent() {
 /// dead (the agent frozen): within one heartbeat timeout (3 × 200 ms) and a margin.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_open_stream_ends_when_its_agent_freezes() {
-    use tokio::io::AsyncReadExt;
-
-    let echo = echo_server().await.expect("echo");
-    let pki = pki();
-    let proxy = ProxyServer::start(pki.proxy_config("p1").expect("config"))
-        .await
-        .expect("proxy");
-    let entry = start_client_entry(&proxy, &tokens(), |_| {}).await;
-    let files = Files::write(&pki, &[]);
-    let agent = spawn_agent(
-        &files,
-        proxy.local_addr(),
-        &[
-            "--heartbeat-interval".into(),
-            "200ms".into(),
-            "--allow".into(),
-            format!("127.0.0.1/32:{}", echo.port()),
-        ],
-    );
-    let mut stream = within(
-        "a stream through the agent",
-        Duration::from_secs(20),
-        async {
-            loop {
-                if let Ok(s) = crate::load::open_stream(entry, echo).await {
-                    return s;
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        },
-    )
-    .await;
+    let p1 = OneProxy::start().await;
+    let agent = p1.agent(p1.proxy.local_addr());
+    let mut stream = first_stream("a stream through the agent", p1.entry, p1.echo).await;
     let frozen_at = Instant::now();
     agent.signal(libc::SIGSTOP).expect("SIGSTOP");
-    let mut buf = [0u8; 16];
-    let end = within(
-        "the stream to end",
-        Duration::from_secs(5),
-        stream.read(&mut buf),
-    )
-    .await;
-    assert!(
-        matches!(end, Ok(0) | Err(_)),
-        "data instead of the end: {end:?}"
-    );
+    assert_stream_ends(&mut stream, "the stream", Duration::from_secs(5)).await;
     println!(
         "frozen agent: the client saw its stream end after {:?}",
         frozen_at.elapsed()

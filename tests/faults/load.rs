@@ -10,6 +10,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
+use crate::support::within;
+
 /// A strong token for the entry's one client.
 pub const TOKEN: &str = "5d2a7c9e1b3f46a08e7d2c5b9a1f3e6d4c8b0a2f7e9d1c3b5a7f9e2d4c6b8a0f";
 
@@ -63,6 +65,31 @@ async fn connect_and_echo(entry: SocketAddr, echo: SocketAddr) -> Outcome {
         Ok(_) => Outcome::Served,
         Err(outcome) => outcome,
     }
+}
+
+/// The first stream to `echo` through `entry` that opens and echoes, trying every 50 ms for up
+/// to 20 s (named `what`): right after start-up, the agent's tunnel may not be up yet.
+pub async fn first_stream(what: &str, entry: SocketAddr, echo: SocketAddr) -> TcpStream {
+    within(what, Duration::from_secs(20), async {
+        loop {
+            if let Ok(s) = open_stream(entry, echo).await {
+                return s;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+}
+
+/// Asserts `stream` (named `what`) ends, at end-of-file or with an error, within `bound` and
+/// without delivering data: what a client must see once the path under its stream died.
+pub async fn assert_stream_ends(stream: &mut TcpStream, what: &str, bound: Duration) {
+    let mut buf = [0u8; 16];
+    let end = within(&format!("{what} to end"), bound, stream.read(&mut buf)).await;
+    assert!(
+        matches!(end, Ok(0) | Err(_)),
+        "{what} delivered data instead of ending: {end:?}"
+    );
 }
 
 /// Opens a stream to `echo` through `entry` and checks one echo, leaving it open.

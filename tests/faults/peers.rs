@@ -6,11 +6,14 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use tether::proxy::{Peer, ProxyServer};
-use tokio::io::AsyncReadExt;
 
-use crate::load::{Load, assert_no_dial_waited, dial_once, open_stream, report, tokens};
+use crate::load::{
+    Load, assert_no_dial_waited, assert_stream_ends, dial_once, first_stream, report, tokens,
+};
 use crate::support::procs::free_addr;
-use crate::support::procs::{Files, Proc, admin_get, spawn_agent, spawn_proxy};
+use crate::support::procs::{
+    Files, Proc, admin_get, agent_flags_reaching, spawn_agent, spawn_proxy,
+};
 use crate::support::*;
 
 /// What a dial may take at most while a peer is frozen: the time to declare its connection
@@ -44,16 +47,7 @@ async fn peered(ids: &[&str]) -> (ProxyServer, SocketAddr, SocketAddr, Vec<PeerP
     for id in ids {
         let (addr, admin) = (free_addr(), free_addr());
         let proxy = spawn_proxy(&files, id, addr, admin, &[]);
-        let agent = spawn_agent(
-            &files,
-            addr,
-            &[
-                "--heartbeat-interval".into(),
-                "200ms".into(),
-                "--allow".into(),
-                format!("127.0.0.1/32:{}", echo.port()),
-            ],
-        );
+        let agent = spawn_agent(&files, addr, &agent_flags_reaching(echo));
         wait_for(
             &format!("{id} to hold the leaf's tunnel"),
             Duration::from_secs(30),
@@ -142,19 +136,7 @@ const STREAM_END_BOUND: Duration = Duration::from_secs(5);
 
 async fn a_forwarded_stream_ends_when(death: Death) {
     let (_p1, entry, echo, peers, _files) = peered(&["p2"]).await;
-    let mut stream = within(
-        "a stream through the peer",
-        Duration::from_secs(20),
-        async {
-            loop {
-                if let Ok(s) = open_stream(entry, echo).await {
-                    return s;
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        },
-    )
-    .await;
+    let mut stream = first_stream("a stream through the peer", entry, echo).await;
     // Idle for longer than the keepalive detection (3 × 200 ms): a live peer answers the
     // keepalives, so its idle streams stay up.
     tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -165,17 +147,7 @@ async fn a_forwarded_stream_ends_when(death: Death) {
         Death::FrozenPeer => peer.proxy.signal(libc::SIGSTOP).expect("SIGSTOP"),
         Death::KilledAgent => peer.agent.signal(libc::SIGKILL).expect("SIGKILL"),
     }
-    let mut buf = [0u8; 16];
-    let end = within(
-        "the forwarded stream to end",
-        STREAM_END_BOUND,
-        stream.read(&mut buf),
-    )
-    .await;
-    assert!(
-        matches!(end, Ok(0) | Err(_)),
-        "the stream delivered data instead of ending: {end:?}"
-    );
+    assert_stream_ends(&mut stream, "the forwarded stream", STREAM_END_BOUND).await;
     println!(
         "{death:?}: the client saw its stream end after {:?}",
         died_at.elapsed()

@@ -147,10 +147,7 @@ async fn install_upgrade_uninstall_leaves_only_the_crds() {
 #[tokio::test]
 async fn root_and_leaf_install_as_two_releases_in_one_namespace() {
     let started = Instant::now();
-    let cp = support::kube::control_plane().await;
-    let admin = cp.kube_client();
-    ensure_crds(&admin).await;
-    let ns = cp.new_namespace("helm-two-releases").await;
+    let (cp, admin, ns) = crds_and_namespace("helm-two-releases").await;
     install(cp, "root", &ns, ROOT_ONLY);
     install(cp, "leaf", &ns, LEAF_ONLY);
     let list: Value =

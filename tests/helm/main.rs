@@ -28,7 +28,10 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use support::kube::ControlPlane;
-use support::tunnel_e2e::{create_secrets, echo_through, eventually, example, start_operator};
+use support::tunnel_e2e::{
+    crds_and_namespace, create_secrets, echo_through, eventually, example, proxy_slice,
+    root_proxy_for_leaf_1, start_operator,
+};
 use tether::agent::join::{JoinRequest, join};
 use tether::demo::{Pki, echo_server};
 use tether::identity::TrustStore;
@@ -44,26 +47,14 @@ use tokio_util::sync::CancellationToken;
 /// Values of a root-only release.
 const ROOT_ONLY: &[&str] = &[
     "--set",
-    "root.enabled=true",
-    "--set",
-    "root.clusterName=root",
-    "--set",
-    "root.caSecret=tether-root-ca",
-    "--set",
-    "leaf.enabled=false",
+    "root.enabled=true,root.clusterName=root,root.caSecret=tether-root-ca,leaf.enabled=false",
 ];
 /// Values of a leaf-only release (root is off by default).
 const LEAF_ONLY: &[&str] = &["--set", "leaf.enabled=true"];
 /// Values of a release with both roles.
 const BOTH: &[&str] = &[
     "--set",
-    "root.enabled=true",
-    "--set",
-    "root.clusterName=root",
-    "--set",
-    "root.caSecret=tether-root-ca",
-    "--set",
-    "leaf.enabled=true",
+    "root.enabled=true,root.clusterName=root,root.caSecret=tether-root-ca,leaf.enabled=true",
 ];
 
 fn chart() -> PathBuf {

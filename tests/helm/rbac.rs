@@ -6,10 +6,7 @@ use super::*;
 #[tokio::test]
 async fn the_operator_runs_end_to_end_with_the_charts_rbac() {
     let started = Instant::now();
-    let cp = support::kube::control_plane().await;
-    let admin = cp.kube_client();
-    ensure_crds(&admin).await;
-    let ns = cp.new_namespace("helm-operator-rbac").await;
+    let (cp, admin, ns) = crds_and_namespace("helm-operator-rbac").await;
     install(cp, "rbac", &ns, LEAF_ONLY);
     // Only the chart's ServiceAccount token from here on (the Secrets and the ReverseTunnel
     // are the user's, created as admin).
@@ -17,11 +14,7 @@ async fn the_operator_runs_end_to_end_with_the_charts_rbac() {
         .client_for_service_account(&ns, "rbac-tether-operator")
         .await;
 
-    let leaf = ClusterName::new("leaf-1").expect("name");
-    let pki = Pki::generate(ClusterName::new("root").expect("name"), leaf.clone()).expect("pki");
-    let proxy = ProxyServer::start(pki.proxy_config("proxy-1").expect("proxy config"))
-        .await
-        .expect("proxy");
+    let (leaf, pki, proxy) = root_proxy_for_leaf_1().await;
     let echo = echo_server().await.expect("echo");
     create_secrets(&admin, &ns, &pki).await;
     let stop = start_operator(operator.clone(), &ns, Some("rbac-tether-operator"));
@@ -148,10 +141,7 @@ async fn the_operator_runs_end_to_end_with_the_charts_rbac() {
 #[tokio::test]
 async fn the_proxies_rbac_covers_peers_join_tokens_and_remote_clusters() {
     let started = Instant::now();
-    let cp = support::kube::control_plane().await;
-    let admin = cp.kube_client();
-    ensure_crds(&admin).await;
-    let ns = cp.new_namespace("helm-proxy-rbac").await;
+    let (cp, admin, ns) = crds_and_namespace("helm-proxy-rbac").await;
     install(cp, "peers", &ns, ROOT_ONLY);
     let proxy = cp
         .client_for_service_account(&ns, "peers-tether-proxy")
@@ -160,21 +150,14 @@ async fn the_proxies_rbac_covers_peers_join_tokens_and_remote_clusters() {
     // Peers: the EndpointSlices of the chart's headless Service, followed as `tether proxy
     // --peers-service` does (list, then watch).
     let service = "peers-tether-proxy-peers";
-    let slice = |name: &str, ready: bool| -> EndpointSlice {
-        serde_json::from_value(json!({
-            "metadata": {
-                "name": format!("{service}-{name}"),
-                "labels": {"kubernetes.io/service-name": service}
-            },
-            "addressType": "IPv4",
-            "endpoints": [{
-                "addresses": ["192.0.2.1"],
-                "conditions": {"ready": ready},
-                "targetRef": {"kind": "Pod", "name": format!("peers-tether-proxy-{name}")}
-            }],
-            "ports": [{"name": "tunnel", "port": 3024, "protocol": "TCP"}]
-        }))
-        .expect("EndpointSlice")
+    let slice = |name: &str, ready: bool| {
+        proxy_slice(
+            service,
+            &format!("peers-tether-proxy-{name}"),
+            0,
+            3024,
+            ready,
+        )
     };
     let slices: Api<EndpointSlice> = Api::namespaced(admin.clone(), &ns);
     // A slice without ready endpoints, there before the watch: its initial listing makes
@@ -320,10 +303,7 @@ async fn the_proxies_rbac_covers_peers_join_tokens_and_remote_clusters() {
 #[tokio::test]
 async fn the_operator_token_is_denied_outside_its_role() {
     let started = Instant::now();
-    let cp = support::kube::control_plane().await;
-    let admin = cp.kube_client();
-    ensure_crds(&admin).await;
-    let ns = cp.new_namespace("helm-deny").await;
+    let (cp, admin, ns) = crds_and_namespace("helm-deny").await;
     let other = cp.new_namespace("helm-deny-other").await;
     install(cp, "deny", &ns, LEAF_ONLY);
     Api::<Secret>::namespaced(admin.clone(), &other)
@@ -426,10 +406,7 @@ async fn the_operator_token_is_denied_outside_its_role() {
 async fn the_operator_container_command_runs_with_the_charts_rbac() {
     use tokio::io::{AsyncBufReadExt, BufReader};
     let started = Instant::now();
-    let cp = support::kube::control_plane().await;
-    let admin = cp.kube_client();
-    ensure_crds(&admin).await;
-    let ns = cp.new_namespace("helm-operator-cli").await;
+    let (cp, admin, ns) = crds_and_namespace("helm-operator-cli").await;
     install(cp, "cli", &ns, LEAF_ONLY);
 
     // The container's arguments as the chart renders them; only the admin port becomes a free
@@ -550,11 +527,7 @@ async fn the_operator_container_command_runs_with_the_charts_rbac() {
     .await;
 
     // ...and connects a ReverseTunnel to a proxy; a dial goes through.
-    let leaf = ClusterName::new("leaf-1").expect("name");
-    let pki = Pki::generate(ClusterName::new("root").expect("name"), leaf).expect("pki");
-    let proxy = ProxyServer::start(pki.proxy_config("proxy-1").expect("proxy config"))
-        .await
-        .expect("proxy");
+    let (_, pki, proxy) = root_proxy_for_leaf_1().await;
     let echo = echo_server().await.expect("echo");
     create_secrets(&admin, &ns, &pki).await;
     let rule = format!("{}/32:{}", echo.ip(), echo.port());

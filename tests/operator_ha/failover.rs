@@ -92,6 +92,24 @@ pub(crate) async fn wait_connected_by_two(cp: &'static ControlPlane, ns: &str) {
     wait_row(cp, ns, &row).await;
 }
 
+/// Starts replica `successor` (as the Deployment would after losing one) and waits until
+/// every proxy holds a tunnel of each of the two replicas, and the status lists exactly the
+/// live replicas and reads Connected 2/2.
+async fn start_successor(
+    cp: &'static ControlPlane,
+    ns: &str,
+    root: &mut Root,
+    client: &Client,
+    operators: &mut BTreeMap<String, Process>,
+    successor: &str,
+) {
+    operators.insert(successor.to_owned(), replica(cp, ns, root, successor));
+    root.wait_each_holds(2).await;
+    let live: Vec<String> = operators.keys().cloned().collect();
+    wait_entries(client, ns, &live).await;
+    wait_row(cp, ns, &[("STATUS", "Connected"), ("REPLICAS", "2/2")]).await;
+}
+
 /// Waits until the example's `status.replicas` names exactly `live` (in any order).
 pub(crate) async fn wait_entries(client: &Client, ns: &str, live: &[String]) {
     let api: Api<ReverseTunnel> = Api::namespaced(client.clone(), ns);
@@ -161,11 +179,7 @@ async fn kill_9_of_either_replica_fails_no_new_dial() {
         dead.exited().await;
         kills.push((victim.clone(), victim == leader, killed));
         // A replacement, as the Deployment would start.
-        operators.insert(successor.to_owned(), replica(cp, &ns, &root, successor));
-        root.wait_each_holds(2).await;
-        let live: Vec<String> = operators.keys().cloned().collect();
-        wait_entries(&client, &ns, &live).await;
-        wait_row(cp, &ns, &[("STATUS", "Connected"), ("REPLICAS", "2/2")]).await;
+        start_successor(cp, &ns, &mut root, &client, &mut operators, successor).await;
         eprintln!(
             "[{ns}] {successor} replaced {victim}: the status lists exactly the live replicas, \
              2/2, {:?} after the kill",
@@ -231,11 +245,7 @@ async fn rolling_restart_of_both_replicas_fails_no_dial() {
         root.wait_each_holds(1).await;
         // A clean stop removes the replica's own entry at once.
         wait_entries(&client, &ns, &live).await;
-        operators.insert(successor.to_owned(), replica(cp, &ns, &root, successor));
-        root.wait_each_holds(2).await;
-        let live: Vec<String> = operators.keys().cloned().collect();
-        wait_entries(&client, &ns, &live).await;
-        wait_row(cp, &ns, &[("STATUS", "Connected"), ("REPLICAS", "2/2")]).await;
+        start_successor(cp, &ns, &mut root, &client, &mut operators, successor).await;
         eprintln!(
             "[{ns}] SIGTERM {old}: exited after {exited:?}; {successor} carrying (2/2) after {:?}",
             stopped.elapsed()

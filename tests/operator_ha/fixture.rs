@@ -219,24 +219,6 @@ pub(crate) struct Root {
     pub(crate) proxies: BTreeMap<String, ProxyProcess>,
 }
 
-/// The EndpointSlice of proxy pod `id` (slot `slot`): a TEST-NET-1 address, the real port.
-pub(crate) fn slice(id: &str, slot: usize, port: u16) -> EndpointSlice {
-    serde_json::from_value(json!({
-        "metadata": {
-            "name": format!("{SERVICE}-{id}"),
-            "labels": {"kubernetes.io/service-name": SERVICE},
-        },
-        "addressType": "IPv4",
-        "endpoints": [{
-            "addresses": [format!("192.0.2.{}", slot + 1)],
-            "conditions": {"ready": true},
-            "targetRef": {"kind": "Pod", "name": id},
-        }],
-        "ports": [{"name": "tunnel", "port": port, "protocol": "TCP"}],
-    }))
-    .expect("valid EndpointSlice")
-}
-
 impl Root {
     /// haproxy with a slot per [`IDS`], the proxies' Service, and the first `n` proxies.
     pub(crate) async fn start(
@@ -319,7 +301,10 @@ impl Root {
         .await;
         self.lb.enable(slot, listen);
         self.slices
-            .create(&PostParams::default(), &slice(id, slot, listen.port()))
+            .create(
+                &PostParams::default(),
+                &proxy_slice(SERVICE, id, slot, listen.port(), true),
+            )
             .await
             .expect("creating the EndpointSlice");
         self.proxies
@@ -473,21 +458,7 @@ pub(crate) fn spawn_operator_with(
     lease: Option<Option<(&str, &str)>>,
     extra: &[&str],
 ) -> Process {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_tether"));
-    cmd.arg("operator")
-        .arg("--kubeconfig")
-        .arg(cp.kubeconfig_path())
-        .args(["--namespace", ns, "--identity", identity]);
-    for var in [
-        "KUBECONFIG",
-        "POD_NAME",
-        "POD_NAMESPACE",
-        "TETHER_NAMESPACE",
-        "TETHER_LEASE_NAME",
-        "TETHER_STATUS_REFRESH",
-    ] {
-        cmd.env_remove(var);
-    }
+    let mut cmd = operator_command(cp.kubeconfig_path(), ns, identity);
     cmd.args(extra);
     if let Some(times) = lease {
         cmd.args(["--lease-name", LEASE, "--lease-namespace", ns]);

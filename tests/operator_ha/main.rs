@@ -62,8 +62,8 @@ use serde_json::json;
 use tokio::io::AsyncWriteExt;
 
 use support::kube::ControlPlane;
-use support::procs::{Files, Proc};
-use support::tunnel_e2e::{DEADLINE, create_secrets, eventually};
+use support::procs::{Files, Proc, operator_command};
+use support::tunnel_e2e::{DEADLINE, create_secrets, eventually, proxy_slice};
 use tether::demo::{Pki, echo_server};
 use tether::identity::Identity;
 use tether::operator::crd::ReverseTunnel;

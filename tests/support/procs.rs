@@ -388,6 +388,85 @@ pub fn proxy_command(
     cmd
 }
 
+/// What a root replica runs in Kubernetes: `tether proxy --kubernetes` as pod `id` in `ns`,
+/// following Service `service`'s EndpointSlices for its peers and issuing its certificates
+/// from the CA at `ca`, through `kubeconfig`, with `extra` flags; its log in `log`.
+pub struct KubeProxy<'a> {
+    /// Its proxy ID, the pod name its EndpointSlice names.
+    pub id: &'a str,
+    /// The namespace of its Service, RemoteClusters and join tokens.
+    pub ns: &'a str,
+    /// The headless Service whose EndpointSlices list its peers.
+    pub service: &'a str,
+    /// The root CA's private key, from which it issues its own certificates.
+    pub ca: &'a Path,
+    /// How it reaches the API server.
+    pub kubeconfig: &'a Path,
+    /// Where its stdout and stderr go.
+    pub log: PathBuf,
+    /// Flags of the test's own (heartbeat interval, limits).
+    pub extra: &'a [&'a str],
+}
+
+impl KubeProxy<'_> {
+    /// Starts it, on fresh ports again if it loses a race for one; its tunnel address.
+    pub fn spawn(&self) -> Result<(Proc, SocketAddr), String> {
+        for _ in 0..5 {
+            let (listen, admin) = (free_addr(), free_addr());
+            let mut cmd = Command::new(tether_bin());
+            cmd.args(["proxy", "--cluster", "root", "--proxy-id", self.id])
+                .args(["--kubernetes", "--namespace", self.ns])
+                .args([
+                    "--peers-service",
+                    self.service,
+                    "--peers-port-name",
+                    "tunnel",
+                ])
+                .arg("--ca")
+                .arg(self.ca)
+                .arg("--listen")
+                .arg(listen.to_string())
+                .arg("--admin-listen")
+                .arg(admin.to_string())
+                .args(["--shutdown-grace", "1s"])
+                .args(self.extra)
+                .env("KUBECONFIG", self.kubeconfig)
+                .env("RUST_LOG", "info");
+            let mut proc = Proc::logged(self.id, &mut cmd, self.log.clone())?;
+            // If it lost a port race it exits: then try others.
+            if proc.accepts(&[listen, admin], Duration::from_secs(20)) {
+                return Ok((proc, listen));
+            }
+        }
+        Err(format!(
+            "tether proxy {} did not start; its log: {}",
+            self.id,
+            self.log.display()
+        ))
+    }
+}
+
+/// `tether operator` watching `ns` as `identity`, through `kubeconfig`, with none of the
+/// environment variables that would override those flags (a developer's shell may set them).
+pub fn operator_command(kubeconfig: &Path, ns: &str, identity: &str) -> Command {
+    let mut cmd = Command::new(tether_bin());
+    cmd.arg("operator")
+        .arg("--kubeconfig")
+        .arg(kubeconfig)
+        .args(["--namespace", ns, "--identity", identity]);
+    for var in [
+        "KUBECONFIG",
+        "POD_NAME",
+        "POD_NAMESPACE",
+        "TETHER_NAMESPACE",
+        "TETHER_LEASE_NAME",
+        "TETHER_STATUS_REFRESH",
+    ] {
+        cmd.env_remove(var);
+    }
+    cmd
+}
+
 /// `tether agent` for the leaf, dialling `proxy`, with extra arguments.
 pub fn spawn_agent(files: &Files, proxy: SocketAddr, extra: &[String]) -> Proc {
     let mut cmd = Command::new(tether_bin());
@@ -400,6 +479,36 @@ pub fn spawn_agent(files: &Files, proxy: SocketAddr, extra: &[String]) -> Proc {
         .arg(files.path("root-ca.pub"))
         .args(extra);
     spawn(cmd)
+}
+
+/// [`spawn_agent`] flags for a leaf that serves the loopback server `target` alone, with 200 ms
+/// heartbeats so that a test sees heartbeats, and the loss of a path, within a second.
+pub fn agent_flags_reaching(target: SocketAddr) -> Vec<String> {
+    vec![
+        "--heartbeat-interval".to_owned(),
+        "200ms".to_owned(),
+        "--allow".to_owned(),
+        format!("127.0.0.1/32:{}", target.port()),
+    ]
+}
+
+/// `tether agent ARGS` for the leaf dialling `proxy`, its identity `agent` and root CA
+/// `root-ca.pub` named relative to the directory it runs in (as [`Files::write`] and
+/// `tether cert` write them): for the tests of what it refuses at start-up.
+pub fn agent_args(proxy: &str) -> [&str; 11] {
+    [
+        "agent",
+        "--cluster",
+        "leaf",
+        "--root-cluster",
+        "root",
+        "--proxy",
+        proxy,
+        "--identity",
+        "agent",
+        "--root-ca",
+        "root-ca.pub",
+    ]
 }
 
 /// Starts `cmd` with its output discarded, killed when the returned [`Proc`] drops.

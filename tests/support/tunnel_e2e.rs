@@ -6,6 +6,7 @@ use std::future::Future;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{ObjectMeta, Patch, PatchParams, PostParams};
 use kube::runtime::{conditions, wait::await_condition};
@@ -15,14 +16,57 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::timeout;
 use tokio_util::sync::CancellationToken;
 
+use super::kube::{ControlPlane, control_plane};
 use tether::demo::Pki;
 use tether::identity::{CertificateAuthority, Identity};
 use tether::operator::{LeaderElection, OperatorConfig};
-use tether::protocol::Target;
+use tether::protocol::{ClusterName, Target};
 use tether::proxy::{Dialer, ProxyServer};
 use tether::stream::Splice;
 
 pub const DEADLINE: Duration = Duration::from_secs(60);
+
+/// Where most operator tests start: the binary's control plane, an admin client, the CRDs
+/// applied, and a fresh namespace named after `prefix`.
+pub async fn crds_and_namespace(prefix: &str) -> (&'static ControlPlane, Client, String) {
+    let cp = control_plane().await;
+    let client = cp.kube_client();
+    install_crds(&client).await;
+    let ns = cp.new_namespace(prefix).await;
+    (cp, client, ns)
+}
+
+/// The PKI of the root and `leaf-1`, and the root's proxy `proxy-1` in-process: what the
+/// operator tests' ReverseTunnels dial.
+pub async fn root_proxy_for_leaf_1() -> (ClusterName, Pki, ProxyServer) {
+    let leaf = ClusterName::new("leaf-1").expect("name");
+    let pki = Pki::generate(ClusterName::new("root").expect("name"), leaf.clone()).expect("pki");
+    let proxy = ProxyServer::start(pki.proxy_config("proxy-1").expect("proxy config"))
+        .await
+        .expect("proxy");
+    (leaf, pki, proxy)
+}
+
+/// The EndpointSlice of Service `service` for its proxy pod `pod`, in slot `slot`, with the
+/// proxy's port named `tunnel`. The API server refuses loopback endpoint addresses, so it names
+/// a TEST-NET-1 address (RFC 5737: `192.0.2.<slot + 1>`) with the real port: proxies learn
+/// their peers' IDs from it, and agents reach every proxy through a load balancer.
+pub fn proxy_slice(service: &str, pod: &str, slot: usize, port: u16, ready: bool) -> EndpointSlice {
+    serde_json::from_value(json!({
+        "metadata": {
+            "name": format!("{service}-{pod}"),
+            "labels": {"kubernetes.io/service-name": service},
+        },
+        "addressType": "IPv4",
+        "endpoints": [{
+            "addresses": [format!("192.0.2.{}", slot + 1)],
+            "conditions": {"ready": ready},
+            "targetRef": {"kind": "Pod", "name": pod},
+        }],
+        "ports": [{"name": "tunnel", "port": port, "protocol": "TCP"}],
+    }))
+    .expect("valid EndpointSlice")
+}
 
 /// Polls `check` until it yields a value, failing with `what` after [`DEADLINE`].
 pub async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T

@@ -26,6 +26,42 @@ async fn agent_attempt(
     Tunnel::connect(Arc::new(config)).await
 }
 
+/// A proxy `p1` of a fresh PKI, started with this thread's log lines captured: each refusal
+/// test checks both what the refused side is told and what an operator reads in the log.
+struct LoggedProxy {
+    proxy: ProxyServer,
+    pki: tether::demo::Pki,
+    _guard: tracing::subscriber::DefaultGuard,
+    logs: LogCapture,
+}
+
+impl LoggedProxy {
+    async fn start() -> LoggedProxy {
+        let logs = LogCapture::default();
+        let _guard = logs.install();
+        let pki = pki();
+        let proxy = ProxyServer::start(pki.proxy_config("p1").expect("config"))
+            .await
+            .expect("proxy");
+        LoggedProxy {
+            proxy,
+            pki,
+            _guard,
+            logs,
+        }
+    }
+
+    /// An agent's attempt with a certificate `ca` signed, for `ca`'s cluster.
+    async fn attempt_signed_by(&self, ca: &CertificateAuthority) -> Result<Tunnel, TunnelError> {
+        agent_attempt(&self.pki, &self.proxy, |c| {
+            c.cluster = ca.cluster().clone();
+            c.identity =
+                Arc::new(Identity::generate_agent(ca, Duration::from_secs(60)).expect("id"));
+        })
+        .await
+    }
+}
+
 /// The reason the proxy gave the refused agent.
 fn refusal(result: Result<Tunnel, TunnelError>) -> String {
     match result {
@@ -36,64 +72,40 @@ fn refusal(result: Result<Tunnel, TunnelError>) -> String {
 
 #[tokio::test(flavor = "current_thread")]
 async fn an_agent_of_an_unknown_cluster_is_refused_with_a_reason() {
-    let logs = LogCapture::default();
-    let _guard = logs.install();
-    let pki = pki();
-    let proxy = ProxyServer::start(pki.proxy_config("p1").expect("config"))
-        .await
-        .expect("proxy");
+    let p1 = LoggedProxy::start().await;
     let stranger =
         CertificateAuthority::generate(ClusterName::new("stranger").expect("name")).expect("ca");
-    let result = agent_attempt(&pki, &proxy, |c| {
-        c.cluster = stranger.cluster().clone();
-        c.identity =
-            Arc::new(Identity::generate_agent(&stranger, Duration::from_secs(60)).expect("id"));
-    })
-    .await;
     // The agent learns why, as much as the proxy may say: an unknown cluster reads the same as
     // an untrusted CA (below), so a prober cannot list the clusters a proxy trusts.
-    let reason = refusal(result);
+    let reason = refusal(p1.attempt_signed_by(&stranger).await);
     assert_eq!(
         reason,
         "the certificate's authority is not trusted for cluster \"stranger\""
     );
-    logs.wait_for("no certificate authority is trusted for cluster \"stranger\"")
+    p1.logs
+        .wait_for("no certificate authority is trusted for cluster \"stranger\"")
         .await;
 }
 
 #[tokio::test(flavor = "current_thread")]
 async fn an_agent_certificate_from_the_wrong_ca_is_refused() {
-    let logs = LogCapture::default();
-    let _guard = logs.install();
-    let pki = pki();
-    let proxy = ProxyServer::start(pki.proxy_config("p1").expect("config"))
-        .await
-        .expect("proxy");
+    let p1 = LoggedProxy::start().await;
     // Same cluster name, another CA.
     let impostor = CertificateAuthority::generate(leaf()).expect("ca");
-    let result = agent_attempt(&pki, &proxy, |c| {
-        c.identity =
-            Arc::new(Identity::generate_agent(&impostor, Duration::from_secs(60)).expect("id"));
-    })
-    .await;
-    let reason = refusal(result);
+    let reason = refusal(p1.attempt_signed_by(&impostor).await);
     assert_eq!(
         reason,
         "the certificate's authority is not trusted for cluster \"leaf\""
     );
-    logs.wait_for("which is not a trusted certificate authority of cluster leaf")
+    p1.logs
+        .wait_for("which is not a trusted certificate authority of cluster leaf")
         .await;
 }
 
 #[tokio::test(flavor = "current_thread")]
 async fn an_expired_agent_certificate_is_refused() {
-    let logs = LogCapture::default();
-    let _guard = logs.install();
-    let pki = pki();
-    let proxy = ProxyServer::start(pki.proxy_config("p1").expect("config"))
-        .await
-        .expect("proxy");
-    let identity = Identity::generate_agent(&pki.leaf, Duration::from_secs(60)).expect("id");
+    let p1 = LoggedProxy::start().await;
+    let identity = Identity::generate_agent(&p1.pki.leaf, Duration::from_secs(60)).expect("id");
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .expect("clock")
@@ -111,8 +123,8 @@ async fn an_expired_agent_certificate_is_refused() {
     builder.key_id("agent leaf").expect("key id");
     builder.valid_principal("leaf").expect("principal");
     builder.extension(ROLE_EXTENSION, "agent").expect("role");
-    let expired = builder.sign(pki.leaf.private_key()).expect("sign");
-    let result = agent_attempt(&pki, &proxy, |c| {
+    let expired = builder.sign(p1.pki.leaf.private_key()).expect("sign");
+    let result = agent_attempt(&p1.pki, &p1.proxy, |c| {
         c.identity = Arc::new(Identity {
             key: identity.key.clone(),
             certificate: expired,
@@ -127,27 +139,25 @@ async fn an_expired_agent_certificate_is_refused() {
         }
         other => panic!("expected the agent to refuse its own certificate, got {other:?}"),
     }
-    logs.wait_for("expired").await;
+    p1.logs.wait_for("expired").await;
 }
 
 #[tokio::test(flavor = "current_thread")]
 async fn the_agent_refuses_a_proxy_whose_host_certificate_it_does_not_trust() {
-    let logs = LogCapture::default();
-    let _guard = logs.install();
-    let pki = pki();
-    let rogue = crate::support::pki();
-    let proxy = ProxyServer::start(rogue.proxy_config("p1").expect("config"))
-        .await
-        .expect("proxy");
+    let rogue = LoggedProxy::start().await;
+    let real = pki();
     // The agent trusts the real root CA only.
-    let result = agent_attempt(&rogue, &proxy, |c| {
-        c.root_cas = vec![pki.root.public_key().clone()];
+    let result = agent_attempt(&rogue.pki, &rogue.proxy, |c| {
+        c.root_cas = vec![real.root.public_key().clone()];
     })
     .await;
     assert!(result.is_err(), "the agent connected to an untrusted proxy");
-    logs.wait_for("refusing the proxy").await;
-    logs.wait_for("not a trusted certificate authority").await;
-    assert!(proxy.sites().list().is_empty());
+    rogue.logs.wait_for("refusing the proxy").await;
+    rogue
+        .logs
+        .wait_for("not a trusted certificate authority")
+        .await;
+    assert!(rogue.proxy.sites().list().is_empty());
 }
 
 #[tokio::test]

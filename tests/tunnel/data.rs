@@ -1,6 +1,6 @@
 //! Bytes through the tunnel: integrity, half-close, many streams, and a stalled reader.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use sha2::{Digest, Sha256};
@@ -116,6 +116,28 @@ async fn a_thousand_concurrent_streams_share_one_tunnel() {
     .await;
 }
 
+/// Waits (up to 30 s) until the bytes `what` has moved, counted in `count`, stop growing
+/// between two looks 300 ms apart, and returns that count: a stream held back by flow control
+/// shows only as a count that no longer moves.
+async fn until_held_back(what: &str, count: &AtomicU64) -> u64 {
+    let mut last = u64::MAX;
+    within(
+        &format!("{what} to be held back"),
+        Duration::from_secs(30),
+        async {
+            loop {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                let now = count.load(Ordering::Relaxed);
+                if now == last {
+                    return now;
+                }
+                last = now;
+            }
+        },
+    )
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_reader_stalls_only_its_own_stream_with_bounded_memory() {
     let rig = Rig::start(
@@ -135,23 +157,7 @@ async fn a_stalled_reader_stalls_only_its_own_stream_with_bounded_memory() {
 
     // Stream A: the target floods, the root-side reader never reads.
     let (_stalled, _task) = attach(rig.dial(firehose).await.expect("dial firehose"), 4096);
-    // Wait until the firehose is blocked: its count stops growing.
-    let mut last = u64::MAX;
-    within(
-        "the firehose to be held back",
-        Duration::from_secs(30),
-        async {
-            loop {
-                tokio::time::sleep(Duration::from_millis(300)).await;
-                let now = written.load(Ordering::Relaxed);
-                if now == last {
-                    break;
-                }
-                last = now;
-            }
-        },
-    )
-    .await;
+    let last = until_held_back("the firehose", &written).await;
     eprintln!("stalled reader: the flooding target got {last} bytes out before being held");
     // One stream window (512 KiB at first; up to 2 MiB if it grew while the kernel's socket
     // buffers still took everything, before the stall) plus kernel socket buffers on loopback:
@@ -194,22 +200,7 @@ async fn a_stalled_reader_stalls_only_its_own_stream_with_bounded_memory() {
             counter.fetch_add(n as u64, Ordering::Relaxed);
         }
     });
-    let mut last = u64::MAX;
-    within(
-        "the writer to be held back",
-        Duration::from_secs(30),
-        async {
-            loop {
-                tokio::time::sleep(Duration::from_millis(300)).await;
-                let now = pushed.load(Ordering::Relaxed);
-                if now == last {
-                    break;
-                }
-                last = now;
-            }
-        },
-    )
-    .await;
+    let last = until_held_back("the writer", &pushed).await;
     assert!(
         last < 24 * 1024 * 1024,
         "the stalled target let {last} bytes through"

@@ -1,16 +1,18 @@
 //! Root-side clients through standard tools: curl via HTTP CONNECT and SOCKS5, `tether dial`,
 //! the API-server alias, and direct dials into the local cluster.
 
-use std::process::{Command, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
+use tether::client::ClientError;
 use tether::egress::allow_list::AllowList;
 use tether::identity::Identity;
 use tether::protocol::DialErrorKind;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
 
+use crate::dial_error;
 use crate::support::procs::tether_with_input;
 use crate::support::*;
 
@@ -33,6 +35,25 @@ async fn http_server() -> std::net::SocketAddr {
         }
     });
     addr
+}
+
+/// The stdout of the client `what`, which must have succeeded (else its stderr says why).
+fn stdout_of_success<'a>(out: &'a Output, what: &str) -> &'a [u8] {
+    assert!(
+        out.status.success(),
+        "{what} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    &out.stdout
+}
+
+/// The error of a client's dial that must fail with `kind`: how the client tells a refusal by
+/// policy, a missing tunnel and a target that refused apart.
+fn dial_failure<T>(result: Result<T, ClientError>, kind: DialErrorKind) -> ClientError {
+    match result {
+        Err(e) if matches!(&e, ClientError::Dial { kind: k, .. } if *k == kind) => e,
+        other => panic!("expected a {kind:?} dial error, got {:?}", other.err()),
+    }
 }
 
 fn curl_available() -> bool {
@@ -76,12 +97,8 @@ async fn curl_reaches_a_leaf_service_through_http_connect_and_socks5() {
         })
         .await
         .expect("join");
-        assert!(
-            out.status.success(),
-            "curl via {proxy} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        assert_eq!(String::from_utf8_lossy(&out.stdout), "hello from leaf");
+        let body = stdout_of_success(&out, &format!("curl via {proxy}"));
+        assert_eq!(String::from_utf8_lossy(body), "hello from leaf");
     }
     // A wrong token gets 407 and no tunnel.
     let out = tokio::task::spawn_blocking(move || {
@@ -136,12 +153,10 @@ async fn tether_dial_carries_stdin_and_stdout_with_a_client_certificate() {
     })
     .await
     .expect("join");
-    assert!(
-        out.status.success(),
-        "tether dial failed: {}",
-        String::from_utf8_lossy(&out.stderr)
+    assert_eq!(
+        stdout_of_success(&out, "tether dial"),
+        b"through the tunnel\n"
     );
-    assert_eq!(out.stdout, b"through the tunnel\n");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -159,11 +174,12 @@ async fn the_api_server_alias_reaches_the_agents_configured_address() {
     );
 
     let rig = Rig::start(&[], |_| {}, |_| {}).await;
-    let err = rig
-        .dial_name("_apiserver.leaf.tether:443")
-        .await
-        .err()
-        .expect("no API server configured");
+    let err = dial_error(
+        &rig,
+        "_apiserver.leaf.tether:443",
+        "no API server configured",
+    )
+    .await;
     assert_eq!(err.kind, DialErrorKind::Forbidden);
 }
 
@@ -186,17 +202,18 @@ async fn the_local_cluster_is_dialled_directly_when_allowed() {
         .expect("direct dial");
     let (mut stream, _t) = attach(conn, 4096);
     assert_eq!(echo_round_trip(&mut stream, b"local").await, b"local");
-    let err = rig
-        .dial_name("10.0.0.1.root.tether:80")
-        .await
-        .err()
-        .expect("outside the direct allow-list");
+    let err = dial_error(
+        &rig,
+        "10.0.0.1.root.tether:80",
+        "outside the direct allow-list",
+    )
+    .await;
     assert_eq!(err.kind, DialErrorKind::Forbidden);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_dial_says_whether_it_was_forbidden_offline_or_failed() {
-    use tether::client::{ClientError, DialClient, DialClientConfig};
+    use tether::client::DialClient;
     let echo = echo_server().await.expect("echo");
     let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let closed_port = closed.local_addr().expect("addr").port();
@@ -210,16 +227,7 @@ async fn a_client_dial_says_whether_it_was_forbidden_offline_or_failed() {
         |_| {},
     )
     .await;
-    let config = DialClientConfig {
-        proxy_addr: rig.proxy.local_addr().to_string(),
-        root_cluster: rig.pki.root.cluster().clone(),
-        root_cas: vec![rig.pki.root.public_key().clone()],
-        identity: std::sync::Arc::new(
-            Identity::generate_client(&rig.pki.root, "alice", Duration::from_secs(600))
-                .expect("client identity"),
-        ),
-        timeout: Duration::from_secs(10),
-    };
+    let config = client_config(&rig, &rig.pki.root, "alice");
     let client = DialClient::connect(&config).await.expect("connects");
     let target = |name: &str| tether::protocol::Target::parse(name).expect("target");
     let forbidden = client
@@ -228,48 +236,19 @@ async fn a_client_dial_says_whether_it_was_forbidden_offline_or_failed() {
             "127.0.0.1",
         )
         .await;
-    assert!(
-        matches!(
-            forbidden,
-            Err(ClientError::Dial {
-                kind: DialErrorKind::Forbidden,
-                ..
-            })
-        ),
-        "{:?}",
-        forbidden.err()
-    );
+    dial_failure(forbidden, DialErrorKind::Forbidden);
     let offline = client
         .open(&target("db.elsewhere.tether:5432"), "127.0.0.1")
         .await;
-    assert!(
-        matches!(
-            offline,
-            Err(ClientError::Dial {
-                kind: DialErrorKind::NoTunnel,
-                ..
-            })
-        ),
-        "{:?}",
-        offline.err()
-    );
+    dial_failure(offline, DialErrorKind::NoTunnel);
+    // Nothing listens there.
     let failed = client
         .open(
             &target(&format!("127.0.0.1.leaf.tether:{closed_port}")),
             "127.0.0.1",
         )
         .await;
-    let failed = failed.err().expect("nothing listens there");
-    assert!(
-        matches!(
-            failed,
-            ClientError::Dial {
-                kind: DialErrorKind::Refused,
-                ..
-            }
-        ),
-        "{failed:?}"
-    );
+    let failed = dial_failure(failed, DialErrorKind::Refused);
     assert!(failed.to_string().contains("was refused"), "{failed}");
     assert!(
         client

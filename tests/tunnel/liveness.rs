@@ -6,7 +6,7 @@ use std::time::Duration;
 use tether::agent::AgentEvent;
 use tether::proxy::{ProxyServer, SiteStatus};
 
-use crate::support::procs::{Files, spawn_agent};
+use crate::support::procs::{Files, agent_flags_reaching, spawn_agent};
 use crate::support::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -206,16 +206,7 @@ async fn proxy_and_agent_process(
         .await
         .expect("proxy");
     let files = Files::write(pki, &[]);
-    let agent = spawn_agent(
-        &files,
-        proxy.local_addr(),
-        &[
-            "--heartbeat-interval".into(),
-            "200ms".into(),
-            "--allow".into(),
-            format!("127.0.0.1/32:{}", echo.port()),
-        ],
-    );
+    let agent = spawn_agent(&files, proxy.local_addr(), &agent_flags_reaching(echo));
     (proxy, files, agent)
 }
 

@@ -15,3 +15,11 @@ mod logs;
 mod metrics;
 mod policy;
 mod startup;
+
+use tether::protocol::DialError;
+
+/// The error a dial of `name` through `rig` ends in, panicking with `unexpected` if it connects
+/// instead: the refusals these tests check each say why in their kind and message.
+pub(crate) async fn dial_error(rig: &support::Rig, name: &str, unexpected: &str) -> DialError {
+    rig.dial_name(name).await.err().expect(unexpected)
+}

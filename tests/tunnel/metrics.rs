@@ -5,7 +5,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use crate::support::procs::free_addr;
-use crate::support::procs::{Files, admin_get, spawn_agent, spawn_proxy};
+use crate::support::procs::{Files, admin_get, agent_flags_reaching, spawn_agent, spawn_proxy};
 use crate::support::*;
 
 /// The value of `name` with `labels` (each `(key, value)` must match) in the `/metrics` of
@@ -47,18 +47,9 @@ async fn metrics_follow_tunnels_dials_and_bytes() {
     assert_eq!(tunnels(), 0.0);
 
     let echo = echo_server().await.expect("echo");
-    let agent = spawn_agent(
-        &files,
-        listen,
-        &[
-            "--admin-listen".into(),
-            agent_admin.to_string(),
-            "--allow".into(),
-            format!("127.0.0.1/32:{}", echo.port()),
-            "--heartbeat-interval".into(),
-            "200ms".into(),
-        ],
-    );
+    let mut flags = agent_flags_reaching(echo);
+    flags.extend(["--admin-listen".into(), agent_admin.to_string()]);
+    let agent = spawn_agent(&files, listen, &flags);
     wait_for(
         "the proxy to count the tunnel",
         Duration::from_secs(20),

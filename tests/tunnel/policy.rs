@@ -6,6 +6,7 @@ use arc_swap::ArcSwap;
 use tether::egress::allow_list::AllowList;
 use tether::protocol::DialErrorKind;
 
+use crate::dial_error;
 use crate::support::*;
 
 /// Every spelling of "this machine" that a careless check would let through.
@@ -27,11 +28,8 @@ async fn aliases_of_a_forbidden_address_are_refused() {
     let echo = echo_server().await.expect("echo");
     for host in ALIASES {
         let name = format!("{host}.leaf.tether:{}", echo.port());
-        let err = rig
-            .dial_name(&name)
-            .await
-            .err()
-            .unwrap_or_else(|| panic!("{name} got through an allow-list of 10.0.0.0/8"));
+        let unexpected = format!("{name} got through an allow-list of 10.0.0.0/8");
+        let err = dial_error(&rig, &name, &unexpected).await;
         assert_eq!(err.kind, DialErrorKind::Forbidden, "{name}: {err}");
         assert!(
             err.message.contains("allow-list")
@@ -40,11 +38,8 @@ async fn aliases_of_a_forbidden_address_are_refused() {
             "{name}: the reason should say why: {err}"
         );
     }
-    let err = rig
-        .dial_name(&format!("localhost.leaf.tether:{}", echo.port()))
-        .await
-        .err()
-        .expect("refused");
+    let localhost = format!("localhost.leaf.tether:{}", echo.port());
+    let err = dial_error(&rig, &localhost, "refused").await;
     assert!(
         err.message
             .contains("resolves only to addresses outside the agent's allow-list"),
@@ -67,7 +62,7 @@ async fn only_the_allowed_address_and_port_get_through() {
     assert_eq!(echo_round_trip(&mut stream, b"ok").await, b"ok");
     for host in ["0.0.0.0", "2130706433", "0177.0.0.1", "127.1"] {
         let name = format!("{host}.leaf.tether:{}", echo.port());
-        let err = rig.dial_name(&name).await.err().expect("refused");
+        let err = dial_error(&rig, &name, "refused").await;
         assert_eq!(err.kind, DialErrorKind::Forbidden, "{name}: {err}");
     }
     let other_port = if echo.port() == 65535 {
@@ -75,11 +70,8 @@ async fn only_the_allowed_address_and_port_get_through() {
     } else {
         echo.port() + 1
     };
-    let err = rig
-        .dial_name(&format!("127.0.0.1.leaf.tether:{other_port}"))
-        .await
-        .err()
-        .expect("another port is refused");
+    let other = format!("127.0.0.1.leaf.tether:{other_port}");
+    let err = dial_error(&rig, &other, "another port is refused").await;
     assert_eq!(err.kind, DialErrorKind::Forbidden, "{err}");
 }
 
@@ -116,17 +108,9 @@ async fn refused_and_unresolvable_targets_say_which() {
     };
     let err = rig.dial(closed).await.err().expect("refused");
     assert_eq!(err.kind, DialErrorKind::Refused, "{err}");
-    let err = rig
-        .dial_name("nowhere.invalid.leaf.tether:80")
-        .await
-        .err()
-        .expect("unresolvable");
+    let err = dial_error(&rig, "nowhere.invalid.leaf.tether:80", "unresolvable").await;
     assert_eq!(err.kind, DialErrorKind::NameNotResolved, "{err}");
-    let err = rig
-        .dial_name("db.other-cluster.tether:80")
-        .await
-        .err()
-        .expect("unknown cluster");
+    let err = dial_error(&rig, "db.other-cluster.tether:80", "unknown cluster").await;
     assert_eq!(err.kind, DialErrorKind::NoTunnel, "{err}");
     assert!(err.message.contains("other-cluster"), "{err}");
 }

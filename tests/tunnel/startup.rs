@@ -2,10 +2,10 @@
 //! error names the flag, the file or address, and the cause, once. And the day-two edit: a
 //! proxy's token file re-read on SIGHUP and when it changes.
 
-use std::net::TcpListener;
+use std::net::{SocketAddr, TcpListener};
 use std::path::Path;
 
-use crate::support::procs::{Files, fails, ok};
+use crate::support::procs::{Files, Proc, agent_args, fails, free_addr, ok, spawn};
 
 /// `tether proxy` with the files a test writes, plus `extra`.
 fn proxy_args<'a>(identity: &'a str, proxy_id: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
@@ -46,16 +46,38 @@ fn dir_of(files: &Files) -> &Path {
     files.dir.path()
 }
 
+/// The files of a proxy `p1` and of the leaf's agent, as an operator has them before the first
+/// start: where most of the mistakes below are made.
+fn p1_files() -> Files {
+    Files::write(&tether_pki(), &["p1"])
+}
+
+/// Runs `tether proxy` on a free port with `identity` as `proxy_id`, which must refuse to
+/// start; its stderr.
+fn proxy_refusal(dir: &Path, identity: &str, proxy_id: &str) -> String {
+    fails(
+        dir,
+        &proxy_args(identity, proxy_id, &["--listen", "127.0.0.1:0"]),
+    )
+}
+
+/// `tether proxy` p1, run in `dir`, with a client entry on `entry` for the tokens of
+/// `tokens.txt`: the tests of the token file and of `tether forward` talk to its entry.
+fn spawn_entry_proxy(dir: &Path, entry: SocketAddr) -> Proc {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_tether"));
+    cmd.current_dir(dir)
+        .args(proxy_args("p1", "p1", &["--listen", "127.0.0.1:0"]))
+        .args(["--client-listen", &entry.to_string()])
+        .args(["--client-tokens", "tokens.txt"]);
+    spawn(cmd)
+}
+
 #[test]
 fn a_proxy_identity_that_is_not_this_proxy_s_host_certificate_is_refused() {
-    let pki = tether_pki();
-    let files = Files::write(&pki, &["p1"]);
+    let files = p1_files();
     let dir = dir_of(&files);
     // An agent's (user) certificate where the host certificate belongs.
-    let err = fails(
-        dir,
-        &proxy_args("agent", "p1", &["--listen", "127.0.0.1:0"]),
-    );
+    let err = proxy_refusal(dir, "agent", "p1");
     says(
         &err,
         &[
@@ -65,7 +87,7 @@ fn a_proxy_identity_that_is_not_this_proxy_s_host_certificate_is_refused() {
         ],
     );
     // Another replica's host certificate.
-    let err = fails(dir, &proxy_args("p1", "p2", &["--listen", "127.0.0.1:0"]));
+    let err = proxy_refusal(dir, "p1", "p2");
     says(
         &err,
         &["--identity p1", "--proxy-id p2", "not for \"p2.root\""],
@@ -74,18 +96,14 @@ fn a_proxy_identity_that_is_not_this_proxy_s_host_certificate_is_refused() {
 
 #[test]
 fn identity_files_that_are_missing_or_public_name_the_flag_and_the_fix() {
-    let pki = tether_pki();
-    let files = Files::write(&pki, &["p1"]);
+    let files = p1_files();
     let dir = dir_of(&files);
-    let err = fails(dir, &proxy_args("nope", "p1", &["--listen", "127.0.0.1:0"]));
+    let err = proxy_refusal(dir, "nope", "p1");
     says(
         &err,
         &["--identity nope", "cannot read nope", "No such file"],
     );
-    let err = fails(
-        dir,
-        &proxy_args("p1.pub", "p1", &["--listen", "127.0.0.1:0"]),
-    );
+    let err = proxy_refusal(dir, "p1.pub", "p1");
     says(
         &err,
         &[
@@ -101,8 +119,7 @@ fn identity_files_that_are_missing_or_public_name_the_flag_and_the_fix() {
 
 #[test]
 fn an_address_in_use_is_named_with_its_flag() {
-    let pki = tether_pki();
-    let files = Files::write(&pki, &["p1"]);
+    let files = p1_files();
     let dir = dir_of(&files);
     let taken = TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = taken.local_addr().expect("addr").to_string();
@@ -118,31 +135,14 @@ fn an_address_in_use_is_named_with_its_flag() {
 
 #[test]
 fn an_agent_proxy_address_without_a_port_is_refused_at_start_up() {
-    let pki = tether_pki();
-    let files = Files::write(&pki, &[]);
-    let err = fails(
-        dir_of(&files),
-        &[
-            "agent",
-            "--cluster",
-            "leaf",
-            "--root-cluster",
-            "root",
-            "--proxy",
-            "proxy.example.com",
-            "--identity",
-            "agent",
-            "--root-ca",
-            "root-ca.pub",
-        ],
-    );
+    let files = Files::write(&tether_pki(), &[]);
+    let err = fails(dir_of(&files), &agent_args("proxy.example.com"));
     says(&err, &["--proxy", "has no port: expected HOST:PORT"]);
 }
 
 #[test]
 fn client_tokens_without_a_client_entry_are_refused() {
-    let pki = tether_pki();
-    let files = Files::write(&pki, &["p1"]);
+    let files = p1_files();
     let err = fails(
         dir_of(&files),
         &proxy_args("p1", "p1", &["--client-tokens", "tokens.txt"]),
@@ -255,8 +255,7 @@ fn wait_admission(entry: std::net::SocketAddr, user: &str, token: &str, admitted
 #[test]
 fn the_token_file_is_re_read_on_sighup_and_when_it_changes() {
     use std::os::unix::fs::PermissionsExt;
-    let pki = tether_pki();
-    let files = Files::write(&pki, &["p1"]);
+    let files = p1_files();
     let tokens = files.path("tokens.txt");
     let write_tokens = |text: &str| {
         std::fs::write(&tokens, text).expect("write tokens");
@@ -264,15 +263,8 @@ fn the_token_file_is_re_read_on_sighup_and_when_it_changes() {
     };
     let (alice, bob) = ("a1ic3-70k3n-9f8e7d6c5b4a3921", "b0b-70k3n-1a2b3c4d5e6f7089");
     write_tokens(&format!("alice:{alice}\n"));
-    let entry = crate::support::procs::free_addr();
-    let mut proxy = crate::support::procs::spawn({
-        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_tether"));
-        cmd.current_dir(files.dir.path())
-            .args(proxy_args("p1", "p1", &["--listen", "127.0.0.1:0"]))
-            .args(["--client-listen", &entry.to_string()])
-            .args(["--client-tokens", "tokens.txt"]);
-        cmd
-    });
+    let entry = free_addr();
+    let mut proxy = spawn_entry_proxy(dir_of(&files), entry);
     wait_admission(entry, "alice", alice, true);
     assert_eq!(connect_status(entry, "bob", bob), Some(407));
 
@@ -295,9 +287,8 @@ fn the_token_file_is_re_read_on_sighup_and_when_it_changes() {
 #[test]
 fn tether_forward_checks_its_entry_and_token_before_it_listens() {
     use std::os::unix::fs::PermissionsExt;
-    let pki = tether_pki();
-    let files = Files::write(&pki, &["p1"]);
-    let dir = files.dir.path();
+    let files = p1_files();
+    let dir = dir_of(&files);
     let secret = |name: &str, text: &str| {
         std::fs::write(dir.join(name), text).expect("write");
         std::fs::set_permissions(dir.join(name), std::fs::Permissions::from_mode(0o600))
@@ -305,15 +296,8 @@ fn tether_forward_checks_its_entry_and_token_before_it_listens() {
     };
     secret("tokens.txt", "alice:a1ic3-70k3n-9f8e7d6c5b4a3921\n");
     secret("wrong.token", "not-alice-s-token-0f1e2d3c4b5a\n");
-    let entry = crate::support::procs::free_addr();
-    let _proxy = crate::support::procs::spawn({
-        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_tether"));
-        cmd.current_dir(dir)
-            .args(proxy_args("p1", "p1", &["--listen", "127.0.0.1:0"]))
-            .args(["--client-listen", &entry.to_string()])
-            .args(["--client-tokens", "tokens.txt"]);
-        cmd
-    });
+    let entry = free_addr();
+    let _proxy = spawn_entry_proxy(dir, entry);
     let forward = |entry: &str| -> String {
         fails(
             dir,

@@ -80,37 +80,23 @@ async fn idle_sockets_are_closed_and_the_endpoint_answers_after_a_flood_above_it
 async fn idle_admin_sockets_do_not_starve_a_proxy_of_descriptors() {
     use std::os::unix::process::CommandExt as _;
 
-    use crate::support::procs::free_addr;
-    use crate::support::procs::{self, Files};
-
-    let pki = pki();
-    let files = Files::write(&pki, &["proxy-1"]);
-    let (listen, admin) = (free_addr(), free_addr());
-    let mut cmd = procs::proxy_command(&files, "proxy-1", listen, admin, &[]);
-    // SAFETY: only setrlimit runs between fork and exec; it is async-signal-safe.
-    unsafe {
-        cmd.pre_exec(|| {
-            let limit = libc::rlimit {
-                rlim_cur: 128,
-                rlim_max: 128,
-            };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let _proxy = procs::spawn(cmd);
-    let echo = echo_server().await.expect("echo");
-    let _agent = procs::spawn_agent(
-        &files,
-        listen,
-        &[
-            "--allow".to_owned(),
-            format!("127.0.0.1/32:{}", echo.port()),
-        ],
-    );
-    super::tunnel::until_serving(&files, &pki, listen, echo).await;
+    let served = super::tunnel::ServingProcess::start(|cmd| {
+        // SAFETY: only setrlimit runs between fork and exec; it is async-signal-safe.
+        unsafe {
+            cmd.pre_exec(|| {
+                let limit = libc::rlimit {
+                    rlim_cur: 128,
+                    rlim_max: 128,
+                };
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    })
+    .await;
+    let admin = served.admin;
 
     let mut idle = Vec::new();
     for _ in 0..200 {
@@ -119,7 +105,7 @@ async fn idle_admin_sockets_do_not_starve_a_proxy_of_descriptors() {
         }
     }
     assert!(
-        super::tunnel::echo_through(&files, &pki, listen, echo).await,
+        served.serves().await,
         "the tunnel listener is starved while the admin port is flooded"
     );
     drop(idle);

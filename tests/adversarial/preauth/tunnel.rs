@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{ATTACKER, connect_from, hoard, open_fds, rss_of, until_closed};
 use crate::support::procs::free_addr;
-use crate::support::procs::{self, Files};
+use crate::support::procs::{self, Files, Proc};
 use crate::support::*;
 
 /// The handshake deadline of these tests' proxies.
@@ -113,7 +113,7 @@ async fn every_stalled_handshake_is_closed_at_its_one_deadline() {
 }
 
 /// Dials `echo` in the leaf as a root client, through the proxy at `proxy`.
-pub async fn echo_through(
+async fn echo_through(
     files: &Files,
     pki: &tether::demo::Pki,
     proxy: std::net::SocketAddr,
@@ -144,7 +144,7 @@ pub async fn echo_through(
 }
 
 /// Waits until a dial through `proxy` reaches `echo` (the agent is connected).
-pub async fn until_serving(
+async fn until_serving(
     files: &Files,
     pki: &tether::demo::Pki,
     proxy: std::net::SocketAddr,
@@ -157,25 +157,62 @@ pub async fn until_serving(
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_thousand_stalled_connections_leave_the_proxy_process_whole() {
-    let pki = pki();
-    let files = Files::write(&pki, &["proxy-1"]);
-    let (listen, admin) = (free_addr(), free_addr());
-    let mut cmd = procs::proxy_command(&files, "proxy-1", listen, admin, &[]);
-    cmd.args(["--handshake-timeout", "2s"]);
-    let proxy = procs::spawn(cmd);
-    let pid = proxy.pid();
-    let echo = echo_server().await.expect("echo");
-    let _agent = procs::spawn_agent(
-        &files,
-        listen,
-        &[
+/// A real `tether proxy` process and a real agent serving an echo server in the leaf, up once
+/// a client's dial reaches it: for the tests that measure what an attack costs the process.
+/// Fields drop in order: the processes end before their files go.
+pub struct ServingProcess {
+    _agent: Proc,
+    pub proxy: Proc,
+    files: Files,
+    pki: tether::demo::Pki,
+    /// The proxy's tunnel listener.
+    pub listen: std::net::SocketAddr,
+    /// The proxy's admin endpoint.
+    pub admin: std::net::SocketAddr,
+    echo: std::net::SocketAddr,
+}
+
+impl ServingProcess {
+    /// Starts the proxy (`proxy-1`, its command adjusted by `tune`) and the agent, and waits
+    /// until they serve.
+    pub async fn start(tune: impl FnOnce(&mut std::process::Command)) -> ServingProcess {
+        let pki = pki();
+        let files = Files::write(&pki, &["proxy-1"]);
+        let (listen, admin) = (free_addr(), free_addr());
+        let mut cmd = procs::proxy_command(&files, "proxy-1", listen, admin, &[]);
+        tune(&mut cmd);
+        let proxy = procs::spawn(cmd);
+        let echo = echo_server().await.expect("echo");
+        let allow = [
             "--allow".to_owned(),
             format!("127.0.0.1/32:{}", echo.port()),
-        ],
-    );
-    until_serving(&files, &pki, listen, echo).await;
+        ];
+        let agent = procs::spawn_agent(&files, listen, &allow);
+        until_serving(&files, &pki, listen, echo).await;
+        ServingProcess {
+            _agent: agent,
+            proxy,
+            files,
+            pki,
+            listen,
+            admin,
+            echo,
+        }
+    }
+
+    /// Whether a client's dial through the proxy reaches the echo server now.
+    pub async fn serves(&self) -> bool {
+        echo_through(&self.files, &self.pki, self.listen, self.echo).await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_stalled_connections_leave_the_proxy_process_whole() {
+    let served = ServingProcess::start(|cmd| {
+        cmd.args(["--handshake-timeout", "2s"]);
+    })
+    .await;
+    let (pid, listen) = (served.proxy.pid(), served.listen);
     let (fds_before, rss_before) = (open_fds(pid), rss_of(pid));
 
     // 1,000 banner-only connections from one address, all kept open by the attacker.
@@ -188,7 +225,7 @@ async fn a_thousand_stalled_connections_leave_the_proxy_process_whole() {
     }
     let fds_during = open_fds(pid);
     assert!(
-        echo_through(&files, &pki, listen, echo).await,
+        served.serves().await,
         "a client's dial fails while the attacker holds its connections"
     );
     // The proxy shuts every one down by the deadline, though the attacker still holds its ends.
@@ -213,10 +250,7 @@ async fn a_thousand_stalled_connections_leave_the_proxy_process_whole() {
         "the proxy grew from {rss_before} to {rss_after} bytes"
     );
     drop(held);
-    assert!(
-        echo_through(&files, &pki, listen, echo).await,
-        "the proxy serves after the attack"
-    );
+    assert!(served.serves().await, "the proxy serves after the attack");
 }
 
 /// While one address keeps `slots` silent connections open (reopened as they are dropped), a
