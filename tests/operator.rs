@@ -152,9 +152,20 @@ async fn reverse_tunnel_lifecycle() {
         .await
         .expect("watch")
         .boxed();
+    // The leader's once-a-minute stamp (`observedAt`, at the tunnel's slot, which may fall in
+    // this window) is the one write allowed; anything else is not.
+    let without_stamp = |rt: &ReverseTunnel| {
+        rt.status.clone().map(|mut status| {
+            status.observed_at = None;
+            status
+        })
+    };
+    let settled_status = without_stamp(&settled);
     let window = timeout(Duration::from_secs(4), async {
         while let Some(event) = changes.try_next().await.expect("watch stream") {
-            if let WatchEvent::Modified(rt) = event {
+            if let WatchEvent::Modified(rt) = event
+                && (without_stamp(&rt) != settled_status || rt.spec != settled.spec)
+            {
                 return Some(rt);
             }
         }
