@@ -77,6 +77,15 @@ pub enum ClientError {
         /// How it failed.
         kind: DialErrorKind,
     },
+    /// The root's access rules (RBAC on the leaf's `RemoteCluster`) do not let this client
+    /// dial the leaf; the proxy says which permission is missing.
+    #[error("the root does not let you dial {target}: {said}")]
+    NotPermitted {
+        /// What was dialled.
+        target: Target,
+        /// The proxy's words: the client, the leaf and the missing permission.
+        said: String,
+    },
     /// The proxy refused to open the stream for a reason of its own, before any dial.
     #[error("the proxy refused a stream to {target}: {}", stream_refusal(.reason))]
     StreamRefused {
@@ -135,6 +144,9 @@ fn dial_failure(target: &Target, kind: DialErrorKind) -> String {
         DialErrorKind::Unreachable => {
             format!("the dial to {target} failed: {host} is unreachable from the leaf (no route)")
         }
+        DialErrorKind::NotPermitted => format!(
+            "the root's access rules do not let you dial {target} (the proxy's log says which rule)"
+        ),
         DialErrorKind::Other => {
             format!("the dial to {target} failed (the proxy's and the agent's logs say why)")
         }
@@ -272,6 +284,10 @@ impl DialClient {
                 russh::Error::ChannelOpenFailure(reason) => {
                     let target = target.clone();
                     match DialErrorKind::from_open_failure(&reason) {
+                        Some(DialErrorKind::NotPermitted) => ClientError::NotPermitted {
+                            target,
+                            said: reason.description().to_owned(),
+                        },
                         Some(kind) => ClientError::Dial { target, kind },
                         None => ClientError::StreamRefused { target, reason },
                     }

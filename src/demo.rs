@@ -65,6 +65,7 @@ impl Pki {
                 VALIDITY,
             )?)),
             join: None,
+            access: None,
         })
     }
 

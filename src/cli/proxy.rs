@@ -16,7 +16,8 @@ use tether::identity::{CertificateAuthority, Identity, TrustStore, check_own_hos
 use tether::protocol::ClusterName;
 use tether::proxy::client_entry::{self, ClientEntryConfig, ClientTokens};
 use tether::proxy::{
-    HeartbeatPolicy, JoinAuthority, Peer, PeeringConfig, ProxyConfig, ProxyLimits, ProxyServer,
+    DialAccess, HeartbeatPolicy, JoinAuthority, Peer, PeeringConfig, ProxyConfig, ProxyLimits,
+    ProxyServer,
 };
 use tether::stream::StreamLimits;
 
@@ -129,6 +130,21 @@ pub struct ProxyArgs {
     /// On SIGTERM, how long streams may finish before the proxy exits.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     shutdown_grace: Duration,
+    /// Who may dial which leaf: `rbac` asks the root's API server whether the client may
+    /// `create` `remoteclusters/dial` on the leaf's RemoteCluster in `--namespace` (the
+    /// default with `--kubernetes`); `none` lets every authenticated client dial every leaf
+    /// (the default without). The leaf's allow-list applies either way.
+    #[arg(long, value_enum, requires_if("rbac", "kubernetes"))]
+    dial_authorization: Option<DialAuthorization>,
+}
+
+/// How a proxy decides who may dial which leaf (`--dial-authorization`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DialAuthorization {
+    /// Kubernetes RBAC in the root cluster, by SubjectAccessReview.
+    Rbac,
+    /// Any client the proxy authenticates.
+    None,
 }
 
 pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
@@ -196,6 +212,7 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
                 &args.namespace,
             )) as Arc<dyn JoinAuthority>
         }),
+        access: dial_access(&args, root_client.as_ref()),
     };
     let proxy = ProxyServer::start(config)
         .await
@@ -333,6 +350,25 @@ async fn until(stop: CancellationToken, work: impl std::future::Future<Output = 
         () = stop.cancelled() => {}
         () = work => {}
     }
+}
+
+/// The access rules `--dial-authorization` (or its default) asks for. Clap has already refused
+/// `rbac` without `--kubernetes`, so `rbac` here always has the root's API client.
+fn dial_access(
+    args: &ProxyArgs,
+    root_client: Option<&kube::Client>,
+) -> Option<Arc<dyn DialAccess>> {
+    let rbac = args.dial_authorization.unwrap_or(if args.kubernetes {
+        DialAuthorization::Rbac
+    } else {
+        DialAuthorization::None
+    }) == DialAuthorization::Rbac;
+    let client = root_client.filter(|_| rbac)?;
+    tracing::info!(namespace = %args.namespace, "dials into leaves need create on remoteclusters/dial in the root's RBAC");
+    Some(Arc::new(tether::operator::root::RbacDialAccess::new(
+        client.clone(),
+        &args.namespace,
+    )))
 }
 
 /// Says at start-up which clusters the trust directory makes trusted: a file named by accident

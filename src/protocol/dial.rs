@@ -32,6 +32,9 @@ pub enum DialErrorKind {
     Unreachable,
     /// The site is unknown to this proxy or has no live tunnel.
     NoTunnel,
+    /// The root's access rules (Kubernetes RBAC on the leaf's `RemoteCluster`) do not let
+    /// this client dial the leaf: refused at the root, before any channel to the leaf opens.
+    NotPermitted,
     /// Anything else; the message says what.
     Other,
 }
@@ -46,6 +49,7 @@ impl DialErrorKind {
             DialErrorKind::NameNotResolved => 4,
             DialErrorKind::Unreachable => 5,
             DialErrorKind::NoTunnel => 6,
+            DialErrorKind::NotPermitted => 7,
             DialErrorKind::Other => 255,
         }
     }
@@ -59,6 +63,7 @@ impl DialErrorKind {
             4 => DialErrorKind::NameNotResolved,
             5 => DialErrorKind::Unreachable,
             6 => DialErrorKind::NoTunnel,
+            7 => DialErrorKind::NotPermitted,
             _ => DialErrorKind::Other,
         }
     }
@@ -93,6 +98,7 @@ impl DialErrorKind {
             DialErrorKind::NameNotResolved => "name_not_resolved",
             DialErrorKind::Unreachable => "unreachable",
             DialErrorKind::NoTunnel => "no_tunnel",
+            DialErrorKind::NotPermitted => "not_permitted",
             DialErrorKind::Other => "error",
         }
     }
@@ -107,6 +113,7 @@ impl fmt::Display for DialErrorKind {
             DialErrorKind::NameNotResolved => "name not resolved",
             DialErrorKind::Unreachable => "unreachable",
             DialErrorKind::NoTunnel => "no tunnel to the site",
+            DialErrorKind::NotPermitted => "not permitted by the root's access rules",
             DialErrorKind::Other => "dial failed",
         };
         f.write_str(text)
@@ -131,19 +138,34 @@ impl DialError {
             message: message.into(),
         }
     }
+
+    /// The channel-open failure an SSH server answers this failed dial with. The description
+    /// is the kind's text, except for [`DialErrorKind::NotPermitted`]: the client needs to
+    /// know which permission it lacks, and that names nothing but itself and the leaf (other
+    /// messages may name addresses inside a leaf the client need not see).
+    pub fn open_failure(&self) -> ChannelOpenFailure {
+        let mut failure = self.kind.open_failure();
+        if let (ChannelOpenFailure::Other { reason, .. }, DialErrorKind::NotPermitted) =
+            (&mut failure, self.kind)
+        {
+            reason.clone_from(&self.message);
+        }
+        failure
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    const KINDS: [DialErrorKind; 7] = [
+    const KINDS: [DialErrorKind; 8] = [
         DialErrorKind::Forbidden,
         DialErrorKind::Refused,
         DialErrorKind::TimedOut,
         DialErrorKind::NameNotResolved,
         DialErrorKind::Unreachable,
         DialErrorKind::NoTunnel,
+        DialErrorKind::NotPermitted,
         DialErrorKind::Other,
     ];
 

@@ -142,4 +142,7 @@ pub struct ProxyConfig {
     /// Where join tokens are checked and joined leaves recorded; `None` refuses joins (and
     /// keeps SSH authentication certificate-only).
     pub join: Option<Arc<dyn super::authority::JoinAuthority>>,
+    /// Who may dial which leaf (in Kubernetes, RBAC on `remoteclusters/dial`); `None` lets
+    /// every authenticated client dial every leaf (the leaf's allow-list still applies).
+    pub access: Option<Arc<dyn super::access::DialAccess>>,
 }

@@ -29,6 +29,17 @@ pub trait Dialer: Send + Sync + 'static {
         target: Target,
         client: SocketAddr,
     ) -> impl Future<Output = Result<Self::Conn, DialError>> + Send;
+
+    /// Whether client `user` may dial `target` at all: every client entry asks before
+    /// [`Dialer::dial`]. Permits everything unless the dialer enforces access rules.
+    fn permit(
+        &self,
+        user: &str,
+        target: &Target,
+    ) -> impl Future<Output = Result<(), DialError>> + Send {
+        let _ = (user, target);
+        async { Ok(()) }
+    }
 }
 
 /// Tunnels one dial tries before giving up: a leaf runs a few agent instances, and each failed
@@ -79,12 +90,35 @@ impl Dialer for ProxyDialer {
             Ok(_) => "ok",
             Err(e) => e.kind.as_str(),
         };
+        self.count(outcome);
+        result
+    }
+
+    /// Asks the proxy's access rules, if it has any, about dials into leaves; dials into the
+    /// local cluster answer to `--direct-allow` instead.
+    async fn permit(&self, user: &str, target: &Target) -> Result<(), DialError> {
+        let config = &self.shared.config;
+        let Some(access) = config.access.as_ref() else {
+            return Ok(());
+        };
+        if target.cluster == config.cluster {
+            return Ok(());
+        }
+        access.check(user, &target.cluster).await.map_err(|denied| {
+            self.count(DialErrorKind::NotPermitted.as_str());
+            DialError::new(DialErrorKind::NotPermitted, denied.0)
+        })
+    }
+}
+
+impl ProxyDialer {
+    /// One more dial with this outcome in `tether_proxy_dials_total`.
+    fn count(&self, outcome: &str) {
         self.shared
             .metrics
             .dials
             .get_or_create(&label("outcome", outcome))
             .inc();
-        result
     }
 }
 

@@ -390,10 +390,14 @@ impl Handler for ConnectionHandler {
         self.shared.tasks.spawn(
             async move {
                 let _quota = quota;
+                // A peer forwards a dial its own entry has already permitted.
                 let dialled = if from_peer {
                     dialer.dial_local(&target, client).await
                 } else {
-                    dialer.dial(target, client).await
+                    match dialer.permit(&name, &target).await {
+                        Ok(()) => dialer.dial(target, client).await,
+                        Err(refused) => Err(refused),
+                    }
                 };
                 match dialled {
                     Ok(conn) => {
@@ -407,8 +411,10 @@ impl Handler for ConnectionHandler {
                     Err(e) => {
                         warn!(error = %e, "dial failed");
                         audit.refused(&e);
-                        // The kind only: the message may name addresses the client need not see.
-                        reply.reject(e.kind.open_failure()).await;
+                        // The kind only (but for a refusal by access rules, which names only
+                        // the client, the leaf and the permission): the message may name
+                        // addresses the client need not see.
+                        reply.reject(e.open_failure()).await;
                     }
                 }
             }

@@ -1,5 +1,6 @@
 //! The root side: the tunnel server, its registry of remote sites, and the client entry.
 
+pub mod access;
 pub mod audit;
 pub mod authority;
 pub mod client_entry;
@@ -19,6 +20,7 @@ pub mod sites;
 pub mod trust;
 pub mod tunnel;
 
+pub use access::{AccessDenied, DialAccess};
 pub use authority::{Admission, JoinAuthority, Refused};
 pub use config::{HeartbeatPolicy, ProxyConfig, ProxyLimits};
 pub use dialer::{Dialer, ProxyConn, ProxyDialer};

@@ -294,6 +294,26 @@ async fn the_proxies_rbac_covers_peers_join_tokens_and_remote_clusters() {
         status_code(as_proxy.delete("leaf-1", &DeleteParams::default()).await),
         403
     );
+
+    // Who may dial: the proxy asks, with its own token, whether a client may; the answer
+    // follows the RoleBindings an administrator writes.
+    use tether::proxy::DialAccess as _;
+    let access = tether::operator::root::RbacDialAccess::new(proxy.clone(), &ns);
+    let leaf = ClusterName::new("leaf-1").expect("name");
+    let refused = access
+        .check("carol", &leaf)
+        .await
+        .expect_err("nobody granted carol anything");
+    assert!(
+        refused.0.contains("may not create remoteclusters/dial"),
+        "the proxy could ask, and the answer was no: {refused}"
+    );
+    support::tunnel_e2e::grant_dial(&admin, &ns, "carol", "leaf-1").await;
+    let fresh = tether::operator::root::RbacDialAccess::new(proxy.clone(), &ns);
+    fresh
+        .check("carol", &leaf)
+        .await
+        .expect("carol may dial leaf-1 once bound");
     eprintln!(
         "the_proxies_rbac_covers_peers_join_tokens_and_remote_clusters took {:?}",
         started.elapsed()

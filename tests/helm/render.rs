@@ -37,6 +37,8 @@ async fn lint_template_and_schema() {
         ("ServiceAccount", 2),
         ("Role", 3),
         ("RoleBinding", 3),
+        ("ClusterRole", 1),
+        ("ClusterRoleBinding", 1),
         ("ServiceMonitor", 2),
     ]
     .into_iter()
@@ -44,7 +46,12 @@ async fn lint_template_and_schema() {
     .collect();
     assert_eq!(kinds(&docs), expected);
     for d in &docs {
-        if d["kind"] != "CustomResourceDefinition" {
+        let cluster_scoped = [
+            "CustomResourceDefinition",
+            "ClusterRole",
+            "ClusterRoleBinding",
+        ];
+        if !cluster_scoped.iter().any(|k| d["kind"] == *k) {
             assert_eq!(d["metadata"]["namespace"], ns, "{}", d["metadata"]["name"]);
         }
     }
@@ -166,6 +173,22 @@ async fn lint_template_and_schema() {
     .map(|((g, r), v)| ((g.to_owned(), r.to_owned()), v))
     .collect();
     assert_eq!(proxy_rules, expected_proxy_rules);
+    // Its one cluster-wide right: asking whether a client may dial a leaf.
+    let access_rules = rules(find(
+        &docs,
+        "ClusterRole",
+        "tether-proxy-tether-system-access",
+    ));
+    assert_eq!(
+        access_rules,
+        BTreeMap::from([(
+            (
+                "authorization.k8s.io".to_owned(),
+                "subjectaccessreviews".to_owned()
+            ),
+            verbs(&["create"])
+        )])
+    );
 
     // The operator.
     let operator = find(&docs, "Deployment", "tether-operator");
@@ -324,8 +347,9 @@ async fn lint_template_and_schema() {
         ]),
     );
     assert!(!kinds(&all).contains_key("CustomResourceDefinition"));
-    assert_eq!(kinds(&all)["ClusterRole"], 1);
-    assert_eq!(kinds(&all)["ClusterRoleBinding"], 1);
+    // The operator's (it watches every namespace) and the proxies' access review.
+    assert_eq!(kinds(&all)["ClusterRole"], 2);
+    assert_eq!(kinds(&all)["ClusterRoleBinding"], 2);
     assert_least_privilege(&all);
     let args = strings(
         &find(&all, "Deployment", "tether-operator")["spec"]["template"]["spec"]["containers"][0]["args"],

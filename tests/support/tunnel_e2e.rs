@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{ObjectMeta, Patch, PatchParams, PostParams};
 use kube::runtime::{conditions, wait::await_condition};
@@ -34,6 +35,36 @@ pub async fn crds_and_namespace(prefix: &str) -> (&'static ControlPlane, Client,
     install_crds(&client).await;
     let ns = cp.new_namespace(prefix).await;
     (cp, client, ns)
+}
+
+/// A Role in `ns` letting its subjects dial `leaf` (`create` on `remoteclusters/dial`, that
+/// name only), bound to user `user`: what a platform team writes to let someone in.
+pub async fn grant_dial(admin: &Client, ns: &str, user: &str, leaf: &str) {
+    let name = format!("dial-{leaf}-{user}");
+    let role: Role = serde_json::from_value(json!({
+        "metadata": {"name": name},
+        "rules": [{
+            "apiGroups": ["tether.dev"],
+            "resources": ["remoteclusters/dial"],
+            "resourceNames": [leaf],
+            "verbs": ["create"],
+        }],
+    }))
+    .expect("Role");
+    let binding: RoleBinding = serde_json::from_value(json!({
+        "metadata": {"name": name},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
+        "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": user}],
+    }))
+    .expect("RoleBinding");
+    Api::<Role>::namespaced(admin.clone(), ns)
+        .create(&PostParams::default(), &role)
+        .await
+        .expect("creating the Role");
+    Api::<RoleBinding>::namespaced(admin.clone(), ns)
+        .create(&PostParams::default(), &binding)
+        .await
+        .expect("creating the RoleBinding");
 }
 
 /// The PKI of the root and `leaf-1`, and the root's proxy `proxy-1` in-process: what the

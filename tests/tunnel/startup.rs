@@ -151,6 +151,16 @@ fn client_tokens_without_a_client_entry_are_refused() {
 }
 
 #[test]
+fn rbac_dial_authorization_without_kubernetes_is_refused() {
+    let files = p1_files();
+    let err = fails(
+        dir_of(&files),
+        &proxy_args("p1", "p1", &["--dial-authorization", "rbac"]),
+    );
+    says(&err, &["--dial-authorization", "--kubernetes"]);
+}
+
+#[test]
 fn a_certificate_for_another_cluster_than_its_ca_s_is_refused() {
     let dir = tempfile::tempdir().expect("tempdir");
     let dir = dir.path();

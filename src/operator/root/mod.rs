@@ -1,5 +1,7 @@
 //! The root side in Kubernetes: what `tether proxy --kubernetes` runs next to the proxy.
 //!
+//! - [`access`]: who may dial which leaf, by the root's RBAC (the proxy's
+//!   [`DialAccess`](crate::proxy::DialAccess));
 //! - [`tokens`]: join tokens in Secrets, joined leaves recorded as `RemoteCluster` objects
 //!   (the proxy's [`JoinAuthority`](crate::proxy::JoinAuthority));
 //! - [`trust`]: the proxy's trust store follows those `RemoteCluster` objects;
@@ -15,6 +17,7 @@
 //!
 //! Everything lives in the proxies' own namespace, so their RBAC is a namespaced Role.
 
+pub mod access;
 pub mod holdings;
 pub mod summary;
 pub mod tokens;
@@ -31,6 +34,7 @@ use tracing::{Instrument, info_span};
 use crate::operator::crd::RemoteCluster;
 use crate::proxy::ProxyServer;
 
+pub use access::RbacDialAccess;
 pub use tokens::KubeJoinAuthority;
 
 /// Follows `RemoteCluster` objects into `proxy`'s trust store (its recorded source; the static

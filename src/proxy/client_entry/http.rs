@@ -209,13 +209,13 @@ async fn respond<S: AsyncWrite + Unpin>(
 ///
 /// | kind | status |
 /// | --- | --- |
-/// | Forbidden | 403 Forbidden |
+/// | Forbidden, NotPermitted | 403 Forbidden |
 /// | NoTunnel | 503 Service Unavailable (the site's tunnel is down: retry later) |
 /// | TimedOut | 504 Gateway Timeout |
 /// | Refused, NameNotResolved, Unreachable, Other | 502 Bad Gateway |
 pub(super) fn dial_error_status(kind: DialErrorKind) -> (u16, &'static str) {
     match kind {
-        DialErrorKind::Forbidden => (403, "Forbidden"),
+        DialErrorKind::Forbidden | DialErrorKind::NotPermitted => (403, "Forbidden"),
         DialErrorKind::NoTunnel => (503, "Service Unavailable"),
         DialErrorKind::TimedOut => (504, "Gateway Timeout"),
         DialErrorKind::Refused

@@ -353,7 +353,11 @@ async fn handle<D: Dialer>(
         Protocol::Socks5 => Via::Socks5,
     };
     let audit = DialAudit::start(&user, via, peer, &target);
-    match dialer.dial(target, peer).await {
+    let dialled = match dialer.permit(&user, &target).await {
+        Ok(()) => dialer.dial(target, peer).await,
+        Err(refused) => Err(refused),
+    };
+    match dialled {
         Err(e) => {
             info!(kind = e.kind.as_str(), error = %e.message, "dial failed");
             audit.refused(&e);

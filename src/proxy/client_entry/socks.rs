@@ -117,7 +117,7 @@ pub(super) async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
 ///
 /// | kind | code |
 /// | --- | --- |
-/// | Forbidden | 0x02 connection not allowed by ruleset |
+/// | Forbidden, NotPermitted | 0x02 connection not allowed by ruleset |
 /// | NoTunnel | 0x03 network unreachable (the whole cluster is out of reach) |
 /// | Unreachable, NameNotResolved | 0x04 host unreachable |
 /// | TimedOut | 0x04 host unreachable (0x06 "TTL expired" would mislead users) |
@@ -125,7 +125,7 @@ pub(super) async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
 /// | Other | 0x01 general failure |
 pub(super) fn dial_error_reply(kind: DialErrorKind) -> u8 {
     match kind {
-        DialErrorKind::Forbidden => reply::NOT_ALLOWED,
+        DialErrorKind::Forbidden | DialErrorKind::NotPermitted => reply::NOT_ALLOWED,
         DialErrorKind::NoTunnel => reply::NETWORK_UNREACHABLE,
         DialErrorKind::Unreachable | DialErrorKind::NameNotResolved | DialErrorKind::TimedOut => {
             reply::HOST_UNREACHABLE

@@ -564,9 +564,14 @@ impl Session {
             Some((&msg::CHANNEL_OPEN_FAILURE, mut r)) => {
                 debug!("channel_open_failure");
                 let channel_num = map_err!(ChannelId::decode(&mut r))?;
-                let reason_code = ChannelOpenFailure::from_u32(map_err!(u32::decode(&mut r))?)
+                let mut reason_code = ChannelOpenFailure::from_u32(map_err!(u32::decode(&mut r))?)
                     .unwrap_or(ChannelOpenFailure::AdministrativelyProhibited);
                 let descr = map_err!(String::decode(&mut r))?;
+                // Tether: a code outside the standard four keeps the server's description, so
+                // the caller of `channel_open_*` learns what the server said, not "Unknown code".
+                if let ChannelOpenFailure::Other { reason, .. } = &mut reason_code {
+                    reason.clone_from(&descr);
+                }
                 let language = map_err!(String::decode(&mut r))?;
                 map_err!(ensure_end(&r))?;
                 // Unlike other channel-scoped messages this arrives for a

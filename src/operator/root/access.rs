@@ -1,0 +1,209 @@
+//! Who may dial which leaf, decided by the root cluster's RBAC: the proxy's
+//! [`DialAccess`](crate::proxy::DialAccess) asks the API server with a SubjectAccessReview
+//! whether the client may `create` the subresource `remoteclusters/dial` of the leaf's
+//! `RemoteCluster` in the proxies' namespace. A platform team grants it with the Roles and
+//! RoleBindings it already writes (`resourceNames` for single leaves):
+//!
+//! ```yaml
+//! rules:
+//!   - apiGroups: ["tether.dev"]
+//!     resources: ["remoteclusters/dial"]
+//!     resourceNames: ["leaf-1"]
+//!     verbs: ["create"]
+//! ```
+//!
+//! The client is the Kubernetes user of its name: the principal of its certificate from the
+//! root CA, or its name in the client entry's token file. Decisions are kept for
+//! [`DECISION_TTL`] per client and leaf (at most [`MAX_DECISIONS`] of them), so a stream of
+//! dials costs the API server one review every few seconds, and a new RoleBinding, or a
+//! removed one, takes effect within that time. A review that fails (API server unreachable, the
+//! proxy not allowed to create reviews) refuses the dial and is not kept.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use futures::FutureExt;
+use futures::future::BoxFuture;
+use k8s_openapi::api::authorization::v1::{
+    ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec,
+};
+use kube::api::PostParams;
+use kube::{Api, Client};
+use tracing::warn;
+
+use crate::operator::crd::GROUP;
+use crate::protocol::ClusterName;
+use crate::proxy::{AccessDenied, DialAccess};
+
+/// How long a decision stands: a grant or a revocation takes effect within it.
+pub const DECISION_TTL: Duration = Duration::from_secs(5);
+
+/// Decisions kept at most: one per client and leaf dialled within [`DECISION_TTL`]. Past it,
+/// expired ones go first; if none has, the new decision is not kept (each dial asks).
+pub const MAX_DECISIONS: usize = 4096;
+
+/// The subresource whose `create` permits a dial into the leaf of that name.
+const DIAL_SUBRESOURCE: &str = "dial";
+
+/// A kept decision: permitted, or the refusal, and when the API server gave it.
+type Decision = (Result<(), AccessDenied>, Instant);
+
+/// Dial access by the root's RBAC, through SubjectAccessReviews.
+pub struct RbacDialAccess {
+    /// Creates the reviews (cluster-scoped: the proxy's ClusterRole allows it).
+    reviews: Api<SubjectAccessReview>,
+    /// Where the `RemoteCluster` objects, and so the permissions on them, live.
+    namespace: String,
+    /// Recent decisions by (client, leaf): `Ok` or the refusal, and when each was made.
+    decisions: Mutex<HashMap<(String, ClusterName), Decision>>,
+}
+
+impl RbacDialAccess {
+    pub fn new(client: Client, namespace: &str) -> Self {
+        Self {
+            reviews: Api::all(client),
+            namespace: namespace.to_owned(),
+            decisions: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Asks the API server, and words a refusal so the client knows what to ask for.
+    async fn review(
+        &self,
+        user: &str,
+        leaf: &ClusterName,
+    ) -> Result<Result<(), AccessDenied>, AccessDenied> {
+        let review = SubjectAccessReview {
+            spec: SubjectAccessReviewSpec {
+                user: Some(user.to_owned()),
+                resource_attributes: Some(ResourceAttributes {
+                    group: Some(GROUP.to_owned()),
+                    resource: Some("remoteclusters".to_owned()),
+                    subresource: Some(DIAL_SUBRESOURCE.to_owned()),
+                    verb: Some("create".to_owned()),
+                    namespace: Some(self.namespace.clone()),
+                    name: Some(leaf.to_string()),
+                    ..ResourceAttributes::default()
+                }),
+                ..SubjectAccessReviewSpec::default()
+            },
+            ..SubjectAccessReview::default()
+        };
+        let answer = self
+            .reviews
+            .create(&PostParams::default(), &review)
+            .await
+            .map_err(|e| {
+                warn!(user, %leaf, error = %e, "could not ask the API server whether the client may dial the leaf; refusing");
+                AccessDenied(format!(
+                    "the root could not check whether user {user:?} may dial cluster {leaf} (its proxy's log says why); try again"
+                ))
+            })?;
+        let allowed = answer.status.as_ref().is_some_and(|s| s.allowed);
+        Ok(if allowed {
+            Ok(())
+        } else {
+            Err(AccessDenied(format!(
+                "user {user:?} may not create remoteclusters/dial \"{leaf}\" (API group {GROUP}) in namespace {:?}: ask for a Role with that permission (resourceNames [{leaf}]) bound to you there",
+                self.namespace
+            )))
+        })
+    }
+
+    fn remembered(&self, key: &(String, ClusterName)) -> Option<Result<(), AccessDenied>> {
+        let decisions = self.decisions.lock().ok()?;
+        let (decision, at) = decisions.get(key)?;
+        (at.elapsed() < DECISION_TTL).then(|| decision.clone())
+    }
+
+    fn remember(&self, key: (String, ClusterName), decision: Result<(), AccessDenied>) {
+        let Ok(mut decisions) = self.decisions.lock() else {
+            return;
+        };
+        if decisions.len() >= MAX_DECISIONS {
+            decisions.retain(|_, (_, at)| at.elapsed() < DECISION_TTL);
+        }
+        if decisions.len() < MAX_DECISIONS || decisions.contains_key(&key) {
+            decisions.insert(key, (decision, Instant::now()));
+        }
+    }
+}
+
+impl DialAccess for RbacDialAccess {
+    fn check<'a>(
+        &'a self,
+        user: &'a str,
+        leaf: &'a ClusterName,
+    ) -> BoxFuture<'a, Result<(), AccessDenied>> {
+        async move {
+            let key = (user.to_owned(), leaf.clone());
+            if let Some(decision) = self.remembered(&key) {
+                return decision;
+            }
+            let decision = self.review(user, leaf).await?;
+            self.remember(key, decision.clone());
+            decision
+        }
+        .boxed()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn access() -> RbacDialAccess {
+        // Never contacted: these tests exercise the kept decisions only.
+        let config = kube::Config::new("http://127.0.0.1:9".parse().expect("url"));
+        RbacDialAccess::new(Client::try_from(config).expect("client"), "ns")
+    }
+
+    fn key(user: &str, leaf: &str) -> (String, ClusterName) {
+        (user.to_owned(), ClusterName::new(leaf).expect("name"))
+    }
+
+    #[tokio::test]
+    async fn a_decision_is_kept_per_client_and_leaf() {
+        let access = access();
+        let denied = Err(AccessDenied("no".into()));
+        access.remember(key("alice", "leaf-1"), Ok(()));
+        access.remember(key("bob", "leaf-1"), denied.clone());
+        assert_eq!(access.remembered(&key("alice", "leaf-1")), Some(Ok(())));
+        assert_eq!(access.remembered(&key("bob", "leaf-1")), Some(denied));
+        assert_eq!(access.remembered(&key("alice", "leaf-2")), None);
+    }
+
+    #[tokio::test]
+    async fn decisions_are_bounded_and_expired_ones_go_first() {
+        let access = access();
+        for i in 0..MAX_DECISIONS {
+            access.remember(key(&format!("user-{i}"), "leaf-1"), Ok(()));
+        }
+        // Full of live decisions: a new one is not kept (its dial asks the API server).
+        access.remember(key("late", "leaf-1"), Ok(()));
+        assert_eq!(access.remembered(&key("late", "leaf-1")), None);
+        // Once they have expired, a new one makes room.
+        if let Ok(mut decisions) = access.decisions.lock() {
+            let long_ago = Instant::now().checked_sub(DECISION_TTL * 2);
+            for (_, at) in decisions.values_mut() {
+                *at = long_ago.expect("the clock is past two TTLs");
+            }
+        }
+        access.remember(key("late", "leaf-1"), Ok(()));
+        assert_eq!(access.remembered(&key("late", "leaf-1")), Some(Ok(())));
+        assert_eq!(access.decisions.lock().map(|d| d.len()).ok(), Some(1));
+    }
+
+    #[tokio::test]
+    async fn an_expired_decision_is_not_used() {
+        let access = access();
+        access.remember(key("alice", "leaf-1"), Ok(()));
+        if let Ok(mut decisions) = access.decisions.lock() {
+            for (_, at) in decisions.values_mut() {
+                *at = Instant::now().checked_sub(DECISION_TTL).expect("clock");
+            }
+        }
+        assert_eq!(access.remembered(&key("alice", "leaf-1")), None);
+    }
+}

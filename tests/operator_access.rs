@@ -1,0 +1,123 @@
+//! Who may dial which leaf, by the root's RBAC (issue #16): a proxy with
+//! `--dial-authorization rbac` asks the real API server, by SubjectAccessReview, whether a
+//! client may `create` `remoteclusters/dial` on the leaf. Refused at the root with the missing
+//! permission named, through both entries (`tether dial` over SSH and HTTP CONNECT); a
+//! RoleBinding lets the same client in within the decision's lifetime; a grant for another
+//! leaf does not.
+
+mod support;
+
+use std::sync::Arc;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use support::tunnel_e2e::{crds_and_namespace, eventually, grant_dial};
+use support::{Rig, client_config, echo_server, leaf, start_client_entry};
+use tether::client::{ClientError, DialClient};
+use tether::operator::root::RbacDialAccess;
+use tether::protocol::{ClusterName, Target};
+use tether::proxy::DialAccess;
+
+/// The words a refused client reads: who, what, which leaf, where.
+const MISSING: &str = "user \"alice\" may not create remoteclusters/dial \"leaf\"";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dial_needs_the_roots_rbac_and_a_role_binding_grants_it() {
+    let (_, admin, ns) = crds_and_namespace("access").await;
+    let echo = echo_server().await.expect("echo");
+    let rig = Rig::start(
+        &[format!("{}/32:{}", echo.ip(), echo.port())],
+        |proxy| proxy.access = Some(Arc::new(RbacDialAccess::new(admin.clone(), &ns))),
+        |_| {},
+    )
+    .await;
+    let target =
+        Target::parse(&format!("{}.leaf.tether:{}", echo.ip(), echo.port())).expect("target");
+    let entry = start_client_entry(&rig.proxy, "alice:alice-token-0123456789abcdef", |_| {}).await;
+
+    // Nobody granted alice anything: both entries refuse, naming the permission.
+    let said = match ssh_dial(&rig, &target).await {
+        Err(ClientError::NotPermitted { said, .. }) => said,
+        other => panic!("expected NotPermitted, got {other:?}"),
+    };
+    assert!(said.contains(MISSING), "{said}");
+    assert!(said.contains(&format!("in namespace {ns:?}")), "{said}");
+    let (status, body) = http_connect(entry, &target).await;
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains(MISSING), "{body}");
+
+    // A grant for another leaf covers that leaf only (asked afresh, past any kept decision).
+    grant_dial(&admin, &ns, "alice", "other-leaf").await;
+    let fresh = RbacDialAccess::new(admin.clone(), &ns);
+    let other = ClusterName::new("other-leaf").expect("name");
+    fresh
+        .check("alice", &other)
+        .await
+        .expect("alice may dial other-leaf");
+    let refused = fresh
+        .check("alice", &leaf())
+        .await
+        .expect_err("but not leaf");
+    assert!(refused.0.contains(MISSING), "{refused}");
+
+    // The leaf's own grant lets alice in, through both entries, within the decision's lifetime.
+    grant_dial(&admin, &ns, "alice", "leaf").await;
+    eventually("alice's dial through tether dial", || async {
+        ssh_dial(&rig, &target).await.ok()
+    })
+    .await;
+    let (status, body) = http_connect(entry, &target).await;
+    assert_eq!(status, 200, "{body}");
+
+    // The leaf keeps the last word: its allow-list still refuses what it does not list.
+    let elsewhere =
+        Target::parse(&format!("127.0.0.2.leaf.tether:{}", echo.port())).expect("target");
+    match ssh_dial(&rig, &elsewhere).await {
+        Err(ClientError::Dial { kind, .. }) => {
+            assert_eq!(kind, tether::protocol::DialErrorKind::Forbidden)
+        }
+        other => panic!("expected the agent's refusal, got {other:?}"),
+    }
+}
+
+/// `tether dial`'s way in, as client `alice` of the root CA: an echo through `target`.
+async fn ssh_dial(rig: &Rig, target: &Target) -> Result<(), ClientError> {
+    let client = DialClient::connect(&client_config(rig, &rig.pki.root, "alice")).await?;
+    let mut stream = client.open(target, "127.0.0.1").await?;
+    stream.write_all(b"ping").await?;
+    let mut echoed = [0u8; 4];
+    stream.read_exact(&mut echoed).await?;
+    assert_eq!(&echoed, b"ping");
+    Ok(())
+}
+
+/// An HTTP CONNECT to `target` as alice; the status and, for a refusal, the body.
+async fn http_connect(entry: std::net::SocketAddr, target: &Target) -> (u16, String) {
+    use base64::Engine as _;
+    let mut conn = tokio::net::TcpStream::connect(entry)
+        .await
+        .expect("connect");
+    let credentials =
+        base64::engine::general_purpose::STANDARD.encode("alice:alice-token-0123456789abcdef");
+    let (host, port) = target.to_name();
+    let request = format!(
+        "CONNECT {host}:{port} HTTP/1.1\r\nHost: {host}:{port}\r\nProxy-Authorization: Basic {credentials}\r\n\r\n"
+    );
+    conn.write_all(request.as_bytes()).await.expect("request");
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !answer.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = conn.read(&mut buf).await.expect("read");
+        assert!(n > 0, "the entry closed before its answer");
+        answer.extend_from_slice(&buf[..n]);
+    }
+    let status: u16 = String::from_utf8_lossy(&answer)
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .expect("a status");
+    if status != 200 {
+        let _ = conn.read_to_end(&mut answer).await;
+    }
+    (status, String::from_utf8_lossy(&answer).into_owned())
+}
