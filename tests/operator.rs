@@ -19,8 +19,8 @@ use serde_json::json;
 use tokio::time::timeout;
 
 use support::tunnel_e2e::{
-    agent_secret, crds_and_namespace, create_secrets, echo_through, eventually, example,
-    root_proxy_for_leaf_1, start_operator,
+    agent_secret, crds_and_namespace, create_secrets, delete_and_wait_gone, echo_through,
+    eventually, example, root_proxy_for_leaf_1, start_operator,
 };
 use tether::demo::{Pki, echo_server};
 use tether::operator::crd::reverse_tunnel::Phase;
@@ -195,13 +195,7 @@ async fn reverse_tunnel_lifecycle() {
     assert_ne!(new_ids, ids);
 
     // Deleting closes the tunnel and the finalizer goes.
-    api.delete("to-root", &DeleteParams::default())
-        .await
-        .expect("delete");
-    eventually("the object gone", || async {
-        matches!(api.get_opt("to-root").await, Ok(None)).then_some(())
-    })
-    .await;
+    delete_and_wait_gone(&api, "to-root").await;
     eventually("the tunnel closed", || async {
         tunnel_ids(&proxy, &leaf).is_empty().then_some(())
     })
@@ -293,13 +287,7 @@ async fn rules_the_schema_cannot_judge_fail_in_status() {
     );
 
     // Deleting a failed tunnel still removes the finalizer.
-    api.delete("to-root", &DeleteParams::default())
-        .await
-        .expect("delete");
-    eventually("the object gone", || async {
-        matches!(api.get_opt("to-root").await, Ok(None)).then_some(())
-    })
-    .await;
+    delete_and_wait_gone(&api, "to-root").await;
     stop.cancel();
 }
 

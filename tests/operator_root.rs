@@ -17,7 +17,6 @@ mod support;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -29,9 +28,9 @@ use kube::{Api, ResourceExt};
 use tokio_util::sync::CancellationToken;
 
 use support::kube::api_writes::{since, total, write_counts};
-use support::procs::KubeProxy;
 use support::procs::Proc;
-use support::tunnel_e2e::{crds_and_namespace, create_join_token, eventually, proxy_slice};
+use support::procs::{KubeProxy, agent_command};
+use support::tunnel_e2e::{crds_and_namespace, create_join_token, create_proxy_slices, eventually};
 use tether::agent::Agent;
 use tether::agent::join::{JoinRequest, join};
 use tether::demo::Pki;
@@ -88,17 +87,9 @@ async fn replicas_share_a_joined_leaf_and_each_reports_its_tunnels() {
     let ca_path = dir.path().join("root-ca");
     pki.root.save(&ca_path).expect("save the root CA");
 
-    let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), &ns);
     let ids = ["proxy-a", "proxy-b"];
-    for (i, id) in ids.iter().enumerate() {
-        slices
-            .create(
-                &PostParams::default(),
-                &proxy_slice(SERVICE, id, i, 3024, true),
-            )
-            .await
-            .expect("EndpointSlice");
-    }
+    create_proxy_slices(&client, &ns, SERVICE, &ids).await;
+    let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), &ns);
     let mut procs = Vec::new();
     let mut addrs = Vec::new();
     for id in ids {
@@ -206,15 +197,8 @@ fn spawn_agent(dir: &Path, name: &str, ca: &CertificateAuthority, lb: SocketAddr
         .expect("agent identity")
         .save(&key)
         .expect("save the agent identity");
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_tether"));
-    cmd.args(["agent", "--cluster", name, "--root-cluster", "root"])
-        .arg("--proxy")
-        .arg(lb.to_string())
-        .arg("--identity")
-        .arg(&key)
-        .arg("--root-ca")
-        .arg(dir.join("root-ca.pub"))
-        .args(["--heartbeat-interval", "500ms"])
+    let mut cmd = agent_command(name, &lb.to_string(), &key, &dir.join("root-ca.pub"));
+    cmd.args(["--heartbeat-interval", "500ms"])
         .env("RUST_LOG", "info");
     Proc::logged(name, &mut cmd, dir.join(format!("{name}.log"))).expect("tether agent starts")
 }
@@ -280,18 +264,12 @@ async fn a_quiet_root_writes_nothing_and_its_status_tells_the_truth() {
     .expect("write root-ca.pub");
 
     // Three replicas behind haproxy, their pods' endpoints ready.
-    let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), &ns);
     let ids = ["proxy-a", "proxy-b", "proxy-c"];
+    create_proxy_slices(&client, &ns, SERVICE, &ids).await;
+    let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), &ns);
     let mut proxies = BTreeMap::new();
     let mut addrs = Vec::new();
-    for (i, id) in ids.iter().enumerate() {
-        slices
-            .create(
-                &PostParams::default(),
-                &proxy_slice(SERVICE, id, i, 3024, true),
-            )
-            .await
-            .expect("EndpointSlice");
+    for id in &ids {
         let log = dir.path().join(format!("{id}.log"));
         let (proc, addr) = spawn_proxy(id, &ns, &ca_path, cp.kubeconfig_path(), &log);
         proxies.insert(*id, proc);

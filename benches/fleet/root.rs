@@ -22,12 +22,10 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::{StreamExt, TryStreamExt};
-use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{ListParams, PostParams};
 use kube::{Api, Client};
 use tokio_util::sync::CancellationToken;
@@ -36,8 +34,8 @@ use crate::procs::status_kib;
 use crate::support::haproxy::Haproxy;
 use crate::support::kube::ControlPlane;
 use crate::support::kube::api_writes::{since, total, write_counts};
-use crate::support::procs::{KubeProxy, Proc, tether_bin};
-use crate::support::tunnel_e2e::{install_crds, proxy_slice};
+use crate::support::procs::{KubeProxy, Proc, agent_command};
+use crate::support::tunnel_e2e::{create_proxy_slices, install_crds};
 use crate::{Opts, Res, Row, cpu_time, poll, verdict};
 use tether::agent::{Agent, AgentConfig};
 use tether::egress::allow_list::AllowList;
@@ -303,23 +301,15 @@ fn spawn_agent(dir: &Path, leaf: &Leaf, lb: SocketAddr, heartbeat: Duration) -> 
     let key = dir.join(format!("{}-agent", leaf.name));
     leaf.identity.save(&key).map_err(|e| e.to_string())?;
     let log = dir.join(format!("{}.log", leaf.name));
-    let mut cmd = Command::new(tether_bin());
-    cmd.args([
-        "agent",
-        "--cluster",
+    let mut cmd = agent_command(
         leaf.name.as_str(),
-        "--root-cluster",
-        "root",
-    ])
-    .arg("--proxy")
-    .arg(lb.to_string())
-    .arg("--identity")
-    .arg(&key)
-    .arg("--root-ca")
-    .arg(dir.join("root-ca.pub"))
-    .arg("--heartbeat-interval")
-    .arg(humantime::format_duration(heartbeat).to_string())
-    .env("RUST_LOG", "info");
+        &lb.to_string(),
+        &key,
+        &dir.join("root-ca.pub"),
+    );
+    cmd.arg("--heartbeat-interval")
+        .arg(humantime::format_duration(heartbeat).to_string())
+        .env("RUST_LOG", "info");
     Proc::logged("tether agent", &mut cmd, log)
 }
 
@@ -366,17 +356,10 @@ async fn fleet(
         .map_err(|e| e.to_string())?;
     std::fs::write(dir.join("root-ca.pub"), root_pub).map_err(|e| e.to_string())?;
 
-    let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), &ns);
+    create_proxy_slices(client, &ns, SERVICE, &IDS).await;
     let mut proxies = Vec::new();
     let mut addrs = Vec::new();
-    for (i, id) in IDS.iter().enumerate() {
-        slices
-            .create(
-                &PostParams::default(),
-                &proxy_slice(SERVICE, id, i, 3024, true),
-            )
-            .await
-            .map_err(|e| format!("EndpointSlice: {e}"))?;
+    for id in IDS {
         let (proc, addr) = spawn_proxy(cp, id, &ns, &dir)?;
         proxies.push(proc);
         addrs.push(addr);

@@ -29,8 +29,8 @@ use serde_json::{Value, json};
 
 use support::kube::ControlPlane;
 use support::tunnel_e2e::{
-    crds_and_namespace, create_secrets, echo_through, eventually, example, proxy_slice,
-    root_proxy_for_leaf_1, start_operator,
+    crds_and_namespace, create_secrets, delete_and_wait_gone, echo_through, eventually, example,
+    proxy_slice, root_proxy_for_leaf_1, start_operator,
 };
 use tether::agent::join::{JoinRequest, join};
 use tether::demo::{Pki, echo_server};

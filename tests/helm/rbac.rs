@@ -116,13 +116,7 @@ async fn the_operator_runs_end_to_end_with_the_charts_rbac() {
     .await;
 
     // Deleting: the operator closes the tunnel and removes its finalizer.
-    api.delete("to-root", &DeleteParams::default())
-        .await
-        .expect("delete");
-    eventually("the ReverseTunnel gone", || async {
-        matches!(api.get_opt("to-root").await, Ok(None)).then_some(())
-    })
-    .await;
+    delete_and_wait_gone(&api, "to-root").await;
     eventually("the tunnel closed", || async {
         proxy
             .site(&leaf)

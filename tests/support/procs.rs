@@ -469,16 +469,27 @@ pub fn operator_command(kubeconfig: &Path, ns: &str, identity: &str) -> Command 
 
 /// `tether agent` for the leaf, dialling `proxy`, with extra arguments.
 pub fn spawn_agent(files: &Files, proxy: SocketAddr, extra: &[String]) -> Proc {
-    let mut cmd = Command::new(tether_bin());
-    cmd.args(["agent", "--cluster", "leaf", "--root-cluster", "root"])
-        .arg("--proxy")
-        .arg(proxy.to_string())
-        .arg("--identity")
-        .arg(files.path("agent"))
-        .arg("--root-ca")
-        .arg(files.path("root-ca.pub"))
-        .args(extra);
+    let mut cmd = agent_command(
+        "leaf",
+        &proxy.to_string(),
+        &files.path("agent"),
+        &files.path("root-ca.pub"),
+    );
+    cmd.args(extra);
     spawn(cmd)
+}
+
+/// `tether agent` for leaf `cluster` of root `root`, dialling `proxy` with the identity at
+/// `identity` and trusting the root CA at `root_ca`; flags of the caller's own follow.
+pub fn agent_command(cluster: &str, proxy: &str, identity: &Path, root_ca: &Path) -> Command {
+    let mut cmd = Command::new(tether_bin());
+    cmd.args(["agent", "--cluster", cluster, "--root-cluster", "root"])
+        .args(["--proxy", proxy])
+        .arg("--identity")
+        .arg(identity)
+        .arg("--root-ca")
+        .arg(root_ca);
+    cmd
 }
 
 /// [`spawn_agent`] flags for a leaf that serves the loopback server `target` alone, with 200 ms

@@ -99,6 +99,35 @@ pub fn proxy_slice(service: &str, pod: &str, slot: usize, port: u16, ready: bool
     .expect("valid EndpointSlice")
 }
 
+/// Creates the ready EndpointSlices of Service `service`'s proxy pods `ids` (slot = index,
+/// port 3024), as the endpoint controller would write them for its replicas.
+pub async fn create_proxy_slices(client: &Client, ns: &str, service: &str, ids: &[&str]) {
+    let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), ns);
+    for (slot, id) in ids.iter().enumerate() {
+        slices
+            .create(
+                &PostParams::default(),
+                &proxy_slice(service, id, slot, 3024, true),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("creating the EndpointSlice of {id}: {e}"));
+    }
+}
+
+/// Deletes object `name` and waits until it is gone (its finalizers done).
+pub async fn delete_and_wait_gone<K>(api: &Api<K>, name: &str)
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    api.delete(name, &kube::api::DeleteParams::default())
+        .await
+        .unwrap_or_else(|e| panic!("deleting {name}: {e}"));
+    eventually(&format!("{name} gone"), || async {
+        matches!(api.get_opt(name).await, Ok(None)).then_some(())
+    })
+    .await;
+}
+
 /// Polls `check` until it yields a value, failing with `what` after [`DEADLINE`].
 pub async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
 where
