@@ -12,7 +12,7 @@ use std::sync::Arc;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use support::tunnel_e2e::{crds_and_namespace, eventually, grant_dial};
-use support::{Rig, client_config, echo_server, leaf, start_client_entry};
+use support::{LogCapture, Rig, client_config, echo_server, leaf, start_client_entry};
 use tether::client::{ClientError, DialClient};
 use tether::operator::root::RbacDialAccess;
 use tether::protocol::{ClusterName, Target};
@@ -21,8 +21,10 @@ use tether::proxy::DialAccess;
 /// The words a refused client reads: who, what, which leaf, where.
 const MISSING: &str = "user \"alice\" may not create remoteclusters/dial \"leaf\"";
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(flavor = "current_thread")]
 async fn a_dial_needs_the_roots_rbac_and_a_role_binding_grants_it() {
+    let logs = LogCapture::default();
+    let _guard = logs.install();
     let (_, admin, ns) = crds_and_namespace("access").await;
     let echo = echo_server().await.expect("echo");
     let rig = Rig::start(
@@ -45,6 +47,24 @@ async fn a_dial_needs_the_roots_rbac_and_a_role_binding_grants_it() {
     let (status, body) = http_connect(entry, &target).await;
     assert_eq!(status, 403, "{body}");
     assert!(body.contains(MISSING), "{body}");
+    // Each refusal leaves its audit record.
+    let refusals: Vec<String> = logs
+        .text()
+        .lines()
+        .filter(|l| l.contains("tether::audit") && l.contains("not_permitted"))
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(
+        refusals.len(),
+        2,
+        "one record per refused dial: {refusals:#?}"
+    );
+    assert!(
+        refusals
+            .iter()
+            .all(|r| r.contains("who=alice") && r.contains("leaf=leaf")),
+        "{refusals:#?}"
+    );
 
     // A grant for another leaf covers that leaf only (asked afresh, past any kept decision).
     grant_dial(&admin, &ns, "alice", "other-leaf").await;

@@ -85,7 +85,10 @@ impl TetherFiles {
                     "--client-listen",
                     &local(entry).to_string(),
                 ])
-                .args(["--max-connections-per-ip", "4096", "--shutdown-grace", "1s"]),
+                .args(["--max-connections-per-ip", "4096", "--shutdown-grace", "1s"])
+                // The idle-memory run holds 1,000 streams from 127.0.0.1.
+                .args(["--client-max-connections", "4096"])
+                .args(["--client-max-connections-per-ip", "4096"]),
             &env.logs,
         )?;
         wait_port(port, Duration::from_secs(10))?;

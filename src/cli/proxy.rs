@@ -124,6 +124,13 @@ pub struct ProxyArgs {
     /// File of `name:token` lines: the clients allowed on the HTTP CONNECT / SOCKS5 entry.
     #[arg(long, requires = "client_listen")]
     client_tokens: Option<PathBuf>,
+    /// Connections the client entry serves at once, in total.
+    #[arg(long, default_value_t = ClientEntryConfig::default().max_connections)]
+    client_max_connections: usize,
+    /// Connections one source address may hold on the client entry (raise it for clients
+    /// behind one NAT address).
+    #[arg(long, default_value_t = ClientEntryConfig::default().max_connections_per_ip)]
+    client_max_connections_per_ip: usize,
     /// Serve /healthz, /readyz and /status here (`IP:PORT`; an IPv6 IP may go without brackets).
     #[arg(long, value_parser = tether::admin::parse_listen)]
     admin_listen: Option<SocketAddr>,
@@ -284,6 +291,8 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
             .with_context(|| format!("--client-tokens {}", tokens.display()))?;
         let config = ClientEntryConfig {
             listen: *listen,
+            max_connections: args.client_max_connections,
+            max_connections_per_ip: args.client_max_connections_per_ip,
             ..ClientEntryConfig::new(loaded)
         };
         let swap = config.tokens.clone();
