@@ -11,18 +11,24 @@ use std::sync::Arc;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use support::tunnel_e2e::{crds_and_namespace, eventually, grant_dial};
+use support::tunnel_e2e::{crds_and_namespace, eventually, grant_dial, grant_dial_to_group};
 use support::{LogCapture, Rig, client_config, echo_server, leaf, start_client_entry};
 use tether::client::{ClientError, DialClient};
-use tether::operator::root::RbacDialAccess;
+use tether::operator::root::{RbacDialAccess, TokenReviews};
 use tether::protocol::{ClusterName, Target};
-use tether::proxy::DialAccess;
+use tether::proxy::{DialAccess, Who};
+
+/// One test at a time: the first reads its audit records from a log capture scoped to its
+/// thread, and with the other test running beside it the capture missed them (tracing caches
+/// a callsite's interest across threads); alone or in turn both pass.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// The words a refused client reads: who, what, which leaf, where.
 const MISSING: &str = "user \"alice\" may not create remoteclusters/dial \"leaf\"";
 
 #[tokio::test(flavor = "current_thread")]
 async fn a_dial_needs_the_roots_rbac_and_a_role_binding_grants_it() {
+    let _serial = SERIAL.lock().await;
     let logs = LogCapture::default();
     let _guard = logs.install();
     let (_, admin, ns) = crds_and_namespace("access").await;
@@ -71,11 +77,11 @@ async fn a_dial_needs_the_roots_rbac_and_a_role_binding_grants_it() {
     let fresh = RbacDialAccess::new(admin.clone(), &ns);
     let other = ClusterName::new("other-leaf").expect("name");
     fresh
-        .check("alice", &other)
+        .check(&Who::named("alice"), &other)
         .await
         .expect("alice may dial other-leaf");
     let refused = fresh
-        .check("alice", &leaf())
+        .check(&Who::named("alice"), &leaf())
         .await
         .expect_err("but not leaf");
     assert!(refused.0.contains(MISSING), "{refused}");
@@ -100,6 +106,55 @@ async fn a_dial_needs_the_roots_rbac_and_a_role_binding_grants_it() {
     }
 }
 
+/// A root workload reaches a leaf with its ServiceAccount token: the root's TokenReview says
+/// who it is (user and groups), and the root's RBAC, on those groups too, whether it may dial.
+/// Only tokens issued for the audience `tether` are accepted.
+#[tokio::test(flavor = "current_thread")]
+async fn a_workload_dials_with_its_service_account_token_and_its_groups_rbac() {
+    let _serial = SERIAL.lock().await;
+    let (cp, admin, ns) = crds_and_namespace("bearer").await;
+    let echo = echo_server().await.expect("echo");
+    let rig = Rig::start(
+        &[format!("{}/32:{}", echo.ip(), echo.port())],
+        |proxy| proxy.access = Some(Arc::new(RbacDialAccess::new(admin.clone(), &ns))),
+        |_| {},
+    )
+    .await;
+    let target =
+        Target::parse(&format!("{}.leaf.tether:{}", echo.ip(), echo.port())).expect("target");
+    let entry = start_client_entry(&rig.proxy, "", |entry| {
+        entry.bearer = Some(Arc::new(TokenReviews::new(admin.clone())));
+    })
+    .await;
+    let robot = cp.service_account_token(&ns, "robot", &["tether"]).await;
+    let for_the_api_server = cp.service_account_token(&ns, "robot", &[]).await;
+
+    // Not for this audience, or no token at all: not authenticated.
+    let (status, _) =
+        http_connect_with(entry, &target, &format!("Bearer {for_the_api_server}")).await;
+    assert_eq!(status, 407, "a token for the API server itself is refused");
+    let (status, _) = http_connect_with(entry, &target, "Bearer not-a-token").await;
+    assert_eq!(status, 407);
+
+    // Authenticated as the ServiceAccount, refused by RBAC, named as such.
+    let (status, body) = http_connect_with(entry, &target, &format!("Bearer {robot}")).await;
+    assert_eq!(status, 403, "{body}");
+    let user = format!("system:serviceaccount:{ns}:robot");
+    assert!(
+        body.contains(&format!("user {user:?} may not create remoteclusters/dial")),
+        "{body}"
+    );
+
+    // A grant to a group the TokenReview puts it in lets it in: groups reach the review.
+    grant_dial_to_group(&admin, &ns, &format!("system:serviceaccounts:{ns}"), "leaf").await;
+    let (status, body) = eventually("the group's grant", || async {
+        let answer = http_connect_with(entry, &target, &format!("Bearer {robot}")).await;
+        (answer.0 == 200).then_some(answer)
+    })
+    .await;
+    assert_eq!(status, 200, "{body}");
+}
+
 /// `tether dial`'s way in, as client `alice` of the root CA: an echo through `target`.
 async fn ssh_dial(rig: &Rig, target: &Target) -> Result<(), ClientError> {
     let client = DialClient::connect(&client_config(rig, &rig.pki.root, "alice")).await?;
@@ -114,14 +169,24 @@ async fn ssh_dial(rig: &Rig, target: &Target) -> Result<(), ClientError> {
 /// An HTTP CONNECT to `target` as alice; the status and, for a refusal, the body.
 async fn http_connect(entry: std::net::SocketAddr, target: &Target) -> (u16, String) {
     use base64::Engine as _;
+    let credentials =
+        base64::engine::general_purpose::STANDARD.encode("alice:alice-token-0123456789abcdef");
+    http_connect_with(entry, target, &format!("Basic {credentials}")).await
+}
+
+/// An HTTP CONNECT to `target` with `Proxy-Authorization: AUTHORIZATION`; the status and, for
+/// a refusal, the body.
+async fn http_connect_with(
+    entry: std::net::SocketAddr,
+    target: &Target,
+    authorization: &str,
+) -> (u16, String) {
     let mut conn = tokio::net::TcpStream::connect(entry)
         .await
         .expect("connect");
-    let credentials =
-        base64::engine::general_purpose::STANDARD.encode("alice:alice-token-0123456789abcdef");
     let (host, port) = target.to_name();
     let request = format!(
-        "CONNECT {host}:{port} HTTP/1.1\r\nHost: {host}:{port}\r\nProxy-Authorization: Basic {credentials}\r\n\r\n"
+        "CONNECT {host}:{port} HTTP/1.1\r\nHost: {host}:{port}\r\nProxy-Authorization: {authorization}\r\n\r\n"
     );
     conn.write_all(request.as_bytes()).await.expect("request");
     let mut answer = Vec::new();

@@ -16,8 +16,8 @@ use tether::identity::{CertificateAuthority, Identity, TrustStore, check_own_hos
 use tether::protocol::ClusterName;
 use tether::proxy::client_entry::{self, ClientEntryConfig, ClientTokens};
 use tether::proxy::{
-    DialAccess, HeartbeatPolicy, JoinAuthority, Peer, PeeringConfig, ProxyConfig, ProxyLimits,
-    ProxyServer,
+    BearerTokens, DialAccess, HeartbeatPolicy, JoinAuthority, Peer, PeeringConfig, ProxyConfig,
+    ProxyLimits, ProxyServer,
 };
 use tether::stream::StreamLimits;
 
@@ -119,7 +119,9 @@ pub struct ProxyArgs {
     #[arg(long, default_value_t = ProxyLimits::default().max_streams_per_client)]
     max_streams_per_client: usize,
     /// Also serve HTTP CONNECT and SOCKS5 clients here (loopback unless you say otherwise).
-    #[arg(long, requires = "client_tokens")]
+    /// Its clients come from `--client-tokens`, and with `--kubernetes` also from bearer tokens
+    /// the root's API server reviews (issued for the audience `tether`).
+    #[arg(long)]
     client_listen: Option<SocketAddr>,
     /// File of `name:token` lines: the clients allowed on the HTTP CONNECT / SOCKS5 entry.
     #[arg(long, requires = "client_listen")]
@@ -155,6 +157,12 @@ pub enum DialAuthorization {
 }
 
 pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
+    if args.client_listen.is_some() && args.client_tokens.is_none() && !args.kubernetes {
+        anyhow::bail!(
+            "--client-listen needs clients: --client-tokens FILE, or --kubernetes (bearer \
+             tokens the root's API server reviews)"
+        );
+    }
     let ca = match &args.ca {
         Some(path) => Some(CertificateAuthority::load(path, args.cluster.clone())?),
         None => None,
@@ -188,6 +196,9 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
         None
     };
     let root_client = kube.clone().filter(|_| args.kubernetes);
+    let bearer = root_client.as_ref().map(|client| {
+        Arc::new(tether::operator::root::TokenReviews::new(client.clone())) as Arc<dyn BearerTokens>
+    });
     let config = ProxyConfig {
         cluster: args.cluster.clone(),
         proxy_id: args.proxy_id.clone(),
@@ -286,24 +297,32 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
                 .await;
         }));
     }
-    if let (Some(listen), Some(tokens)) = (&args.client_listen, &args.client_tokens) {
-        let loaded = ClientTokens::load(tokens)
-            .with_context(|| format!("--client-tokens {}", tokens.display()))?;
+    if let Some(listen) = &args.client_listen {
+        let loaded = match &args.client_tokens {
+            Some(tokens) => ClientTokens::load(tokens)
+                .with_context(|| format!("--client-tokens {}", tokens.display()))?,
+            None => ClientTokens::default(),
+        };
         let config = ClientEntryConfig {
             listen: *listen,
             max_connections: args.client_max_connections,
             max_connections_per_ip: args.client_max_connections_per_ip,
+            bearer,
             ..ClientEntryConfig::new(loaded)
         };
-        let swap = config.tokens.clone();
-        tasks.spawn(tether::proxy::reload::follow_file(
-            "client token file",
-            tokens.clone(),
-            tether::proxy::reload::POLL,
-            hangup.tokens.clone(),
-            serving.clone(),
-            move |path: &std::path::Path| ClientTokens::load(path).map(|t| swap.store(Arc::new(t))),
-        ));
+        if let Some(tokens) = &args.client_tokens {
+            let swap = config.tokens.clone();
+            tasks.spawn(tether::proxy::reload::follow_file(
+                "client token file",
+                tokens.clone(),
+                tether::proxy::reload::POLL,
+                hangup.tokens.clone(),
+                serving.clone(),
+                move |path: &std::path::Path| {
+                    ClientTokens::load(path).map(|t| swap.store(Arc::new(t)))
+                },
+            ));
+        }
         let listener = config
             .bind()
             .await

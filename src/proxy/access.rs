@@ -19,15 +19,51 @@ use crate::protocol::ClusterName;
 #[error("{0}")]
 pub struct AccessDenied(pub String);
 
+/// Who a client is, as the root's access rules see it: a name and the groups it belongs to.
+/// Certificates and the token file give a name alone; a bearer token reviewed by the root's
+/// API server ([`BearerTokens`]) gives its user's name and groups.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Who {
+    /// The user's name (a certificate's principal, a token file's name, or what the token's
+    /// issuer says, e.g. `system:serviceaccount:NS:NAME`).
+    pub user: String,
+    /// The groups the token's issuer puts the user in; empty for the other credentials.
+    pub groups: Vec<String>,
+}
+
+impl Who {
+    /// A client known by its name alone.
+    pub fn named(user: impl Into<String>) -> Self {
+        Self {
+            user: user.into(),
+            groups: Vec::new(),
+        }
+    }
+}
+
 /// The root's access rules for dials into leaves.
 pub trait DialAccess: Send + Sync + 'static {
-    /// Whether client `user` may dial targets in `leaf`. An error of the rules' source (an
+    /// Whether client `who` may dial targets in `leaf`. An error of the rules' source (an
     /// unreachable API server) refuses too: access fails closed.
     fn check<'a>(
         &'a self,
-        user: &'a str,
+        who: &'a Who,
         leaf: &'a ClusterName,
     ) -> BoxFuture<'a, Result<(), AccessDenied>>;
+}
+
+/// Bearer tokens the client entry accepts besides its token file: in Kubernetes, the root's
+/// ServiceAccount (or OIDC) tokens, checked by TokenReview.
+pub trait BearerTokens: Send + Sync + 'static {
+    /// Who presents `token`, or `None` if it does not authenticate (or cannot be checked now:
+    /// authentication fails closed too).
+    fn review<'a>(&'a self, token: &'a str) -> BoxFuture<'a, Option<Who>>;
+}
+
+impl fmt::Debug for dyn BearerTokens {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("BearerTokens")
+    }
 }
 
 impl fmt::Debug for dyn DialAccess {

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use tokio::net::TcpStream;
 use tracing::warn;
 
+use super::access::Who;
 use super::peers::{Forward, PeerStream, dial_via_peers};
 use super::shared::ProxyShared;
 use super::sites::{ProxyStream, TunnelDialError};
@@ -30,14 +31,14 @@ pub trait Dialer: Send + Sync + 'static {
         client: SocketAddr,
     ) -> impl Future<Output = Result<Self::Conn, DialError>> + Send;
 
-    /// Whether client `user` may dial `target` at all: every client entry asks before
+    /// Whether client `who` may dial `target` at all: every client entry asks before
     /// [`Dialer::dial`]. Permits everything unless the dialer enforces access rules.
     fn permit(
         &self,
-        user: &str,
+        who: &Who,
         target: &Target,
     ) -> impl Future<Output = Result<(), DialError>> + Send {
-        let _ = (user, target);
+        let _ = (who, target);
         async { Ok(()) }
     }
 }
@@ -96,7 +97,7 @@ impl Dialer for ProxyDialer {
 
     /// Asks the proxy's access rules, if it has any, about dials into leaves; dials into the
     /// local cluster answer to `--direct-allow` instead.
-    async fn permit(&self, user: &str, target: &Target) -> Result<(), DialError> {
+    async fn permit(&self, who: &Who, target: &Target) -> Result<(), DialError> {
         let config = &self.shared.config;
         let Some(access) = config.access.as_ref() else {
             return Ok(());
@@ -104,7 +105,7 @@ impl Dialer for ProxyDialer {
         if target.cluster == config.cluster {
             return Ok(());
         }
-        access.check(user, &target.cluster).await.map_err(|denied| {
+        access.check(who, &target.cluster).await.map_err(|denied| {
             self.count(DialErrorKind::NotPermitted.as_str());
             DialError::new(DialErrorKind::NotPermitted, denied.0)
         })

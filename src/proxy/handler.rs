@@ -24,6 +24,7 @@ use tokio::sync::oneshot;
 use tracing::{Instrument, info, info_span, warn};
 
 use super::Dialer;
+use super::access::Who;
 use super::audit::{DialAudit, Via};
 use super::clients::ClientRegistration;
 use super::dialer::ProxyDialer;
@@ -394,7 +395,7 @@ impl Handler for ConnectionHandler {
                 let dialled = if from_peer {
                     dialer.dial_local(&target, client).await
                 } else {
-                    match dialer.permit(&name, &target).await {
+                    match dialer.permit(&Who::named(name.as_str()), &target).await {
                         Ok(()) => dialer.dial(target, client).await,
                         Err(refused) => Err(refused),
                     }

@@ -20,7 +20,7 @@ pub mod sites;
 pub mod trust;
 pub mod tunnel;
 
-pub use access::{AccessDenied, DialAccess};
+pub use access::{AccessDenied, BearerTokens, DialAccess, Who};
 pub use authority::{Admission, JoinAuthority, Refused};
 pub use config::{HeartbeatPolicy, ProxyConfig, ProxyLimits};
 pub use dialer::{Dialer, ProxyConn, ProxyDialer};

@@ -291,11 +291,11 @@ async fn the_proxies_rbac_covers_peers_join_tokens_and_remote_clusters() {
 
     // Who may dial: the proxy asks, with its own token, whether a client may; the answer
     // follows the RoleBindings an administrator writes.
-    use tether::proxy::DialAccess as _;
+    use tether::proxy::{DialAccess as _, Who};
     let access = tether::operator::root::RbacDialAccess::new(proxy.clone(), &ns);
     let leaf = ClusterName::new("leaf-1").expect("name");
     let refused = access
-        .check("carol", &leaf)
+        .check(&Who::named("carol"), &leaf)
         .await
         .expect_err("nobody granted carol anything");
     assert!(
@@ -305,7 +305,7 @@ async fn the_proxies_rbac_covers_peers_join_tokens_and_remote_clusters() {
     support::tunnel_e2e::grant_dial(&admin, &ns, "carol", "leaf-1").await;
     let fresh = tether::operator::root::RbacDialAccess::new(proxy.clone(), &ns);
     fresh
-        .check("carol", &leaf)
+        .check(&Who::named("carol"), &leaf)
         .await
         .expect("carol may dial leaf-1 once bound");
     eprintln!(

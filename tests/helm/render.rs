@@ -173,21 +173,20 @@ async fn lint_template_and_schema() {
     .map(|((g, r), v)| ((g.to_owned(), r.to_owned()), v))
     .collect();
     assert_eq!(proxy_rules, expected_proxy_rules);
-    // Its one cluster-wide right: asking whether a client may dial a leaf.
+    // Its cluster-wide rights: asking who presents a token, and whether a client may dial.
     let access_rules = rules(find(
         &docs,
         "ClusterRole",
         "tether-proxy-tether-system-access",
     ));
+    let review =
+        |group: &str, resource: &str| ((group.to_owned(), resource.to_owned()), verbs(&["create"]));
     assert_eq!(
         access_rules,
-        BTreeMap::from([(
-            (
-                "authorization.k8s.io".to_owned(),
-                "subjectaccessreviews".to_owned()
-            ),
-            verbs(&["create"])
-        )])
+        BTreeMap::from([
+            review("authorization.k8s.io", "subjectaccessreviews"),
+            review("authentication.k8s.io", "tokenreviews"),
+        ])
     );
 
     // The operator.

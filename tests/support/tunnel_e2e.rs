@@ -40,7 +40,16 @@ pub async fn crds_and_namespace(prefix: &str) -> (&'static ControlPlane, Client,
 /// A Role in `ns` letting its subjects dial `leaf` (`create` on `remoteclusters/dial`, that
 /// name only), bound to user `user`: what a platform team writes to let someone in.
 pub async fn grant_dial(admin: &Client, ns: &str, user: &str, leaf: &str) {
-    let name = format!("dial-{leaf}-{user}");
+    grant_dial_to(admin, ns, "User", user, leaf).await;
+}
+
+/// [`grant_dial`] for every member of group `group`.
+pub async fn grant_dial_to_group(admin: &Client, ns: &str, group: &str, leaf: &str) {
+    grant_dial_to(admin, ns, "Group", group, leaf).await;
+}
+
+async fn grant_dial_to(admin: &Client, ns: &str, kind: &str, subject: &str, leaf: &str) {
+    let name = format!("dial-{leaf}-{}", subject.replace(':', "-"));
     let role: Role = serde_json::from_value(json!({
         "metadata": {"name": name},
         "rules": [{
@@ -54,7 +63,7 @@ pub async fn grant_dial(admin: &Client, ns: &str, user: &str, leaf: &str) {
     let binding: RoleBinding = serde_json::from_value(json!({
         "metadata": {"name": name},
         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
-        "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": user}],
+        "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": kind, "name": subject}],
     }))
     .expect("RoleBinding");
     Api::<Role>::namespaced(admin.clone(), ns)

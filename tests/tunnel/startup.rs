@@ -151,6 +151,19 @@ fn client_tokens_without_a_client_entry_are_refused() {
 }
 
 #[test]
+fn a_client_entry_without_clients_is_refused() {
+    let files = p1_files();
+    let err = fails(
+        dir_of(&files),
+        &proxy_args("p1", "p1", &["--client-listen", "127.0.0.1:0"]),
+    );
+    says(
+        &err,
+        &["--client-listen", "--client-tokens", "--kubernetes"],
+    );
+}
+
+#[test]
 fn rbac_dial_authorization_without_kubernetes_is_refused() {
     let files = p1_files();
     let err = fails(

@@ -34,7 +34,7 @@ use tracing::warn;
 
 use crate::operator::crd::GROUP;
 use crate::protocol::ClusterName;
-use crate::proxy::{AccessDenied, DialAccess};
+use crate::proxy::{AccessDenied, DialAccess, Who};
 
 /// How long a decision stands: a grant or a revocation takes effect within it.
 pub const DECISION_TTL: Duration = Duration::from_secs(5);
@@ -56,7 +56,7 @@ pub struct RbacDialAccess {
     /// Where the `RemoteCluster` objects, and so the permissions on them, live.
     namespace: String,
     /// Recent decisions by (client, leaf): `Ok` or the refusal, and when each was made.
-    decisions: Mutex<HashMap<(String, ClusterName), Decision>>,
+    decisions: Mutex<HashMap<(Who, ClusterName), Decision>>,
 }
 
 impl RbacDialAccess {
@@ -71,12 +71,14 @@ impl RbacDialAccess {
     /// Asks the API server, and words a refusal so the client knows what to ask for.
     async fn review(
         &self,
-        user: &str,
+        who: &Who,
         leaf: &ClusterName,
     ) -> Result<Result<(), AccessDenied>, AccessDenied> {
+        let user = who.user.as_str();
         let review = SubjectAccessReview {
             spec: SubjectAccessReviewSpec {
                 user: Some(user.to_owned()),
+                groups: Some(who.groups.clone()).filter(|g| !g.is_empty()),
                 resource_attributes: Some(ResourceAttributes {
                     group: Some(GROUP.to_owned()),
                     resource: Some("remoteclusters".to_owned()),
@@ -111,13 +113,13 @@ impl RbacDialAccess {
         })
     }
 
-    fn remembered(&self, key: &(String, ClusterName)) -> Option<Result<(), AccessDenied>> {
+    fn remembered(&self, key: &(Who, ClusterName)) -> Option<Result<(), AccessDenied>> {
         let decisions = self.decisions.lock().ok()?;
         let (decision, at) = decisions.get(key)?;
         (at.elapsed() < DECISION_TTL).then(|| decision.clone())
     }
 
-    fn remember(&self, key: (String, ClusterName), decision: Result<(), AccessDenied>) {
+    fn remember(&self, key: (Who, ClusterName), decision: Result<(), AccessDenied>) {
         let Ok(mut decisions) = self.decisions.lock() else {
             return;
         };
@@ -133,15 +135,15 @@ impl RbacDialAccess {
 impl DialAccess for RbacDialAccess {
     fn check<'a>(
         &'a self,
-        user: &'a str,
+        who: &'a Who,
         leaf: &'a ClusterName,
     ) -> BoxFuture<'a, Result<(), AccessDenied>> {
         async move {
-            let key = (user.to_owned(), leaf.clone());
+            let key = (who.clone(), leaf.clone());
             if let Some(decision) = self.remembered(&key) {
                 return decision;
             }
-            let decision = self.review(user, leaf).await?;
+            let decision = self.review(who, leaf).await?;
             self.remember(key, decision.clone());
             decision
         }
@@ -159,8 +161,8 @@ mod tests {
         RbacDialAccess::new(Client::try_from(config).expect("client"), "ns")
     }
 
-    fn key(user: &str, leaf: &str) -> (String, ClusterName) {
-        (user.to_owned(), ClusterName::new(leaf).expect("name"))
+    fn key(user: &str, leaf: &str) -> (Who, ClusterName) {
+        (Who::named(user), ClusterName::new(leaf).expect("name"))
     }
 
     #[tokio::test]

@@ -2,6 +2,7 @@
 //!
 //! - [`access`]: who may dial which leaf, by the root's RBAC (the proxy's
 //!   [`DialAccess`](crate::proxy::DialAccess));
+//! - [`bearer`]: who presents a bearer token at the client entry, by the root's TokenReview;
 //! - [`tokens`]: join tokens in Secrets, joined leaves recorded as `RemoteCluster` objects
 //!   (the proxy's [`JoinAuthority`](crate::proxy::JoinAuthority));
 //! - [`trust`]: the proxy's trust store follows those `RemoteCluster` objects;
@@ -18,6 +19,7 @@
 //! Everything lives in the proxies' own namespace, so their RBAC is a namespaced Role.
 
 pub mod access;
+pub mod bearer;
 pub mod holdings;
 pub mod summary;
 pub mod tokens;
@@ -35,6 +37,7 @@ use crate::operator::crd::RemoteCluster;
 use crate::proxy::ProxyServer;
 
 pub use access::RbacDialAccess;
+pub use bearer::TokenReviews;
 pub use tokens::KubeJoinAuthority;
 
 /// Follows `RemoteCluster` objects into `proxy`'s trust store (its recorded source; the static

@@ -9,6 +9,7 @@ use tokio::net::TcpStream;
 use super::auth::{ClientTokens, base64_decode};
 use super::{ClientEntryConfig, HandshakeError, Request};
 use crate::protocol::{DialError, DialErrorKind, Target};
+use crate::proxy::access::Who;
 
 /// Most header lines accepted in a request head.
 const MAX_HEADERS: usize = 64;
@@ -112,7 +113,7 @@ pub(super) async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
         )
         .await;
     }
-    let Some(user) = authenticate(authorization.as_deref(), &config.tokens.load()) else {
+    let Some(who) = authenticate(authorization.as_deref(), config).await else {
         let result = reject(
             stream,
             407,
@@ -134,26 +135,34 @@ pub(super) async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
         Ok(t) => t,
         Err(e) => {
             let body = format!("tether: {e}\n");
-            let why = format!("user {user}: bad target: {e}");
+            let why = format!("user {}: bad target: {e}", who.user);
             return reject(stream, 400, "Bad Request", "", &body, &why).await;
         }
     };
     Ok(Request {
         target,
-        user,
+        who,
         leftover: buf.split_off(len),
     })
 }
 
-/// Checks a `Proxy-Authorization` value (Bearer or Basic); the client's name on success.
-fn authenticate(value: Option<&str>, tokens: &ClientTokens) -> Option<String> {
+/// Checks a `Proxy-Authorization` value: Basic `NAME:TOKEN` or a Bearer token from the token
+/// file, else a Bearer token the configured [`BearerTokens`](crate::proxy::BearerTokens)
+/// accept (the root's TokenReview). The client on success.
+async fn authenticate(value: Option<&str>, config: &ClientEntryConfig) -> Option<Who> {
     let (scheme, credentials) = value?.trim().split_once(' ')?;
     let credentials = credentials.trim();
-    if scheme.eq_ignore_ascii_case("bearer") {
-        return tokens
-            .verify_bearer(credentials.as_bytes())
-            .map(str::to_owned);
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return from_basic(scheme, credentials, &config.tokens.load()).map(Who::named);
     }
+    if let Some(name) = config.tokens.load().verify_bearer(credentials.as_bytes()) {
+        return Some(Who::named(name));
+    }
+    config.bearer.as_ref()?.review(credentials).await
+}
+
+/// Checks Basic `NAME:TOKEN` credentials against the token file; the client's name.
+fn from_basic(scheme: &str, credentials: &str, tokens: &ClientTokens) -> Option<String> {
     if !scheme.eq_ignore_ascii_case("basic") {
         return None;
     }

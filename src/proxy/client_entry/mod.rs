@@ -42,6 +42,7 @@ use crate::protocol::Target;
 use crate::stream::Splice;
 
 use super::Dialer;
+use super::access::{BearerTokens, Who};
 use super::audit::{DialAudit, Via};
 use admission::{Door, DoorSettings, SourcePermit};
 use prefixed::Prefixed;
@@ -71,6 +72,9 @@ pub struct ClientEntryConfig {
     /// Largest HTTP request head read. Bounds the memory a single client can make us hold
     /// before it has authenticated.
     pub max_header_bytes: usize,
+    /// Bearer tokens checked elsewhere (in Kubernetes, the root's TokenReview), for clients
+    /// not in `tokens`; `None` accepts the token file's clients alone.
+    pub bearer: Option<Arc<dyn BearerTokens>>,
     /// The clients allowed in. Empty means nobody: there is no anonymous access. Shared and
     /// swapped whole, so the proxy can re-read its token file (on SIGHUP or when the file
     /// changes) while connections are being served; a removed token admits no new connection.
@@ -87,6 +91,7 @@ impl Default for ClientEntryConfig {
             auth_penalty: Duration::from_secs(30),
             handshake_timeout: Duration::from_secs(10),
             max_header_bytes: 8 * 1024,
+            bearer: None,
             tokens: Arc::new(ArcSwap::from_pointee(ClientTokens::default())),
         }
     }
@@ -220,8 +225,8 @@ enum Protocol {
 /// What a successful handshake yields.
 struct Request {
     target: Target,
-    /// The authenticated client's name.
-    user: String,
+    /// The authenticated client.
+    who: Who,
     /// Bytes the client sent after its request, to be delivered through the tunnel first.
     leftover: Vec<u8>,
 }
@@ -285,7 +290,7 @@ pub mod fuzzing {
 
     fn outcome(result: Result<Request, super::HandshakeError>) -> Outcome {
         result
-            .map(|r| (r.target, r.user, r.leftover))
+            .map(|r| (r.target, r.who.user, r.leftover))
             .map_err(|e| e.to_string())
     }
 }
@@ -341,9 +346,10 @@ async fn handle<D: Dialer>(
     };
     let Request {
         target,
-        user,
+        who,
         leftover,
     } = request;
+    let user = &who.user;
     let span = tracing::Span::current();
     span.record("user", user.as_str());
     span.record("target", tracing::field::display(&target));
@@ -352,8 +358,8 @@ async fn handle<D: Dialer>(
         Protocol::Http => Via::HttpConnect,
         Protocol::Socks5 => Via::Socks5,
     };
-    let audit = DialAudit::start(&user, via, peer, &target);
-    let dialled = match dialer.permit(&user, &target).await {
+    let audit = DialAudit::start(user, via, peer, &target);
+    let dialled = match dialer.permit(&who, &target).await {
         Ok(()) => dialer.dial(target, peer).await,
         Err(refused) => Err(refused),
     };

@@ -11,6 +11,7 @@ use tokio::net::TcpStream;
 
 use super::{ClientEntryConfig, HandshakeError, Request};
 use crate::protocol::{DialError, DialErrorKind, Target};
+use crate::proxy::access::Who;
 
 /// The protocol version byte; also what the entry sniffs to tell SOCKS5 from HTTP.
 pub(super) const VERSION: u8 = 0x05;
@@ -101,7 +102,7 @@ pub(super) async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
     match parsed {
         Ok(target) => Ok(Request {
             target,
-            user,
+            who: Who::named(user),
             leftover: Vec::new(),
         }),
         Err(e) => {

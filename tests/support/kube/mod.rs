@@ -211,22 +211,7 @@ impl ControlPlane {
     /// with a token from the TokenRequest API. It has only the rights RBAC
     /// grants that ServiceAccount.
     pub async fn client_for_service_account(&self, ns: &str, name: &str) -> Client {
-        let admin = self.kube_client();
-        ensure_service_account(&admin, ns, name).await;
-        let request = TokenRequest {
-            spec: Some(TokenRequestSpec {
-                expiration_seconds: Some(3600),
-                ..Default::default()
-            }),
-            ..Default::default()
-        };
-        let token = Api::<ServiceAccount>::namespaced(admin, ns)
-            .create_token_request(name, &PostParams::default(), &request)
-            .await
-            .unwrap_or_else(|e| panic!("requesting a token for {ns}/{name}: {e}"))
-            .status
-            .and_then(|s| s.token)
-            .expect("TokenRequest without a token");
+        let token = self.service_account_token(ns, name, &[]).await;
         let mut config = self.config.clone();
         config.default_namespace = ns.to_string();
         config.auth_info = AuthInfo {
@@ -234,6 +219,29 @@ impl ControlPlane {
             ..Default::default()
         };
         Client::try_from(config).expect("service-account kube client")
+    }
+
+    /// A token of ServiceAccount `ns/name` (created if missing) from the TokenRequest API,
+    /// valid an hour, issued for `audiences` (none: the API server's own).
+    pub async fn service_account_token(&self, ns: &str, name: &str, audiences: &[&str]) -> String {
+        let admin = self.kube_client();
+        ensure_service_account(&admin, ns, name).await;
+        let request = TokenRequest {
+            spec: Some(TokenRequestSpec {
+                expiration_seconds: Some(3600),
+                audiences: Some(audiences.iter().map(|a| (*a).to_owned()).collect())
+                    .filter(|a: &Vec<String>| !a.is_empty()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        Api::<ServiceAccount>::namespaced(admin, ns)
+            .create_token_request(name, &PostParams::default(), &request)
+            .await
+            .unwrap_or_else(|e| panic!("requesting a token for {ns}/{name}: {e}"))
+            .status
+            .and_then(|s| s.token)
+            .expect("TokenRequest without a token")
     }
 
     /// Starts kube-controller-manager (once; later calls return at once) with
