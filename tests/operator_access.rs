@@ -23,6 +23,40 @@ use tether::proxy::{DialAccess, Who};
 /// a callsite's interest across threads); alone or in turn both pass.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
+/// A root whose proxy asks the root's RBAC (in a fresh namespace of the real API server), its
+/// leaf online with an echo server allowed, and that server as a target.
+struct Root {
+    cp: &'static support::kube::ControlPlane,
+    admin: kube::Client,
+    ns: String,
+    rig: Rig,
+    echo: std::net::SocketAddr,
+    target: Target,
+}
+
+impl Root {
+    async fn start(prefix: &str) -> Root {
+        let (cp, admin, ns) = crds_and_namespace(prefix).await;
+        let echo = echo_server().await.expect("echo");
+        let rig = Rig::start(
+            &[format!("{}/32:{}", echo.ip(), echo.port())],
+            |proxy| proxy.access = Some(Arc::new(RbacDialAccess::new(admin.clone(), &ns))),
+            |_| {},
+        )
+        .await;
+        let target =
+            Target::parse(&format!("{}.leaf.tether:{}", echo.ip(), echo.port())).expect("target");
+        Root {
+            cp,
+            admin,
+            ns,
+            rig,
+            echo,
+            target,
+        }
+    }
+}
+
 /// The words a refused client reads: who, what, which leaf, where.
 const MISSING: &str = "user \"alice\" may not create remoteclusters/dial \"leaf\"";
 
@@ -31,16 +65,14 @@ async fn a_dial_needs_the_roots_rbac_and_a_role_binding_grants_it() {
     let _serial = SERIAL.lock().await;
     let logs = LogCapture::default();
     let _guard = logs.install();
-    let (_, admin, ns) = crds_and_namespace("access").await;
-    let echo = echo_server().await.expect("echo");
-    let rig = Rig::start(
-        &[format!("{}/32:{}", echo.ip(), echo.port())],
-        |proxy| proxy.access = Some(Arc::new(RbacDialAccess::new(admin.clone(), &ns))),
-        |_| {},
-    )
-    .await;
-    let target =
-        Target::parse(&format!("{}.leaf.tether:{}", echo.ip(), echo.port())).expect("target");
+    let Root {
+        admin,
+        ns,
+        rig,
+        echo,
+        target,
+        ..
+    } = Root::start("access").await;
     let entry = start_client_entry(&rig.proxy, "alice:alice-token-0123456789abcdef", |_| {}).await;
 
     // Nobody granted alice anything: both entries refuse, naming the permission.
@@ -112,16 +144,14 @@ async fn a_dial_needs_the_roots_rbac_and_a_role_binding_grants_it() {
 #[tokio::test(flavor = "current_thread")]
 async fn a_workload_dials_with_its_service_account_token_and_its_groups_rbac() {
     let _serial = SERIAL.lock().await;
-    let (cp, admin, ns) = crds_and_namespace("bearer").await;
-    let echo = echo_server().await.expect("echo");
-    let rig = Rig::start(
-        &[format!("{}/32:{}", echo.ip(), echo.port())],
-        |proxy| proxy.access = Some(Arc::new(RbacDialAccess::new(admin.clone(), &ns))),
-        |_| {},
-    )
-    .await;
-    let target =
-        Target::parse(&format!("{}.leaf.tether:{}", echo.ip(), echo.port())).expect("target");
+    let Root {
+        cp,
+        admin,
+        ns,
+        rig,
+        target,
+        ..
+    } = Root::start("bearer").await;
     let entry = start_client_entry(&rig.proxy, "", |entry| {
         entry.bearer = Some(Arc::new(TokenReviews::new(admin.clone())));
     })

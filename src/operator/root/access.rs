@@ -19,9 +19,7 @@
 //! removed one, takes effect within that time. A review that fails (API server unreachable, the
 //! proxy not allowed to create reviews) refuses the dial and is not kept.
 
-use std::collections::HashMap;
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures::FutureExt;
 use futures::future::BoxFuture;
@@ -32,6 +30,7 @@ use kube::api::PostParams;
 use kube::{Api, Client};
 use tracing::warn;
 
+use super::kept::Kept;
 use crate::operator::crd::GROUP;
 use crate::protocol::ClusterName;
 use crate::proxy::{AccessDenied, DialAccess, Who};
@@ -46,17 +45,14 @@ pub const MAX_DECISIONS: usize = 4096;
 /// The subresource whose `create` permits a dial into the leaf of that name.
 const DIAL_SUBRESOURCE: &str = "dial";
 
-/// A kept decision: permitted, or the refusal, and when the API server gave it.
-type Decision = (Result<(), AccessDenied>, Instant);
-
 /// Dial access by the root's RBAC, through SubjectAccessReviews.
 pub struct RbacDialAccess {
     /// Creates the reviews (cluster-scoped: the proxy's ClusterRole allows it).
     reviews: Api<SubjectAccessReview>,
     /// Where the `RemoteCluster` objects, and so the permissions on them, live.
     namespace: String,
-    /// Recent decisions by (client, leaf): `Ok` or the refusal, and when each was made.
-    decisions: Mutex<HashMap<(Who, ClusterName), Decision>>,
+    /// Recent decisions by (client, leaf): `Ok` or the refusal.
+    decisions: Kept<(Who, ClusterName), Result<(), AccessDenied>>,
 }
 
 impl RbacDialAccess {
@@ -64,7 +60,7 @@ impl RbacDialAccess {
         Self {
             reviews: Api::all(client),
             namespace: namespace.to_owned(),
-            decisions: Mutex::new(HashMap::new()),
+            decisions: Kept::new(DECISION_TTL, MAX_DECISIONS),
         }
     }
 
@@ -112,24 +108,6 @@ impl RbacDialAccess {
             )))
         })
     }
-
-    fn remembered(&self, key: &(Who, ClusterName)) -> Option<Result<(), AccessDenied>> {
-        let decisions = self.decisions.lock().ok()?;
-        let (decision, at) = decisions.get(key)?;
-        (at.elapsed() < DECISION_TTL).then(|| decision.clone())
-    }
-
-    fn remember(&self, key: (Who, ClusterName), decision: Result<(), AccessDenied>) {
-        let Ok(mut decisions) = self.decisions.lock() else {
-            return;
-        };
-        if decisions.len() >= MAX_DECISIONS {
-            decisions.retain(|_, (_, at)| at.elapsed() < DECISION_TTL);
-        }
-        if decisions.len() < MAX_DECISIONS || decisions.contains_key(&key) {
-            decisions.insert(key, (decision, Instant::now()));
-        }
-    }
 }
 
 impl DialAccess for RbacDialAccess {
@@ -140,72 +118,13 @@ impl DialAccess for RbacDialAccess {
     ) -> BoxFuture<'a, Result<(), AccessDenied>> {
         async move {
             let key = (who.clone(), leaf.clone());
-            if let Some(decision) = self.remembered(&key) {
+            if let Some(decision) = self.decisions.get(&key) {
                 return decision;
             }
             let decision = self.review(who, leaf).await?;
-            self.remember(key, decision.clone());
+            self.decisions.keep(key, decision.clone());
             decision
         }
         .boxed()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn access() -> RbacDialAccess {
-        // Never contacted: these tests exercise the kept decisions only.
-        let config = kube::Config::new("http://127.0.0.1:9".parse().expect("url"));
-        RbacDialAccess::new(Client::try_from(config).expect("client"), "ns")
-    }
-
-    fn key(user: &str, leaf: &str) -> (Who, ClusterName) {
-        (Who::named(user), ClusterName::new(leaf).expect("name"))
-    }
-
-    #[tokio::test]
-    async fn a_decision_is_kept_per_client_and_leaf() {
-        let access = access();
-        let denied = Err(AccessDenied("no".into()));
-        access.remember(key("alice", "leaf-1"), Ok(()));
-        access.remember(key("bob", "leaf-1"), denied.clone());
-        assert_eq!(access.remembered(&key("alice", "leaf-1")), Some(Ok(())));
-        assert_eq!(access.remembered(&key("bob", "leaf-1")), Some(denied));
-        assert_eq!(access.remembered(&key("alice", "leaf-2")), None);
-    }
-
-    #[tokio::test]
-    async fn decisions_are_bounded_and_expired_ones_go_first() {
-        let access = access();
-        for i in 0..MAX_DECISIONS {
-            access.remember(key(&format!("user-{i}"), "leaf-1"), Ok(()));
-        }
-        // Full of live decisions: a new one is not kept (its dial asks the API server).
-        access.remember(key("late", "leaf-1"), Ok(()));
-        assert_eq!(access.remembered(&key("late", "leaf-1")), None);
-        // Once they have expired, a new one makes room.
-        if let Ok(mut decisions) = access.decisions.lock() {
-            let long_ago = Instant::now().checked_sub(DECISION_TTL * 2);
-            for (_, at) in decisions.values_mut() {
-                *at = long_ago.expect("the clock is past two TTLs");
-            }
-        }
-        access.remember(key("late", "leaf-1"), Ok(()));
-        assert_eq!(access.remembered(&key("late", "leaf-1")), Some(Ok(())));
-        assert_eq!(access.decisions.lock().map(|d| d.len()).ok(), Some(1));
-    }
-
-    #[tokio::test]
-    async fn an_expired_decision_is_not_used() {
-        let access = access();
-        access.remember(key("alice", "leaf-1"), Ok(()));
-        if let Ok(mut decisions) = access.decisions.lock() {
-            for (_, at) in decisions.values_mut() {
-                *at = Instant::now().checked_sub(DECISION_TTL).expect("clock");
-            }
-        }
-        assert_eq!(access.remembered(&key("alice", "leaf-1")), None);
     }
 }

@@ -14,9 +14,7 @@
 //! costs one review per TTL (and the entry's per-source penalties stop it soon). A review that
 //! fails (API server unreachable) authenticates nobody and is not kept.
 
-use std::collections::HashMap;
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures::FutureExt;
 use futures::future::BoxFuture;
@@ -26,6 +24,7 @@ use kube::{Api, Client};
 use sha2::{Digest, Sha256};
 use tracing::warn;
 
+use super::kept::Kept;
 use crate::proxy::{BearerTokens, Who};
 
 /// The audience a client's token must be issued for.
@@ -38,22 +37,19 @@ pub const REVIEW_TTL: Duration = Duration::from_secs(10);
 /// kept.
 pub const MAX_REVIEWS: usize = 4096;
 
-/// A kept review: who the token is (or `None`: it authenticates nobody), and when.
-type Reviewed = (Option<Who>, Instant);
-
 /// Bearer tokens reviewed by the root's API server.
 pub struct TokenReviews {
     /// Creates the reviews (cluster-scoped: the proxy's ClusterRole allows it).
     reviews: Api<TokenReview>,
-    /// Recent reviews by the token's digest.
-    kept: Mutex<HashMap<[u8; 32], Reviewed>>,
+    /// Recent reviews by the token's digest: who it is, or `None` (it authenticates nobody).
+    kept: Kept<[u8; 32], Option<Who>>,
 }
 
 impl TokenReviews {
     pub fn new(client: Client) -> Self {
         Self {
             reviews: Api::all(client),
-            kept: Mutex::new(HashMap::new()),
+            kept: Kept::new(REVIEW_TTL, MAX_REVIEWS),
         }
     }
 
@@ -82,36 +78,18 @@ impl TokenReviews {
                 })
             }))
     }
-
-    fn kept(&self, digest: &[u8; 32]) -> Option<Option<Who>> {
-        let kept = self.kept.lock().ok()?;
-        let (who, at) = kept.get(digest)?;
-        (at.elapsed() < REVIEW_TTL).then(|| who.clone())
-    }
-
-    fn keep(&self, digest: [u8; 32], who: Option<Who>) {
-        let Ok(mut kept) = self.kept.lock() else {
-            return;
-        };
-        if kept.len() >= MAX_REVIEWS {
-            kept.retain(|_, (_, at)| at.elapsed() < REVIEW_TTL);
-        }
-        if kept.len() < MAX_REVIEWS || kept.contains_key(&digest) {
-            kept.insert(digest, (who, Instant::now()));
-        }
-    }
 }
 
 impl BearerTokens for TokenReviews {
     fn review<'a>(&'a self, token: &'a str) -> BoxFuture<'a, Option<Who>> {
         async move {
             let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
-            if let Some(who) = self.kept(&digest) {
+            if let Some(who) = self.kept.get(&digest) {
                 return who;
             }
             match self.ask(token).await {
                 Ok(who) => {
-                    self.keep(digest, who.clone());
+                    self.kept.keep(digest, who.clone());
                     who
                 }
                 Err(e) => {
@@ -121,49 +99,5 @@ impl BearerTokens for TokenReviews {
             }
         }
         .boxed()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn reviews() -> TokenReviews {
-        // Never contacted: these tests exercise the kept reviews only.
-        let config = kube::Config::new("http://127.0.0.1:9".parse().expect("url"));
-        TokenReviews::new(Client::try_from(config).expect("client"))
-    }
-
-    #[tokio::test]
-    async fn a_review_is_kept_by_digest_and_expires() {
-        let reviews = reviews();
-        let robot = Some(Who {
-            user: "system:serviceaccount:ns:robot".into(),
-            groups: vec!["system:serviceaccounts".into()],
-        });
-        reviews.keep([1; 32], robot.clone());
-        reviews.keep([2; 32], None);
-        assert_eq!(reviews.kept(&[1; 32]), Some(robot));
-        assert_eq!(reviews.kept(&[2; 32]), Some(None), "a refusal is kept too");
-        assert_eq!(reviews.kept(&[3; 32]), None);
-        if let Ok(mut kept) = reviews.kept.lock() {
-            for (_, at) in kept.values_mut() {
-                *at = Instant::now().checked_sub(REVIEW_TTL).expect("clock");
-            }
-        }
-        assert_eq!(reviews.kept(&[1; 32]), None, "expired");
-    }
-
-    #[tokio::test]
-    async fn reviews_are_bounded() {
-        let reviews = reviews();
-        for i in 0..MAX_REVIEWS {
-            let mut digest = [0u8; 32];
-            digest[..8].copy_from_slice(&(i as u64).to_le_bytes());
-            reviews.keep(digest, None);
-        }
-        reviews.keep([0xff; 32], None);
-        assert_eq!(reviews.kept(&[0xff; 32]), None, "full of live reviews");
-        assert_eq!(reviews.kept.lock().map(|k| k.len()).ok(), Some(MAX_REVIEWS));
     }
 }

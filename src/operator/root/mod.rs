@@ -3,6 +3,7 @@
 //! - [`access`]: who may dial which leaf, by the root's RBAC (the proxy's
 //!   [`DialAccess`](crate::proxy::DialAccess));
 //! - [`bearer`]: who presents a bearer token at the client entry, by the root's TokenReview;
+//! - [`kept`]: their answers kept for a few seconds, bounded;
 //! - [`tokens`]: join tokens in Secrets, joined leaves recorded as `RemoteCluster` objects
 //!   (the proxy's [`JoinAuthority`](crate::proxy::JoinAuthority));
 //! - [`trust`]: the proxy's trust store follows those `RemoteCluster` objects;
@@ -21,6 +22,7 @@
 pub mod access;
 pub mod bearer;
 pub mod holdings;
+pub mod kept;
 pub mod summary;
 pub mod tokens;
 pub mod trust;
