@@ -290,24 +290,31 @@ async fn the_proxies_rbac_covers_peers_join_tokens_and_remote_clusters() {
     );
 
     // Who may dial: the proxy asks, with its own token, whether a client may; the answer
-    // follows the RoleBindings an administrator writes.
+    // follows the RoleBindings an administrator writes: the README's example, applied as
+    // written but for its namespace.
     use tether::proxy::{DialAccess as _, Who};
     let access = tether::operator::root::RbacDialAccess::new(proxy.clone(), &ns);
-    let leaf = ClusterName::new("leaf-1").expect("name");
+    let (leaf, alice) = (
+        ClusterName::new("leaf-1").expect("name"),
+        Who::named("alice"),
+    );
     let refused = access
-        .check(&Who::named("carol"), &leaf)
+        .check(&alice, &leaf)
         .await
-        .expect_err("nobody granted carol anything");
+        .expect_err("nobody granted alice anything");
     assert!(
         refused.0.contains("may not create remoteclusters/dial"),
         "the proxy could ask, and the answer was no: {refused}"
     );
-    support::tunnel_e2e::grant_dial(&admin, &ns, "carol", "leaf-1").await;
+    let example = readme_yaml_after("**Who may dial which leaf.**").replace("tether-system", &ns);
+    let file = tempfile::NamedTempFile::new().expect("temp file");
+    std::fs::write(file.path(), example).expect("write");
+    kubectl_ok(cp, &["apply", "-f", &file.path().to_string_lossy()]);
     let fresh = tether::operator::root::RbacDialAccess::new(proxy.clone(), &ns);
     fresh
-        .check(&Who::named("carol"), &leaf)
+        .check(&alice, &leaf)
         .await
-        .expect("carol may dial leaf-1 once bound");
+        .expect("alice may dial leaf-1 once bound as the README shows");
     eprintln!(
         "the_proxies_rbac_covers_peers_join_tokens_and_remote_clusters took {:?}",
         started.elapsed()
@@ -619,4 +626,20 @@ async fn the_operator_container_command_runs_with_the_charts_rbac() {
         "the_operator_container_command_runs_with_the_charts_rbac took {:?}",
         started.elapsed()
     );
+}
+
+/// The first ```yaml block of README.md after the line starting with `marker`.
+fn readme_yaml_after(marker: &str) -> String {
+    let readme = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md"))
+        .expect("README.md");
+    let after = readme
+        .split_once(marker)
+        .unwrap_or_else(|| panic!("README.md has no {marker:?}"))
+        .1;
+    let block = after
+        .split_once("```yaml\n")
+        .and_then(|(_, rest)| rest.split_once("```"))
+        .unwrap_or_else(|| panic!("no ```yaml block after {marker:?} in README.md"))
+        .0;
+    block.to_owned()
 }
