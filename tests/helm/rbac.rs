@@ -315,6 +315,36 @@ async fn the_proxies_rbac_covers_peers_join_tokens_and_remote_clusters() {
         .check(&alice, &leaf)
         .await
         .expect("alice may dial leaf-1 once bound as the README shows");
+    // And as the chart's NOTES show, with kubectl's create role / rolebinding.
+    kubectl_ok(
+        cp,
+        &[
+            "-n",
+            &ns,
+            "create",
+            "role",
+            "notes-dial-leaf-1",
+            "--verb=create",
+            "--resource=remoteclusters.tether.dev/dial",
+            "--resource-name=leaf-1",
+        ],
+    );
+    kubectl_ok(
+        cp,
+        &[
+            "-n",
+            &ns,
+            "create",
+            "rolebinding",
+            "notes-dial-leaf-1-bob",
+            "--role=notes-dial-leaf-1",
+            "--user=bob",
+        ],
+    );
+    tether::operator::root::RbacDialAccess::new(proxy.clone(), &ns)
+        .check(&Who::named("bob"), &leaf)
+        .await
+        .expect("bob may dial leaf-1 once bound as the NOTES show");
     eprintln!(
         "the_proxies_rbac_covers_peers_join_tokens_and_remote_clusters took {:?}",
         started.elapsed()
