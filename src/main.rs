@@ -137,6 +137,9 @@ enum CertCommand {
         /// The client's name.
         #[arg(long)]
         name: String,
+        /// A group the client is in, for the root's RBAC (repeatable; not `system:...`).
+        #[arg(long = "group")]
+        groups: Vec<String>,
     },
 }
 
@@ -366,12 +369,14 @@ fn issue(command: CertCommand) -> anyhow::Result<()> {
             let authority = CertificateAuthority::load(&ca.ca, ca.cluster.clone())?;
             (ca, Identity::generate_agent(&authority, ca.validity)?)
         }
-        CertCommand::Client { ca, name } => {
+        CertCommand::Client { ca, name, groups } => {
             let authority = CertificateAuthority::load(&ca.ca, ca.cluster.clone())?;
-            (
-                ca,
-                Identity::generate_client(&authority, name, ca.validity)?,
-            )
+            for group in groups {
+                tether::identity::groups::validate_group(group)
+                    .map_err(|reason| anyhow::anyhow!("--group {group:?}: {reason}"))?;
+            }
+            let identity = Identity::generate_client_in(&authority, name, groups, ca.validity)?;
+            (ca, identity)
         }
     };
     if ca_ref.force {

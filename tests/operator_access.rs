@@ -12,7 +12,9 @@ use std::sync::Arc;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use support::tunnel_e2e::{crds_and_namespace, eventually, grant_dial, grant_dial_to_group};
-use support::{LogCapture, Rig, client_config, echo_server, leaf, start_client_entry};
+use support::{
+    LogCapture, Rig, client_config, client_config_in, echo_server, leaf, start_client_entry,
+};
 use tether::client::{ClientError, DialClient};
 use tether::operator::root::{RbacDialAccess, TokenReviews};
 use tether::protocol::{ClusterName, Target};
@@ -183,6 +185,41 @@ async fn a_workload_dials_with_its_service_account_token_and_its_groups_rbac() {
     })
     .await;
     assert_eq!(status, 200, "{body}");
+}
+
+/// A client certificate's groups (`tether cert client --group`) reach the root's RBAC: a
+/// RoleBinding to a group lets its members dial.
+#[tokio::test(flavor = "current_thread")]
+async fn a_client_certificates_groups_reach_the_roots_rbac() {
+    let _serial = SERIAL.lock().await;
+    let Root {
+        admin,
+        ns,
+        rig,
+        target,
+        ..
+    } = Root::start("groups").await;
+    let dave = client_config_in(&rig, &rig.pki.root, "dave", &["payments".to_owned()]);
+    let dial = || async {
+        let client = DialClient::connect(&dave).await?;
+        let mut stream = client.open(&target, "127.0.0.1").await?;
+        stream.write_all(b"ping").await?;
+        let mut echoed = [0u8; 4];
+        stream.read_exact(&mut echoed).await?;
+        Ok::<_, ClientError>(echoed)
+    };
+    match dial().await {
+        Err(ClientError::NotPermitted { said, .. }) => {
+            assert!(said.contains("user \"dave\" may not"), "{said}")
+        }
+        other => panic!("expected NotPermitted, got {other:?}"),
+    }
+    grant_dial_to_group(&admin, &ns, "payments", "leaf").await;
+    let echoed = eventually("dave's dial as a member of payments", || async {
+        dial().await.ok()
+    })
+    .await;
+    assert_eq!(&echoed, b"ping");
 }
 
 /// `tether dial`'s way in, as client `alice` of the root CA: an echo through `target`.

@@ -12,6 +12,7 @@ use russh::keys::ssh_key::{Certificate, PrivateKey, PublicKey};
 use crate::protocol::target::ClusterName;
 
 use super::error::IdentityError;
+use super::groups::{GROUPS_EXTENSION, encode, validate_group};
 use super::keyfile::{Overwrite, generate_key, read_private_key, write_key_pair};
 use super::role::{ROLE_EXTENSION, Role};
 
@@ -130,17 +131,39 @@ impl CertificateAuthority {
         key: &PublicKey,
         validity: Duration,
     ) -> Result<Certificate, IdentityError> {
+        self.issue_user_in(role, principal, &[], key, validity)
+    }
+
+    /// [`issue_user`](Self::issue_user) for a client in `groups` (see [`super::groups`]).
+    pub fn issue_user_in(
+        &self,
+        role: Role,
+        principal: &str,
+        groups: &[String],
+        key: &PublicKey,
+        validity: Duration,
+    ) -> Result<Certificate, IdentityError> {
         validate_user_name(principal).map_err(|reason| IdentityError::InvalidName {
             what: "user name",
             value: principal.to_owned(),
             reason,
         })?;
+        for group in groups {
+            validate_group(group).map_err(|reason| IdentityError::InvalidName {
+                what: "group",
+                value: group.clone(),
+                reason,
+            })?;
+        }
         let mut builder = self.builder(key, validity)?;
         let step = |r: Result<&mut Builder, _>| r.map(|_| ()).map_err(sign_error);
         step(builder.cert_type(CertType::User))?;
         step(builder.key_id(format!("{role} {principal}")))?;
         step(builder.valid_principal(principal))?;
         step(builder.extension(ROLE_EXTENSION, role.as_str()))?;
+        if !groups.is_empty() {
+            step(builder.extension(GROUPS_EXTENSION, encode(groups)))?;
+        }
         // What OpenSSH grants by default; harmless for Tether and keeps `ssh -W` usable.
         step(builder.extension("permit-port-forwarding", ""))?;
         builder.sign(&self.key).map_err(sign_error)

@@ -63,8 +63,20 @@ impl Identity {
         name: &str,
         validity: Duration,
     ) -> Result<Self, IdentityError> {
+        Self::generate_client_in(ca, name, &[], validity)
+    }
+
+    /// [`generate_client`](Self::generate_client) for a client in `groups`, which the root's
+    /// RBAC sees (see [`super::groups`]).
+    pub fn generate_client_in(
+        ca: &CertificateAuthority,
+        name: &str,
+        groups: &[String],
+        validity: Duration,
+    ) -> Result<Self, IdentityError> {
         let key = generate_key(&format!("tether-client {name}"))?;
-        let certificate = ca.issue_user(Role::Client, name, key.public_key(), validity)?;
+        let certificate =
+            ca.issue_user_in(Role::Client, name, groups, key.public_key(), validity)?;
         Ok(Self { key, certificate })
     }
 

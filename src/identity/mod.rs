@@ -16,6 +16,7 @@
 
 mod ca;
 mod error;
+pub mod groups;
 mod keyfile;
 mod keypair;
 mod role;
@@ -27,6 +28,7 @@ mod tests;
 
 pub use ca::{CLOCK_SKEW_ALLOWANCE, CertificateAuthority};
 pub use error::{AuthError, IdentityError, Timestamp};
+pub use groups::{GROUPS_EXTENSION, groups_of};
 pub use keyfile::check_key_permissions;
 pub use keypair::Identity;
 pub use role::{ROLE_EXTENSION, Role};

@@ -31,7 +31,7 @@ use super::dialer::ProxyDialer;
 use super::peers::PEER_ORIGINATOR;
 use super::shared::{ProxyShared, SetUp};
 use super::sites::AuthenticatedAgent;
-use crate::identity::{ROLE_EXTENSION, Role};
+use crate::identity::{ROLE_EXTENSION, Role, groups_of};
 use crate::protocol::Target;
 use crate::protocol::control::CONTROL_SUBSYSTEM;
 use crate::protocol::join::{JOIN_SUBSYSTEM, JOIN_USER};
@@ -362,6 +362,11 @@ impl Handler for ConnectionHandler {
             let sessions = &self.shared.client_sessions;
             self.registration = Some(sessions.register(name, certificate, session.handle()));
         }
+        // Who the root's access rules judge: the certificate's name and groups.
+        let who = Who {
+            user: name.clone(),
+            groups: groups_of(certificate),
+        };
         let name = name.clone();
         let target = u16::try_from(port_to_connect)
             .map_err(|_| format!("port {port_to_connect} is out of range"))
@@ -395,7 +400,7 @@ impl Handler for ConnectionHandler {
                 let dialled = if from_peer {
                     dialer.dial_local(&target, client).await
                 } else {
-                    match dialer.permit(&Who::named(name.as_str()), &target).await {
+                    match dialer.permit(&who, &target).await {
                         Ok(()) => dialer.dial(target, client).await,
                         Err(refused) => Err(refused),
                     }

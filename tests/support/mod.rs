@@ -324,13 +324,28 @@ pub fn client_config(
     ca: &tether::identity::CertificateAuthority,
     name: &str,
 ) -> tether::client::DialClientConfig {
+    client_config_in(rig, ca, name, &[])
+}
+
+/// [`client_config`] for a client whose certificate puts it in `groups`.
+pub fn client_config_in(
+    rig: &Rig,
+    ca: &tether::identity::CertificateAuthority,
+    name: &str,
+    groups: &[String],
+) -> tether::client::DialClientConfig {
     tether::client::DialClientConfig {
         proxy_addr: rig.proxy.local_addr().to_string(),
         root_cluster: rig.pki.root.cluster().clone(),
         root_cas: vec![rig.pki.root.public_key().clone()],
         identity: Arc::new(
-            tether::identity::Identity::generate_client(ca, name, Duration::from_secs(600))
-                .expect("client identity"),
+            tether::identity::Identity::generate_client_in(
+                ca,
+                name,
+                groups,
+                Duration::from_secs(600),
+            )
+            .expect("client identity"),
         ),
         timeout: Duration::from_secs(10),
     }

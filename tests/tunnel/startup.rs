@@ -151,6 +151,34 @@ fn client_tokens_without_a_client_entry_are_refused() {
 }
 
 #[test]
+fn a_client_certificate_cannot_claim_a_kubernetes_system_group() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    ok(
+        dir.path(),
+        &["ca", "init", "--cluster", "root", "--out", "root-ca"],
+    );
+    let err = fails(
+        dir.path(),
+        &[
+            "cert",
+            "client",
+            "--ca",
+            "root-ca",
+            "--cluster",
+            "root",
+            "--name",
+            "eve",
+            "--out",
+            "eve",
+            "--group",
+            "system:masters",
+        ],
+    );
+    says(&err, &["--group", "system:masters", "Kubernetes' own"]);
+    assert!(!dir.path().join("eve").exists(), "no key was written");
+}
+
+#[test]
 fn a_client_entry_without_clients_is_refused() {
     let files = p1_files();
     let err = fails(
