@@ -200,31 +200,30 @@ async fn a_client_certificates_groups_reach_the_roots_rbac() {
         ..
     } = Root::start("groups").await;
     let dave = client_config_in(&rig, &rig.pki.root, "dave", &["payments".to_owned()]);
-    let dial = || async {
-        let client = DialClient::connect(&dave).await?;
-        let mut stream = client.open(&target, "127.0.0.1").await?;
-        stream.write_all(b"ping").await?;
-        let mut echoed = [0u8; 4];
-        stream.read_exact(&mut echoed).await?;
-        Ok::<_, ClientError>(echoed)
-    };
-    match dial().await {
+    match echo_as(&dave, &target).await {
         Err(ClientError::NotPermitted { said, .. }) => {
             assert!(said.contains("user \"dave\" may not"), "{said}")
         }
         other => panic!("expected NotPermitted, got {other:?}"),
     }
     grant_dial_to_group(&admin, &ns, "payments", "leaf").await;
-    let echoed = eventually("dave's dial as a member of payments", || async {
-        dial().await.ok()
+    eventually("dave's dial as a member of payments", || async {
+        echo_as(&dave, &target).await.ok()
     })
     .await;
-    assert_eq!(&echoed, b"ping");
 }
 
 /// `tether dial`'s way in, as client `alice` of the root CA: an echo through `target`.
 async fn ssh_dial(rig: &Rig, target: &Target) -> Result<(), ClientError> {
-    let client = DialClient::connect(&client_config(rig, &rig.pki.root, "alice")).await?;
+    echo_as(&client_config(rig, &rig.pki.root, "alice"), target).await
+}
+
+/// An echo through `target` by `tether dial`'s way in, as the client `config` names.
+async fn echo_as(
+    config: &tether::client::DialClientConfig,
+    target: &Target,
+) -> Result<(), ClientError> {
+    let client = DialClient::connect(config).await?;
     let mut stream = client.open(target, "127.0.0.1").await?;
     stream.write_all(b"ping").await?;
     let mut echoed = [0u8; 4];
