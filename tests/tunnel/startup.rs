@@ -63,6 +63,12 @@ fn proxy_refusal(dir: &Path, identity: &str, proxy_id: &str) -> String {
 
 /// `tether proxy` p1, run in `dir`, with a client entry on `entry` for the tokens of
 /// `tokens.txt`: the tests of the token file and of `tether forward` talk to its entry.
+/// `tether proxy` as p1 with `extra` flags, which it must refuse at start-up; its stderr.
+fn proxy_refused_with(extra: &[&str]) -> String {
+    let files = p1_files();
+    fails(dir_of(&files), &proxy_args("p1", "p1", extra))
+}
+
 fn spawn_entry_proxy(dir: &Path, entry: SocketAddr) -> Proc {
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_tether"));
     cmd.current_dir(dir)
@@ -142,11 +148,7 @@ fn an_agent_proxy_address_without_a_port_is_refused_at_start_up() {
 
 #[test]
 fn client_tokens_without_a_client_entry_are_refused() {
-    let files = p1_files();
-    let err = fails(
-        dir_of(&files),
-        &proxy_args("p1", "p1", &["--client-tokens", "tokens.txt"]),
-    );
+    let err = proxy_refused_with(&["--client-tokens", "tokens.txt"]);
     says(&err, &["--client-listen"]);
 }
 
@@ -180,11 +182,7 @@ fn a_client_certificate_cannot_claim_a_kubernetes_system_group() {
 
 #[test]
 fn a_client_entry_without_clients_is_refused() {
-    let files = p1_files();
-    let err = fails(
-        dir_of(&files),
-        &proxy_args("p1", "p1", &["--client-listen", "127.0.0.1:0"]),
-    );
+    let err = proxy_refused_with(&["--client-listen", "127.0.0.1:0"]);
     says(
         &err,
         &["--client-listen", "--client-tokens", "--kubernetes"],
@@ -193,11 +191,7 @@ fn a_client_entry_without_clients_is_refused() {
 
 #[test]
 fn rbac_dial_authorization_without_kubernetes_is_refused() {
-    let files = p1_files();
-    let err = fails(
-        dir_of(&files),
-        &proxy_args("p1", "p1", &["--dial-authorization", "rbac"]),
-    );
+    let err = proxy_refused_with(&["--dial-authorization", "rbac"]);
     says(&err, &["--dial-authorization", "--kubernetes"]);
 }
 
