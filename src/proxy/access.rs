@@ -2,8 +2,8 @@
 //! HTTP CONNECT, SOCKS5), which know a client's name, and whatever keeps the root's access
 //! rules (in Kubernetes, RBAC on the leaf's `RemoteCluster`, asked by `operator::root`).
 //!
-//! Authentication says who a client is (its certificate from the root CA, or its line of the
-//! token file); this says whether that client may reach a given leaf at all. The leaf keeps
+//! Authentication says who a client is (its certificate from the root CA, its line of the
+//! token file, or a bearer token the root's API server vouches for); this says whether that client may reach a given leaf at all. The leaf keeps
 //! the last word: a permitted dial still passes the agent's allow-list. Without an access
 //! policy every authenticated client may dial every leaf, as before.
 
@@ -20,14 +20,16 @@ use crate::protocol::ClusterName;
 pub struct AccessDenied(pub String);
 
 /// Who a client is, as the root's access rules see it: a name and the groups it belongs to.
-/// Certificates and the token file give a name alone; a bearer token reviewed by the root's
-/// API server ([`BearerTokens`]) gives its user's name and groups.
+/// A certificate gives its principal and the groups it names; the token file a name alone; a
+/// bearer token reviewed by the root's API server ([`BearerTokens`]) its user's name and
+/// groups.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Who {
     /// The user's name (a certificate's principal, a token file's name, or what the token's
     /// issuer says, e.g. `system:serviceaccount:NS:NAME`).
     pub user: String,
-    /// The groups the token's issuer puts the user in; empty for the other credentials.
+    /// The groups the certificate names or the token's issuer puts the user in; empty for
+    /// the token file's clients.
     pub groups: Vec<String>,
 }
 

@@ -30,7 +30,7 @@ use kube::api::PostParams;
 use kube::{Api, Client};
 use tracing::warn;
 
-use super::kept::Kept;
+use super::kept::{Kept, ask};
 use crate::operator::crd::GROUP;
 use crate::protocol::ClusterName;
 use crate::proxy::{AccessDenied, DialAccess, Who};
@@ -88,9 +88,7 @@ impl RbacDialAccess {
             },
             ..SubjectAccessReview::default()
         };
-        let answer = self
-            .reviews
-            .create(&PostParams::default(), &review)
+        let answer = ask(self.reviews.create(&PostParams::default(), &review))
             .await
             .map_err(|e| {
                 warn!(user, %leaf, error = %e, "could not ask the API server whether the client may dial the leaf; refusing");
@@ -126,5 +124,34 @@ impl DialAccess for RbacDialAccess {
             decision
         }
         .boxed()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An API server that accepts connections and never answers refuses the dial once
+    /// [`ASK_TIMEOUT`](super::super::kept::ASK_TIMEOUT) passes, instead of holding it.
+    #[tokio::test]
+    async fn a_silent_api_server_refuses_the_dial_in_time() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let url = format!("http://{}", listener.local_addr().expect("addr"));
+        let _silent = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((socket, _)) = listener.accept().await {
+                held.push(socket);
+            }
+        });
+        let config = kube::Config::new(url.parse().expect("url"));
+        let access = RbacDialAccess::new(Client::try_from(config).expect("client"), "ns");
+        let leaf = ClusterName::new("leaf-1").expect("name");
+        let refused = access
+            .check(&Who::named("alice"), &leaf)
+            .await
+            .expect_err("no answer, no dial");
+        assert!(refused.0.contains("could not check"), "{refused}");
     }
 }

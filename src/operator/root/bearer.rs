@@ -24,7 +24,7 @@ use kube::{Api, Client};
 use sha2::{Digest, Sha256};
 use tracing::warn;
 
-use super::kept::Kept;
+use super::kept::{Kept, ask};
 use crate::proxy::{BearerTokens, Who};
 
 /// The audience a client's token must be issued for.
@@ -53,8 +53,8 @@ impl TokenReviews {
         }
     }
 
-    /// Asks the API server; `Err` if it could not answer.
-    async fn ask(&self, token: &str) -> Result<Option<Who>, kube::Error> {
+    /// Asks the API server; `Err` if it could not answer (in time).
+    async fn ask_api_server(&self, token: &str) -> Result<Option<Who>, String> {
         let review = TokenReview {
             spec: TokenReviewSpec {
                 token: token.to_owned(),
@@ -62,7 +62,7 @@ impl TokenReviews {
             },
             ..TokenReview::default()
         };
-        let answer = self.reviews.create(&PostParams::default(), &review).await?;
+        let answer = ask(self.reviews.create(&PostParams::default(), &review)).await?;
         let status = answer.status.unwrap_or_default();
         let audience_ok = status
             .audiences
@@ -87,7 +87,7 @@ impl BearerTokens for TokenReviews {
             if let Some(who) = self.kept.get(&digest) {
                 return who;
             }
-            match self.ask(token).await {
+            match self.ask_api_server(token).await {
                 Ok(who) => {
                     self.kept.keep(digest, who.clone());
                     who

@@ -2,6 +2,9 @@
 //! costs one review per key and period, not one each: [`super::access`] keeps RBAC decisions by
 //! (client, leaf), [`super::bearer`] token reviews by the token's digest.
 //!
+//! Each question may take [`ASK_TIMEOUT`] at most: an API server that does not answer refuses
+//! the request it would decide instead of holding it (and its client) indefinitely.
+//!
 //! Bounded: past `max` entries the expired ones go first, and if none has, a new answer is
 //! simply not kept (its next request asks again), so a flood of distinct keys costs the API
 //! server, not this process's memory.
@@ -10,6 +13,20 @@ use std::collections::HashMap;
 use std::hash::Hash;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
+
+/// How long the API server may take to answer a review before the request waiting on it is
+/// refused.
+pub const ASK_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// `question` within [`ASK_TIMEOUT`]; `Err` with `timed out` when it takes longer.
+pub async fn ask<T>(
+    question: impl std::future::Future<Output = Result<T, kube::Error>>,
+) -> Result<T, String> {
+    match tokio::time::timeout(ASK_TIMEOUT, question).await {
+        Ok(answer) => answer.map_err(|e| e.to_string()),
+        Err(_) => Err(format!("no answer within {ASK_TIMEOUT:?}")),
+    }
+}
 
 /// Answers by key, each standing `ttl` from when it was given.
 pub struct Kept<K, V> {
@@ -51,14 +68,10 @@ impl<K: Eq + Hash, V: Clone> Kept<K, V> {
         }
     }
 
-    /// How many answers are kept, expired or not.
-    pub fn len(&self) -> usize {
+    /// How many answers are kept, expired or not (tests of the bound).
+    #[cfg(test)]
+    fn count(&self) -> usize {
         self.answers.lock().map(|a| a.len()).unwrap_or(0)
-    }
-
-    /// Whether none is kept.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 
     /// Ages every answer by `by` (tests of expiry, without waiting).
@@ -97,7 +110,7 @@ mod tests {
         // Full of live answers: a new one is not kept (its next request asks again).
         kept.keep(1000, ());
         assert_eq!(kept.get(&1000), None);
-        assert_eq!(kept.len(), 100);
+        assert_eq!(kept.count(), 100);
         // A live key is still refreshed.
         kept.keep(7, ());
         assert_eq!(kept.get(&7), Some(()));
@@ -105,6 +118,6 @@ mod tests {
         kept.age(Duration::from_secs(6));
         kept.keep(1000, ());
         assert_eq!(kept.get(&1000), Some(()));
-        assert_eq!(kept.len(), 1);
+        assert_eq!(kept.count(), 1);
     }
 }
