@@ -60,6 +60,8 @@ enum Command {
     Operator(cli::operator::OperatorArgs),
     /// Forward a local port to HOST.CLUSTER.tether:PORT through a proxy's client entry (`ssh -L`).
     Forward(ForwardArgs),
+    /// Write a kubeconfig for a leaf's Kubernetes API through the root's proxies.
+    Kubeconfig(cli::kube::KubeconfigArgs),
     /// Issue a join token: prints its Secret (for `kubectl apply -f -` in the proxies'
     /// namespace) on stdout, and the token to give the leaf on stderr.
     JoinToken(JoinTokenArgs),
@@ -175,6 +177,8 @@ struct AgentArgs {
     /// Serve /healthz, /readyz and /status here (`IP:PORT`; an IPv6 IP may go without brackets).
     #[arg(long, value_parser = tether::admin::parse_listen)]
     admin_listen: Option<SocketAddr>,
+    #[command(flatten)]
+    kube: cli::kube::AgentKubeArgs,
 }
 
 #[derive(Args)]
@@ -258,6 +262,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::Operator(args) => cli::operator::run(args).await,
         Command::Forward(args) => run_forward(args).await,
+        Command::Kubeconfig(args) => cli::kube::run_kubeconfig(args),
         Command::JoinToken(args) => {
             let token = tether::protocol::join::JoinToken::generate();
             let expires = (!args.ttl.is_zero()).then(|| std::time::SystemTime::now() + args.ttl);
@@ -403,6 +408,7 @@ fn read_cas(path: &Path) -> anyhow::Result<Vec<tether::identity::PublicKey>> {
 async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
     let config = AgentConfig {
         api_server: args.api_server,
+        kube: args.kube.gateway(&args.root_cluster)?,
         heartbeat_interval: args.heartbeat_interval,
         connect_timeout: Duration::from_secs(15),
         dial_timeout: args.dial_timeout,

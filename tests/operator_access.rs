@@ -16,9 +16,9 @@ use support::{
     LogCapture, Rig, client_config, client_config_in, echo_server, leaf, start_client_entry,
 };
 use tether::client::{ClientError, DialClient};
-use tether::operator::root::{RbacDialAccess, TokenReviews};
+use tether::operator::root::{RbacLeafAccess, TokenReviews};
 use tether::protocol::{ClusterName, Target};
-use tether::proxy::{DialAccess, Who};
+use tether::proxy::{LeafAccess, Reach, Who};
 
 /// One test at a time: the first reads its audit records from a log capture scoped to its
 /// thread, and with the other test running beside it the capture missed them (tracing caches
@@ -42,7 +42,7 @@ impl Root {
         let echo = echo_server().await.expect("echo");
         let rig = Rig::start(
             &[format!("{}/32:{}", echo.ip(), echo.port())],
-            |proxy| proxy.access = Some(Arc::new(RbacDialAccess::new(admin.clone(), &ns))),
+            |proxy| proxy.access = Some(Arc::new(RbacLeafAccess::new(admin.clone(), &ns))),
             |_| {},
         )
         .await;
@@ -108,14 +108,14 @@ async fn a_dial_needs_the_roots_rbac_and_a_role_binding_grants_it() {
 
     // A grant for another leaf covers that leaf only (asked afresh, past any kept decision).
     grant_dial(&admin, &ns, "alice", "other-leaf").await;
-    let fresh = RbacDialAccess::new(admin.clone(), &ns);
+    let fresh = RbacLeafAccess::new(admin.clone(), &ns);
     let other = ClusterName::new("other-leaf").expect("name");
     fresh
-        .check(&Who::named("alice"), &other)
+        .check(&Who::named("alice"), &other, Reach::Dial)
         .await
         .expect("alice may dial other-leaf");
     let refused = fresh
-        .check(&Who::named("alice"), &leaf())
+        .check(&Who::named("alice"), &leaf(), Reach::Dial)
         .await
         .expect_err("but not leaf");
     assert!(refused.0.contains(MISSING), "{refused}");

@@ -6,6 +6,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use russh::keys::PublicKey;
 
+use super::kube::KubeGateway;
 use crate::admin::metrics::AgentMetrics;
 use crate::egress::allow_list::AllowList;
 use crate::egress::connect::Resolver;
@@ -107,6 +108,9 @@ pub struct AgentConfig {
     pub allow: Arc<ArcSwap<AllowList>>,
     /// The address `_apiserver` maps to (the leaf's Kubernetes API server); `None` refuses.
     pub api_server: Option<String>,
+    /// The leaf's Kubernetes API as root callers get it (their mapping, and the agent's way to
+    /// its API server); `None` refuses the root's Kubernetes requests.
+    pub kube: Option<Arc<KubeGateway>>,
     /// Heartbeat interval asked of the proxy.
     pub heartbeat_interval: Duration,
     /// Timeout for connecting to the proxy and completing the handshake.
@@ -146,6 +150,7 @@ impl AgentConfig {
             root_cas,
             allow: Arc::new(ArcSwap::from_pointee(allow)),
             api_server: None,
+            kube: None,
             heartbeat_interval: Duration::from_secs(15),
             connect_timeout: Duration::from_secs(10),
             dial_timeout: Duration::from_secs(10),

@@ -16,6 +16,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use super::claims::{Claim, Claims};
 use super::config::AgentConfig;
 use super::error::TunnelError;
+use super::kube::KubeGateway;
 use crate::admin::metrics::label;
 use crate::egress::connect::connect_via;
 use crate::identity::verify_proxy_key;
@@ -176,12 +177,13 @@ async fn serve_dial(
     let (read, write) = channel.split();
     let connected = match endpoint {
         Err(e) => Err(DialError::new(DialErrorKind::Other, e.to_string())),
-        Ok(Endpoint::ApiServer) => dial_api_server(&config).await,
+        Ok(Endpoint::ApiServer) => dial_api_server(&config).await.map(Local::Tcp),
+        Ok(Endpoint::KubeApi) => kube_gateway(&config).map(Local::Kube),
         Ok(Endpoint::Host { host, port }) => {
             let allow = config.allow.load();
             connect_via(&config.resolver, &allow, &host, port, config.dial_timeout)
                 .await
-                .map(|(s, _)| s)
+                .map(|(s, _)| Local::Tcp(s))
         }
     };
     let outcome = match &connected {
@@ -194,13 +196,21 @@ async fn serve_dial(
         .get_or_create(&label("outcome", outcome))
         .inc();
     match connected {
-        Ok(target) => {
+        Ok(local) => {
             let ok = StreamControl::DialOk.encode();
             if write.extended_data_bytes(CONTROL_EXT, ok).await.is_err() {
                 return;
             }
             let stream = TunnelStream::new(read, write, config.stream, share);
-            if let Err(e) = stream.splice(target).await {
+            let spliced = match local {
+                Local::Tcp(target) => stream.splice(target).await,
+                Local::Kube(gateway) => {
+                    let (ours, theirs) = tokio::io::duplex(KUBE_PIPE_BYTES);
+                    tokio::spawn(crate::agent::kube::serve(gateway, theirs));
+                    stream.splice(ours).await
+                }
+            };
+            if let Err(e) = spliced {
                 debug!(error = %e, "stream ended with an error");
             }
         }
@@ -211,6 +221,29 @@ async fn serve_dial(
             let _ = write.close().await;
         }
     }
+}
+
+/// What a dial reaches on the leaf's side.
+enum Local {
+    /// A TCP connection (a target of the allow-list, or the API server's raw port).
+    Tcp(TcpStream),
+    /// The agent's Kubernetes gateway, which speaks HTTP on the stream.
+    Kube(Arc<KubeGateway>),
+}
+
+/// The pipe between a Kubernetes stream and the gateway serving it: one stream window's worth.
+const KUBE_PIPE_BYTES: usize = 64 * 1024;
+
+fn kube_gateway(config: &AgentConfig) -> Result<Arc<KubeGateway>, DialError> {
+    config.kube.clone().ok_or_else(|| {
+        DialError::new(
+            DialErrorKind::Forbidden,
+            format!(
+                "cluster {} serves no Kubernetes API to the root: its agent has no access mapping",
+                config.cluster
+            ),
+        )
+    })
 }
 
 async fn dial_api_server(config: &AgentConfig) -> Result<TcpStream, DialError> {

@@ -10,6 +10,7 @@ pub mod config;
 mod error;
 mod handler;
 pub mod join;
+pub mod kube;
 pub mod pool;
 pub mod status;
 pub mod tunnel;

@@ -1,5 +1,6 @@
 //! Subcommands big enough for a module of their own.
 
+pub mod kube;
 pub mod operator;
 pub mod output;
 pub mod proxy;

@@ -16,7 +16,7 @@ use tether::identity::{CertificateAuthority, Identity, TrustStore, check_own_hos
 use tether::protocol::ClusterName;
 use tether::proxy::client_entry::{self, ClientEntryConfig, ClientTokens};
 use tether::proxy::{
-    BearerTokens, DialAccess, HeartbeatPolicy, JoinAuthority, Peer, PeeringConfig, ProxyConfig,
+    BearerTokens, HeartbeatPolicy, JoinAuthority, LeafAccess, Peer, PeeringConfig, ProxyConfig,
     ProxyLimits, ProxyServer,
 };
 use tether::stream::StreamLimits;
@@ -139,12 +139,15 @@ pub struct ProxyArgs {
     /// On SIGTERM, how long streams may finish before the proxy exits.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     shutdown_grace: Duration,
-    /// Who may dial which leaf: `rbac` asks the root's API server whether the client may
-    /// `create` `remoteclusters/dial` on the leaf's RemoteCluster in `--namespace` (the
-    /// default with `--kubernetes`); `none` lets every authenticated client dial every leaf
-    /// (the default without). The leaf's allow-list applies either way.
+    /// Who may reach which leaf: `rbac` asks the root's API server whether the client may
+    /// `create` `remoteclusters/dial` (a dial) or `remoteclusters/kube` (--kube-listen) on the
+    /// leaf's RemoteCluster in `--namespace` (the default with `--kubernetes`); `none` lets
+    /// every authenticated client reach every leaf (the default without). The leaf's
+    /// allow-list and access mapping apply either way.
     #[arg(long, value_enum, requires_if("rbac", "kubernetes"))]
     dial_authorization: Option<DialAuthorization>,
+    #[command(flatten)]
+    kube: super::kube::ProxyKubeArgs,
 }
 
 /// How a proxy decides who may dial which leaf (`--dial-authorization`).
@@ -163,6 +166,13 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
              tokens the root's API server reviews)"
         );
     }
+    if args.kube.kube_listen.is_some() && args.kube.kube_client_ca.is_none() && !args.kubernetes {
+        anyhow::bail!(
+            "--kube-listen needs callers: --kube-client-ca FILE, or --kubernetes (bearer \
+             tokens the root's API server reviews)"
+        );
+    }
+    let kube_tls = args.kube.tls()?;
     let ca = match &args.ca {
         Some(path) => Some(CertificateAuthority::load(path, args.cluster.clone())?),
         None => None,
@@ -232,6 +242,7 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
         }),
         access: dial_access(&args, root_client.as_ref()),
     };
+    let access = config.access.clone();
     let proxy = ProxyServer::start(config)
         .await
         .with_context(|| format!("--listen {}: cannot listen", args.listen))?;
@@ -307,7 +318,7 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
             listen: *listen,
             max_connections: args.client_max_connections,
             max_connections_per_ip: args.client_max_connections_per_ip,
-            bearer,
+            bearer: bearer.clone(),
             ..ClientEntryConfig::new(loaded)
         };
         if let Some(tokens) = &args.client_tokens {
@@ -336,6 +347,22 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
             listener,
             Arc::new(config),
             Arc::new(proxy.dialer()),
+            async move { stopped.cancelled().await },
+        ));
+    }
+    if let (Some(listen), Some(tls)) = (args.kube.kube_listen, kube_tls) {
+        let listener = super::bind("--kube-listen", listen).await?;
+        println!("Kubernetes endpoint on https://{}", listener.local_addr()?);
+        let config = tether::proxy::kube_entry::KubeEntryConfig {
+            bearer: bearer.clone(),
+            access,
+            ..tether::proxy::kube_entry::KubeEntryConfig::new(tls)
+        };
+        let stopped = serving.clone();
+        tasks.spawn(tether::proxy::kube_entry::serve(
+            listener,
+            config,
+            proxy.dialer(),
             async move { stopped.cancelled().await },
         ));
     }
@@ -385,7 +412,7 @@ async fn until(stop: CancellationToken, work: impl std::future::Future<Output = 
 fn dial_access(
     args: &ProxyArgs,
     root_client: Option<&kube::Client>,
-) -> Option<Arc<dyn DialAccess>> {
+) -> Option<Arc<dyn LeafAccess>> {
     let rbac = args.dial_authorization.unwrap_or(if args.kubernetes {
         DialAuthorization::Rbac
     } else {
@@ -393,7 +420,7 @@ fn dial_access(
     }) == DialAuthorization::Rbac;
     let client = root_client.filter(|_| rbac)?;
     tracing::info!(namespace = %args.namespace, "dials into leaves need create on remoteclusters/dial in the root's RBAC");
-    Some(Arc::new(tether::operator::root::RbacDialAccess::new(
+    Some(Arc::new(tether::operator::root::RbacLeafAccess::new(
         client.clone(),
         &args.namespace,
     )))

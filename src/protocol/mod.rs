@@ -6,6 +6,7 @@ pub mod busy;
 pub mod control;
 pub mod dial;
 pub mod join;
+pub mod kube;
 pub mod ssh;
 pub mod stream;
 pub mod target;

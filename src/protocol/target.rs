@@ -16,6 +16,9 @@ pub const API_SERVER_LABEL: &str = "_apiserver";
 /// How the API server target travels on the wire (an address that cannot resolve).
 pub const API_SERVER_WIRE_ADDRESS: &str = "@apiserver";
 
+/// How a Kubernetes API request from the root travels on the wire (see [`Endpoint::KubeApi`]).
+pub const KUBE_API_WIRE_ADDRESS: &str = "@kube";
+
 /// Longest host name accepted anywhere (RFC 1035's limit on a full name).
 pub const MAX_HOST_LEN: usize = 253;
 
@@ -99,6 +102,11 @@ pub enum Endpoint {
     /// The cluster's own API server, at whatever address its agent is configured with
     /// (the seed's `RemoteAuthServer`).
     ApiServer,
+    /// The leaf's Kubernetes API as its agent serves it to a root identity: HTTP whose caller
+    /// rides first on the stream ([`crate::protocol::kube`]), answered with the leaf's own
+    /// credentials and impersonation. Only the proxy's Kubernetes endpoint asks for it: no name
+    /// a client can write parses to it.
+    KubeApi,
 }
 
 impl Endpoint {
@@ -150,6 +158,7 @@ impl Endpoint {
         match self {
             Endpoint::Host { host, port } => (host.as_str(), u32::from(*port)),
             Endpoint::ApiServer => (API_SERVER_WIRE_ADDRESS, 0),
+            Endpoint::KubeApi => (KUBE_API_WIRE_ADDRESS, 0),
         }
     }
 
@@ -157,6 +166,9 @@ impl Endpoint {
     pub fn from_wire(address: &str, port: u32) -> Result<Self, TargetParseError> {
         if address == API_SERVER_WIRE_ADDRESS {
             return Ok(Endpoint::ApiServer);
+        }
+        if address == KUBE_API_WIRE_ADDRESS {
+            return Ok(Endpoint::KubeApi);
         }
         let port = u16::try_from(port).map_err(|_| TargetParseError::Port(address.to_owned()))?;
         Endpoint::host(address, port)
@@ -169,6 +181,7 @@ impl fmt::Display for Endpoint {
             Endpoint::Host { host, port } if host.contains(':') => write!(f, "[{host}]:{port}"),
             Endpoint::Host { host, port } => write!(f, "{host}:{port}"),
             Endpoint::ApiServer => f.write_str("the API server"),
+            Endpoint::KubeApi => f.write_str("the Kubernetes API"),
         }
     }
 }
@@ -236,6 +249,8 @@ impl Target {
                 format!("{API_SERVER_LABEL}.{}.{TETHER_SUFFIX}", self.cluster),
                 0,
             ),
+            // No client name reaches it; this one parses to no target (its port is 0).
+            Endpoint::KubeApi => (format!("_kube.{}.{TETHER_SUFFIX}", self.cluster), 0),
         }
     }
 }

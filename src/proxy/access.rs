@@ -1,4 +1,4 @@
-//! Who may dial which leaf: the interface between the proxy's client entries (`tether dial`,
+//! Who may reach which leaf, and how (a dial, its Kubernetes API): the interface between the proxy's client entries (`tether dial`,
 //! HTTP CONNECT, SOCKS5), which know a client's name, and whatever keeps the root's access
 //! rules (in Kubernetes, RBAC on the leaf's `RemoteCluster`, asked by `operator::root`).
 //!
@@ -43,14 +43,36 @@ impl Who {
     }
 }
 
-/// The root's access rules for dials into leaves.
-pub trait DialAccess: Send + Sync + 'static {
-    /// Whether client `who` may dial targets in `leaf`. An error of the rules' source (an
+/// What a client asks of a leaf; each is a permission of its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Reach {
+    /// A TCP dial into the leaf (then judged by the agent's allow-list).
+    Dial,
+    /// The leaf's Kubernetes API, through the proxy's Kubernetes endpoint (then judged by the
+    /// leaf's mapping and RBAC).
+    Kube,
+}
+
+impl Reach {
+    /// Its name, as the `RemoteCluster` subresource that grants it (`remoteclusters/dial`,
+    /// `remoteclusters/kube`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reach::Dial => "dial",
+            Reach::Kube => "kube",
+        }
+    }
+}
+
+/// The root's access rules for leaves.
+pub trait LeafAccess: Send + Sync + 'static {
+    /// Whether client `who` may reach `leaf` that way. An error of the rules' source (an
     /// unreachable API server) refuses too: access fails closed.
     fn check<'a>(
         &'a self,
         who: &'a Who,
         leaf: &'a ClusterName,
+        reach: Reach,
     ) -> BoxFuture<'a, Result<(), AccessDenied>>;
 }
 
@@ -68,8 +90,8 @@ impl fmt::Debug for dyn BearerTokens {
     }
 }
 
-impl fmt::Debug for dyn DialAccess {
+impl fmt::Debug for dyn LeafAccess {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("DialAccess")
+        f.write_str("LeafAccess")
     }
 }

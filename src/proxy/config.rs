@@ -144,5 +144,5 @@ pub struct ProxyConfig {
     pub join: Option<Arc<dyn super::authority::JoinAuthority>>,
     /// Who may dial which leaf (in Kubernetes, RBAC on `remoteclusters/dial`); `None` lets
     /// every authenticated client dial every leaf (the leaf's allow-list still applies).
-    pub access: Option<Arc<dyn super::access::DialAccess>>,
+    pub access: Option<Arc<dyn super::access::LeafAccess>>,
 }

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use tokio::net::TcpStream;
 use tracing::warn;
 
-use super::access::Who;
+use super::access::{Reach, Who};
 use super::peers::{Forward, PeerStream, dial_via_peers};
 use super::shared::ProxyShared;
 use super::sites::{ProxyStream, TunnelDialError};
@@ -105,10 +105,13 @@ impl Dialer for ProxyDialer {
         if target.cluster == config.cluster {
             return Ok(());
         }
-        access.check(who, &target.cluster).await.map_err(|denied| {
-            self.count(DialErrorKind::NotPermitted.as_str());
-            DialError::new(DialErrorKind::NotPermitted, denied.0)
-        })
+        access
+            .check(who, &target.cluster, Reach::Dial)
+            .await
+            .map_err(|denied| {
+                self.count(DialErrorKind::NotPermitted.as_str());
+                DialError::new(DialErrorKind::NotPermitted, denied.0)
+            })
     }
 }
 

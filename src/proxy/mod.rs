@@ -10,6 +10,7 @@ mod control;
 pub mod dialer;
 mod handler;
 pub mod join;
+pub mod kube_entry;
 pub mod limits;
 pub mod peers;
 pub mod quota;
@@ -20,7 +21,7 @@ pub mod sites;
 pub mod trust;
 pub mod tunnel;
 
-pub use access::{AccessDenied, BearerTokens, DialAccess, Who};
+pub use access::{AccessDenied, BearerTokens, LeafAccess, Reach, Who};
 pub use authority::{Admission, JoinAuthority, Refused};
 pub use config::{HeartbeatPolicy, ProxyConfig, ProxyLimits};
 pub use dialer::{Dialer, ProxyConn, ProxyDialer};

@@ -28,6 +28,7 @@ impl Splice for tokio::net::TcpStream {
 pub mod frames;
 pub mod guard;
 pub mod tunnel;
+pub mod upgrade;
 mod window;
 
 /// Freed memory glibc's allocator may keep at the top of a heap before giving it back.

@@ -292,14 +292,14 @@ async fn the_proxies_rbac_covers_peers_join_tokens_and_remote_clusters() {
     // Who may dial: the proxy asks, with its own token, whether a client may; the answer
     // follows the RoleBindings an administrator writes: the README's example, applied as
     // written but for its namespace.
-    use tether::proxy::{DialAccess as _, Who};
-    let access = tether::operator::root::RbacDialAccess::new(proxy.clone(), &ns);
+    use tether::proxy::{LeafAccess as _, Reach, Who};
+    let access = tether::operator::root::RbacLeafAccess::new(proxy.clone(), &ns);
     let (leaf, alice) = (
         ClusterName::new("leaf-1").expect("name"),
         Who::named("alice"),
     );
     let refused = access
-        .check(&alice, &leaf)
+        .check(&alice, &leaf, Reach::Dial)
         .await
         .expect_err("nobody granted alice anything");
     assert!(
@@ -310,9 +310,9 @@ async fn the_proxies_rbac_covers_peers_join_tokens_and_remote_clusters() {
     let file = tempfile::NamedTempFile::new().expect("temp file");
     std::fs::write(file.path(), example).expect("write");
     kubectl_ok(cp, &["apply", "-f", &file.path().to_string_lossy()]);
-    let fresh = tether::operator::root::RbacDialAccess::new(proxy.clone(), &ns);
+    let fresh = tether::operator::root::RbacLeafAccess::new(proxy.clone(), &ns);
     fresh
-        .check(&alice, &leaf)
+        .check(&alice, &leaf, Reach::Dial)
         .await
         .expect("alice may dial leaf-1 once bound as the README shows");
     // And as the chart's NOTES show, with kubectl's create role / rolebinding.
@@ -341,8 +341,8 @@ async fn the_proxies_rbac_covers_peers_join_tokens_and_remote_clusters() {
             "--user=bob",
         ],
     );
-    tether::operator::root::RbacDialAccess::new(proxy.clone(), &ns)
-        .check(&Who::named("bob"), &leaf)
+    tether::operator::root::RbacLeafAccess::new(proxy.clone(), &ns)
+        .check(&Who::named("bob"), &leaf, Reach::Dial)
         .await
         .expect("bob may dial leaf-1 once bound as the NOTES show");
     eprintln!(

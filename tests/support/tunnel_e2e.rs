@@ -40,21 +40,30 @@ pub async fn crds_and_namespace(prefix: &str) -> (&'static ControlPlane, Client,
 /// A Role in `ns` letting its subjects dial `leaf` (`create` on `remoteclusters/dial`, that
 /// name only), bound to user `user`: what a platform team writes to let someone in.
 pub async fn grant_dial(admin: &Client, ns: &str, user: &str, leaf: &str) {
-    grant_dial_to(admin, ns, "User", user, leaf).await;
+    grant(admin, ns, "User", user, leaf, "dial").await;
 }
 
 /// [`grant_dial`] for every member of group `group`.
 pub async fn grant_dial_to_group(admin: &Client, ns: &str, group: &str, leaf: &str) {
-    grant_dial_to(admin, ns, "Group", group, leaf).await;
+    grant(admin, ns, "Group", group, leaf, "dial").await;
 }
 
-async fn grant_dial_to(admin: &Client, ns: &str, kind: &str, subject: &str, leaf: &str) {
-    let name = format!("dial-{leaf}-{}", subject.replace(':', "-"));
+/// Lets `kind` (`User`, `Group`) `subject` create `remoteclusters/SUBRESOURCE` on `leaf` in
+/// `ns`: a Role and a RoleBinding, as a platform team would write them.
+pub async fn grant(
+    admin: &Client,
+    ns: &str,
+    kind: &str,
+    subject: &str,
+    leaf: &str,
+    subresource: &str,
+) {
+    let name = format!("{subresource}-{leaf}-{}", subject.replace(':', "-"));
     let role: Role = serde_json::from_value(json!({
         "metadata": {"name": name},
         "rules": [{
             "apiGroups": ["tether.dev"],
-            "resources": ["remoteclusters/dial"],
+            "resources": [format!("remoteclusters/{subresource}")],
             "resourceNames": [leaf],
             "verbs": ["create"],
         }],

@@ -1,7 +1,8 @@
-//! Who may dial which leaf, decided by the root cluster's RBAC: the proxy's
-//! [`DialAccess`](crate::proxy::DialAccess) asks the API server with a SubjectAccessReview
-//! whether the client may `create` the subresource `remoteclusters/dial` of the leaf's
-//! `RemoteCluster` in the proxies' namespace. A platform team grants it with the Roles and
+//! Who may reach which leaf, decided by the root cluster's RBAC: the proxy's
+//! [`LeafAccess`](crate::proxy::LeafAccess) asks the API server with a SubjectAccessReview
+//! whether the client may `create` the subresource `remoteclusters/dial` (a TCP dial) or
+//! `remoteclusters/kube` (the leaf's Kubernetes API) of the leaf's `RemoteCluster` in the
+//! proxies' namespace. A platform team grants it with the Roles and
 //! RoleBindings it already writes (`resourceNames` for single leaves):
 //!
 //! ```yaml
@@ -33,7 +34,7 @@ use tracing::warn;
 use super::kept::{Kept, ask};
 use crate::operator::crd::GROUP;
 use crate::protocol::ClusterName;
-use crate::proxy::{AccessDenied, DialAccess, Who};
+use crate::proxy::{AccessDenied, LeafAccess, Reach, Who};
 
 /// How long a decision stands: a grant or a revocation takes effect within it.
 pub const DECISION_TTL: Duration = Duration::from_secs(5);
@@ -42,20 +43,17 @@ pub const DECISION_TTL: Duration = Duration::from_secs(5);
 /// expired ones go first; if none has, the new decision is not kept (each dial asks).
 pub const MAX_DECISIONS: usize = 4096;
 
-/// The subresource whose `create` permits a dial into the leaf of that name.
-const DIAL_SUBRESOURCE: &str = "dial";
-
 /// Dial access by the root's RBAC, through SubjectAccessReviews.
-pub struct RbacDialAccess {
+pub struct RbacLeafAccess {
     /// Creates the reviews (cluster-scoped: the proxy's ClusterRole allows it).
     reviews: Api<SubjectAccessReview>,
     /// Where the `RemoteCluster` objects, and so the permissions on them, live.
     namespace: String,
-    /// Recent decisions by (client, leaf): `Ok` or the refusal.
-    decisions: Kept<(Who, ClusterName), Result<(), AccessDenied>>,
+    /// Recent decisions by (client, leaf, what it asks): `Ok` or the refusal.
+    decisions: Kept<(Who, ClusterName, Reach), Result<(), AccessDenied>>,
 }
 
-impl RbacDialAccess {
+impl RbacLeafAccess {
     pub fn new(client: Client, namespace: &str) -> Self {
         Self {
             reviews: Api::all(client),
@@ -69,8 +67,10 @@ impl RbacDialAccess {
         &self,
         who: &Who,
         leaf: &ClusterName,
+        reach: Reach,
     ) -> Result<Result<(), AccessDenied>, AccessDenied> {
         let user = who.user.as_str();
+        let subresource = reach.as_str();
         let review = SubjectAccessReview {
             spec: SubjectAccessReviewSpec {
                 user: Some(user.to_owned()),
@@ -78,7 +78,7 @@ impl RbacDialAccess {
                 resource_attributes: Some(ResourceAttributes {
                     group: Some(GROUP.to_owned()),
                     resource: Some("remoteclusters".to_owned()),
-                    subresource: Some(DIAL_SUBRESOURCE.to_owned()),
+                    subresource: Some(subresource.to_owned()),
                     verb: Some("create".to_owned()),
                     namespace: Some(self.namespace.clone()),
                     name: Some(leaf.to_string()),
@@ -93,7 +93,7 @@ impl RbacDialAccess {
             .map_err(|e| {
                 warn!(user, %leaf, error = %e, "could not ask the API server whether the client may dial the leaf; refusing");
                 AccessDenied(format!(
-                    "the root could not check whether user {user:?} may dial cluster {leaf} (its proxy's log says why); try again"
+                    "the root could not check whether user {user:?} may create remoteclusters/{subresource} {leaf:?} (its proxy's log says why); try again"
                 ))
             })?;
         let allowed = answer.status.as_ref().is_some_and(|s| s.allowed);
@@ -101,25 +101,26 @@ impl RbacDialAccess {
             Ok(())
         } else {
             Err(AccessDenied(format!(
-                "user {user:?} may not create remoteclusters/dial \"{leaf}\" (API group {GROUP}) in namespace {:?}: ask for a Role with that permission (resourceNames [{leaf}]) bound to you there",
+                "user {user:?} may not create remoteclusters/{subresource} \"{leaf}\" (API group {GROUP}) in namespace {:?}: ask for a Role with that permission (resourceNames [{leaf}]) bound to you there",
                 self.namespace
             )))
         })
     }
 }
 
-impl DialAccess for RbacDialAccess {
+impl LeafAccess for RbacLeafAccess {
     fn check<'a>(
         &'a self,
         who: &'a Who,
         leaf: &'a ClusterName,
+        reach: Reach,
     ) -> BoxFuture<'a, Result<(), AccessDenied>> {
         async move {
-            let key = (who.clone(), leaf.clone());
+            let key = (who.clone(), leaf.clone(), reach);
             if let Some(decision) = self.decisions.get(&key) {
                 return decision;
             }
-            let decision = self.review(who, leaf).await?;
+            let decision = self.review(who, leaf, reach).await?;
             self.decisions.keep(key, decision.clone());
             decision
         }
@@ -146,10 +147,10 @@ mod tests {
             }
         });
         let config = kube::Config::new(url.parse().expect("url"));
-        let access = RbacDialAccess::new(Client::try_from(config).expect("client"), "ns");
+        let access = RbacLeafAccess::new(Client::try_from(config).expect("client"), "ns");
         let leaf = ClusterName::new("leaf-1").expect("name");
         let refused = access
-            .check(&Who::named("alice"), &leaf)
+            .check(&Who::named("alice"), &leaf, Reach::Dial)
             .await
             .expect_err("no answer, no dial");
         assert!(refused.0.contains("could not check"), "{refused}");

@@ -1,7 +1,7 @@
 //! The root side in Kubernetes: what `tether proxy --kubernetes` runs next to the proxy.
 //!
 //! - [`access`]: who may dial which leaf, by the root's RBAC (the proxy's
-//!   [`DialAccess`](crate::proxy::DialAccess));
+//!   [`LeafAccess`](crate::proxy::LeafAccess));
 //! - [`bearer`]: who presents a bearer token at the client entry, by the root's TokenReview;
 //! - [`kept`]: their answers kept for a few seconds, bounded;
 //! - [`tokens`]: join tokens in Secrets, joined leaves recorded as `RemoteCluster` objects
@@ -38,7 +38,7 @@ use tracing::{Instrument, info_span};
 use crate::operator::crd::RemoteCluster;
 use crate::proxy::ProxyServer;
 
-pub use access::RbacDialAccess;
+pub use access::RbacLeafAccess;
 pub use bearer::TokenReviews;
 pub use tokens::KubeJoinAuthority;
 

@@ -28,7 +28,7 @@ const MAX_SOURCES: usize = 65_536;
 const FORGET_AFTER: Duration = Duration::from_secs(900);
 
 /// Per-source state of the client entry's door.
-pub(super) struct Door {
+pub(in crate::proxy) struct Door {
     /// The settings, copied from the entry's configuration.
     settings: DoorSettings,
     /// Everything counted per source, under one lock (never held across an await).
@@ -37,7 +37,7 @@ pub(super) struct Door {
 
 /// The limits a [`Door`] enforces.
 #[derive(Debug, Clone, Copy)]
-pub(super) struct DoorSettings {
+pub(in crate::proxy) struct DoorSettings {
     /// Connections one address may hold at once.
     pub max_connections_per_ip: usize,
     /// Failed authentications tolerated before the source is penalised.
@@ -72,7 +72,7 @@ struct FailureRecord {
 
 /// Why a connection was refused at accept.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Refused {
+pub(in crate::proxy) enum Refused {
     /// The source holds its share of connections.
     PerIp,
     /// The source failed to authenticate too often and is serving a penalty.
@@ -80,7 +80,7 @@ pub(super) enum Refused {
 }
 
 /// Held for as long as a connection lives; gives its source's count back on drop.
-pub(super) struct SourcePermit {
+pub(in crate::proxy) struct SourcePermit {
     /// Where the count is kept.
     door: Arc<Door>,
     /// Whose count it is.
@@ -100,7 +100,7 @@ impl Drop for SourcePermit {
 }
 
 impl Door {
-    pub(super) fn new(settings: DoorSettings) -> Arc<Self> {
+    pub(in crate::proxy) fn new(settings: DoorSettings) -> Arc<Self> {
         Arc::new(Self {
             settings,
             state: Mutex::new(DoorState::default()),
@@ -113,7 +113,7 @@ impl Door {
 
     /// Lets a connection from `ip` in, or says why not (and logs a summary of refusals at most
     /// once a second).
-    pub(super) fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<SourcePermit, Refused> {
+    pub(in crate::proxy) fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<SourcePermit, Refused> {
         self.admit_at(ip, Instant::now())
     }
 
@@ -156,7 +156,7 @@ impl Door {
 
     /// Records a failed authentication from `ip`; starts a penalty (and logs one line) when the
     /// source has failed too often.
-    pub(super) fn auth_failed(&self, ip: IpAddr) {
+    pub(in crate::proxy) fn auth_failed(&self, ip: IpAddr) {
         self.auth_failed_at(ip, Instant::now());
     }
 

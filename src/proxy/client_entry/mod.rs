@@ -13,7 +13,7 @@
 //! writes; the socket is closed when either runs out), in memory (`max_header_bytes`), and in
 //! guesses (penalties for sources that keep failing, with logs summarised, not one per guess).
 
-mod admission;
+pub(super) mod admission;
 mod auth;
 mod http;
 mod prefixed;

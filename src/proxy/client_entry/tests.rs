@@ -42,6 +42,7 @@ impl Dialer for FakeDialer {
         let host = match &target.endpoint {
             Endpoint::Host { host, .. } => host.as_str(),
             Endpoint::ApiServer => "_apiserver",
+            Endpoint::KubeApi => "_kube",
         };
         let addr = match host {
             "forbidden" => return fail(DialErrorKind::Forbidden),

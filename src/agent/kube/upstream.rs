@@ -1,0 +1,154 @@
+//! The agent's client of its own cluster's API server: TLS verified against the cluster's CA,
+//! the agent's own credential (a ServiceAccount token, re-read as the kubelet rotates it, or a
+//! client certificate), connections pooled across the requests of every root caller.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use http::Uri;
+use hyper::body::Incoming;
+use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+
+/// How the agent proves itself to its API server.
+pub enum Credential {
+    /// A bearer token file, re-read for every request (a projected ServiceAccount token
+    /// rotates under the agent).
+    TokenFile(PathBuf),
+    /// A bearer token held in memory (from a kubeconfig).
+    Token(String),
+    /// The TLS client certificate given to [`KubeUpstream::new`] says who the agent is.
+    ClientCertificate,
+}
+
+impl fmt::Debug for Credential {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Credential::TokenFile(path) => write!(f, "TokenFile({})", path.display()),
+            Credential::Token(_) => f.write_str("Token(..)"),
+            Credential::ClientCertificate => f.write_str("ClientCertificate"),
+        }
+    }
+}
+
+/// Why the upstream cannot be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("the API server URL {0:?} is not an https:// URL with a host")]
+    Url(String),
+    #[error("the API server's CA: {0}")]
+    Ca(String),
+    #[error("the client certificate or key: {0}")]
+    ClientCertificate(String),
+}
+
+/// What a TLS client certificate is made of, in PEM.
+pub struct ClientCertificatePem {
+    pub certificate: Vec<u8>,
+    pub key: Vec<u8>,
+}
+
+/// The agent's way to its API server.
+pub struct KubeUpstream {
+    /// `https://HOST:PORT` of the API server; a request's path and query are put after it.
+    base: Uri,
+    /// Pooled TLS connections to it.
+    client: Client<HttpsConnector<HttpConnector>, Incoming>,
+    /// Who the agent is there.
+    credential: Credential,
+}
+
+impl fmt::Debug for KubeUpstream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KubeUpstream")
+            .field("base", &self.base)
+            .field("credential", &self.credential)
+            .finish()
+    }
+}
+
+impl KubeUpstream {
+    /// A client of the API server at `url`, trusting the CA certificates of `ca_pem` alone.
+    pub fn new(
+        url: &str,
+        ca_pem: &[u8],
+        credential: Credential,
+        client_certificate: Option<ClientCertificatePem>,
+    ) -> Result<Self, UpstreamError> {
+        let base: Uri = url
+            .trim_end_matches('/')
+            .parse()
+            .map_err(|_| UpstreamError::Url(url.to_owned()))?;
+        if base.scheme_str() != Some("https") || base.authority().is_none() {
+            return Err(UpstreamError::Url(url.to_owned()));
+        }
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in CertificateDer::pem_slice_iter(ca_pem) {
+            let cert = cert.map_err(|e| UpstreamError::Ca(e.to_string()))?;
+            roots
+                .add(cert)
+                .map_err(|e| UpstreamError::Ca(e.to_string()))?;
+        }
+        if roots.is_empty() {
+            return Err(UpstreamError::Ca("no certificate in it".into()));
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| UpstreamError::Ca(e.to_string()))?
+            .with_root_certificates(roots);
+        let tls = match client_certificate {
+            None => builder.with_no_client_auth(),
+            Some(pem) => {
+                let chain = CertificateDer::pem_slice_iter(&pem.certificate)
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| UpstreamError::ClientCertificate(e.to_string()))?;
+                let key = PrivateKeyDer::from_pem_slice(&pem.key)
+                    .map_err(|e| UpstreamError::ClientCertificate(e.to_string()))?;
+                builder
+                    .with_client_auth_cert(chain, key)
+                    .map_err(|e| UpstreamError::ClientCertificate(e.to_string()))?
+            }
+        };
+        let connector = HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_only()
+            .enable_http1()
+            .build();
+        let client = Client::builder(TokioExecutor::new()).build(connector);
+        Ok(Self {
+            base,
+            client,
+            credential,
+        })
+    }
+
+    /// The URI of `path_and_query` on the API server.
+    pub(super) fn uri(&self, path_and_query: &str) -> Result<Uri, http::Error> {
+        let mut parts = self.base.clone().into_parts();
+        parts.path_and_query = Some(path_and_query.parse()?);
+        Ok(Uri::from_parts(parts)?)
+    }
+
+    /// The `Authorization` value for the next request, if the credential is a token.
+    pub(super) async fn authorization(&self) -> Result<Option<String>, String> {
+        let token = match &self.credential {
+            Credential::ClientCertificate => return Ok(None),
+            Credential::Token(token) => token.clone(),
+            Credential::TokenFile(path) => tokio::fs::read_to_string(path)
+                .await
+                .map_err(|e| format!("the agent's token file {}: {e}", path.display()))?,
+        };
+        Ok(Some(format!("Bearer {}", token.trim())))
+    }
+
+    /// The pooled client.
+    pub(super) fn client(&self) -> &Client<HttpsConnector<HttpConnector>, Incoming> {
+        &self.client
+    }
+}

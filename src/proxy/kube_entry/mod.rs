@@ -1,0 +1,188 @@
+//! The root's Kubernetes endpoint (#16): every leaf's Kubernetes API, through the tunnels, at
+//! `https://PROXY/clusters/LEAF/`, for kubectl and anything else that speaks to an API server.
+//!
+//! A request is authenticated here, the Kubernetes way: a client certificate of the root's
+//! client CA (CN the user, O its groups), or a bearer token the root's API server vouches for
+//! by TokenReview (ServiceAccount tokens, OIDC, whatever it accepts). The root's RBAC then says
+//! whether that user may `create` `remoteclusters/kube` on the leaf; a refusal is a 403 naming
+//! the permission, and no stream to the leaf is opened. A permitted request goes to the leaf's
+//! agent on a stream of its own, the caller written first and the client's `Authorization` and
+//! `Impersonate-*` headers left behind; the leaf maps the caller and decides (agent::kube).
+//! Every request leaves one audit record ([`audit`]).
+//!
+//! Bounds, as on every listener: connections in total and per source address (shared with the
+//! penalties for failed authentication of the client entry), 10 s for the TLS handshake and for
+//! each request head, 64 KiB of request head.
+//!
+//! A request goes through this proxy's own tunnels to the leaf (every proxy holds one once
+//! discovery has run); a leaf with none here is a 503 that kubectl retries, not a detour through
+//! a peer.
+
+mod audit;
+mod request;
+mod request_info;
+mod tls;
+
+pub use tls::{KubeTlsError, server_config, who_of_certificate};
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinSet;
+use tokio_rustls::TlsAcceptor;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use super::access::{BearerTokens, LeafAccess};
+use super::client_entry::admission::{Door, DoorSettings, SourcePermit};
+use super::dialer::ProxyDialer;
+use request::Connection;
+
+/// Settings of the Kubernetes endpoint.
+#[derive(Clone)]
+pub struct KubeEntryConfig {
+    /// Its TLS: certificate, key, and the client CA if client certificates are accepted.
+    pub tls: Arc<rustls::ServerConfig>,
+    /// Bearer tokens the root's API server reviews; `None` accepts client certificates alone.
+    pub bearer: Option<Arc<dyn BearerTokens>>,
+    /// The root's rules on who may reach which leaf; `None` lets every authenticated caller
+    /// through (the leaf's mapping still decides).
+    pub access: Option<Arc<dyn LeafAccess>>,
+    /// Connections served at once, in total.
+    pub max_connections: usize,
+    /// Connections one source address may hold at once.
+    pub max_connections_per_ip: usize,
+    /// Time for the TLS handshake, and for each request head.
+    pub handshake_timeout: Duration,
+}
+
+impl KubeEntryConfig {
+    /// The defaults (1,024 connections, 128 per address, 10 s) with `tls`.
+    pub fn new(tls: Arc<rustls::ServerConfig>) -> Self {
+        Self {
+            tls,
+            bearer: None,
+            access: None,
+            max_connections: 1024,
+            max_connections_per_ip: 128,
+            handshake_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Largest request head (request line and headers) read.
+const MAX_HEAD_BYTES: usize = 64 * 1024;
+
+/// What every request of the endpoint shares.
+struct KubeEntry {
+    bearer: Option<Arc<dyn BearerTokens>>,
+    access: Option<Arc<dyn LeafAccess>>,
+    /// Reaches a leaf's agent through this proxy's tunnels.
+    dialer: ProxyDialer,
+    /// Connections per source, and penalties for failed authentication.
+    door: Arc<Door>,
+}
+
+/// Serves the endpoint on `listener` until `shutdown` resolves; connections still open then are
+/// closed (a watch ends and kubectl starts it again elsewhere).
+pub async fn serve(
+    listener: TcpListener,
+    config: KubeEntryConfig,
+    dialer: ProxyDialer,
+    shutdown: impl std::future::Future,
+) {
+    let acceptor = TlsAcceptor::from(config.tls.clone());
+    let total = Arc::new(Semaphore::new(
+        config.max_connections.min(Semaphore::MAX_PERMITS),
+    ));
+    let entry = Arc::new(KubeEntry {
+        bearer: config.bearer.clone(),
+        access: config.access.clone(),
+        dialer,
+        door: Door::new(DoorSettings {
+            max_connections_per_ip: config.max_connections_per_ip,
+            auth_failures_allowed: 5,
+            auth_penalty: Duration::from_secs(30),
+        }),
+    });
+    let mut connections = JoinSet::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        tokio::select! {
+            biased;
+            _ = &mut shutdown => break,
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+            accepted = listener.accept() => match accepted {
+                Ok((socket, from)) => {
+                    let Ok(source) = entry.door.admit(from.ip()) else { continue };
+                    let Ok(permit) = total.clone().try_acquire_owned() else {
+                        debug!(%from, "Kubernetes endpoint full; closing a new connection");
+                        continue;
+                    };
+                    let served = serve_connection(
+                        entry.clone(), acceptor.clone(), socket, from, config.handshake_timeout, (permit, source),
+                    );
+                    connections.spawn(served.instrument(info_span!("kube", %from)));
+                }
+                Err(e) => {
+                    warn!(error = %e, "accepting a Kubernetes connection failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+        }
+    }
+    info!(
+        open = connections.len(),
+        "Kubernetes endpoint stopped; closing its connections"
+    );
+}
+
+/// One TLS connection: its handshake within the deadline, then its requests in turn.
+async fn serve_connection(
+    entry: Arc<KubeEntry>,
+    acceptor: TlsAcceptor,
+    socket: TcpStream,
+    from: SocketAddr,
+    timeout: Duration,
+    _held: (OwnedSemaphorePermit, SourcePermit),
+) {
+    let _ = socket.set_nodelay(true);
+    let tls = match tokio::time::timeout(timeout, acceptor.accept(socket)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            debug!(error = %e, "TLS handshake failed");
+            return;
+        }
+        Err(_) => {
+            debug!("TLS handshake timed out");
+            return;
+        }
+    };
+    let certificate = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|chain| chain.first())
+        .and_then(|leaf| who_of_certificate(leaf));
+    let connection = Arc::new(Connection { from, certificate });
+    let service = service_fn(move |request| {
+        let (entry, connection) = (entry.clone(), connection.clone());
+        async move {
+            Ok::<_, std::convert::Infallible>(request::handle(entry, connection, request).await)
+        }
+    });
+    let served = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(timeout)
+        .max_buf_size(MAX_HEAD_BYTES)
+        .serve_connection(TokioIo::new(tls), service)
+        .with_upgrades()
+        .await;
+    if let Err(e) = served {
+        debug!(error = %e, "Kubernetes connection ended with an error");
+    }
+}

@@ -1,0 +1,572 @@
+//! The leaf's Kubernetes API through the root (issue #16), with two real API servers (the
+//! root's and the leaf's), real kubectl and curl, a proxy and an agent:
+//!
+//! - the root's RBAC decides who reaches the leaf at all (`remoteclusters/kube`), refusing at
+//!   the root with the permission named;
+//! - the leaf's mapping decides who the caller is there (`tether:root:USER` in the mapped leaf
+//!   groups), and the leaf's RBAC what they may do; an unmapped caller is refused in the leaf;
+//! - nothing a client sends (`--as`, `Impersonate-*`, `Authorization`, the same named in
+//!   `Connection`) changes the identity the leaf's API server sees;
+//! - get, apply, delete, a watch (HTTP and WebSocket) pass; every request has its audit record.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::sync::Arc;
+
+use rcgen::{
+    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
+    KeyPair, KeyUsagePurpose,
+};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+
+use support::kube::ControlPlane;
+use support::tunnel_e2e::{crds_and_namespace, eventually, grant};
+use support::{LogCapture, Rig};
+use tether::agent::kube::{AccessRule, Credential, KubeAccess, KubeGateway, KubeUpstream};
+use tether::operator::root::{RbacLeafAccess, TokenReviews};
+use tether::proxy::BearerTokens;
+use tether::proxy::kube_entry::{self, KubeEntryConfig};
+
+/// The leaf namespace the tests work in, and the groups the mapping grants there.
+const APPS: &str = "apps";
+const EDITORS: &str = "tether:editors";
+const VIEWERS: &str = "tether:viewers";
+
+/// The root's client CA (for the proxy's `--kube-client-ca`) and its certificates.
+struct RootPki {
+    dir: PathBuf,
+    ca: CertifiedIssuer<'static, KeyPair>,
+}
+
+impl RootPki {
+    fn new(dir: &Path) -> RootPki {
+        let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "root client CA");
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let ca =
+            CertifiedIssuer::self_signed(params, KeyPair::generate().expect("key")).expect("CA");
+        std::fs::write(dir.join("ca.crt"), ca.pem()).expect("write CA");
+        RootPki {
+            dir: dir.to_owned(),
+            ca,
+        }
+    }
+
+    /// Writes NAME.crt and NAME.key: a server certificate for 127.0.0.1, or a client
+    /// certificate with CN `name` and an O per group.
+    fn issue(&self, name: &str, server: bool, groups: &[&str]) -> (PathBuf, PathBuf) {
+        let key = KeyPair::generate().expect("key");
+        let sans = if server {
+            vec!["127.0.0.1".to_owned()]
+        } else {
+            vec![]
+        };
+        let mut params = CertificateParams::new(sans).expect("params");
+        params.distinguished_name.push(DnType::CommonName, name);
+        for group in groups {
+            params
+                .distinguished_name
+                .push(DnType::OrganizationName, *group);
+        }
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![if server {
+            ExtendedKeyUsagePurpose::ServerAuth
+        } else {
+            ExtendedKeyUsagePurpose::ClientAuth
+        }];
+        let cert = params.signed_by(&key, &self.ca).expect("sign");
+        let (crt, pem_key) = (
+            self.dir.join(format!("{name}.crt")),
+            self.dir.join(format!("{name}.key")),
+        );
+        std::fs::write(&crt, cert.pem()).expect("write cert");
+        std::fs::write(&pem_key, key.serialize_pem()).expect("write key");
+        (crt, pem_key)
+    }
+}
+
+/// Sets up the leaf: the agent's ServiceAccount may impersonate; `tether:editors` may do
+/// anything to ConfigMaps in `apps`, `tether:viewers` may read them; one, `seed`, is there. Returns the agent's token.
+async fn leaf_rbac(leaf: &ControlPlane, dir: &Path) -> String {
+    let yaml = format!(
+        r#"
+apiVersion: v1
+kind: Namespace
+metadata: {{name: {APPS}}}
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRole
+metadata: {{name: tether-impersonator}}
+rules:
+  - apiGroups: [""]
+    resources: [users, groups]
+    verbs: [impersonate]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRoleBinding
+metadata: {{name: tether-impersonator}}
+roleRef: {{apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: tether-impersonator}}
+subjects: [{{kind: ServiceAccount, name: tether-agent, namespace: default}}]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: Role
+metadata: {{name: configmap-editor, namespace: {APPS}}}
+rules: [{{apiGroups: [""], resources: [configmaps], verbs: ["*"]}}]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: RoleBinding
+metadata: {{name: editors, namespace: {APPS}}}
+roleRef: {{apiGroup: rbac.authorization.k8s.io, kind: Role, name: configmap-editor}}
+subjects: [{{apiGroup: rbac.authorization.k8s.io, kind: Group, name: "{EDITORS}"}}]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: Role
+metadata: {{name: configmap-viewer, namespace: {APPS}}}
+rules: [{{apiGroups: [""], resources: [configmaps], verbs: [get, list, watch]}}]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: RoleBinding
+metadata: {{name: viewers, namespace: {APPS}}}
+roleRef: {{apiGroup: rbac.authorization.k8s.io, kind: Role, name: configmap-viewer}}
+subjects: [{{apiGroup: rbac.authorization.k8s.io, kind: Group, name: "{VIEWERS}"}}]
+---
+apiVersion: v1
+kind: ConfigMap
+metadata: {{name: seed, namespace: {APPS}}}
+"#
+    );
+    let file = dir.join("leaf-rbac.yaml");
+    std::fs::write(&file, yaml).expect("write leaf RBAC");
+    let applied = leaf.kubectl(["apply", "-f", file.to_str().expect("utf-8")]);
+    assert!(applied.status.success(), "leaf RBAC: {}", stderr(&applied));
+    leaf.service_account_token("default", "tether-agent", &[])
+        .await
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// Runs the built kubectl with `kubeconfig`, off the runtime's thread.
+async fn kubectl(bin: &Path, kubeconfig: &Path, args: &[&str]) -> Output {
+    let mut cmd = std::process::Command::new(bin.join("kubectl"));
+    cmd.arg("--kubeconfig").arg(kubeconfig).args(args);
+    tokio::task::spawn_blocking(move || cmd.output().expect("run kubectl"))
+        .await
+        .expect("kubectl task")
+}
+
+/// `tether kubeconfig` for the leaf, as the README tells a user to run it.
+fn write_kubeconfig(dir: &Path, name: &str, server: &str, ca: &Path, user: &[&str]) -> PathBuf {
+    let out = dir.join(format!("{name}.kubeconfig"));
+    let mut args = vec![
+        "kubeconfig",
+        "--cluster",
+        "leaf",
+        "--server",
+        server,
+        "--certificate-authority",
+        ca.to_str().expect("utf-8"),
+        "--out",
+        out.to_str().expect("utf-8"),
+    ];
+    args.extend_from_slice(user);
+    support::procs::ok(dir, &args);
+    out
+}
+
+/// What the leaf's API server says the caller is (SelfSubjectReview).
+async fn whoami(bin: &Path, kubeconfig: &Path, extra: &[&str]) -> (String, Vec<String>) {
+    let mut args = vec!["auth", "whoami", "-o", "json"];
+    args.extend_from_slice(extra);
+    let out = kubectl(bin, kubeconfig, &args).await;
+    assert!(out.status.success(), "whoami: {}", stderr(&out));
+    let review: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let info = &review["status"]["userInfo"];
+    let groups = info["groups"]
+        .as_array()
+        .map(|g| {
+            g.iter()
+                .filter_map(|v| v.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default();
+    (
+        info["username"].as_str().unwrap_or_default().to_owned(),
+        groups,
+    )
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn kubectl_reaches_the_leaf_through_the_root_as_the_leaf_maps_it() {
+    let logs = LogCapture::default();
+    let _guard = logs.install();
+    let (root, admin, ns) = crds_and_namespace("kube-access").await;
+    let leaf_cp = tokio::task::spawn_blocking(ControlPlane::start)
+        .await
+        .expect("task")
+        .expect("the leaf's control plane starts");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let dir = dir.path();
+    let bin = root.bin_dir().to_owned();
+
+    // The leaf: its RBAC, and the agent's mapping of root callers.
+    let agent_token = leaf_rbac(&leaf_cp, dir).await;
+    let ci = format!("system:serviceaccount:{ns}:ci");
+    let rules = vec![
+        AccessRule {
+            users: vec!["carol".into()],
+            leaf_groups: vec![EDITORS.into()],
+            ..AccessRule::default()
+        },
+        AccessRule {
+            groups: vec![format!("system:serviceaccounts:{ns}")],
+            leaf_groups: vec![VIEWERS.into()],
+            ..AccessRule::default()
+        },
+    ];
+    let token_file = dir.join("agent-token");
+    std::fs::write(&token_file, agent_token).expect("token");
+    let leaf_ca = std::fs::read(leaf_cp.dir().join("pki/ca.crt"))
+        .or_else(|_| std::fs::read(leaf_cp.dir().join("ca.crt")))
+        .expect("the leaf's CA");
+    let upstream = KubeUpstream::new(
+        leaf_cp.server_url(),
+        &leaf_ca,
+        Credential::TokenFile(token_file),
+        None,
+    )
+    .expect("upstream");
+    let root_name = tether::protocol::ClusterName::new("root").expect("name");
+    let gateway = Arc::new(KubeGateway {
+        access: KubeAccess::new(root_name, rules).expect("rules"),
+        upstream,
+    });
+
+    // The root: a proxy whose Kubernetes endpoint takes root client certificates and root
+    // ServiceAccount tokens, and asks the root's RBAC.
+    let access = Arc::new(RbacLeafAccess::new(admin.clone(), &ns));
+    let rig = Rig::start(&[], |_| {}, |agent| agent.kube = Some(gateway)).await;
+    let pki = RootPki::new(dir);
+    let (server_crt, server_key) = pki.issue("proxy", true, &[]);
+    let ca = dir.join("ca.crt");
+    let tls = kube_entry::server_config(&server_crt, &server_key, Some(&ca)).expect("tls");
+    let config = KubeEntryConfig {
+        bearer: Some(Arc::new(TokenReviews::new(admin.clone())) as Arc<dyn BearerTokens>),
+        access: Some(access),
+        ..KubeEntryConfig::new(tls)
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let server = format!("https://{}", listener.local_addr().expect("addr"));
+    tokio::spawn(kube_entry::serve(
+        listener,
+        config,
+        rig.proxy.dialer(),
+        std::future::pending::<()>(),
+    ));
+
+    // A root ServiceAccount, by a token issued for the audience `tether`.
+    let token = root.service_account_token(&ns, "ci", &["tether"]).await;
+    let token_path = dir.join("ci-token");
+    std::fs::write(&token_path, token).expect("write token");
+    let as_ci = write_kubeconfig(
+        dir,
+        "ci",
+        &server,
+        &ca,
+        &["--token-file", token_path.to_str().expect("utf-8")],
+    );
+
+    // Refused at the root until the root's RBAC grants remoteclusters/kube.
+    let refused = kubectl(&bin, &as_ci, &["get", "configmaps", "-n", APPS]).await;
+    assert!(!refused.status.success());
+    let said = stderr(&refused);
+    assert!(
+        said.contains(&format!(
+            "user \"{ci}\" may not create remoteclusters/kube \"leaf\""
+        )),
+        "{said}"
+    );
+    grant(&admin, &ns, "User", &ci, "leaf", "kube").await;
+    let listed = eventually("the grant to take effect", || {
+        let (bin, as_ci) = (bin.clone(), as_ci.clone());
+        async move {
+            let out = kubectl(
+                &bin,
+                &as_ci,
+                &["get", "configmaps", "-n", APPS, "-o", "name"],
+            )
+            .await;
+            out.status.success().then(|| stdout(&out))
+        }
+    })
+    .await;
+    assert!(listed.contains("configmap/seed"), "{listed}");
+
+    // In the leaf, the ServiceAccount is who the mapping says: a viewer, named by its root.
+    let (user, groups) = whoami(&bin, &as_ci, &[]).await;
+    assert_eq!(user, format!("tether:root:{ci}"));
+    assert!(groups.contains(&VIEWERS.to_owned()), "{groups:?}");
+    assert!(
+        !groups.iter().any(|g| g.contains("serviceaccounts")),
+        "{groups:?}"
+    );
+    // The leaf's RBAC has the last word: a viewer may not create.
+    let forbidden = kubectl(&bin, &as_ci, &["create", "configmap", "nope", "-n", APPS]).await;
+    let said = stderr(&forbidden);
+    assert!(!forbidden.status.success());
+    assert!(
+        said.contains("is forbidden") && said.contains(&format!("User \"tether:root:{ci}\"")),
+        "the leaf's own 403: {said}"
+    );
+
+    // A root user by client certificate: an editor in the leaf.
+    let (carol_crt, carol_key) = pki.issue("carol", false, &["ops"]);
+    grant(&admin, &ns, "User", "carol", "leaf", "kube").await;
+    let as_carol = write_kubeconfig(
+        dir,
+        "carol",
+        &server,
+        &ca,
+        &[
+            "--client-certificate",
+            carol_crt.to_str().expect("utf-8"),
+            "--client-key",
+            carol_key.to_str().expect("utf-8"),
+        ],
+    );
+    let (user, groups) = whoami(&bin, &as_carol, &[]).await;
+    assert_eq!(user, "tether:root:carol");
+    assert!(groups.contains(&EDITORS.to_owned()), "{groups:?}");
+
+    // Smuggling: kubectl's own impersonation flags change nothing...
+    let smuggled = whoami(
+        &bin,
+        &as_carol,
+        &["--as", "system:admin", "--as-group", "system:masters"],
+    )
+    .await;
+    assert_eq!(smuggled.0, "tether:root:carol");
+    assert!(!smuggled.1.contains(&"system:masters".to_owned()));
+    // ...nor raw headers, nor headers named in Connection, nor an Authorization header.
+    let raw = smuggle_with_curl(&server, &ca, &carol_crt, &carol_key).await;
+    assert_eq!(
+        raw["status"]["userInfo"]["username"], "tether:root:carol",
+        "{raw}"
+    );
+    let raw_groups = raw["status"]["userInfo"]["groups"].to_string();
+    assert!(!raw_groups.contains("system:masters"), "{raw_groups}");
+
+    // A watch sees what is applied after it starts; apply and delete work.
+    let mut watch = tokio::process::Command::new(bin.join("kubectl"))
+        .arg("--kubeconfig")
+        .arg(&as_carol)
+        .args(["get", "configmaps", "-n", APPS, "--watch", "-o", "name"])
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("kubectl watch");
+    let mut lines = BufReader::new(watch.stdout.take().expect("stdout")).lines();
+    let first = lines.next_line().await.expect("read").expect("a line");
+    assert_eq!(first, "configmap/seed");
+    let manifest = dir.join("cm.yaml");
+    std::fs::write(
+        &manifest,
+        format!("apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: through-root, namespace: {APPS}}}\ndata: {{a: b}}\n"),
+    )
+    .expect("manifest");
+    let applied = kubectl(
+        &bin,
+        &as_carol,
+        &["apply", "-f", manifest.to_str().expect("utf-8")],
+    )
+    .await;
+    assert!(applied.status.success(), "apply: {}", stderr(&applied));
+    let seen = lines.next_line().await.expect("read").expect("a line");
+    assert_eq!(seen, "configmap/through-root");
+    let deleted = kubectl(
+        &bin,
+        &as_carol,
+        &["delete", "configmap", "through-root", "-n", APPS],
+    )
+    .await;
+    assert!(deleted.status.success(), "delete: {}", stderr(&deleted));
+    drop(watch);
+
+    // A WebSocket watch, through the root, end to end.
+    let event = websocket_watch(&server, &ca, &carol_crt, &carol_key).await;
+    assert!(event.contains("\"type\":\"ADDED\""), "{event}");
+
+    // A root user the root permits but the leaf does not map is refused in the leaf.
+    let (mallory_crt, mallory_key) = pki.issue("mallory", false, &["system:masters"]);
+    grant(&admin, &ns, "User", "mallory", "leaf", "kube").await;
+    let as_mallory = write_kubeconfig(
+        dir,
+        "mallory",
+        &server,
+        &ca,
+        &[
+            "--client-certificate",
+            mallory_crt.to_str().expect("utf-8"),
+            "--client-key",
+            mallory_key.to_str().expect("utf-8"),
+        ],
+    );
+    let unmapped = kubectl(&bin, &as_mallory, &["get", "configmaps", "-n", APPS]).await;
+    assert!(!unmapped.status.success());
+    assert!(
+        stderr(&unmapped).contains("is not mapped to this cluster"),
+        "{}",
+        stderr(&unmapped)
+    );
+
+    // Every request above left its record on the audit stream.
+    let audit = logs.text();
+    let records: Vec<&str> = audit
+        .lines()
+        .filter(|l| l.contains("tether::audit") && l.contains("via=\"kube\""))
+        .collect();
+    let find = |needles: &[&str]| {
+        records
+            .iter()
+            .any(|r| needles.iter().all(|n| r.contains(n)))
+    };
+    assert!(
+        find(&["decision=\"not_permitted\"", "status=403", &ci]),
+        "{audit}"
+    );
+    assert!(
+        find(&[
+            "who=\"carol\"",
+            "verb=\"create\"",
+            "resource=\"configmaps\""
+        ]) || find(&["who=\"carol\"", "verb=\"patch\""]),
+        "apply: {audit}"
+    );
+    assert!(
+        find(&[
+            "who=\"carol\"",
+            "verb=\"delete\"",
+            "name=\"through-root\"",
+            "status=200"
+        ]),
+        "{audit}"
+    );
+    assert!(
+        find(&["who=\"carol\"", "verb=\"watch\"", "namespace=\"apps\""]),
+        "{audit}"
+    );
+    assert!(
+        find(&["who=\"mallory\"", "status=403", "leaf=\"leaf\""]),
+        "{audit}"
+    );
+    assert!(!audit.contains("Bearer "), "no token in any record");
+}
+
+/// A SelfSubjectReview sent with every header that tries to change who the caller is.
+async fn smuggle_with_curl(server: &str, ca: &Path, crt: &Path, key: &Path) -> serde_json::Value {
+    let url = format!("{server}/clusters/leaf/apis/authentication.k8s.io/v1/selfsubjectreviews");
+    let mut cmd = std::process::Command::new("curl");
+    cmd.args(["-sS", "--http1.1", "-X", "POST", &url])
+        .arg("--cacert")
+        .arg(ca)
+        .arg("--cert")
+        .arg(crt)
+        .arg("--key")
+        .arg(key)
+        .args([
+            "-H",
+            "Content-Type: application/json",
+            "-H",
+            "Impersonate-User: system:admin",
+            "-H",
+            "Impersonate-Group: system:masters",
+            "-H",
+            "Impersonate-Extra-scopes: everything",
+            "-H",
+            "Authorization: Bearer not-a-token",
+            "-H",
+            "Connection: keep-alive, Impersonate-User, Impersonate-Group, Authorization",
+            "-d",
+            r#"{"apiVersion":"authentication.k8s.io/v1","kind":"SelfSubjectReview"}"#,
+        ]);
+    let out = tokio::task::spawn_blocking(move || cmd.output().expect("run curl"))
+        .await
+        .expect("curl task");
+    assert!(out.status.success(), "curl: {}", stderr(&out));
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", stdout(&out)))
+}
+
+/// Opens a WebSocket watch of ConfigMaps in `apps` through the root and returns its first
+/// event.
+async fn websocket_watch(server: &str, ca: &Path, crt: &Path, key: &Path) -> String {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(ca).expect("ca") {
+        roots.add(cert.expect("cert")).expect("add");
+    }
+    let chain = CertificateDer::pem_file_iter(crt)
+        .expect("crt")
+        .collect::<Result<Vec<_>, _>>()
+        .expect("chain");
+    let key = PrivateKeyDer::from_pem_file(key).expect("key");
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)
+        .expect("client auth");
+    let addr = server.trim_start_matches("https://");
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let name = ServerName::try_from("127.0.0.1").expect("name");
+    let mut stream = tokio_rustls::TlsConnector::from(Arc::new(tls))
+        .connect(name, tcp)
+        .await
+        .expect("TLS");
+    let request = format!(
+        "GET /clusters/leaf/api/v1/namespaces/{APPS}/configmaps?watch=true HTTP/1.1\r\n\
+         Host: {addr}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nOrigin: {server}\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    );
+    stream.write_all(request.as_bytes()).await.expect("write");
+    // (The API server's WebSocket library refuses a request without an Origin.)
+    // The 101 head, then one frame (the server's frames are not masked).
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut byte = [0u8; 1];
+        stream.read_exact(&mut byte).await.expect("read head");
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).into_owned();
+    if !head.starts_with("HTTP/1.1 101") {
+        let mut rest = vec![0u8; 2048];
+        let n = stream.read(&mut rest).await.unwrap_or(0);
+        panic!("{head}{}", String::from_utf8_lossy(&rest[..n]));
+    }
+    let mut frame = [0u8; 2];
+    stream.read_exact(&mut frame).await.expect("frame head");
+    let len = match frame[1] & 0x7f {
+        126 => u64::from(stream.read_u16().await.expect("len16")),
+        127 => stream.read_u64().await.expect("len64"),
+        n => u64::from(n),
+    };
+    let mut payload = vec![0u8; len as usize];
+    stream.read_exact(&mut payload).await.expect("payload");
+    String::from_utf8_lossy(&payload).into_owned()
+}
