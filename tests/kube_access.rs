@@ -151,6 +151,20 @@ metadata: {{name: seed, namespace: {APPS}}}
         .await
 }
 
+/// The leaf's control plane, a second one beside the root's, shared by this binary's tests.
+async fn leaf_control_plane() -> &'static ControlPlane {
+    static LEAF: std::sync::OnceLock<ControlPlane> = std::sync::OnceLock::new();
+    tokio::task::spawn_blocking(|| {
+        LEAF.get_or_init(|| ControlPlane::start().expect("the leaf's control plane starts"))
+    })
+    .await
+    .expect("task")
+}
+
+fn leaf_ca_path(leaf: &ControlPlane) -> PathBuf {
+    leaf.dir().join("pki/ca.crt")
+}
+
 fn stderr(output: &Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
 }
@@ -214,16 +228,13 @@ async fn kubectl_reaches_the_leaf_through_the_root_as_the_leaf_maps_it() {
     let logs = LogCapture::default();
     let _guard = logs.install();
     let (root, admin, ns) = crds_and_namespace("kube-access").await;
-    let leaf_cp = tokio::task::spawn_blocking(ControlPlane::start)
-        .await
-        .expect("task")
-        .expect("the leaf's control plane starts");
+    let leaf_cp = leaf_control_plane().await;
     let dir = tempfile::tempdir().expect("tempdir");
     let dir = dir.path();
     let bin = root.bin_dir().to_owned();
 
     // The leaf: its RBAC, and the agent's mapping of root callers.
-    let agent_token = leaf_rbac(&leaf_cp, dir).await;
+    let agent_token = leaf_rbac(leaf_cp, dir).await;
     let ci = format!("system:serviceaccount:{ns}:ci");
     let rules = vec![
         AccessRule {
@@ -239,9 +250,7 @@ async fn kubectl_reaches_the_leaf_through_the_root_as_the_leaf_maps_it() {
     ];
     let token_file = dir.join("agent-token");
     std::fs::write(&token_file, agent_token).expect("token");
-    let leaf_ca = std::fs::read(leaf_cp.dir().join("pki/ca.crt"))
-        .or_else(|_| std::fs::read(leaf_cp.dir().join("ca.crt")))
-        .expect("the leaf's CA");
+    let leaf_ca = std::fs::read(leaf_ca_path(leaf_cp)).expect("the leaf's CA");
     let upstream = KubeUpstream::new(
         leaf_cp.server_url(),
         &leaf_ca,
@@ -569,4 +578,89 @@ async fn websocket_watch(server: &str, ca: &Path, crt: &Path, key: &Path) -> Str
     let mut payload = vec![0u8; len as usize];
     stream.read_exact(&mut payload).await.expect("payload");
     String::from_utf8_lossy(&payload).into_owned()
+}
+
+/// What the README tells an operator to run, as processes: `tether proxy --kube-listen` with a
+/// client CA, `tether agent --kube-access` with its rules, and kubectl with the kubeconfig
+/// `tether kubeconfig` writes.
+#[tokio::test(flavor = "current_thread")]
+async fn proxy_and_agent_processes_serve_kubectl_with_their_kube_flags() {
+    let leaf_cp = leaf_control_plane().await;
+    let files = support::procs::Files::write(&support::pki(), &["proxy-1"]);
+    let dir = files.dir.path();
+    let agent_token = leaf_rbac(leaf_cp, dir).await;
+    std::fs::write(dir.join("agent-token"), agent_token).expect("token");
+    std::fs::write(
+        dir.join("access.yaml"),
+        format!("- users: [carol]\n  leafGroups: [\"{EDITORS}\"]\n"),
+    )
+    .expect("rules");
+    let pki = RootPki::new(dir);
+    let (server_crt, server_key) = pki.issue("proxy", true, &[]);
+    let (carol_crt, carol_key) = pki.issue("carol", false, &[]);
+
+    let (listen, admin, kube) = (
+        support::procs::free_addr(),
+        support::procs::free_addr(),
+        support::procs::free_addr(),
+    );
+    let mut proxy = support::procs::proxy_command(&files, "proxy-1", listen, admin, &[]);
+    proxy
+        .arg("--kube-listen")
+        .arg(kube.to_string())
+        .arg("--kube-tls-cert")
+        .arg(&server_crt)
+        .arg("--kube-tls-key")
+        .arg(&server_key)
+        .arg("--kube-client-ca")
+        .arg(dir.join("ca.crt"));
+    let _proxy = support::procs::spawn(proxy);
+    let path = |name: &str| dir.join(name).to_str().expect("utf-8").to_owned();
+    let _agent = support::procs::spawn_agent(
+        &files,
+        listen,
+        &[
+            "--heartbeat-interval".into(),
+            "200ms".into(),
+            "--kube-access".into(),
+            path("access.yaml"),
+            "--kube-api-server".into(),
+            leaf_cp.server_url().to_owned(),
+            "--kube-ca".into(),
+            leaf_ca_path(leaf_cp).to_str().expect("utf-8").to_owned(),
+            "--kube-token-file".into(),
+            path("agent-token"),
+        ],
+    );
+    let server = format!("https://{kube}");
+    let as_carol = write_kubeconfig(
+        dir,
+        "carol",
+        &server,
+        &dir.join("ca.crt"),
+        &[
+            "--client-certificate",
+            carol_crt.to_str().expect("utf-8"),
+            "--client-key",
+            carol_key.to_str().expect("utf-8"),
+        ],
+    );
+    let bin = leaf_cp.bin_dir().to_owned();
+    let listed = eventually("kubectl through the proxy and agent processes", || {
+        let (bin, as_carol) = (bin.clone(), as_carol.clone());
+        async move {
+            let out = kubectl(
+                &bin,
+                &as_carol,
+                &["get", "configmaps", "-n", APPS, "-o", "name"],
+            )
+            .await;
+            out.status.success().then(|| stdout(&out))
+        }
+    })
+    .await;
+    assert!(listed.contains("configmap/seed"), "{listed}");
+    let (user, groups) = whoami(&bin, &as_carol, &[]).await;
+    assert_eq!(user, "tether:root:carol");
+    assert!(groups.contains(&EDITORS.to_owned()), "{groups:?}");
 }

@@ -190,6 +190,62 @@ fn a_client_entry_without_clients_is_refused() {
 }
 
 #[test]
+fn a_kubernetes_endpoint_without_its_certificate_or_callers_is_refused() {
+    let err = proxy_refused_with(&["--kube-listen", "127.0.0.1:0"]);
+    says(&err, &["--kube-tls-cert", "--kube-tls-key"]);
+    let files = p1_files();
+    let dir = dir_of(&files);
+    std::fs::write(dir.join("kube.crt"), "not a certificate").expect("write");
+    let kube = [
+        "--kube-listen",
+        "127.0.0.1:0",
+        "--kube-tls-cert",
+        "kube.crt",
+        "--kube-tls-key",
+        "kube.key",
+    ];
+    // Nobody could authenticate: no client CA, and no --kubernetes for bearer tokens.
+    let err = fails(dir, &proxy_args("p1", "p1", &kube));
+    says(&err, &["--kube-listen", "--kube-client-ca", "--kubernetes"]);
+    // A certificate file that holds none names the flag and the file.
+    let mut with_ca = kube.to_vec();
+    with_ca.extend(["--kube-client-ca", "kube.crt"]);
+    let err = fails(dir, &proxy_args("p1", "p1", &with_ca));
+    says(&err, &["--kube-tls-cert", "kube.crt"]);
+}
+
+#[test]
+fn an_agent_access_mapping_that_matches_nobody_or_grants_system_groups_is_refused() {
+    let files = Files::write(&tether_pki(), &[]);
+    let dir = dir_of(&files);
+    let mut args = agent_args("127.0.0.1:1").to_vec();
+    args.extend([
+        "--kube-access",
+        "access.yaml",
+        "--kube-api-server",
+        "https://127.0.0.1:1",
+    ]);
+    args.extend([
+        "--kube-ca",
+        "root-ca.pub",
+        "--kube-token-file",
+        "root-ca.pub",
+    ]);
+    let err = fails(dir, &args);
+    says(&err, &["--kube-access access.yaml", "cannot read it"]);
+    std::fs::write(dir.join("access.yaml"), "- leafGroups: [viewers]\n").expect("write");
+    let err = fails(dir, &args);
+    says(&err, &["--kube-access access.yaml", "would match nobody"]);
+    std::fs::write(
+        dir.join("access.yaml"),
+        "- groups: [ops]\n  leafGroups: [system:masters]\n",
+    )
+    .expect("write");
+    let err = fails(dir, &args);
+    says(&err, &["--kube-access access.yaml", "system:masters"]);
+}
+
+#[test]
 fn rbac_dial_authorization_without_kubernetes_is_refused() {
     let err = proxy_refused_with(&["--dial-authorization", "rbac"]);
     says(&err, &["--dial-authorization", "--kubernetes"]);
