@@ -24,7 +24,9 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use support::kube::ControlPlane;
 use support::tunnel_e2e::{crds_and_namespace, eventually, grant};
 use support::{LogCapture, Rig};
-use tether::agent::kube::{AccessRule, Credential, KubeAccess, KubeGateway, KubeUpstream};
+use tether::agent::kube::{
+    AccessRule, Credential, KubeAccess, KubeGateway, KubeUpstream, certificates_from_pem,
+};
 use tether::operator::root::{RbacLeafAccess, TokenReviews};
 use tether::proxy::BearerTokens;
 use tether::proxy::kube_entry::{self, KubeEntryConfig};
@@ -253,7 +255,7 @@ async fn kubectl_reaches_the_leaf_through_the_root_as_the_leaf_maps_it() {
     let leaf_ca = std::fs::read(leaf_ca_path(leaf_cp)).expect("the leaf's CA");
     let upstream = KubeUpstream::new(
         leaf_cp.server_url(),
-        &leaf_ca,
+        certificates_from_pem(&leaf_ca).expect("the leaf's CA"),
         Credential::TokenFile(token_file),
         None,
     )
@@ -261,7 +263,7 @@ async fn kubectl_reaches_the_leaf_through_the_root_as_the_leaf_maps_it() {
     let root_name = tether::protocol::ClusterName::new("root").expect("name");
     let gateway = Arc::new(KubeGateway {
         access: KubeAccess::new(root_name, rules).expect("rules"),
-        upstream,
+        upstream: Arc::new(upstream),
     });
 
     // The root: a proxy whose Kubernetes endpoint takes root client certificates and root

@@ -9,7 +9,9 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::Args;
 
-use tether::agent::kube::{AccessRule, Credential, KubeAccess, KubeGateway, KubeUpstream};
+use tether::agent::kube::{
+    AccessRule, Credential, KubeAccess, KubeGateway, KubeUpstream, certificates_from_pem,
+};
 use tether::protocol::ClusterName;
 
 /// Where a pod finds its ServiceAccount's token and its cluster's CA.
@@ -96,14 +98,14 @@ impl AgentKubeArgs {
             .unwrap_or_else(|| Path::new(SERVICE_ACCOUNT_DIR).join("token"));
         std::fs::metadata(&token)
             .with_context(|| format!("--kube-token-file {}: cannot read it", token.display()))?;
-        let upstream = KubeUpstream::new(&url, &ca, Credential::TokenFile(token), None)
-            .with_context(|| {
-                format!(
-                    "--kube-api-server {url} with --kube-ca {}",
-                    ca_path.display()
-                )
-            })?;
-        Ok(Some(Arc::new(KubeGateway { access, upstream })))
+        let ca = certificates_from_pem(&ca)
+            .with_context(|| format!("--kube-ca {}", ca_path.display()))?;
+        let upstream = KubeUpstream::new(&url, ca, Credential::TokenFile(token), None)
+            .with_context(|| format!("--kube-api-server {url}"))?;
+        Ok(Some(Arc::new(KubeGateway {
+            access,
+            upstream: Arc::new(upstream),
+        })))
     }
 }
 
@@ -142,6 +144,11 @@ pub struct KubeconfigArgs {
     /// The CA (PEM) that signed the endpoint's certificate (or the certificate itself).
     #[arg(long)]
     pub certificate_authority: PathBuf,
+    /// The name the endpoint's certificate carries, when --server is an address it does not
+    /// name (a load balancer's IP): the chart's certificate always names the proxy Service,
+    /// `RELEASE-proxy.NAMESPACE.svc`.
+    #[arg(long)]
+    pub tls_server_name: Option<String>,
     /// Authenticate with the bearer token in FILE (a root ServiceAccount's token, an OIDC ID
     /// token); kubectl reads the file for each request, the kubeconfig holds its path only.
     #[arg(long, conflicts_with_all = ["client_certificate", "client_key"], required_unless_present = "client_certificate")]
@@ -211,13 +218,17 @@ fn kubeconfig(args: &KubeconfigArgs) -> anyhow::Result<String> {
         _ => anyhow::bail!("give --token-file, or --client-certificate with --client-key"),
     };
     use base64::Engine as _;
+    let mut cluster = serde_json::json!({
+        "server": format!("{server}/clusters/{}", args.cluster),
+        "certificate-authority-data": base64::engine::general_purpose::STANDARD.encode(ca),
+    });
+    if let Some(name) = &args.tls_server_name {
+        cluster["tls-server-name"] = name.clone().into();
+    }
     let config = serde_json::json!({
         "apiVersion": "v1",
         "kind": "Config",
-        "clusters": [{ "name": name, "cluster": {
-            "server": format!("{server}/clusters/{}", args.cluster),
-            "certificate-authority-data": base64::engine::general_purpose::STANDARD.encode(ca),
-        }}],
+        "clusters": [{ "name": name, "cluster": cluster }],
         "users": [{ "name": name, "user": user }],
         "contexts": [{ "name": name, "context": { "cluster": name, "user": name } }],
         "current-context": name,

@@ -65,6 +65,14 @@ pub async fn run(args: OperatorArgs) -> anyhow::Result<()> {
         }
         None => kube::Config::infer().await?,
     };
+    // The agents answer the root's Kubernetes requests with the operator's own credentials.
+    let kube_upstream = match tether::operator::kube_upstream::from_config(&config) {
+        Ok(upstream) => Some(upstream),
+        Err(e) => {
+            tracing::warn!(error = %e, "the root's Kubernetes requests will be refused: tunnels with kubeAccess fail");
+            None
+        }
+    };
     let client = api_client::named_client(config, FIELD_MANAGER)?;
     let identity = args
         .identity
@@ -134,6 +142,7 @@ pub async fn run(args: OperatorArgs) -> anyhow::Result<()> {
             leader_election,
             instance: Some(identity),
             metrics,
+            kube_upstream,
         },
         args.status_refresh,
         shutdown,

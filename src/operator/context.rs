@@ -85,6 +85,8 @@ pub struct Context {
     /// Moves when this replica's Lease was renewed after it may have expired, so every status
     /// writer writes its entry again ([`super::liveness::ReplicaLease::run`]).
     epoch: watch::Receiver<u64>,
+    /// How agents reach this cluster's API server for the root's Kubernetes requests.
+    pub kube_upstream: Option<Arc<crate::agent::kube::KubeUpstream>>,
 }
 
 impl Context {
@@ -95,6 +97,7 @@ impl Context {
         replica: String,
         epoch: watch::Receiver<u64>,
         metrics: OperatorMetrics,
+        kube_upstream: Option<Arc<crate::agent::kube::KubeUpstream>>,
     ) -> Self {
         let reporter = Reporter {
             controller: super::FIELD_MANAGER.to_owned(),
@@ -108,6 +111,7 @@ impl Context {
             failures: Backoffs::default(),
             replica,
             epoch,
+            kube_upstream,
         }
     }
 

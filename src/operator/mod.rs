@@ -22,6 +22,7 @@ pub mod crd;
 pub mod endpoints;
 pub mod error;
 pub mod events;
+pub mod kube_upstream;
 pub mod leader;
 pub mod liveness;
 pub mod replicas;
@@ -56,6 +57,10 @@ pub struct OperatorConfig {
     pub instance: Option<String>,
     /// Where the controllers and the agents count; the caller exports it.
     pub metrics: crate::admin::metrics::OperatorMetrics,
+    /// How agents reach this cluster's API server for the root's Kubernetes requests (the
+    /// operator's own credentials, [`kube_upstream::from_config`]); `None` refuses tunnels
+    /// whose `kubeAccess` asks for it.
+    pub kube_upstream: Option<std::sync::Arc<crate::agent::kube::KubeUpstream>>,
 }
 
 impl OperatorConfig {
@@ -139,6 +144,7 @@ pub async fn run_with_refresh(
         replica.clone(),
         epoch_rx,
         config.metrics.clone(),
+        config.kube_upstream.clone(),
     ));
     let lease_stop = CancellationToken::new();
     // The entries go first (the controller withdraws them as it stops), then the Lease.

@@ -13,6 +13,7 @@ use kube::Api;
 use super::crd::ReverseTunnel;
 use super::status::Problem;
 use crate::agent::AgentConfig;
+use crate::agent::kube::{KubeAccess, KubeGateway, KubeUpstream};
 use crate::egress::allow_list::AllowList;
 use crate::identity::{Certificate, Identity, PrivateKey, parse_ca_keys};
 use crate::protocol::ClusterName;
@@ -164,9 +165,37 @@ fn parse_identity(key_text: &str, cert_text: &str, secret: &str) -> Result<Ident
     Ok(Identity { key, certificate })
 }
 
-/// Resolves a spec and its Secrets into what an agent needs.
-pub async fn resolve(rt: &ReverseTunnel, secrets: &Api<Secret>) -> Result<Desired, Unusable> {
+/// The gateway a spec's `kubeAccess` asks for, with the operator's way to its API server.
+fn kube_gateway(
+    rt: &ReverseTunnel,
+    root: &ClusterName,
+    upstream: Option<&Arc<KubeUpstream>>,
+) -> Result<Option<Arc<KubeGateway>>, Unusable> {
+    let rules = &rt.spec.tunnel.kube_access;
+    if rules.is_empty() {
+        return Ok(None);
+    }
+    let access = KubeAccess::new(root.clone(), rules.clone())
+        .map_err(|e| unusable("InvalidKubeAccess", format!("spec.kubeAccess: {e}"), false))?;
+    let upstream = upstream.cloned().ok_or_else(|| {
+        unusable(
+            "KubeAccessUnavailable",
+            "spec.kubeAccess: the operator cannot lend its credentials to the agent (its log says why at start-up)".to_owned(),
+            false,
+        )
+    })?;
+    Ok(Some(Arc::new(KubeGateway { access, upstream })))
+}
+
+/// Resolves a spec and its Secrets into what an agent needs; `upstream` is how its agent
+/// reaches this cluster's API server for the root's Kubernetes requests.
+pub async fn resolve(
+    rt: &ReverseTunnel,
+    secrets: &Api<Secret>,
+    upstream: Option<&Arc<KubeUpstream>>,
+) -> Result<Desired, Unusable> {
     let (root, leaf, allow, heartbeat) = check_spec(rt)?;
+    let kube = kube_gateway(rt, &root, upstream)?;
     let spec = &rt.spec;
     let id_secret = &spec.identity_secret_ref.name;
     let key_text = secret_text(secrets, id_secret, IDENTITY_KEY, "InvalidIdentity").await?;
@@ -192,11 +221,13 @@ pub async fn resolve(rt: &ReverseTunnel, secrets: &Api<Secret>) -> Result<Desire
         &spec.leaf_cluster,
         &spec.tunnel.api_server,
         heartbeat,
+        serde_json::to_string(&spec.tunnel.kube_access).unwrap_or_default(),
     )
         .hash(&mut hasher);
     (key_text.trim(), cert_text.trim(), ca_text.trim()).hash(&mut hasher);
     let config = AgentConfig {
         api_server: spec.tunnel.api_server.clone(),
+        kube,
         heartbeat_interval: heartbeat,
         ..AgentConfig::new(
             leaf,

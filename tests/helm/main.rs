@@ -57,6 +57,12 @@ const BOTH: &[&str] = &[
     "root.enabled=true,root.clusterName=root,root.caSecret=tether-root-ca,leaf.enabled=true",
 ];
 
+/// Values that turn on the Kubernetes API through the root on both sides (#16).
+const KUBE_ACCESS: &[&str] = &[
+    "--set",
+    "root.kube.enabled=true,root.kube.extraSANs={tether.example.com,203.0.113.7},root.kube.clientCASecret=root-client-ca,leaf.kubeAccess.enabled=true,leaf.kubeAccess.groups={tether:admins}",
+];
+
 fn chart() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("charts/tether")
 }

@@ -403,7 +403,11 @@ async fn rendered_manifests_pass_a_server_side_dry_run() {
     let started = Instant::now();
     let cp = support::kube::control_plane().await;
     let ns = cp.new_namespace("helm-dry-run").await;
-    for extra in [&[][..], &["--set", "leaf.watchAllNamespaces=true"][..]] {
+    for extra in [
+        &[][..],
+        &["--set", "leaf.watchAllNamespaces=true"][..],
+        KUBE_ACCESS,
+    ] {
         let text = render_text(cp, "tether", &ns, &concat(&[BOTH, extra]));
         let count = parse_docs(&text).len();
         let file = tempfile::NamedTempFile::new().expect("temp file");
@@ -512,4 +516,82 @@ fn assert_whole_sentences(kind: &str, schema: &Value) {
         Value::Array(items) => items.iter().for_each(|v| assert_whole_sentences(kind, v)),
         _ => {}
     }
+}
+
+/// The Kubernetes API through the root, as the chart sets it up (#16): the proxies listen on
+/// `root.kube.port` with a certificate the chart makes for the Service's names and the extra
+/// ones (its CA in the same Secret, for `tether kubeconfig`), the Service carries the port,
+/// client certificates of `clientCASecret` are accepted, and the operator may impersonate
+/// users and only the listed groups. Off by default: no impersonation, no endpoint.
+#[tokio::test]
+async fn the_kubernetes_endpoint_and_impersonation_render_only_when_asked() {
+    let cp = support::kube::control_plane().await;
+    let off = render(cp, "tether", "tether", BOTH);
+    assert!(
+        !off.iter().any(|d| d["metadata"]["name"]
+            .as_str()
+            .is_some_and(|n| n.ends_with("-impersonate") || n.ends_with("-kube-tls"))),
+        "nothing of it by default"
+    );
+    let docs = render(cp, "tether", "tether", &concat(&[BOTH, KUBE_ACCESS]));
+    let deployment = find(&docs, "Deployment", "tether-proxy");
+    let container = &deployment["spec"]["template"]["spec"]["containers"][0];
+    let args = strings(&container["args"]).join(" ");
+    for flag in [
+        "--kube-listen 0.0.0.0:6443",
+        "--kube-tls-cert /etc/tether/kube-tls/tls.crt",
+        "--kube-tls-key /etc/tether/kube-tls/tls.key",
+        "--kube-client-ca /etc/tether/kube-client-ca/ca.crt",
+    ] {
+        assert!(args.contains(flag), "{flag} in {args}");
+    }
+    let service = find(&docs, "Service", "tether-proxy");
+    assert!(
+        service["spec"]["ports"]
+            .as_array()
+            .expect("ports")
+            .iter()
+            .any(|p| p["name"] == "kube" && p["port"] == 6443),
+        "{service}"
+    );
+    let secret = find(&docs, "Secret", "tether-proxy-kube-tls");
+    use base64::Engine as _;
+    let pem = base64::engine::general_purpose::STANDARD
+        .decode(secret["data"]["tls.crt"].as_str().expect("tls.crt"))
+        .expect("base64");
+    let (_, pem) = x509_parser::pem::parse_x509_pem(&pem).expect("PEM");
+    let cert = pem.parse_x509().expect("certificate");
+    let sans = format!(
+        "{:?}",
+        cert.subject_alternative_name().expect("SAN").expect("SAN")
+    );
+    for name in [
+        "tether-proxy.tether.svc",
+        "tether.example.com",
+        "203.0.113.7",
+    ] {
+        let wanted = if name.starts_with("203") {
+            "203, 0, 113, 7".to_owned()
+        } else {
+            name.to_owned()
+        };
+        assert!(sans.contains(&wanted), "{name} in {sans}");
+    }
+    assert!(
+        secret["data"]["ca.crt"].is_string(),
+        "the CA for tether kubeconfig"
+    );
+    let role = find(&docs, "ClusterRole", "tether-operator-tether-impersonate");
+    let rules = role["rules"].as_array().expect("rules");
+    assert!(
+        rules
+            .iter()
+            .all(|r| strings(&r["verbs"]) == ["impersonate"]),
+        "{role}"
+    );
+    let groups = rules
+        .iter()
+        .find(|r| strings(&r["resources"]) == ["groups"])
+        .expect("groups");
+    assert_eq!(strings(&groups["resourceNames"]), ["tether:admins"]);
 }

@@ -28,9 +28,14 @@ async fn in_kubernetes_works_as_written() {
 
     let section = Section::read("## In Kubernetes");
     let ports = section.announced_ports();
-    assert_eq!(ports, [3024], "the port the README says the test changes");
-    let (script, mut held) = section.script(&ports);
-    let balancer = held.pop().expect("the load balancer's port");
+    assert_eq!(
+        ports,
+        [3024, 6443],
+        "the ports the README says the test changes"
+    );
+    let (script, held) = section.script(&ports);
+    // The root's load balancer: the tunnel port and the Kubernetes endpoint's.
+    let balancers = ports.iter().copied().zip(held).collect();
 
     // The README runs from the checkout: the chart and the examples, in a directory of its own.
     let dir = tempfile::tempdir().expect("temp dir");
@@ -50,8 +55,8 @@ async fn in_kubernetes_works_as_written() {
         ],
     };
     let pods = tempfile::tempdir().expect("pods dir");
-    let _root_node = Node::start(root, &pods.path().join("root"), Some(balancer));
-    let _leaf_node = Node::start(leaf, &pods.path().join("leaf"), None);
+    let _root_node = Node::start(root, &pods.path().join("root"), balancers);
+    let _leaf_node = Node::start(leaf, &pods.path().join("leaf"), Default::default());
 
     let started = std::time::Instant::now();
     let run = tokio::task::spawn_blocking(move || Run::execute_in(dir, &script, &shell, DEADLINE))
@@ -79,6 +84,13 @@ async fn in_kubernetes_works_as_written() {
         .find(|l| l.starts_with("leaf-1 "))
         .unwrap_or_else(|| panic!("no RemoteCluster row\n{}", run.report()));
     assert!(leaf_row.contains("Online"), "{leaf_row}\n{}", run.report());
+    // kubectl on the leaf through the root: the leaf's API server saw the mapped identity.
+    assert!(
+        run.transcript()
+            .contains("tether:root:system:serviceaccount:tether-system:ci"),
+        "kubectl auth whoami through the root\n{}",
+        run.report()
+    );
     // The hand-written tunnel of `leaf-2`, admitted by the RemoteCluster the README writes.
     let by_hand = run
         .transcript()

@@ -11,8 +11,8 @@
 //!            IP:CONTAINER_PORT → 127.0.0.1:FREE_PORT (the pod's own network namespace)
 //!     env    fieldRefs resolved; KUBECONFIG: the pod's ServiceAccount token (TokenRequest)
 //!   Service ─► EndpointSlice per pod (ready; TEST-NET address, the apiserver refuses loopback)
-//!   Service type LoadBalancer ─► TCP balancer on the listener the test holds, random backend;
-//!            status.loadBalancer.ingress = 127.0.0.1
+//!   Service type LoadBalancer ─► a TCP balancer per Service port on the listener the test
+//!            holds for that port number, random backend; status.loadBalancer.ingress = 127.0.0.1
 //! ```
 //!
 //! It polls the API server (a reconcile loop, as kubelets and controllers resync): nothing in
@@ -69,14 +69,19 @@ struct PodProcess {
 
 impl Node {
     /// Starts playing the node for `cp`, writing pod files and logs under `dir`; a Service of
-    /// type LoadBalancer is served on `balancer` (at most one; `None`: none expected).
-    pub fn start(cp: &'static ControlPlane, dir: &Path, balancer: Option<StdListener>) -> Node {
+    /// type LoadBalancer is served on `balancers`: each of its ports on the listener held for
+    /// that port number (at most one such Service; none: none expected).
+    pub fn start(
+        cp: &'static ControlPlane,
+        dir: &Path,
+        balancers: BTreeMap<u16, StdListener>,
+    ) -> Node {
         let stop = CancellationToken::new();
         let state = State {
             cp,
             client: cp.kube_client(),
             dir: dir.to_path_buf(),
-            balancer,
+            balancers,
             started: BTreeSet::new(),
             pods: BTreeMap::new(),
             served: BTreeSet::new(),
@@ -95,8 +100,8 @@ struct State {
     client: Client,
     /// Where pods' files and logs go.
     dir: PathBuf,
-    /// The listener of the one load balancer, until a Service takes it.
-    balancer: Option<StdListener>,
+    /// The listeners of the one load balancer by Service port, until a Service takes them.
+    balancers: BTreeMap<u16, StdListener>,
     /// Deployments (`ns/name`) whose pods run.
     started: BTreeSet<String>,
     /// Running pods by namespace.
@@ -296,7 +301,8 @@ impl State {
             return Ok(());
         }
         let slices = Api::<EndpointSlice>::namespaced(self.client.clone(), &ns);
-        let mut backends = Vec::new();
+        // Service port → the pods' loopback ports behind it.
+        let mut backends: BTreeMap<u16, Vec<SocketAddr>> = BTreeMap::new();
         for (i, pod) in pods.iter().enumerate() {
             let ports: Vec<Value> = spec["ports"]
                 .as_array()
@@ -314,16 +320,14 @@ impl State {
                                 .to_string()
                         });
                     let host = *pod.ports.get(&target)?;
+                    let service_port = p["port"].as_u64().and_then(|p| u16::try_from(p).ok())?;
+                    backends
+                        .entry(service_port)
+                        .or_default()
+                        .push(SocketAddr::new([127, 0, 0, 1].into(), host));
                     Some(json!({"name": p["name"], "port": host, "protocol": "TCP"}))
                 })
                 .collect();
-            if let Some(port) = ports
-                .first()
-                .and_then(|p| p["port"].as_u64())
-                .and_then(|p| u16::try_from(p).ok())
-            {
-                backends.push(SocketAddr::new([127, 0, 0, 1].into(), port));
-            }
             let slice: EndpointSlice = serde_json::from_value(json!({
                 "metadata": {"name": label(&pod.name), "labels": {"kubernetes.io/service-name": name}},
                 "addressType": "IPv4",
@@ -343,16 +347,20 @@ impl State {
             }
         }
         if spec["type"] == "LoadBalancer" {
-            if backends.is_empty() {
-                return Err(format!("{key}: no pod port for its load balancer"));
+            if self.balancers.is_empty() {
+                return Err(format!("a second LoadBalancer Service: {key}"));
             }
-            let listener = self
-                .balancer
-                .take()
-                .ok_or(format!("a second LoadBalancer Service: {key}"))?;
-            listener.set_nonblocking(true).map_err(|e| e.to_string())?;
-            let listener = TcpListener::from_std(listener).map_err(|e| e.to_string())?;
-            self.tasks.spawn(balance(listener, backends));
+            for (port, pods) in backends {
+                let Some(listener) = self.balancers.remove(&port) else {
+                    continue;
+                };
+                listener.set_nonblocking(true).map_err(|e| e.to_string())?;
+                let listener = TcpListener::from_std(listener).map_err(|e| e.to_string())?;
+                self.tasks.spawn(balance(listener, pods));
+            }
+            if !self.balancers.is_empty() {
+                return Err(format!("{key}: no pod port for its load balancer's ports"));
+            }
             Api::<Service>::namespaced(self.client.clone(), &ns)
                 .patch_status(
                     &name,

@@ -285,6 +285,12 @@ pub fn start_operator_counting(
         }),
         instance: Some("test".into()),
         metrics,
+        // The agents lend the operator's own credentials for the root's Kubernetes requests,
+        // as in a pod (the example TrustedCluster maps a root caller).
+        kube_upstream: tether::operator::kube_upstream::from_config(
+            &super::kube::control_plane_blocking().kube_config(),
+        )
+        .ok(),
     };
     let stop = shutdown.clone();
     tokio::spawn(async move {

@@ -131,3 +131,8 @@ seccompProfile:
     fieldRef:
       fieldPath: status.podIP
 {{- end }}
+
+{{/* The Secret holding the proxies' Kubernetes endpoint certificate (root.kube). */}}
+{{- define "tether.proxy.kubeTlsSecret" -}}
+{{- default (printf "%s-kube-tls" (include "tether.proxy.fullname" .)) .Values.root.kube.tlsSecret }}
+{{- end }}

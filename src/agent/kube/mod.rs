@@ -12,7 +12,9 @@ mod access;
 mod upstream;
 
 pub use access::{AccessRule, AccessRuleError, Impersonation, KubeAccess, USER_PREFIX};
-pub use upstream::{ClientCertificatePem, Credential, KubeUpstream, UpstreamError};
+pub use upstream::{
+    ClientCertificate, Credential, KubeUpstream, UpstreamError, certificates_from_pem,
+};
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -45,8 +47,9 @@ type Body = BoxBody<Bytes, hyper::Error>;
 pub struct KubeGateway {
     /// Who root callers become here.
     pub access: KubeAccess,
-    /// The leaf's API server, and the agent's credential there.
-    pub upstream: KubeUpstream,
+    /// The leaf's API server, and the agent's credential there (one for every tunnel of an
+    /// operator).
+    pub upstream: Arc<KubeUpstream>,
 }
 
 /// Serves one stream: reads its caller, then answers its HTTP requests until it ends.

@@ -47,10 +47,34 @@ pub enum UpstreamError {
     ClientCertificate(String),
 }
 
-/// What a TLS client certificate is made of, in PEM.
-pub struct ClientCertificatePem {
-    pub certificate: Vec<u8>,
-    pub key: Vec<u8>,
+/// A TLS client certificate (its chain) and its key.
+pub struct ClientCertificate {
+    pub chain: Vec<CertificateDer<'static>>,
+    pub key: PrivateKeyDer<'static>,
+}
+
+impl ClientCertificate {
+    /// Reads a certificate chain and a key, both PEM.
+    pub fn from_pem(certificate: &[u8], key: &[u8]) -> Result<Self, UpstreamError> {
+        let bad = |e: rustls_pki_types::pem::Error| UpstreamError::ClientCertificate(e.to_string());
+        Ok(Self {
+            chain: CertificateDer::pem_slice_iter(certificate)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(bad)?,
+            key: PrivateKeyDer::from_pem_slice(key).map_err(bad)?,
+        })
+    }
+}
+
+/// The certificates of a PEM file (a CA bundle).
+pub fn certificates_from_pem(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, UpstreamError> {
+    let certificates = CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| UpstreamError::Ca(e.to_string()))?;
+    if certificates.is_empty() {
+        return Err(UpstreamError::Ca("no PEM certificate in it".into()));
+    }
+    Ok(certificates)
 }
 
 /// The agent's way to its API server.
@@ -73,12 +97,12 @@ impl fmt::Debug for KubeUpstream {
 }
 
 impl KubeUpstream {
-    /// A client of the API server at `url`, trusting the CA certificates of `ca_pem` alone.
+    /// A client of the API server at `url`, trusting the CA certificates `ca` alone.
     pub fn new(
         url: &str,
-        ca_pem: &[u8],
+        ca: Vec<CertificateDer<'static>>,
         credential: Credential,
-        client_certificate: Option<ClientCertificatePem>,
+        client_certificate: Option<ClientCertificate>,
     ) -> Result<Self, UpstreamError> {
         let base: Uri = url
             .trim_end_matches('/')
@@ -88,8 +112,7 @@ impl KubeUpstream {
             return Err(UpstreamError::Url(url.to_owned()));
         }
         let mut roots = rustls::RootCertStore::empty();
-        for cert in CertificateDer::pem_slice_iter(ca_pem) {
-            let cert = cert.map_err(|e| UpstreamError::Ca(e.to_string()))?;
+        for cert in ca {
             roots
                 .add(cert)
                 .map_err(|e| UpstreamError::Ca(e.to_string()))?;
@@ -104,16 +127,9 @@ impl KubeUpstream {
             .with_root_certificates(roots);
         let tls = match client_certificate {
             None => builder.with_no_client_auth(),
-            Some(pem) => {
-                let chain = CertificateDer::pem_slice_iter(&pem.certificate)
-                    .collect::<Result<Vec<_>, _>>()
-                    .map_err(|e| UpstreamError::ClientCertificate(e.to_string()))?;
-                let key = PrivateKeyDer::from_pem_slice(&pem.key)
-                    .map_err(|e| UpstreamError::ClientCertificate(e.to_string()))?;
-                builder
-                    .with_client_auth_cert(chain, key)
-                    .map_err(|e| UpstreamError::ClientCertificate(e.to_string()))?
-            }
+            Some(client) => builder
+                .with_client_auth_cert(client.chain, client.key)
+                .map_err(|e| UpstreamError::ClientCertificate(e.to_string()))?,
         };
         let connector = HttpsConnectorBuilder::new()
             .with_tls_config(tls)

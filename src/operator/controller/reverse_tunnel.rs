@@ -157,7 +157,7 @@ async fn apply(rt: &ReverseTunnel, ctx: &Context) -> Result<Action> {
     let key = ObjectRef::from_obj(rt);
     let namespace = rt.namespace().unwrap_or_default();
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
-    match resolve(rt, &secrets).await {
+    match resolve(rt, &secrets, ctx.kube_upstream.as_ref()).await {
         Ok(desired) => {
             ctx.ensure_running(rt, desired).join().await;
             ctx.failures.succeeded(&key);

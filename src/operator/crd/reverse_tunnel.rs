@@ -123,6 +123,14 @@ pub struct TunnelSettings {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 3, max = 261))]
     pub api_server: Option<String>,
+    /// Root callers who may use this cluster's Kubernetes API through the root, and who they
+    /// are here: each rule names root `users` and/or `groups` and the `leafGroups` they act
+    /// in (bind Roles to those). The agent impersonates `tether:ROOT:USER` in those groups
+    /// with the operator's own credentials; callers no rule names are refused. Empty: the
+    /// root's Kubernetes requests are refused.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
+    pub kube_access: Vec<crate::agent::kube::AccessRule>,
     /// How often the agent and proxy exchange heartbeats (`15s`, `1m`). Keep it below every
     /// load balancer's idle timeout; a tunnel silent for 3 intervals is replaced.
     #[serde(default = "default_heartbeat_interval")]
