@@ -31,6 +31,11 @@ use tether::operator::root::{RbacLeafAccess, TokenReviews};
 use tether::proxy::BearerTokens;
 use tether::proxy::kube_entry::{self, KubeEntryConfig};
 
+/// The in-process tests one at a time: the first reads audit records from a log capture scoped
+/// to its thread, and another emitting the same records beside it without one made the
+/// capture miss them (tracing caches a callsite's interest across threads).
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// The leaf namespace the tests work in, and the groups the mapping grants there.
 const APPS: &str = "apps";
 const EDITORS: &str = "tether:editors";
@@ -227,6 +232,7 @@ async fn whoami(bin: &Path, kubeconfig: &Path, extra: &[&str]) -> (String, Vec<S
 
 #[tokio::test(flavor = "current_thread")]
 async fn kubectl_reaches_the_leaf_through_the_root_as_the_leaf_maps_it() {
+    let _serial = SERIAL.lock().await;
     let logs = LogCapture::default();
     let _guard = logs.install();
     let (root, admin, ns) = crds_and_namespace("kube-access").await;
@@ -486,6 +492,17 @@ async fn kubectl_reaches_the_leaf_through_the_root_as_the_leaf_maps_it() {
         "{audit}"
     );
     assert!(!audit.contains("Bearer "), "no token in any record");
+    // And the counts, by decision only (a bounded set of labels).
+    let counted = |decision: &str| {
+        let labels = vec![("decision", decision.to_owned())];
+        rig.proxy
+            .shared()
+            .metrics
+            .kube_requests
+            .get_or_create(&labels)
+            .get()
+    };
+    assert!(counted("not_permitted") >= 1 && counted("ok") >= 10);
 }
 
 /// A SelfSubjectReview sent with every header that tries to change who the caller is.
@@ -665,4 +682,69 @@ async fn proxy_and_agent_processes_serve_kubectl_with_their_kube_flags() {
     let (user, groups) = whoami(&bin, &as_carol, &[]).await;
     assert_eq!(user, "tether:root:carol");
     assert!(groups.contains(&EDITORS.to_owned()), "{groups:?}");
+}
+
+/// The endpoint is a public listener: a client that sends one byte and stops is closed at the
+/// handshake deadline, one address holds at most its share of connections, and nobody gets a
+/// stream to a leaf without authenticating (a 401, and no audit of a leaf reached).
+#[tokio::test]
+async fn the_endpoint_bounds_strangers_before_they_authenticate() {
+    let _serial = SERIAL.lock().await;
+    let logs = LogCapture::default();
+    let _guard = logs.install();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pki = RootPki::new(dir.path());
+    let (crt, key) = pki.issue("proxy", true, &[]);
+    let rig = Rig::start(&[], |_| {}, |_| {}).await;
+    let config = KubeEntryConfig {
+        max_connections_per_ip: 2,
+        handshake_timeout: std::time::Duration::from_millis(300),
+        ..KubeEntryConfig::new(kube_entry::server_config(&crt, &key, None).expect("tls"))
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(kube_entry::serve(
+        listener,
+        config,
+        rig.proxy.dialer(),
+        std::future::pending::<()>(),
+    ));
+
+    // Without credentials: 401, as a Kubernetes Status.
+    let out = tokio::task::spawn_blocking({
+        let ca = dir.path().join("ca.crt");
+        move || {
+            std::process::Command::new("curl")
+                .args(["-sS", "--cacert"])
+                .arg(ca)
+                .arg(format!("https://{addr}/clusters/leaf/api/v1/namespaces"))
+                .output()
+                .expect("curl")
+        }
+    })
+    .await
+    .expect("curl task");
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).expect("a Status");
+    assert_eq!(status["code"], 401, "{status}");
+    logs.wait_for("decision=\"unauthenticated\"").await;
+
+    // One byte, then silence: closed once the handshake deadline passes.
+    let mut slow = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    slow.write_all(&[0x16]).await.expect("one byte");
+    let mut buf = [0u8; 64];
+    let read = tokio::time::timeout(std::time::Duration::from_secs(10), slow.read(&mut buf))
+        .await
+        .expect("closed within the deadline, not held");
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+
+    // Two connections held from one address: a third is closed at once.
+    let _a = tokio::net::TcpStream::connect(addr).await.expect("a");
+    let _b = tokio::net::TcpStream::connect(addr).await.expect("b");
+    let mut third = tokio::net::TcpStream::connect(addr).await.expect("c");
+    let read = tokio::time::timeout(std::time::Duration::from_secs(5), third.read(&mut buf))
+        .await
+        .expect("the third is closed, not served");
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
 }

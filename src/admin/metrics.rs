@@ -41,6 +41,9 @@ pub struct ProxyMetrics {
     pub handshakes_peak: Gauge,
     /// Join exchanges served, by outcome (`joined` or a refusal reason: a fixed set).
     pub joins: Family<Labels, Counter>,
+    /// Kubernetes API requests through the root, by decision (`ok`, or why the root refused
+    /// or failed: a fixed set; what the leaf answered is in the audit record).
+    pub kube_requests: Family<Labels, Counter>,
 }
 
 impl ProxyMetrics {
@@ -74,6 +77,11 @@ impl ProxyMetrics {
             self.handshakes_peak.clone(),
         );
         r.register("joins", "Join exchanges, by outcome", self.joins.clone());
+        r.register(
+            "kube_requests",
+            "Kubernetes API requests through the root, by decision",
+            self.kube_requests.clone(),
+        );
     }
 }
 

@@ -116,6 +116,11 @@ impl Dialer for ProxyDialer {
 }
 
 impl ProxyDialer {
+    /// The proxy's metrics, for the entries that count their own requests.
+    pub(super) fn metrics(&self) -> &crate::admin::metrics::ProxyMetrics {
+        &self.shared.metrics
+    }
+
     /// One more dial with this outcome in `tether_proxy_dials_total`.
     fn count(&self, outcome: &str) {
         self.shared

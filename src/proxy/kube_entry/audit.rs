@@ -12,7 +12,11 @@ use std::time::Instant;
 use bytes::Bytes;
 use hyper::body::{Body, Frame, SizeHint};
 
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+
 use super::request_info::RequestInfo;
+use crate::admin::metrics::{Labels, label};
 use crate::protocol::ClusterName;
 use crate::proxy::access::Who;
 use crate::proxy::audit::TARGET;
@@ -29,6 +33,8 @@ pub struct KubeAudit {
     pub info: RequestInfo,
     /// How it ended; set once the answer is known.
     outcome: Mutex<Outcome>,
+    /// `tether_proxy_kube_requests_total`, counted with the record.
+    counted: Family<Labels, Counter>,
     started: Instant,
     up: AtomicU64,
     down: AtomicU64,
@@ -46,13 +52,18 @@ struct Outcome {
 }
 
 impl KubeAudit {
-    pub fn start(from: SocketAddr, info: RequestInfo) -> Self {
+    pub fn start(from: SocketAddr, info: RequestInfo, counted: Family<Labels, Counter>) -> Self {
         Self {
+            counted,
             who: None,
             from,
             leaf: None,
             info,
-            outcome: Mutex::default(),
+            // Until it ends otherwise: the client went away while the root was still deciding.
+            outcome: Mutex::new(Outcome {
+                decision: "abandoned",
+                ..Outcome::default()
+            }),
             started: Instant::now(),
             up: AtomicU64::new(0),
             down: AtomicU64::new(0),
@@ -80,6 +91,9 @@ impl Drop for KubeAudit {
     fn drop(&mut self) {
         let who = self.who.as_ref();
         let outcome = std::mem::take(self.outcome.get_mut().unwrap_or_else(|p| p.into_inner()));
+        self.counted
+            .get_or_create(&label("decision", outcome.decision))
+            .inc();
         tracing::info!(
             target: TARGET,
             who = who.map_or("", |w| w.user.as_str()),

@@ -51,7 +51,11 @@ pub(super) async fn handle(
     let accept = accept.as_ref();
     let Some((leaf, rest)) = route(&path) else {
         let info = RequestInfo::parse(request.method(), &path, false);
-        let mut audit = KubeAudit::start(connection.from, info);
+        let mut audit = KubeAudit::start(
+            connection.from,
+            info,
+            entry.dialer.metrics().kube_requests.clone(),
+        );
         return refuse(
             &mut audit,
             (StatusCode::NOT_FOUND, accept),
@@ -60,7 +64,11 @@ pub(super) async fn handle(
         );
     };
     let info = RequestInfo::parse(request.method(), rest, asks_to_watch(query));
-    let mut audit = KubeAudit::start(connection.from, info);
+    let mut audit = KubeAudit::start(
+        connection.from,
+        info,
+        entry.dialer.metrics().kube_requests.clone(),
+    );
     let Ok(leaf) = ClusterName::new(leaf) else {
         return refuse(
             &mut audit,
