@@ -208,6 +208,25 @@ fn write_kubeconfig(dir: &Path, name: &str, server: &str, ca: &Path, user: &[&st
     out
 }
 
+/// [`write_kubeconfig`] for a caller with a client certificate.
+fn cert_kubeconfig(
+    dir: &Path,
+    name: &str,
+    server: &str,
+    ca: &Path,
+    crt: &Path,
+    key: &Path,
+) -> PathBuf {
+    let (crt, key) = (crt.to_str().expect("utf-8"), key.to_str().expect("utf-8"));
+    write_kubeconfig(
+        dir,
+        name,
+        server,
+        ca,
+        &["--client-certificate", crt, "--client-key", key],
+    )
+}
+
 /// What the leaf's API server says the caller is (SelfSubjectReview).
 async fn whoami(bin: &Path, kubeconfig: &Path, extra: &[&str]) -> (String, Vec<String>) {
     let mut args = vec!["auth", "whoami", "-o", "json"];
@@ -354,18 +373,7 @@ async fn kubectl_reaches_the_leaf_through_the_root_as_the_leaf_maps_it() {
     // A root user by client certificate: an editor in the leaf.
     let (carol_crt, carol_key) = pki.issue("carol", false, &["ops"]);
     grant(&admin, &ns, "User", "carol", "leaf", "kube").await;
-    let as_carol = write_kubeconfig(
-        dir,
-        "carol",
-        &server,
-        &ca,
-        &[
-            "--client-certificate",
-            carol_crt.to_str().expect("utf-8"),
-            "--client-key",
-            carol_key.to_str().expect("utf-8"),
-        ],
-    );
+    let as_carol = cert_kubeconfig(dir, "carol", &server, &ca, &carol_crt, &carol_key);
     let (user, groups) = whoami(&bin, &as_carol, &[]).await;
     assert_eq!(user, "tether:root:carol");
     assert!(groups.contains(&EDITORS.to_owned()), "{groups:?}");
@@ -431,18 +439,7 @@ async fn kubectl_reaches_the_leaf_through_the_root_as_the_leaf_maps_it() {
     // A root user the root permits but the leaf does not map is refused in the leaf.
     let (mallory_crt, mallory_key) = pki.issue("mallory", false, &["system:masters"]);
     grant(&admin, &ns, "User", "mallory", "leaf", "kube").await;
-    let as_mallory = write_kubeconfig(
-        dir,
-        "mallory",
-        &server,
-        &ca,
-        &[
-            "--client-certificate",
-            mallory_crt.to_str().expect("utf-8"),
-            "--client-key",
-            mallory_key.to_str().expect("utf-8"),
-        ],
-    );
+    let as_mallory = cert_kubeconfig(dir, "mallory", &server, &ca, &mallory_crt, &mallory_key);
     let unmapped = kubectl(&bin, &as_mallory, &["get", "configmaps", "-n", APPS]).await;
     assert!(!unmapped.status.success());
     assert!(
@@ -652,17 +649,13 @@ async fn proxy_and_agent_processes_serve_kubectl_with_their_kube_flags() {
         ],
     );
     let server = format!("https://{kube}");
-    let as_carol = write_kubeconfig(
+    let as_carol = cert_kubeconfig(
         dir,
         "carol",
         &server,
         &dir.join("ca.crt"),
-        &[
-            "--client-certificate",
-            carol_crt.to_str().expect("utf-8"),
-            "--client-key",
-            carol_key.to_str().expect("utf-8"),
-        ],
+        &carol_crt,
+        &carol_key,
     );
     let bin = leaf_cp.bin_dir().to_owned();
     let listed = eventually("kubectl through the proxy and agent processes", || {

@@ -90,54 +90,69 @@ pub fn asks_to_watch(query: Option<&str>) -> bool {
 mod tests {
     use super::*;
 
-    fn info(method: Method, path: &str, watch: bool) -> (String, String, String, String, String) {
-        let i = RequestInfo::parse(&method, path, watch);
-        (i.verb, i.resource, i.subresource, i.namespace, i.name)
-    }
-
-    fn t(v: &str, r: &str, s: &str, ns: &str, n: &str) -> (String, String, String, String, String) {
-        (v.into(), r.into(), s.into(), ns.into(), n.into())
-    }
-
     #[test]
     fn reads_verbs_and_objects_as_the_api_server_does() {
-        assert_eq!(
-            info(Method::GET, "/api/v1/namespaces/default/pods", false),
-            t("list", "pods", "", "default", "")
-        );
-        assert_eq!(
-            info(Method::GET, "/api/v1/namespaces/default/pods", true),
-            t("watch", "pods", "", "default", "")
-        );
-        assert_eq!(
-            info(Method::GET, "/api/v1/namespaces/a/pods/p/log", false),
-            t("get", "pods", "log", "a", "p")
-        );
-        assert_eq!(
-            info(Method::POST, "/api/v1/namespaces/a/pods/p/exec", false),
-            t("connect", "pods", "exec", "a", "p")
-        );
-        assert_eq!(
-            info(
+        // (method, path, watch) → "verb resource subresource namespace name"
+        let cases = [
+            (
+                Method::GET,
+                "/api/v1/namespaces/default/pods",
+                false,
+                "list pods - default -",
+            ),
+            (
+                Method::GET,
+                "/api/v1/namespaces/default/pods",
+                true,
+                "watch pods - default -",
+            ),
+            (
+                Method::GET,
+                "/api/v1/namespaces/a/pods/p/log",
+                false,
+                "get pods log a p",
+            ),
+            (
+                Method::POST,
+                "/api/v1/namespaces/a/pods/p/exec",
+                false,
+                "connect pods exec a p",
+            ),
+            (
                 Method::PATCH,
                 "/apis/apps/v1/namespaces/a/deployments/d",
-                false
+                false,
+                "patch deployments.apps - a d",
             ),
-            t("patch", "deployments.apps", "", "a", "d")
-        );
-        assert_eq!(
-            info(Method::GET, "/api/v1/namespaces/kube-system", false),
-            t("get", "namespaces", "", "", "kube-system")
-        );
-        assert_eq!(
-            info(Method::DELETE, "/api/v1/namespaces/a/configmaps", false),
-            t("deletecollection", "configmaps", "", "a", "")
-        );
-        assert_eq!(
-            info(Method::GET, "/version", false),
-            t("get", "", "", "", "")
-        );
-        assert_eq!(info(Method::GET, "/apis", false), t("get", "", "", "", ""));
+            (
+                Method::GET,
+                "/api/v1/namespaces/kube-system",
+                false,
+                "get namespaces - - kube-system",
+            ),
+            (
+                Method::DELETE,
+                "/api/v1/namespaces/a/configmaps",
+                false,
+                "deletecollection configmaps - a -",
+            ),
+            (Method::GET, "/version", false, "get - - - -"),
+            (Method::GET, "/apis", false, "get - - - -"),
+        ];
+        for (method, path, watch, expected) in cases {
+            let i = RequestInfo::parse(&method, path, watch);
+            let field = |f: &str| {
+                if f.is_empty() {
+                    "-".to_owned()
+                } else {
+                    f.to_owned()
+                }
+            };
+            let read = [&i.verb, &i.resource, &i.subresource, &i.namespace, &i.name]
+                .map(|f| field(f))
+                .join(" ");
+            assert_eq!(read, expected, "{method} {path}");
+        }
         assert!(asks_to_watch(Some("labelSelector=a&watch=true")));
         assert!(!asks_to_watch(Some("watchx=true")));
     }
