@@ -500,6 +500,21 @@ async fn kubectl_reaches_the_leaf_through_the_root_as_the_leaf_maps_it() {
             .get()
     };
     assert!(counted("not_permitted") >= 1 && counted("ok") >= 10);
+
+    // A watch whose tunnel dies ends, and not as if the API server had ended it: the chunked
+    // response is cut off without its last chunk, so the client sees an error and re-watches.
+    let tunnels = rig.proxy.shared().sites.tunnels_of(&support::leaf());
+    let cut = async {
+        for tunnel in &tunnels {
+            tunnel.disconnect("the test cuts the tunnel").await;
+        }
+    };
+    let rest = watch_cut(&server, &ca, &carol_crt, &carol_key, cut).await;
+    assert!(
+        !rest.ends_with(b"0\r\n\r\n"),
+        "a clean end: {}",
+        String::from_utf8_lossy(&rest)
+    );
 }
 
 /// A SelfSubjectReview sent with every header that tries to change who the caller is.
@@ -538,7 +553,17 @@ async fn smuggle_with_curl(server: &str, ca: &Path, crt: &Path, key: &Path) -> s
 
 /// Opens a WebSocket watch of ConfigMaps in `apps` through the root and returns its first
 /// event.
-async fn websocket_watch(server: &str, ca: &Path, crt: &Path, key: &Path) -> String {
+/// A TLS connection to the endpoint `server` with the client certificate `crt`, and its
+/// address.
+async fn connect_tls(
+    server: &str,
+    ca: &Path,
+    crt: &Path,
+    key: &Path,
+) -> (
+    tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+    String,
+) {
     use rustls_pki_types::pem::PemObject;
     use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
     let mut roots = rustls::RootCertStore::empty();
@@ -557,13 +582,58 @@ async fn websocket_watch(server: &str, ca: &Path, crt: &Path, key: &Path) -> Str
         .with_root_certificates(roots)
         .with_client_auth_cert(chain, key)
         .expect("client auth");
-    let addr = server.trim_start_matches("https://");
-    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let addr = server.trim_start_matches("https://").to_owned();
+    let tcp = tokio::net::TcpStream::connect(&addr)
+        .await
+        .expect("connect");
     let name = ServerName::try_from("127.0.0.1").expect("name");
-    let mut stream = tokio_rustls::TlsConnector::from(Arc::new(tls))
+    let stream = tokio_rustls::TlsConnector::from(Arc::new(tls))
         .connect(name, tcp)
         .await
         .expect("TLS");
+    (stream, addr)
+}
+
+/// Opens an HTTP watch through the root, waits for its first event, then runs `cut`: returns
+/// how the response ended (every byte after the first event), or panics if it did not end.
+async fn watch_cut<F: std::future::Future<Output = ()>>(
+    server: &str,
+    ca: &Path,
+    crt: &Path,
+    key: &Path,
+    cut: F,
+) -> Vec<u8> {
+    let (mut stream, addr) = connect_tls(server, ca, crt, key).await;
+    let request = format!(
+        "GET /clusters/leaf/api/v1/namespaces/{APPS}/configmaps?watch=true HTTP/1.1\r\n\
+         Host: {addr}\r\n\r\n"
+    );
+    stream.write_all(request.as_bytes()).await.expect("write");
+    let mut seen = Vec::new();
+    while !String::from_utf8_lossy(&seen).contains("\"type\":\"ADDED\"") {
+        let mut buf = [0u8; 4096];
+        let n = stream.read(&mut buf).await.expect("read the first event");
+        assert!(n > 0, "the watch ended before its first event");
+        seen.extend_from_slice(&buf[..n]);
+    }
+    cut.await;
+    let mut rest = Vec::new();
+    let ended = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = stream.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+            rest.extend_from_slice(&buf[..n]);
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "the watch outlived its tunnel");
+    rest
+}
+
+async fn websocket_watch(server: &str, ca: &Path, crt: &Path, key: &Path) -> String {
+    let (mut stream, addr) = connect_tls(server, ca, crt, key).await;
     let request = format!(
         "GET /clusters/leaf/api/v1/namespaces/{APPS}/configmaps?watch=true HTTP/1.1\r\n\
          Host: {addr}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nOrigin: {server}\r\n\
