@@ -294,7 +294,26 @@ async fn kubectl_reaches_the_leaf_through_the_root_as_the_leaf_maps_it() {
     // The root: a proxy whose Kubernetes endpoint takes root client certificates and root
     // ServiceAccount tokens, and asks the root's RBAC.
     let access = Arc::new(RbacLeafAccess::new(admin.clone(), &ns));
-    let rig = Rig::start(&[], |_| {}, |agent| agent.kube = Some(gateway)).await;
+    let agent_metrics = tether::admin::metrics::AgentMetrics::default();
+    let rig = Rig::start(
+        &[],
+        |_| {},
+        |agent| {
+            agent.kube = Some(gateway);
+            agent.metrics = agent_metrics.clone();
+        },
+    )
+    .await;
+    // Streams the agent was asked for, whatever became of them.
+    let served = || {
+        ["ok", "forbidden", "other"]
+            .map(|outcome| {
+                let labels = vec![("outcome", outcome.to_owned())];
+                agent_metrics.served.get_or_create(&labels).get()
+            })
+            .iter()
+            .sum::<u64>()
+    };
     let pki = RootPki::new(dir);
     let (server_crt, server_key) = pki.issue("proxy", true, &[]);
     let ca = dir.join("ca.crt");
@@ -327,8 +346,15 @@ async fn kubectl_reaches_the_leaf_through_the_root_as_the_leaf_maps_it() {
         &["--token-file", token_path.to_str().expect("utf-8")],
     );
 
-    // Refused at the root until the root's RBAC grants remoteclusters/kube.
+    // Refused at the root until the root's RBAC grants remoteclusters/kube, and no stream
+    // reaches the leaf meanwhile.
+    let before = served();
     let refused = kubectl(&bin, &as_ci, &["get", "configmaps", "-n", APPS]).await;
+    assert_eq!(
+        served(),
+        before,
+        "a refused caller opened a stream to the leaf"
+    );
     assert!(!refused.status.success());
     let said = stderr(&refused);
     assert!(
@@ -352,6 +378,7 @@ async fn kubectl_reaches_the_leaf_through_the_root_as_the_leaf_maps_it() {
     })
     .await;
     assert!(listed.contains("configmap/seed"), "{listed}");
+    assert!(served() > before, "a permitted caller's requests are streams to the leaf");
 
     // In the leaf, the ServiceAccount is who the mapping says: a viewer, named by its root.
     let (user, groups) = whoami(&bin, &as_ci, &[]).await;
