@@ -378,7 +378,10 @@ async fn kubectl_reaches_the_leaf_through_the_root_as_the_leaf_maps_it() {
     })
     .await;
     assert!(listed.contains("configmap/seed"), "{listed}");
-    assert!(served() > before, "a permitted caller's requests are streams to the leaf");
+    assert!(
+        served() > before,
+        "a permitted caller's requests are streams to the leaf"
+    );
 
     // In the leaf, the ServiceAccount is who the mapping says: a viewer, named by its root.
     let (user, groups) = whoami(&bin, &as_ci, &[]).await;
@@ -448,8 +451,8 @@ async fn kubectl_reaches_the_leaf_through_the_root_as_the_leaf_maps_it() {
     )
     .await;
     assert!(applied.status.success(), "apply: {}", stderr(&applied));
-    let seen = lines.next_line().await.expect("read").expect("a line");
-    assert_eq!(seen, "configmap/through-root");
+    // (The other tests' ConfigMaps may pass by; this one must come.)
+    while lines.next_line().await.expect("read").expect("a line") != "configmap/through-root" {}
     let deleted = kubectl(
         &bin,
         &as_carol,
@@ -772,6 +775,36 @@ async fn proxy_and_agent_processes_serve_kubectl_with_their_kube_flags() {
     let (user, groups) = whoami(&bin, &as_carol, &[]).await;
     assert_eq!(user, "tether:root:carol");
     assert!(groups.contains(&EDITORS.to_owned()), "{groups:?}");
+
+    // A watch held open over a minute, idle, still carries what comes after.
+    let mut watch = tokio::process::Command::new(bin.join("kubectl"))
+        .arg("--kubeconfig")
+        .arg(&as_carol)
+        .args(["get", "configmaps", "-n", APPS, "--watch", "-o", "name"])
+        .args(["--field-selector", "metadata.name=after-a-minute"])
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("kubectl watch");
+    let mut lines = BufReader::new(watch.stdout.take().expect("stdout")).lines();
+    // The subject of the test, not a synchronisation: the watch idles past a minute.
+    tokio::time::sleep(std::time::Duration::from_secs(65)).await;
+    let created = kubectl(
+        &bin,
+        &as_carol,
+        &["create", "configmap", "after-a-minute", "-n", APPS],
+    )
+    .await;
+    assert!(created.status.success(), "create: {}", stderr(&created));
+    let seen = lines.next_line().await.expect("read").expect("a line");
+    assert_eq!(seen, "configmap/after-a-minute");
+    let deleted = kubectl(
+        &bin,
+        &as_carol,
+        &["delete", "configmap", "after-a-minute", "-n", APPS],
+    )
+    .await;
+    assert!(deleted.status.success(), "delete: {}", stderr(&deleted));
 }
 
 /// The endpoint is a public listener: a client that sends one byte and stops is closed at the
