@@ -31,6 +31,9 @@ use tether::operator::root::{RbacLeafAccess, TokenReviews};
 use tether::proxy::BearerTokens;
 use tether::proxy::kube_entry::{self, KubeEntryConfig};
 
+/// A token of the client entry's token file.
+const DAVE: &str = "dave-token-0123456789abcdef";
+
 /// The in-process tests one at a time: the first reads audit records from a log capture scoped
 /// to its thread, and another emitting the same records beside it without one made the
 /// capture miss them (tracing caches a callsite's interest across threads).
@@ -819,7 +822,10 @@ async fn the_endpoint_bounds_strangers_before_they_authenticate() {
     let pki = RootPki::new(dir.path());
     let (crt, key) = pki.issue("proxy", true, &[]);
     let rig = Rig::start(&[], |_| {}, |_| {}).await;
+    let tokens =
+        tether::proxy::client_entry::ClientTokens::parse(&format!("dave:{DAVE}")).expect("tokens");
     let config = KubeEntryConfig {
+        tokens: Some(Arc::new(arc_swap::ArcSwap::from_pointee(tokens))),
         max_connections_per_ip: 2,
         handshake_timeout: std::time::Duration::from_millis(300),
         ..KubeEntryConfig::new(kube_entry::server_config(&crt, &key, None).expect("tls"))
@@ -852,6 +858,27 @@ async fn the_endpoint_bounds_strangers_before_they_authenticate() {
     let status: serde_json::Value = serde_json::from_slice(&out.stdout).expect("a Status");
     assert_eq!(status["code"], 401, "{status}");
     logs.wait_for("decision=\"unauthenticated\"").await;
+    // A line of the token file authenticates (here the leaf's agent serves no Kubernetes API,
+    // and says so: the request got past the root).
+    let out = tokio::task::spawn_blocking({
+        let ca = dir.path().join("ca.crt");
+        move || {
+            std::process::Command::new("curl")
+                .args(["-sS", "--cacert"])
+                .arg(ca)
+                .args(["-H", &format!("Authorization: Bearer {DAVE}")])
+                .arg(format!("https://{addr}/clusters/leaf/api/v1/namespaces"))
+                .output()
+                .expect("curl")
+        }
+    })
+    .await
+    .expect("curl task");
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).expect("a Status");
+    assert_eq!(status["code"], 403, "{status}");
+    let message = status["message"].as_str().unwrap_or_default();
+    assert!(message.contains("serves no Kubernetes API"), "{status}");
+    logs.wait_for("who=\"dave\"").await;
 
     // One byte, then silence: closed once the handshake deadline passes.
     let mut slow = tokio::net::TcpStream::connect(addr).await.expect("connect");

@@ -22,8 +22,9 @@ const SERVICE_ACCOUNT_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount
 pub struct ProxyKubeArgs {
     /// Serve every leaf's Kubernetes API at https://ADDR/clusters/LEAF/ (loopback unless you
     /// say otherwise). Callers authenticate with a bearer token the root's API server accepts
-    /// (with --kubernetes) or a certificate of --kube-client-ca; the root's RBAC must let them
-    /// create remoteclusters/kube on the leaf (see --dial-authorization).
+    /// (with --kubernetes), a token of --client-tokens, or a certificate of --kube-client-ca;
+    /// the root's RBAC must let them create remoteclusters/kube on the leaf (see
+    /// --dial-authorization).
     #[arg(long, requires_all = ["kube_tls_cert", "kube_tls_key"])]
     pub kube_listen: Option<SocketAddr>,
     /// The endpoint's TLS certificate chain (PEM); `tether kubeconfig` tells kubectl to trust it.

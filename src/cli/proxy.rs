@@ -166,10 +166,14 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
              tokens the root's API server reviews)"
         );
     }
-    if args.kube.kube_listen.is_some() && args.kube.kube_client_ca.is_none() && !args.kubernetes {
+    if args.kube.kube_listen.is_some()
+        && args.kube.kube_client_ca.is_none()
+        && args.client_tokens.is_none()
+        && !args.kubernetes
+    {
         anyhow::bail!(
-            "--kube-listen needs callers: --kube-client-ca FILE, or --kubernetes (bearer \
-             tokens the root's API server reviews)"
+            "--kube-listen needs callers: --kube-client-ca FILE, --client-tokens FILE, or \
+             --kubernetes (bearer tokens the root's API server reviews)"
         );
     }
     let kube_tls = args.kube.tls()?;
@@ -308,6 +312,8 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
                 .await;
         }));
     }
+    // The token file's clients may use the Kubernetes endpoint too.
+    let mut file_tokens = None;
     if let Some(listen) = &args.client_listen {
         let loaded = match &args.client_tokens {
             Some(tokens) => ClientTokens::load(tokens)
@@ -323,6 +329,7 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
         };
         if let Some(tokens) = &args.client_tokens {
             let swap = config.tokens.clone();
+            file_tokens = Some(swap.clone());
             tasks.spawn(tether::proxy::reload::follow_file(
                 "client token file",
                 tokens.clone(),
@@ -355,6 +362,7 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
         println!("Kubernetes endpoint on https://{}", listener.local_addr()?);
         let config = tether::proxy::kube_entry::KubeEntryConfig {
             bearer: bearer.clone(),
+            tokens: file_tokens,
             access,
             ..tether::proxy::kube_entry::KubeEntryConfig::new(tls)
         };

@@ -3,7 +3,8 @@
 //!
 //! A request is authenticated here, the Kubernetes way: a client certificate of the root's
 //! client CA (CN the user, O its groups), or a bearer token the root's API server vouches for
-//! by TokenReview (ServiceAccount tokens, OIDC, whatever it accepts). The root's RBAC then says
+//! by TokenReview (ServiceAccount tokens, OIDC, whatever it accepts); in a small set-up, a
+//! token of the client entry's token file. The root's RBAC then says
 //! whether that user may `create` `remoteclusters/kube` on the leaf; a refusal is a 403 naming
 //! the permission, and no stream to the leaf is opened. A permitted request goes to the leaf's
 //! agent on a stream of its own, the caller written first and the client's `Authorization` and
@@ -37,7 +38,10 @@ use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 use tracing::{Instrument, debug, info, info_span, warn};
 
+use arc_swap::ArcSwap;
+
 use super::access::{BearerTokens, LeafAccess};
+use super::client_entry::ClientTokens;
 use super::client_entry::admission::{Door, DoorSettings, SourcePermit};
 use super::dialer::ProxyDialer;
 use request::Connection;
@@ -49,6 +53,9 @@ pub struct KubeEntryConfig {
     pub tls: Arc<rustls::ServerConfig>,
     /// Bearer tokens the root's API server reviews; `None` accepts client certificates alone.
     pub bearer: Option<Arc<dyn BearerTokens>>,
+    /// The client entry's token file (for small set-ups without Kubernetes on the root): its
+    /// tokens authenticate here too, as the name of their line, checked before a review.
+    pub tokens: Option<Arc<ArcSwap<ClientTokens>>>,
     /// The root's rules on who may reach which leaf; `None` lets every authenticated caller
     /// through (the leaf's mapping still decides).
     pub access: Option<Arc<dyn LeafAccess>>,
@@ -66,6 +73,7 @@ impl KubeEntryConfig {
         Self {
             tls,
             bearer: None,
+            tokens: None,
             access: None,
             max_connections: 1024,
             max_connections_per_ip: 128,
@@ -80,6 +88,7 @@ const MAX_HEAD_BYTES: usize = 64 * 1024;
 /// What every request of the endpoint shares.
 struct KubeEntry {
     bearer: Option<Arc<dyn BearerTokens>>,
+    tokens: Option<Arc<ArcSwap<ClientTokens>>>,
     access: Option<Arc<dyn LeafAccess>>,
     /// Reaches a leaf's agent through this proxy's tunnels.
     dialer: ProxyDialer,
@@ -101,6 +110,7 @@ pub async fn serve(
     ));
     let entry = Arc::new(KubeEntry {
         bearer: config.bearer.clone(),
+        tokens: config.tokens.clone(),
         access: config.access.clone(),
         dialer,
         door: Door::new(DoorSettings {

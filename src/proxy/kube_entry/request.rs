@@ -110,8 +110,8 @@ fn route(path: &str) -> Option<(&str, &str)> {
     }
 }
 
-/// Who sent the request: its connection's client certificate, else its bearer token as the
-/// root's API server reviews it.
+/// Who sent the request: its connection's client certificate, else its bearer token: a line of
+/// the token file, or whoever the root's API server says it is.
 async fn authenticate(
     entry: &KubeEntry,
     connection: &Connection,
@@ -127,6 +127,11 @@ async fn authenticate(
         .ok()?
         .strip_prefix("Bearer ")?
         .trim();
+    if let Some(tokens) = &entry.tokens
+        && let Some(name) = tokens.load().verify_bearer(token.as_bytes())
+    {
+        return Some(Who::named(name));
+    }
     let bearer = entry.bearer.as_ref()?;
     bearer.review(token).await
 }
