@@ -192,6 +192,58 @@ async fn kubectl(bin: &Path, kubeconfig: &Path, args: &[&str]) -> Output {
         .expect("kubectl task")
 }
 
+/// `kubectl get configmaps --watch -o name` in `apps` (with `extra` flags), and its lines; the
+/// watch ends when the child is dropped.
+fn kubectl_watch(
+    bin: &Path,
+    kubeconfig: &Path,
+    extra: &[&str],
+) -> (
+    tokio::process::Child,
+    tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
+) {
+    let mut watch = tokio::process::Command::new(bin.join("kubectl"))
+        .arg("--kubeconfig")
+        .arg(kubeconfig)
+        .args(["get", "configmaps", "-n", APPS, "--watch", "-o", "name"])
+        .args(extra)
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("kubectl watch");
+    let lines = BufReader::new(watch.stdout.take().expect("stdout")).lines();
+    (watch, lines)
+}
+
+/// Runs `curl -sS ARGS` off the runtime's thread; what it printed, as JSON.
+async fn curl_json(args: &[&str]) -> serde_json::Value {
+    let mut cmd = std::process::Command::new("curl");
+    cmd.arg("-sS").args(args);
+    let out = tokio::task::spawn_blocking(move || cmd.output().expect("run curl"))
+        .await
+        .expect("curl task");
+    assert!(out.status.success(), "curl: {}", stderr(&out));
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", stdout(&out)))
+}
+
+fn path_str(path: &Path) -> &str {
+    path.to_str().expect("utf-8")
+}
+
+/// The ConfigMaps of `apps` as `kubeconfig` lists them, once it may (waiting for `what`).
+async fn listed_once_let_in(what: &str, bin: &Path, kubeconfig: &Path) -> String {
+    eventually(what, || async {
+        let out = kubectl(
+            bin,
+            kubeconfig,
+            &["get", "configmaps", "-n", APPS, "-o", "name"],
+        )
+        .await;
+        out.status.success().then(|| stdout(&out))
+    })
+    .await
+}
+
 /// `tether kubeconfig` for the leaf, as the README tells a user to run it.
 fn write_kubeconfig(dir: &Path, name: &str, server: &str, ca: &Path, user: &[&str]) -> PathBuf {
     let out = dir.join(format!("{name}.kubeconfig"));
@@ -367,19 +419,7 @@ async fn kubectl_reaches_the_leaf_through_the_root_as_the_leaf_maps_it() {
         "{said}"
     );
     grant(&admin, &ns, "User", &ci, "leaf", "kube").await;
-    let listed = eventually("the grant to take effect", || {
-        let (bin, as_ci) = (bin.clone(), as_ci.clone());
-        async move {
-            let out = kubectl(
-                &bin,
-                &as_ci,
-                &["get", "configmaps", "-n", APPS, "-o", "name"],
-            )
-            .await;
-            out.status.success().then(|| stdout(&out))
-        }
-    })
-    .await;
+    let listed = listed_once_let_in("the grant to take effect", &bin, &as_ci).await;
     assert!(listed.contains("configmap/seed"), "{listed}");
     assert!(
         served() > before,
@@ -430,15 +470,7 @@ async fn kubectl_reaches_the_leaf_through_the_root_as_the_leaf_maps_it() {
     assert!(!raw_groups.contains("system:masters"), "{raw_groups}");
 
     // A watch sees what is applied after it starts; apply and delete work.
-    let mut watch = tokio::process::Command::new(bin.join("kubectl"))
-        .arg("--kubeconfig")
-        .arg(&as_carol)
-        .args(["get", "configmaps", "-n", APPS, "--watch", "-o", "name"])
-        .stdout(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("kubectl watch");
-    let mut lines = BufReader::new(watch.stdout.take().expect("stdout")).lines();
+    let (watch, mut lines) = kubectl_watch(&bin, &as_carol, &[]);
     let first = lines.next_line().await.expect("read").expect("a line");
     assert_eq!(first, "configmap/seed");
     let manifest = dir.join("cm.yaml");
@@ -553,39 +585,36 @@ async fn kubectl_reaches_the_leaf_through_the_root_as_the_leaf_maps_it() {
 /// A SelfSubjectReview sent with every header that tries to change who the caller is.
 async fn smuggle_with_curl(server: &str, ca: &Path, crt: &Path, key: &Path) -> serde_json::Value {
     let url = format!("{server}/clusters/leaf/apis/authentication.k8s.io/v1/selfsubjectreviews");
-    let mut cmd = std::process::Command::new("curl");
-    cmd.args(["-sS", "--http1.1", "-X", "POST", &url])
-        .arg("--cacert")
-        .arg(ca)
-        .arg("--cert")
-        .arg(crt)
-        .arg("--key")
-        .arg(key)
-        .args([
-            "-H",
-            "Content-Type: application/json",
-            "-H",
-            "Impersonate-User: system:admin",
-            "-H",
-            "Impersonate-Group: system:masters",
-            "-H",
-            "Impersonate-Extra-scopes: everything",
-            "-H",
-            "Authorization: Bearer not-a-token",
-            "-H",
-            "Connection: keep-alive, Impersonate-User, Impersonate-Group, Authorization",
-            "-d",
-            r#"{"apiVersion":"authentication.k8s.io/v1","kind":"SelfSubjectReview"}"#,
-        ]);
-    let out = tokio::task::spawn_blocking(move || cmd.output().expect("run curl"))
-        .await
-        .expect("curl task");
-    assert!(out.status.success(), "curl: {}", stderr(&out));
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", stdout(&out)))
+    let (ca, crt, key) = (path_str(ca), path_str(crt), path_str(key));
+    curl_json(&[
+        "--http1.1",
+        "-X",
+        "POST",
+        &url,
+        "--cacert",
+        ca,
+        "--cert",
+        crt,
+        "--key",
+        key,
+        "-H",
+        "Content-Type: application/json",
+        "-H",
+        "Impersonate-User: system:admin",
+        "-H",
+        "Impersonate-Group: system:masters",
+        "-H",
+        "Impersonate-Extra-scopes: everything",
+        "-H",
+        "Authorization: Bearer not-a-token",
+        "-H",
+        "Connection: keep-alive, Impersonate-User, Impersonate-Group, Authorization",
+        "-d",
+        r#"{"apiVersion":"authentication.k8s.io/v1","kind":"SelfSubjectReview"}"#,
+    ])
+    .await
 }
 
-/// Opens a WebSocket watch of ConfigMaps in `apps` through the root and returns its first
-/// event.
 /// A TLS connection to the endpoint `server` with the client certificate `crt`, and its
 /// address.
 async fn connect_tls(
@@ -665,6 +694,8 @@ async fn watch_cut<F: std::future::Future<Output = ()>>(
     rest
 }
 
+/// Opens a WebSocket watch of ConfigMaps in `apps` through the root and returns its first
+/// event.
 async fn websocket_watch(server: &str, ca: &Path, crt: &Path, key: &Path) -> String {
     let (mut stream, addr) = connect_tls(server, ca, crt, key).await;
     let request = format!(
@@ -761,18 +792,11 @@ async fn proxy_and_agent_processes_serve_kubectl_with_their_kube_flags() {
         &carol_key,
     );
     let bin = leaf_cp.bin_dir().to_owned();
-    let listed = eventually("kubectl through the proxy and agent processes", || {
-        let (bin, as_carol) = (bin.clone(), as_carol.clone());
-        async move {
-            let out = kubectl(
-                &bin,
-                &as_carol,
-                &["get", "configmaps", "-n", APPS, "-o", "name"],
-            )
-            .await;
-            out.status.success().then(|| stdout(&out))
-        }
-    })
+    let listed = listed_once_let_in(
+        "kubectl through the proxy and agent processes",
+        &bin,
+        &as_carol,
+    )
     .await;
     assert!(listed.contains("configmap/seed"), "{listed}");
     let (user, groups) = whoami(&bin, &as_carol, &[]).await;
@@ -780,16 +804,8 @@ async fn proxy_and_agent_processes_serve_kubectl_with_their_kube_flags() {
     assert!(groups.contains(&EDITORS.to_owned()), "{groups:?}");
 
     // A watch held open over a minute, idle, still carries what comes after.
-    let mut watch = tokio::process::Command::new(bin.join("kubectl"))
-        .arg("--kubeconfig")
-        .arg(&as_carol)
-        .args(["get", "configmaps", "-n", APPS, "--watch", "-o", "name"])
-        .args(["--field-selector", "metadata.name=after-a-minute"])
-        .stdout(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("kubectl watch");
-    let mut lines = BufReader::new(watch.stdout.take().expect("stdout")).lines();
+    let selector = ["--field-selector", "metadata.name=after-a-minute"];
+    let (_watch, mut lines) = kubectl_watch(&bin, &as_carol, &selector);
     // The subject of the test, not a synchronisation: the watch idles past a minute.
     tokio::time::sleep(std::time::Duration::from_secs(65)).await;
     let created = kubectl(
@@ -842,39 +858,15 @@ async fn the_endpoint_bounds_strangers_before_they_authenticate() {
     ));
 
     // Without credentials: 401, as a Kubernetes Status.
-    let out = tokio::task::spawn_blocking({
-        let ca = dir.path().join("ca.crt");
-        move || {
-            std::process::Command::new("curl")
-                .args(["-sS", "--cacert"])
-                .arg(ca)
-                .arg(format!("https://{addr}/clusters/leaf/api/v1/namespaces"))
-                .output()
-                .expect("curl")
-        }
-    })
-    .await
-    .expect("curl task");
-    let status: serde_json::Value = serde_json::from_slice(&out.stdout).expect("a Status");
+    let ca = dir.path().join("ca.crt");
+    let namespaces = format!("https://{addr}/clusters/leaf/api/v1/namespaces");
+    let status = curl_json(&["--cacert", path_str(&ca), &namespaces]).await;
     assert_eq!(status["code"], 401, "{status}");
     logs.wait_for("decision=\"unauthenticated\"").await;
     // A line of the token file authenticates (here the leaf's agent serves no Kubernetes API,
     // and says so: the request got past the root).
-    let out = tokio::task::spawn_blocking({
-        let ca = dir.path().join("ca.crt");
-        move || {
-            std::process::Command::new("curl")
-                .args(["-sS", "--cacert"])
-                .arg(ca)
-                .args(["-H", &format!("Authorization: Bearer {DAVE}")])
-                .arg(format!("https://{addr}/clusters/leaf/api/v1/namespaces"))
-                .output()
-                .expect("curl")
-        }
-    })
-    .await
-    .expect("curl task");
-    let status: serde_json::Value = serde_json::from_slice(&out.stdout).expect("a Status");
+    let bearer = format!("Authorization: Bearer {DAVE}");
+    let status = curl_json(&["--cacert", path_str(&ca), "-H", &bearer, &namespaces]).await;
     assert_eq!(status["code"], 403, "{status}");
     let message = status["message"].as_str().unwrap_or_default();
     assert!(message.contains("serves no Kubernetes API"), "{status}");
