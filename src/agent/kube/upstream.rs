@@ -3,8 +3,9 @@
 //! client certificate), connections pooled across the requests of every root caller.
 
 use std::fmt;
-use std::path::PathBuf;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use http::Uri;
 use hyper::body::Incoming;
@@ -15,10 +16,14 @@ use hyper_util::rt::TokioExecutor;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
+/// How long a token read from its file is used before the file is read again, as client-go
+/// does: not a file read for every request, and a rotated token is picked up within it.
+pub const TOKEN_REREAD: Duration = Duration::from_secs(60);
+
 /// How the agent proves itself to its API server.
 pub enum Credential {
-    /// A bearer token file, re-read for every request (a projected ServiceAccount token
-    /// rotates under the agent).
+    /// A bearer token file, re-read once [`TOKEN_REREAD`] has passed (a projected
+    /// ServiceAccount token rotates under the agent, hours before it expires).
     TokenFile(PathBuf),
     /// A bearer token held in memory (from a kubeconfig).
     Token(String),
@@ -85,6 +90,9 @@ pub struct KubeUpstream {
     client: Client<HttpsConnector<HttpConnector>, Incoming>,
     /// Who the agent is there.
     credential: Credential,
+    /// The token last read from a [`Credential::TokenFile`], and when (never locked across an
+    /// await).
+    token_read: Mutex<Option<(Instant, Arc<str>)>>,
 }
 
 impl fmt::Debug for KubeUpstream {
@@ -141,6 +149,7 @@ impl KubeUpstream {
             base,
             client,
             credential,
+            token_read: Mutex::new(None),
         })
     }
 
@@ -155,16 +164,63 @@ impl KubeUpstream {
     pub(super) async fn authorization(&self) -> Result<Option<String>, String> {
         let token = match &self.credential {
             Credential::ClientCertificate => return Ok(None),
-            Credential::Token(token) => token.clone(),
-            Credential::TokenFile(path) => tokio::fs::read_to_string(path)
-                .await
-                .map_err(|e| format!("the agent's token file {}: {e}", path.display()))?,
+            Credential::Token(token) => return Ok(Some(format!("Bearer {}", token.trim()))),
+            Credential::TokenFile(path) => self.token_from(path).await?,
         };
         Ok(Some(format!("Bearer {}", token.trim())))
+    }
+
+    /// The token of `path`, read again only once [`TOKEN_REREAD`] has passed.
+    async fn token_from(&self, path: &Path) -> Result<Arc<str>, String> {
+        let cached = self.lock_token().clone();
+        if let Some((read_at, token)) = cached
+            && read_at.elapsed() < TOKEN_REREAD
+        {
+            return Ok(token);
+        }
+        let token: Arc<str> = tokio::fs::read_to_string(path)
+            .await
+            .map_err(|e| format!("the agent's token file {}: {e}", path.display()))?
+            .into();
+        *self.lock_token() = Some((Instant::now(), token.clone()));
+        Ok(token)
+    }
+
+    fn lock_token(&self) -> std::sync::MutexGuard<'_, Option<(Instant, Arc<str>)>> {
+        self.token_read.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The pooled client.
     pub(super) fn client(&self) -> &Client<HttpsConnector<HttpConnector>, Incoming> {
         &self.client
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The token file is not read for every request: within [`TOKEN_REREAD`] a rewritten file
+    /// still gives the token read first.
+    #[tokio::test]
+    async fn a_token_file_is_read_once_per_reread_period() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("token");
+        std::fs::write(&path, "first\n").expect("write");
+        let ca =
+            rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).expect("certificate");
+        let upstream = KubeUpstream::new(
+            "https://127.0.0.1:6443",
+            vec![ca.cert.der().clone()],
+            Credential::TokenFile(path.clone()),
+            None,
+        )
+        .expect("upstream");
+        let bearer = |s: &str| Ok(Some(format!("Bearer {s}")));
+        assert_eq!(upstream.authorization().await, bearer("first"));
+        std::fs::write(&path, "second\n").expect("rewrite");
+        assert_eq!(upstream.authorization().await, bearer("first"));
+        std::fs::remove_file(&path).expect("remove");
+        assert_eq!(upstream.authorization().await, bearer("first"));
     }
 }
