@@ -67,7 +67,7 @@ pub struct AgentKubeArgs {
     /// CA certificates (PEM) of this cluster's API server (default: the ServiceAccount's).
     #[arg(long, requires = "kube_access")]
     pub kube_ca: Option<PathBuf>,
-    /// The agent's bearer token file there, re-read for each request (default: the
+    /// The agent's bearer token file there, read again every minute (default: the
     /// ServiceAccount's); it needs `impersonate` on users and groups.
     #[arg(long, requires = "kube_access")]
     pub kube_token_file: Option<PathBuf>,
@@ -151,7 +151,8 @@ pub struct KubeconfigArgs {
     #[arg(long)]
     pub tls_server_name: Option<String>,
     /// Authenticate with the bearer token in FILE (a root ServiceAccount's token, an OIDC ID
-    /// token); kubectl reads the file for each request, the kubeconfig holds its path only.
+    /// token); kubectl reads the file itself, again as it changes: the kubeconfig holds its
+    /// path only.
     #[arg(long, conflicts_with_all = ["client_certificate", "client_key"], required_unless_present = "client_certificate")]
     pub token_file: Option<PathBuf>,
     /// Authenticate with this client certificate (PEM) of the root's client CA.
