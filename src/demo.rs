@@ -66,6 +66,7 @@ impl Pki {
             )?)),
             join: None,
             access: None,
+            protocol: crate::protocol::ProtocolVersion::CURRENT,
         })
     }
 

@@ -69,7 +69,7 @@ async fn start_root(
         client.clone(),
         ns.to_owned(),
         proxy.clone(),
-        prune,
+        (prune, Default::default()),
         stop.clone(),
     ));
     proxy

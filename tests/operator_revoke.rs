@@ -55,7 +55,7 @@ async fn start_root(
         client.clone(),
         ns.to_owned(),
         proxy.clone(),
-        false,
+        (false, Default::default()),
         stop.clone(),
     ));
     proxy

@@ -29,11 +29,12 @@ use tokio_util::sync::CancellationToken;
 
 use support::kube::api_writes::{since, total, write_counts};
 use support::procs::Proc;
-use support::procs::{KubeProxy, agent_command};
-use support::tunnel_e2e::{crds_and_namespace, create_join_token, create_proxy_slices, eventually};
+use support::procs::{agent_command, spawn_kube_proxy};
+use support::tunnel_e2e::{
+    crds_and_namespace, create_join_token, create_proxy_slices, eventually, leaf_1_pki_saved_in,
+};
 use tether::agent::Agent;
 use tether::agent::join::{JoinRequest, join};
-use tether::demo::Pki;
 use tether::egress::allow_list::AllowList;
 use tether::identity::{CertificateAuthority, Identity};
 use tether::operator::crd::remote_cluster::Connection;
@@ -49,17 +50,7 @@ static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// A root replica in Kubernetes mode (heartbeats every 500 ms), logging to `log`.
 fn spawn_proxy(id: &str, ns: &str, ca: &Path, kubeconfig: &Path, log: &Path) -> (Proc, SocketAddr) {
-    KubeProxy {
-        id,
-        ns,
-        service: SERVICE,
-        ca,
-        kubeconfig,
-        log: log.to_owned(),
-        extra: &["--heartbeat-interval", "500ms"],
-    }
-    .spawn()
-    .unwrap_or_else(|e| panic!("{e}"))
+    spawn_kube_proxy(id, ns, SERVICE, ca, kubeconfig, log)
 }
 
 /// Proxy IDs holding tunnels from `leaf`, per its RemoteCluster status.
@@ -79,13 +70,7 @@ async fn replicas_share_a_joined_leaf_and_each_reports_its_tunnels() {
     let _serial = SERIAL.lock().await;
     let (cp, client, ns) = crds_and_namespace("root-procs").await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let pki = Pki::generate(
-        ClusterName::new("root").expect("name"),
-        ClusterName::new("leaf-1").expect("name"),
-    )
-    .expect("pki");
-    let ca_path = dir.path().join("root-ca");
-    pki.root.save(&ca_path).expect("save the root CA");
+    let (pki, ca_path) = leaf_1_pki_saved_in(dir.path());
 
     let ids = ["proxy-a", "proxy-b"];
     create_proxy_slices(&client, &ns, SERVICE, &ids).await;

@@ -30,7 +30,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use arc_swap::ArcSwap;
 use tokio_util::sync::CancellationToken;
 
 use tether::agent::{Agent, AgentConfig};
@@ -310,9 +309,9 @@ fn start_agents(
     tally: &Arc<Tally>,
     stop: &CancellationToken,
 ) -> Res<Vec<Arc<Agent>>> {
-    let allow = Arc::new(ArcSwap::from_pointee(
+    let allow = tether::agent::LiveAllowList::new(
         AllowList::parse(["127.0.0.1/32:9"]).map_err(|e| e.to_string())?,
-    ));
+    );
     let root_cas = vec![pki.root.public_key().clone()];
     // One set of counters for the fleet, as the operator shares one among its agents.
     let metrics = tether::admin::metrics::AgentMetrics::default();

@@ -3,16 +3,51 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
 use russh::keys::PublicKey;
+use tokio::sync::watch;
 
 use super::kube::KubeGateway;
 use crate::admin::metrics::AgentMetrics;
 use crate::egress::allow_list::AllowList;
 use crate::egress::connect::Resolver;
 use crate::identity::Identity;
-use crate::protocol::ClusterName;
+use crate::protocol::{ClusterName, ProtocolVersion};
 use crate::stream::StreamLimits;
+
+/// The allow-list an agent enforces: swapped in place when its spec changes (new dials see the
+/// new list at once, tunnels stay up), and watched by the agent's report, so the root learns
+/// the new list within a round trip rather than refusing, from its cached copy, what the
+/// leaf now permits.
+#[derive(Clone)]
+pub struct LiveAllowList(Arc<watch::Sender<Arc<AllowList>>>);
+
+impl LiveAllowList {
+    /// A list holding `list`.
+    pub fn new(list: AllowList) -> Self {
+        Self(Arc::new(watch::Sender::new(Arc::new(list))))
+    }
+
+    /// The list now (a dial takes it once and judges by it throughout).
+    pub fn current(&self) -> Arc<AllowList> {
+        self.0.borrow().clone()
+    }
+
+    /// Replaces the list when `list` differs; whether it did.
+    pub fn replace(&self, list: AllowList) -> bool {
+        self.0.send_if_modified(|current| {
+            let changed = **current != list;
+            if changed {
+                *current = Arc::new(list);
+            }
+            changed
+        })
+    }
+
+    /// Sees every replacement.
+    pub fn subscribe(&self) -> watch::Receiver<Arc<AllowList>> {
+        self.0.subscribe()
+    }
+}
 
 /// Reconnection pacing: exponential with full jitter, so a fleet of agents that lost their
 /// proxy at once does not come back at once.
@@ -105,7 +140,7 @@ pub struct AgentConfig {
     /// CA keys trusted to sign the root's proxy host certificates.
     pub root_cas: Vec<PublicKey>,
     /// What the root may reach. Swappable: new dials see a new list at once, tunnels stay up.
-    pub allow: Arc<ArcSwap<AllowList>>,
+    pub allow: LiveAllowList,
     /// The address `_apiserver` maps to (the leaf's Kubernetes API server); `None` refuses.
     pub api_server: Option<String>,
     /// The leaf's Kubernetes API as root callers get it (their mapping, and the agent's way to
@@ -127,13 +162,34 @@ pub struct AgentConfig {
     /// Where the agent counts (its streams included): a process running many agents (the
     /// operator) hands them all one set.
     pub metrics: AgentMetrics,
+    /// Who runs this agent (the leaf operator's pod, or the host): how the root tells the
+    /// leaf's agents apart in its inventory.
+    pub replica: String,
+    /// The leaf's Kubernetes API server version, for the root's inventory; kept current by
+    /// whoever knows it (the operator asks its API server). `None`: not known.
+    pub kubernetes_version: watch::Receiver<Option<String>>,
+    /// The control protocol version the agent speaks at most: this build's, or an older one
+    /// of its major, as an agent of an earlier release would (tests of version skew).
+    pub protocol: ProtocolVersion,
+}
+
+/// This host's name, the replica name of an agent that is given none: `$HOSTNAME` (a pod's
+/// name), else the kernel's host name, else "agent".
+pub fn host_name() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
+        .map(|h| h.trim().to_owned())
+        .filter(|h| crate::protocol::control::printable_name(h))
+        .unwrap_or_else(|| "agent".to_owned())
 }
 
 impl AgentConfig {
     /// An agent of `cluster` dialling `proxy_addr` as `identity`, trusting `root_cas` to sign
     /// the proxies of `root_cluster`, the root allowed to reach `allow`; the rest at its
     /// default: 15 s heartbeats, 10 s to connect to the proxy and to a target, the system
-    /// resolver, the default back-off and stream limits, counters of its own, no API server.
+    /// resolver, the default back-off and stream limits, counters of its own, no API server,
+    /// the host's name as its replica, this build's protocol.
     pub fn new(
         cluster: ClusterName,
         root_cluster: ClusterName,
@@ -148,7 +204,7 @@ impl AgentConfig {
             proxy_addr: proxy_addr.into(),
             identity,
             root_cas,
-            allow: Arc::new(ArcSwap::from_pointee(allow)),
+            allow: LiveAllowList::new(allow),
             api_server: None,
             kube: None,
             heartbeat_interval: Duration::from_secs(15),
@@ -158,6 +214,9 @@ impl AgentConfig {
             backoff: Backoff::default(),
             stream: StreamLimits::default(),
             metrics: AgentMetrics::default(),
+            replica: host_name(),
+            kubernetes_version: watch::channel(None).1,
+            protocol: ProtocolVersion::CURRENT,
         }
     }
 }

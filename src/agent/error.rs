@@ -44,6 +44,12 @@ pub enum TunnelError {
     UntrustedProxy(#[source] crate::identity::AuthError),
     #[error("the proxy is busy (too many handshakes in flight); it asks for a retry in {0:?}")]
     Busy(Duration),
+    /// The proxy speaks another major protocol version (this agent found it in its welcome).
+    #[error("the agent refused the proxy: {0}")]
+    Version(#[source] crate::protocol::version::VersionMismatch),
+    /// The proxy would not serve this agent, and said why (an unsupported protocol version).
+    #[error("{0}")]
+    ProxyRefused(String),
 }
 
 impl TunnelError {
@@ -53,6 +59,9 @@ impl TunnelError {
             TunnelError::Connect { .. } => FailureKind::Unreachable,
             TunnelError::Timeout(_) => FailureKind::TimedOut,
             TunnelError::AuthRefused(_) => FailureKind::RefusedByProxy,
+            TunnelError::Version(_) | TunnelError::ProxyRefused(_) => {
+                FailureKind::UnsupportedVersion
+            }
             TunnelError::OwnCertificate(_) => FailureKind::CertificateInvalid,
             TunnelError::UntrustedProxy(_) => FailureKind::ProxyNotTrusted,
             _ => FailureKind::Other,

@@ -180,7 +180,7 @@ async fn serve_dial(
         Ok(Endpoint::ApiServer) => dial_api_server(&config).await.map(Local::Tcp),
         Ok(Endpoint::KubeApi) => kube_gateway(&config).map(Local::Kube),
         Ok(Endpoint::Host { host, port }) => {
-            let allow = config.allow.load();
+            let allow = config.allow.current();
             connect_via(&config.resolver, &allow, &host, port, config.dial_timeout)
                 .await
                 .map(|(s, _)| Local::Tcp(s))
@@ -235,23 +235,15 @@ enum Local {
 const KUBE_PIPE_BYTES: usize = 64 * 1024;
 
 fn kube_gateway(config: &AgentConfig) -> Result<Arc<KubeGateway>, DialError> {
-    config.kube.clone().ok_or_else(|| {
-        DialError::new(
-            DialErrorKind::Forbidden,
-            format!(
-                "cluster {} serves no Kubernetes API to the root: its agent has no access mapping",
-                config.cluster
-            ),
-        )
-    })
+    config
+        .kube
+        .clone()
+        .ok_or_else(|| DialError::no_kube_api(&config.cluster))
 }
 
 async fn dial_api_server(config: &AgentConfig) -> Result<TcpStream, DialError> {
     let Some(addr) = &config.api_server else {
-        return Err(DialError::new(
-            DialErrorKind::Forbidden,
-            "this agent exposes no API server",
-        ));
+        return Err(DialError::no_api_server());
     };
     match tokio::time::timeout(config.dial_timeout, TcpStream::connect(addr.as_str())).await {
         Ok(Ok(s)) => {

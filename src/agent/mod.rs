@@ -12,6 +12,7 @@ mod handler;
 pub mod join;
 pub mod kube;
 pub mod pool;
+pub mod report;
 pub mod status;
 pub mod tunnel;
 
@@ -20,7 +21,7 @@ use std::sync::Arc;
 use tokio::sync::{broadcast, watch};
 use tokio_util::sync::CancellationToken;
 
-pub use config::{AgentConfig, Backoff};
+pub use config::{AgentConfig, Backoff, LiveAllowList};
 pub use error::TunnelError;
 pub use pool::PoolLimits;
 pub use status::{PoolStatus, ProxyTunnelStatus, TunnelState};

@@ -67,18 +67,22 @@ pub enum FailureKind {
     /// The proxy's host certificate is not signed by the root CA the agent trusts, or names
     /// another cluster: the agent's root CA or its address is wrong.
     ProxyNotTrusted,
+    /// The proxy and the agent speak different major protocol versions: one side must be
+    /// upgraded (the message says which).
+    UnsupportedVersion,
     /// Anything else (a connection lost during set-up, a protocol error): retried.
     Other,
 }
 
 impl FailureKind {
     /// Every kind.
-    pub const ALL: [FailureKind; 6] = [
+    pub const ALL: [FailureKind; 7] = [
         FailureKind::Unreachable,
         FailureKind::TimedOut,
         FailureKind::RefusedByProxy,
         FailureKind::CertificateInvalid,
         FailureKind::ProxyNotTrusted,
+        FailureKind::UnsupportedVersion,
         FailureKind::Other,
     ];
 
@@ -89,6 +93,7 @@ impl FailureKind {
             FailureKind::RefusedByProxy
                 | FailureKind::CertificateInvalid
                 | FailureKind::ProxyNotTrusted
+                | FailureKind::UnsupportedVersion
         )
     }
 }

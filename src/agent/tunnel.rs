@@ -17,8 +17,9 @@ use super::claims::{Claim, Claims};
 use super::config::AgentConfig;
 use super::error::TunnelError;
 use super::handler::AgentHandler;
+use crate::protocol::ProtocolVersion;
 use crate::protocol::control::{
-    AgentMessage, CONTROL_SUBSYSTEM, FrameReader, ProxyInfo, ProxyMessage,
+    AgentMessage, CONTROL_SUBSYSTEM, FrameReader, LeafReport, ProxyInfo, ProxyMessage,
 };
 use crate::protocol::{busy, ssh};
 use crate::stream::HandshakeGuard;
@@ -56,6 +57,11 @@ pub struct Tunnel {
     _claim: Option<Claim>,
     /// The proxies the agent holds, reported with every heartbeat.
     held: Option<watch::Receiver<Vec<String>>>,
+    /// The agent's report of its leaf, sent when the tunnel comes up and whenever it changes
+    /// (only to a proxy that speaks protocol 1.1).
+    leaf_report: Option<watch::Receiver<Arc<LeafReport>>>,
+    /// The control protocol version agreed with the proxy.
+    pub protocol: ProtocolVersion,
     handle: Handle<AgentHandler>,
     read: ChannelReadHalf,
     write: ChannelWriteHalf<Msg>,
@@ -167,30 +173,40 @@ impl Tunnel {
         let hello = AgentMessage::Hello {
             version: env!("CARGO_PKG_VERSION").to_owned(),
             heartbeat_interval_ms: config.heartbeat_interval.as_millis() as u64,
+            // None for 1.0, which named none: a pinned agent writes what protocol 1.0's releases wrote.
+            protocol: (config.protocol != ProtocolVersion::V1_0).then_some(config.protocol),
         };
         send(&write, &hello).await?;
         let mut frames = FrameReader::default();
-        let (interval, missed) = loop {
+        let (interval, missed, protocol) = loop {
             match next_message(&mut read, &mut frames).await? {
                 ProxyMessage::Welcome {
                     heartbeat_interval_ms,
                     missed_heartbeats,
+                    protocol,
                     ..
                 } => {
+                    let proxy = ProtocolVersion::or_first(protocol);
+                    let agreed = ProtocolVersion::agree(proxy, config.protocol)
+                        .map_err(TunnelError::Version)?;
                     break (
                         Duration::from_millis(heartbeat_interval_ms.max(1)),
                         missed_heartbeats.max(1),
+                        agreed,
                     );
                 }
+                ProxyMessage::Refused { reason } => return Err(TunnelError::ProxyRefused(reason)),
                 other => debug!(?other, "ignored before welcome"),
             }
         };
         guard.release();
-        info!(proxy = %proxy_id, ?interval, "tunnel connected");
+        info!(proxy = %proxy_id, ?interval, %protocol, "tunnel connected");
         Ok(Tunnel {
             proxy_id,
             _claim: claim,
             held: None,
+            leaf_report: None,
+            protocol,
             handle,
             read,
             write,
@@ -205,6 +221,12 @@ impl Tunnel {
     /// Reports the proxies in `held` with every heartbeat.
     pub fn report_held(mut self, held: watch::Receiver<Vec<String>>) -> Self {
         self.held = Some(held);
+        self
+    }
+
+    /// Sends the proxy `report` now and whenever it changes, if the proxy speaks 1.1.
+    pub fn report_leaf(mut self, report: watch::Receiver<Arc<LeafReport>>) -> Self {
+        self.leaf_report = Some(report).filter(|_| self.protocol.has(ProtocolVersion::V1_1));
         self
     }
 
@@ -272,15 +294,11 @@ impl Tunnel {
         // closes the tunnel, but take no new ones (the proxy sends none).
         let mut draining: Option<String> = None;
         let mut held = self.held.take();
-        let held_changed = |held: &Option<watch::Receiver<Vec<String>>>| {
-            let mut held = held.clone();
-            async move {
-                match held.as_mut() {
-                    Some(h) => h.changed().await.is_ok(),
-                    None => std::future::pending().await,
-                }
-            }
-        };
+        let mut leaf_report = self.leaf_report.take();
+        if let Some(report) = leaf_report.as_mut() {
+            let first = report.borrow_and_update().clone();
+            send(&self.write, &AgentMessage::Report((*first).clone())).await?;
+        }
         if let Some(tx) = events {
             let _ = tx
                 .send(TunnelEvent::Connected {
@@ -311,7 +329,7 @@ impl Tunnel {
                 }
                 // The set of held proxies changed: tell this proxy now rather than at the next
                 // heartbeat, so status views are current.
-                changed = held_changed(&held) => {
+                changed = changed(&held) => {
                     if !changed {
                         held = None;
                         continue;
@@ -319,6 +337,17 @@ impl Tunnel {
                     seq += 1;
                     let report = held.as_mut().map(|h| h.borrow_and_update().clone()).unwrap_or_default();
                     send(&self.write, &AgentMessage::Ping { seq, held: report }).await.map_err(|e| drained_or(e, &draining))?;
+                }
+                // The leaf changed (its allow-list, its Kubernetes version): tell the proxy at
+                // once, so it never refuses from an old list what the leaf now permits for
+                // longer than the message takes.
+                changed = changed(&leaf_report) => {
+                    let Some(report) = leaf_report.as_mut().filter(|_| changed) else {
+                        leaf_report = None;
+                        continue;
+                    };
+                    let next = report.borrow_and_update().clone();
+                    send(&self.write, &AgentMessage::Report((*next).clone())).await.map_err(|e| drained_or(e, &draining))?;
                 }
                 msg = self.read.wait() => {
                     let data = match msg {
@@ -365,6 +394,9 @@ impl Tunnel {
                             ProxyMessage::Welcome { .. } => {
                                 return Err(TunnelError::Protocol("a second welcome"));
                             }
+                            ProxyMessage::Refused { reason } => {
+                                return Err(TunnelError::ProxyRefused(reason));
+                            }
                         }
                     }
                 }
@@ -379,6 +411,15 @@ fn drained_or(error: TunnelError, draining: &Option<String>) -> TunnelError {
     match draining {
         Some(reason) => TunnelError::Drained(reason.clone()),
         None => error,
+    }
+}
+
+/// Waits for `watched` to change: `true` when it did, `false` once its sender is gone (then
+/// the caller stops watching), never when there is nothing to watch.
+async fn changed<T>(watched: &Option<watch::Receiver<T>>) -> bool {
+    match watched.clone().as_mut() {
+        Some(w) => w.changed().await.is_ok(),
+        None => std::future::pending().await,
     }
 }
 

@@ -148,6 +148,8 @@ pub struct ProxyArgs {
     dial_authorization: Option<DialAuthorization>,
     #[command(flatten)]
     kube: super::kube::ProxyKubeArgs,
+    #[command(flatten)]
+    stale: super::leaves::StaleLeafArgs,
 }
 
 /// How a proxy decides who may dial which leaf (`--dial-authorization`).
@@ -160,6 +162,7 @@ pub enum DialAuthorization {
 }
 
 pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
+    let stale = args.stale.policy()?;
     if args.client_listen.is_some() && args.client_tokens.is_none() && !args.kubernetes {
         anyhow::bail!(
             "--client-listen needs clients: --client-tokens FILE, or --kubernetes (bearer \
@@ -245,6 +248,7 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
             )) as Arc<dyn JoinAuthority>
         }),
         access: dial_access(&args, root_client.as_ref()),
+        protocol: tether::protocol::ProtocolVersion::CURRENT,
     };
     let access = config.access.clone();
     let proxy = ProxyServer::start(config)
@@ -291,7 +295,7 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
             client,
             args.namespace.clone(),
             proxy.clone(),
-            args.peers_service.is_some(),
+            (args.peers_service.is_some(), stale),
             root_state.clone(),
         ));
     }

@@ -149,15 +149,26 @@ async fn connect_unbounded(
     connect_any(target, &addrs).await
 }
 
-/// The socket addresses `target` may be dialled at, in order; never empty on success.
-async fn checked_addresses(
-    resolver: &Resolver,
-    allow: &AllowList,
-    target: Target<'_>,
-) -> Result<Vec<SocketAddr>, DialError> {
-    let Target { host, port } = target;
+/// What an allow-list says of a target before any name is resolved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Precheck {
+    /// An IP literal the list permits: dial this address.
+    Literal(SocketAddr),
+    /// A name that may be permitted: resolve it and judge each answer; `by_name` says whether
+    /// a host rule vouches for it.
+    Resolve { by_name: bool },
+}
+
+/// Judges `host:port` against `allow` without resolving anything: an IP literal is permitted
+/// or not, and a name no rule could permit (no host rule names it, and no address rule covers
+/// the port) is refused without asking DNS. The agent starts every dial here; the root asks
+/// the same with the allow-list its agents report, so a dial they would refuse is refused at
+/// the root, with the agent's words, and without a round trip.
+pub fn precheck(allow: &AllowList, host: &str, port: u16) -> Result<Precheck, DialError> {
+    let target = Target { host, port };
     if let Some(ip) = ip_literal(host) {
-        return checked_literal(allow, SocketAddr::new(canonical_ip(ip), port));
+        return checked_literal(allow, SocketAddr::new(canonical_ip(ip), port))
+            .map(Precheck::Literal);
     }
     if is_numeric_host_form(host) {
         return Err(forbidden(format!(
@@ -170,11 +181,24 @@ async fn checked_addresses(
     }
     let by_name = allow.permits_name(host, port);
     if !by_name && !allow.has_ip_rule_for_port(port) {
-        // No resolved address could be permitted: refuse without asking DNS.
         return Err(forbidden(format!(
             "{target} is not in the agent's allow-list"
         )));
     }
+    Ok(Precheck::Resolve { by_name })
+}
+
+/// The socket addresses `target` may be dialled at, in order; never empty on success.
+async fn checked_addresses(
+    resolver: &Resolver,
+    allow: &AllowList,
+    target: Target<'_>,
+) -> Result<Vec<SocketAddr>, DialError> {
+    let by_name = match precheck(allow, target.host, target.port)? {
+        Precheck::Literal(addr) => return Ok(vec![addr]),
+        Precheck::Resolve { by_name } => by_name,
+    };
+    let port = target.port;
     let resolved = resolve(resolver, target).await?;
     let (permitted, refused): (Vec<SocketAddr>, Vec<SocketAddr>) = resolved
         .iter()
@@ -198,14 +222,14 @@ async fn checked_addresses(
 }
 
 /// The one address an IP-literal target may be dialled at, if `allow` permits it.
-fn checked_literal(allow: &AllowList, addr: SocketAddr) -> Result<Vec<SocketAddr>, DialError> {
+fn checked_literal(allow: &AllowList, addr: SocketAddr) -> Result<SocketAddr, DialError> {
     if let Some(reason) = never_allowed_reason(addr.ip()) {
         return Err(forbidden(format!(
             "{addr} is {reason}, which the agent never dials"
         )));
     }
     if allow.permits_ip(addr.ip(), addr.port()) {
-        return Ok(vec![addr]);
+        return Ok(addr);
     }
     Err(forbidden(match restricted_range(addr.ip()) {
         Some(range) => format!(

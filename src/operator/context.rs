@@ -6,7 +6,6 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
 use kube::runtime::events::Reporter;
 use kube::runtime::reflector::ObjectRef;
 use kube::{Api, Client, ResourceExt};
@@ -21,7 +20,7 @@ use super::resolve::Desired;
 use super::status::{Problem, SpecState, StatusWriter};
 use crate::admin::metrics::OperatorMetrics;
 use crate::agent::status::PoolStatus;
-use crate::agent::{Agent, AgentConfig};
+use crate::agent::{Agent, AgentConfig, LiveAllowList};
 use crate::egress::allow_list::AllowList;
 use crate::operator::controller::Backoffs;
 
@@ -45,7 +44,7 @@ struct AgentHandle {
 pub struct RunningTunnel {
     agent: Option<AgentHandle>,
     /// The allow-list every agent of this tunnel reads; edits are stored here, in place.
-    allow: Arc<ArcSwap<AllowList>>,
+    allow: LiveAllowList,
     spec: watch::Sender<SpecState>,
     pool: Arc<watch::Sender<Option<PoolStatus>>>,
     stop: CancellationToken,
@@ -87,17 +86,21 @@ pub struct Context {
     epoch: watch::Receiver<u64>,
     /// How agents reach this cluster's API server for the root's Kubernetes requests.
     pub kube_upstream: Option<Arc<crate::agent::kube::KubeUpstream>>,
+    /// The API server's version, which every agent reports to the root.
+    kubernetes_version: watch::Receiver<Option<String>>,
 }
 
 impl Context {
-    /// A context with an empty registry; `replica` names this replica in Events and in the
-    /// status entries it writes (again whenever `epoch` moves).
+    /// A context with an empty registry; `replica` names this replica in Events, in the
+    /// status entries it writes (again whenever `epoch` moves) and in its agents' reports,
+    /// which carry `kubernetes_version`.
     pub fn new(
         client: Client,
         replica: String,
         epoch: watch::Receiver<u64>,
         metrics: OperatorMetrics,
         kube_upstream: Option<Arc<crate::agent::kube::KubeUpstream>>,
+        kubernetes_version: watch::Receiver<Option<String>>,
     ) -> Self {
         let reporter = Reporter {
             controller: super::FIELD_MANAGER.to_owned(),
@@ -112,6 +115,7 @@ impl Context {
             replica,
             epoch,
             kube_upstream,
+            kubernetes_version,
         }
     }
 
@@ -150,7 +154,7 @@ impl Context {
             let status_task = tokio::spawn(writer.run(spec_rx, pool_rx, stop.clone()));
             RunningTunnel {
                 agent: None,
-                allow: Arc::new(ArcSwap::from_pointee(AllowList::default())),
+                allow: LiveAllowList::new(AllowList::default()),
                 spec: spec_tx,
                 pool: Arc::new(pool_tx),
                 stop,
@@ -165,9 +169,9 @@ impl Context {
         let mut tunnels = self.tunnels();
         let tunnel = self.entry(&mut tunnels, rt);
         let mut stopped = Stopped::default();
-        if **tunnel.allow.load() != desired.allow {
-            info!(name = %rt.name_any(), rules = desired.allow.rules().len(), "allow-list updated in place");
-            tunnel.allow.store(Arc::new(desired.allow));
+        let rules = desired.allow.rules().len();
+        if tunnel.allow.replace(desired.allow) {
+            info!(name = %rt.name_any(), rules, "allow-list updated in place");
         }
         let current = tunnel.agent.as_ref().map(|a| a.fingerprint);
         if current != Some(desired.fingerprint) {
@@ -179,6 +183,8 @@ impl Context {
             let mut config = desired.config;
             config.allow = tunnel.allow.clone();
             config.metrics = self.metrics.agents.clone();
+            config.replica = self.replica.clone();
+            config.kubernetes_version = self.kubernetes_version.clone();
             tunnel.agent = Some(start_agent(
                 config,
                 desired.fingerprint,

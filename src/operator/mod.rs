@@ -28,6 +28,7 @@ pub mod liveness;
 pub mod replicas;
 pub mod resolve;
 pub mod root;
+pub mod server_version;
 pub mod stamps;
 pub mod status;
 pub mod summarizer;
@@ -139,23 +140,27 @@ pub async fn run_with_refresh(
         own: replica.clone(),
     };
     let (epoch_tx, epoch_rx) = tokio::sync::watch::channel(0u64);
+    let (version_tx, version_rx) = tokio::sync::watch::channel(None);
     let ctx = Arc::new(context::Context::new(
         client.clone(),
         replica.clone(),
         epoch_rx,
         config.metrics.clone(),
         config.kube_upstream.clone(),
+        version_rx,
     ));
     let lease_stop = CancellationToken::new();
     // The entries go first (the controller withdraws them as it stops), then the Lease.
     let carry = async {
-        controller::reverse_tunnel::run(
-            client.clone(),
-            namespace.as_deref(),
-            ctx.clone(),
-            shutdown.clone(),
-        )
-        .await;
+        tokio::join!(
+            controller::reverse_tunnel::run(
+                client.clone(),
+                namespace.as_deref(),
+                ctx.clone(),
+                shutdown.clone(),
+            ),
+            server_version::follow(client.clone(), version_tx, shutdown.clone()),
+        );
         lease_stop.cancel();
     };
     let renew = own_lease.run(epoch_tx, lease_stop.clone());

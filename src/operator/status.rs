@@ -205,6 +205,7 @@ pub fn failure_reason(kind: FailureKind) -> &'static str {
         FailureKind::RefusedByProxy => "ProxyRefusedAgent",
         FailureKind::CertificateInvalid => "CertificateInvalid",
         FailureKind::ProxyNotTrusted => "ProxyNotTrusted",
+        FailureKind::UnsupportedVersion => "UnsupportedProtocol",
         FailureKind::Other => "Connecting",
     }
 }

@@ -7,6 +7,8 @@
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use serde::{Deserialize, Serialize};
 
+use super::version::ProtocolVersion;
+
 /// The subsystem name that turns a session channel into the control channel.
 pub const CONTROL_SUBSYSTEM: &str = "tether-control@tether.dev";
 
@@ -29,10 +31,14 @@ pub struct ProxyInfo {
 pub enum AgentMessage {
     /// First message: who is speaking and how often it intends to send heartbeats.
     Hello {
-        /// The agent's version, for logs.
+        /// The agent's Tether release, for logs and the root's inventory of the leaf.
         version: String,
         /// Heartbeat interval the agent asks for; the proxy may clamp it.
         heartbeat_interval_ms: u64,
+        /// The control protocol the agent speaks; absent before protocol versions (1.0)
+        /// ([`super::version`]).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        protocol: Option<ProtocolVersion>,
     },
     /// A heartbeat; the proxy answers with `Pong` carrying the same sequence number.
     Ping {
@@ -49,6 +55,87 @@ pub enum AgentMessage {
     /// streams on it have ended; the agent keeps it (and its heartbeats) until then, at most
     /// `LEAVE_GRACE`. (A proxy that predates this message closes the tunnel at once.)
     Leaving,
+    /// What the agent tells the root about its leaf (protocol 1.1): sent after `Welcome`, and
+    /// again whenever it changes. Sent only to a proxy that speaks 1.1.
+    Report(LeafReport),
+}
+
+/// Most allow-list rules a report carries: more than any real allow-list, and a bound on what
+/// one leaf may make the root store.
+pub const MAX_REPORTED_RULES: usize = 256;
+/// Longest allow-list rule a report carries (a host name of 253 characters and a port list).
+pub const MAX_REPORTED_RULE_LEN: usize = 512;
+/// Longest version string or replica name a report carries.
+pub const MAX_REPORTED_NAME_LEN: usize = 253;
+
+/// An agent's account of its leaf, for the root's inventory (`RemoteCluster` status) and for
+/// refusing at the root, without a round trip, dials the leaf's allow-list cannot permit.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeafReport {
+    /// The agent's replica (the leaf operator's pod), so the root can tell agents apart.
+    pub replica: String,
+    /// When this agent started, in seconds since the Unix epoch.
+    pub started_at: u64,
+    /// The leaf's Kubernetes API server version (`gitVersion`), when the agent has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kubernetes_version: Option<String>,
+    /// The allow-list the agent enforces: its rules, in order (rules name no secret).
+    pub allow: Vec<String>,
+    /// Whether the agent serves `_apiserver` dials.
+    #[serde(default)]
+    pub api_server: bool,
+    /// Whether the agent serves the root's Kubernetes requests.
+    #[serde(default)]
+    pub kube_api: bool,
+}
+
+/// A report outside [`LeafReport`]'s bounds.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ReportError {
+    #[error("the report carries {0} allow-list rules; at most {MAX_REPORTED_RULES} are kept")]
+    TooManyRules(usize),
+    #[error("a reported allow-list rule is {0} bytes long; at most {MAX_REPORTED_RULE_LEN}")]
+    RuleTooLong(usize),
+    #[error("a reported {0} is empty, too long or not printable")]
+    BadName(&'static str),
+}
+
+impl LeafReport {
+    /// Checks the report's sizes and characters before it is kept or shown anywhere.
+    pub fn validate(&self) -> Result<(), ReportError> {
+        if self.allow.len() > MAX_REPORTED_RULES {
+            return Err(ReportError::TooManyRules(self.allow.len()));
+        }
+        if let Some(rule) = self.allow.iter().find(|r| r.len() > MAX_REPORTED_RULE_LEN) {
+            return Err(ReportError::RuleTooLong(rule.len()));
+        }
+        if !self
+            .allow
+            .iter()
+            .all(|r| !r.is_empty() && r.bytes().all(|b| b.is_ascii_graphic()))
+        {
+            return Err(ReportError::BadName("allow-list rule"));
+        }
+        if !printable_name(&self.replica) {
+            return Err(ReportError::BadName("replica"));
+        }
+        if !self
+            .kubernetes_version
+            .as_deref()
+            .is_none_or(printable_name)
+        {
+            return Err(ReportError::BadName("Kubernetes version"));
+        }
+        Ok(())
+    }
+}
+
+/// A short, visible ASCII name: what a version or a pod name is, and nothing that could
+/// forge a log line or a column (rules are held to the same characters).
+pub fn printable_name(text: &str) -> bool {
+    !text.is_empty()
+        && text.len() <= MAX_REPORTED_NAME_LEN
+        && text.bytes().all(|b| b.is_ascii_graphic())
 }
 
 /// Messages from the proxy to the agent.
@@ -63,6 +150,9 @@ pub enum ProxyMessage {
         heartbeat_interval_ms: u64,
         /// A tunnel is offline after this many intervals without a heartbeat.
         missed_heartbeats: u32,
+        /// The control protocol the proxy speaks; absent before protocol versions (1.0).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        protocol: Option<ProtocolVersion>,
     },
     /// Answer to `Ping`.
     Pong { seq: u64 },
@@ -70,6 +160,9 @@ pub enum ProxyMessage {
     Discovery { proxies: Vec<ProxyInfo> },
     /// The proxy is draining: the agent should open a tunnel elsewhere and then leave.
     Reconnect { reason: String },
+    /// The proxy will not serve this agent (its protocol's major version is not the proxy's):
+    /// why, for the agent's status. The proxy closes the tunnel after it.
+    Refused { reason: String },
 }
 
 /// A control message that could not be read.
@@ -151,6 +244,7 @@ mod tests {
                 proxy_id: "p1".into(),
                 heartbeat_interval_ms: 1000,
                 missed_heartbeats: 3,
+                protocol: Some(ProtocolVersion::CURRENT),
             },
             ProxyMessage::Pong { seq: 7 },
             ProxyMessage::Discovery {
@@ -192,5 +286,86 @@ mod tests {
         ));
         let mut r = FrameReader::default();
         assert!(r.push(&[0x7f, 0, 0, 0]).is_err());
+    }
+}
+
+/// Protocol 1.0's control messages, as the proxies and agents before versions wrote them.
+#[cfg(test)]
+mod protocol_1_0 {
+    use super::*;
+
+    const WIRE: &str = include_str!("../../tests/fixtures/control-1.0.jsonl");
+
+    fn lines(side: &str) -> impl Iterator<Item = &'static str> + '_ {
+        WIRE.lines()
+            .filter_map(move |l| l.strip_prefix(side)?.strip_prefix(' '))
+    }
+
+    #[test]
+    fn every_message_of_protocol_1_0_reads_and_writes_back_byte_for_byte() {
+        for line in lines("agent") {
+            let message: AgentMessage = serde_json::from_str(line).unwrap();
+            assert_eq!(serde_json::to_string(&message).unwrap(), line);
+        }
+        for line in lines("proxy") {
+            let message: ProxyMessage = serde_json::from_str(line).unwrap();
+            assert_eq!(serde_json::to_string(&message).unwrap(), line);
+        }
+        assert_eq!(lines("agent").count() + lines("proxy").count(), 9);
+    }
+
+    #[test]
+    fn a_hello_or_welcome_of_protocol_1_0_names_no_version_and_so_means_1_0() {
+        let hello: AgentMessage = serde_json::from_str(lines("agent").next().unwrap()).unwrap();
+        let AgentMessage::Hello { protocol, .. } = hello else {
+            panic!("{hello:?}")
+        };
+        assert_eq!(ProtocolVersion::or_first(protocol), ProtocolVersion::V1_0);
+        let welcome: ProxyMessage = serde_json::from_str(lines("proxy").next().unwrap()).unwrap();
+        let ProxyMessage::Welcome { protocol, .. } = welcome else {
+            panic!("{welcome:?}")
+        };
+        assert_eq!(ProtocolVersion::or_first(protocol), ProtocolVersion::V1_0);
+    }
+}
+
+#[cfg(test)]
+mod report_bounds {
+    use super::*;
+
+    fn report() -> LeafReport {
+        LeafReport {
+            replica: "tether-operator-0".into(),
+            started_at: 1_764_000_000,
+            kubernetes_version: Some("v1.37.2".into()),
+            allow: vec!["10.0.0.0/8:5432".into()],
+            api_server: true,
+            kube_api: false,
+        }
+    }
+
+    #[test]
+    fn a_report_that_could_swell_or_forge_what_the_root_shows_is_refused() {
+        assert_eq!(report().validate(), Ok(()));
+        let mut many = report();
+        many.allow = vec!["10.0.0.0/8:1".into(); MAX_REPORTED_RULES + 1];
+        assert_eq!(
+            many.validate(),
+            Err(ReportError::TooManyRules(MAX_REPORTED_RULES + 1))
+        );
+        let mut long = report();
+        long.allow = vec!["a".repeat(MAX_REPORTED_RULE_LEN + 1)];
+        assert!(matches!(long.validate(), Err(ReportError::RuleTooLong(_))));
+        for forged in ["leaf-1\nOnline", "\u{1b}[2J", "", "a b"] {
+            let mut bad = report();
+            bad.replica = forged.into();
+            assert!(bad.validate().is_err(), "{forged:?}");
+            let mut bad = report();
+            bad.allow = vec![forged.into()];
+            assert!(bad.validate().is_err(), "{forged:?}");
+            let mut bad = report();
+            bad.kubernetes_version = Some(forged.into());
+            assert!(bad.validate().is_err(), "{forged:?}");
+        }
     }
 }

@@ -139,6 +139,23 @@ impl DialError {
         }
     }
 
+    /// An agent's answer to `_apiserver` when it has no API server address: the agent's own
+    /// words, and the root's when the agents' reports say so.
+    pub fn no_api_server() -> Self {
+        Self::new(DialErrorKind::Forbidden, "this agent exposes no API server")
+    }
+
+    /// An agent's answer to a Kubernetes request when it maps no root caller; also the root's,
+    /// from the agents' reports.
+    pub fn no_kube_api(cluster: &super::ClusterName) -> Self {
+        Self::new(
+            DialErrorKind::Forbidden,
+            format!(
+                "cluster {cluster} serves no Kubernetes API to the root: its agent has no access mapping"
+            ),
+        )
+    }
+
     /// The channel-open failure an SSH server answers this failed dial with. The description
     /// is the kind's text, except for [`DialErrorKind::NotPermitted`]: the client needs to
     /// know which permission it lacks, and that names nothing but itself and the leaf (other

@@ -10,6 +10,8 @@ pub mod kube;
 pub mod ssh;
 pub mod stream;
 pub mod target;
+pub mod version;
 
 pub use dial::{DialError, DialErrorKind};
 pub use target::{ClusterName, Endpoint, Target, TargetParseError};
+pub use version::ProtocolVersion;

@@ -145,4 +145,8 @@ pub struct ProxyConfig {
     /// Who may dial which leaf (in Kubernetes, RBAC on `remoteclusters/dial`); `None` lets
     /// every authenticated client dial every leaf (the leaf's allow-list still applies).
     pub access: Option<Arc<dyn super::access::LeafAccess>>,
+    /// The control protocol version this proxy speaks at most: this build's
+    /// ([`ProtocolVersion::CURRENT`](crate::protocol::ProtocolVersion::CURRENT)), or an older
+    /// one of its major, as a proxy of an earlier release would (tests of version skew).
+    pub protocol: crate::protocol::ProtocolVersion,
 }

@@ -11,7 +11,8 @@ use tracing::{debug, info, warn};
 
 use super::peers::Peer;
 use super::shared::ProxyShared;
-use super::sites::{AuthenticatedAgent, Tunnel};
+use super::sites::{AgentHello, AuthenticatedAgent, Tunnel};
+use crate::protocol::ProtocolVersion;
 use crate::protocol::control::{AgentMessage, ControlError, FrameReader, ProxyMessage};
 use crate::stream::frames::{ChannelReadError, next_channel_message, send_message};
 
@@ -22,6 +23,9 @@ pub const DISCOVERY_REFRESH: Duration = Duration::from_secs(120);
 /// At most one warning per tunnel this often about an unbelievable `held` list: an agent that
 /// sends one with every heartbeat must not flood the log.
 const HELD_WARNING_EVERY: Duration = Duration::from_secs(300);
+
+/// How long a refused agent has to read why and close before the proxy closes on it.
+const REFUSAL_LINGER: Duration = Duration::from_secs(2);
 
 /// Why a control channel ended.
 #[derive(Debug, thiserror::Error)]
@@ -58,44 +62,27 @@ pub(super) async fn run(
 ) {
     let (mut read, write) = channel.split();
     let mut frames = FrameReader::default();
-    let timeout = shared.config.limits.handshake_timeout;
-    let hello = match tokio::time::timeout(timeout, next_message(&mut read, &mut frames)).await {
-        Ok(Ok(AgentMessage::Hello {
-            version,
-            heartbeat_interval_ms,
-        })) => {
-            debug!(%version, heartbeat_interval_ms, "agent hello");
-            Duration::from_millis(heartbeat_interval_ms)
-        }
-        Ok(Ok(other)) => {
-            warn!(?other, "agent did not start with hello; closing");
-            return;
-        }
-        Ok(Err(e)) => {
-            warn!(error = %e, "control channel failed before hello");
-            return;
-        }
-        Err(_) => {
-            warn!(error = %ControlEnd::NoHello(timeout), "closing");
-            return;
-        }
+    let Some((hello, interval)) = greet(&shared, &agent, &mut read, &write, &mut frames).await
+    else {
+        return;
     };
     let policy = shared.config.heartbeat;
-    let interval = policy.negotiate(hello);
     let cluster = agent.cluster.clone();
+    let protocol = hello.protocol;
     let tunnel = Arc::new(Tunnel::new(
         shared.sites.next_tunnel_id(),
         agent,
+        hello,
         peer,
         handle,
-        interval,
-        policy.missed,
+        (interval, policy.missed),
         shared.config.stream.tunnel_share(shared.streams.clone()),
     ));
     let welcome = ProxyMessage::Welcome {
         proxy_id: shared.config.proxy_id.clone(),
         heartbeat_interval_ms: interval.as_millis() as u64,
         missed_heartbeats: policy.missed,
+        protocol: spoken(protocol),
     };
     if let Err(e) = send(&write, &welcome).await {
         warn!(error = %e, "could not welcome the agent");
@@ -138,6 +125,72 @@ pub(super) async fn run(
     tunnel.disconnect(&end.to_string()).await;
 }
 
+/// Waits for the agent's hello and agrees on a protocol version and a heartbeat interval;
+/// `None` (logged, and the agent told why when it is its version) when the agent cannot be
+/// served.
+async fn greet(
+    shared: &ProxyShared,
+    agent: &AuthenticatedAgent,
+    read: &mut ChannelReadHalf,
+    write: &ChannelWriteHalf<Msg>,
+    frames: &mut FrameReader,
+) -> Option<(AgentHello, Duration)> {
+    let timeout = shared.config.limits.handshake_timeout;
+    let (version, heartbeat_interval_ms, protocol) =
+        match tokio::time::timeout(timeout, next_message(read, frames)).await {
+            Ok(Ok(AgentMessage::Hello {
+                version,
+                heartbeat_interval_ms,
+                protocol,
+            })) => (
+                version,
+                heartbeat_interval_ms,
+                ProtocolVersion::or_first(protocol),
+            ),
+            Ok(Ok(other)) => {
+                warn!(?other, "agent did not start with hello; closing");
+                return None;
+            }
+            Ok(Err(e)) => {
+                warn!(error = %e, "control channel failed before hello");
+                return None;
+            }
+            Err(_) => {
+                warn!(error = %ControlEnd::NoHello(timeout), "closing");
+                return None;
+            }
+        };
+    debug!(%version, %protocol, heartbeat_interval_ms, "agent hello");
+    match ProtocolVersion::agree(shared.config.protocol, protocol) {
+        Ok(agreed) => {
+            let interval = shared
+                .config
+                .heartbeat
+                .negotiate(Duration::from_millis(heartbeat_interval_ms));
+            Some((AgentHello::new(&version, agreed), interval))
+        }
+        Err(mismatch) => {
+            let reason = format!("the proxy refused the agent (Tether {version}): {mismatch}");
+            warn!(leaf = %agent.cluster, %reason, "closing");
+            shared.sites.refused(&agent.cluster, reason.clone());
+            if send(write, &ProxyMessage::Refused { reason }).await.is_ok() {
+                // Closing at once could overtake the refusal (russh sends a channel's data
+                // apart from the connection's own messages): the agent, once it has read
+                // why, closes; one that does not is cut off after REFUSAL_LINGER.
+                let closed = async { while read.wait().await.is_some() {} };
+                let _ = tokio::time::timeout(REFUSAL_LINGER, closed).await;
+            }
+            None
+        }
+    }
+}
+
+/// The version a `Welcome` names: none for 1.0, which named none (so a proxy pinned to 1.0
+/// writes exactly what protocol 1.0's releases wrote).
+fn spoken(version: ProtocolVersion) -> Option<ProtocolVersion> {
+    (version != ProtocolVersion::V1_0).then_some(version)
+}
+
 /// Serves the control channel until the tunnel ends.
 ///
 /// An agent that says it is leaving (its replica stops) gets no new dial while the site has
@@ -162,10 +215,7 @@ async fn serve(
         let result: Result<(), ControlEnd> = tokio::select! {
             msg = read.wait() => match msg {
                 Some(ChannelMsg::Data { data }) => {
-                    match handle_data(&data, frames, tunnel, write, &mut held_warning, &shared.metrics.heartbeats).await {
-                        Ok(()) => Ok(()),
-                        Err(e) => Err(e),
-                    }
+                    handle_data(&data, frames, shared, tunnel, write, &mut held_warning).await
                 }
                 Some(ChannelMsg::Eof | ChannelMsg::Close) | None => Err(ControlEnd::Closed),
                 Some(_) => Ok(()),
@@ -206,17 +256,17 @@ fn until_offline(tunnel: &Tunnel) -> Duration {
 async fn handle_data(
     data: &[u8],
     frames: &mut FrameReader,
+    shared: &ProxyShared,
     tunnel: &Tunnel,
     write: &ChannelWriteHalf<Msg>,
     held_warning: &mut RateLimited,
-    heartbeats: &prometheus_client::metrics::counter::Counter,
 ) -> Result<(), ControlEnd> {
     frames.push(data)?;
     while let Some(msg) = frames.next_message::<AgentMessage>()? {
         match msg {
             AgentMessage::Ping { seq, held } => {
                 tunnel.heartbeat();
-                heartbeats.inc();
+                shared.metrics.heartbeats.inc();
                 if let Err(e) = tunnel.set_held_by(held)
                     && held_warning.allow()
                 {
@@ -235,6 +285,17 @@ async fn handle_data(
             AgentMessage::Hello { .. } => {
                 return Err(ControlEnd::Protocol("a second hello"));
             }
+            AgentMessage::Report(_) if !tunnel.hello.protocol.has(ProtocolVersion::V1_1) => {
+                return Err(ControlEnd::Protocol(
+                    "a report before protocol 1.1 was agreed",
+                ));
+            }
+            AgentMessage::Report(report) => match tunnel.set_report(report) {
+                Ok(()) => shared.sites.reported(tunnel),
+                Err(e) => {
+                    warn!(tunnel = tunnel.id, cluster = %tunnel.cluster, error = %e, "ignored the agent's report")
+                }
+            },
         }
     }
     Ok(())

@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use tokio::net::TcpStream;
-use tracing::warn;
+use tracing::{debug, warn};
 
 use super::access::{Reach, Who};
 use super::peers::{Forward, PeerStream, dial_via_peers};
@@ -168,14 +168,20 @@ impl ProxyDialer {
 
 impl ProxyDialer {
     /// Dials through this proxy's own tunnels only (never through peers): what a peer's
-    /// forwarded request gets. A path failure (the tunnel died, or would not open a channel)
-    /// moves the dial to another tunnel of the leaf, another agent instance, within the same
-    /// deadline; the agent's answer goes back to the client as it is.
+    /// forwarded request gets. A dial the leaf's agents would all refuse, as their reports
+    /// say, is refused here without a round trip (see [`super::inventory`]). A path failure
+    /// (the tunnel died, or would not open a channel) moves the dial to another tunnel of the
+    /// leaf, another agent instance, within the same deadline; the agent's answer goes back to
+    /// the client as it is.
     pub async fn dial_local(
         &self,
         target: &Target,
         client: SocketAddr,
     ) -> Result<ProxyConn, DialError> {
+        if let Some(refused) = self.shared.sites.refusal(&target.cluster, &target.endpoint) {
+            debug!(%target, reason = %refused.message, "refused by the leaf's reported allow-list");
+            return Err(refused);
+        }
         let limits = &self.shared.config.limits;
         let deadline = tokio::time::Instant::now() + limits.dial_timeout;
         let mut tried = Vec::new();

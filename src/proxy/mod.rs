@@ -9,6 +9,7 @@ pub mod config;
 mod control;
 pub mod dialer;
 mod handler;
+pub mod inventory;
 pub mod join;
 pub mod kube_entry;
 pub mod limits;

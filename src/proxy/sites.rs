@@ -15,12 +15,13 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::watch;
 
+use super::inventory::{AgentRecord, Inventory};
 use crate::admin::metrics::{Labels, label};
-use crate::protocol::{ClusterName, DialError, DialErrorKind};
+use crate::protocol::{ClusterName, DialError, DialErrorKind, Endpoint};
 
 pub use super::tunnel::{
-    AuthenticatedAgent, HeldError, MAX_HELD_PROXIES, ProxyStream, Tunnel, TunnelDialError,
-    validate_held,
+    AgentHello, AuthenticatedAgent, HeldError, MAX_HELD_PROXIES, ProxyStream, Tunnel,
+    TunnelDialError, validate_held,
 };
 
 /// Whether a site's agents are keeping their heartbeats.
@@ -43,11 +44,44 @@ impl std::fmt::Display for SiteStatus {
 }
 
 /// What is known of one leaf cluster.
+#[derive(Default)]
 struct Site {
     tunnels: Vec<Arc<Tunnel>>,
     last_connected: Option<SystemTime>,
     /// Rotates among equally loaded tunnels.
     next: usize,
+    /// What the leaf's agents last reported, kept after their tunnels go (or learnt from the
+    /// leaf's `RemoteCluster` by a proxy that never held them): the leaf's inventory while
+    /// it is offline, and the allow-lists that refuse dials without a round trip.
+    remembered: Inventory,
+    /// Why this proxy last refused one of the leaf's agents (an unsupported protocol),
+    /// until one is accepted.
+    refused: Option<String>,
+}
+
+impl Site {
+    /// The reports of the live tunnels, when every one of them has sent one.
+    fn live_inventory(&self) -> Option<Inventory> {
+        let reports: Option<Vec<_>> = self.tunnels.iter().map(|t| t.report()).collect();
+        reports.filter(|r| !r.is_empty()).map(Inventory::of_agents)
+    }
+
+    /// Remembers what the live tunnels report, if they all have.
+    fn remember_live(&mut self) {
+        if let Some(inventory) = self.live_inventory() {
+            self.remembered = inventory;
+        }
+    }
+
+    /// The inventory dials are judged by: the live tunnels' when there are any (nothing,
+    /// when one of them has not reported), the remembered one when there are none.
+    fn judging_inventory(&self) -> Option<Inventory> {
+        if self.tunnels.is_empty() {
+            Some(self.remembered.clone())
+        } else {
+            self.live_inventory()
+        }
+    }
 }
 
 /// A snapshot of one tunnel, for status views.
@@ -71,6 +105,11 @@ pub struct SiteInfo {
     pub tunnels: Vec<TunnelInfo>,
     /// Every proxy of the cluster that holds a tunnel from this site, as its agents report.
     pub held_by: Vec<String>,
+    /// The agents of the live tunnels, as they reported themselves (protocol 1.1 agents).
+    pub agents: Vec<Arc<AgentRecord>>,
+    /// Why this proxy last refused one of the site's agents, until it accepts one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub refused: Option<String>,
 }
 
 /// All remote sites known to this proxy.
@@ -121,12 +160,9 @@ impl Sites {
     pub fn add(&self, tunnel: Arc<Tunnel>) {
         let count = {
             let mut sites = self.sites.write().unwrap_or_else(|p| p.into_inner());
-            let site = sites.entry(tunnel.cluster.clone()).or_insert(Site {
-                tunnels: Vec::new(),
-                last_connected: None,
-                next: 0,
-            });
+            let site = sites.entry(tunnel.cluster.clone()).or_default();
             site.last_connected = Some(SystemTime::now());
+            site.refused = None;
             site.tunnels.push(tunnel.clone());
             site.tunnels.len()
         };
@@ -144,12 +180,61 @@ impl Sites {
                 Some(site) => {
                     site.tunnels.retain(|t| t.id != id);
                     site.last_connected = Some(SystemTime::now());
+                    site.remember_live();
                     site.tunnels.len()
                 }
                 None => 0,
             }
         };
         self.changed(cluster, count);
+    }
+
+    /// The agent of `tunnel` sent a new report (kept in the tunnel): the site remembers it.
+    pub fn reported(&self, tunnel: &Tunnel) {
+        let count = {
+            let mut sites = self.sites.write().unwrap_or_else(|p| p.into_inner());
+            let Some(site) = sites.get_mut(&tunnel.cluster) else {
+                return;
+            };
+            site.remember_live();
+            site.tunnels.len()
+        };
+        self.changed(&tunnel.cluster, count);
+    }
+
+    /// Remembers `inventory` for `cluster` (what its `RemoteCluster` says its agents last
+    /// reported, from every replica's entries) while this proxy holds none of its tunnels:
+    /// those tell it more, and sooner.
+    pub fn remember(&self, cluster: &ClusterName, inventory: Inventory) {
+        let mut sites = self.sites.write().unwrap_or_else(|p| p.into_inner());
+        let site = sites.entry(cluster.clone()).or_default();
+        if site.tunnels.is_empty() {
+            site.remembered = inventory;
+        }
+    }
+
+    /// Records that this proxy refused an agent of `cluster`, and why.
+    pub fn refused(&self, cluster: &ClusterName, reason: String) {
+        let count = {
+            let mut sites = self.sites.write().unwrap_or_else(|p| p.into_inner());
+            let site = sites.entry(cluster.clone()).or_default();
+            if site.refused.as_ref() == Some(&reason) {
+                return;
+            }
+            site.refused = Some(reason);
+            site.tunnels.len()
+        };
+        self.changed(cluster, count);
+    }
+
+    /// The refusal every agent of `cluster` would give a dial of `endpoint`, as their reports
+    /// tell (see [`super::inventory`]); `None` when one might permit it, or nothing is known.
+    pub fn refusal(&self, cluster: &ClusterName, endpoint: &Endpoint) -> Option<DialError> {
+        let inventory = {
+            let sites = self.sites.read().unwrap_or_else(|p| p.into_inner());
+            sites.get(cluster)?.judging_inventory()?
+        };
+        inventory.refusal(cluster, endpoint)
     }
 
     /// Forgets a site and returns its tunnels so the caller can close them.
@@ -268,5 +353,7 @@ fn info(name: &ClusterName, site: &Site) -> SiteInfo {
         last_connected: site.last_connected,
         tunnels,
         held_by,
+        agents: site.live_inventory().unwrap_or_default().agents,
+        refused: site.refused.clone(),
     }
 }

@@ -29,8 +29,10 @@ use russh::keys::{Certificate, PublicKey};
 use russh::server::{Handle, Msg};
 use tokio_util::sync::CancellationToken;
 
+use super::inventory::AgentRecord;
 use crate::identity::{AuthError, TrustStore, validate_proxy_id};
-use crate::protocol::{ClusterName, DialError, DialErrorKind, Endpoint};
+use crate::protocol::control::{LeafReport, ReportError};
+use crate::protocol::{ClusterName, DialError, DialErrorKind, Endpoint, ProtocolVersion};
 use crate::stream::{Splice, StreamLimits, TunnelShare, TunnelStream};
 
 /// How long a dial whose channel ended unanswered waits for its tunnel to be declared dead
@@ -78,6 +80,34 @@ pub struct AuthenticatedAgent {
     pub certificate: Certificate,
 }
 
+/// What an agent said of itself at hello.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentHello {
+    /// Its Tether release, cut to a printable 64 characters.
+    pub version: String,
+    /// The control protocol version agreed with it.
+    pub protocol: ProtocolVersion,
+}
+
+impl AgentHello {
+    /// What an agent said, its version string made safe to show.
+    pub fn new(version: &str, protocol: ProtocolVersion) -> Self {
+        let version: String = version
+            .chars()
+            .filter(|c| c.is_ascii_graphic())
+            .take(64)
+            .collect();
+        Self {
+            version: if version.is_empty() {
+                "unknown".to_owned()
+            } else {
+                version
+            },
+            protocol,
+        }
+    }
+}
+
 /// One agent connection to this proxy.
 pub struct Tunnel {
     /// Unique per proxy process; tells two tunnels of one site apart in logs and removal.
@@ -89,6 +119,11 @@ pub struct Tunnel {
     certificate: Certificate,
     /// The agent's address as this proxy sees it (its NAT's, usually).
     pub peer: SocketAddr,
+    /// Its release and the protocol spoken with it.
+    pub hello: AgentHello,
+    /// The agent's last report of its leaf (protocol 1.1), for the root's inventory and its
+    /// early refusals; `None` until one arrives, and always from a 1.0 agent.
+    report: std::sync::Mutex<Option<Arc<AgentRecord>>>,
     /// When the control channel came up.
     pub connected_at: SystemTime,
     /// Opens channels to the agent.
@@ -142,13 +177,14 @@ impl TunnelDialError {
 
 impl Tunnel {
     /// A tunnel whose control channel just completed its hello.
+    /// `heartbeats`: the interval agreed with the agent, and how many it may miss.
     pub fn new(
         id: u64,
         agent: AuthenticatedAgent,
+        hello: AgentHello,
         peer: SocketAddr,
         handle: Handle,
-        interval: Duration,
-        missed: u32,
+        (interval, missed): (Duration, u32),
         share: TunnelShare,
     ) -> Self {
         Self {
@@ -156,6 +192,8 @@ impl Tunnel {
             cluster: agent.cluster,
             certificate: agent.certificate,
             peer,
+            hello,
+            report: std::sync::Mutex::default(),
             connected_at: SystemTime::now(),
             handle,
             last_heartbeat_ms: AtomicU64::new(0),
@@ -203,6 +241,23 @@ impl Tunnel {
         validate_held(&proxies)?;
         *self.held_by.lock().unwrap_or_else(|p| p.into_inner()) = proxies;
         Ok(())
+    }
+
+    /// Keeps the agent's report of its leaf, checked; `Err` (and nothing kept) when it is out
+    /// of bounds.
+    pub fn set_report(&self, report: LeafReport) -> Result<(), ReportError> {
+        report.validate()?;
+        let record = AgentRecord::new(self.hello.version.clone(), self.hello.protocol, report);
+        *self.report.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(record));
+        Ok(())
+    }
+
+    /// The agent's last report, if it sent one.
+    pub fn report(&self) -> Option<Arc<AgentRecord>> {
+        self.report
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// The proxies the agent last reported holding tunnels to.

@@ -402,6 +402,7 @@ impl RawControl {
         me.send(&AgentMessage::Hello {
             version: "raw".into(),
             heartbeat_interval_ms: 60_000,
+            protocol: None,
         })
         .await;
         assert!(matches!(me.next().await, ProxyMessage::Welcome { .. }));

@@ -224,7 +224,7 @@ async fn the_proxies_rbac_covers_peers_join_tokens_and_remote_clusters() {
         proxy.clone(),
         ns.clone(),
         server.clone(),
-        true,
+        (true, Default::default()),
         stop.clone(),
     ));
     let joined = join(&JoinRequest {

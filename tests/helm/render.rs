@@ -84,6 +84,8 @@ async fn lint_template_and_schema() {
             "$(POD_IP):9090",
             "--shutdown-grace",
             "30s",
+            "--stale-leaf-after",
+            "168h",
         ]
     );
     assert_eq!(c["image"], "registry.example.com/tether:0.1.0");
@@ -594,4 +596,31 @@ async fn the_kubernetes_endpoint_and_impersonation_render_only_when_asked() {
         .find(|r| strings(&r["resources"]) == ["groups"])
         .expect("groups");
     assert_eq!(strings(&groups["resourceNames"]), ["tether:admins"]);
+}
+
+#[tokio::test]
+async fn removing_stale_leaves_is_asked_for_and_only_then_may_the_proxies_delete() {
+    let cp = support::kube::control_plane().await;
+    let proxy_rules = |docs: &[Value]| {
+        rules(find(docs, "Role", "tether-proxy"))
+            [&("tether.dev".to_owned(), "remoteclusters".to_owned())]
+            .clone()
+    };
+    let off = render(cp, "tether", "tether", BOTH);
+    assert!(!proxy_rules(&off).contains(&"delete".to_owned()));
+    let stale = &[
+        "--set",
+        "root.staleLeaves.after=720h,root.staleLeaves.remove=true",
+    ];
+    let docs = render(cp, "tether", "tether", &concat(&[BOTH, stale]));
+    let deployment = find(&docs, "Deployment", "tether-proxy");
+    let args = strings(&deployment["spec"]["template"]["spec"]["containers"][0]["args"]).join(" ");
+    assert!(
+        args.contains("--stale-leaf-after 720h --remove-stale-leaves"),
+        "{args}"
+    );
+    assert_eq!(
+        proxy_rules(&docs),
+        verbs(&["get", "list", "watch", "create", "patch", "delete"])
+    );
 }

@@ -446,6 +446,29 @@ impl KubeProxy<'_> {
     }
 }
 
+/// A root replica in Kubernetes mode following `service`'s endpoints, its heartbeats every
+/// 500 ms (a dead leaf shows within seconds), logging to `log`.
+pub fn spawn_kube_proxy(
+    id: &str,
+    ns: &str,
+    service: &str,
+    ca: &Path,
+    kubeconfig: &Path,
+    log: &Path,
+) -> (Proc, SocketAddr) {
+    KubeProxy {
+        id,
+        ns,
+        service,
+        ca,
+        kubeconfig,
+        log: log.to_owned(),
+        extra: &["--heartbeat-interval", "500ms"],
+    }
+    .spawn()
+    .unwrap_or_else(|e| panic!("{e}"))
+}
+
 /// `tether operator` watching `ns` as `identity`, through `kubeconfig`, with none of the
 /// environment variables that would override those flags (a developer's shell may set them).
 pub fn operator_command(kubeconfig: &Path, ns: &str, identity: &str) -> Command {

@@ -234,6 +234,19 @@ pub async fn create_secrets(client: &Client, ns: &str, pki: &Pki) {
     }
 }
 
+/// CAs for `root` and `leaf-1`, the root's key saved at `dir/root-ca` (and `.pub`) for
+/// `tether proxy --ca`.
+pub fn leaf_1_pki_saved_in(dir: &std::path::Path) -> (Pki, std::path::PathBuf) {
+    let pki = Pki::generate(
+        ClusterName::new("root").expect("name"),
+        ClusterName::new("leaf-1").expect("name"),
+    )
+    .expect("pki");
+    let ca_path = dir.join("root-ca");
+    pki.root.save(&ca_path).expect("save the root CA");
+    (pki, ca_path)
+}
+
 /// A new single-use join token, its Secret (as `tether join-token` prints it) created in `ns`.
 pub async fn create_join_token(client: &Client, ns: &str) -> tether::protocol::join::JoinToken {
     let token = tether::protocol::join::JoinToken::generate();

@@ -14,6 +14,7 @@ mod liveness;
 mod logs;
 mod metrics;
 mod policy;
+mod skew;
 mod startup;
 
 use tether::protocol::DialError;

@@ -1,8 +1,8 @@
 //! The agent dials only what its allow-list permits, however the address is spelled.
 
-use std::sync::Arc;
+use std::time::Duration;
 
-use arc_swap::ArcSwap;
+use tether::agent::LiveAllowList;
 use tether::egress::allow_list::AllowList;
 use tether::protocol::DialErrorKind;
 
@@ -78,15 +78,28 @@ async fn only_the_allowed_address_and_port_get_through() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn editing_the_allow_list_applies_to_new_dials_without_dropping_the_tunnel() {
     let echo = echo_server().await.expect("echo");
-    let mut handle: Option<Arc<ArcSwap<AllowList>>> = None;
+    let mut handle: Option<LiveAllowList> = None;
     let rig = Rig::start(&[], |_| {}, |a| handle = Some(a.allow.clone())).await;
     let allow = handle.expect("allow-list handle");
     let tunnel_before = rig.proxy.site(&leaf()).expect("site").tunnels[0].id;
     let err = rig.dial(echo).await.err().expect("denied by default");
     assert_eq!(err.kind, DialErrorKind::Forbidden);
-    allow.store(Arc::new(
-        AllowList::parse([format!("127.0.0.1/32:{}", echo.port())]).expect("rules"),
-    ));
+    // Written as agents report rules (a /32 without its prefix length).
+    let rule = format!("127.0.0.1:{}", echo.port());
+    assert!(allow.replace(AllowList::parse([&rule]).expect("rules")));
+    // The agent judges by the new list at once; the root, which refuses early what its
+    // agents' reports forbid, once the agent's report of it has arrived.
+    let sites = rig.proxy.sites();
+    wait_for(
+        "the root to learn the new list",
+        Duration::from_secs(10),
+        || {
+            sites.get(&leaf()).is_some_and(|s| {
+                !s.agents.is_empty() && s.agents.iter().all(|a| a.report.allow == [rule.clone()])
+            })
+        },
+    )
+    .await;
     let (mut stream, _t) = attach(rig.dial(echo).await.expect("allowed now"), 4096);
     assert_eq!(echo_round_trip(&mut stream, b"hi").await, b"hi");
     let site = rig.proxy.site(&leaf()).expect("site");

@@ -131,7 +131,9 @@ impl Pool {
         let (tunnel_tx, mut tunnel_rx) = mpsc::channel::<TunnelEvent>(256);
         let mut expiry =
             tokio::time::interval((self.limits.forget_after / 4).max(Duration::from_millis(10)));
-        let mut run = PoolRun::new(self, stop.clone(), tunnel_tx);
+        let (leaf_report, keep_report) = super::report::follow(self.config.clone());
+        let keeper = tokio::spawn(keep_report);
+        let mut run = PoolRun::new(self, stop.clone(), tunnel_tx, leaf_report);
         loop {
             let wait_for_dial = run.dial_missing();
             run.report();
@@ -148,6 +150,7 @@ impl Pool {
             }
         }
         run.close().await;
+        keeper.abort();
         self.status.send_replace(PoolStatus::default());
         let _ = self.events.send(AgentEvent::Closed);
     }

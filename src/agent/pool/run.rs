@@ -4,6 +4,7 @@
 //! expiry tick ([`PoolRun::on_expiry`]).
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::SystemTime;
 
@@ -22,6 +23,7 @@ use crate::agent::claims::Claims;
 use crate::agent::error::TunnelError;
 use crate::agent::status::{TunnelFailure, TunnelState};
 use crate::agent::tunnel::{Tunnel, TunnelEvent};
+use crate::protocol::control::LeafReport;
 
 /// What a running pool keeps between wake-ups.
 pub(super) struct PoolRun<'a> {
@@ -48,6 +50,8 @@ pub(super) struct PoolRun<'a> {
     tunnel_tx: mpsc::Sender<TunnelEvent>,
     /// The held proxies, as each tunnel reports them to its proxy with its heartbeats.
     held_report: watch::Sender<Vec<String>>,
+    /// The agent's report of its leaf, which each tunnel sends its proxy when it changes.
+    leaf_report: watch::Receiver<Arc<LeafReport>>,
     /// Dials in flight.
     dialling: usize,
     /// Failed dials in a row (the back-off grows with them).
@@ -68,6 +72,7 @@ impl<'a> PoolRun<'a> {
         pool: &'a Pool,
         stop: CancellationToken,
         tunnel_tx: mpsc::Sender<TunnelEvent>,
+        leaf_report: watch::Receiver<Arc<LeafReport>>,
     ) -> Self {
         Self {
             pool,
@@ -81,6 +86,7 @@ impl<'a> PoolRun<'a> {
             tasks: JoinSet::new(),
             tunnel_tx,
             held_report: watch::channel(Vec::new()).0,
+            leaf_report,
             dialling: 0,
             failures: 0,
             busy: 0,
@@ -190,7 +196,9 @@ impl<'a> PoolRun<'a> {
             proxy_id: proxy_id.clone(),
         });
         let tx = self.tunnel_tx.clone();
-        let tunnel = tunnel.report_held(self.held_report.subscribe());
+        let tunnel = tunnel
+            .report_held(self.held_report.subscribe())
+            .report_leaf(self.leaf_report.clone());
         self.tasks.spawn(
             async move {
                 let result = tunnel.run(tunnel_stop, Some(tx)).await;

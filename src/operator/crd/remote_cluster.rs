@@ -52,6 +52,41 @@ use serde::{Deserialize, Serialize};
         name = "Age",
         type_ = "date",
         json_path = ".metadata.creationTimestamp"
+    ),
+    printcolumn(
+        name = "Version",
+        type_ = "string",
+        json_path = ".status.inventory.tetherVersion",
+        description = "The Tether release of the leaf's agents",
+        priority = 1
+    ),
+    printcolumn(
+        name = "Kubernetes",
+        type_ = "string",
+        json_path = ".status.inventory.kubernetesVersion",
+        description = "The leaf's Kubernetes API server version",
+        priority = 1
+    ),
+    printcolumn(
+        name = "Allowed",
+        type_ = "string",
+        json_path = ".status.inventory.allowed",
+        description = "What the root may reach in the leaf: its agents' allow-list",
+        priority = 1
+    ),
+    printcolumn(
+        name = "Inventory",
+        type_ = "string",
+        json_path = ".status.inventory.state",
+        description = "Live while agents report it; Cached after the last one went",
+        priority = 1
+    ),
+    printcolumn(
+        name = "Confirmed",
+        type_ = "date",
+        json_path = ".status.inventory.confirmedAt",
+        description = "When the inventory last changed while Live, or when it turned Cached",
+        priority = 1
     )
 )]
 #[serde(rename_all = "camelCase")]
@@ -73,6 +108,8 @@ pub enum Connection {
     Online,
     /// Every tunnel missed its heartbeats.
     Offline,
+    /// The summary only: offline for longer than the proxies' `--stale-leaf-after`.
+    Stale,
 }
 
 /// One proxy replica holding tunnels from the leaf; written by that replica only.
@@ -90,6 +127,70 @@ pub struct ProxyHolding {
     /// replica's ready endpoint, not this time, says the entry is current.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub since: Option<String>,
+    /// The leaf's agents whose tunnels this replica holds, as they report themselves.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
+    pub agents: Vec<AgentRecord>,
+    /// Why this replica refused the leaf's last agent, if it did (an unsupported protocol).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refused: Option<String>,
+}
+
+/// One of the leaf's agents, as it reported itself over its tunnel.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AgentRecord {
+    /// The agent's replica (the leaf operator's pod).
+    pub replica: String,
+    /// When the agent started (RFC 3339).
+    pub since: String,
+    /// Its Tether release.
+    pub tether_version: String,
+    /// The control protocol version spoken with it.
+    pub protocol_version: String,
+    /// The leaf's Kubernetes API server version, as the agent read it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kubernetes_version: Option<String>,
+    /// The allow-list it enforces.
+    #[serde(default)]
+    #[schemars(length(max = 256))]
+    pub allow: Vec<String>,
+    /// Whether it serves `_apiserver` dials.
+    #[serde(default)]
+    pub api_server: bool,
+    /// Whether it serves the root's Kubernetes requests.
+    #[serde(default)]
+    pub kube_api: bool,
+}
+
+/// Whether the inventory is what connected agents say now, or what they last said.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum InventoryState {
+    /// Agents connected to some replica report it now.
+    Live,
+    /// No agent is connected: the root keeps what they last reported.
+    Cached,
+}
+
+/// What the root knows of the leaf from its agents: kept while the leaf is offline, marked
+/// with when it was last confirmed.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LeafInventory {
+    /// Live or Cached.
+    pub state: InventoryState,
+    /// When the inventory last changed while Live, or when it turned Cached (RFC 3339).
+    pub confirmed_at: String,
+    /// The agents' Tether releases, comma-separated (two during a leaf's rolling upgrade).
+    pub tether_version: String,
+    /// The leaf's Kubernetes API server version, if an agent knows it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kubernetes_version: Option<String>,
+    /// Every rule of the agents' allow-lists, comma-separated, for `kubectl get -o wide`.
+    pub allowed: String,
+    /// The agents as they last reported themselves.
+    #[schemars(length(max = 64))]
+    pub agents: Vec<AgentRecord>,
 }
 
 /// Which replicas hold the leaf's tunnels: one entry per replica, and a summary of them.
@@ -110,7 +211,14 @@ pub struct RemoteClusterStatus {
     /// Summary of `proxies`: tunnels in total.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tunnels: Option<u32>,
-    /// When `connection` last changed (RFC 3339), as a condition's `lastTransitionTime`.
+    /// When `connection` last changed (RFC 3339), as a condition's `lastTransitionTime`
+    /// (Offline turning Stale keeps it: the leaf has been away since then).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub since: Option<String>,
+    /// What the leaf's agents report of it, kept while it is offline.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inventory: Option<LeafInventory>,
+    /// Why a replica refused the leaf's agents, from the entries (an unsupported protocol).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refused: Option<String>,
 }

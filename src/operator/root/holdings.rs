@@ -44,6 +44,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
+use super::summary::StalePolicy;
 use crate::operator::crd::RemoteCluster;
 use crate::operator::crd::remote_cluster::{Connection, ProxyHolding};
 use crate::proxy::{ProxyServer, SiteInfo, SiteStatus};
@@ -62,10 +63,10 @@ pub fn field_manager(proxy_id: &str) -> String {
     format!("tether-proxy-{proxy_id}")
 }
 
-/// This replica's entry for one site, or `None` when it holds no tunnel from it. `since` is
-/// left empty: it is stamped when the entry is written.
+/// This replica's entry for one site, or `None` when it holds no tunnel from it and has not
+/// refused one of its agents. `since` is left empty: it is stamped when the entry is written.
 pub fn holding(proxy_id: &str, site: &SiteInfo) -> Option<ProxyHolding> {
-    if site.tunnels.is_empty() {
+    if site.tunnels.is_empty() && site.refused.is_none() {
         return None;
     }
     Some(ProxyHolding {
@@ -77,6 +78,8 @@ pub fn holding(proxy_id: &str, site: &SiteInfo) -> Option<ProxyHolding> {
         },
         tunnels: u32::try_from(site.tunnels.len()).unwrap_or(u32::MAX),
         since: None,
+        agents: super::inventory::records(&site.agents),
+        refused: site.refused.clone(),
     })
 }
 
@@ -84,7 +87,12 @@ pub fn holding(proxy_id: &str, site: &SiteInfo) -> Option<ProxyHolding> {
 fn same_state(a: Option<&ProxyHolding>, b: Option<&ProxyHolding>) -> bool {
     match (a, b) {
         (None, None) => true,
-        (Some(a), Some(b)) => a.connection == b.connection && a.tunnels == b.tunnels,
+        (Some(a), Some(b)) => {
+            a.connection == b.connection
+                && a.tunnels == b.tunnels
+                && a.agents == b.agents
+                && a.refused == b.refused
+        }
         _ => false,
     }
 }
@@ -154,7 +162,7 @@ pub async fn write_holdings(
     api: Api<RemoteCluster>,
     proxy_id: String,
     proxy: Arc<ProxyServer>,
-    prune: bool,
+    (prune, stale): (bool, StalePolicy),
     mut remotes: Remotes,
     shutdown: CancellationToken,
 ) {
@@ -164,6 +172,8 @@ pub async fn write_holdings(
     }
     let mut peers = proxy.shared().peers.subscribe();
     let (mut peers_dirty, mut remotes_dirty) = (true, true);
+    // Whether a leaf may have turned stale since the last pass: time alone does that.
+    let mut time_passed = false;
     let params = PatchParams::apply(&field_manager(&proxy_id));
     let mut pending: BTreeMap<String, Pending> = BTreeMap::new();
     let mut changes = proxy.sites().subscribe();
@@ -200,10 +210,10 @@ pub async fn write_holdings(
         if designated && prune && (peers_dirty || remotes_dirty) {
             prune_departed(&api, &state, &live).await;
         }
-        if designated && remotes_dirty {
-            super::summary::write_summaries(&api, &state, SystemTime::now()).await;
+        if designated && (remotes_dirty || (time_passed && stale.after.is_some())) {
+            super::summary::write_summaries(&api, &state, SystemTime::now(), stale).await;
         }
-        (peers_dirty, remotes_dirty) = (false, false);
+        (peers_dirty, remotes_dirty, time_passed) = (false, false, false);
         tokio::select! {
             () = shutdown.cancelled() => break,
             Ok(()) = changes.changed() => tokio::time::sleep(DEBOUNCE).await,
@@ -216,7 +226,7 @@ pub async fn write_holdings(
                 remotes_dirty = true;
                 tokio::time::sleep(DEBOUNCE).await;
             }
-            () = tokio::time::sleep(RECHECK) => {}
+            () = tokio::time::sleep(RECHECK) => time_passed = true,
         }
     }
     withdraw(&api, &params, &remotes.store.state(), &proxy_id).await;

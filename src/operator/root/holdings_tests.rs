@@ -7,6 +7,8 @@ fn entry(id: &str, tunnels: u32, connection: Connection) -> ProxyHolding {
         connection,
         tunnels,
         since: Some("2026-12-01T00:00:00Z".into()),
+        agents: Vec::new(),
+        refused: None,
     }
 }
 

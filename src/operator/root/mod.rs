@@ -22,6 +22,7 @@
 pub mod access;
 pub mod bearer;
 pub mod holdings;
+pub mod inventory;
 pub mod kept;
 pub mod summary;
 pub mod tokens;
@@ -46,12 +47,12 @@ pub use tokens::KubeJoinAuthority;
 /// trust stays as configured) and writes this replica's status entries, until `shutdown`.
 /// `prune`: the proxy's peers come from its Service's ready endpoints, so they vouch for the
 /// entries: departed replicas' entries are removed, and a replica not among them withdraws its
-/// own.
+/// own. `stale`: what becomes of leaves away a long time.
 pub async fn run(
     client: Client,
     namespace: String,
     proxy: Arc<ProxyServer>,
-    prune: bool,
+    (prune, stale): (bool, summary::StalePolicy),
     shutdown: CancellationToken,
 ) {
     let api: Api<RemoteCluster> = Api::namespaced(client, &namespace);
@@ -65,8 +66,15 @@ pub async fn run(
     let follow =
         trust::follow_remote_clusters(api.clone(), (reader, writer), proxy.clone(), changed)
             .instrument(info_span!("remote_clusters", %namespace));
-    let write = holdings::write_holdings(api, proxy_id, proxy, prune, remotes, shutdown.clone())
-        .instrument(info_span!("holdings", %namespace));
+    let write = holdings::write_holdings(
+        api,
+        proxy_id,
+        proxy,
+        (prune, stale),
+        remotes,
+        shutdown.clone(),
+    )
+    .instrument(info_span!("holdings", %namespace));
     tokio::select! {
         () = follow => {}
         () = async { tokio::join!(write, shutdown.cancelled()); } => {}

@@ -129,8 +129,12 @@ pub async fn follow_remote_clusters(
                 Err(e) => warn!(error = %e, "watching RemoteClusters"),
                 Ok(event) => {
                     initialised |= matches!(event, watcher::Event::InitDone);
-                    if let watcher::Event::Delete(rc) = event {
-                        deleted.extend(rc.metadata.name.clone());
+                    match event {
+                        watcher::Event::Delete(rc) => deleted.extend(rc.metadata.name.clone()),
+                        watcher::Event::Apply(rc) | watcher::Event::InitApply(rc) => {
+                            remember_inventory(&proxy, rc);
+                        }
+                        _ => {}
                     }
                     rebuild |= applied.changes_trust(event);
                 }
@@ -157,6 +161,22 @@ pub async fn follow_remote_clusters(
                 "trust updated from RemoteClusters"
             );
         }
+    }
+}
+
+/// Lets `proxy` judge dials for a leaf whose tunnels it does not hold by what the leaf's
+/// agents last reported to any replica (`status.inventory`).
+fn remember_inventory(proxy: &ProxyServer, rc: &RemoteCluster) {
+    let (Some(name), Some(inventory)) = (
+        rc.metadata.name.as_deref(),
+        rc.status.as_ref().and_then(|s| s.inventory.as_ref()),
+    ) else {
+        return;
+    };
+    if let Ok(leaf) = ClusterName::new(name) {
+        proxy
+            .sites()
+            .remember(&leaf, super::inventory::remembered(inventory));
     }
 }
 
