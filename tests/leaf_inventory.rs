@@ -31,6 +31,7 @@ use support::tunnel_e2e::{
 };
 use tether::agent::Agent;
 use tether::client::{ClientError, DialClient, DialClientConfig};
+use tether::demo::Pki;
 use tether::demo::echo_server;
 use tether::egress::allow_list::AllowList;
 use tether::identity::Identity;
@@ -38,7 +39,7 @@ use tether::identity::TrustStore;
 use tether::operator::crd::remote_cluster::{Connection, InventoryState, RemoteClusterStatus};
 use tether::operator::crd::{RemoteCluster, RemoteClusterSpec};
 use tether::operator::root::{self, summary::StalePolicy};
-use tether::protocol::{ClusterName, DialErrorKind, Target};
+use tether::protocol::{ClusterName, DialErrorKind, ProtocolVersion, Target};
 use tether::proxy::ProxyServer;
 
 const SERVICE: &str = "tether-proxy-peers";
@@ -292,6 +293,8 @@ struct Visited {
     leaf: ClusterName,
     /// Stops the status writer.
     stop: CancellationToken,
+    /// The leaf's and the root's CAs.
+    pki: Pki,
 }
 
 impl Visited {
@@ -302,6 +305,42 @@ impl Visited {
             after: Some(Duration::from_secs(1)),
             remove,
         };
+        let visited = Visited::root(prefix, stale).await;
+        let (agent, agent_stop, run) = visited.agent(ProtocolVersion::CURRENT);
+        let mut status = agent.status();
+        support::within("a tunnel", Duration::from_secs(20), async {
+            while status.borrow_and_update().connected() == 0 {
+                status.changed().await.expect("status");
+            }
+        })
+        .await;
+        agent_stop.cancel();
+        run.await.expect("the agent stops");
+        visited
+    }
+
+    /// The leaf's agent, speaking `protocol`, running until the token is cancelled.
+    fn agent(
+        &self,
+        protocol: ProtocolVersion,
+    ) -> (Arc<Agent>, CancellationToken, tokio::task::JoinHandle<()>) {
+        let mut config = self
+            .pki
+            .agent_config(&self.proxy.local_addr().to_string(), AllowList::default())
+            .expect("agent config");
+        config.protocol = protocol;
+        let agent = Arc::new(Agent::new(config));
+        let stop = CancellationToken::new();
+        let run = tokio::spawn({
+            let (agent, stop) = (agent.clone(), stop.clone());
+            async move { agent.run(stop).await }
+        });
+        (agent, stop, run)
+    }
+
+    /// The root: a proxy following the RemoteCluster objects of a new namespace, writing their
+    /// status under `stale`, and the leaf's RemoteCluster, trusted once this returns.
+    async fn root(prefix: &str, stale: StalePolicy) -> Visited {
         let (_cp, client, ns) = crds_and_namespace(prefix).await;
         let pki = support::pki();
         let config = pki.proxy_config("proxy-1").expect("proxy config");
@@ -340,32 +379,12 @@ impl Visited {
             remotes,
             leaf,
             stop,
+            pki,
         };
         eventually("the proxy to trust the leaf", || async {
             visited.trusted().then_some(())
         })
         .await;
-        let config = pki
-            .agent_config(
-                &visited.proxy.local_addr().to_string(),
-                AllowList::default(),
-            )
-            .expect("agent config");
-        let agent = Arc::new(Agent::new(config));
-        let agent_stop = CancellationToken::new();
-        let run = tokio::spawn({
-            let (agent, stop) = (agent.clone(), agent_stop.clone());
-            async move { agent.run(stop).await }
-        });
-        let mut status = agent.status();
-        support::within("a tunnel", Duration::from_secs(20), async {
-            while status.borrow_and_update().connected() == 0 {
-                status.changed().await.expect("status");
-            }
-        })
-        .await;
-        agent_stop.cancel();
-        run.await.expect("the agent stops");
         visited
     }
 
@@ -382,6 +401,29 @@ impl Visited {
         })
         .await
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_of_another_major_version_is_refused_and_the_remote_cluster_says_why() {
+    let visited = Visited::root("refused", StalePolicy::default()).await;
+    let (_agent, stop, _run) = visited.agent(ProtocolVersion { major: 2, minor: 0 });
+    let why = eventually("the refusal in the RemoteCluster's status", || async {
+        let status = visited
+            .remotes
+            .get(visited.leaf.as_str())
+            .await
+            .ok()?
+            .status?;
+        status.refused
+    })
+    .await;
+    assert!(
+        why.contains("the agent speaks protocol 2.0 and the proxy 1.1")
+            && why.ends_with("upgrade the root's proxies to a release that speaks 2.x"),
+        "{why}"
+    );
+    stop.cancel();
+    visited.stop.cancel();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
