@@ -65,6 +65,10 @@ pub enum AgentMessage {
 pub const MAX_REPORTED_RULES: usize = 256;
 /// Longest allow-list rule a report carries (a host name of 253 characters and a port list).
 pub const MAX_REPORTED_RULE_LEN: usize = 512;
+/// Most bytes of rules a report carries in all: what one agent may make each proxy hold, and
+/// what it adds to the leaf's `RemoteCluster` (the root keeps a few agents' lists per replica
+/// there, under the API server's object size limit of 1.5 MiB).
+pub const MAX_REPORTED_ALLOW_BYTES: usize = 16 * 1024;
 /// Longest version string or replica name a report carries.
 pub const MAX_REPORTED_NAME_LEN: usize = 253;
 
@@ -96,6 +100,8 @@ pub enum ReportError {
     TooManyRules(usize),
     #[error("a reported allow-list rule is {0} bytes long; at most {MAX_REPORTED_RULE_LEN}")]
     RuleTooLong(usize),
+    #[error("the reported allow-list has {0} bytes of rules; at most {MAX_REPORTED_ALLOW_BYTES}")]
+    TooLarge(usize),
     #[error("a reported {0} is empty, too long or not printable")]
     BadName(&'static str),
 }
@@ -108,6 +114,10 @@ impl LeafReport {
         }
         if let Some(rule) = self.allow.iter().find(|r| r.len() > MAX_REPORTED_RULE_LEN) {
             return Err(ReportError::RuleTooLong(rule.len()));
+        }
+        let bytes: usize = self.allow.iter().map(String::len).sum();
+        if bytes > MAX_REPORTED_ALLOW_BYTES {
+            return Err(ReportError::TooLarge(bytes));
         }
         if !self
             .allow
@@ -356,6 +366,9 @@ mod report_bounds {
         let mut long = report();
         long.allow = vec!["a".repeat(MAX_REPORTED_RULE_LEN + 1)];
         assert!(matches!(long.validate(), Err(ReportError::RuleTooLong(_))));
+        let mut large = report();
+        large.allow = vec!["a".repeat(MAX_REPORTED_RULE_LEN); 40];
+        assert!(matches!(large.validate(), Err(ReportError::TooLarge(_))));
         for forged in ["leaf-1\nOnline", "\u{1b}[2J", "", "a b"] {
             let mut bad = report();
             bad.replica = forged.into();

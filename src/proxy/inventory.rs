@@ -8,6 +8,11 @@
 //! refused only when no rule could permit it after resolution, and a leaf with an agent whose
 //! list is unknown (a 1.0 agent sends none) is never refused here.
 //!
+//! A changed allow-list reaches the root with the agent's next message (the agent watches its
+//! list), so a widened list is refused here for at most that long; a replica holding none of
+//! the leaf's tunnels learns it from the `RemoteCluster` (another replica's entry, then the
+//! summary: about a second), and meanwhile refuses what it would otherwise have forwarded.
+//!
 //! ```text
 //!   dial to leaf-1 10.9.9.9:22      agents report [10.0.0.0/8:5432]
 //!   before: proxy ─ channel open ─▶ agent ─ "not in the agent's allow-list" ─▶ client (1 RTT)

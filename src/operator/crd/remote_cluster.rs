@@ -129,7 +129,7 @@ pub struct ProxyHolding {
     pub since: Option<String>,
     /// The leaf's agents whose tunnels this replica holds, as they report themselves.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 64))]
+    #[schemars(length(max = 8))]
     pub agents: Vec<AgentRecord>,
     /// Why this replica refused the leaf's last agent, if it did (an unsupported protocol).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -189,7 +189,7 @@ pub struct LeafInventory {
     /// Every rule of the agents' allow-lists, comma-separated, for `kubectl get -o wide`.
     pub allowed: String,
     /// The agents as they last reported themselves.
-    #[schemars(length(max = 64))]
+    #[schemars(length(max = 8))]
     pub agents: Vec<AgentRecord>,
 }
 

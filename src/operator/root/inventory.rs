@@ -16,8 +16,10 @@ use crate::operator::crd::remote_cluster::{
 use crate::protocol::control::LeafReport;
 use crate::proxy::inventory::{self, Inventory};
 
-/// Most agents kept in one entry or in the inventory (as the CRD's schema allows).
-const MAX_AGENTS: usize = 64;
+/// Most agents kept in one entry or in the inventory (as the CRD's schema allows): a leaf runs
+/// one per operator replica, and each carries up to 16 KiB of rules
+/// (`MAX_REPORTED_ALLOW_BYTES`), so a `RemoteCluster` stays far below the API server's limit.
+pub const MAX_AGENTS: usize = 8;
 
 /// An agent's record in an entry, from what this proxy holds.
 pub fn record(agent: &inventory::AgentRecord) -> AgentRecord {
