@@ -492,3 +492,108 @@ async fn a_second_tunnel_for_one_leaf_fails_and_takes_over_when_the_first_goes()
     stop.cancel();
     proxy.shutdown(Duration::from_secs(1)).await;
 }
+
+/// A new identity (a renewed or re-issued certificate, as every CA rotation ends in) moves the
+/// leaf to a new tunnel with no dial failing: the new agent holds its tunnel before the old one
+/// leaves, so even one operator replica never leaves the leaf dark.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_identity_takes_over_before_the_old_agent_leaves() {
+    let (_cp, client, ns) = crds_and_namespace("op-handover").await;
+    let (leaf, pki, proxy) = root_proxy_for_leaf_1().await;
+    let proxy = Arc::new(proxy);
+    let echo = echo_server().await.expect("echo");
+    create_secrets(&client, &ns, &pki).await;
+    let stop = start_operator(client.clone(), &ns, None);
+    let rule = format!("{}/32:{}", echo.ip(), echo.port());
+    let manifest = example(&proxy.local_addr().to_string(), &[rule]);
+    let rts: Api<DynamicObject> = Api::namespaced_with(
+        client.clone(),
+        &ns,
+        &ApiResource::erase::<ReverseTunnel>(&()),
+    );
+    rts.create(
+        &PostParams::default(),
+        &serde_json::from_value(manifest).expect("example"),
+    )
+    .await
+    .expect("creating the ReverseTunnel");
+    let target = format!("{}.leaf-1.tether:{}", echo.ip(), echo.port());
+    eventually("a first dial", || async {
+        echo_through(&proxy, &target).await.ok()
+    })
+    .await;
+    let ids = tunnel_ids(&proxy, &leaf);
+
+    let (done, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let load_stop = tokio_util::sync::CancellationToken::new();
+    let load = tokio::spawn({
+        let (proxy, target) = (proxy.clone(), target.clone());
+        let (done, failed, load_stop) = (done.clone(), failed.clone(), load_stop.clone());
+        async move {
+            while !load_stop.is_cancelled() {
+                match echo_through(&proxy, &target).await {
+                    Ok(echoed) if echoed == b"ping" => {
+                        done.fetch_add(1, Ordering::Relaxed);
+                    }
+                    other => {
+                        if failed.fetch_add(1, Ordering::Relaxed) < 5 {
+                            eprintln!("a dial failed: {other:?}");
+                        }
+                        // A refusal can come back without awaiting anything: pause, so a
+                        // leaf without a tunnel cannot turn this loop into a busy one.
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                }
+            }
+        }
+    });
+    // Every change of the leaf's tunnels on the proxy, from now on: the leaf must never be
+    // left without one.
+    let mut changes = proxy.sites().subscribe();
+    let seen = tokio::spawn({
+        let (proxy, leaf) = (proxy.clone(), leaf.clone());
+        async move {
+            let mut seen = Vec::new();
+            loop {
+                let now = tunnel_ids(&proxy, &leaf);
+                let done = now.len() == 1 && !ids.contains(&now[0]);
+                seen.push(now);
+                if done || changes.changed().await.is_err() {
+                    return seen;
+                }
+            }
+        }
+    });
+    Api::<Secret>::namespaced(client.clone(), &ns)
+        .replace(
+            "leaf-1-agent",
+            &PostParams::default(),
+            &agent_secret(&pki.leaf),
+        )
+        .await
+        .expect("a new identity");
+    let seen = support::within("only the new agent's tunnel", Duration::from_secs(60), seen)
+        .await
+        .expect("watching the tunnels");
+    assert!(
+        seen.iter().all(|ids| !ids.is_empty()),
+        "the leaf was left without a tunnel: {seen:?}"
+    );
+    assert!(
+        seen.iter().any(|ids| ids.len() == 2),
+        "the new tunnel came up before the old one left: {seen:?}"
+    );
+    let before = done.load(Ordering::Relaxed);
+    eventually("dials through the new tunnel", || async {
+        (done.load(Ordering::Relaxed) > before + 20).then_some(())
+    })
+    .await;
+    load_stop.cancel();
+    load.await.expect("load");
+    assert_eq!(
+        failed.load(Ordering::Relaxed),
+        0,
+        "dials failed during the handover"
+    );
+    stop.cancel();
+}

@@ -32,10 +32,21 @@ const STOP_GRACE: Duration =
 /// The registry key: one entry per `ReverseTunnel` object.
 pub type TunnelKey = ObjectRef<ReverseTunnel>;
 
+/// The longest a replaced agent keeps its tunnels while its successor connects: long enough
+/// for a successor to reach every proxy (each dial is bounded by the agent's 10 s connect
+/// timeout), short enough that a successor that cannot connect (a refused identity) does not
+/// keep the old settings alive for long.
+const HANDOVER_LIMIT: Duration = Duration::from_secs(30);
+
 /// One agent task and how to stop it.
 struct AgentHandle {
     fingerprint: u64,
+    /// Stops the agent; a child of its tunnel's `stop`, so removing the tunnel stops it too.
     stop: CancellationToken,
+    /// Cancelled when a successor takes over: this agent's status is no longer published.
+    mute: CancellationToken,
+    /// This agent's own status, which a successor waits on in a handover.
+    status: watch::Receiver<PoolStatus>,
     task: JoinHandle<()>,
 }
 
@@ -43,6 +54,9 @@ struct AgentHandle {
 /// writes its status.
 pub struct RunningTunnel {
     agent: Option<AgentHandle>,
+    /// Agents replaced by `agent` that keep their tunnels until it holds as many (see
+    /// [`hand_over`]): how to stop each at once (a spec gone bad fails closed) and its task.
+    retiring: Vec<(CancellationToken, JoinHandle<()>)>,
     /// The allow-list every agent of this tunnel reads; edits are stored here, in place.
     allow: LiveAllowList,
     spec: watch::Sender<SpecState>,
@@ -154,6 +168,7 @@ impl Context {
             let status_task = tokio::spawn(writer.run(spec_rx, pool_rx, stop.clone()));
             RunningTunnel {
                 agent: None,
+                retiring: Vec::new(),
                 allow: LiveAllowList::new(AllowList::default()),
                 spec: spec_tx,
                 pool: Arc::new(pool_tx),
@@ -163,33 +178,39 @@ impl Context {
         })
     }
 
-    /// Makes the running agent of `rt` match `desired`: starts it, restarts it when the
-    /// connection settings changed, and swaps a changed allow-list in place.
-    pub fn ensure_running(&self, rt: &ReverseTunnel, desired: Desired) -> Stopped {
+    /// Makes the running agent of `rt` match `desired`: starts it, hands over to a new one
+    /// when the connection settings changed (the old one stops once the new one holds its
+    /// tunnels: [`hand_over`]), and swaps a changed allow-list in place.
+    pub fn ensure_running(&self, rt: &ReverseTunnel, desired: Desired) {
         let mut tunnels = self.tunnels();
         let tunnel = self.entry(&mut tunnels, rt);
-        let mut stopped = Stopped::default();
         let rules = desired.allow.rules().len();
         if tunnel.allow.replace(desired.allow) {
             info!(name = %rt.name_any(), rules, "allow-list updated in place");
         }
         let current = tunnel.agent.as_ref().map(|a| a.fingerprint);
         if current != Some(desired.fingerprint) {
-            if let Some(old) = tunnel.agent.take() {
-                info!(name = %rt.name_any(), "connection settings changed; restarting the agent");
-                old.stop.cancel();
-                stopped.0.push(old.task);
-            }
             let mut config = desired.config;
             config.allow = tunnel.allow.clone();
             config.metrics = self.metrics.agents.clone();
             config.replica = self.replica.clone();
             config.kubernetes_version = self.kubernetes_version.clone();
-            tunnel.agent = Some(start_agent(
+            let successor = start_agent(
                 config,
                 desired.fingerprint,
                 tunnel.pool.clone(),
-            ));
+                tunnel.stop.child_token(),
+            );
+            let ready = successor.status.clone();
+            if let Some(old) = tunnel.agent.replace(successor) {
+                info!(name = %rt.name_any(), "connection settings changed; the new agent takes over once it holds as many tunnels");
+                old.mute.cancel();
+                tunnel.retiring.retain(|(_, task)| !task.is_finished());
+                let stop = old.stop.clone();
+                tunnel
+                    .retiring
+                    .push((stop, tokio::spawn(hand_over(old, ready))));
+            }
         }
         tunnel.spec.send_if_modified(|s| {
             let next = SpecState {
@@ -200,7 +221,6 @@ impl Context {
             *s = next;
             changed
         });
-        stopped
     }
 
     /// Stops the agent of `rt` (fail closed) and reports `problem` in its status.
@@ -212,6 +232,10 @@ impl Context {
             warn!(name = %rt.name_any(), reason = problem.reason, "stopping the agent: {}", problem.message);
             old.stop.cancel();
             stopped.0.push(old.task);
+        }
+        for (stop, task) in tunnel.retiring.drain(..) {
+            stop.cancel();
+            stopped.0.push(task);
         }
         tunnel.pool.send_replace(None);
         tunnel.spec.send_if_modified(|s| {
@@ -266,26 +290,49 @@ impl Context {
 }
 
 fn stop_tunnel(tunnel: RunningTunnel, stopped: &mut Stopped) {
+    // Every agent's token is a child of this one: the current and the retiring stop.
     tunnel.stop.cancel();
     if let Some(agent) = tunnel.agent {
-        agent.stop.cancel();
         stopped.0.push(agent.task);
     }
+    stopped
+        .0
+        .extend(tunnel.retiring.into_iter().map(|(_, task)| task));
     stopped.0.push(tunnel.status_task);
 }
 
-/// Runs an agent until its token is cancelled, folding its events into `pool`.
+/// Lets `old` keep its tunnels until its successor, whose status is `successor`, holds as
+/// many as it did (or [`HANDOVER_LIMIT`] passes), then stops it: new settings (a renewed or
+/// re-issued certificate, a new root CA, another address) never leave the leaf without a
+/// tunnel, even with one operator replica. Stopping, `old` leaves as on any stop: the proxy
+/// sends its dials to the successor's tunnels and closes the old ones once their streams end.
+async fn hand_over(old: AgentHandle, mut successor: watch::Receiver<PoolStatus>) {
+    let held = old.status.borrow().connected().max(1);
+    let ready = successor.wait_for(|s| s.connected() >= held);
+    tokio::select! {
+        _ = tokio::time::timeout(HANDOVER_LIMIT, ready) => {}
+        () = old.stop.cancelled() => {}
+    }
+    old.stop.cancel();
+    if tokio::time::timeout(STOP_GRACE, old.task).await.is_err() {
+        warn!("a replaced agent did not finish in time");
+    }
+}
+
+/// Runs an agent until `stop` is cancelled, folding its status into `pool` until it is muted.
 fn start_agent(
     config: AgentConfig,
     fingerprint: u64,
     pool: Arc<watch::Sender<Option<PoolStatus>>>,
+    stop: CancellationToken,
 ) -> AgentHandle {
     let agent = Agent::new(config);
+    let own_status = agent.status();
     let mut status = agent.status();
-    let stop = CancellationToken::new();
+    let mute = CancellationToken::new();
     pool.send_replace(None);
     let task = tokio::spawn({
-        let stop = stop.clone();
+        let (stop, mute) = (stop.clone(), mute.clone());
         async move {
             let run = agent.run(stop.clone());
             tokio::pin!(run);
@@ -297,7 +344,7 @@ fn start_agent(
                         if changed.is_err() {
                             break;
                         }
-                        if !stop.is_cancelled() {
+                        if !stop.is_cancelled() && !mute.is_cancelled() {
                             let latest = status.borrow_and_update().clone();
                             pool.send_if_modified(|p| {
                                 let changed = p.as_ref() != Some(&latest);
@@ -313,6 +360,8 @@ fn start_agent(
     AgentHandle {
         fingerprint,
         stop,
+        mute,
+        status: own_status,
         task,
     }
 }

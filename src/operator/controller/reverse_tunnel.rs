@@ -159,7 +159,7 @@ async fn apply(rt: &ReverseTunnel, ctx: &Context) -> Result<Action> {
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
     match resolve(rt, &secrets, ctx.kube_upstream.as_ref()).await {
         Ok(desired) => {
-            ctx.ensure_running(rt, desired).join().await;
+            ctx.ensure_running(rt, desired);
             ctx.failures.succeeded(&key);
             Ok(Action::requeue(RESYNC))
         }
