@@ -234,7 +234,10 @@ async fn the_root_shows_a_leafs_inventory_and_keeps_it_while_the_leaf_is_away() 
     let inventory = rc.status.and_then(|s| s.inventory).expect("inventory");
     assert_eq!(inventory.agents.len(), 1, "{inventory:?}");
     assert_eq!(inventory.agents[0].replica, "leaf-operator-0");
-    assert_eq!(inventory.agents[0].protocol_version, "1.1");
+    assert_eq!(
+        inventory.agents[0].protocol_version,
+        ProtocolVersion::CURRENT.to_string()
+    );
 
     // The load ran through the reports, the status writes and the root's own refusals.
     eventually("the load to make progress", || async {
@@ -418,8 +421,10 @@ async fn an_agent_of_another_major_version_is_refused_and_the_remote_cluster_say
     })
     .await;
     assert!(
-        why.contains("the agent speaks protocol 2.0 and the proxy 1.1")
-            && why.ends_with("upgrade the root's proxies to a release that speaks 2.x"),
+        why.contains(&format!(
+            "the agent speaks protocol 2.0 and the proxy {}",
+            ProtocolVersion::CURRENT
+        )) && why.ends_with("upgrade the root's proxies to a release that speaks 2.x"),
         "{why}"
     );
     stop.cancel();

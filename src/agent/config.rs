@@ -11,6 +11,7 @@ use crate::admin::metrics::AgentMetrics;
 use crate::egress::allow_list::AllowList;
 use crate::egress::connect::Resolver;
 use crate::identity::Identity;
+use crate::protocol::control::CaKeySet;
 use crate::protocol::{ClusterName, ProtocolVersion};
 use crate::stream::StreamLimits;
 
@@ -171,6 +172,9 @@ pub struct AgentConfig {
     /// The control protocol version the agent speaks at most: this build's, or an older one
     /// of its major, as an agent of an earlier release would (tests of version skew).
     pub protocol: ProtocolVersion,
+    /// The leaf's CA key set to publish to the root, signed by its CA (a rotation's step):
+    /// every tunnel sends the newest to its proxy. `None`: nothing to publish.
+    pub ca_keys: watch::Receiver<Option<Arc<CaKeySet>>>,
 }
 
 /// This host's name, the replica name of an agent that is given none: `$HOSTNAME` (a pod's
@@ -217,6 +221,7 @@ impl AgentConfig {
             replica: host_name(),
             kubernetes_version: watch::channel(None).1,
             protocol: ProtocolVersion::CURRENT,
+            ca_keys: watch::channel(None).1,
         }
     }
 }

@@ -19,7 +19,7 @@ use super::error::TunnelError;
 use super::handler::AgentHandler;
 use crate::protocol::ProtocolVersion;
 use crate::protocol::control::{
-    AgentMessage, CONTROL_SUBSYSTEM, FrameReader, LeafReport, ProxyInfo, ProxyMessage,
+    AgentMessage, CONTROL_SUBSYSTEM, CaKeySet, FrameReader, LeafReport, ProxyInfo, ProxyMessage,
 };
 use crate::protocol::{busy, ssh};
 use crate::stream::HandshakeGuard;
@@ -60,6 +60,9 @@ pub struct Tunnel {
     /// The agent's report of its leaf, sent when the tunnel comes up and whenever it changes
     /// (only to a proxy that speaks protocol 1.1).
     leaf_report: Option<watch::Receiver<Arc<LeafReport>>>,
+    /// The leaf's CA key set to publish, sent when the tunnel comes up and whenever it
+    /// changes (only to a proxy that speaks protocol 1.2).
+    ca_keys: Option<watch::Receiver<Option<Arc<CaKeySet>>>>,
     /// The control protocol version agreed with the proxy.
     pub protocol: ProtocolVersion,
     handle: Handle<AgentHandler>,
@@ -206,6 +209,7 @@ impl Tunnel {
             _claim: claim,
             held: None,
             leaf_report: None,
+            ca_keys: Some(config.ca_keys.clone()).filter(|_| protocol.has(ProtocolVersion::V1_2)),
             protocol,
             handle,
             read,
@@ -271,6 +275,17 @@ impl Tunnel {
         result
     }
 
+    /// Sends the key set `ca_keys` holds now, if any.
+    async fn publish_ca_keys(
+        &self,
+        ca_keys: &mut Option<watch::Receiver<Option<Arc<CaKeySet>>>>,
+    ) -> Result<(), TunnelError> {
+        let Some(set) = ca_keys.as_mut().and_then(|k| k.borrow_and_update().clone()) else {
+            return Ok(());
+        };
+        send(&self.write, &AgentMessage::CaKeys((*set).clone())).await
+    }
+
     /// Tells the proxy the agent is leaving; returns when to stop waiting for the proxy to
     /// close the tunnel.
     async fn start_leaving(&self) -> Result<tokio::time::Instant, TunnelError> {
@@ -299,6 +314,8 @@ impl Tunnel {
             let first = report.borrow_and_update().clone();
             send(&self.write, &AgentMessage::Report((*first).clone())).await?;
         }
+        let mut ca_keys = self.ca_keys.take();
+        self.publish_ca_keys(&mut ca_keys).await?;
         if let Some(tx) = events {
             let _ = tx
                 .send(TunnelEvent::Connected {
@@ -349,6 +366,14 @@ impl Tunnel {
                     let next = report.borrow_and_update().clone();
                     send(&self.write, &AgentMessage::Report((*next).clone())).await.map_err(|e| drained_or(e, &draining))?;
                 }
+                // A rotation's new key set: to the root at once.
+                changed = changed(&ca_keys) => {
+                    if !changed {
+                        ca_keys = None;
+                        continue;
+                    }
+                    self.publish_ca_keys(&mut ca_keys).await.map_err(|e| drained_or(e, &draining))?;
+                }
                 msg = self.read.wait() => {
                     let data = match msg {
                         Some(ChannelMsg::Data { data }) => data,
@@ -397,6 +422,10 @@ impl Tunnel {
                             ProxyMessage::Refused { reason } => {
                                 return Err(TunnelError::ProxyRefused(reason));
                             }
+                            ProxyMessage::CaKeysAnswer { issued_at, refused } => match refused {
+                                None => info!(proxy = %self.proxy_id, issued_at, "the root applied the leaf's CA key set"),
+                                Some(why) => warn!(proxy = %self.proxy_id, issued_at, reason = %why, "the root refused the leaf's CA key set"),
+                            },
                         }
                     }
                 }

@@ -19,6 +19,7 @@ mod error;
 pub mod groups;
 mod keyfile;
 mod keypair;
+pub mod keyset;
 mod role;
 mod trust;
 mod verify;

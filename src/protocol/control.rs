@@ -58,6 +58,20 @@ pub enum AgentMessage {
     /// What the agent tells the root about its leaf (protocol 1.1): sent after `Welcome`, and
     /// again whenever it changes. Sent only to a proxy that speaks 1.1.
     Report(LeafReport),
+    /// The leaf's CA keys from now on, signed by one of its CA keys the root trusts now
+    /// (protocol 1.2): how a CA rotation reaches the root (`identity::keyset`). The proxy
+    /// answers with `CaKeysAnswer`.
+    CaKeys(CaKeySet),
+}
+
+/// A cluster's CA key set and its signature, as they travel (`identity::keyset` makes and
+/// checks them).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CaKeySet {
+    /// The signed statement: the cluster, when, and the keys, one a line.
+    pub statement: String,
+    /// The SSH signature over it (`-----BEGIN SSH SIGNATURE-----` PEM).
+    pub signature: String,
 }
 
 /// Most allow-list rules a report carries: more than any real allow-list, and a bound on what
@@ -173,6 +187,13 @@ pub enum ProxyMessage {
     /// The proxy will not serve this agent (its protocol's major version is not the proxy's):
     /// why, for the agent's status. The proxy closes the tunnel after it.
     Refused { reason: String },
+    /// Answer to `CaKeys` (protocol 1.2): the set issued at `issued_at` is the leaf's trust
+    /// now, or, with `refused`, why not.
+    CaKeysAnswer {
+        issued_at: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        refused: Option<String>,
+    },
 }
 
 /// A control message that could not be read.

@@ -10,6 +10,7 @@
 //!   1.0     1.1     1.0      the agent predates reports: the proxy keeps no inventory for it
 //!   1.1     1.0     1.0      the proxy predates reports: the agent sends none
 //!   1.1     1.1     1.1      reports flow (AgentMessage::Report)
+//!   1.2     1.2     1.2      and a leaf may send its rotated CA keys (AgentMessage::CaKeys)
 //!   2.x     1.x     -        refused: both sides log it, and the status on each side says
 //!                            which to upgrade
 //! ```
@@ -40,8 +41,11 @@ impl ProtocolVersion {
     pub const V1_0: Self = Self { major: 1, minor: 0 };
     /// Adds the agent's report of its leaf ([`super::control::AgentMessage::Report`]).
     pub const V1_1: Self = Self { major: 1, minor: 1 };
+    /// Adds a leaf's rotated CA keys, signed by its CA, over the tunnel
+    /// ([`super::control::AgentMessage::CaKeys`]).
+    pub const V1_2: Self = Self { major: 1, minor: 2 };
     /// The version this build speaks.
-    pub const CURRENT: Self = Self::V1_1;
+    pub const CURRENT: Self = Self::V1_2;
 
     /// The version a proxy speaking `proxy` and an agent speaking `agent` use; an error when
     /// their majors differ. Both sides call it, each with what it speaks and what it was told.

@@ -51,6 +51,24 @@ pub trait JoinAuthority: Send + Sync + 'static {
     /// other CA keys, or by a leaf since revoked). Must be idempotent for the same leaf, CA and
     /// token while the leaf's record stands (a leaf retries when an answer is lost).
     fn admit<'a>(&'a self, admission: &'a Admission) -> BoxFuture<'a, Result<(), Refused>>;
+
+    /// Makes `keys` the CA keys `leaf`'s record trusts, as a key set issued at `issued_at`
+    /// and signed by a key the root trusts now says (the caller checked the signature:
+    /// `identity::keyset`). Refuses a set not newer than the last one applied, and a leaf the
+    /// authority keeps no record of (its trust is static); the `Err` says why, for the leaf.
+    fn rotate<'a>(
+        &'a self,
+        leaf: &'a ClusterName,
+        keys: &'a [PublicKey],
+        issued_at: u64,
+    ) -> BoxFuture<'a, Result<(), String>> {
+        let _ = (keys, issued_at);
+        Box::pin(async move {
+            Err(format!(
+                "this root keeps no record of {leaf} to rotate: its trust is static"
+            ))
+        })
+    }
 }
 
 impl fmt::Debug for dyn JoinAuthority {

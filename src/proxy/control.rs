@@ -290,6 +290,15 @@ async fn handle_data(
                     "a report before protocol 1.1 was agreed",
                 ));
             }
+            AgentMessage::CaKeys(_) if !tunnel.hello.protocol.has(ProtocolVersion::V1_2) => {
+                return Err(ControlEnd::Protocol(
+                    "CA keys before protocol 1.2 was agreed",
+                ));
+            }
+            AgentMessage::CaKeys(set) => {
+                let answer = super::rotation::answer(shared, &tunnel.cluster, &set).await;
+                send(write, &answer).await?;
+            }
             AgentMessage::Report(report) => match tunnel.set_report(report) {
                 Ok(()) => shared.sites.reported(tunnel),
                 Err(e) => {

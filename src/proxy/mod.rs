@@ -16,6 +16,7 @@ pub mod limits;
 pub mod peers;
 pub mod quota;
 pub mod reload;
+mod rotation;
 pub mod server;
 pub mod shared;
 pub mod sites;

@@ -28,13 +28,15 @@ use std::time::SystemTime;
 use futures::future::BoxFuture;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{ObjectMeta, Patch, PatchParams, PostParams};
-use kube::{Api, Resource};
+use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
 
 use crate::identity::fingerprint;
 use crate::operator::crd::{RemoteCluster, RemoteClusterSpec};
+use crate::protocol::ClusterName;
 use crate::protocol::join::{JoinRefusal, JoinToken};
 use crate::proxy::{Admission, JoinAuthority, Refused};
+use russh::keys::PublicKey;
 
 /// The `type` of a join token Secret.
 pub const TOKEN_SECRET_TYPE: &str = "tether.dev/join-token";
@@ -352,7 +354,67 @@ fn same_keys(a: &[String], b: &[String]) -> bool {
     norm(a) == norm(b)
 }
 
+/// Annotation on a `RemoteCluster`: when the key set now in its spec was issued (seconds since
+/// the Unix epoch), so that an older set, replayed, is never applied again.
+pub const KEYS_ISSUED_AT: &str = "tether.dev/ca-keys-issued-at";
+
+impl KubeJoinAuthority {
+    /// See [`JoinAuthority::rotate`]: the record's `spec.caKeys` replaced, with the set's time
+    /// in [`KEYS_ISSUED_AT`], under the record's resourceVersion (a concurrent change makes it
+    /// fail, and the leaf sends the set again).
+    async fn rotate_keys(
+        &self,
+        leaf: &str,
+        keys: &[PublicKey],
+        issued_at: u64,
+    ) -> Result<(), String> {
+        let record = self
+            .remotes
+            .get_opt(leaf)
+            .await
+            .map_err(|e| format!("reading the RemoteCluster of {leaf}: {e}"))?
+            .ok_or_else(|| {
+                format!("{leaf} has no RemoteCluster in {}: its trust is static, and not rotated from the leaf", self.namespace)
+            })?;
+        let last: u64 = record
+            .annotations()
+            .get(KEYS_ISSUED_AT)
+            .and_then(|t| t.parse().ok())
+            .unwrap_or(0);
+        if issued_at <= last {
+            return Err(format!(
+                "the key set issued at {issued_at} is not newer than the one applied ({last})"
+            ));
+        }
+        let keys: Vec<String> = keys
+            .iter()
+            .map(|k| k.to_openssh().map_err(|e| e.to_string()))
+            .collect::<Result<_, _>>()?;
+        let patch = json!({
+            "metadata": {
+                "resourceVersion": record.resource_version(),
+                "annotations": { KEYS_ISSUED_AT: issued_at.to_string() },
+            },
+            "spec": { "caKeys": keys },
+        });
+        self.remotes
+            .patch(leaf, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .map(|_| ())
+            .map_err(|e| format!("updating the RemoteCluster of {leaf}: {e}"))
+    }
+}
+
 impl JoinAuthority for KubeJoinAuthority {
+    fn rotate<'a>(
+        &'a self,
+        leaf: &'a ClusterName,
+        keys: &'a [PublicKey],
+        issued_at: u64,
+    ) -> BoxFuture<'a, Result<(), String>> {
+        Box::pin(self.rotate_keys(leaf.as_str(), keys, issued_at))
+    }
+
     fn token<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<JoinToken, Refused>> {
         Box::pin(async move { self.load(id).await.map(|stored| stored.token) })
     }
