@@ -44,6 +44,9 @@ pub struct ProxyMetrics {
     /// Kubernetes API requests through the root, by decision (`ok`, or why the root refused
     /// or failed: a fixed set; what the leaf answered is in the audit record).
     pub kube_requests: Family<Labels, Counter>,
+    /// Connection tasks that panicked: always a bug (the log says where); counted so that an
+    /// alert, and a test, can see one that the process survived.
+    pub connection_panics: Counter,
 }
 
 impl ProxyMetrics {
@@ -51,6 +54,11 @@ impl ProxyMetrics {
         let r = registry.sub_registry_with_prefix("proxy");
         r.register("tunnels", "Tunnels held, per site", self.tunnels.clone());
         r.register("dials", "Dials by outcome", self.dials.clone());
+        r.register(
+            "connection_panics",
+            "Connection tasks that panicked (a bug; the log says where)",
+            self.connection_panics.clone(),
+        );
         r.register(
             "refused_connections",
             "Connections refused by the limits, by reason",

@@ -4,16 +4,18 @@
 
 use std::io;
 use std::net::SocketAddr;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use futures::FutureExt;
 use russh::server::Config as SshConfig;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{Instrument, debug, info, info_span, warn};
+use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use super::config::ProxyConfig;
 use super::dialer::ProxyDialer;
@@ -248,7 +250,17 @@ async fn accept_loop(shared: Arc<ProxyShared>, listener: TcpListener) {
         shared.tasks.spawn(
             async move {
                 let _permit = permit;
-                serve_connection(conn_shared, socket, peer, handshake).await;
+                let metrics = conn_shared.metrics.clone();
+                let served = serve_connection(conn_shared, socket, peer, handshake);
+                if let Err(panic) = AssertUnwindSafe(served).catch_unwind().await {
+                    metrics.connection_panics.inc();
+                    let what = panic
+                        .downcast_ref::<&str>()
+                        .map(|s| (*s).to_owned())
+                        .or_else(|| panic.downcast_ref::<String>().cloned())
+                        .unwrap_or_default();
+                    error!(panic = %what, "a connection task panicked (a bug; please report it)");
+                }
             }
             .instrument(span),
         );
@@ -312,8 +324,14 @@ async fn serve_connection(
                 reason,
                 String::new(),
             );
-            if said.await.is_ok() {
-                let _ = tokio::time::timeout(SHUTDOWN_LINGER, &mut session).await;
+            // A session that ended within the linger is done: polling it again would panic
+            // (it is a finished task's handle).
+            if said.await.is_ok()
+                && tokio::time::timeout(SHUTDOWN_LINGER, &mut session)
+                    .await
+                    .is_ok()
+            {
+                return;
             }
             return end_handshake(guard, &mut session).await;
         }

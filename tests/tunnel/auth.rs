@@ -100,6 +100,15 @@ async fn an_agent_certificate_from_the_wrong_ca_is_refused() {
     p1.logs
         .wait_for("which is not a trusted certificate authority of cluster leaf")
         .await;
+    // The refused connection ends cleanly: it once panicked polling its ended session again.
+    let metrics = &p1.proxy.shared().metrics;
+    wait_for(
+        "the refused connection ended",
+        Duration::from_secs(10),
+        || metrics.connections.get() == 0,
+    )
+    .await;
+    assert_eq!(metrics.connection_panics.get(), 0, "{}", p1.logs.text());
 }
 
 #[tokio::test(flavor = "current_thread")]
