@@ -152,9 +152,8 @@ async fn a_leaf_rotates_its_ca_over_its_tunnel_and_the_old_key_loses_its_session
 
     // The init set again (its signer retired): refused, the record unchanged.
     let verdict = {
-        use tether::identity::keyset::VerifyKeySet;
         let trusted = proxy.shared().config.trust.load().cas(&leaf).to_vec();
-        init.verify(&leaf, &trusted, 0)
+        tether::identity::keyset::verify(&init, &leaf, &trusted, 0)
     };
     assert!(verdict.is_err(), "{verdict:?}");
     let rc = remotes.get(leaf.as_str()).await.expect("record");

@@ -39,6 +39,29 @@ pub struct PoolStatus {
     pub discovered: bool,
     /// Why the latest attempt failed, if it did (for the condition's reason and message).
     pub last_error: Option<TunnelFailure>,
+    /// The root's answer to the leaf's CA key set (a rotation's step), once one came.
+    pub ca_keys: Option<CaKeysVerdict>,
+}
+
+/// What the root said of the CA key set the agent published (protocol 1.2): the leaf's
+/// operator moves a rotation on once the root trusts the set.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct CaKeysVerdict {
+    /// When the set answered was issued (seconds since the Unix epoch).
+    pub issued_at: u64,
+    /// Why the root did not apply it; `None`: the root trusts exactly these keys now.
+    pub refused: Option<String>,
+}
+
+impl CaKeysVerdict {
+    /// The verdict to keep after `next` arrives: an acceptance of a set is not undone by a
+    /// later refusal of the same set (a replica that answered while another applied it).
+    pub fn fold(current: Option<Self>, next: Self) -> Self {
+        match current {
+            Some(c) if c.issued_at == next.issued_at && c.refused.is_none() => c,
+            _ => next,
+        }
+    }
 }
 
 /// Why the latest attempt to open a tunnel failed.

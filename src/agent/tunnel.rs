@@ -17,6 +17,7 @@ use super::claims::{Claim, Claims};
 use super::config::AgentConfig;
 use super::error::TunnelError;
 use super::handler::AgentHandler;
+use super::status::CaKeysVerdict;
 use crate::protocol::ProtocolVersion;
 use crate::protocol::control::{
     AgentMessage, CONTROL_SUBSYSTEM, CaKeySet, FrameReader, LeafReport, ProxyInfo, ProxyMessage,
@@ -32,6 +33,10 @@ const REFUSAL_REASON_WAIT: Duration = Duration::from_secs(1);
 /// itself (within the operator's stop grace and a pod's 30 s termination grace). Normally the
 /// proxy closes it first, as soon as its last stream has ended (see [`Tunnel::run`]).
 pub const LEAVE_GRACE: Duration = Duration::from_secs(10);
+/// How long after the root refused the leaf's CA key set it is sent again: a refusal may
+/// pass (an API server that was away), and one that lasts costs the proxy one signature check
+/// per tunnel this often.
+const CA_KEYS_RETRY: Duration = Duration::from_secs(30);
 
 /// What a tunnel reports while it lives.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -47,6 +52,8 @@ pub enum TunnelEvent {
     Draining { proxy_id: String },
     /// The proxy answered a heartbeat.
     Heartbeat { proxy_id: String },
+    /// The root answered the leaf's CA key set.
+    CaKeys(CaKeysVerdict),
 }
 
 /// A tunnel whose hello completed.
@@ -275,12 +282,23 @@ impl Tunnel {
         result
     }
 
-    /// Sends the key set `ca_keys` holds now, if any.
+    /// Sends the key set `ca_keys` holds now, if any, and marks it seen.
     async fn publish_ca_keys(
         &self,
         ca_keys: &mut Option<watch::Receiver<Option<Arc<CaKeySet>>>>,
     ) -> Result<(), TunnelError> {
-        let Some(set) = ca_keys.as_mut().and_then(|k| k.borrow_and_update().clone()) else {
+        if let Some(keys) = ca_keys.as_mut() {
+            keys.mark_unchanged();
+        }
+        self.send_ca_keys(ca_keys).await
+    }
+
+    /// Sends the key set `ca_keys` holds, if any.
+    async fn send_ca_keys(
+        &self,
+        ca_keys: &Option<watch::Receiver<Option<Arc<CaKeySet>>>>,
+    ) -> Result<(), TunnelError> {
+        let Some(set) = ca_keys.as_ref().and_then(|k| k.borrow().clone()) else {
             return Ok(());
         };
         send(&self.write, &AgentMessage::CaKeys((*set).clone())).await
@@ -316,6 +334,9 @@ impl Tunnel {
         }
         let mut ca_keys = self.ca_keys.take();
         self.publish_ca_keys(&mut ca_keys).await?;
+        // Set when the root refused the key set: when to send it again (the refusal may pass:
+        // an API server that was away, a record that kept changing).
+        let mut resend_keys: Option<tokio::time::Instant> = None;
         if let Some(tx) = events {
             let _ = tx
                 .send(TunnelEvent::Connected {
@@ -372,7 +393,12 @@ impl Tunnel {
                         ca_keys = None;
                         continue;
                     }
+                    resend_keys = None;
                     self.publish_ca_keys(&mut ca_keys).await.map_err(|e| drained_or(e, &draining))?;
+                }
+                () = tokio::time::sleep_until(resend_keys.unwrap_or_else(far_future)), if resend_keys.is_some() => {
+                    resend_keys = None;
+                    self.send_ca_keys(&ca_keys).await.map_err(|e| drained_or(e, &draining))?;
                 }
                 msg = self.read.wait() => {
                     let data = match msg {
@@ -422,10 +448,16 @@ impl Tunnel {
                             ProxyMessage::Refused { reason } => {
                                 return Err(TunnelError::ProxyRefused(reason));
                             }
-                            ProxyMessage::CaKeysAnswer { issued_at, refused } => match refused {
-                                None => info!(proxy = %self.proxy_id, issued_at, "the root applied the leaf's CA key set"),
-                                Some(why) => warn!(proxy = %self.proxy_id, issued_at, reason = %why, "the root refused the leaf's CA key set"),
-                            },
+                            ProxyMessage::CaKeysAnswer { issued_at, refused } => {
+                                match &refused {
+                                    None => info!(proxy = %self.proxy_id, issued_at, "the root trusts the leaf's CA key set"),
+                                    Some(why) => warn!(proxy = %self.proxy_id, issued_at, reason = %why, "the root refused the leaf's CA key set"),
+                                }
+                                resend_keys = refused.as_ref().map(|_| tokio::time::Instant::now() + CA_KEYS_RETRY);
+                                if let Some(tx) = events {
+                                    let _ = tx.send(TunnelEvent::CaKeys(CaKeysVerdict { issued_at, refused })).await;
+                                }
+                            }
                         }
                     }
                 }

@@ -96,7 +96,9 @@ impl KeySet {
         })
     }
 
-    fn parse(text: &str) -> Result<Self, KeySetError> {
+    /// What `text` states, unverified: for its signer's own records (which set it last
+    /// published); a receiver uses [`verify`].
+    pub fn read(text: &str) -> Result<Self, KeySetError> {
         let mut lines = text.lines();
         if lines.next() != Some(HEADER) {
             return Err(KeySetError::Malformed("no header"));
@@ -134,51 +136,39 @@ impl KeySet {
     }
 }
 
-/// Reading and checking a signed set.
-pub trait VerifyKeySet {
-    /// The set, if it speaks for `cluster`, is signed by one of `trusted` (the keys the
-    /// receiver trusts for `cluster` now), and is newer than `last_accepted`.
-    fn verify(
-        &self,
-        cluster: &ClusterName,
-        trusted: &[PublicKey],
-        last_accepted: u64,
-    ) -> Result<KeySet, KeySetError>;
-}
-
-impl VerifyKeySet for SignedKeySet {
-    fn verify(
-        &self,
-        cluster: &ClusterName,
-        trusted: &[PublicKey],
-        last_accepted: u64,
-    ) -> Result<KeySet, KeySetError> {
-        let set = KeySet::parse(&self.statement)?;
-        if &set.cluster != cluster {
-            return Err(KeySetError::OtherCluster {
-                named: set.cluster.to_string(),
-                expected: cluster.to_string(),
-            });
-        }
-        let signature = SshSig::from_pem(self.signature.as_bytes())
-            .map_err(|e| KeySetError::BadSignature(e.to_string()))?;
-        let signed_by_trusted = trusted.iter().any(|key| {
-            key.key_data() == signature.public_key()
-                && key
-                    .verify(NAMESPACE, self.statement.as_bytes(), &signature)
-                    .is_ok()
+/// The set `signed` states, if it speaks for `cluster`, is signed by one of `trusted` (the
+/// keys the receiver trusts for `cluster` now), and is newer than `last_accepted`.
+pub fn verify(
+    signed: &SignedKeySet,
+    cluster: &ClusterName,
+    trusted: &[PublicKey],
+    last_accepted: u64,
+) -> Result<KeySet, KeySetError> {
+    let set = KeySet::read(&signed.statement)?;
+    if &set.cluster != cluster {
+        return Err(KeySetError::OtherCluster {
+            named: set.cluster.to_string(),
+            expected: cluster.to_string(),
         });
-        if !signed_by_trusted {
-            return Err(KeySetError::UntrustedSigner(cluster.clone()));
-        }
-        if set.issued_at <= last_accepted {
-            return Err(KeySetError::Replayed {
-                issued_at: set.issued_at,
-                last: last_accepted,
-            });
-        }
-        Ok(set)
     }
+    let signature = SshSig::from_pem(signed.signature.as_bytes())
+        .map_err(|e| KeySetError::BadSignature(e.to_string()))?;
+    let signed_by_trusted = trusted.iter().any(|key| {
+        key.key_data() == signature.public_key()
+            && key
+                .verify(NAMESPACE, signed.statement.as_bytes(), &signature)
+                .is_ok()
+    });
+    if !signed_by_trusted {
+        return Err(KeySetError::UntrustedSigner(cluster.clone()));
+    }
+    if set.issued_at <= last_accepted {
+        return Err(KeySetError::Replayed {
+            issued_at: set.issued_at,
+            last: last_accepted,
+        });
+    }
+    Ok(set)
 }
 
 impl fmt::Display for KeySet {
@@ -221,16 +211,16 @@ mod tests {
         let trusted = vec![old.public_key().clone()];
         // init: both keys, signed by the old one, which is trusted.
         let init = set(10, &[&old, &new]).sign(old.private_key()).unwrap();
-        let accepted = init.verify(&leaf(), &trusted, 0).unwrap();
+        let accepted = verify(&init, &leaf(), &trusted, 0).unwrap();
         assert_eq!(accepted.keys.len(), 2);
         // retire: the new key alone, signed by it (trusted since init).
         let trusted = accepted.keys;
         let retire = set(20, &[&new]).sign(new.private_key()).unwrap();
-        let accepted = retire.verify(&leaf(), &trusted, 10).unwrap();
+        let accepted = verify(&retire, &leaf(), &trusted, 10).unwrap();
         assert_eq!(accepted.keys, [new.public_key().clone()]);
         // The init set again, after retire: its signer is no longer trusted.
         assert_eq!(
-            init.verify(&leaf(), &accepted.keys, 20),
+            verify(&init, &leaf(), &accepted.keys, 20),
             Err(KeySetError::UntrustedSigner(leaf()))
         );
     }
@@ -242,34 +232,34 @@ mod tests {
         // Signed by a key of its own making (an agent certificate's key, say).
         let forged = set(10, &[&old, &thief]).sign(thief.private_key()).unwrap();
         assert_eq!(
-            forged.verify(&leaf(), &trusted, 0),
+            verify(&forged, &leaf(), &trusted, 0),
             Err(KeySetError::UntrustedSigner(leaf()))
         );
         // A replay of what was accepted.
         let fine = set(10, &[&old]).sign(old.private_key()).unwrap();
-        assert!(fine.verify(&leaf(), &trusted, 0).is_ok());
+        assert!(verify(&fine, &leaf(), &trusted, 0).is_ok());
         assert!(matches!(
-            fine.verify(&leaf(), &trusted, 10),
+            verify(&fine, &leaf(), &trusted, 10),
             Err(KeySetError::Replayed { .. })
         ));
         // For another cluster.
         let other = ClusterName::new("leaf-2").unwrap();
         assert!(matches!(
-            fine.verify(&other, &trusted, 0),
+            verify(&fine, &other, &trusted, 0),
             Err(KeySetError::OtherCluster { .. })
         ));
         // Changed after signing: a key added under the same signature.
         let mut tampered = fine.clone();
         tampered.statement = set(10, &[&old, &thief]).statement();
         assert_eq!(
-            tampered.verify(&leaf(), &trusted, 0),
+            verify(&tampered, &leaf(), &trusted, 0),
             Err(KeySetError::UntrustedSigner(leaf()))
         );
         // Not canonical, or empty.
         let mut odd = fine.clone();
         odd.statement.push('\n');
         assert!(matches!(
-            odd.verify(&leaf(), &trusted, 0),
+            verify(&odd, &leaf(), &trusted, 0),
             Err(KeySetError::Malformed(_))
         ));
         assert!(matches!(

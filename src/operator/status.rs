@@ -335,6 +335,7 @@ mod tests {
             expected: 1,
             discovered: false,
             last_error: None,
+            ca_keys: None,
         };
         // A tunnel up before its proxy announced the set is not "Connected 1/1" yet.
         let early = compose(&spec, Some(&pool), None, t0);
@@ -387,6 +388,7 @@ mod tests {
             expected: 1,
             discovered: true,
             last_error: None,
+            ca_keys: None,
         };
         let mut written = compose(&spec, Some(&heartbeat_at(t0)), None, t0);
         assert!(needs_write(None, &written));

@@ -13,8 +13,9 @@ use super::peers::Peer;
 use super::shared::ProxyShared;
 use super::sites::{AgentHello, AuthenticatedAgent, Tunnel};
 use crate::protocol::ProtocolVersion;
-use crate::protocol::control::{AgentMessage, ControlError, FrameReader, ProxyMessage};
+use crate::protocol::control::{AgentMessage, CaKeySet, ControlError, FrameReader, ProxyMessage};
 use crate::stream::frames::{ChannelReadError, next_channel_message, send_message};
+use futures::future::BoxFuture;
 
 /// How often the full proxy list is re-sent even when nothing changed, so an agent that missed
 /// one recovers.
@@ -211,11 +212,26 @@ async fn serve(
     refresh.reset();
     let mut draining = false;
     let mut held_warning = RateLimited::new(HELD_WARNING_EVERY);
+    // A leaf's CA key set is checked and applied beside the heartbeats, never in their way
+    // (applying it writes to the API server, for up to 10 s): one at a time per tunnel, and
+    // a set arriving meanwhile replaces the one waiting, so an agent cannot queue work.
+    let mut keys_waiting: Option<CaKeySet> = None;
+    let mut keys_answer: Option<BoxFuture<'_, ProxyMessage>> = None;
     loop {
+        if keys_answer.is_none()
+            && let Some(set) = keys_waiting.take()
+        {
+            keys_answer = Some(Box::pin(super::rotation::answer(
+                shared,
+                &tunnel.cluster,
+                set,
+            )));
+        }
         let result: Result<(), ControlEnd> = tokio::select! {
             msg = read.wait() => match msg {
                 Some(ChannelMsg::Data { data }) => {
-                    handle_data(&data, frames, shared, tunnel, write, &mut held_warning).await
+                    let mut received = Received { held_warning: &mut held_warning, keys: &mut keys_waiting };
+                    handle_data(&data, frames, shared, tunnel, write, &mut received).await
                 }
                 Some(ChannelMsg::Eof | ChannelMsg::Close) | None => Err(ControlEnd::Closed),
                 Some(_) => Ok(()),
@@ -233,6 +249,10 @@ async fn serve(
             () = tunnel.until_idle(), if tunnel.is_leaving() => Err(ControlEnd::Left),
             Ok(()) = peers.changed() => send_discovery(&mut peers, write).await,
             _ = refresh.tick() => send_discovery(&mut peers, write).await,
+            answer = settled(&mut keys_answer) => {
+                keys_answer = None;
+                send(write, &answer).await
+            }
             () = shared.draining.cancelled(), if !draining => {
                 draining = true;
                 let reason = "proxy is shutting down".to_owned();
@@ -253,13 +273,29 @@ fn until_offline(tunnel: &Tunnel) -> Duration {
         + Duration::from_millis(1)
 }
 
+/// The output of `pending`, once there is one; never while there is none.
+async fn settled<T>(pending: &mut Option<BoxFuture<'_, T>>) -> T {
+    match pending {
+        Some(future) => future.await,
+        None => std::future::pending().await,
+    }
+}
+
+/// What the agent's messages leave for the control loop.
+struct Received<'a> {
+    /// Paces the warning about a bad list of held proxies.
+    held_warning: &'a mut RateLimited,
+    /// The latest CA key set received and not yet being answered.
+    keys: &'a mut Option<CaKeySet>,
+}
+
 async fn handle_data(
     data: &[u8],
     frames: &mut FrameReader,
     shared: &ProxyShared,
     tunnel: &Tunnel,
     write: &ChannelWriteHalf<Msg>,
-    held_warning: &mut RateLimited,
+    received: &mut Received<'_>,
 ) -> Result<(), ControlEnd> {
     frames.push(data)?;
     while let Some(msg) = frames.next_message::<AgentMessage>()? {
@@ -268,7 +304,7 @@ async fn handle_data(
                 tunnel.heartbeat();
                 shared.metrics.heartbeats.inc();
                 if let Err(e) = tunnel.set_held_by(held)
-                    && held_warning.allow()
+                    && received.held_warning.allow()
                 {
                     warn!(tunnel = tunnel.id, cluster = %tunnel.cluster, error = %e, "ignored the agent's list of held proxies");
                 }
@@ -295,10 +331,7 @@ async fn handle_data(
                     "CA keys before protocol 1.2 was agreed",
                 ));
             }
-            AgentMessage::CaKeys(set) => {
-                let answer = super::rotation::answer(shared, &tunnel.cluster, &set).await;
-                send(write, &answer).await?;
-            }
+            AgentMessage::CaKeys(set) => *received.keys = Some(set),
             AgentMessage::Report(report) => match tunnel.set_report(report) {
                 Ok(()) => shared.sites.reported(tunnel),
                 Err(e) => {

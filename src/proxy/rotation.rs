@@ -9,7 +9,7 @@ use std::time::Duration;
 use tracing::{info, warn};
 
 use super::shared::ProxyShared;
-use crate::identity::keyset::VerifyKeySet;
+use crate::identity::keyset;
 use crate::protocol::ClusterName;
 use crate::protocol::control::{CaKeySet, ProxyMessage};
 
@@ -20,10 +20,10 @@ const APPLY_TIMEOUT: Duration = Duration::from_secs(10);
 pub(super) async fn answer(
     shared: &ProxyShared,
     leaf: &ClusterName,
-    set: &CaKeySet,
+    set: CaKeySet,
 ) -> ProxyMessage {
     let trusted = shared.config.trust.load().cas(leaf).to_vec();
-    let outcome = match set.verify(leaf, &trusted, 0) {
+    let outcome = match keyset::verify(&set, leaf, &trusted, 0) {
         Err(e) => Err((0, e.to_string())),
         Ok(keys) => {
             let issued_at = keys.issued_at;

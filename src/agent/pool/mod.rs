@@ -26,7 +26,7 @@ use run::PoolRun;
 use super::AgentEvent;
 use super::config::AgentConfig;
 use super::error::TunnelError;
-use super::status::{PoolStatus, ProxyTunnelStatus, TunnelFailure, TunnelState};
+use super::status::{CaKeysVerdict, PoolStatus, ProxyTunnelStatus, TunnelFailure, TunnelState};
 use super::tunnel::{Tunnel, TunnelEvent};
 use crate::admin::metrics::AgentMetrics;
 use crate::protocol::control::ProxyInfo;
@@ -172,6 +172,7 @@ impl Pool {
         wanted: &HashSet<String>,
         held: &HashMap<String, Held>,
         last_error: &Option<TunnelFailure>,
+        ca_keys: &Option<CaKeysVerdict>,
     ) {
         let mut ids: Vec<&String> = wanted.iter().chain(held.keys()).collect();
         ids.sort();
@@ -199,6 +200,7 @@ impl Pool {
             discovered: !wanted.is_empty(),
             proxies,
             last_error: last_error.clone(),
+            ca_keys: ca_keys.clone(),
         };
         self.status.send_if_modified(|current| {
             let changed = *current != status;

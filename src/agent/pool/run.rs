@@ -21,7 +21,7 @@ use crate::admin::metrics::label;
 use crate::agent::AgentEvent;
 use crate::agent::claims::Claims;
 use crate::agent::error::TunnelError;
-use crate::agent::status::{TunnelFailure, TunnelState};
+use crate::agent::status::{CaKeysVerdict, TunnelFailure, TunnelState};
 use crate::agent::tunnel::{Tunnel, TunnelEvent};
 use crate::protocol::control::LeafReport;
 
@@ -62,6 +62,8 @@ pub(super) struct PoolRun<'a> {
     pub(super) next_dial: tokio::time::Instant,
     /// Why the latest dial failed, for the status.
     last_error: Option<TunnelFailure>,
+    /// The root's latest answer to the leaf's CA key set, for the status.
+    ca_keys: Option<CaKeysVerdict>,
     /// Since when some announced proxy has been missing, if one is.
     converging: Option<tokio::time::Instant>,
 }
@@ -92,6 +94,7 @@ impl<'a> PoolRun<'a> {
             busy: 0,
             next_dial: tokio::time::Instant::now(),
             last_error: None,
+            ca_keys: None,
             converging: None,
         }
     }
@@ -139,7 +142,7 @@ impl<'a> PoolRun<'a> {
     /// Publishes the status, and the held proxies for the tunnels' heartbeats.
     pub(super) fn report(&mut self) {
         self.pool
-            .publish(&self.wanted, &self.held, &self.last_error);
+            .publish(&self.wanted, &self.held, &self.last_error, &self.ca_keys);
         let mut holding: Vec<String> = self
             .held
             .iter()
@@ -318,6 +321,9 @@ impl<'a> PoolRun<'a> {
                     self.wanted = now_wanted;
                 }
                 self.pool.discovered(&mut self.known, proxies);
+            }
+            TunnelEvent::CaKeys(verdict) => {
+                self.ca_keys = Some(CaKeysVerdict::fold(self.ca_keys.take(), verdict));
             }
             _ => {}
         }

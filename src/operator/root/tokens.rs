@@ -358,38 +358,65 @@ fn same_keys(a: &[String], b: &[String]) -> bool {
 /// the Unix epoch), so that an older set, replayed, is never applied again.
 pub const KEYS_ISSUED_AT: &str = "tether.dev/ca-keys-issued-at";
 
+/// How many times a key set is applied again after the record changed under it (a status
+/// write, another replica's apply): each try reads the record anew and checks again.
+const ROTATE_ATTEMPTS: usize = 5;
+
 impl KubeJoinAuthority {
     /// See [`JoinAuthority::rotate`]: the record's `spec.caKeys` replaced, with the set's time
-    /// in [`KEYS_ISSUED_AT`], under the record's resourceVersion (a concurrent change makes it
-    /// fail, and the leaf sends the set again).
+    /// in [`KEYS_ISSUED_AT`], under the record's resourceVersion; a record changed meanwhile
+    /// is read and checked again (so a newer set applied meanwhile wins).
     async fn rotate_keys(
         &self,
         leaf: &str,
         keys: &[PublicKey],
         issued_at: u64,
     ) -> Result<(), String> {
-        let record = self
-            .remotes
-            .get_opt(leaf)
-            .await
-            .map_err(|e| format!("reading the RemoteCluster of {leaf}: {e}"))?
-            .ok_or_else(|| {
-                format!("{leaf} has no RemoteCluster in {}: its trust is static, and not rotated from the leaf", self.namespace)
-            })?;
+        let keys: Vec<String> = keys
+            .iter()
+            .map(|k| k.to_openssh().map_err(|e| e.to_string()))
+            .collect::<Result<_, _>>()?;
+        let mut conflict = String::new();
+        for _ in 0..ROTATE_ATTEMPTS {
+            match self.try_rotate_keys(leaf, &keys, issued_at).await {
+                Err(kube::Error::Api(s)) if s.code == 409 => conflict = s.message,
+                Err(e) => return Err(format!("updating the RemoteCluster of {leaf}: {e}")),
+                Ok(outcome) => return outcome,
+            }
+        }
+        Err(format!(
+            "the RemoteCluster of {leaf} kept changing ({conflict}); send the set again"
+        ))
+    }
+
+    /// One try of [`Self::rotate_keys`]: `Err` for the API's errors, `Ok(Err)` for a refusal.
+    async fn try_rotate_keys(
+        &self,
+        leaf: &str,
+        keys: &[String],
+        issued_at: u64,
+    ) -> Result<Result<(), String>, kube::Error> {
+        let Some(record) = self.remotes.get_opt(leaf).await? else {
+            return Ok(Err(format!(
+                "{leaf} has no RemoteCluster in {}: its trust is static, and not rotated from the leaf",
+                self.namespace
+            )));
+        };
         let last: u64 = record
             .annotations()
             .get(KEYS_ISSUED_AT)
             .and_then(|t| t.parse().ok())
             .unwrap_or(0);
-        if issued_at <= last {
-            return Err(format!(
-                "the key set issued at {issued_at} is not newer than the one applied ({last})"
-            ));
+        // Every tunnel of the leaf sends its set on connecting: the set already applied is
+        // answered as applied, without a write.
+        if issued_at == last && same_keys(&record.spec.ca_keys, keys) {
+            return Ok(Ok(()));
         }
-        let keys: Vec<String> = keys
-            .iter()
-            .map(|k| k.to_openssh().map_err(|e| e.to_string()))
-            .collect::<Result<_, _>>()?;
+        if issued_at <= last {
+            return Ok(Err(format!(
+                "the key set issued at {issued_at} is not newer than the one applied ({last})"
+            )));
+        }
         let patch = json!({
             "metadata": {
                 "resourceVersion": record.resource_version(),
@@ -399,9 +426,8 @@ impl KubeJoinAuthority {
         });
         self.remotes
             .patch(leaf, &PatchParams::default(), &Patch::Merge(&patch))
-            .await
-            .map(|_| ())
-            .map_err(|e| format!("updating the RemoteCluster of {leaf}: {e}"))
+            .await?;
+        Ok(Ok(()))
     }
 }
 
