@@ -23,6 +23,7 @@ use crate::agent::status::PoolStatus;
 use crate::agent::{Agent, AgentConfig, LiveAllowList};
 use crate::egress::allow_list::AllowList;
 use crate::operator::controller::Backoffs;
+use crate::protocol::control::CaKeySet;
 
 /// How long stopping a tunnel waits for its tasks before leaving them to finish alone: the
 /// agent's own grace for streams in flight ([`crate::agent::tunnel::LEAVE_GRACE`]) and 5 s.
@@ -59,7 +60,13 @@ pub struct RunningTunnel {
     retiring: Vec<(CancellationToken, JoinHandle<()>)>,
     /// The allow-list every agent of this tunnel reads; edits are stored here, in place.
     allow: LiveAllowList,
-    spec: watch::Sender<SpecState>,
+    /// The leaf CA key set every agent of this tunnel publishes; changed in place.
+    ca_keys: watch::Sender<Option<Arc<CaKeySet>>>,
+    /// Numbers the handovers, so each one's end is told from another's.
+    handovers: u64,
+    /// What the status writer reports of the spec; shared with the handovers, which mark
+    /// their end in it.
+    spec: Arc<watch::Sender<SpecState>>,
     pool: Arc<watch::Sender<Option<PoolStatus>>>,
     stop: CancellationToken,
     status_task: JoinHandle<()>,
@@ -170,7 +177,9 @@ impl Context {
                 agent: None,
                 retiring: Vec::new(),
                 allow: LiveAllowList::new(AllowList::default()),
-                spec: spec_tx,
+                ca_keys: watch::channel(None).0,
+                handovers: 0,
+                spec: Arc::new(spec_tx),
                 pool: Arc::new(pool_tx),
                 stop,
                 status_task,
@@ -188,10 +197,17 @@ impl Context {
         if tunnel.allow.replace(desired.allow) {
             info!(name = %rt.name_any(), rules, "allow-list updated in place");
         }
+        tunnel.ca_keys.send_if_modified(|keys| {
+            let changed = *keys != desired.ca_keys;
+            keys.clone_from(&desired.ca_keys);
+            changed
+        });
         let current = tunnel.agent.as_ref().map(|a| a.fingerprint);
+        let mut handover = None;
         if current != Some(desired.fingerprint) {
             let mut config = desired.config;
             config.allow = tunnel.allow.clone();
+            config.ca_keys = tunnel.ca_keys.subscribe();
             config.metrics = self.metrics.agents.clone();
             config.replica = self.replica.clone();
             config.kubernetes_version = self.kubernetes_version.clone();
@@ -206,17 +222,27 @@ impl Context {
                 info!(name = %rt.name_any(), "connection settings changed; the new agent takes over once it holds as many tunnels");
                 old.mute.cancel();
                 tunnel.retiring.retain(|(_, task)| !task.is_finished());
+                tunnel.handovers += 1;
+                let number = tunnel.handovers;
+                handover = Some(number);
                 let stop = old.stop.clone();
+                let ended = Handover {
+                    number,
+                    spec: tunnel.spec.clone(),
+                };
                 tunnel
                     .retiring
-                    .push((stop, tokio::spawn(hand_over(old, ready))));
+                    .push((stop, tokio::spawn(hand_over(old, ready, ended))));
             }
         }
         tunnel.spec.send_if_modified(|s| {
-            let next = SpecState {
+            let mut next = SpecState {
                 generation: rt.metadata.generation,
                 problem: None,
+                identity_ca: Some(desired.identity_ca),
+                handovers: std::mem::take(&mut s.handovers),
             };
+            next.handovers.extend(handover);
             let changed = *s != next;
             *s = next;
             changed
@@ -242,6 +268,7 @@ impl Context {
             let next = SpecState {
                 generation: rt.metadata.generation,
                 problem: Some(problem),
+                ..SpecState::default()
             };
             let changed = *s != next;
             *s = next;
@@ -306,7 +333,21 @@ fn stop_tunnel(tunnel: RunningTunnel, stopped: &mut Stopped) {
 /// re-issued certificate, a new root CA, another address) never leave the leaf without a
 /// tunnel, even with one operator replica. Stopping, `old` leaves as on any stop: the proxy
 /// sends its dials to the successor's tunnels and closes the old ones once their streams end.
-async fn hand_over(old: AgentHandle, mut successor: watch::Receiver<PoolStatus>) {
+/// One handover, to mark its end in the status writer's spec.
+struct Handover {
+    number: u64,
+    spec: Arc<watch::Sender<SpecState>>,
+}
+
+impl Drop for Handover {
+    /// The old agent is gone (or abandoned): its identity no longer holds tunnels.
+    fn drop(&mut self) {
+        self.spec
+            .send_if_modified(|s| s.handovers.remove(&self.number));
+    }
+}
+
+async fn hand_over(old: AgentHandle, mut successor: watch::Receiver<PoolStatus>, _ended: Handover) {
     let held = old.status.borrow().connected().max(1);
     let ready = successor.wait_for(|s| s.connected() >= held);
     tokio::select! {

@@ -53,6 +53,8 @@ pub fn entry(replica: &str, view: &ReverseTunnelStatus) -> ReplicaHolding {
         proxies: view.proxies.clone(),
         observed_generation: view.observed_generation,
         observed_at: view.observed_at.clone(),
+        identity_ca: None,
+        ca_keys: None,
     }
 }
 

@@ -37,6 +37,8 @@ fn replica(
         proxies,
         observed_generation: Some(1),
         observed_at: Some(crate::operator::stamps::rfc3339(at)),
+        identity_ca: None,
+        ca_keys: None,
     }
 }
 

@@ -15,8 +15,9 @@ use super::status::Problem;
 use crate::agent::AgentConfig;
 use crate::agent::kube::{KubeAccess, KubeGateway, KubeUpstream};
 use crate::egress::allow_list::AllowList;
-use crate::identity::{Certificate, Identity, PrivateKey, parse_ca_keys};
+use crate::identity::{Certificate, Identity, PrivateKey, PublicKey, fingerprint, parse_ca_keys};
 use crate::protocol::ClusterName;
+use crate::protocol::control::CaKeySet;
 
 /// Secret key of the agent's private key.
 pub const IDENTITY_KEY: &str = "key";
@@ -37,6 +38,10 @@ pub struct Desired {
     /// Hash of everything that needs a reconnect when it changes (address, identity, CAs,
     /// names, API server, heartbeat); the allow-list is not part of it.
     pub fingerprint: u64,
+    /// The leaf CA key set the agent publishes (`spec.caKeySet`), sent in place.
+    pub ca_keys: Option<Arc<CaKeySet>>,
+    /// Fingerprint of the CA key that signed the agent's certificate, for the status.
+    pub identity_ca: String,
 }
 
 /// A problem, and whether retrying later may fix it without a spec or Secret change.
@@ -225,6 +230,15 @@ pub async fn resolve(
     )
         .hash(&mut hasher);
     (key_text.trim(), cert_text.trim(), ca_text.trim()).hash(&mut hasher);
+    let identity_ca = fingerprint(&PublicKey::from(
+        identity.certificate.signature_key().clone(),
+    ));
+    let ca_keys = spec.ca_key_set.as_ref().map(|set| {
+        Arc::new(CaKeySet {
+            statement: set.statement.clone(),
+            signature: set.signature.clone(),
+        })
+    });
     let config = AgentConfig {
         api_server: spec.tunnel.api_server.clone(),
         kube,
@@ -242,5 +256,7 @@ pub async fn resolve(
         config,
         allow,
         fingerprint: hasher.finish(),
+        ca_keys,
+        identity_ca,
     })
 }

@@ -28,6 +28,7 @@
 //!   to-root   root     Connected  3/3      2/2       7m     2d   none has for 7 minutes
 //! ```
 
+use std::collections::BTreeSet;
 use std::time::{Duration, SystemTime};
 
 use kube::api::{Patch, PatchParams};
@@ -37,7 +38,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use super::crd::reverse_tunnel::{Phase, ProxyState, ProxyTunnel};
+use super::crd::reverse_tunnel::{KeySetAnswer, Phase, ProxyState, ProxyTunnel, ReplicaHolding};
 use super::crd::{ReverseTunnel, ReverseTunnelStatus};
 use super::stamps::{condition, rfc3339};
 use crate::agent::status::{FailureKind, PoolStatus, TunnelState};
@@ -59,6 +60,38 @@ pub struct SpecState {
     pub generation: Option<i64>,
     /// Set when no agent runs because the spec (or a Secret it names) is unusable.
     pub problem: Option<Problem>,
+    /// Fingerprint of the CA key that signed the running agent's certificate.
+    pub identity_ca: Option<String>,
+    /// Handovers under way (their numbers): while any is, an older agent still holds
+    /// tunnels with its own identity, so no single identity is reported.
+    pub handovers: BTreeSet<u64>,
+}
+
+/// What one replica says of a CA rotation in its entry.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RotationView {
+    /// See [`ReplicaHolding::identity_ca`].
+    pub identity_ca: Option<String>,
+    /// See [`ReplicaHolding::ca_keys`].
+    pub ca_keys: Option<KeySetAnswer>,
+}
+
+impl RotationView {
+    /// The view for an agent run as `spec` says, whose pool reports `pool`.
+    pub fn of(spec: &SpecState, pool: Option<&PoolStatus>) -> Self {
+        let running = spec.problem.is_none() && pool.is_some();
+        Self {
+            identity_ca: spec
+                .identity_ca
+                .clone()
+                .filter(|_| running && spec.handovers.is_empty()),
+            ca_keys: pool.and_then(|p| p.ca_keys.as_ref()).map(|v| KeySetAnswer {
+                issued_at: v.issued_at,
+                accepted: v.refused.is_none(),
+                message: v.refused.clone().unwrap_or_default(),
+            }),
+        }
+    }
 }
 
 /// `status` without what changes on its own (the stamp, heartbeat times).
@@ -241,22 +274,27 @@ impl StatusWriter {
         stop: CancellationToken,
     ) {
         let mut last: Option<ReverseTunnelStatus> = None;
+        let mut last_rotation: Option<RotationView> = None;
         let mut retry = Duration::from_millis(200);
         self.epoch.mark_unchanged();
         let mut epoch_open = true;
         loop {
             let now = SystemTime::now();
-            let mut next = {
+            let (mut next, rotation) = {
                 let spec_now = spec.borrow_and_update().clone();
                 let pool_now = pool.borrow_and_update().clone();
-                compose(&spec_now, pool_now.as_ref(), last.as_ref(), now)
+                (
+                    compose(&spec_now, pool_now.as_ref(), last.as_ref(), now),
+                    RotationView::of(&spec_now, pool_now.as_ref()),
+                )
             };
-            if needs_write(last.as_ref(), &next) {
+            if needs_write(last.as_ref(), &next) || last_rotation.as_ref() != Some(&rotation) {
                 next.observed_at = Some(rfc3339(now));
-                match self.write(&next).await {
+                match self.write(&next, &rotation).await {
                     Ok(()) => {
                         retry = Duration::from_millis(200);
                         last = Some(next);
+                        last_rotation = Some(rotation);
                     }
                     Err(e) => {
                         warn!(name = %self.name, error = %e, ?retry, "status write failed; retrying");
@@ -293,8 +331,16 @@ impl StatusWriter {
 
     /// Applies this replica's entry (only its entry: the object's `observedAt` is the
     /// leader's).
-    async fn write(&self, status: &ReverseTunnelStatus) -> Result<(), kube::Error> {
-        let entry = super::replicas::entry(&self.replica, status);
+    async fn write(
+        &self,
+        status: &ReverseTunnelStatus,
+        rotation: &RotationView,
+    ) -> Result<(), kube::Error> {
+        let entry = ReplicaHolding {
+            identity_ca: rotation.identity_ca.clone(),
+            ca_keys: rotation.ca_keys.clone(),
+            ..super::replicas::entry(&self.replica, status)
+        };
         let patch = json!({
             "apiVersion": ReverseTunnel::api_version(&()),
             "kind": ReverseTunnel::kind(&()),
@@ -321,7 +367,7 @@ mod tests {
     fn steady_state_composes_identically() {
         let spec = SpecState {
             generation: Some(1),
-            problem: None,
+            ..SpecState::default()
         };
         let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
         let proxy = |state, since| ProxyTunnelStatus {
@@ -375,7 +421,7 @@ mod tests {
     fn an_unchanged_entry_is_never_written_again() {
         let spec = SpecState {
             generation: Some(1),
-            problem: None,
+            ..SpecState::default()
         };
         let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
         let heartbeat_at = |t| PoolStatus {
@@ -405,5 +451,30 @@ mod tests {
         down.proxies[0].state = TunnelState::Connecting;
         let changed = compose(&spec, Some(&down), Some(&written), later);
         assert!(needs_write(Some(&written), &changed));
+    }
+
+    #[test]
+    fn an_identity_is_reported_only_once_no_older_agent_holds_tunnels() {
+        let mut spec = SpecState {
+            identity_ca: Some("SHA256:new".to_owned()),
+            handovers: BTreeSet::from([3]),
+            ..SpecState::default()
+        };
+        let pool = PoolStatus {
+            ca_keys: Some(crate::agent::status::CaKeysVerdict {
+                issued_at: 7,
+                refused: Some("not newer".to_owned()),
+            }),
+            ..PoolStatus::default()
+        };
+        let during = RotationView::of(&spec, Some(&pool));
+        assert_eq!(during.identity_ca, None);
+        let answer = during.ca_keys.expect("the root's answer");
+        assert_eq!((answer.issued_at, answer.accepted), (7, false));
+        spec.handovers.clear();
+        let after = RotationView::of(&spec, Some(&pool));
+        assert_eq!(after.identity_ca.as_deref(), Some("SHA256:new"));
+        // No agent runs (the spec failed, or none reported yet): no identity either.
+        assert_eq!(RotationView::of(&spec, None).identity_ca, None);
     }
 }

@@ -104,6 +104,36 @@ pub struct ReverseTunnelSpec {
     /// heartbeat (shared with `TrustedCluster`, which passes them on to the tunnel it owns).
     #[serde(flatten)]
     pub tunnel: TunnelSettings,
+    /// This cluster's CA keys as the root should trust them, signed by a CA key the root
+    /// trusts now: a CA rotation's step, which the agent sends the root over its tunnel. Set
+    /// by the `TrustedCluster` controller during a rotation (`tether ca rotate`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_key_set: Option<SignedKeySet>,
+}
+
+/// A leaf's CA key set and the SSH signature that vouches for it (`identity::keyset`).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SignedKeySet {
+    /// The statement signed: the cluster, when it was issued, and its keys.
+    #[schemars(length(min = 1, max = 8192))]
+    pub statement: String,
+    /// The SSH signature (`-----BEGIN SSH SIGNATURE-----`) of the statement.
+    #[schemars(length(min = 1, max = 4096))]
+    pub signature: String,
+}
+
+/// The root's answer to a leaf's CA key set, as one replica's agent heard it.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct KeySetAnswer {
+    /// When the set answered was issued (seconds since the Unix epoch).
+    pub issued_at: u64,
+    /// Whether the root trusts exactly that set's keys for this cluster now.
+    pub accepted: bool,
+    /// Why the root refused it.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub message: String,
 }
 
 /// The settings of a tunnel that a `ReverseTunnel` and a `TrustedCluster` both take, so their
@@ -220,6 +250,14 @@ pub struct ReplicaHolding {
     /// When the replica last changed this entry (RFC 3339); its liveness is its Lease.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_at: Option<String>,
+    /// Fingerprint of the CA key that signed the certificate all of this replica's agents
+    /// use; absent while a new identity takes over from an old one (a CA rotation waits for
+    /// every replica to report the new key before it retires the old).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity_ca: Option<String>,
+    /// The root's answer to `spec.caKeySet`, as this replica's agent heard it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_keys: Option<KeySetAnswer>,
 }
 
 /// What the operator observes about a `ReverseTunnel`; written only by the operator.

@@ -61,6 +61,7 @@ pub(super) async fn ensure_tunnel(
             name: root_ca_secret(&name),
         },
         tunnel: tc.spec.tunnel.clone(),
+        ca_key_set: None,
     };
     // Reconciles follow the tunnel's status changes too; an unchanged spec is not rewritten.
     let existing = tunnels.get_opt(&name).await.map_err(|e| {
