@@ -96,6 +96,9 @@ enum CaCommand {
         #[arg(long)]
         force: bool,
     },
+    /// Rotate a leaf cluster's CA without a dropped dial: move its TrustedCluster to a phase
+    /// (init, update-clients, retire; or rollback) and wait until the operator completes it.
+    Rotate(cli::rotate::RotateArgs),
 }
 
 #[derive(Args)]
@@ -252,6 +255,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Command::Ca(CaCommand::Rotate(args)) => cli::rotate::run(args).await,
         Command::Cert(cert) => issue(cert),
         Command::Proxy(args) => cli::proxy::run(*args).await,
         Command::Agent(args) => run_agent(args).await,

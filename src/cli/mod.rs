@@ -5,6 +5,7 @@ pub mod leaves;
 pub mod operator;
 pub mod output;
 pub mod proxy;
+pub mod rotate;
 pub mod stdio;
 
 use std::net::SocketAddr;

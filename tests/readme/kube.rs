@@ -91,6 +91,21 @@ async fn in_kubernetes_works_as_written() {
         "kubectl auth whoami through the root\n{}",
         run.report()
     );
+    // The leaf's CA rotated through every phase, and the tunnel still carries kubectl.
+    for phase in ["Init", "UpdateClients", "Retire"] {
+        assert!(
+            run.transcript()
+                .contains(&format!("TrustedCluster to-root reached {phase}")),
+            "tether ca rotate --phase {phase}\n{}",
+            run.report()
+        );
+    }
+    let rotated = run
+        .transcript()
+        .lines()
+        .find(|l| l.starts_with("to-root ") && l.contains(" Joined "))
+        .unwrap_or_else(|| panic!("no TrustedCluster row\n{}", run.report()));
+    assert!(rotated.contains(" Standby "), "{rotated}\n{}", run.report());
     // The hand-written tunnel of `leaf-2`, admitted by the RemoteCluster the README writes.
     let by_hand = run
         .transcript()

@@ -11,7 +11,7 @@ use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::reverse_tunnel::TunnelSettings;
+use super::reverse_tunnel::{SignedKeySet, TunnelSettings};
 use super::{Condition, SecretReference};
 
 /// A root cluster this leaf joins with a token. Joining yields the root's CA (in the Secret
@@ -44,6 +44,13 @@ use super::{Condition, SecretReference};
         name = "Reason",
         type_ = "string",
         json_path = ".status.conditions[?(@.type==\"Joined\")].reason"
+    ),
+    printcolumn(
+        name = "CA Rotation",
+        type_ = "string",
+        json_path = ".status.caRotation.phase",
+        description = "The CA rotation's phase in effect",
+        priority = 1
     ),
     printcolumn(
         name = "Fingerprint",
@@ -92,6 +99,72 @@ pub struct TrustedClusterSpec {
     /// `ReverseTunnel` this object owns (edits apply to it at once).
     #[serde(flatten)]
     pub tunnel: TunnelSettings,
+    /// Rotating this cluster's CA without a dropped dial (`tether ca rotate`): the phase to
+    /// reach. Each phase waits for the one before it; `status.caRotation` says where the
+    /// rotation is and what it waits for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_rotation: Option<CaRotation>,
+}
+
+/// The CA rotation asked for.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CaRotation {
+    /// The phase to reach.
+    pub phase: RotationPhase,
+}
+
+/// The phases of a CA rotation, in order (`Rollback` leaves it before `Retire` completes).
+///
+/// | phase | the root trusts | agents' certificates from | done when |
+/// |---|---|---|---|
+/// | `Standby` | the key in force (`ca`) | `ca` | - |
+/// | `Init` | `ca` and the new key (`ca-next`, made if missing) | `ca` | the root trusts both |
+/// | `UpdateClients` | both | `ca-next` | every replica's agents use it |
+/// | `Retire` | `ca-next` only, which becomes `ca` (the old key stays as `ca-retired`) | the new key | the root trusts only it; the old key's tunnels are closed |
+/// | `Rollback` | `ca` only (`ca-next` is dropped) | `ca` | the root trusts only `ca` |
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum RotationPhase {
+    /// No rotation: the key in force alone.
+    Standby,
+    /// Publish the new key beside the old one.
+    Init,
+    /// Re-issue the agents' certificates from the new key.
+    UpdateClients,
+    /// Retire the old key: the last phase, which cannot be rolled back.
+    Retire,
+    /// Go back to the old key alone, before `Retire`.
+    Rollback,
+}
+
+/// Where a CA rotation is; written only by the operator.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CaRotationStatus {
+    /// The phase in effect: the one asked for, or an earlier one it waits on.
+    pub phase: RotationPhase,
+    /// Whether the phase's work is done, so the next may be asked.
+    pub complete: bool,
+    /// What the phase waits for, or what it did.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub message: String,
+    /// SHA256 fingerprint of the key in force (the leaf CA Secret's `ca`).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub current_key: String,
+    /// SHA256 fingerprint of the key being rotated in (`ca-next`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_key: Option<String>,
+    /// The key set the agents publish to the root, as signed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_set: Option<SignedKeySet>,
+    /// When the set the root was last seen to trust was issued (seconds since the Unix
+    /// epoch): remembered, so that a replica's agent starting afresh, which has no answer
+    /// yet, does not make the rotation step back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub root_trusts_set_of: Option<u64>,
+    /// When a rotation last retired an old key (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_rotated: Option<String>,
 }
 
 fn enabled_default() -> bool {
@@ -119,4 +192,7 @@ pub struct TrustedClusterStatus {
     /// The `metadata.generation` last acted on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
+    /// Where the CA rotation is (`spec.caRotation`), once one was asked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_rotation: Option<CaRotationStatus>,
 }

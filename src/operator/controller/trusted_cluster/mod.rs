@@ -15,9 +15,11 @@
 
 mod join;
 mod owned;
+pub mod rotation;
 
 use join::{ensure_joined, leaf_ca};
 use owned::*;
+use rotation::{Rotated, rotate};
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -34,6 +36,7 @@ use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::{Controller, WatchStreamExt, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
+use russh::keys::ssh_key::public::KeyData;
 use russh::keys::{Certificate, PrivateKey, PublicKey};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
@@ -43,6 +46,7 @@ use crate::agent::join::{JoinRequest, join};
 use crate::identity::{CertificateAuthority, Identity, fingerprint};
 use crate::operator::FIELD_MANAGER;
 use crate::operator::context::Context;
+use crate::operator::crd::trusted_cluster::CaRotationStatus;
 use crate::operator::crd::{
     ReverseTunnel, ReverseTunnelSpec, SecretReference, TrustedCluster, TrustedClusterStatus,
 };
@@ -132,22 +136,27 @@ async fn reconcile(obj: Arc<Guarded>, tctx: Arc<TrustContext>) -> Result<Action>
 struct Outcome {
     joined: Result<(ClusterName, String), Blocked>,
     tunnel: Result<Option<String>, Blocked>,
+    /// The rotation's status, when this pass looked at it (else the previous one stays).
+    rotation: Option<Option<CaRotationStatus>>,
 }
 
 async fn apply(tc: &TrustedCluster, ctx: &Context, namespace: &str) -> Result<Action> {
     let client = ctx.client.clone();
     let secrets: Api<Secret> = Api::namespaced(client.clone(), namespace);
     let joined = ensure_joined(tc, ctx, &secrets).await;
+    let mut rotation = None;
     let tunnel = match &joined {
         Err(_) => Err(Blocked::new("NotJoined", "waiting for the join", None)),
         Ok((root, _)) if tc.spec.enabled => {
-            ensure_tunnel(
-                tc,
-                root,
-                &secrets,
-                &Api::namespaced(client.clone(), namespace),
-            )
-            .await
+            let tunnels = Api::namespaced(client.clone(), namespace);
+            match rotate(tc, ctx, &secrets, &tunnels).await {
+                Ok(rotated) => {
+                    let tunnel = ensure_tunnel(tc, root, &secrets, &tunnels, &rotated).await;
+                    rotation = Some(rotated.status);
+                    tunnel
+                }
+                Err(blocked) => Err(blocked),
+            }
         }
         Ok(_) => disable(tc, &Api::namespaced(client.clone(), namespace))
             .await
@@ -157,7 +166,12 @@ async fn apply(tc: &TrustedCluster, ctx: &Context, namespace: &str) -> Result<Ac
         .iter()
         .filter_map(|b| b.and_then(|b| b.retry))
         .min();
-    write_status(tc, ctx, namespace, &Outcome { joined, tunnel }).await?;
+    let outcome = Outcome {
+        joined,
+        tunnel,
+        rotation,
+    };
+    write_status(tc, ctx, namespace, &outcome).await?;
     Ok(Action::requeue(retry.unwrap_or(RESYNC)))
 }
 
@@ -232,6 +246,10 @@ async fn write_status(
         reverse_tunnel: outcome.tunnel.as_ref().ok().cloned().flatten(),
         conditions: vec![joined, ready],
         observed_generation: generation,
+        ca_rotation: outcome
+            .rotation
+            .clone()
+            .unwrap_or_else(|| previous.ca_rotation.clone()),
     };
     if status == previous {
         return Ok(());

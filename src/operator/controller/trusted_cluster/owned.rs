@@ -27,12 +27,14 @@ pub(super) fn owned_meta(tc: &TrustedCluster, name: String) -> ObjectMeta {
     }
 }
 
-/// Issues (or renews) the agent identity and applies the `ReverseTunnel`.
+/// Issues (or renews) the agent identity from the key the rotation names and applies the
+/// `ReverseTunnel`, with the key set the rotation publishes.
 pub(super) async fn ensure_tunnel(
     tc: &TrustedCluster,
     root: &ClusterName,
     secrets: &Api<Secret>,
     tunnels: &Api<ReverseTunnel>,
+    rotated: &Rotated,
 ) -> std::result::Result<Option<String>, Blocked> {
     let name = tc.name_any();
     let identity_name = agent_secret(&name);
@@ -43,12 +45,17 @@ pub(super) async fn ensure_tunnel(
             Some(Duration::from_secs(10)),
         )
     })?;
-    if current.as_ref().is_none_or(needs_renewal) {
-        let ca = leaf_ca(tc, secrets).await?;
-        let identity = Identity::generate_agent(&ca, AGENT_CERT_VALIDITY)
+    let ca = &rotated.agent_ca;
+    let from_another_key =
+        |s: &Secret| certificate_signer(s).as_ref() != Some(ca.public_key().key_data());
+    if current
+        .as_ref()
+        .is_none_or(|s| needs_renewal(s) || from_another_key(s))
+    {
+        let identity = Identity::generate_agent(ca, AGENT_CERT_VALIDITY)
             .map_err(|e| Blocked::new("IdentityNotIssued", e.to_string(), None))?;
         write_identity(tc, secrets, &identity_name, &identity).await?;
-        info!(trusted_cluster = %name, "issued the agent certificate");
+        info!(trusted_cluster = %name, ca = %fingerprint(ca.public_key()), "issued the agent certificate");
     }
     let spec = ReverseTunnelSpec {
         root_cluster: root.to_string(),
@@ -61,7 +68,7 @@ pub(super) async fn ensure_tunnel(
             name: root_ca_secret(&name),
         },
         tunnel: tc.spec.tunnel.clone(),
-        ca_key_set: None,
+        ca_key_set: rotated.key_set.clone(),
     };
     // Reconciles follow the tunnel's status changes too; an unchanged spec is not rewritten.
     let existing = tunnels.get_opt(&name).await.map_err(|e| {
@@ -122,16 +129,25 @@ pub(super) async fn ensure_tunnel(
     Ok(Some(name))
 }
 
-/// Whether the agent certificate in `secret` is missing, unreadable, or past two thirds of
-/// its validity.
-pub(super) fn needs_renewal(secret: &Secret) -> bool {
-    let cert = secret
+/// The agent certificate in `secret`, if it reads.
+fn agent_certificate(secret: &Secret) -> Option<Certificate> {
+    secret
         .data
         .as_ref()
         .and_then(|d| d.get(IDENTITY_CERT))
         .and_then(|b| std::str::from_utf8(&b.0).ok())
-        .and_then(|t| Certificate::from_openssh(t.trim()).ok());
-    let Some(cert) = cert else {
+        .and_then(|t| Certificate::from_openssh(t.trim()).ok())
+}
+
+/// The CA key that signed the agent certificate in `secret`.
+pub(super) fn certificate_signer(secret: &Secret) -> Option<KeyData> {
+    agent_certificate(secret).map(|c| c.signature_key().clone())
+}
+
+/// Whether the agent certificate in `secret` is missing, unreadable, or past two thirds of
+/// its validity.
+pub(super) fn needs_renewal(secret: &Secret) -> bool {
+    let Some(cert) = agent_certificate(secret) else {
         return true;
     };
     let now = SystemTime::now()
