@@ -14,12 +14,12 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, PostParams};
-use serde_json::json;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use support::tunnel_e2e::{
-    crds_and_namespace, create_join_token, echo_through, eventually, secret, start_operator,
+    create_join_token, create_leaf_ca, crds_and_namespace, echo_through, eventually, secret,
+    start_kube_root, start_operator, trusted_cluster,
 };
 use tether::agent::Agent;
 use tether::demo::echo_server;
@@ -29,10 +29,9 @@ use tether::identity::{
     CertificateAuthority, Identity, PrivateKey, PublicKey, TrustStore, fingerprint,
 };
 use tether::operator::crd::{RemoteCluster, RemoteClusterSpec, TrustedCluster};
-use tether::operator::root::{self, KubeJoinAuthority};
 use tether::protocol::ClusterName;
 use tether::protocol::control::CaKeySet;
-use tether::proxy::{JoinAuthority, ProxyServer};
+use tether::proxy::ProxyServer;
 
 fn now() -> u64 {
     SystemTime::now()
@@ -53,13 +52,8 @@ async fn a_leaf_rotates_its_ca_over_its_tunnel_and_the_old_key_loses_its_session
     let new_ca = CertificateAuthority::generate(leaf.clone()).expect("new CA");
 
     // The root: a proxy with the Kubernetes join authority, following the RemoteClusters.
-    let mut config = pki.proxy_config("proxy-1").expect("proxy config");
-    let mut trust = TrustStore::new();
-    trust.insert(pki.root.cluster().clone(), pki.root.public_key().clone());
-    config.trust.store(Arc::new(trust));
-    config.join =
-        Some(Arc::new(KubeJoinAuthority::new(client.clone(), &ns)) as Arc<dyn JoinAuthority>);
-    let proxy = Arc::new(ProxyServer::start(config).await.expect("proxy"));
+    let stop = CancellationToken::new();
+    let proxy = start_kube_root(&client, &ns, &pki, TrustStore::new(), &[], &stop).await;
     let remotes: Api<RemoteCluster> = Api::namespaced(client.clone(), &ns);
     let spec = RemoteClusterSpec {
         ca_keys: vec![openssh(&pki.leaf)],
@@ -72,14 +66,6 @@ async fn a_leaf_rotates_its_ca_over_its_tunnel_and_the_old_key_loses_its_session
         )
         .await
         .expect("RemoteCluster");
-    let stop = CancellationToken::new();
-    tokio::spawn(root::run(
-        client.clone(),
-        ns.clone(),
-        proxy.clone(),
-        (false, Default::default()),
-        stop.clone(),
-    ));
     eventually("the leaf trusted", || async {
         proxy
             .shared()
@@ -257,46 +243,17 @@ async fn tether_ca_rotate_takes_a_leaf_to_a_new_key_and_back_under_load_without_
     let stop = CancellationToken::new();
 
     // The root: one proxy keeping its leaves in root_ns.
-    let root_ca =
-        CertificateAuthority::generate(ClusterName::new("root").expect("name")).expect("root CA");
     let pki = tether::demo::Pki {
-        root: CertificateAuthority::from_key(
-            root_ca.cluster().clone(),
-            root_ca.private_key().clone(),
-        ),
+        root: CertificateAuthority::generate(ClusterName::new("root").expect("name"))
+            .expect("root CA"),
         leaf: CertificateAuthority::generate(ClusterName::new("unused").expect("name"))
-            .expect("ca"),
+            .expect("CA"),
     };
-    let mut config = pki.proxy_config("proxy-1").expect("proxy config");
-    let mut trust = TrustStore::new();
-    trust.insert(root_ca.cluster().clone(), root_ca.public_key().clone());
-    config.trust.store(Arc::new(trust));
-    config.join =
-        Some(Arc::new(KubeJoinAuthority::new(client.clone(), &root_ns)) as Arc<dyn JoinAuthority>);
-    let proxy = Arc::new(ProxyServer::start(config).await.expect("proxy"));
-    tokio::spawn(root::run(
-        client.clone(),
-        root_ns.clone(),
-        proxy.clone(),
-        (false, Default::default()),
-        stop.clone(),
-    ));
+    let proxy = start_kube_root(&client, &root_ns, &pki, TrustStore::new(), &[], &stop).await;
 
     // The leaf: its CA, a join token, the TrustedCluster, the operator.
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &leaf_ns);
-    let first_ca =
-        CertificateAuthority::generate(ClusterName::new("leaf-1").expect("name")).expect("leaf CA");
-    let key = first_ca
-        .private_key()
-        .to_openssh(Default::default())
-        .expect("encode");
-    secrets
-        .create(
-            &PostParams::default(),
-            &secret("leaf-1-ca", &[("ca", key.to_string())]),
-        )
-        .await
-        .expect("leaf CA Secret");
+    let first_ca = create_leaf_ca(&secrets, "leaf-1").await;
     let token = create_join_token(&client, &root_ns).await;
     secrets
         .create(
@@ -307,19 +264,9 @@ async fn tether_ca_rotate_takes_a_leaf_to_a_new_key_and_back_under_load_without_
         .expect("token Secret");
     let echo = echo_server().await.expect("echo server");
     let tcs: Api<TrustedCluster> = Api::namespaced(client.clone(), &leaf_ns);
-    let tc: TrustedCluster = serde_json::from_value(json!({
-        "apiVersion": "tether.dev/v1alpha1",
-        "kind": "TrustedCluster",
-        "metadata": { "name": "to-root" },
-        "spec": {
-            "rootAddress": proxy.local_addr().to_string(),
-            "tokenSecretRef": { "name": "join-1" },
-            "leafCluster": "leaf-1",
-            "leafCaSecretRef": { "name": "leaf-1-ca" },
-            "allow": [format!("127.0.0.1/32:{}", echo.port())],
-        },
-    }))
-    .expect("a TrustedCluster");
+    let allow = [format!("127.0.0.1/32:{}", echo.port())];
+    let root_address = proxy.local_addr().to_string();
+    let tc = trusted_cluster("to-root", &root_address, "join-1", "leaf-1", &allow);
     tcs.create(&PostParams::default(), &tc)
         .await
         .expect("TrustedCluster");

@@ -15,7 +15,8 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use support::tunnel_e2e::{
-    crds_and_namespace, echo_through, eventually, secret, start_operator, start_operator_counting,
+    crds_and_namespace, create_leaf_ca, echo_through, eventually, secret, start_kube_root,
+    start_operator, start_operator_counting, trusted_cluster,
 };
 use tether::admin::Component;
 use tether::admin::metrics::{MetricsRegistry, OperatorMetrics};
@@ -24,10 +25,9 @@ use tether::identity::{CertificateAuthority, TrustStore, fingerprint};
 use tether::operator::crd::reverse_tunnel::Phase;
 use tether::operator::crd::{ConditionStatus, RemoteCluster, ReverseTunnel, TrustedCluster};
 use tether::operator::root::tokens::token_secret;
-use tether::operator::root::{self, KubeJoinAuthority};
 use tether::protocol::ClusterName;
 use tether::protocol::join::JoinToken;
-use tether::proxy::{JoinAuthority, ProxyServer};
+use tether::proxy::ProxyServer;
 
 fn name(s: &str) -> ClusterName {
     ClusterName::new(s).expect("valid cluster name")
@@ -45,34 +45,7 @@ async fn start_root(
         root: CertificateAuthority::from_key(ca.cluster().clone(), ca.private_key().clone()),
         leaf: CertificateAuthority::generate(name("unused")).expect("ca"),
     };
-    let mut config = pki.proxy_config("proxy-1").expect("proxy config");
-    let mut base = TrustStore::new();
-    base.insert(ca.cluster().clone(), ca.public_key().clone());
-    config.trust.store(Arc::new(base));
-    config.join =
-        Some(Arc::new(KubeJoinAuthority::new(client.clone(), ns)) as Arc<dyn JoinAuthority>);
-    let proxy = Arc::new(ProxyServer::start(config).await.expect("proxy starts"));
-    let prune = !peers.is_empty();
-    if prune {
-        proxy.set_peers(
-            peers
-                .iter()
-                .map(|id| tether::proxy::Peer {
-                    id: (*id).to_owned(),
-                    addr: None,
-                    generation: 0,
-                })
-                .collect(),
-        );
-    }
-    tokio::spawn(root::run(
-        client.clone(),
-        ns.to_owned(),
-        proxy.clone(),
-        (prune, Default::default()),
-        stop.clone(),
-    ));
-    proxy
+    start_kube_root(client, ns, &pki, TrustStore::new(), peers, stop).await
 }
 
 async fn issue_token(client: &Client, ns: &str, expires: Option<SystemTime>) -> JoinToken {
@@ -86,28 +59,6 @@ async fn issue_token(client: &Client, ns: &str, expires: Option<SystemTime>) -> 
         .await
         .expect("creating the token Secret");
     token
-}
-
-fn trusted_cluster(
-    name: &str,
-    root: &str,
-    token_secret: &str,
-    leaf: &str,
-    allow: &[String],
-) -> TrustedCluster {
-    serde_json::from_value(json!({
-        "apiVersion": "tether.dev/v1alpha1",
-        "kind": "TrustedCluster",
-        "metadata": { "name": name },
-        "spec": {
-            "rootAddress": root,
-            "tokenSecretRef": { "name": token_secret },
-            "leafCluster": leaf,
-            "leafCaSecretRef": { "name": format!("{leaf}-ca") },
-            "allow": allow,
-        },
-    }))
-    .expect("a TrustedCluster")
 }
 
 /// The `Joined` condition's (status, reason, message), once it has one.
@@ -131,23 +82,6 @@ async fn wait_joined_false(api: &Api<TrustedCluster>, tc: &str, reason: &str) ->
     .await
 }
 
-async fn leaf_ca_secret(secrets: &Api<Secret>, leaf: &str) -> CertificateAuthority {
-    let ca = CertificateAuthority::generate(name(leaf)).expect("leaf ca");
-    let key = ca
-        .private_key()
-        .to_openssh(Default::default())
-        .expect("encode")
-        .to_string();
-    secrets
-        .create(
-            &PostParams::default(),
-            &secret(&format!("{leaf}-ca"), &[("ca", key)]),
-        )
-        .await
-        .expect("leaf CA Secret");
-    ca
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_token_joins_the_leaf_and_bad_tokens_say_why() {
     let (cp, client, root_ns) = crds_and_namespace("join-root").await;
@@ -163,7 +97,7 @@ async fn a_token_joins_the_leaf_and_bad_tokens_say_why() {
     let rts: Api<ReverseTunnel> = Api::namespaced(client.clone(), &leaf_ns);
     let remotes: Api<RemoteCluster> = Api::namespaced(client.clone(), &root_ns);
     let root_secrets: Api<Secret> = Api::namespaced(client.clone(), &root_ns);
-    leaf_ca_secret(&secrets, "leaf-1").await;
+    create_leaf_ca(&secrets, "leaf-1").await;
     let token = issue_token(
         &client,
         &root_ns,
@@ -278,7 +212,7 @@ async fn a_token_joins_the_leaf_and_bad_tokens_say_why() {
     );
 
     // Reusing the spent token for another leaf: refused, no tunnel.
-    leaf_ca_secret(&secrets, "leaf-2").await;
+    create_leaf_ca(&secrets, "leaf-2").await;
     tcs.create(
         &PostParams::default(),
         &trusted_cluster("reuse", &root_addr, "join-1", "leaf-2", &[]),
@@ -454,7 +388,7 @@ async fn a_corrected_token_joins_at_once_and_its_tunnel_follows_the_trusted_clus
     let proxy = start_root(&client, &root_ns, &root_ca, &[], &stop).await;
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &leaf_ns);
     let tcs: Api<TrustedCluster> = Api::namespaced(client.clone(), &leaf_ns);
-    leaf_ca_secret(&secrets, "leaf-fix").await;
+    create_leaf_ca(&secrets, "leaf-fix").await;
     let typo = secret("join-typo", &[("token", JoinToken::generate().reveal())]);
     secrets
         .create(&PostParams::default(), &typo)

@@ -15,7 +15,9 @@ use kube::{Api, Client};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
-use support::tunnel_e2e::{crds_and_namespace, create_join_token, eventually, install_crds};
+use support::tunnel_e2e::{
+    crds_and_namespace, create_join_token, eventually, install_crds, start_kube_root,
+};
 use support::{pki, wait_for};
 use tether::agent::Agent;
 use tether::agent::join::{JoinError, JoinRequest, join};
@@ -23,42 +25,15 @@ use tether::demo::Pki;
 use tether::egress::allow_list::AllowList;
 use tether::identity::{CertificateAuthority, Identity, TrustStore};
 use tether::operator::crd::RemoteCluster;
-use tether::operator::root::{self, KubeJoinAuthority};
 use tether::protocol::ClusterName;
 use tether::protocol::join::{JoinRefusal, JoinToken};
-use tether::proxy::{JoinAuthority, ProxyServer};
+use tether::proxy::ProxyServer;
 
 /// How soon a revocation must have closed the tunnels it concerns.
 const EVICTION: Duration = Duration::from_secs(5);
 
 fn name(s: &str) -> ClusterName {
     ClusterName::new(s).expect("valid cluster name")
-}
-
-/// A root proxy with `static_trust` (plus its own CA), following the `RemoteCluster` objects
-/// of `ns` and serving joins with tokens kept there.
-async fn start_root(
-    client: &Client,
-    ns: &str,
-    pki: &Pki,
-    static_trust: TrustStore,
-    stop: &CancellationToken,
-) -> Arc<ProxyServer> {
-    let mut config = pki.proxy_config("proxy-1").expect("proxy config");
-    let mut trust = static_trust;
-    trust.insert(pki.root.cluster().clone(), pki.root.public_key().clone());
-    config.trust.store(Arc::new(trust));
-    config.join =
-        Some(Arc::new(KubeJoinAuthority::new(client.clone(), ns)) as Arc<dyn JoinAuthority>);
-    let proxy = Arc::new(ProxyServer::start(config).await.expect("proxy starts"));
-    tokio::spawn(root::run(
-        client.clone(),
-        ns.to_owned(),
-        proxy.clone(),
-        (false, Default::default()),
-        stop.clone(),
-    ));
-    proxy
 }
 
 /// A `RemoteCluster` `leaf` trusting `cas`, as an administrator would write it.
@@ -123,7 +98,7 @@ async fn deleting_a_remote_cluster_ends_its_tunnels_even_when_the_name_stays_tru
     let mut static_trust = TrustStore::new();
     static_trust.insert(leaf.clone(), static_ca.public_key().clone());
     let stop = CancellationToken::new();
-    let proxy = start_root(&client, &ns, &pki, static_trust, &stop).await;
+    let proxy = start_kube_root(&client, &ns, &pki, static_trust, &[], &stop).await;
     let recorded_ca = CertificateAuthority::generate(leaf.clone()).expect("ca");
     record(&remotes, "leaf", &[&recorded_ca]).await;
     start_agent(&proxy, &pki, &recorded_ca, &stop);
@@ -153,7 +128,7 @@ async fn removing_a_ca_key_from_a_remote_cluster_ends_the_tunnels_it_signed() {
     let pki = pki();
     let leaf = name("leaf-k");
     let stop = CancellationToken::new();
-    let proxy = start_root(&client, &ns, &pki, TrustStore::new(), &stop).await;
+    let proxy = start_kube_root(&client, &ns, &pki, TrustStore::new(), &[], &stop).await;
     let (old, new) = (
         CertificateAuthority::generate(leaf.clone()).expect("ca"),
         CertificateAuthority::generate(leaf.clone()).expect("ca"),
@@ -203,7 +178,7 @@ impl Joined {
         let ns = cp.new_namespace(prefix).await;
         let remotes: Api<RemoteCluster> = Api::namespaced(client.clone(), &ns);
         let stop = CancellationToken::new();
-        let proxy = start_root(&client, &ns, &pki(), TrustStore::new(), &stop).await;
+        let proxy = start_kube_root(&client, &ns, &pki(), TrustStore::new(), &[], &stop).await;
         let token = create_join_token(&client, &ns).await;
         let leaf_ca = CertificateAuthority::generate(name("leaf-j")).expect("ca");
         let joined = Joined {

@@ -3,6 +3,7 @@
 //! holding only a ServiceAccount's token.
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Secret;
@@ -19,10 +20,12 @@ use tokio_util::sync::CancellationToken;
 
 use super::kube::{ControlPlane, control_plane};
 use tether::demo::Pki;
-use tether::identity::{CertificateAuthority, Identity};
+use tether::identity::{CertificateAuthority, Identity, TrustStore};
+use tether::operator::crd::TrustedCluster;
+use tether::operator::root::{self, KubeJoinAuthority};
 use tether::operator::{LeaderElection, OperatorConfig};
 use tether::protocol::{ClusterName, Target};
-use tether::proxy::{Dialer, ProxyServer};
+use tether::proxy::{Dialer, JoinAuthority, Peer, ProxyServer};
 use tether::stream::Splice;
 
 pub const DEADLINE: Duration = Duration::from_secs(60);
@@ -333,4 +336,90 @@ pub async fn echo_through(proxy: &ProxyServer, target: &str) -> Result<Vec<u8>, 
         .map_err(|e| e.to_string())?;
     let _ = splice.await;
     Ok(echoed)
+}
+
+/// A root proxy `proxy-1` of `pki`, trusting its own CA and `static_trust`, following the
+/// `RemoteCluster` objects of `ns` and serving joins with tokens kept there, as `tether proxy
+/// --ca --kubernetes` runs it. With `peers`, it knows those replicas and prunes the status
+/// entries of others.
+pub async fn start_kube_root(
+    client: &Client,
+    ns: &str,
+    pki: &Pki,
+    static_trust: TrustStore,
+    peers: &[&str],
+    stop: &CancellationToken,
+) -> Arc<ProxyServer> {
+    let mut config = pki.proxy_config("proxy-1").expect("proxy config");
+    let mut trust = static_trust;
+    trust.insert(pki.root.cluster().clone(), pki.root.public_key().clone());
+    config.trust.store(Arc::new(trust));
+    config.join =
+        Some(Arc::new(KubeJoinAuthority::new(client.clone(), ns)) as Arc<dyn JoinAuthority>);
+    let proxy = Arc::new(ProxyServer::start(config).await.expect("proxy starts"));
+    let prune = !peers.is_empty();
+    if prune {
+        proxy.set_peers(
+            peers
+                .iter()
+                .map(|id| Peer {
+                    id: (*id).to_owned(),
+                    addr: None,
+                    generation: 0,
+                })
+                .collect(),
+        );
+    }
+    tokio::spawn(root::run(
+        client.clone(),
+        ns.to_owned(),
+        proxy.clone(),
+        (prune, Default::default()),
+        stop.clone(),
+    ));
+    proxy
+}
+
+/// A new CA for cluster `leaf`, its private key saved in Secret `<leaf>-ca` (key `ca`), as the
+/// leaf's administrator creates it.
+pub async fn create_leaf_ca(secrets: &Api<Secret>, leaf: &str) -> CertificateAuthority {
+    let ca = CertificateAuthority::generate(ClusterName::new(leaf).expect("a cluster name"))
+        .expect("leaf CA");
+    let key = ca
+        .private_key()
+        .to_openssh(Default::default())
+        .expect("encode")
+        .to_string();
+    secrets
+        .create(
+            &PostParams::default(),
+            &secret(&format!("{leaf}-ca"), &[("ca", key)]),
+        )
+        .await
+        .expect("leaf CA Secret");
+    ca
+}
+
+/// A `TrustedCluster` `name` joining the root at `root` with the token in Secret
+/// `token_secret`, as leaf `leaf` (CA in Secret `<leaf>-ca`), allowing `allow`.
+pub fn trusted_cluster(
+    name: &str,
+    root: &str,
+    token_secret: &str,
+    leaf: &str,
+    allow: &[String],
+) -> TrustedCluster {
+    serde_json::from_value(json!({
+        "apiVersion": "tether.dev/v1alpha1",
+        "kind": "TrustedCluster",
+        "metadata": { "name": name },
+        "spec": {
+            "rootAddress": root,
+            "tokenSecretRef": { "name": token_secret },
+            "leafCluster": leaf,
+            "leafCaSecretRef": { "name": format!("{leaf}-ca") },
+            "allow": allow,
+        },
+    }))
+    .expect("a TrustedCluster")
 }
