@@ -18,8 +18,9 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use support::tunnel_e2e::{
-    create_join_token, create_leaf_ca, crds_and_namespace, echo_through, eventually, secret,
-    start_kube_root, start_operator, trusted_cluster,
+    crds_and_namespace, create_join_token, create_leaf_ca, create_secrets, echo_through,
+    eventually, example, root_proxy_for_leaf_1, secret, start_kube_root, start_operator,
+    trusted_cluster,
 };
 use tether::agent::Agent;
 use tether::demo::echo_server;
@@ -368,4 +369,123 @@ async fn tether_ca_rotate_takes_a_leaf_to_a_new_key_and_back_under_load_without_
     eprintln!("{ok} dials through two rotations (one rolled back), none failed");
     operator.cancel();
     stop.cancel();
+}
+
+fn tunnel_ids(proxy: &ProxyServer, leaf: &ClusterName) -> Vec<u64> {
+    let mut ids: Vec<u64> = proxy
+        .sites()
+        .tunnels_of(leaf)
+        .iter()
+        .map(|t| t.id)
+        .collect();
+    ids.sort_unstable();
+    ids
+}
+
+/// The root key set `keys` of `ca`'s cluster, issued at `at`, signed by `signer`.
+fn root_set(at: u64, keys: &[&CertificateAuthority], signer: &CertificateAuthority) -> CaKeySet {
+    KeySet {
+        cluster: signer.cluster().clone(),
+        issued_at: at,
+        keys: keys.iter().map(|c| c.public_key().clone()).collect(),
+    }
+    .sign(signer.private_key())
+    .expect("sign")
+}
+
+/// The root CA keys Secret `root-ca` holds, as fingerprints.
+async fn root_ca_held(secrets: &Api<Secret>) -> Vec<String> {
+    let secret = secrets.get("root-ca").await.expect("root-ca");
+    let text = secret.data.expect("data")["ca.pub"].0.clone();
+    String::from_utf8(text)
+        .expect("text")
+        .lines()
+        .filter_map(|l| PublicKey::from_openssh(l.trim()).ok())
+        .map(|k| fingerprint(&k))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leaf_follows_the_roots_new_ca_key_under_load_without_a_failed_dial() {
+    let (_cp, client, ns) = crds_and_namespace("rotate-root-ca").await;
+    let (leaf, pki, proxy) = root_proxy_for_leaf_1().await;
+    let proxy = Arc::new(proxy);
+    let echo = echo_server().await.expect("echo");
+    create_secrets(&client, &ns, &pki).await;
+    let operator = start_operator(client.clone(), &ns, None);
+    let rule = format!("{}/32:{}", echo.ip(), echo.port());
+    let tunnels: Api<tether::operator::crd::ReverseTunnel> = Api::namespaced(client.clone(), &ns);
+    tunnels
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(example(&proxy.local_addr().to_string(), &[rule]))
+                .expect("example"),
+        )
+        .await
+        .expect("creating the ReverseTunnel");
+    let target = format!("{}.leaf-1.tether:{}", echo.ip(), echo.port());
+    eventually("a first dial", || async {
+        echo_through(&proxy, &target).await.ok()
+    })
+    .await;
+    let load_stop = CancellationToken::new();
+    let load = dial_load(proxy.clone(), target.clone(), load_stop.clone());
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
+    // The leaf's tunnels, once a new agent has taken over from the one that held `before`.
+    let taken_over = |before: Vec<u64>| {
+        let proxy = proxy.clone();
+        let leaf = leaf.clone();
+        async move {
+            eventually("a new agent's tunnel alone", || async {
+                let now = tunnel_ids(&proxy, &leaf);
+                (now.len() == 1 && !before.contains(&now[0])).then_some(now)
+            })
+            .await
+        }
+    };
+    let first = tunnel_ids(&proxy, &leaf);
+    let (old, new) = (
+        &pki.root,
+        &CertificateAuthority::generate(pki.root.cluster().clone()).expect("new root CA"),
+    );
+    let (old_print, new_print) = (fingerprint(old.public_key()), fingerprint(new.public_key()));
+    let t0 = now();
+
+    // Init: the root announces both keys, signed by the old one; the leaf trusts both.
+    proxy.announce_root_keys(Some(root_set(t0, &[old, new], old)));
+    eventually("the leaf trusts both root keys", || async {
+        (root_ca_held(&secrets).await == [old_print.clone(), new_print.clone()]).then_some(())
+    })
+    .await;
+    let trusting_both = taken_over(first).await;
+    // Update servers: the proxy presents a host certificate of the new key.
+    let host = Identity::generate_host(new, "proxy-1", Duration::from_secs(3600)).expect("host");
+    proxy.renew_identities(&host, None);
+    // Retire: the new key alone, signed by it.
+    proxy.announce_root_keys(Some(root_set(t0 + 1, &[new], new)));
+    eventually("the leaf trusts the new root key alone", || async {
+        (root_ca_held(&secrets).await == [new_print.clone()]).then_some(())
+    })
+    .await;
+    // A set of the old key, however new, is no longer believed.
+    proxy.announce_root_keys(Some(root_set(t0 + 2, &[old, new], old)));
+    // Nor is an older set of a trusted key (a proxy not yet restarted, say).
+    proxy.announce_root_keys(Some(root_set(t0, &[new, old], new)));
+    // An agent trusting the new key alone took over, through the proxy's new certificate.
+    taken_over(trusting_both).await;
+    assert_eq!(
+        root_ca_held(&secrets).await,
+        std::slice::from_ref(&new_print)
+    );
+
+    load_stop.cancel();
+    let (ok, failed) = load.await.expect("the load");
+    assert!(
+        failed.is_empty(),
+        "{} of {} dials failed: {failed:?}",
+        failed.len(),
+        ok + failed.len() as u64
+    );
+    eprintln!("{ok} dials through a root CA rotation, none failed");
+    operator.cancel();
 }

@@ -41,6 +41,29 @@ pub struct PoolStatus {
     pub last_error: Option<TunnelFailure>,
     /// The root's answer to the leaf's CA key set (a rotation's step), once one came.
     pub ca_keys: Option<CaKeysVerdict>,
+    /// The newest root CA key set a proxy announced and the agent verified (protocol 1.3).
+    pub root_keys: Option<RootKeys>,
+}
+
+/// The root's CA keys as a proxy announced them, signed by a key the agent trusted then: what
+/// the leaf's operator keeps as the root's CA (a root CA rotation's step).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct RootKeys {
+    /// When the set was issued (seconds since the Unix epoch): a newer set replaces an older.
+    pub issued_at: u64,
+    /// The keys, in OpenSSH format.
+    pub keys: Vec<String>,
+}
+
+impl RootKeys {
+    /// The set to keep after `next` arrives: the newer (proxies of one root may announce
+    /// different sets for a moment, during a rolling restart).
+    pub fn newest(current: Option<Self>, next: Self) -> Self {
+        match current {
+            Some(c) if c.issued_at >= next.issued_at => c,
+            _ => next,
+        }
+    }
 }
 
 /// What the root said of the CA key set the agent published (protocol 1.2): the leaf's

@@ -17,7 +17,9 @@ use super::claims::{Claim, Claims};
 use super::config::AgentConfig;
 use super::error::TunnelError;
 use super::handler::AgentHandler;
-use super::status::CaKeysVerdict;
+use super::status::{CaKeysVerdict, RootKeys};
+use crate::identity::{PublicKey, keyset};
+use crate::protocol::ClusterName;
 use crate::protocol::ProtocolVersion;
 use crate::protocol::control::{
     AgentMessage, CONTROL_SUBSYSTEM, CaKeySet, FrameReader, LeafReport, ProxyInfo, ProxyMessage,
@@ -54,6 +56,8 @@ pub enum TunnelEvent {
     Heartbeat { proxy_id: String },
     /// The root answered the leaf's CA key set.
     CaKeys(CaKeysVerdict),
+    /// A proxy announced the root's CA keys, and they verified.
+    RootKeys(RootKeys),
 }
 
 /// A tunnel whose hello completed.
@@ -72,6 +76,9 @@ pub struct Tunnel {
     ca_keys: Option<watch::Receiver<Option<Arc<CaKeySet>>>>,
     /// The control protocol version agreed with the proxy.
     pub protocol: ProtocolVersion,
+    /// The root cluster and the CA keys the agent trusts for it: who may sign the root's key
+    /// sets.
+    root: Arc<(ClusterName, Vec<PublicKey>)>,
     handle: Handle<AgentHandler>,
     read: ChannelReadHalf,
     write: ChannelWriteHalf<Msg>,
@@ -218,6 +225,7 @@ impl Tunnel {
             leaf_report: None,
             ca_keys: Some(config.ca_keys.clone()).filter(|_| protocol.has(ProtocolVersion::V1_2)),
             protocol,
+            root: Arc::new((config.root_cluster.clone(), config.root_cas.clone())),
             handle,
             read,
             write,
@@ -302,6 +310,34 @@ impl Tunnel {
             return Ok(());
         };
         send(&self.write, &AgentMessage::CaKeys((*set).clone())).await
+    }
+
+    /// Passes the root's key set on, if one of the root CA keys the agent trusts signed it.
+    async fn root_keys_announced(
+        &self,
+        set: &CaKeySet,
+        events: Option<&mpsc::Sender<TunnelEvent>>,
+    ) {
+        let (cluster, trusted) = &*self.root;
+        match keyset::verify(set, cluster, trusted, 0) {
+            Ok(verified) => {
+                let keys = verified
+                    .keys
+                    .iter()
+                    .filter_map(|k| k.to_openssh().ok())
+                    .collect();
+                let root_keys = RootKeys {
+                    issued_at: verified.issued_at,
+                    keys,
+                };
+                if let Some(tx) = events {
+                    let _ = tx.send(TunnelEvent::RootKeys(root_keys)).await;
+                }
+            }
+            Err(e) => {
+                warn!(proxy = %self.proxy_id, error = %e, "ignored the root's CA key set")
+            }
+        }
     }
 
     /// Tells the proxy the agent is leaving; returns when to stop waiting for the proxy to
@@ -448,6 +484,7 @@ impl Tunnel {
                             ProxyMessage::Refused { reason } => {
                                 return Err(TunnelError::ProxyRefused(reason));
                             }
+                            ProxyMessage::RootKeys(set) => self.root_keys_announced(&set, events).await,
                             ProxyMessage::CaKeysAnswer { issued_at, refused } => {
                                 match &refused {
                                     None => info!(proxy = %self.proxy_id, issued_at, "the root trusts the leaf's CA key set"),

@@ -17,6 +17,7 @@ use tracing::{info, warn};
 use super::crd::ReverseTunnel;
 use super::events::EventPublisher;
 use super::resolve::Desired;
+use super::root_keys::RootCaWriter;
 use super::status::{Problem, SpecState, StatusWriter};
 use crate::admin::metrics::OperatorMetrics;
 use crate::agent::status::PoolStatus;
@@ -68,8 +69,12 @@ pub struct RunningTunnel {
     /// their end in it.
     spec: Arc<watch::Sender<SpecState>>,
     pool: Arc<watch::Sender<Option<PoolStatus>>>,
+    /// The Secret the spec names as the root's CA, which [`RootCaWriter`] keeps.
+    root_ca_secret: watch::Sender<String>,
     stop: CancellationToken,
     status_task: JoinHandle<()>,
+    /// Keeps the root CA Secret in step with the keys the root announces.
+    root_ca_task: JoinHandle<()>,
 }
 
 /// Tasks of stopped tunnels or agents, to await outside the registry lock.
@@ -172,8 +177,16 @@ impl Context {
                 replica: self.replica.clone(),
                 epoch: self.epoch.clone(),
             };
+            let (root_ca_secret, name) = watch::channel(rt.spec.root_ca_secret_ref.name.clone());
+            let root_ca_writer = RootCaWriter {
+                api: Api::namespaced(self.client.clone(), &namespace),
+                name,
+            };
+            let root_ca_task = tokio::spawn(root_ca_writer.run(pool_tx.subscribe(), stop.clone()));
             let status_task = tokio::spawn(writer.run(spec_rx, pool_rx, stop.clone()));
             RunningTunnel {
+                root_ca_secret,
+                root_ca_task,
                 agent: None,
                 retiring: Vec::new(),
                 allow: LiveAllowList::new(AllowList::default()),
@@ -193,6 +206,12 @@ impl Context {
     pub fn ensure_running(&self, rt: &ReverseTunnel, desired: Desired) {
         let mut tunnels = self.tunnels();
         let tunnel = self.entry(&mut tunnels, rt);
+        let root_ca_secret = &rt.spec.root_ca_secret_ref.name;
+        tunnel.root_ca_secret.send_if_modified(|name| {
+            let changed = name != root_ca_secret;
+            name.clone_from(root_ca_secret);
+            changed
+        });
         let rules = desired.allow.rules().len();
         if tunnel.allow.replace(desired.allow) {
             info!(name = %rt.name_any(), rules, "allow-list updated in place");
@@ -326,6 +345,7 @@ fn stop_tunnel(tunnel: RunningTunnel, stopped: &mut Stopped) {
         .0
         .extend(tunnel.retiring.into_iter().map(|(_, task)| task));
     stopped.0.push(tunnel.status_task);
+    stopped.0.push(tunnel.root_ca_task);
 }
 
 /// Lets `old` keep its tunnels until its successor, whose status is `successor`, holds as

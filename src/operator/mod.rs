@@ -28,6 +28,7 @@ pub mod liveness;
 pub mod replicas;
 pub mod resolve;
 pub mod root;
+pub mod root_keys;
 pub mod server_version;
 pub mod stamps;
 pub mod status;

@@ -381,7 +381,7 @@ mod tests {
             expected: 1,
             discovered: false,
             last_error: None,
-            ca_keys: None,
+            ..PoolStatus::default()
         };
         // A tunnel up before its proxy announced the set is not "Connected 1/1" yet.
         let early = compose(&spec, Some(&pool), None, t0);
@@ -434,7 +434,7 @@ mod tests {
             expected: 1,
             discovered: true,
             last_error: None,
-            ca_keys: None,
+            ..PoolStatus::default()
         };
         let mut written = compose(&spec, Some(&heartbeat_at(t0)), None, t0);
         assert!(needs_write(None, &written));

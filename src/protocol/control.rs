@@ -194,6 +194,10 @@ pub enum ProxyMessage {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         refused: Option<String>,
     },
+    /// The root's CA keys from now on, signed by one of them the agent trusts now (protocol
+    /// 1.3): how a root CA rotation reaches the leaves. Sent after `Welcome` when the proxy
+    /// has a set to announce, and again whenever it changes.
+    RootKeys(CaKeySet),
 }
 
 /// A control message that could not be read.

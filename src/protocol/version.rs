@@ -11,6 +11,7 @@
 //!   1.1     1.0     1.0      the proxy predates reports: the agent sends none
 //!   1.1     1.1     1.1      reports flow (AgentMessage::Report)
 //!   1.2     1.2     1.2      and a leaf may send its rotated CA keys (AgentMessage::CaKeys)
+//!   1.3     1.3     1.3      and the root announces its CA keys (ProxyMessage::RootKeys)
 //!   2.x     1.x     -        refused: both sides log it, and the status on each side says
 //!                            which to upgrade
 //! ```
@@ -44,8 +45,11 @@ impl ProtocolVersion {
     /// Adds a leaf's rotated CA keys, signed by its CA, over the tunnel
     /// ([`super::control::AgentMessage::CaKeys`]).
     pub const V1_2: Self = Self { major: 1, minor: 2 };
+    /// Adds the root's CA keys, signed by its CA, announced to agents
+    /// ([`super::control::ProxyMessage::RootKeys`]).
+    pub const V1_3: Self = Self { major: 1, minor: 3 };
     /// The version this build speaks.
-    pub const CURRENT: Self = Self::V1_2;
+    pub const CURRENT: Self = Self::V1_3;
 
     /// The version a proxy speaking `proxy` and an agent speaking `agent` use; an error when
     /// their majors differ. Both sides call it, each with what it speaks and what it was told.

@@ -217,6 +217,19 @@ async fn serve(
     // a set arriving meanwhile replaces the one waiting, so an agent cannot queue work.
     let mut keys_waiting: Option<CaKeySet> = None;
     let mut keys_answer: Option<BoxFuture<'_, ProxyMessage>> = None;
+    // The root's own keys, to an agent that can read them: now, and whenever they change.
+    let mut root_keys = tunnel
+        .hello
+        .protocol
+        .has(ProtocolVersion::V1_3)
+        .then(|| shared.root_keys.subscribe());
+    if let Some(set) = root_keys
+        .as_mut()
+        .and_then(|k| k.borrow_and_update().clone())
+        && let Err(end) = send(write, &ProxyMessage::RootKeys((*set).clone())).await
+    {
+        return end;
+    }
     loop {
         if keys_answer.is_none()
             && let Some(set) = keys_waiting.take()
@@ -249,6 +262,9 @@ async fn serve(
             () = tunnel.until_idle(), if tunnel.is_leaving() => Err(ControlEnd::Left),
             Ok(()) = peers.changed() => send_discovery(&mut peers, write).await,
             _ = refresh.tick() => send_discovery(&mut peers, write).await,
+            Some(set) = announced(&mut root_keys) => {
+                send(write, &ProxyMessage::RootKeys((*set).clone())).await
+            }
             answer = settled(&mut keys_answer) => {
                 keys_answer = None;
                 send(write, &answer).await
@@ -279,6 +295,21 @@ async fn settled<T>(pending: &mut Option<BoxFuture<'_, T>>) -> T {
         Some(future) => future.await,
         None => std::future::pending().await,
     }
+}
+
+/// The root's key set once it changes to one (`None` when it was withdrawn); never when
+/// there is nothing to follow.
+async fn announced(
+    keys: &mut Option<watch::Receiver<Option<Arc<CaKeySet>>>>,
+) -> Option<Arc<CaKeySet>> {
+    let Some(watched) = keys.as_mut() else {
+        return std::future::pending().await;
+    };
+    if watched.changed().await.is_err() {
+        *keys = None;
+        return None;
+    }
+    watched.borrow_and_update().clone()
 }
 
 /// What the agent's messages leave for the control loop.

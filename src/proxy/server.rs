@@ -27,6 +27,7 @@ use super::shared::ProxyShared;
 use super::sites::{SiteInfo, Sites};
 use crate::admin::metrics::{MetricsRegistry, ProxyMetrics, StreamMetrics, label};
 use crate::identity::Identity;
+use crate::protocol::control::CaKeySet;
 use crate::protocol::{ClusterName, busy, ssh};
 use crate::stream::HandshakeGuard;
 
@@ -67,6 +68,7 @@ impl ProxyServer {
             client_streams: StreamQuota::new(config.limits.max_streams_per_client),
             client_sessions: Arc::default(),
             peer_pool: PeerPool::new(PeerLiveness::from_heartbeat(&config.heartbeat)),
+            root_keys: watch::channel(None).0,
             config,
             sites: Sites::new(metrics.tunnels.clone()),
             peers: watch::channel(vec![me]).0,
@@ -162,6 +164,17 @@ impl ProxyServer {
         self.shared.peers.send_if_modified(|current| {
             let changed = *current != peers;
             *current = peers;
+            changed
+        });
+    }
+
+    /// Announces `set`, this root's CA keys signed by one of them, to every agent that speaks
+    /// protocol 1.3: those connected now and those that connect later (`None`: no more).
+    pub fn announce_root_keys(&self, set: Option<CaKeySet>) {
+        let set = set.map(Arc::new);
+        self.shared.root_keys.send_if_modified(|current| {
+            let changed = *current != set;
+            *current = set;
             changed
         });
     }

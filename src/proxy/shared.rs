@@ -19,6 +19,7 @@ use super::peers::{Peer, PeerPool};
 use super::quota::StreamQuota;
 use super::sites::Sites;
 use crate::admin::metrics::{MetricsRegistry, ProxyMetrics, StreamMetrics};
+use crate::protocol::control::CaKeySet;
 
 /// State shared by every connection of one proxy.
 pub struct ProxyShared {
@@ -42,6 +43,8 @@ pub struct ProxyShared {
     pub client_sessions: Arc<ClientSessions>,
     /// Connections to peer proxies, shared by forwarded dials, and their circuit breakers.
     pub peer_pool: Arc<PeerPool>,
+    /// The root's CA key set announced to every agent (a root CA rotation's step), if any.
+    pub root_keys: watch::Sender<Option<Arc<CaKeySet>>>,
     /// Whether the peer set is known: false from [`ProxyServer::expect_peer_discovery`] until
     /// the first [`ProxyServer::set_peers`], so a replica is not ready before it can announce
     /// its peers.

@@ -26,7 +26,9 @@ use run::PoolRun;
 use super::AgentEvent;
 use super::config::AgentConfig;
 use super::error::TunnelError;
-use super::status::{CaKeysVerdict, PoolStatus, ProxyTunnelStatus, TunnelFailure, TunnelState};
+use super::status::{
+    CaKeysVerdict, PoolStatus, ProxyTunnelStatus, RootKeys, TunnelFailure, TunnelState,
+};
 use super::tunnel::{Tunnel, TunnelEvent};
 use crate::admin::metrics::AgentMetrics;
 use crate::protocol::control::ProxyInfo;
@@ -83,7 +85,8 @@ struct Held {
 
 /// Why the pool woke up.
 enum Outcome {
-    Dialled(Result<Tunnel, TunnelError>),
+    /// A dial's result; the tunnel boxed, as it is far larger than the other outcome.
+    Dialled(Result<Box<Tunnel>, TunnelError>),
     Ended {
         proxy_id: String,
         result: Result<(), TunnelError>,
@@ -172,7 +175,7 @@ impl Pool {
         wanted: &HashSet<String>,
         held: &HashMap<String, Held>,
         last_error: &Option<TunnelFailure>,
-        ca_keys: &Option<CaKeysVerdict>,
+        (ca_keys, root_keys): (&Option<CaKeysVerdict>, &Option<RootKeys>),
     ) {
         let mut ids: Vec<&String> = wanted.iter().chain(held.keys()).collect();
         ids.sort();
@@ -201,6 +204,7 @@ impl Pool {
             proxies,
             last_error: last_error.clone(),
             ca_keys: ca_keys.clone(),
+            root_keys: root_keys.clone(),
         };
         self.status.send_if_modified(|current| {
             let changed = *current != status;

@@ -21,7 +21,7 @@ use crate::admin::metrics::label;
 use crate::agent::AgentEvent;
 use crate::agent::claims::Claims;
 use crate::agent::error::TunnelError;
-use crate::agent::status::{CaKeysVerdict, TunnelFailure, TunnelState};
+use crate::agent::status::{CaKeysVerdict, RootKeys, TunnelFailure, TunnelState};
 use crate::agent::tunnel::{Tunnel, TunnelEvent};
 use crate::protocol::control::LeafReport;
 
@@ -64,6 +64,8 @@ pub(super) struct PoolRun<'a> {
     last_error: Option<TunnelFailure>,
     /// The root's latest answer to the leaf's CA key set, for the status.
     ca_keys: Option<CaKeysVerdict>,
+    /// The newest root key set the proxies announced, for the status.
+    root_keys: Option<RootKeys>,
     /// Since when some announced proxy has been missing, if one is.
     converging: Option<tokio::time::Instant>,
 }
@@ -95,6 +97,7 @@ impl<'a> PoolRun<'a> {
             next_dial: tokio::time::Instant::now(),
             last_error: None,
             ca_keys: None,
+            root_keys: None,
             converging: None,
         }
     }
@@ -131,7 +134,11 @@ impl<'a> PoolRun<'a> {
             let (config, claims) = (pool.config.clone(), self.claims.clone());
             self.tasks.spawn(
                 async move {
-                    Outcome::Dialled(Tunnel::connect_claiming(config, Some(claims)).await)
+                    Outcome::Dialled(
+                        Tunnel::connect_claiming(config, Some(claims))
+                            .await
+                            .map(Box::new),
+                    )
                 }
                 .instrument(info_span!("dial_proxy")),
             );
@@ -141,8 +148,12 @@ impl<'a> PoolRun<'a> {
 
     /// Publishes the status, and the held proxies for the tunnels' heartbeats.
     pub(super) fn report(&mut self) {
-        self.pool
-            .publish(&self.wanted, &self.held, &self.last_error, &self.ca_keys);
+        self.pool.publish(
+            &self.wanted,
+            &self.held,
+            &self.last_error,
+            (&self.ca_keys, &self.root_keys),
+        );
         let mut holding: Vec<String> = self
             .held
             .iter()
@@ -165,7 +176,7 @@ impl<'a> PoolRun<'a> {
             Outcome::Dialled(result) => {
                 self.dialling -= 1;
                 match result {
-                    Ok(tunnel) => self.hold(tunnel),
+                    Ok(tunnel) => self.hold(*tunnel),
                     Err(e) => self.dial_failed(e),
                 }
             }
@@ -324,6 +335,9 @@ impl<'a> PoolRun<'a> {
             }
             TunnelEvent::CaKeys(verdict) => {
                 self.ca_keys = Some(CaKeysVerdict::fold(self.ca_keys.take(), verdict));
+            }
+            TunnelEvent::RootKeys(keys) => {
+                self.root_keys = Some(RootKeys::newest(self.root_keys.take(), keys));
             }
             _ => {}
         }
