@@ -189,20 +189,7 @@ fn dial_load(
 
 /// Runs `tether ca rotate` for TrustedCluster `to-root` in `ns` to `phase`, waiting for it.
 async fn rotate_to(kubeconfig: &std::path::Path, ns: &str, phase: &str) -> String {
-    let out = tokio::process::Command::new(support::procs::tether_bin())
-        .args([
-            "ca",
-            "rotate",
-            "--trusted-cluster",
-            "to-root",
-            "--namespace",
-            ns,
-        ])
-        .args(["--phase", phase, "--wait", "120s"])
-        .env("KUBECONFIG", kubeconfig)
-        .output()
-        .await
-        .expect("running tether ca rotate");
+    let out = rotate_command(kubeconfig, ns, "to-root", phase).await;
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         out.status.success(),
@@ -210,6 +197,22 @@ async fn rotate_to(kubeconfig: &std::path::Path, ns: &str, phase: &str) -> Strin
         String::from_utf8_lossy(&out.stderr)
     );
     text
+}
+
+/// `tether ca rotate` for TrustedCluster `tc` in `ns` to `phase`, waiting up to 2 minutes.
+async fn rotate_command(
+    kubeconfig: &std::path::Path,
+    ns: &str,
+    tc: &str,
+    phase: &str,
+) -> std::process::Output {
+    tokio::process::Command::new(support::procs::tether_bin())
+        .args(["ca", "rotate", "--trusted-cluster", tc, "--namespace", ns])
+        .args(["--phase", phase, "--wait", "120s"])
+        .env("KUBECONFIG", kubeconfig)
+        .output()
+        .await
+        .expect("running tether ca rotate")
 }
 
 /// The CA key that signed the agent certificate in Secret `to-root-agent`.
@@ -293,6 +296,14 @@ async fn tether_ca_rotate_takes_a_leaf_to_a_new_key_and_back_under_load_without_
             .ca_keys
     };
     let (first, kubeconfig) = (fingerprint(first_ca.public_key()), cp.kubeconfig_path());
+
+    // A name that is not there: a clear error, naming the flag.
+    let out = rotate_command(kubeconfig, &leaf_ns, "no-such-tc", "init").await;
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && said.contains("--trusted-cluster no-such-tc"),
+        "{said}"
+    );
 
     // Init: a new key made beside the old one; the root trusts both; agents stay on the old.
     let said = rotate_to(kubeconfig, &leaf_ns, "init").await;
