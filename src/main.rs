@@ -96,6 +96,26 @@ enum CaCommand {
         #[arg(long)]
         force: bool,
     },
+    /// Sign the root's CA key set for a root CA rotation (`tether proxy --ca-keys`): the keys
+    /// the proxies and every leaf trust for CLUSTER from now on, signed by one of them that
+    /// they trust now (the old key at init, the new one at retire).
+    KeySet {
+        /// The cluster whose keys these are (the root).
+        #[arg(long)]
+        cluster: ClusterName,
+        /// The CA private key that signs; its public key must be one of --key.
+        #[arg(long)]
+        sign_with: PathBuf,
+        /// A CA public key of the set (an OpenSSH `.pub` file); once per key.
+        #[arg(long = "key", required = true)]
+        keys: Vec<PathBuf>,
+        /// Where to write the signed set (for the root CA Secret).
+        #[arg(long)]
+        out: PathBuf,
+        /// Replace OUT if it exists.
+        #[arg(long)]
+        force: bool,
+    },
     /// Rotate a leaf cluster's CA without a dropped dial: move its TrustedCluster to a phase
     /// (init, update-clients, retire; or rollback) and wait until the operator completes it.
     Rotate(cli::rotate::RotateArgs),
@@ -256,6 +276,13 @@ async fn run(command: Command) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Ca(CaCommand::Rotate(args)) => cli::rotate::run(args).await,
+        Command::Ca(CaCommand::KeySet {
+            cluster,
+            sign_with,
+            keys,
+            out,
+            force,
+        }) => cli::rotate::sign_key_set(&cluster, &sign_with, &keys, &out, force),
         Command::Cert(cert) => issue(cert),
         Command::Proxy(args) => cli::proxy::run(*args).await,
         Command::Agent(args) => run_agent(args).await,

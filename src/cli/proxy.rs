@@ -49,6 +49,12 @@ pub struct ProxyArgs {
     /// the CA for clients. What a Deployment uses, as replicas' IDs are pod names.
     #[arg(long, env = "TETHER_CA")]
     ca: Option<PathBuf>,
+    /// During a root CA rotation: the root's CA key set, signed with `tether ca key-set`.
+    /// Every agent is told it (its leaf then trusts exactly these keys for the root), and the
+    /// proxy trusts them for its own clients and peers. Re-read every 2 s and on SIGHUP; no
+    /// such file: no rotation under way.
+    #[arg(long, requires = "ca")]
+    ca_keys: Option<PathBuf>,
     /// Directory of `<cluster>.pub` files: the CAs trusted for each cluster. Optional with
     /// `--ca` and `--kubernetes`, which supply the root's CA and the leaves' CAs. Re-read every
     /// 2 s and on SIGHUP: tunnels whose CA a change removes are closed; a bad file keeps the
@@ -184,6 +190,11 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
         Some(path) => Some(CertificateAuthority::load(path, args.cluster.clone())?),
         None => None,
     };
+    let own_ca_key = ca.as_ref().map(|c| c.public_key().clone());
+    let root_keys = match (&args.ca_keys, &own_ca_key) {
+        (Some(path), Some(key)) => tether::proxy::root_keys::load(path, &args.cluster, key)?,
+        _ => None,
+    };
     // The proxy's own CA is part of its static trust, beside the trust directory's files.
     let mut own_ca = TrustStore::new();
     if let Some(ca) = &ca {
@@ -281,6 +292,16 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
         ));
     }
     let hangup = Hangup::install(&tasks, serving.clone())?;
+    if let (Some(path), Some(key)) = (args.ca_keys.clone(), own_ca_key) {
+        tether::proxy::root_keys::apply(&proxy, &args.cluster, root_keys).await;
+        tasks.spawn(tether::proxy::root_keys::follow(
+            proxy.clone(),
+            path,
+            key,
+            hangup.keys.clone(),
+            serving.clone(),
+        ));
+    }
     if let Some(dir) = args.trust_dir.clone() {
         tasks.spawn(tether::proxy::trust::follow_dir(
             proxy.shared().clone(),
@@ -544,6 +565,8 @@ struct Hangup {
     trust: Arc<tokio::sync::Notify>,
     /// Woken for the token file's follower.
     tokens: Arc<tokio::sync::Notify>,
+    /// Woken for the root CA key set's follower.
+    keys: Arc<tokio::sync::Notify>,
 }
 
 impl Hangup {
@@ -554,13 +577,15 @@ impl Hangup {
         let hangup = Hangup {
             trust: Arc::default(),
             tokens: Arc::default(),
+            keys: Arc::default(),
         };
-        let (trust, tokens) = (hangup.trust.clone(), hangup.tokens.clone());
+        let woken = [&hangup.trust, &hangup.tokens, &hangup.keys].map(Arc::clone);
         tasks.spawn(until(stop, async move {
             while signal.recv().await.is_some() {
-                tracing::info!("SIGHUP: re-reading the trust directory and the client token file");
-                trust.notify_one();
-                tokens.notify_one();
+                tracing::info!("SIGHUP: re-reading the trust directory, the client token file and the root CA key set");
+                for follower in &woken {
+                    follower.notify_one();
+                }
             }
         }));
         Ok(hangup)

@@ -1,5 +1,6 @@
 //! `tether ca rotate`: moves a leaf's `TrustedCluster` to a CA rotation phase and waits until
-//! the operator says the phase is complete, printing what it waits for on the way.
+//! the operator says the phase is complete, printing what it waits for on the way; and
+//! `tether ca key-set`, the signed statement of the root's keys a root CA rotation announces.
 
 use std::time::Duration;
 
@@ -152,4 +153,64 @@ async fn follow(
         }
     }
     bail!("the watch of TrustedCluster {name} ended")
+}
+
+/// `tether ca key-set`: signs the set of `keys` for `cluster` with the CA key `sign_with` and
+/// writes it to `out` (never over an existing file unless `force`).
+pub fn sign_key_set(
+    cluster: &tether::protocol::ClusterName,
+    sign_with: &std::path::Path,
+    keys: &[std::path::PathBuf],
+    out: &std::path::Path,
+    force: bool,
+) -> anyhow::Result<()> {
+    use tether::identity::keyset::{KeySet, to_file_text};
+    use tether::identity::{CertificateAuthority, PublicKey, fingerprint};
+    let signer = CertificateAuthority::load(sign_with, cluster.clone())
+        .with_context(|| format!("--sign-with {}", sign_with.display()))?;
+    let keys = keys
+        .iter()
+        .map(|path| {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("--key {}: cannot read it", path.display()))?;
+            PublicKey::from_openssh(text.trim())
+                .with_context(|| format!("--key {}: not an OpenSSH public key", path.display()))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    if !keys
+        .iter()
+        .any(|k| k.key_data() == signer.public_key().key_data())
+    {
+        bail!(
+            "--sign-with {}: its key ({}) is not one of --key: the set must list the key that signs it",
+            sign_with.display(),
+            fingerprint(signer.public_key())
+        );
+    }
+    let issued_at = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let set = KeySet {
+        cluster: cluster.clone(),
+        issued_at,
+        keys,
+    };
+    let signed = set.sign(signer.private_key())?;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true);
+    if force {
+        options.create(true).truncate(true);
+    } else {
+        options.create_new(true);
+    }
+    let mut file = options.open(out).with_context(|| {
+        format!(
+            "--out {}: cannot write it (an existing file is replaced only with --force)",
+            out.display()
+        )
+    })?;
+    std::io::Write::write_all(&mut file, to_file_text(&signed).as_bytes())
+        .with_context(|| format!("--out {}", out.display()))?;
+    println!("wrote {} ({set})", out.display());
+    Ok(())
 }

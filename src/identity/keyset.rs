@@ -171,6 +171,27 @@ pub fn verify(
     Ok(set)
 }
 
+/// Where the signature starts in a key set file.
+const SIGNATURE_START: &str = "-----BEGIN SSH SIGNATURE-----";
+
+/// A signed set as a file holds it: the statement, then its signature.
+pub fn to_file_text(signed: &SignedKeySet) -> String {
+    format!("{}{}\n", signed.statement, signed.signature.trim_end())
+}
+
+/// A signed set from the text [`to_file_text`] wrote (unverified: see [`verify`]).
+pub fn from_file_text(text: &str) -> Result<SignedKeySet, KeySetError> {
+    let at = text
+        .find(SIGNATURE_START)
+        .ok_or(KeySetError::Malformed("no signature"))?;
+    let (statement, signature) = text.split_at(at);
+    KeySet::read(statement)?;
+    Ok(SignedKeySet {
+        statement: statement.to_owned(),
+        signature: signature.trim_end().to_owned(),
+    })
+}
+
 impl fmt::Display for KeySet {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let prints: Vec<String> = self.keys.iter().map(super::fingerprint).collect();
@@ -223,6 +244,19 @@ mod tests {
             verify(&init, &leaf(), &accepted.keys, 20),
             Err(KeySetError::UntrustedSigner(leaf()))
         );
+    }
+
+    #[test]
+    fn a_signed_set_reads_back_from_its_file_text() {
+        let ca = ca();
+        let signed = set(10, &[&ca]).sign(ca.private_key()).unwrap();
+        let text = to_file_text(&signed);
+        let back = from_file_text(&text).unwrap();
+        assert!(verify(&back, &leaf(), &[ca.public_key().clone()], 0).is_ok());
+        assert!(matches!(
+            from_file_text(&signed.statement),
+            Err(KeySetError::Malformed("no signature"))
+        ));
     }
 
     #[test]

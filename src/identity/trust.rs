@@ -7,6 +7,7 @@
 //!   Static    --trust-dir files, --ca          (re-read when the files change)
 //!   Recorded  the root's records of leaves     (RemoteCluster objects, followed)
 //!   Joined    a join this proxy just served    (until the records show it)
+//!   Announced the root's own key set, --ca-keys (a root CA rotation; followed)
 //!        \___________ union ___________/
 //!                      |
 //!            verify_agent / verify_client
@@ -38,11 +39,14 @@ pub enum TrustSource {
     Recorded,
     /// A join this proxy served, trusted at once until the records catch up.
     Joined,
+    /// The root's own CA key set during a root CA rotation (`--ca-keys`): both keys until the
+    /// old one is retired.
+    Announced,
 }
 
 impl TrustSource {
     /// Every source, in the order the union is built.
-    pub const ALL: [TrustSource; 3] = [Self::Static, Self::Recorded, Self::Joined];
+    pub const ALL: [TrustSource; 4] = [Self::Static, Self::Recorded, Self::Joined, Self::Announced];
 }
 
 impl fmt::Display for TrustSource {
@@ -51,6 +55,7 @@ impl fmt::Display for TrustSource {
             Self::Static => "the proxy's static trust (--trust-dir or --ca)",
             Self::Recorded => "a recorded leaf (RemoteCluster)",
             Self::Joined => "a join served by this proxy",
+            Self::Announced => "the root's CA key set (--ca-keys)",
         })
     }
 }

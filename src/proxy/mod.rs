@@ -16,6 +16,7 @@ pub mod limits;
 pub mod peers;
 pub mod quota;
 pub mod reload;
+pub mod root_keys;
 mod rotation;
 pub mod server;
 pub mod shared;
