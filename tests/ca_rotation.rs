@@ -23,16 +23,20 @@ use support::tunnel_e2e::{
     trusted_cluster,
 };
 use tether::agent::Agent;
+use tether::client::{DialClient, DialClientConfig};
 use tether::demo::echo_server;
 use tether::egress::allow_list::AllowList;
+use tether::identity::TrustSource;
 use tether::identity::keyset::KeySet;
 use tether::identity::{
     CertificateAuthority, Identity, PrivateKey, PublicKey, TrustStore, fingerprint,
 };
 use tether::operator::crd::{RemoteCluster, RemoteClusterSpec, TrustedCluster};
-use tether::protocol::ClusterName;
 use tether::protocol::control::CaKeySet;
+use tether::protocol::{ClusterName, Target};
 use tether::proxy::ProxyServer;
+use tether::proxy::root_keys;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn now() -> u64 {
     SystemTime::now()
@@ -393,6 +397,25 @@ fn tunnel_ids(proxy: &ProxyServer, leaf: &ClusterName) -> Vec<u64> {
     ids
 }
 
+/// A client of `proxy`'s root with a certificate from `ca`, trusting `root_cas`.
+async fn root_client(
+    proxy: &ProxyServer,
+    root_cas: &[&CertificateAuthority],
+    ca: &CertificateAuthority,
+) -> DialClient {
+    let identity =
+        Identity::generate_client(ca, "alice", Duration::from_secs(3600)).expect("client");
+    DialClient::connect(&DialClientConfig {
+        proxy_addr: proxy.local_addr().to_string(),
+        root_cluster: ca.cluster().clone(),
+        root_cas: root_cas.iter().map(|c| c.public_key().clone()).collect(),
+        identity: Arc::new(identity),
+        timeout: Duration::from_secs(10),
+    })
+    .await
+    .expect("a client of the root")
+}
+
 /// The root key set `keys` of `ca`'s cluster, issued at `at`, signed by `signer`.
 fn root_set(at: u64, keys: &[&CertificateAuthority], signer: &CertificateAuthority) -> CaKeySet {
     KeySet {
@@ -417,7 +440,7 @@ async fn root_ca_held(secrets: &Api<Secret>) -> Vec<String> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_leaf_follows_the_roots_new_ca_key_under_load_without_a_failed_dial() {
+async fn a_root_ca_rotation_under_load_fails_no_dial_and_ends_the_old_keys_sessions() {
     let (_cp, client, ns) = crds_and_namespace("rotate-root-ca").await;
     let (leaf, pki, proxy) = root_proxy_for_leaf_1().await;
     let proxy = Arc::new(proxy);
@@ -461,24 +484,51 @@ async fn a_leaf_follows_the_roots_new_ca_key_under_load_without_a_failed_dial() 
     );
     let (old_print, new_print) = (fingerprint(old.public_key()), fingerprint(new.public_key()));
     let t0 = now();
+    let root = old.cluster().clone();
+    // A client of the old key, holding a stream open through the rotation until retire.
+    let old_client = root_client(&proxy, &[old, new], old).await;
+    let dial = Target::parse(&target).expect("target");
+    let mut held = old_client
+        .open(&dial, "127.0.0.1:1")
+        .await
+        .expect("a stream");
+    held.write_all(b"ping").await.expect("write");
+    held.read_exact(&mut [0u8; 4]).await.expect("echo");
 
-    // Init: the root announces both keys, signed by the old one; the leaf trusts both.
-    proxy.announce_root_keys(Some(root_set(t0, &[old, new], old)));
+    // Init: the root's set is both keys, signed by the old one (`--ca-keys`): the proxy trusts
+    // both for its clients, and the leaf trusts both.
+    root_keys::apply(&proxy, &root, Some(root_set(t0, &[old, new], old))).await;
     eventually("the leaf trusts both root keys", || async {
         (root_ca_held(&secrets).await == [old_print.clone(), new_print.clone()]).then_some(())
     })
     .await;
     let trusting_both = taken_over(first).await;
-    // Update servers: the proxy presents a host certificate of the new key.
+    // Update servers: the proxy presents a host certificate of the new key, and its own CA
+    // (its static trust) is the new key, as after a restart with `--ca` the new key.
     let host = Identity::generate_host(new, "proxy-1", Duration::from_secs(3600)).expect("host");
     proxy.renew_identities(&host, None);
-    // Retire: the new key alone, signed by it.
-    proxy.announce_root_keys(Some(root_set(t0 + 1, &[new], new)));
+    proxy
+        .update_trust(|t| {
+            t.remove_from(TrustSource::Static, &root);
+            t.insert_from(TrustSource::Static, root.clone(), new.public_key().clone());
+        })
+        .await;
+    assert!(
+        !old_client.is_closed(),
+        "both keys are trusted until retire"
+    );
+    // Retire: the new key alone, signed by it. The old key's session ends, stream and all.
+    root_keys::apply(&proxy, &root, Some(root_set(t0 + 1, &[new], new))).await;
+    eventually("the old key's client session ended", || async {
+        old_client.is_closed().then_some(())
+    })
+    .await;
     eventually("the leaf trusts the new root key alone", || async {
         (root_ca_held(&secrets).await == [new_print.clone()]).then_some(())
     })
     .await;
-    // A set of the old key, however new, is no longer believed.
+    // A set of the old key, however new, is no longer believed (a proxy that announces it
+    // by mistake, say).
     proxy.announce_root_keys(Some(root_set(t0 + 2, &[old, new], old)));
     // Nor is an older set of a trusted key (a proxy not yet restarted, say).
     proxy.announce_root_keys(Some(root_set(t0, &[new, old], new)));
@@ -497,6 +547,11 @@ async fn a_leaf_follows_the_roots_new_ca_key_under_load_without_a_failed_dial() 
         failed.len(),
         ok + failed.len() as u64
     );
+    let new_client = root_client(&proxy, &[new], new).await;
+    new_client
+        .open(&dial, "127.0.0.1:1")
+        .await
+        .expect("the new key's client dials");
     eprintln!("{ok} dials through a root CA rotation, none failed");
     operator.cancel();
 }
