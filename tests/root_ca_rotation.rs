@@ -14,7 +14,7 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
-use support::procs::{Proc, fails, free_addr, ok, tether_bin};
+use support::procs::{Proc, admin_get, fails, free_addr, ok, tether_bin};
 use support::tunnel_e2e::eventually;
 use tether::agent::Agent;
 use tether::client::{DialClient, DialClientConfig};
@@ -24,7 +24,7 @@ use tether::identity::{CertificateAuthority, Identity, fingerprint};
 use tether::protocol::{ClusterName, Target};
 
 /// `tether proxy` issuing its certificates from `ca`, announcing `keys`, trusting leaf-1.
-fn spawn_proxy(dir: &Path, ca: &str) -> (Proc, SocketAddr) {
+fn spawn_proxy(dir: &Path, ca: &str) -> (Proc, SocketAddr, SocketAddr) {
     for _ in 0..5 {
         let (listen, admin) = (free_addr(), free_addr());
         let mut cmd = std::process::Command::new(tether_bin());
@@ -40,10 +40,21 @@ fn spawn_proxy(dir: &Path, ca: &str) -> (Proc, SocketAddr) {
         let mut proc =
             Proc::logged("proxy-1", &mut cmd, dir.join(format!("proxy-{ca}.log"))).expect("proxy");
         if proc.accepts(&[listen, admin], Duration::from_secs(20)) {
-            return (proc, listen);
+            return (proc, listen, admin);
         }
     }
     panic!("tether proxy did not start; logs in {}", dir.display());
+}
+
+/// The root key set the proxy's `/status` says is in force, as fingerprints.
+fn in_force(admin: SocketAddr) -> Option<Vec<String>> {
+    let status: serde_json::Value = serde_json::from_str(&admin_get(admin, "/status")?).ok()?;
+    let keys = status["root_keys"]["keys"].as_array()?;
+    Some(
+        keys.iter()
+            .filter_map(|k| k.as_str().map(str::to_owned))
+            .collect(),
+    )
 }
 
 /// `tether ca key-set` for the root, signed with `sign_with`, listing `keys`, into `keys`.
@@ -166,7 +177,11 @@ async fn a_root_rotates_its_ca_with_ca_keys_and_the_old_keys_clients_go_at_retir
         dir,
         &key_set("root-ca", &["root-ca.pub", "root-ca-next.pub"], true),
     );
-    let (mut proxy, addr) = spawn_proxy(dir, "root-ca");
+    let (mut proxy, addr, admin) = spawn_proxy(dir, "root-ca");
+    assert_eq!(
+        in_force(admin),
+        Some(vec![old_print.clone(), new_print.clone()])
+    );
     assert_eq!(
         announced_to_agent(&pki, addr, &[old]).await,
         [old_print.clone(), new_print.clone()]
@@ -178,7 +193,7 @@ async fn a_root_rotates_its_ca_with_ca_keys_and_the_old_keys_clients_go_at_retir
     // Update servers: the proxy issues its certificates from the new key. A leaf's agent
     // trusting both keys serves an echo server; a client of the old key keeps a stream open.
     proxy.kill();
-    let (proxy, addr) = spawn_proxy(dir, "root-ca-next");
+    let (proxy, addr, admin) = spawn_proxy(dir, "root-ca-next");
     let echo = echo_server().await.expect("echo");
     let allow = AllowList::parse(&[format!("127.0.0.1/32:{}", echo.port())]).expect("rule");
     let mut config = pki
@@ -208,6 +223,11 @@ async fn a_root_rotates_its_ca_with_ca_keys_and_the_old_keys_clients_go_at_retir
     // key alone.
     ok(dir, &key_set("root-ca-next", &["root-ca-next.pub"], true));
     proxy.signal(libc::SIGHUP).expect("SIGHUP");
+    let retired = vec![new_print.clone()];
+    eventually("the retire set in force", || async {
+        (in_force(admin).as_ref() == Some(&retired)).then_some(())
+    })
+    .await;
     eventually("the old key's session ended", || async {
         old_client.is_closed().then_some(())
     })

@@ -19,6 +19,8 @@ use super::peers::{Peer, PeerPool};
 use super::quota::StreamQuota;
 use super::sites::Sites;
 use crate::admin::metrics::{MetricsRegistry, ProxyMetrics, StreamMetrics};
+use crate::identity::fingerprint;
+use crate::identity::keyset::KeySet;
 use crate::protocol::control::CaKeySet;
 
 /// State shared by every connection of one proxy.
@@ -59,6 +61,19 @@ pub struct ProxyShared {
     pub(super) exported: MetricsRegistry,
 }
 
+impl ProxyShared {
+    /// The root CA key set announced now (a root CA rotation's phase): when it was issued
+    /// and its keys' fingerprints; null when none is.
+    fn root_keys_in_force(&self) -> serde_json::Value {
+        let set = self.root_keys.borrow().clone();
+        let Some(read) = set.and_then(|s| KeySet::read(&s.statement).ok()) else {
+            return serde_json::Value::Null;
+        };
+        let keys: Vec<String> = read.keys.iter().map(fingerprint).collect();
+        serde_json::json!({ "issued_at": read.issued_at, "keys": keys })
+    }
+}
+
 impl crate::admin::Component for ProxyShared {
     fn ready(&self) -> bool {
         !self.draining.is_cancelled()
@@ -74,6 +89,7 @@ impl crate::admin::Component for ProxyShared {
             "peers_known": self.peers_known.load(std::sync::atomic::Ordering::Acquire),
             "peers": self.peers.borrow().iter().map(|p| &p.id).collect::<Vec<_>>(),
             "sites": self.sites.list(),
+            "root_keys": self.root_keys_in_force(),
         })
     }
 
