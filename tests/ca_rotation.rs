@@ -397,6 +397,17 @@ fn tunnel_ids(proxy: &ProxyServer, leaf: &ClusterName) -> Vec<u64> {
     ids
 }
 
+/// Waits until the leaf's agent reports it trusts the root keys `keys`, as `proxy` holds
+/// its report (the report follows the tunnel's welcome).
+async fn reported_root_keys(proxy: &ProxyServer, leaf: &ClusterName, keys: &[String]) {
+    eventually("the leaf's report of its root keys", || async {
+        let tunnels = proxy.sites().tunnels_of(leaf);
+        let report = tunnels.first().and_then(|t| t.report())?;
+        (report.report.root_keys == keys).then_some(())
+    })
+    .await;
+}
+
 /// A client of `proxy`'s root with a certificate from `ca`, trusting `root_cas`.
 async fn root_client(
     proxy: &ProxyServer,
@@ -503,6 +514,8 @@ async fn a_root_ca_rotation_under_load_fails_no_dial_and_ends_the_old_keys_sessi
     })
     .await;
     let trusting_both = taken_over(first).await;
+    // The root sees that the leaf trusts both: the gate before it updates its servers.
+    reported_root_keys(&proxy, &leaf, &[old_print.clone(), new_print.clone()]).await;
     // Update servers: the proxy presents a host certificate of the new key, and its own CA
     // (its static trust) is the new key, as after a restart with `--ca` the new key.
     let host = Identity::generate_host(new, "proxy-1", Duration::from_secs(3600)).expect("host");
@@ -534,6 +547,7 @@ async fn a_root_ca_rotation_under_load_fails_no_dial_and_ends_the_old_keys_sessi
     proxy.announce_root_keys(Some(root_set(t0, &[new, old], new)));
     // An agent trusting the new key alone took over, through the proxy's new certificate.
     taken_over(trusting_both).await;
+    reported_root_keys(&proxy, &leaf, std::slice::from_ref(&new_print)).await;
     assert_eq!(
         root_ca_held(&secrets).await,
         std::slice::from_ref(&new_print)

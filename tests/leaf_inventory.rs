@@ -234,6 +234,11 @@ async fn the_root_shows_a_leafs_inventory_and_keeps_it_while_the_leaf_is_away() 
     let inventory = rc.status.and_then(|s| s.inventory).expect("inventory");
     assert_eq!(inventory.agents.len(), 1, "{inventory:?}");
     assert_eq!(inventory.agents[0].replica, "leaf-operator-0");
+    // The root keys the leaf trusts: what a root CA rotation waits on before new certificates.
+    assert_eq!(
+        inventory.agents[0].root_keys,
+        [tether::identity::fingerprint(pki.root.public_key())]
+    );
     assert_eq!(
         inventory.agents[0].protocol_version,
         ProtocolVersion::CURRENT.to_string()

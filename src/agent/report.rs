@@ -11,6 +11,7 @@ use tokio::sync::watch;
 
 use super::config::AgentConfig;
 use crate::egress::allow_list::AllowList;
+use crate::identity::fingerprint;
 use crate::protocol::control::LeafReport;
 
 /// The report of an agent of `config` started at `started_at`, enforcing `allow`, on a leaf
@@ -28,6 +29,7 @@ fn report(
         allow: allow.rules().iter().map(ToString::to_string).collect(),
         api_server: config.api_server.is_some(),
         kube_api: config.kube.is_some(),
+        root_keys: config.root_cas.iter().map(fingerprint).collect(),
     }
 }
 

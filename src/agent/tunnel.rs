@@ -290,6 +290,15 @@ impl Tunnel {
         result
     }
 
+    /// `report` as this proxy may read it: without the root keys before protocol 1.3.
+    fn report_message(&self, report: &LeafReport) -> AgentMessage {
+        let mut report = report.clone();
+        if !self.protocol.has(ProtocolVersion::V1_3) {
+            report.root_keys.clear();
+        }
+        AgentMessage::Report(report)
+    }
+
     /// Sends the key set `ca_keys` holds now, if any, and marks it seen.
     async fn publish_ca_keys(
         &self,
@@ -366,7 +375,7 @@ impl Tunnel {
         let mut leaf_report = self.leaf_report.take();
         if let Some(report) = leaf_report.as_mut() {
             let first = report.borrow_and_update().clone();
-            send(&self.write, &AgentMessage::Report((*first).clone())).await?;
+            send(&self.write, &self.report_message(&first)).await?;
         }
         let mut ca_keys = self.ca_keys.take();
         self.publish_ca_keys(&mut ca_keys).await?;
@@ -421,7 +430,7 @@ impl Tunnel {
                         continue;
                     };
                     let next = report.borrow_and_update().clone();
-                    send(&self.write, &AgentMessage::Report((*next).clone())).await.map_err(|e| drained_or(e, &draining))?;
+                    send(&self.write, &self.report_message(&next)).await.map_err(|e| drained_or(e, &draining))?;
                 }
                 // A rotation's new key set: to the root at once.
                 changed = changed(&ca_keys) => {

@@ -105,6 +105,10 @@ pub struct LeafReport {
     /// Whether the agent serves the root's Kubernetes requests.
     #[serde(default)]
     pub kube_api: bool,
+    /// Fingerprints of the root CA keys the agent trusts (protocol 1.3): during a root CA
+    /// rotation, the root sees which leaves already trust its new key.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub root_keys: Vec<String>,
 }
 
 /// A report outside [`LeafReport`]'s bounds.
@@ -149,6 +153,11 @@ impl LeafReport {
             .is_none_or(printable_name)
         {
             return Err(ReportError::BadName("Kubernetes version"));
+        }
+        if self.root_keys.len() > crate::identity::keyset::MAX_KEYS
+            || !self.root_keys.iter().all(|k| printable_name(k))
+        {
+            return Err(ReportError::BadName("root key fingerprint"));
         }
         Ok(())
     }
@@ -376,6 +385,7 @@ mod report_bounds {
             allow: vec!["10.0.0.0/8:5432".into()],
             api_server: true,
             kube_api: false,
+            root_keys: vec!["SHA256:G4z+bUvNoBAd3Ah7owUHXzYB/NgS/HVzDwiJt/yaQQ4".into()],
         }
     }
 
@@ -404,6 +414,12 @@ mod report_bounds {
             let mut bad = report();
             bad.kubernetes_version = Some(forged.into());
             assert!(bad.validate().is_err(), "{forged:?}");
+            let mut bad = report();
+            bad.root_keys = vec![forged.into()];
+            assert!(bad.validate().is_err(), "{forged:?}");
         }
+        let mut many_keys = report();
+        many_keys.root_keys = vec!["SHA256:x".into(); crate::identity::keyset::MAX_KEYS + 1];
+        assert!(many_keys.validate().is_err());
     }
 }

@@ -112,6 +112,7 @@ mod tests {
             allow: allow.iter().map(|r| (*r).to_owned()).collect(),
             api_server: false,
             kube_api: true,
+            root_keys: Vec::new(),
         };
         Arc::new(AgentRecord::new(
             "0.2.0".into(),

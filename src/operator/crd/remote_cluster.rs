@@ -161,6 +161,11 @@ pub struct AgentRecord {
     /// Whether it serves the root's Kubernetes requests.
     #[serde(default)]
     pub kube_api: bool,
+    /// Fingerprints of the root CA keys it trusts: before a root CA rotation updates the
+    /// proxies' certificates, every leaf's agents should list the new key.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 8))]
+    pub root_keys: Vec<String>,
 }
 
 /// Whether the inventory is what connected agents say now, or what they last said.

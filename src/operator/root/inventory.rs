@@ -32,6 +32,7 @@ pub fn record(agent: &inventory::AgentRecord) -> AgentRecord {
         allow: agent.report.allow.clone(),
         api_server: agent.report.api_server,
         kube_api: agent.report.kube_api,
+        root_keys: agent.report.root_keys.clone(),
     }
 }
 
@@ -52,6 +53,7 @@ pub fn remembered(inventory: &LeafInventory) -> Inventory {
             allow: a.allow.clone(),
             api_server: a.api_server,
             kube_api: a.kube_api,
+            root_keys: a.root_keys.clone(),
         };
         report.validate().ok()?;
         let protocol = a.protocol_version.parse().ok()?;
@@ -157,6 +159,7 @@ mod tests {
             allow: allow.iter().map(|r| (*r).to_owned()).collect(),
             api_server: true,
             kube_api: false,
+            root_keys: Vec::new(),
         }
     }
 
