@@ -6,6 +6,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use k8s_openapi::api::authorization::v1::SubjectAccessReview;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
@@ -86,6 +87,33 @@ pub async fn grant(
         .create(&PostParams::default(), &binding)
         .await
         .expect("creating the RoleBinding");
+    // The API server's authorizer learns of a new binding from its own watch, a moment
+    // later: a check made at once could still be denied. Wait until it is in force.
+    let (user, groups) = match kind {
+        "Group" => ("tether-test-probe".to_owned(), vec![subject.to_owned()]),
+        _ => (subject.to_owned(), Vec::new()),
+    };
+    let review: SubjectAccessReview = serde_json::from_value(json!({
+        "spec": {
+            "user": user,
+            "groups": groups,
+            "resourceAttributes": {
+                "namespace": ns,
+                "verb": "create",
+                "group": "tether.dev",
+                "resource": "remoteclusters",
+                "subresource": subresource,
+                "name": leaf,
+            },
+        },
+    }))
+    .expect("SubjectAccessReview");
+    let reviews: Api<SubjectAccessReview> = Api::all(admin.clone());
+    eventually("the grant in force", || async {
+        let answer = reviews.create(&PostParams::default(), &review).await.ok()?;
+        answer.status.filter(|s| s.allowed).map(|_| ())
+    })
+    .await;
 }
 
 /// The PKI of the root and `leaf-1`, and the root's proxy `proxy-1` in-process: what the
