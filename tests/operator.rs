@@ -19,7 +19,7 @@ use serde_json::json;
 use tokio::time::timeout;
 
 use support::tunnel_e2e::{
-    agent_secret, crds_and_namespace, create_secrets, delete_and_wait_gone, echo_through,
+    DialLoad, agent_secret, crds_and_namespace, create_secrets, delete_and_wait_gone, echo_through,
     eventually, example, root_proxy_for_leaf_1, start_operator,
 };
 use tether::demo::{Pki, echo_server};
@@ -524,29 +524,7 @@ async fn a_new_identity_takes_over_before_the_old_agent_leaves() {
     .await;
     let ids = tunnel_ids(&proxy, &leaf);
 
-    let (done, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-    let load_stop = tokio_util::sync::CancellationToken::new();
-    let load = tokio::spawn({
-        let (proxy, target) = (proxy.clone(), target.clone());
-        let (done, failed, load_stop) = (done.clone(), failed.clone(), load_stop.clone());
-        async move {
-            while !load_stop.is_cancelled() {
-                match echo_through(&proxy, &target).await {
-                    Ok(echoed) if echoed == b"ping" => {
-                        done.fetch_add(1, Ordering::Relaxed);
-                    }
-                    other => {
-                        if failed.fetch_add(1, Ordering::Relaxed) < 5 {
-                            eprintln!("a dial failed: {other:?}");
-                        }
-                        // A refusal can come back without awaiting anything: pause, so a
-                        // leaf without a tunnel cannot turn this loop into a busy one.
-                        tokio::time::sleep(Duration::from_millis(10)).await;
-                    }
-                }
-            }
-        }
-    });
+    let load = DialLoad::start(proxy.clone(), target.clone());
     // Every change of the leaf's tunnels on the proxy, from now on: the leaf must never be
     // left without one.
     let mut changes = proxy.sites().subscribe();
@@ -583,17 +561,11 @@ async fn a_new_identity_takes_over_before_the_old_agent_leaves() {
         seen.iter().any(|ids| ids.len() == 2),
         "the new tunnel came up before the old one left: {seen:?}"
     );
-    let before = done.load(Ordering::Relaxed);
+    let before = load.echoed();
     eventually("dials through the new tunnel", || async {
-        (done.load(Ordering::Relaxed) > before + 20).then_some(())
+        (load.echoed() > before + 20).then_some(())
     })
     .await;
-    load_stop.cancel();
-    load.await.expect("load");
-    assert_eq!(
-        failed.load(Ordering::Relaxed),
-        0,
-        "dials failed during the handover"
-    );
+    load.finish().await;
     stop.cancel();
 }

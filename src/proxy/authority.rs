@@ -54,8 +54,9 @@ pub trait JoinAuthority: Send + Sync + 'static {
 
     /// Makes `keys` the CA keys `leaf`'s record trusts, as a key set issued at `issued_at`
     /// and signed by a key the root trusts now says (the caller checked the signature:
-    /// `identity::keyset`). Refuses a set not newer than the last one applied, and a leaf the
-    /// authority keeps no record of (its trust is static); the `Err` says why, for the leaf.
+    /// `identity::keyset`). The set already applied is answered as applied (every tunnel of
+    /// the leaf sends it on connecting); an older one, or a leaf the authority keeps no record
+    /// of (its trust is static), is refused: the `Err` says why, for the leaf.
     fn rotate<'a>(
         &'a self,
         leaf: &'a ClusterName,

@@ -451,3 +451,61 @@ pub fn trusted_cluster(
     }))
     .expect("a TrustedCluster")
 }
+
+/// Dials one after another through a proxy until finished, echoing "ping": the load a change
+/// (a handover, a rotation) must carry without a failed dial.
+pub struct DialLoad {
+    stop: CancellationToken,
+    echoed: Arc<std::sync::atomic::AtomicU64>,
+    task: tokio::task::JoinHandle<Vec<String>>,
+}
+
+impl DialLoad {
+    /// Starts dialling `target` (`HOST.CLUSTER.tether:PORT`) through `proxy`.
+    pub fn start(proxy: Arc<ProxyServer>, target: String) -> Self {
+        let stop = CancellationToken::new();
+        let echoed = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let task = tokio::spawn({
+            let (stop, echoed) = (stop.clone(), echoed.clone());
+            async move {
+                let mut failed = Vec::new();
+                while !stop.is_cancelled() {
+                    match echo_through(&proxy, &target).await {
+                        Ok(back) if back == b"ping" => {
+                            echoed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
+                        Ok(other) => failed.push(format!("echoed {other:?}")),
+                        Err(e) => {
+                            failed.push(e);
+                            // A refusal can come back without awaiting anything: pause, so a
+                            // leaf without a tunnel cannot turn this loop into a busy one.
+                            tokio::time::sleep(Duration::from_millis(10)).await;
+                        }
+                    }
+                }
+                failed
+            }
+        });
+        Self { stop, echoed, task }
+    }
+
+    /// Dials that echoed so far.
+    pub fn echoed(&self) -> u64 {
+        self.echoed.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Stops the load; panics, naming them, if any dial failed; returns how many echoed.
+    pub async fn finish(self) -> u64 {
+        self.stop.cancel();
+        let failed = self.task.await.expect("the dial load");
+        let echoed = self.echoed.load(std::sync::atomic::Ordering::Relaxed);
+        assert!(
+            failed.is_empty(),
+            "{} of {} dials failed: {failed:?}",
+            failed.len(),
+            echoed + failed.len() as u64
+        );
+        assert!(echoed > 0, "no dial of the load echoed");
+        echoed
+    }
+}

@@ -149,33 +149,78 @@ pub(super) async fn join_request(
     })
 }
 
-pub(super) async fn leaf_ca(
+/// The leaf CA Secret `tc` names.
+pub(super) async fn leaf_ca_secret(
     tc: &TrustedCluster,
     secrets: &Api<Secret>,
-) -> std::result::Result<CertificateAuthority, Blocked> {
+) -> std::result::Result<Secret, Blocked> {
     let name = &tc.spec.leaf_ca_secret_ref.name;
-    let text = secret_text(secrets, name, LEAF_CA_KEY, "InvalidLeafCa")
+    let retry = Some(Duration::from_secs(10));
+    secrets
+        .get_opt(name)
         .await
-        .map_err(|u| {
+        .map_err(|e| {
             Blocked::new(
-                u.problem.reason,
-                u.problem.message,
-                u.retry.then_some(Duration::from_secs(10)),
+                "SecretUnreadable",
+                format!("reading Secret {name:?}: {e}"),
+                retry,
             )
-        })?;
+        })?
+        .ok_or_else(|| {
+            Blocked::new(
+                "SecretNotFound",
+                format!("Secret {name:?} not found"),
+                retry,
+            )
+        })
+}
+
+/// The CA private key under `key` in the leaf CA Secret `secret` of `tc`, if there.
+pub(super) fn ca_key_in(
+    tc: &TrustedCluster,
+    secret: &Secret,
+    key: &str,
+) -> std::result::Result<Option<CertificateAuthority>, Blocked> {
     let cluster = ClusterName::new(tc.spec.leaf_cluster.as_str())
         .map_err(|e| Blocked::new("InvalidLeafCluster", e.to_string(), None))?;
-    let key = PrivateKey::from_openssh(text.as_bytes())
+    let Some(bytes) = secret.data.as_ref().and_then(|d| d.get(key)) else {
+        return Ok(None);
+    };
+    std::str::from_utf8(&bytes.0)
         .ok()
+        .and_then(|text| PrivateKey::from_openssh(text.as_bytes()).ok())
         .filter(|k| !k.is_encrypted())
+        .map(|k| Some(CertificateAuthority::from_key(cluster, k)))
         .ok_or_else(|| {
             Blocked::new(
                 "InvalidLeafCa",
                 format!(
-                    "Secret {name:?} key {LEAF_CA_KEY:?} is not an unencrypted OpenSSH private key"
+                    "Secret {:?} key {key:?} is not an unencrypted OpenSSH private key",
+                    secret.name_any()
                 ),
                 None,
             )
-        })?;
-    Ok(CertificateAuthority::from_key(cluster, key))
+        })
+}
+
+/// The leaf CA in force: key `ca` of the leaf CA Secret.
+pub(super) fn ca_in_force(
+    tc: &TrustedCluster,
+    secret: &Secret,
+) -> std::result::Result<CertificateAuthority, Blocked> {
+    ca_key_in(tc, secret, LEAF_CA_KEY)?.ok_or_else(|| {
+        Blocked::new(
+            "InvalidLeafCa",
+            format!("Secret {:?} has no key {LEAF_CA_KEY:?}", secret.name_any()),
+            None,
+        )
+    })
+}
+
+/// The leaf CA in force, read from its Secret.
+pub(super) async fn leaf_ca(
+    tc: &TrustedCluster,
+    secrets: &Api<Secret>,
+) -> std::result::Result<CertificateAuthority, Blocked> {
+    ca_in_force(tc, &leaf_ca_secret(tc, secrets).await?)
 }

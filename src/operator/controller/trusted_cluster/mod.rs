@@ -17,7 +17,7 @@ mod join;
 mod owned;
 pub mod rotation;
 
-use join::{ensure_joined, leaf_ca};
+use join::{ca_in_force, ca_key_in, ensure_joined, leaf_ca, leaf_ca_secret};
 use owned::*;
 use rotation::{Rotated, rotate};
 
@@ -149,14 +149,9 @@ async fn apply(tc: &TrustedCluster, ctx: &Context, namespace: &str) -> Result<Ac
         Err(_) => Err(Blocked::new("NotJoined", "waiting for the join", None)),
         Ok((root, _)) if tc.spec.enabled => {
             let tunnels = Api::namespaced(client.clone(), namespace);
-            match rotate(tc, ctx, &secrets, &tunnels).await {
-                Ok(rotated) => {
-                    let tunnel = ensure_tunnel(tc, root, &secrets, &tunnels, &rotated).await;
-                    rotation = Some(rotated.status);
-                    tunnel
-                }
-                Err(blocked) => Err(blocked),
-            }
+            let (tunnel, rotated) = rotate_and_keep(tc, ctx, root, (&secrets, &tunnels)).await;
+            rotation = rotated;
+            tunnel
         }
         Ok(_) => disable(tc, &Api::namespaced(client.clone(), namespace))
             .await
@@ -173,6 +168,29 @@ async fn apply(tc: &TrustedCluster, ctx: &Context, namespace: &str) -> Result<Ac
     };
     write_status(tc, ctx, namespace, &outcome).await?;
     Ok(Action::requeue(retry.unwrap_or(RESYNC)))
+}
+
+/// For a joined, enabled `tc`: the rotation's next step, then its tunnel (the agent identity
+/// and the `ReverseTunnel`); the rotation's status when it was looked at.
+async fn rotate_and_keep(
+    tc: &TrustedCluster,
+    ctx: &Context,
+    root: &ClusterName,
+    (secrets, tunnels): (&Api<Secret>, &Api<ReverseTunnel>),
+) -> (
+    Result<Option<String>, Blocked>,
+    Option<Option<CaRotationStatus>>,
+) {
+    let owned = match read_owned(tc, secrets, tunnels).await {
+        Ok(owned) => owned,
+        Err(blocked) => return (Err(blocked), None),
+    };
+    let rotated = match rotate(tc, ctx, secrets, &owned).await {
+        Ok(rotated) => rotated,
+        Err(blocked) => return (Err(blocked), None),
+    };
+    let tunnel = ensure_tunnel(tc, root, (secrets, tunnels), &owned, &rotated).await;
+    (tunnel, Some(rotated.status))
 }
 
 async fn write_status(

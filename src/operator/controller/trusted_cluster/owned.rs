@@ -27,32 +27,62 @@ pub(super) fn owned_meta(tc: &TrustedCluster, name: String) -> ObjectMeta {
     }
 }
 
+/// The objects a `TrustedCluster` owns as they stand, read once per reconcile for both the
+/// rotation and the tunnel.
+pub(super) struct Owned {
+    /// The agent identity Secret.
+    pub agent: Option<Secret>,
+    /// The `ReverseTunnel` of the same name (maybe not ours: [`ensure_tunnel`] checks).
+    pub tunnel: Option<ReverseTunnel>,
+}
+
+/// Reads what `tc` owns.
+pub(super) async fn read_owned(
+    tc: &TrustedCluster,
+    secrets: &Api<Secret>,
+    tunnels: &Api<ReverseTunnel>,
+) -> std::result::Result<Owned, Blocked> {
+    let name = tc.name_any();
+    let retry = Some(Duration::from_secs(10));
+    let agent = secrets
+        .get_opt(&agent_secret(&name))
+        .await
+        .map_err(|e| Blocked::new("SecretUnreadable", e.to_string(), retry))?;
+    let tunnel = tunnels
+        .get_opt(&name)
+        .await
+        .map_err(|e| Blocked::new("TunnelUnreadable", e.to_string(), retry))?;
+    Ok(Owned { agent, tunnel })
+}
+
 /// Issues (or renews) the agent identity from the key the rotation names and applies the
 /// `ReverseTunnel`, with the key set the rotation publishes.
 pub(super) async fn ensure_tunnel(
     tc: &TrustedCluster,
     root: &ClusterName,
-    secrets: &Api<Secret>,
-    tunnels: &Api<ReverseTunnel>,
+    (secrets, tunnels): (&Api<Secret>, &Api<ReverseTunnel>),
+    owned: &Owned,
     rotated: &Rotated,
 ) -> std::result::Result<Option<String>, Blocked> {
     let name = tc.name_any();
     let identity_name = agent_secret(&name);
-    let current = secrets.get_opt(&identity_name).await.map_err(|e| {
-        Blocked::new(
-            "SecretUnreadable",
-            e.to_string(),
-            Some(Duration::from_secs(10)),
-        )
-    })?;
-    let ca = &rotated.agent_ca;
-    let from_another_key =
-        |s: &Secret| certificate_signer(s).as_ref() != Some(ca.public_key().key_data());
-    if current
+    let from_another_key = |s: &Secret| {
+        rotated
+            .agent_ca
+            .as_ref()
+            .is_some_and(|ca| certificate_signer(s).as_ref() != Some(ca.public_key().key_data()))
+    };
+    if owned
+        .agent
         .as_ref()
         .is_none_or(|s| needs_renewal(s) || from_another_key(s))
     {
-        let identity = Identity::generate_agent(ca, AGENT_CERT_VALIDITY)
+        // No rotation under way: the key in force, read only now that it is needed.
+        let ca = match &rotated.agent_ca {
+            Some(ca) => ca.clone(),
+            None => leaf_ca(tc, secrets).await?,
+        };
+        let identity = Identity::generate_agent(&ca, AGENT_CERT_VALIDITY)
             .map_err(|e| Blocked::new("IdentityNotIssued", e.to_string(), None))?;
         write_identity(tc, secrets, &identity_name, &identity).await?;
         info!(trusted_cluster = %name, ca = %fingerprint(ca.public_key()), "issued the agent certificate");
@@ -71,20 +101,14 @@ pub(super) async fn ensure_tunnel(
         ca_key_set: rotated.key_set.clone(),
     };
     // Reconciles follow the tunnel's status changes too; an unchanged spec is not rewritten.
-    let existing = tunnels.get_opt(&name).await.map_err(|e| {
-        Blocked::new(
-            "TunnelUnreadable",
-            e.to_string(),
-            Some(Duration::from_secs(10)),
-        )
-    })?;
+    let existing = owned.tunnel.as_ref();
     let uid = tc.uid();
-    let ours = existing.as_ref().is_some_and(|rt| {
+    let ours = existing.is_some_and(|rt| {
         rt.owner_references()
             .iter()
             .any(|o| Some(&o.uid) == uid.as_ref())
     });
-    if ours && existing.as_ref().is_some_and(|rt| rt.spec == spec) {
+    if ours && existing.is_some_and(|rt| rt.spec == spec) {
         return Ok(Some(name));
     }
     // Our own tunnel, edited by hand (`kubectl edit` takes the fields it changed): this object

@@ -26,8 +26,9 @@ pub const RETIRED_CA_KEY: &str = "ca-retired";
 
 /// What the rotation decided for this reconcile.
 pub(super) struct Rotated {
-    /// Issues the agents' certificate.
-    pub agent_ca: CertificateAuthority,
+    /// Issues the agents' certificate; `None` when no rotation was ever asked (the agent's
+    /// certificate is then renewed from the key in force, read only when it is due).
+    pub agent_ca: Option<CertificateAuthority>,
     /// The key set the agents publish.
     pub key_set: Option<SignedKeySet>,
     /// For `status.caRotation` (`None`: this cluster never rotated).
@@ -60,7 +61,7 @@ pub(super) async fn rotate(
     tc: &TrustedCluster,
     ctx: &Context,
     secrets: &Api<Secret>,
-    tunnels: &Api<ReverseTunnel>,
+    owned: &Owned,
 ) -> std::result::Result<Rotated, Blocked> {
     let asked = tc
         .spec
@@ -68,32 +69,29 @@ pub(super) async fn rotate(
         .as_ref()
         .map_or(RotationPhase::Standby, |r| r.phase);
     let previous = tc.status.as_ref().and_then(|s| s.ca_rotation.clone());
-    let mut keys = leaf_keys(tc, secrets).await?;
-    if asked == RotationPhase::Init && keys.next.is_none() {
-        keys = make_next_key(tc, ctx, secrets, keys).await?;
-    }
-    if keys.next.is_none() && asked == RotationPhase::Standby && previous.is_none() {
-        // Never rotated: nothing to publish, nothing to report.
+    if asked == RotationPhase::Standby && previous.is_none() {
+        // Never rotated: nothing to read, publish or report.
         return Ok(Rotated {
-            agent_ca: keys.current,
+            agent_ca: None,
             key_set: None,
             status: None,
         });
+    }
+    let mut keys = leaf_keys(tc, secrets).await?;
+    if asked == RotationPhase::Init && keys.next.is_none() {
+        keys = make_next_key(tc, ctx, secrets, keys).await?;
     }
     let published = previous
         .as_ref()
         .and_then(|s| s.key_set.as_ref())
         .and_then(|set| KeySet::read(&set.statement).ok())
         .filter(|set| set.cluster == *keys.current.cluster());
-    let tunnel = tunnels
-        .get_opt(&tc.name_any())
-        .await
-        .map_err(|e| blocked("TunnelUnreadable", e.to_string()))?;
-    let replicas = tunnel
-        .and_then(|rt| rt.status)
-        .map(|s| s.replicas)
-        .unwrap_or_default();
-    let agent_signer = agent_signer(tc, secrets, &keys).await;
+    let replicas = owned
+        .tunnel
+        .as_ref()
+        .and_then(|rt| rt.status.as_ref())
+        .map_or(&[][..], |s| s.replicas.as_slice());
+    let agent_signer = agent_signer(owned.agent.as_ref(), &keys);
     let facts = Facts {
         asked,
         previous: previous
@@ -104,7 +102,7 @@ pub(super) async fn rotate(
         published: published.as_ref(),
         trusted_set_of: previous.as_ref().and_then(|s| s.root_trusts_set_of),
         agent_signer,
-        replicas: &replicas,
+        replicas,
     };
     let decided = plan(&facts);
     let root_trusts_set_of = facts.trusted_set();
@@ -134,7 +132,7 @@ pub(super) async fn rotate(
     };
     let agent_ca = keys.get(decided.agent_ca).clone();
     Ok(Rotated {
-        agent_ca,
+        agent_ca: Some(agent_ca),
         key_set,
         status: Some(status),
     })
@@ -185,62 +183,22 @@ fn key_set(
     }))
 }
 
-/// The CA key in the leaf CA Secret under `key`, if there.
-fn key_in(
-    secret: &Secret,
-    key: &str,
-    cluster: &ClusterName,
-) -> std::result::Result<Option<CertificateAuthority>, Blocked> {
-    let Some(bytes) = secret.data.as_ref().and_then(|d| d.get(key)) else {
-        return Ok(None);
-    };
-    std::str::from_utf8(&bytes.0)
-        .ok()
-        .and_then(|text| PrivateKey::from_openssh(text.as_bytes()).ok())
-        .filter(|k| !k.is_encrypted())
-        .map(|k| Some(CertificateAuthority::from_key(cluster.clone(), k)))
-        .ok_or_else(|| {
-            Blocked::new(
-                "InvalidLeafCa",
-                format!(
-                    "Secret {:?} key {key:?} is not an unencrypted OpenSSH private key",
-                    secret.name_any()
-                ),
-                None,
-            )
-        })
-}
-
+/// The leaf CA Secret's keys, read once.
 async fn leaf_keys(
     tc: &TrustedCluster,
     secrets: &Api<Secret>,
 ) -> std::result::Result<LeafKeys, Blocked> {
-    let name = &tc.spec.leaf_ca_secret_ref.name;
-    let current = leaf_ca(tc, secrets).await?;
-    let secret = secrets
-        .get_opt(name)
-        .await
-        .map_err(|e| blocked("SecretUnreadable", e.to_string()))?
-        .ok_or_else(|| blocked("SecretNotFound", format!("Secret {name:?} not found")))?;
-    let next = key_in(&secret, NEXT_CA_KEY, current.cluster())?;
+    let secret = leaf_ca_secret(tc, secrets).await?;
     Ok(LeafKeys {
-        current,
-        next,
+        current: ca_in_force(tc, &secret)?,
+        next: ca_key_in(tc, &secret, NEXT_CA_KEY)?,
         secret,
     })
 }
 
-/// Which of the leaf's keys signed the agent's certificate now, if either.
-async fn agent_signer(
-    tc: &TrustedCluster,
-    secrets: &Api<Secret>,
-    keys: &LeafKeys,
-) -> Option<Which> {
-    let secret = secrets
-        .get_opt(&agent_secret(&tc.name_any()))
-        .await
-        .ok()??;
-    let signer = certificate_signer(&secret)?;
+/// Which of the leaf's keys signed the certificate in the agent Secret `agent`, if either.
+fn agent_signer(agent: Option<&Secret>, keys: &LeafKeys) -> Option<Which> {
+    let signer = certificate_signer(agent?)?;
     let signed = |ca: &CertificateAuthority| ca.public_key().key_data() == &signer;
     if signed(&keys.current) {
         Some(Which::Current)
