@@ -234,6 +234,17 @@ impl Target {
     }
 }
 
+/// Whether `name` (a host, without the port) is in the tunnelled form `HOST.CLUSTER.tether`
+/// (any case, an optional trailing dot): such a name always names its cluster itself, and a
+/// name without the suffix is a real host whose cluster must be given apart.
+pub fn is_tether_name(name: &str) -> bool {
+    let name = name.strip_suffix('.').unwrap_or(name);
+    let Some(split) = name.len().checked_sub(TETHER_SUFFIX.len() + 1) else {
+        return false;
+    };
+    name.is_char_boundary(split) && name[split..].eq_ignore_ascii_case(&format!(".{TETHER_SUFFIX}"))
+}
+
 impl Target {
     /// The client-facing name, `HOST.CLUSTER.tether` (the inverse of [`Target::from_name`]),
     /// and the port (0 for the API server, whose port the agent knows).
@@ -368,6 +379,16 @@ mod tests {
                 .endpoint,
             Endpoint::ApiServer
         );
+    }
+
+    #[test]
+    fn tells_tunnelled_names_from_real_hosts() {
+        for name in ["web.leaf.tether", "WEB.Leaf.TETHER.", "[::1].leaf.tether"] {
+            assert!(is_tether_name(name), "{name}");
+        }
+        for name in ["web.internal", "tether", ".tether-x", "x.tethers", "", "é"] {
+            assert!(!is_tether_name(name), "{name}");
+        }
     }
 
     #[test]

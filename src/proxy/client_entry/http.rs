@@ -1,4 +1,5 @@
-//! HTTP CONNECT: `CONNECT HOST.CLUSTER.tether:PORT HTTP/1.1` with `Proxy-Authorization`.
+//! HTTP CONNECT: `CONNECT HOST.CLUSTER.tether:PORT HTTP/1.1` with `Proxy-Authorization`, or
+//! `CONNECT HOST:PORT` with the leaf in the Basic user name (`alice@leaf-1`, see [`naming`]).
 //!
 //! Only CONNECT is served: the entry makes byte tunnels and never interprets what flows through
 //! them. Any other method gets `405` with a line saying how to use the proxy.
@@ -7,15 +8,17 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::auth::{ClientTokens, base64_decode};
+use super::naming::{self, Login};
 use super::{ClientEntryConfig, HandshakeError, Request};
-use crate::protocol::{DialError, DialErrorKind, Target};
+use crate::protocol::{DialError, DialErrorKind};
 use crate::proxy::access::Who;
 
 /// Most header lines accepted in a request head.
 const MAX_HEADERS: usize = 64;
 
-const USAGE: &str = "tether: this proxy only tunnels with CONNECT to HOST.CLUSTER.tether:PORT \
-(for example `curl --proxytunnel --proxy http://NAME:TOKEN@PROXY URL`)\n";
+const USAGE: &str = "tether: this proxy only tunnels with CONNECT to HOST:PORT with the leaf in \
+the user name, or to HOST.CLUSTER.tether:PORT (for example `curl --proxytunnel --proxy \
+http://NAME%40LEAF:TOKEN@PROXY URL`)\n";
 
 /// What the request head said, copied out of the read buffer.
 enum Head {
@@ -113,13 +116,14 @@ pub(super) async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
         )
         .await;
     }
-    let Some(who) = authenticate(authorization.as_deref(), config).await else {
+    let Some((who, leaf)) = authenticate(authorization.as_deref(), config).await else {
         let result = reject(
             stream,
             407,
             "Proxy Authentication Required",
             "Proxy-Authenticate: Basic realm=\"tether\"\r\n",
-            "tether: authentication required (Basic NAME:TOKEN or Bearer TOKEN)\n",
+            "tether: authentication required (Basic NAME:TOKEN or NAME@LEAF:TOKEN, or Bearer \
+             TOKEN)\n",
             "no credentials",
         )
         .await;
@@ -131,7 +135,7 @@ pub(super) async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
             (other, _) => other,
         };
     };
-    let target = match parse_target(&target) {
+    let target = match naming::target_of_authority(&target, leaf.as_deref()) {
         Ok(t) => t,
         Err(e) => {
             let body = format!("tether: {e}\n");
@@ -148,41 +152,34 @@ pub(super) async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
 
 /// Checks a `Proxy-Authorization` value: Basic `NAME:TOKEN` or a Bearer token from the token
 /// file, else a Bearer token the configured [`BearerTokens`](crate::proxy::BearerTokens)
-/// accept (the root's TokenReview). The client on success.
-async fn authenticate(value: Option<&str>, config: &ClientEntryConfig) -> Option<Who> {
+/// accept (the root's TokenReview). The client on success, and the leaf a Basic user name
+/// chose (a bearer token has no user name, hence no leaf).
+async fn authenticate(
+    value: Option<&str>,
+    config: &ClientEntryConfig,
+) -> Option<(Who, Option<String>)> {
     let (scheme, credentials) = value?.trim().split_once(' ')?;
     let credentials = credentials.trim();
     if !scheme.eq_ignore_ascii_case("bearer") {
-        return from_basic(scheme, credentials, &config.tokens.load()).map(Who::named);
+        let login = from_basic(scheme, credentials, &config.tokens.load())?;
+        return Some((Who::named(login.user), login.leaf));
     }
     if let Some(name) = config.tokens.load().verify_bearer(credentials.as_bytes()) {
-        return Some(Who::named(name));
+        return Some((Who::named(name), None));
     }
-    config.bearer.as_ref()?.review(credentials).await
+    let who = config.bearer.as_ref()?.review(credentials).await?;
+    Some((who, None))
 }
 
-/// Checks Basic `NAME:TOKEN` credentials against the token file; the client's name.
-fn from_basic(scheme: &str, credentials: &str, tokens: &ClientTokens) -> Option<String> {
+/// Checks Basic `NAME:TOKEN` (or `NAME@LEAF:TOKEN`) credentials against the token file.
+fn from_basic(scheme: &str, credentials: &str, tokens: &ClientTokens) -> Option<Login> {
     if !scheme.eq_ignore_ascii_case("basic") {
         return None;
     }
     let decoded = base64_decode(credentials)?;
     let colon = decoded.iter().position(|&b| b == b':')?;
     let name = std::str::from_utf8(&decoded[..colon]).ok()?;
-    tokens
-        .verify(name, &decoded[colon + 1..])
-        .then(|| name.to_owned())
-}
-
-/// Parses the authority-form request target `HOST.CLUSTER.tether:PORT`.
-fn parse_target(authority: &str) -> Result<Target, String> {
-    let (name, port) = authority.rsplit_once(':').ok_or_else(|| {
-        format!("invalid target {authority:?}: expected HOST.CLUSTER.tether:PORT")
-    })?;
-    let port: u16 = port
-        .parse()
-        .map_err(|_| format!("invalid port in {authority:?}: expected 1-65535"))?;
-    Target::from_name(name, port).map_err(|e| e.to_string())
+    naming::verify_user(tokens, name, &decoded[colon + 1..])
 }
 
 /// Writes a complete plain-text response and reports the rejection (`why` is for the log).

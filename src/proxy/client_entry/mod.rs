@@ -1,9 +1,10 @@
 //! The client entry: HTTP CONNECT and SOCKS5 in front of the tunnels.
 //!
 //! Root-side clients (curl, `ssh -o ProxyCommand='nc -X connect ...'`, SOCKS-aware tools) name a
-//! target as `HOST.CLUSTER.tether:PORT`; the entry authenticates them, asks the [`Dialer`] for a
-//! connection and splices the two. Both protocols share one port: a first byte of `0x05` means
-//! SOCKS5, anything else is read as HTTP.
+//! target as `HOST.CLUSTER.tether:PORT`, or name the real host and choose the leaf with their
+//! user name, `alice@leaf-1`, so TLS clients can verify the real certificate ([`naming`]); the
+//! entry authenticates them, asks the [`Dialer`] for a connection and splices the two. Both
+//! protocols share one port: a first byte of `0x05` means SOCKS5, anything else is read as HTTP.
 //!
 //! Every client must authenticate with a named token ([`ClientTokens`]); the name appears in the
 //! logs, the token never does.
@@ -16,6 +17,7 @@
 pub(super) mod admission;
 mod auth;
 mod http;
+mod naming;
 mod prefixed;
 mod socks;
 #[cfg(test)]

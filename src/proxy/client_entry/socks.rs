@@ -1,16 +1,19 @@
 //! SOCKS5 (RFC 1928) with username/password authentication (RFC 1929), CONNECT only.
 //!
 //! The username is the client's name and the password its token; "no authentication" is never
-//! accepted. Targets must be domain names of the form `HOST.CLUSTER.tether`: an IP literal cannot
-//! say which cluster it is in, so IPv4 and IPv6 address types get "address type not supported".
-//! Clients must therefore resolve names through the proxy (`curl --socks5-hostname`,
-//! `socks5h://`, `ssh -o ProxyCommand='nc -X 5 ...'`).
+//! accepted. A username `NAME@LEAF` chooses the leaf ([`naming`](super::naming)): then the
+//! target is the real host, a name or an IP address. Otherwise the target must be a domain name
+//! of the form `HOST.CLUSTER.tether`, and an IP address, which cannot say which cluster it is
+//! in, gets "address type not supported". Clients must resolve names through the proxy either
+//! way (`curl --socks5-hostname`, `socks5h://`, `ssh -o ProxyCommand='nc -X 5 ...'`): the leaf
+//! resolves them.
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use super::naming::{self, Login};
 use super::{ClientEntryConfig, HandshakeError, Request};
-use crate::protocol::{DialError, DialErrorKind, Target};
+use crate::protocol::{DialError, DialErrorKind};
 use crate::proxy::access::Who;
 
 /// The protocol version byte; also what the entry sniffs to tell SOCKS5 from HTTP.
@@ -56,9 +59,12 @@ pub(super) async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
     }
     let user = read_short(stream).await?;
     let password = read_short(stream).await?;
-    let user = match std::str::from_utf8(&user) {
-        Ok(name) if config.tokens.load().verify(name, &password) => name.to_owned(),
-        _ => {
+    let login = std::str::from_utf8(&user)
+        .ok()
+        .and_then(|name| naming::verify_user(&config.tokens.load(), name, &password));
+    let Login { user, leaf } = match login {
+        Some(login) => login,
+        None => {
             write(stream, &[AUTH_VERSION, 0x01]).await?;
             return Err(HandshakeError::AuthFailed("SOCKS5 authentication failed"));
         }
@@ -72,10 +78,15 @@ pub(super) async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
         return rejected("SOCKS5 request with a wrong version byte");
     }
     let host = match address_type {
-        ATYP_IPV4 | ATYP_IPV6 => {
-            let mut skip = vec![0u8; if address_type == ATYP_IPV4 { 4 } else { 16 }];
-            stream.read_exact(&mut skip).await?;
-            None
+        ATYP_IPV4 => {
+            let mut ip = [0u8; 4];
+            stream.read_exact(&mut ip).await?;
+            Some(std::net::Ipv4Addr::from(ip).to_string().into_bytes())
+        }
+        ATYP_IPV6 => {
+            let mut ip = [0u8; 16];
+            stream.read_exact(&mut ip).await?;
+            Some(std::net::Ipv6Addr::from(ip).to_string().into_bytes())
         }
         ATYP_DOMAIN => Some(read_short(stream).await?),
         _ => {
@@ -90,15 +101,16 @@ pub(super) async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
             "user {user}: SOCKS5 command {command:#04x} not supported (only CONNECT)"
         )));
     }
-    let Some(host) = host else {
+    let Some(host) = host.filter(|_| address_type == ATYP_DOMAIN || leaf.is_some()) else {
         write_reply(stream, reply::ADDRESS_TYPE_NOT_SUPPORTED).await?;
         return Err(HandshakeError::Rejected(format!(
-            "user {user}: SOCKS5 IP address target cannot name a cluster (use HOST.CLUSTER.tether)"
+            "user {user}: SOCKS5 IP address target cannot name a cluster (choose the leaf with \
+             the user name {user}@LEAF, or use HOST.CLUSTER.tether)"
         )));
     };
     let parsed = std::str::from_utf8(&host)
         .map_err(|_| "invalid target: the name is not UTF-8".to_owned())
-        .and_then(|name| Target::from_name(name, port).map_err(|e| e.to_string()));
+        .and_then(|name| naming::target_for(name, port, leaf.as_deref()));
     match parsed {
         Ok(target) => Ok(Request {
             target,

@@ -13,6 +13,7 @@ use tokio::time::timeout;
 use super::{ClientEntryConfig, ClientTokens, serve};
 use crate::protocol::{DialError, DialErrorKind, Endpoint, Target};
 use crate::proxy::Dialer;
+use crate::proxy::access::Who;
 
 const ALICE: &str = "alice-token-0123456789abcdef";
 const BOB: &str = "bob-token-abcdefghijklmnop";
@@ -26,13 +27,27 @@ const DEADLINE: Duration = Duration::from_secs(10);
 
 /// Dials the echo server, or fails by host name: `forbidden`, `refused`, `slow`, `nxdomain`,
 /// `unreach`, `other`; any host in cluster `gone` has no tunnel; `hello` is a tiny HTTP server.
+/// Only `alice` may dial cluster `private` (the root's access rules, as `permit` asks them).
 struct FakeDialer {
     echo: SocketAddr,
     hello: SocketAddr,
+    /// Every target dialled, with the client permitted to: what the tests check the
+    /// handshake made of a request.
+    dialled: std::sync::Mutex<Vec<(String, Target)>>,
 }
 
 impl Dialer for FakeDialer {
     type Conn = TcpStream;
+
+    async fn permit(&self, who: &Who, target: &Target) -> Result<(), DialError> {
+        if target.cluster.as_str() == "private" && who.user != "alice" {
+            let says = format!("{} may not dial leaf {}", who.user, target.cluster);
+            return Err(DialError::new(DialErrorKind::NotPermitted, says));
+        }
+        let seen = (who.user.clone(), target.clone());
+        self.dialled.lock().unwrap().push(seen);
+        Ok(())
+    }
 
     async fn dial(&self, target: Target, _client: SocketAddr) -> Result<TcpStream, DialError> {
         let fail = |kind| Err(DialError::new(kind, format!("test says no to {target}")));
@@ -100,6 +115,7 @@ async fn hello_server() -> SocketAddr {
 
 struct Entry {
     addr: SocketAddr,
+    dialer: Arc<FakeDialer>,
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<()>,
 }
@@ -110,16 +126,18 @@ fn config() -> ClientEntryConfig {
 }
 
 async fn start(config: ClientEntryConfig) -> Entry {
-    let dialer = FakeDialer {
+    let dialer = Arc::new(FakeDialer {
         echo: echo_server().await,
         hello: hello_server().await,
-    };
+        dialled: Default::default(),
+    });
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (stop, stopped) = oneshot::channel::<()>();
-    let task = tokio::spawn(serve(listener, Arc::new(config), Arc::new(dialer), stopped));
+    let task = tokio::spawn(serve(listener, Arc::new(config), dialer.clone(), stopped));
     Entry {
         addr,
+        dialer,
         stop: Some(stop),
         task,
     }
@@ -279,11 +297,22 @@ async fn socks_request(
     address: &[u8],
     command: u8,
 ) -> (TcpStream, Vec<u8>) {
+    socks_request_as(entry, "alice", password, address, command).await
+}
+
+/// [`socks_request`] as SOCKS5 user `user`.
+async fn socks_request_as(
+    entry: &Entry,
+    user: &str,
+    password: &str,
+    address: &[u8],
+    command: u8,
+) -> (TcpStream, Vec<u8>) {
     let mut s = TcpStream::connect(entry.addr).await.unwrap();
     s.write_all(&[5, 2, 0, 2]).await.unwrap();
     assert_eq!(read_exact_n(&mut s, 2).await, [5, 2]);
-    let mut auth = vec![1, 5];
-    auth.extend_from_slice(b"alice");
+    let mut auth = vec![1, user.len() as u8];
+    auth.extend_from_slice(user.as_bytes());
     auth.push(password.len() as u8);
     auth.extend_from_slice(password.as_bytes());
     s.write_all(&auth).await.unwrap();
@@ -455,4 +484,143 @@ async fn curl_through_http_and_socks() {
             proxy.split(':').next().unwrap_or("")
         );
     }
+}
+
+/// `Basic base64(user:token)`.
+fn basic(user: &str, token: &str) -> String {
+    use base64::Engine as _;
+    let encoded = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{token}"));
+    format!("Basic {encoded}")
+}
+
+/// The last target the entry dialled, and for whom.
+fn last_dialled(entry: &Entry) -> (String, Target) {
+    entry
+        .dialer
+        .dialled
+        .lock()
+        .unwrap()
+        .last()
+        .cloned()
+        .expect("a dial")
+}
+
+#[tokio::test]
+async fn http_real_host_with_the_leaf_in_the_user_name() {
+    let entry = start(config()).await;
+    for (authority, endpoint) in [
+        (
+            "web.internal:443",
+            Endpoint::host("web.internal", 443).unwrap(),
+        ),
+        ("10.0.0.5:8443", Endpoint::host("10.0.0.5", 8443).unwrap()),
+        ("[fd00::1]:22", Endpoint::host("fd00::1", 22).unwrap()),
+        ("web.leaf-1.tether:80", Endpoint::host("web", 80).unwrap()),
+    ] {
+        let auth = basic("alice@leaf-1", ALICE);
+        let mut s = connect_request(&entry, authority, Some(&auth)).await;
+        assert_eq!(read_exact_n(&mut s, ESTABLISHED.len()).await, ESTABLISHED);
+        assert_echoes(&mut s, b"through leaf-1").await;
+        let (user, target) = last_dialled(&entry);
+        assert_eq!(user, "alice", "the token was checked for alice");
+        assert_eq!(target.cluster.as_str(), "leaf-1", "{authority}");
+        assert_eq!(target.endpoint, endpoint, "{authority}");
+    }
+}
+
+#[tokio::test]
+async fn http_leaf_choices_that_cannot_work_are_explained() {
+    let entry = start(config()).await;
+    for (user, authority, says) in [
+        ("alice", "web.internal:443", "names no cluster"),
+        ("alice@Leaf_1", "web.internal:443", "invalid cluster name"),
+        (
+            "alice@leaf-2",
+            "web.leaf-1.tether:80",
+            "is in cluster leaf-1",
+        ),
+    ] {
+        let auth = basic(user, ALICE);
+        let mut s = connect_request(&entry, authority, Some(&auth)).await;
+        let response = read_all(&mut s).await;
+        assert!(
+            response.starts_with("HTTP/1.1 400 "),
+            "{user} {authority}: {response}"
+        );
+        assert!(response.contains(says), "{user} {authority}: {response}");
+    }
+    // A Bearer token has no user name: a real host names no cluster.
+    let bearer = format!("Bearer {ALICE}");
+    let mut s = connect_request(&entry, "web.internal:443", Some(&bearer)).await;
+    let response = read_all(&mut s).await;
+    assert!(response.starts_with("HTTP/1.1 400 "), "{response}");
+    assert!(response.contains("Bearer"), "{response}");
+    // The token is checked for the user before the @: bob's token is not alice's.
+    let mut s = connect_request(
+        &entry,
+        "web.internal:443",
+        Some(&basic("alice@leaf-1", BOB)),
+    )
+    .await;
+    assert!(read_all(&mut s).await.starts_with("HTTP/1.1 407 "));
+    assert!(
+        entry.dialer.dialled.lock().unwrap().is_empty(),
+        "nothing was dialled"
+    );
+}
+
+#[tokio::test]
+async fn the_access_rules_judge_the_leaf_of_the_user_name() {
+    let entry = start(config()).await;
+    let mut s = connect_request(&entry, "web.internal:443", Some(&basic("bob@private", BOB))).await;
+    let response = read_all(&mut s).await;
+    assert!(response.starts_with("HTTP/1.1 403 "), "{response}");
+    assert!(
+        response.contains("bob may not dial leaf private"),
+        "{response}"
+    );
+    let (mut s, reply) =
+        socks_request_as(&entry, "bob@private", BOB, &domain("web.internal"), 1).await;
+    assert_eq!(reply[..2], [5, 0x02], "not allowed by ruleset");
+    assert_closed(&mut s).await;
+    let auth = basic("alice@private", ALICE);
+    let mut s = connect_request(&entry, "web.internal:443", Some(&auth)).await;
+    assert_eq!(read_exact_n(&mut s, ESTABLISHED.len()).await, ESTABLISHED);
+}
+
+#[tokio::test]
+async fn socks_real_host_and_ip_with_the_leaf_in_the_user_name() {
+    let entry = start(config()).await;
+    let mut ipv6 = vec![4];
+    ipv6.extend_from_slice(&"fd00::1".parse::<std::net::Ipv6Addr>().unwrap().octets());
+    for (address, host) in [
+        (domain("web.internal"), "web.internal"),
+        (vec![1, 10, 0, 0, 5], "10.0.0.5"),
+        (ipv6, "fd00::1"),
+    ] {
+        let (mut s, reply) = socks_request_as(&entry, "alice@leaf-1", ALICE, &address, 1).await;
+        assert_eq!(reply[..2], [5, 0], "{host}");
+        assert_echoes(&mut s, b"ping").await;
+        let (user, target) = last_dialled(&entry);
+        assert_eq!(
+            (user.as_str(), target.cluster.as_str()),
+            ("alice", "leaf-1")
+        );
+        assert_eq!(target.endpoint, Endpoint::host(host, 22).unwrap());
+    }
+    // Without a leaf, a real host or an IP still names no cluster.
+    for (address, code) in [(domain("web.internal"), 0x04), (vec![1, 10, 0, 0, 5], 0x08)] {
+        let (mut s, reply) = socks_request(&entry, ALICE, &address, 1).await;
+        assert_eq!(reply[..2], [5, code], "{address:?}");
+        assert_closed(&mut s).await;
+    }
+    let (_, reply) = socks_request_as(
+        &entry,
+        "alice@leaf-2",
+        ALICE,
+        &domain("web.leaf-1.tether"),
+        1,
+    )
+    .await;
+    assert_eq!(reply[..2], [5, 0x04], "the two clusters disagree");
 }
