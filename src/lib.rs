@@ -9,6 +9,7 @@
 //! - [`proxy`]: the tunnel server, its registry of remote sites and the client entry.
 //! - [`egress`]: outbound dials under an allow-list, shared by agent and proxy.
 //! - [`agent`]: the leaf side: tunnels and the pool.
+//! - [`transport`]: the byte stream to the root: direct, or through an HTTP CONNECT forward proxy.
 //! - [`forward`]: `tether forward`, a local port-forward through a proxy's client entry.
 //!
 //! Only the `operator` module talks to Kubernetes; the data plane runs without it.
@@ -24,3 +25,4 @@ pub mod operator;
 pub mod protocol;
 pub mod proxy;
 pub mod stream;
+pub mod transport;
