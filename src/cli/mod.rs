@@ -1,12 +1,16 @@
 //! Subcommands big enough for a module of their own.
 
+pub mod dial;
 pub mod kube;
 pub mod leaves;
+pub mod login;
 pub mod operator;
 pub mod output;
+pub mod profile;
 pub mod proxy;
 pub mod rotate;
 pub mod stdio;
+pub mod tls_port;
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -36,21 +40,12 @@ pub fn load_identity(flag: &str, path: &Path) -> anyhow::Result<Identity> {
         .with_context(|| format!("{flag} {}: cannot use this identity", path.display()))
 }
 
-/// Checks a `HOST:PORT` flag value at start-up; the name is resolved later, on every dial, so
-/// a missing port would otherwise fail every dial forever ("invalid socket address").
+/// Checks a root address flag value at start-up: `HOST:PORT` (the SSH port), or
+/// `tls://HOST:PORT` / `ws://HOST:PORT` (the TLS port; see [`tether::transport::carrier`]). The
+/// name is resolved later, on every dial, so a missing port would otherwise fail every dial
+/// forever ("invalid socket address").
 pub fn parse_host_port(text: &str) -> Result<String, String> {
-    let Some((host, port)) = text.rsplit_once(':') else {
-        return Err(format!("{text:?} has no port: expected HOST:PORT"));
-    };
-    if host.is_empty() || host == "[]" {
-        return Err(format!("{text:?} has no host: expected HOST:PORT"));
-    }
-    match port.parse::<u16>() {
-        Ok(p) if p != 0 => Ok(text.to_owned()),
-        _ => Err(format!(
-            "{text:?}: the port {port:?} is not a number from 1 to 65535"
-        )),
-    }
+    tether::transport::carrier::RootAddress::parse(text).map(|_| text.to_owned())
 }
 
 /// Resolves on Ctrl-C or SIGTERM.
@@ -81,7 +76,13 @@ mod tests {
 
     #[test]
     fn host_port_values_are_checked_at_start_up() {
-        for good in ["proxy.example.com:3024", "10.0.0.1:443", "[::1]:3024"] {
+        for good in [
+            "proxy.example.com:3024",
+            "10.0.0.1:443",
+            "[::1]:3024",
+            "tls://root.example.com:443",
+            "ws://lb:80",
+        ] {
             assert_eq!(parse_host_port(good).as_deref(), Ok(good));
         }
         for (bad, says) in [
@@ -90,6 +91,7 @@ mod tests {
             ("proxy:http", "is not a number"),
             ("proxy:0", "is not a number"),
             ("proxy:70000", "is not a number"),
+            ("https://proxy:443", "unknown scheme"),
         ] {
             let e = parse_host_port(bad).expect_err(bad);
             assert!(e.contains(says), "{bad}: {e}");

@@ -10,6 +10,10 @@ use std::time::Duration;
 /// Why [`open`](super::open) failed.
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {
+    #[error("invalid root address: {0}")]
+    Address(String),
+    #[error(transparent)]
+    Carrier(#[from] super::carrier::CarrierError),
     #[error("cannot reach {addr}: {source}")]
     Direct {
         /// The address dialled.

@@ -313,6 +313,7 @@ impl ForwardProxy {
             io,
             guard,
             via: Some(self.url.to_string()),
+            carrier: super::Used::Ssh,
         })
     }
 

@@ -23,6 +23,10 @@
 pub mod error;
 pub mod forward_proxy;
 pub mod no_proxy;
+// TLS with ALPN and the WebSocket upgrade (another step of #17, their own files).
+pub mod carrier;
+pub mod tls;
+pub mod websocket;
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -30,6 +34,7 @@ use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
+pub use carrier::{RootAddress, Used};
 pub use error::{EgressError, TransportError};
 pub use forward_proxy::{Credentials, Egress, ForwardProxy, ProxyUrl};
 pub use no_proxy::NoProxy;
@@ -50,6 +55,10 @@ pub type BoxIo = Box<dyn Io>;
 pub struct Route {
     /// Through a forward proxy or not.
     pub egress: Egress,
+    /// TLS settings for `tls://` addresses in place of the default (which checks no
+    /// certificate: SSH inside authenticates the root, see [`tls`]); a CA to check the TLS
+    /// port's certificate with.
+    pub tls: Option<std::sync::Arc<rustls::ClientConfig>>,
 }
 
 impl Route {
@@ -60,7 +69,7 @@ impl Route {
 
     /// Through `egress`.
     pub fn via(egress: Egress) -> Self {
-        Self { egress }
+        Self { egress, tls: None }
     }
 }
 
@@ -74,6 +83,8 @@ pub struct Opened {
     /// The forward proxy the stream goes through (its URL, no credentials), for logs;
     /// `None`: direct.
     pub via: Option<String>,
+    /// What carries SSH over the first hop (the agent says which it uses).
+    pub carrier: Used,
 }
 
 impl std::fmt::Debug for Opened {
@@ -98,6 +109,7 @@ impl Opened {
                 io,
                 guard: self.guard,
                 via: self.via,
+                carrier: self.carrier,
             },
             first,
         ))
@@ -106,12 +118,22 @@ impl Opened {
 
 /// Opens a stream to `addr` (`host:port`) along `route`: the first hop (TCP, or TCP to a
 /// forward proxy and a CONNECT), with TCP_NODELAY (SSH's small packets must not wait).
+///
+/// `addr` may name a carrier (`tls://HOST:PORT`, `ws://HOST:PORT`, see [`carrier`]): it is set
+/// up over the first hop, and [`Opened::carrier`] says which one was used.
 pub async fn open(route: &Route, addr: &str) -> Result<Opened, TransportError> {
-    // The first hop; a later transport (TLS, WebSocket) wraps `opened.io` here.
-    match route.egress.proxy_for(addr) {
-        Some(proxy) => proxy.open(addr).await,
-        None => direct(addr).await,
-    }
+    let address = RootAddress::parse(addr).map_err(TransportError::Address)?;
+    let target = address.host_port.as_str();
+    let first = match route.egress.proxy_for(target) {
+        Some(proxy) => proxy.open(target).await?,
+        None => direct(target).await?,
+    };
+    let (io, carrier) = carrier::carry(&address, first.io, route.tls.as_ref()).await?;
+    Ok(Opened {
+        io,
+        carrier,
+        ..first
+    })
 }
 
 async fn direct(addr: &str) -> Result<Opened, TransportError> {
@@ -126,6 +148,7 @@ async fn direct(addr: &str) -> Result<Opened, TransportError> {
         io: Box::new(socket),
         guard,
         via: None,
+        carrier: Used::Ssh,
     })
 }
 
