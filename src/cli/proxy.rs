@@ -156,6 +156,8 @@ pub struct ProxyArgs {
     kube: super::kube::ProxyKubeArgs,
     #[command(flatten)]
     stale: super::leaves::StaleLeafArgs,
+    #[command(flatten)]
+    tls_port: super::tls_port::TlsPortArgs,
 }
 
 /// How a proxy decides who may dial which leaf (`--dial-authorization`).
@@ -186,6 +188,7 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
         );
     }
     let kube_tls = args.kube.tls()?;
+    let tls_port = args.tls_port.load(&args.proxy_id)?;
     let ca = match &args.ca {
         Some(path) => Some(CertificateAuthority::load(path, args.cluster.clone())?),
         None => None,
@@ -273,6 +276,7 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
     peers.extend(args.peers.into_iter().filter(|p| p.id != args.proxy_id));
     proxy.set_peers(peers.clone());
     println!("listening on {}", proxy.local_addr());
+    super::tls_port::TlsPortArgs::serve(tls_port, &proxy).await?;
     let proxy = Arc::new(proxy);
     // One tree stops everything, in three steps (see the end): what serves and watches stops
     // at the signal, the root's Kubernetes state after the drain, the admin endpoint last (a

@@ -21,6 +21,7 @@ mod rotation;
 pub mod server;
 pub mod shared;
 pub mod sites;
+pub mod tls_port;
 pub mod trust;
 pub mod tunnel;
 

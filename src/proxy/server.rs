@@ -25,6 +25,7 @@ use super::peers::{Peer, PeerLiveness, PeerPool};
 use super::quota::StreamQuota;
 use super::shared::ProxyShared;
 use super::sites::{SiteInfo, Sites};
+use super::tls_port::TlsPort;
 use crate::admin::metrics::{MetricsRegistry, ProxyMetrics, StreamMetrics, label};
 use crate::identity::Identity;
 use crate::protocol::control::CaKeySet;
@@ -84,7 +85,7 @@ impl ProxyServer {
         let span = info_span!("proxy", id = %shared.config.proxy_id, listen = %local_addr);
         shared
             .tasks
-            .spawn(accept_loop(shared.clone(), listener).instrument(span));
+            .spawn(accept_loop(shared.clone(), listener, Port::Ssh).instrument(span));
         info!(proxy = %shared.config.proxy_id, %local_addr, "proxy listening");
         Ok(Self { shared, local_addr })
     }
@@ -136,6 +137,15 @@ impl ProxyServer {
         change: impl Fn(&mut crate::identity::TrustStore),
     ) -> super::trust::TrustChange {
         super::trust::update(&self.shared, change).await
+    }
+
+    /// Serves the TLS port on `listener` ([`super::tls_port`]), with this proxy's limits,
+    /// lifecycle and SSH settings, until the proxy drains.
+    pub fn serve_tls_port(&self, listener: TcpListener, port: TlsPort) {
+        let local_addr = listener.local_addr().ok();
+        let span = info_span!("tls_port", id = %self.shared.config.proxy_id, listen = ?local_addr);
+        let accepting = accept_loop(self.shared.clone(), listener, Port::Tls(Arc::new(port)));
+        self.shared.tasks.spawn(accepting.instrument(span));
     }
 
     /// A dialer for client entries.
@@ -226,7 +236,18 @@ impl ProxyServer {
     }
 }
 
-async fn accept_loop(shared: Arc<ProxyShared>, listener: TcpListener) {
+/// What a listener of the proxy serves.
+#[derive(Clone)]
+pub(super) enum Port {
+    /// The SSH port: the socket carries SSH.
+    Ssh,
+    /// The TLS port: SSH by ALPN or in WebSocket frames, and HTTP ([`super::tls_port`]).
+    Tls(Arc<TlsPort>),
+}
+
+/// Accepts connections on `listener` until the proxy drains. Both ports share one
+/// [`ConnectionLimiter`]: a source's connections and handshakes count whichever port it uses.
+pub(super) async fn accept_loop(shared: Arc<ProxyShared>, listener: TcpListener, port: Port) {
     loop {
         let accepted = tokio::select! {
             () = shared.draining.cancelled() => return,
@@ -250,7 +271,8 @@ async fn accept_loop(shared: Arc<ProxyShared>, listener: TcpListener) {
                     .get_or_create(&label("reason", refusal.label()))
                     .inc();
                 shared.limiter.log_refusal(peer, &refusal);
-                if let Some(retry) = refusal.retry_hint() {
+                // A busy line is SSH's; on the TLS port a refused client just sees the close.
+                if let (Some(retry), Port::Ssh) = (refusal.retry_hint(), &port) {
                     // Never waits: a fresh socket's send buffer has room for one line, and a
                     // peer that cannot take it just sees the close.
                     let _ = socket.try_write(&busy::busy_line(retry));
@@ -260,11 +282,19 @@ async fn accept_loop(shared: Arc<ProxyShared>, listener: TcpListener) {
         };
         let span = info_span!("connection", %peer);
         let conn_shared = shared.clone();
+        let port = port.clone();
         shared.tasks.spawn(
             async move {
                 let _permit = permit;
                 let metrics = conn_shared.metrics.clone();
-                let served = serve_connection(conn_shared, socket, peer, handshake);
+                let served = async move {
+                    match port {
+                        Port::Ssh => serve_tcp(conn_shared, socket, peer, handshake).await,
+                        Port::Tls(tls) => {
+                            super::tls_port::serve(conn_shared, tls, socket, peer, handshake).await
+                        }
+                    }
+                };
                 if let Err(panic) = AssertUnwindSafe(served).catch_unwind().await {
                     metrics.connection_panics.inc();
                     let what = panic
@@ -284,26 +314,59 @@ async fn accept_loop(shared: Arc<ProxyShared>, listener: TcpListener) {
 /// still held: russh's task sees end-of-file at once, so this bounds only a stuck task.
 const SHUTDOWN_LINGER: Duration = Duration::from_secs(2);
 
-/// Serves one connection. Its handshake (version exchange, key exchange, authentication and,
-/// for agents, the hello) has one deadline, measured from accept: at the deadline the socket is
-/// shut down whatever state the handshake is in (see [`HandshakeGuard`] for why dropping russh's
-/// futures is not enough), and the connection stays counted until its session has ended.
-async fn serve_connection(
+/// Serves one connection on the SSH port: the socket itself carries SSH.
+async fn serve_tcp(
     shared: Arc<ProxyShared>,
     socket: TcpStream,
     peer: SocketAddr,
     handshake: HandshakePermit,
 ) {
-    let limit = shared.config.limits.handshake_timeout;
-    let deadline = tokio::time::Instant::now() + limit;
+    let deadline = tokio::time::Instant::now() + shared.config.limits.handshake_timeout;
     let _ = socket.set_nodelay(true);
     let guard = match HandshakeGuard::new(&socket) {
         Ok(g) => g,
         Err(e) => return warn!(error = %e, "cannot guard the handshake; dropping the connection"),
     };
+    let carried = Carried {
+        peer,
+        handshake,
+        guard,
+        deadline,
+    };
+    serve_ssh(shared, socket, carried).await;
+}
+
+/// What a connection brings to its SSH session whatever carries it (the SSH port's socket, or
+/// TLS or WebSocket on the TLS port).
+pub(super) struct Carried {
+    /// The client's address (limits, logs, the handler's identity checks).
+    pub peer: SocketAddr,
+    /// Its handshake slot, given back once the session is set up.
+    pub handshake: HandshakePermit,
+    /// Shuts the TCP socket under the carrier down when the handshake fails or runs out.
+    pub guard: HandshakeGuard,
+    /// The whole handshake's deadline, measured from accept (TLS and WebSocket included).
+    pub deadline: tokio::time::Instant,
+}
+
+/// Serves one connection's SSH session. Its handshake (version exchange, key exchange,
+/// authentication and, for agents, the hello) ends by `carried.deadline`: then the socket is
+/// shut down whatever state the handshake is in (see [`HandshakeGuard`] for why dropping russh's
+/// futures is not enough), and the connection stays counted until its session has ended.
+pub(super) async fn serve_ssh<S>(shared: Arc<ProxyShared>, stream: S, carried: Carried)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let Carried {
+        peer,
+        handshake,
+        guard,
+        deadline,
+    } = carried;
+    let limit = shared.config.limits.handshake_timeout;
     let (ready_tx, ready_rx) = oneshot::channel();
     let handler = ConnectionHandler::new(shared.clone(), peer, ready_tx);
-    let setup = russh::server::run_stream(shared.ssh.load_full(), socket, handler);
+    let setup = russh::server::run_stream(shared.ssh.load_full(), stream, handler);
     // On an error, the deadline or a stop, the guard's drop shuts the socket down.
     let setup = tokio::select! {
         r = tokio::time::timeout_at(deadline, setup) => r,

@@ -1,0 +1,59 @@
+//! `tether proxy`'s TLS port flags: one port for everything, for a load balancer's 443.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Args;
+
+use tether::proxy::ProxyServer;
+use tether::proxy::tls_port::TlsPort;
+
+#[derive(Args)]
+pub struct TlsPortArgs {
+    /// Also serve everything on one TLS port (what a load balancer's 443 forwards to): SSH
+    /// by ALPN `tether-ssh` (tunnels, joins, peers, `tether dial`), and WebSocket upgrades at
+    /// /tether/v1/tunnel, in TLS or in plain HTTP from an L7 load balancer that terminated
+    /// TLS. Loopback unless you say otherwise.
+    #[arg(long, value_name = "ADDR")]
+    tls_listen: Option<SocketAddr>,
+    /// The TLS port's certificate chain (PEM; a cert-manager Secret's `tls.crt`). Without it
+    /// the proxy issues itself a self-signed one at start: agents need no trust in it, as SSH
+    /// inside authenticates the proxy.
+    #[arg(long, requires_all = ["tls_key", "tls_listen"], value_name = "FILE")]
+    tls_cert: Option<PathBuf>,
+    /// The private key of `--tls-cert` (PEM).
+    #[arg(long, requires = "tls_cert", value_name = "FILE")]
+    tls_key: Option<PathBuf>,
+}
+
+impl TlsPortArgs {
+    /// The port's TLS settings, read at start-up so a bad file stops the proxy before it
+    /// serves; `None` without `--tls-listen`.
+    pub fn load(&self, proxy_id: &str) -> anyhow::Result<Option<(SocketAddr, TlsPort)>> {
+        let Some(listen) = self.tls_listen else {
+            return Ok(None);
+        };
+        let port = match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => TlsPort::from_files(cert, key)
+                .with_context(|| format!("--tls-cert {}: cannot use it", cert.display()))?,
+            _ => TlsPort::self_issued(vec![proxy_id.to_owned(), "localhost".to_owned()])
+                .context("--tls-listen: cannot issue the port's certificate")?,
+        };
+        Ok(Some((listen, port)))
+    }
+
+    /// Binds the port and serves it on `proxy`.
+    pub async fn serve(
+        port: Option<(SocketAddr, TlsPort)>,
+        proxy: &ProxyServer,
+    ) -> anyhow::Result<()> {
+        let Some((listen, port)) = port else {
+            return Ok(());
+        };
+        let listener = super::bind("--tls-listen", listen).await?;
+        println!("TLS port on {}", listener.local_addr()?);
+        proxy.serve_tls_port(listener, port);
+        Ok(())
+    }
+}
