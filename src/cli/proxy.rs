@@ -14,7 +14,7 @@ use tokio_util::task::TaskTracker;
 use tether::egress::allow_list::AllowList;
 use tether::identity::{CertificateAuthority, Identity, TrustStore, check_own_host_certificate};
 use tether::protocol::ClusterName;
-use tether::proxy::client_entry::{self, ClientEntryConfig, ClientTokens};
+use tether::proxy::client_entry::ClientEntryConfig;
 use tether::proxy::{
     BearerTokens, HeartbeatPolicy, JoinAuthority, LeafAccess, Peer, PeeringConfig, ProxyConfig,
     ProxyLimits, ProxyServer,
@@ -22,6 +22,8 @@ use tether::proxy::{
 use tether::stream::StreamLimits;
 
 use super::shutdown_signal;
+
+mod entry;
 
 /// Validity of the certificates a proxy issues itself with `--ca`: short, as a leaked one
 /// should not stay useful for long.
@@ -273,10 +275,9 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
         addr: Some(proxy.local_addr()),
         generation: 0,
     }];
-    peers.extend(args.peers.into_iter().filter(|p| p.id != args.proxy_id));
+    peers.extend(args.peers.iter().filter(|p| p.id != args.proxy_id).cloned());
     proxy.set_peers(peers.clone());
     println!("listening on {}", proxy.local_addr());
-    super::tls_port::TlsPortArgs::serve(tls_port, &proxy).await?;
     let proxy = Arc::new(proxy);
     // One tree stops everything, in three steps (see the end): what serves and watches stops
     // at the signal, the root's Kubernetes state after the drain, the admin endpoint last (a
@@ -327,6 +328,7 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
     if let (Some(service), Some(client)) = (args.peers_service.clone(), kube) {
         proxy.expect_peer_discovery();
         let (watched, me) = (proxy.clone(), peers[0].clone());
+        let (namespace, port_name) = (args.namespace.clone(), Some(args.peers_port_name.clone()));
         tasks.spawn(until(serving.clone(), async move {
             let sink = move |mut found: Vec<Peer>| {
                 // Until this pod is ready, its own endpoint is missing; it is a peer all the same.
@@ -335,57 +337,22 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
                 }
                 watched.set_peers(found);
             };
-            let namespace = args.namespace.clone();
-            let port_name = Some(args.peers_port_name);
             tether::operator::endpoints::watch_peers(client, &namespace, &service, port_name, sink)
                 .await;
         }));
     }
     // The token file's clients may use the Kubernetes endpoint too.
-    let mut file_tokens = None;
-    if let Some(listen) = &args.client_listen {
-        let loaded = match &args.client_tokens {
-            Some(tokens) => ClientTokens::load(tokens)
-                .with_context(|| format!("--client-tokens {}", tokens.display()))?,
-            None => ClientTokens::default(),
-        };
-        let config = ClientEntryConfig {
-            listen: *listen,
-            max_connections: args.client_max_connections,
-            max_connections_per_ip: args.client_max_connections_per_ip,
-            bearer: bearer.clone(),
-            ..ClientEntryConfig::new(loaded)
-        };
-        if let Some(tokens) = &args.client_tokens {
-            let swap = config.tokens.clone();
-            file_tokens = Some(swap.clone());
-            tasks.spawn(tether::proxy::reload::follow_file(
-                "client token file",
-                tokens.clone(),
-                tether::proxy::reload::POLL,
-                hangup.tokens.clone(),
-                serving.clone(),
-                move |path: &std::path::Path| {
-                    ClientTokens::load(path).map(|t| swap.store(Arc::new(t)))
-                },
-            ));
-        }
-        let listener = config
-            .bind()
-            .await
-            .with_context(|| format!("--client-listen {listen}: cannot listen"))?;
-        println!(
-            "client entry (HTTP CONNECT, SOCKS5) on {}",
-            listener.local_addr()?
-        );
-        let stopped = serving.clone();
-        tasks.spawn(client_entry::serve(
-            listener,
-            Arc::new(config),
-            Arc::new(proxy.dialer()),
-            async move { stopped.cancelled().await },
-        ));
-    }
+    let (file_tokens, tls_port) = entry::start(
+        &args,
+        &proxy,
+        bearer.clone(),
+        tls_port,
+        &tasks,
+        &hangup,
+        &serving,
+    )
+    .await?;
+    super::tls_port::TlsPortArgs::serve(tls_port, &proxy).await?;
     if let (Some(listen), Some(tls)) = (args.kube.kube_listen, kube_tls) {
         let listener = super::bind("--kube-listen", listen).await?;
         println!("Kubernetes endpoint on https://{}", listener.local_addr()?);

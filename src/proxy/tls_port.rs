@@ -29,11 +29,13 @@ use tokio::time::{Instant, timeout_at};
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, warn};
 
+use super::client_entry::{HandOff, HandedOver};
 use super::kube_entry::KubeTlsError;
 use super::limits::HandshakePermit;
 use super::server::{Carried, serve_ssh};
 use super::shared::ProxyShared;
 use crate::stream::HandshakeGuard;
+use crate::transport::Prefixed;
 use crate::transport::tls::{ALPN_HTTP1, ALPN_SSH};
 use crate::transport::websocket::{self, Role, WebSocket};
 
@@ -44,13 +46,16 @@ pub const MAX_HEAD: usize = 16 * 1024;
 const TLS_HANDSHAKE: u8 = 0x16;
 
 /// What answers anything on the port that is not a tunnel.
-const USAGE: &str = "tether: this port carries tunnels: SSH inside TLS (ALPN tether-ssh), or a \
-WebSocket upgrade at /tether/v1/tunnel\n";
+const USAGE: &str = "tether: this port carries tunnels: SSH inside TLS (ALPN tether-ssh), a \
+WebSocket upgrade at /tether/v1/tunnel, and HTTP CONNECT when the proxy has a client entry\n";
 
 /// The TLS port's settings: its certificate, and the protocols it offers.
 pub struct TlsPort {
     /// Accepts TLS with the port's certificate, offering `tether-ssh` then `http/1.1`.
     acceptor: TlsAcceptor,
+    /// Where HTTP CONNECT requests go: the client entry, which serves them as its own (`curl
+    /// --proxy https://...`); `None`: the port has no client entry and answers 404.
+    client_entry: Option<HandOff>,
 }
 
 impl TlsPort {
@@ -85,7 +90,16 @@ impl TlsPort {
         config.alpn_protocols = vec![ALPN_SSH.to_vec(), ALPN_HTTP1.to_vec()];
         Self {
             acceptor: TlsAcceptor::from(Arc::new(config)),
+            client_entry: None,
         }
+    }
+
+    /// Passes the port's HTTP CONNECT requests to a client entry (its [`hand_off`] sender).
+    ///
+    /// [`hand_off`]: super::client_entry::hand_off
+    pub fn with_client_entry(mut self, entry: HandOff) -> Self {
+        self.client_entry = Some(entry);
+        self
     }
 }
 
@@ -118,7 +132,7 @@ pub(super) async fn serve(
         return debug!("the connection sent nothing before it ended or ran out of time");
     }
     if first[0] != TLS_HANDSHAKE {
-        return serve_http(shared, socket, carried).await;
+        return serve_http(shared, &port, socket, carried).await;
     }
     let accepted = tokio::select! {
         r = timeout_at(deadline, port.acceptor.accept(socket)) => r,
@@ -133,13 +147,13 @@ pub(super) async fn serve(
         debug!(carrier = "tls", "SSH inside TLS (ALPN tether-ssh)");
         serve_ssh(shared, tls, carried).await
     } else {
-        serve_http(shared, tls, carried).await
+        serve_http(shared, &port, tls, carried).await
     }
 }
 
 /// Serves an HTTP connection: a WebSocket upgrade to [`websocket::PATH`] becomes an SSH
 /// connection; anything else is answered with how to use the port, and closed.
-async fn serve_http<S>(shared: Arc<ProxyShared>, mut io: S, carried: Carried)
+async fn serve_http<S>(shared: Arc<ProxyShared>, port: &TlsPort, mut io: S, carried: Carried)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -166,12 +180,27 @@ where
             {
                 websocket::upgrade_key(request.headers).map(str::to_owned)
             }
+            Ok(httparse::Status::Complete(_)) if request.method == Some("CONNECT") => {
+                Err("connect")
+            }
             _ => Err("no route"),
         }
     };
+    if let (Err("connect"), Some(entry)) = (&upgrade, &port.client_entry) {
+        // The client entry reads the head again, and owns the connection from now on.
+        carried.guard.release();
+        let passed = HandedOver {
+            stream: Box::new(Prefixed::new(head, Box::new(io))),
+            peer: carried.peer,
+        };
+        if entry.try_send(passed).is_err() {
+            debug!("the client entry is not taking connections; closing one");
+        }
+        return;
+    }
     let key = match upgrade {
         Ok(key) => key,
-        Err("no route") => return answer(io, deadline, 404, "Not Found").await,
+        Err("no route" | "connect") => return answer(io, deadline, 404, "Not Found").await,
         Err(why) => {
             debug!(why, "refused a WebSocket upgrade");
             return answer(io, deadline, 400, "Bad Request").await;

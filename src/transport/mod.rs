@@ -153,18 +153,21 @@ async fn direct(addr: &str) -> Result<Opened, TransportError> {
 }
 
 /// A stream with bytes already read from it put back in front: a proxy's 200 may arrive in
-/// the same segment as the root's first bytes, which must not be lost.
-pub(crate) struct Prefixed {
+/// the same segment as the root's first bytes, a client may send data right after its CONNECT
+/// request, and the TLS port reads a request head before it knows who serves it. Those bytes
+/// belong to what comes next, and must not be lost.
+pub struct Prefixed<S = BoxIo> {
     /// The bytes read ahead.
     head: Vec<u8>,
     /// How many of them were read again.
     pos: usize,
     /// The stream they came from.
-    inner: BoxIo,
+    inner: S,
 }
 
-impl Prefixed {
-    pub(crate) fn new(head: Vec<u8>, inner: BoxIo) -> Self {
+impl<S> Prefixed<S> {
+    /// `inner`, with `head` read first.
+    pub fn new(head: Vec<u8>, inner: S) -> Self {
         Self {
             head,
             pos: 0,
@@ -173,7 +176,7 @@ impl Prefixed {
     }
 }
 
-impl AsyncRead for Prefixed {
+impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -194,7 +197,7 @@ impl AsyncRead for Prefixed {
     }
 }
 
-impl AsyncWrite for Prefixed {
+impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -221,5 +224,23 @@ impl AsyncWrite for Prefixed {
 
     fn is_write_vectored(&self) -> bool {
         self.inner.is_write_vectored()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::Prefixed;
+
+    #[tokio::test]
+    async fn a_prefixed_stream_yields_its_head_then_the_stream() {
+        let (a, mut b) = tokio::io::duplex(64);
+        b.write_all(b" world").await.expect("write");
+        drop(b);
+        let mut s = Prefixed::new(b"hello".to_vec(), a);
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.expect("read");
+        assert_eq!(out, "hello world");
     }
 }

@@ -5,7 +5,6 @@
 //! them. Any other method gets `405` with a line saying how to use the proxy.
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 use super::auth::{ClientTokens, base64_decode};
 use super::naming::{self, Login};
@@ -232,8 +231,8 @@ pub(super) fn dial_error_status(kind: DialErrorKind) -> (u16, &'static str) {
 }
 
 /// Tells the client why the dial failed, with the error's message as the body.
-pub(super) async fn write_dial_error(
-    stream: &mut TcpStream,
+pub(super) async fn write_dial_error<S: AsyncWrite + Unpin>(
+    stream: &mut S,
     error: &DialError,
 ) -> std::io::Result<()> {
     let (status, reason) = dial_error_status(error.kind);
@@ -242,7 +241,9 @@ pub(super) async fn write_dial_error(
 }
 
 /// Tells the client the tunnel is open.
-pub(super) async fn write_established(stream: &mut TcpStream) -> std::io::Result<()> {
+pub(super) async fn write_established<S: AsyncWrite + Unpin>(
+    stream: &mut S,
+) -> std::io::Result<()> {
     stream
         .write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
         .await?;

@@ -18,7 +18,6 @@ pub(super) mod admission;
 mod auth;
 mod http;
 mod naming;
-mod prefixed;
 mod socks;
 #[cfg(test)]
 mod tests;
@@ -32,7 +31,8 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio::time::{timeout, timeout_at};
@@ -42,12 +42,12 @@ pub use auth::{ClientTokens, MIN_TOKEN_LEN, TokenFileError};
 
 use crate::protocol::Target;
 use crate::stream::Splice;
+use crate::transport::{Io, Prefixed};
 
 use super::Dialer;
 use super::access::{BearerTokens, Who};
 use super::audit::{DialAudit, Via};
 use admission::{Door, DoorSettings, SourcePermit};
-use prefixed::Prefixed;
 
 /// Settings of the client entry. Built once and shared by every connection.
 #[derive(Debug, Clone)]
@@ -126,6 +126,35 @@ pub async fn serve<D: Dialer>(
     dialer: Arc<D>,
     shutdown: impl Future,
 ) {
+    serve_with(listener, None, config, dialer, shutdown).await
+}
+
+/// A connection another listener accepted and passes on: an HTTP CONNECT request on the TLS
+/// port ([`crate::proxy::tls_port`]), served exactly as if it came to this entry's listener
+/// (the same admission, tokens, penalties and deadline).
+pub struct HandedOver {
+    /// The client's stream, its request head not yet read (put back in front if it was).
+    pub stream: Box<dyn Io>,
+    /// The client's address, for the per-source limits and penalties, logs and audit.
+    pub peer: SocketAddr,
+}
+
+/// Where another listener passes connections to the entry (bounded: a full entry closes them).
+pub type HandOff = mpsc::Sender<HandedOver>;
+
+/// A hand-off channel: give the sender to the TLS port, the receiver to [`serve_with`].
+pub fn hand_off() -> (HandOff, mpsc::Receiver<HandedOver>) {
+    mpsc::channel(64)
+}
+
+/// [`serve`], also serving the connections `handed` passes on.
+pub async fn serve_with<D: Dialer>(
+    listener: TcpListener,
+    mut handed: Option<mpsc::Receiver<HandedOver>>,
+    config: Arc<ClientEntryConfig>,
+    dialer: Arc<D>,
+    shutdown: impl Future,
+) {
     let permits = Arc::new(Semaphore::new(
         config.max_connections.min(Semaphore::MAX_PERMITS),
     ));
@@ -145,27 +174,21 @@ pub async fn serve<D: Dialer>(
             biased;
             _ = &mut shutdown => break,
             Some(done) = tasks.join_next(), if !tasks.is_empty() => report(done),
+            Some(passed) = next_handed(&mut handed) => {
+                let Some(held) = admit(&door, &permits, passed.peer, &config, &mut refusals) else {
+                    continue;
+                };
+                let work = handle(passed.stream, passed.peer, held.0, config.clone(), dialer.clone(), held.1);
+                tasks.spawn(work.instrument(client_span(passed.peer)));
+            }
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
-                    let deadline = tokio::time::Instant::now() + config.handshake_timeout;
-                    let Ok(source) = door.admit(peer.ip()) else {
-                        drop(stream);
+                    let Some(held) = admit(&door, &permits, peer, &config, &mut refusals) else {
                         continue;
                     };
-                    let Ok(permit) = permits.clone().try_acquire_owned() else {
-                        refusals.note(peer, config.max_connections);
-                        drop(stream);
-                        continue;
-                    };
-                    let held = Permits { _total: permit, _source: source, door: door.clone() };
-                    let span = info_span!(
-                        "client",
-                        %peer,
-                        user = tracing::field::Empty,
-                        target = tracing::field::Empty,
-                    );
-                    let work = handle(stream, peer, deadline, config.clone(), dialer.clone(), held);
-                    tasks.spawn(work.instrument(span));
+                    let _ = stream.set_nodelay(true);
+                    let work = handle(stream, peer, held.0, config.clone(), dialer.clone(), held.1);
+                    tasks.spawn(work.instrument(client_span(peer)));
                 }
                 Err(e) => {
                     // Usually out of file descriptors: back off instead of spinning.
@@ -183,6 +206,46 @@ pub async fn serve<D: Dialer>(
     while let Some(done) = tasks.join_next().await {
         report(done);
     }
+}
+
+/// The next connection passed on, if there is a hand-off; never resolves if there is none.
+async fn next_handed(handed: &mut Option<mpsc::Receiver<HandedOver>>) -> Option<HandedOver> {
+    match handed {
+        Some(receiver) => receiver.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Admits a connection from `peer`: its source's share and a slot of the total, and its
+/// handshake deadline from now; `None` (the caller drops the connection) when refused.
+fn admit(
+    door: &Arc<Door>,
+    total: &Arc<Semaphore>,
+    peer: SocketAddr,
+    config: &ClientEntryConfig,
+    refusals: &mut RefusalLog,
+) -> Option<(tokio::time::Instant, Permits)> {
+    let deadline = tokio::time::Instant::now() + config.handshake_timeout;
+    let source = door.admit(peer.ip()).ok()?;
+    let Ok(permit) = total.clone().try_acquire_owned() else {
+        refusals.note(peer, config.max_connections);
+        return None;
+    };
+    let held = Permits {
+        _total: permit,
+        _source: source,
+        door: door.clone(),
+    };
+    Some((deadline, held))
+}
+
+fn client_span(peer: SocketAddr) -> tracing::Span {
+    info_span!(
+        "client",
+        %peer,
+        user = tracing::field::Empty,
+        target = tracing::field::Empty,
+    )
 }
 
 fn report(done: Result<(), tokio::task::JoinError>) {
@@ -307,15 +370,14 @@ impl From<io::Error> for HandshakeError {
     }
 }
 
-async fn handle<D: Dialer>(
-    mut stream: TcpStream,
+async fn handle<D: Dialer, S: Io>(
+    mut stream: S,
     peer: SocketAddr,
     deadline: tokio::time::Instant,
     config: Arc<ClientEntryConfig>,
     dialer: Arc<D>,
     permits: Permits,
 ) {
-    let _ = stream.set_nodelay(true);
     let limit = config.handshake_timeout;
     let handshake = timeout_at(deadline, async {
         let first = stream.read_u8().await?;
@@ -417,7 +479,7 @@ async fn handle<D: Dialer>(
 /// Closes after an error reply without losing it: send FIN, then read (and discard) what the
 /// client still sends for a moment, because closing a socket with unread input sends a reset
 /// that can destroy the reply before the client reads it.
-async fn close_gracefully(mut stream: TcpStream, limit: Duration) {
+async fn close_gracefully<S: Io>(mut stream: S, limit: Duration) {
     const MAX_DRAIN: usize = 64 * 1024;
     if stream.shutdown().await.is_err() {
         return;

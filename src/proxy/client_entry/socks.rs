@@ -9,7 +9,6 @@
 //! resolves them.
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 use super::naming::{self, Login};
 use super::{ClientEntryConfig, HandshakeError, Request};
@@ -149,8 +148,8 @@ pub(super) fn dial_error_reply(kind: DialErrorKind) -> u8 {
 }
 
 /// Tells the client why the dial failed (SOCKS5 has no room for the message itself).
-pub(super) async fn write_dial_error(
-    stream: &mut TcpStream,
+pub(super) async fn write_dial_error<S: AsyncWrite + Unpin>(
+    stream: &mut S,
     error: &DialError,
 ) -> std::io::Result<()> {
     write_reply(stream, dial_error_reply(error.kind)).await
@@ -158,7 +157,9 @@ pub(super) async fn write_dial_error(
 
 /// Tells the client the tunnel is open. The bound address is reported as 0.0.0.0:0: there is
 /// no local socket on the client's path that would mean anything to it.
-pub(super) async fn write_established(stream: &mut TcpStream) -> std::io::Result<()> {
+pub(super) async fn write_established<S: AsyncWrite + Unpin>(
+    stream: &mut S,
+) -> std::io::Result<()> {
     write_reply(stream, reply::SUCCEEDED).await
 }
 
