@@ -624,3 +624,45 @@ async fn removing_stale_leaves_is_asked_for_and_only_then_may_the_proxies_delete
         verbs(&["get", "list", "watch", "create", "patch", "delete"])
     );
 }
+
+/// The TLS port (#17): off by default; on, each proxy listens on `root.tls.port` and the
+/// tunnel Service carries it as "tls" on `root.tls.servicePort` (443); with `root.tls.secret`
+/// the proxies use its certificate, without one each issues itself one (no Secret needed).
+#[tokio::test]
+async fn the_tls_port_renders_only_when_asked_with_the_secret_given() {
+    let cp = support::kube::control_plane().await;
+    let container_args = |docs: &[Value]| {
+        let deployment = find(docs, "Deployment", "tether-proxy");
+        strings(&deployment["spec"]["template"]["spec"]["containers"][0]["args"]).join(" ")
+    };
+    let off = render(cp, "tether", "tether", ROOT_ONLY);
+    assert!(!container_args(&off).contains("--tls-listen"));
+    let self_issued = concat(&[ROOT_ONLY, &["--set", "root.tls.enabled=true"]]);
+    let docs = render(cp, "tether", "tether", &self_issued);
+    let args = container_args(&docs);
+    assert!(args.contains("--tls-listen 0.0.0.0:8443"), "{args}");
+    assert!(!args.contains("--tls-cert"), "{args}");
+    let service = find(&docs, "Service", "tether-proxy");
+    let ports = service["spec"]["ports"].as_array().expect("ports");
+    assert!(
+        ports
+            .iter()
+            .any(|p| p["name"] == "tls" && p["port"] == 443 && p["targetPort"] == "tls"),
+        "{service}"
+    );
+    let given = concat(&[
+        ROOT_ONLY,
+        &["--set", "root.tls.enabled=true,root.tls.secret=root-tls"],
+    ]);
+    let docs = render(cp, "tether", "tether", &given);
+    let args = container_args(&docs);
+    for flag in [
+        "--tls-cert /etc/tether/tls/tls.crt",
+        "--tls-key /etc/tether/tls/tls.key",
+    ] {
+        assert!(args.contains(flag), "{flag} in {args}");
+    }
+    let deployment = find(&docs, "Deployment", "tether-proxy");
+    let volumes = deployment["spec"]["template"]["spec"]["volumes"].to_string();
+    assert!(volumes.contains("root-tls"), "{volumes}");
+}
