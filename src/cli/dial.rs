@@ -88,7 +88,17 @@ fn strip_suffix<'a>(host: &'a str, cluster: &ClusterName) -> anyhow::Result<&'a 
 
 /// The client's settings: each flag, else the profile's value.
 fn client_config(args: &DialArgs) -> anyhow::Result<DialClientConfig> {
-    let from = ProfileSource::read(&args.profile)?;
+    // With every value given, no profile is read: a damaged profiles file cannot stop a
+    // dial that does not need it.
+    let all_given = args.proxy.is_some()
+        && args.root_cluster.is_some()
+        && args.identity.is_some()
+        && args.root_ca.is_some();
+    let from = if all_given {
+        ProfileSource::unused()
+    } else {
+        ProfileSource::read(&args.profile)?
+    };
     let proxy = pick("--proxy", args.proxy.clone(), &from, |p| p.proxy.clone())?;
     let root_cluster = pick("--root-cluster", args.root_cluster.clone(), &from, |p| {
         p.root_cluster.clone()
@@ -129,6 +139,16 @@ struct ProfileSource {
 }
 
 impl ProfileSource {
+    /// No profile: every value came from a flag.
+    fn unused() -> Self {
+        Self {
+            name: String::new(),
+            path: PathBuf::new(),
+            profile: None,
+            missing: "not read".to_owned(),
+        }
+    }
+
     fn read(args: &ProfileArgs) -> anyhow::Result<Self> {
         let path = args.path()?;
         let name = args.profile.clone();
