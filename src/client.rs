@@ -9,13 +9,12 @@ use russh::ChannelOpenFailure;
 use russh::client::{self, Handle};
 use russh::keys::PublicKey;
 use russh::keys::ssh_key::certificate::CertType;
-use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 use tracing::warn;
 
 use crate::identity::{Identity, ROLE_EXTENSION, Role, verify_proxy_key};
 use crate::protocol::{ClusterName, DialErrorKind, Target, ssh};
-use crate::stream::HandshakeGuard;
+use crate::transport::{self, Route, TransportError};
 
 /// Where and as whom to dial.
 pub struct DialClientConfig {
@@ -29,6 +28,8 @@ pub struct DialClientConfig {
     pub identity: Arc<Identity>,
     /// Connect and handshake timeout.
     pub timeout: Duration,
+    /// How the proxy is reached: directly, or through a forward proxy.
+    pub route: Route,
 }
 
 /// Why a client dial failed.
@@ -39,6 +40,9 @@ pub enum ClientError {
         addr: String,
         source: std::io::Error,
     },
+    /// The forward proxy on the way did not open the way (refused, unreachable, not HTTP).
+    #[error(transparent)]
+    Transport(TransportError),
     #[error("timed out after {0:?}")]
     Timeout(Duration),
     #[error("SSH: {0}")]
@@ -229,19 +233,15 @@ impl DialClient {
         config: &DialClientConfig,
         ssh_config: client::Config,
     ) -> Result<Self, ClientError> {
-        let socket = TcpStream::connect(config.proxy_addr.as_str())
+        let opened = transport::open(&config.route, &config.proxy_addr)
             .await
-            .map_err(|source| ClientError::Connect {
-                addr: config.proxy_addr.clone(),
-                source,
+            .map_err(|e| match e {
+                TransportError::Direct { addr, source } => ClientError::Connect { addr, source },
+                other => ClientError::Transport(other),
             })?;
-        let _ = socket.set_nodelay(true);
         // Shuts the socket down if the deadline in `connect` drops this future mid-handshake:
         // russh's session task would otherwise keep it (see `HandshakeGuard`).
-        let guard = HandshakeGuard::new(&socket).map_err(|source| ClientError::Connect {
-            addr: config.proxy_addr.clone(),
-            source,
-        })?;
+        let (socket, guard) = (opened.io, opened.guard);
         let ssh_config = Arc::new(ssh_config);
         let (proxy_said, reason) = oneshot::channel();
         let check = ProxyCheck {

@@ -202,6 +202,8 @@ struct AgentArgs {
     admin_listen: Option<SocketAddr>,
     #[command(flatten)]
     kube: cli::kube::AgentKubeArgs,
+    #[command(flatten)]
+    egress: cli::egress::EgressArgs,
 }
 
 #[derive(Args)]
@@ -443,6 +445,7 @@ async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
         heartbeat_interval: args.heartbeat_interval,
         connect_timeout: Duration::from_secs(15),
         dial_timeout: args.dial_timeout,
+        route: args.egress.route()?,
         ..AgentConfig::new(
             args.cluster,
             args.root_cluster,
@@ -482,6 +485,7 @@ async fn run_dial(args: DialArgs) -> anyhow::Result<()> {
         root_cas: read_cas(&args.root_ca)?,
         identity: Arc::new(cli::load_identity("--identity", &args.identity)?),
         timeout: Duration::from_secs(15),
+        route: tether::transport::Route::direct(),
     };
     tether::client::check_client_identity(&config.identity, std::time::SystemTime::now())
         .with_context(|| format!("--identity {}", args.identity.display()))?;

@@ -385,6 +385,7 @@ async fn root_client(
         Identity::generate_client(ca, "alice", Duration::from_secs(3600)).expect("client");
     DialClient::connect(&DialClientConfig {
         proxy_addr: proxy.local_addr().to_string(),
+        route: tether::transport::Route::direct(),
         root_cluster: ca.cluster().clone(),
         root_cas: root_cas.iter().map(|c| c.public_key().clone()).collect(),
         identity: Arc::new(identity),

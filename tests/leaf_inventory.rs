@@ -182,6 +182,7 @@ async fn the_root_shows_a_leafs_inventory_and_keeps_it_while_the_leaf_is_away() 
         .expect("client identity");
     let dialer = DialClient::connect(&DialClientConfig {
         proxy_addr: lb.addr.to_string(),
+        route: tether::transport::Route::direct(),
         root_cluster: pki.root.cluster().clone(),
         root_cas: vec![pki.root.public_key().clone()],
         identity: Arc::new(client_identity),

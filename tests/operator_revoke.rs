@@ -202,6 +202,7 @@ impl Joined {
     fn request(&self, ca: &CertificateAuthority) -> JoinRequest {
         JoinRequest {
             root_address: self.proxy.local_addr().to_string(),
+            route: tether::transport::Route::direct(),
             token: self.token.clone(),
             leaf_cluster: name("leaf-j"),
             leaf_cas: vec![ca.public_key().clone()],

@@ -89,6 +89,7 @@ async fn replicas_share_a_joined_leaf_and_each_reports_its_tunnels() {
     let token = create_join_token(&client, &ns).await;
     let joined = join(&JoinRequest {
         root_address: lb.addr.to_string(),
+        route: tether::transport::Route::direct(),
         token,
         leaf_cluster: pki.leaf.cluster().clone(),
         leaf_cas: vec![pki.leaf.public_key().clone()],

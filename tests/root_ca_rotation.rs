@@ -87,6 +87,7 @@ async fn client(
         Identity::generate_client(ca, "alice", Duration::from_secs(3600)).expect("client");
     DialClient::connect(&DialClientConfig {
         proxy_addr: proxy.to_string(),
+        route: tether::transport::Route::direct(),
         root_cluster: ca.cluster().clone(),
         root_cas: root_cas.iter().map(|c| c.public_key().clone()).collect(),
         identity: Arc::new(identity),

@@ -14,6 +14,7 @@ use crate::identity::Identity;
 use crate::protocol::control::CaKeySet;
 use crate::protocol::{ClusterName, ProtocolVersion};
 use crate::stream::StreamLimits;
+use crate::transport::Route;
 
 /// The allow-list an agent enforces: swapped in place when its spec changes (new dials see the
 /// new list at once, tunnels stay up), and watched by the agent's report, so the root learns
@@ -175,6 +176,9 @@ pub struct AgentConfig {
     /// The leaf's CA key set to publish to the root, signed by its CA (a rotation's step):
     /// every tunnel sends the newest to its proxy. `None`: nothing to publish.
     pub ca_keys: watch::Receiver<Option<Arc<CaKeySet>>>,
+    /// How the proxy address is reached: directly, or through the leaf's forward proxy (a leaf
+    /// often has no other way out).
+    pub route: Route,
 }
 
 /// This host's name, the replica name of an agent that is given none: `$HOSTNAME` (a pod's
@@ -193,7 +197,7 @@ impl AgentConfig {
     /// the proxies of `root_cluster`, the root allowed to reach `allow`; the rest at its
     /// default: 15 s heartbeats, 10 s to connect to the proxy and to a target, the system
     /// resolver, the default back-off and stream limits, counters of its own, no API server,
-    /// the host's name as its replica, this build's protocol.
+    /// the host's name as its replica, this build's protocol, a direct route.
     pub fn new(
         cluster: ClusterName,
         root_cluster: ClusterName,
@@ -222,6 +226,7 @@ impl AgentConfig {
             kubernetes_version: watch::channel(None).1,
             protocol: ProtocolVersion::CURRENT,
             ca_keys: watch::channel(None).1,
+            route: Route::direct(),
         }
     }
 }

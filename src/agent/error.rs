@@ -15,6 +15,9 @@ pub enum TunnelError {
         /// Why the TCP connect failed.
         source: std::io::Error,
     },
+    /// The forward proxy on the way did not open the way (refused, unreachable, not HTTP).
+    #[error(transparent)]
+    Transport(crate::transport::TransportError),
     #[error("timed out after {0:?} connecting to the proxy")]
     Timeout(Duration),
     #[error("SSH: {0}")]
@@ -56,7 +59,7 @@ impl TunnelError {
     /// The kind of failure the leaf's status reports.
     pub fn kind(&self) -> FailureKind {
         match self {
-            TunnelError::Connect { .. } => FailureKind::Unreachable,
+            TunnelError::Connect { .. } | TunnelError::Transport(_) => FailureKind::Unreachable,
             TunnelError::Timeout(_) => FailureKind::TimedOut,
             TunnelError::AuthRefused(_) => FailureKind::RefusedByProxy,
             TunnelError::Version(_) | TunnelError::ProxyRefused(_) => {
@@ -73,6 +76,18 @@ impl TunnelError {
         TunnelFailure {
             kind: self.kind(),
             message: self.to_string(),
+        }
+    }
+}
+
+impl From<crate::transport::TransportError> for TunnelError {
+    /// A direct connection's failure stays `Connect` (the pool paces a refused one apart).
+    fn from(e: crate::transport::TransportError) -> Self {
+        match e {
+            crate::transport::TransportError::Direct { addr, source } => {
+                TunnelError::Connect { addr, source }
+            }
+            other => TunnelError::Transport(other),
         }
     }
 }

@@ -6,7 +6,6 @@ use std::time::{Duration, SystemTime};
 
 use russh::client::{self, Handle};
 use russh::keys::{Certificate, PublicKey, PublicKeyOrCertificate};
-use tokio::net::TcpStream;
 
 use crate::identity::{fingerprint, verify_host_certificate};
 use crate::protocol::control::ControlError;
@@ -15,8 +14,8 @@ use crate::protocol::join::{
     RootMessage,
 };
 use crate::protocol::{ClusterName, ssh};
-use crate::stream::HandshakeGuard;
 use crate::stream::frames::{read_message, write_message};
+use crate::transport::{self, Route, TransportError};
 
 /// What a leaf needs to join a root.
 #[derive(Debug, Clone)]
@@ -34,6 +33,8 @@ pub struct JoinRequest {
     pub root_ca_pin: Option<String>,
     /// Bound on the whole exchange, connection included.
     pub timeout: Duration,
+    /// How the root is reached: directly, or through the leaf's forward proxy.
+    pub route: Route,
 }
 
 /// What the root told a leaf that joined.
@@ -60,6 +61,9 @@ pub enum JoinError {
         addr: String,
         source: std::io::Error,
     },
+    /// The forward proxy on the way did not open the way (refused, unreachable, not HTTP).
+    #[error(transparent)]
+    Transport(TransportError),
     #[error("the join with {0} did not finish within {1:?}")]
     Timeout(String, Duration),
     #[error("SSH with the root failed: {0}")]
@@ -87,7 +91,9 @@ impl JoinError {
     /// A CamelCase reason for a condition on the `TrustedCluster`.
     pub fn reason(&self) -> &'static str {
         match self {
-            Self::Connect { .. } | Self::Timeout(..) | Self::Ssh(_) => "RootUnreachable",
+            Self::Connect { .. } | Self::Transport(_) | Self::Timeout(..) | Self::Ssh(_) => {
+                "RootUnreachable"
+            }
             Self::NotAccepted => "JoinNotAccepted",
             Self::Refused { reason, .. } => reason.as_str(),
             Self::Impostor(_) | Self::HostNotSigned(_) | Self::PinMismatch { .. } => {
@@ -100,9 +106,18 @@ impl JoinError {
     /// Whether trying again later, unchanged, could succeed.
     pub fn is_transient(&self) -> bool {
         match self {
-            Self::Connect { .. } | Self::Timeout(..) | Self::Ssh(_) => true,
+            Self::Connect { .. } | Self::Transport(_) | Self::Timeout(..) | Self::Ssh(_) => true,
             Self::Refused { reason, .. } => reason.is_transient(),
             _ => false,
+        }
+    }
+}
+
+impl From<TransportError> for JoinError {
+    fn from(e: TransportError) -> Self {
+        match e {
+            TransportError::Direct { addr, source } => Self::Connect { addr, source },
+            other => Self::Transport(other),
         }
     }
 }
@@ -144,18 +159,11 @@ pub async fn join(request: &JoinRequest) -> Result<Joined, JoinError> {
 
 async fn join_inner(request: &JoinRequest) -> Result<Joined, JoinError> {
     let addr = &request.root_address;
-    let socket = TcpStream::connect(addr.as_str())
-        .await
-        .map_err(|source| JoinError::Connect {
-            addr: addr.clone(),
-            source,
-        })?;
+    let opened = transport::open(&request.route, addr).await?;
     // Shuts the socket down when this future ends or is dropped at the deadline: russh's
     // session task would otherwise keep it (see `HandshakeGuard`).
-    let _guard = HandshakeGuard::new(&socket).map_err(|source| JoinError::Connect {
-        addr: addr.clone(),
-        source,
-    })?;
+    let _guard = opened.guard;
+    let socket = opened.io;
     let seen = Arc::new(Mutex::new(None));
     let mut handle: Handle<SeenHostKey> = client::connect_stream(
         Arc::new(ssh::client_config()),

@@ -7,7 +7,6 @@ use std::time::{Duration, Instant};
 
 use russh::client::{self, Handle, Msg};
 use russh::{ChannelMsg, ChannelReadHalf, ChannelWriteHalf};
-use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -25,8 +24,8 @@ use crate::protocol::control::{
     AgentMessage, CONTROL_SUBSYSTEM, CaKeySet, FrameReader, LeafReport, ProxyInfo, ProxyMessage,
 };
 use crate::protocol::{busy, ssh};
-use crate::stream::HandshakeGuard;
 use crate::stream::frames::{next_channel_message, send_message};
+use crate::transport::{self, Opened};
 
 /// How long a refused agent waits for the proxy's disconnect that says why.
 const REFUSAL_REASON_WAIT: Duration = Duration::from_secs(1);
@@ -122,23 +121,27 @@ impl Tunnel {
         claims: Option<Claims>,
     ) -> Result<Tunnel, TunnelError> {
         check_own_certificate(&config.identity.certificate)?;
-        let socket = TcpStream::connect(config.proxy_addr.as_str())
-            .await
-            .map_err(|source| TunnelError::Connect {
-                addr: config.proxy_addr.clone(),
-                source,
-            })?;
-        let _ = socket.set_nodelay(true);
-        if let Some(retry) = busy_hint(&socket).await {
+        let opened = transport::open(&config.route, &config.proxy_addr).await?;
+        if let Some(via) = &opened.via {
+            debug!(proxy = %config.proxy_addr, via = %via, "through the forward proxy");
+        }
+        let (opened, first) =
+            opened
+                .read_ahead(BUSY_PEEK)
+                .await
+                .map_err(|source| TunnelError::Connect {
+                    addr: config.proxy_addr.clone(),
+                    source,
+                })?;
+        if let Some(retry) = busy::parse_busy(&first) {
             return Err(TunnelError::Busy(retry));
         }
         // russh's session task owns the socket once the version is exchanged; if the deadline
         // in `connect_claiming` drops this future mid-handshake, the guard's drop shuts the
         // socket down so that task (and the socket) ends too instead of leaking.
-        let guard = HandshakeGuard::new(&socket).map_err(|source| TunnelError::Connect {
-            addr: config.proxy_addr.clone(),
-            source,
-        })?;
+        let Opened {
+            io: socket, guard, ..
+        } = opened;
         let ssh_config = Arc::new(ssh::client_config());
         let verdict = Arc::new(Mutex::new(None));
         let tasks = TaskTracker::new();
@@ -535,14 +538,11 @@ fn far_future() -> tokio::time::Instant {
     tokio::time::Instant::now() + Duration::from_secs(86_400 * 365)
 }
 
-/// Whether the proxy's first bytes are its busy line (see [`busy`]): peeked, so russh still
-/// reads the version string of a proxy that is not busy. An error or the end of the stream is
-/// left for russh to report.
-async fn busy_hint(socket: &TcpStream) -> Option<std::time::Duration> {
-    let mut first = [0u8; 64];
-    let n = socket.peek(&mut first).await.ok()?;
-    busy::parse_busy(&first[..n])
-}
+/// How many of the proxy's first bytes are read to see whether they are its busy line (see
+/// [`busy`]): read ahead and put back (`transport::Opened::read_ahead`), so russh still reads
+/// the version string of a proxy that is not busy, on a direct route and through a forward
+/// proxy alike. The end of the stream is left for russh to report.
+const BUSY_PEEK: usize = 64;
 
 /// The proxy will refuse a certificate outside its validity window; say so on the agent's side
 /// too, where the operator who must renew it is looking.

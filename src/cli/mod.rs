@@ -1,6 +1,7 @@
 //! Subcommands big enough for a module of their own.
 
 pub mod dial;
+pub mod egress;
 pub mod kube;
 pub mod leaves;
 pub mod login;

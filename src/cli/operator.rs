@@ -53,10 +53,15 @@ pub struct OperatorArgs {
     /// (`<lease-name>.<identity>`, renewed like the leader Lease).
     #[arg(long, env = "TETHER_STATUS_REFRESH", default_value = "60s", value_parser = humantime::parse_duration)]
     pub status_refresh: Duration,
+    /// How its agents and joins leave the leaf (a forward proxy, or direct).
+    #[command(flatten)]
+    pub egress: super::egress::EgressArgs,
 }
 
 /// `tether operator`: builds a client from the flags and runs until Ctrl-C or SIGTERM.
 pub async fn run(args: OperatorArgs) -> anyhow::Result<()> {
+    // Checked first: a wrong proxy URL or credentials file stops the start-up, not every agent.
+    let route = args.egress.route()?;
     let config = match &args.kubeconfig {
         Some(path) => {
             let kubeconfig = Kubeconfig::read_from(path)
@@ -143,6 +148,7 @@ pub async fn run(args: OperatorArgs) -> anyhow::Result<()> {
             instance: Some(identity),
             metrics,
             kube_upstream,
+            route,
         },
         args.status_refresh,
         shutdown,

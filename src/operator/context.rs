@@ -114,6 +114,8 @@ pub struct Context {
     pub kube_upstream: Option<Arc<crate::agent::kube::KubeUpstream>>,
     /// The API server's version, which every agent reports to the root.
     kubernetes_version: watch::Receiver<Option<String>>,
+    /// How every agent and join reaches its root (directly, or the leaf's forward proxy).
+    pub route: crate::transport::Route,
 }
 
 impl Context {
@@ -127,6 +129,7 @@ impl Context {
         metrics: OperatorMetrics,
         kube_upstream: Option<Arc<crate::agent::kube::KubeUpstream>>,
         kubernetes_version: watch::Receiver<Option<String>>,
+        route: crate::transport::Route,
     ) -> Self {
         let reporter = Reporter {
             controller: super::FIELD_MANAGER.to_owned(),
@@ -142,6 +145,7 @@ impl Context {
             epoch,
             kube_upstream,
             kubernetes_version,
+            route,
         }
     }
 

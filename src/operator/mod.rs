@@ -63,6 +63,9 @@ pub struct OperatorConfig {
     /// operator's own credentials, [`kube_upstream::from_config`]); `None` refuses tunnels
     /// whose `kubeAccess` asks for it.
     pub kube_upstream: Option<std::sync::Arc<crate::agent::kube::KubeUpstream>>,
+    /// How every agent and join this operator runs reaches its root: directly, or through
+    /// the leaf's forward proxy (the operator's own `HTTPS_PROXY`/`NO_PROXY` or flags).
+    pub route: crate::transport::Route,
 }
 
 impl OperatorConfig {
@@ -149,6 +152,7 @@ pub async fn run_with_refresh(
         config.metrics.clone(),
         config.kube_upstream.clone(),
         version_rx,
+        config.route.clone(),
     ));
     let lease_stop = CancellationToken::new();
     // The entries go first (the controller withdraws them as it stops), then the Lease.

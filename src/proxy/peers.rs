@@ -417,6 +417,7 @@ pub async fn dial_via_peers(fwd: Forward<'_>, target: &Target) -> Result<PeerStr
     for (id, addr) in &candidates {
         let config = DialClientConfig {
             proxy_addr: addr.to_string(),
+            route: crate::transport::Route::direct(),
             root_cluster: fwd.cluster.clone(),
             root_cas: fwd.root_cas.clone(),
             identity: fwd.peering.identity.load_full(),

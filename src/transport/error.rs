@@ -39,26 +39,29 @@ pub enum TransportError {
         /// The handshake's failure (an unknown CA: give it with `--egress-proxy-ca`).
         source: io::Error,
     },
-    #[error(
-        "the forward proxy {proxy} answered 407 Proxy Authentication Required to CONNECT {target}: {credentials}"
-    )]
+    #[error("the forward proxy {proxy} answered {status} to CONNECT {target}: {credentials}")]
     ProxyAuth {
         /// The proxy's URL, without credentials.
         proxy: String,
         /// The root address the CONNECT was for.
         target: String,
+        /// The status line it answered: a 407, or a 401 from proxies that use it for
+        /// credentials they refuse (tinyproxy), said to be one.
+        status: String,
         /// Which credentials it refused and where they came from, or that none were given
         /// and how to give them. Never the password.
         credentials: String,
     },
     #[error(
-        "the forward proxy {proxy} forbids CONNECT {target} (403 Forbidden{detail}): its rules must allow the root's host and port"
+        "the forward proxy {proxy} forbids CONNECT {target} ({status}{detail}): its rules must allow the root's host and port"
     )]
     ProxyForbidden {
         /// The proxy's URL, without credentials.
         proxy: String,
         /// The root address the CONNECT was for.
         target: String,
+        /// The status line it answered (`HTTP/1.1 403 Forbidden`; proxies word it their way).
+        status: String,
         /// A short, sanitised excerpt of the proxy's answer (`: ...`), or nothing.
         detail: String,
     },

@@ -385,11 +385,23 @@ impl ForwardProxy {
             407 => TransportError::ProxyAuth {
                 proxy,
                 target,
+                status: refusal.status.clone(),
+                credentials: self.credentials_refused(),
+            },
+            // tinyproxy answers 401 to credentials it refuses (and 407 to none at all).
+            401 => TransportError::ProxyAuth {
+                proxy,
+                target,
+                status: format!(
+                    "{} (a proxy's 407 Proxy Authentication Required)",
+                    refusal.status
+                ),
                 credentials: self.credentials_refused(),
             },
             403 => TransportError::ProxyForbidden {
                 proxy,
                 target,
+                status: refusal.status.clone(),
                 detail,
             },
             _ => TransportError::ProxyRefused {

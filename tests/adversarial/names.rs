@@ -59,6 +59,7 @@ impl JoinAuthority for AdmitAll {
 fn join_request(proxy: &ProxyServer, token: &JoinToken, ca: &PublicKey) -> JoinRequest {
     JoinRequest {
         root_address: proxy.local_addr().to_string(),
+        route: tether::transport::Route::direct(),
         token: token.clone(),
         leaf_cluster: leaf(),
         leaf_cas: vec![ca.clone()],

@@ -229,6 +229,7 @@ async fn the_proxies_rbac_covers_peers_join_tokens_and_remote_clusters() {
     ));
     let joined = join(&JoinRequest {
         root_address: server.local_addr().to_string(),
+        route: tether::transport::Route::direct(),
         token: token.clone(),
         leaf_cluster: pki.leaf.cluster().clone(),
         leaf_cas: vec![pki.leaf.public_key().clone()],

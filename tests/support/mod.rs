@@ -336,6 +336,7 @@ pub fn client_config_in(
 ) -> tether::client::DialClientConfig {
     tether::client::DialClientConfig {
         proxy_addr: rig.proxy.local_addr().to_string(),
+        route: tether::transport::Route::direct(),
         root_cluster: rig.pki.root.cluster().clone(),
         root_cas: vec![rig.pki.root.public_key().clone()],
         identity: Arc::new(

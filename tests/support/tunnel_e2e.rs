@@ -335,6 +335,7 @@ pub fn start_operator_counting(
             &super::kube::control_plane_blocking().kube_config(),
         )
         .ok(),
+        route: tether::transport::Route::direct(),
     };
     let stop = shutdown.clone();
     tokio::spawn(async move {

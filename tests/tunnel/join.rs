@@ -78,6 +78,7 @@ async fn root_proxy(pki: &Pki, authority: Option<Arc<MemoryAuthority>>) -> Proxy
 fn request(proxy: &ProxyServer, pki: &Pki, token: &JoinToken) -> JoinRequest {
     JoinRequest {
         root_address: proxy.local_addr().to_string(),
+        route: tether::transport::Route::direct(),
         token: token.clone(),
         leaf_cluster: leaf(),
         leaf_cas: vec![pki.leaf.public_key().clone()],

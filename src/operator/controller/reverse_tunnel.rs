@@ -158,7 +158,8 @@ async fn apply(rt: &ReverseTunnel, ctx: &Context) -> Result<Action> {
     let namespace = rt.namespace().unwrap_or_default();
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
     match resolve(rt, &secrets, ctx.kube_upstream.as_ref()).await {
-        Ok(desired) => {
+        Ok(mut desired) => {
+            desired.config.route = ctx.route.clone();
             ctx.ensure_running(rt, desired);
             ctx.failures.succeeded(&key);
             Ok(Action::requeue(RESYNC))

@@ -140,21 +140,30 @@ pub async fn read_answer<S: AsyncRead + Unpin>(io: &mut S) -> Result<(Head, Vec<
     }
 }
 
-/// Reads a little more of a refusal's body when its head came alone, to quote it; a read
-/// that fails or ends just leaves less to quote.
+/// How long a refusal's body is waited for: its page comes right after its head, and a
+/// proxy that announced none and keeps the connection must not turn the refusal into a
+/// timeout.
+const BODY_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Reads a little more of a refusal's body when its head came alone, to quote it: up to its
+/// announced length, or (none announced: tinyproxy's pages) until the proxy closes, at most
+/// [`BODY_READ`] bytes and [`BODY_WAIT`]. A read that fails or ends just leaves less to quote.
 pub async fn read_some_body<S: AsyncRead + Unpin>(
     io: &mut S,
     refusal: &Refusal,
     buf: &mut Vec<u8>,
 ) {
-    let wanted = refusal.body_len.unwrap_or(0).min(BODY_READ);
-    let mut chunk = [0u8; 512];
-    while buf.len() - refusal.len < wanted {
-        match io.read(&mut chunk).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+    let wanted = refusal.body_len.unwrap_or(BODY_READ).min(BODY_READ);
+    let read = async {
+        let mut chunk = [0u8; 512];
+        while buf.len() - refusal.len < wanted {
+            match io.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
         }
-    }
+    };
+    let _ = tokio::time::timeout(BODY_WAIT, read).await;
 }
 
 /// A short, printable excerpt of a refusal's body: tags dropped (proxies answer with HTML

@@ -287,7 +287,7 @@ async fn a_403_and_a_502_say_what_the_proxy_said() {
     answer.extend_from_slice(body);
     let err = refusal(&answer, "").await;
     assert!(
-        err.contains("forbids CONNECT root:3024 (403 Forbidden: Not allowed: port 3024)"),
+        err.contains("forbids CONNECT root:3024 (HTTP/1.1 403 Forbidden: Not allowed: port 3024)"),
         "{err}"
     );
     let err = refusal(b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\n\r\n", "").await;

@@ -121,6 +121,7 @@ async fn echo_through(
 ) -> bool {
     let config = DialClientConfig {
         proxy_addr: proxy.to_string(),
+        route: tether::transport::Route::direct(),
         root_cluster: ClusterName::new("root").expect("name"),
         root_cas: vec![pki.root.public_key().clone()],
         identity: Arc::new(Identity::load(&files.path("peer")).expect("client identity")),

@@ -27,7 +27,8 @@ pub(super) async fn ensure_joined(
             None,
         ));
     }
-    let request = join_request(tc, secrets).await?;
+    let mut request = join_request(tc, secrets).await?;
+    request.route = ctx.route.clone();
     info!(trusted_cluster = %name, root = %request.root_address, token = %request.token, "joining the root");
     let joined = join(&request).await.map_err(|e| {
         let retry = if e.is_transient() {
@@ -141,6 +142,7 @@ pub(super) async fn join_request(
     let leaf_ca = leaf_ca(tc, secrets).await?;
     Ok(JoinRequest {
         root_address: tc.spec.root_address.clone(),
+        route: crate::transport::Route::direct(),
         token,
         leaf_cluster: leaf_ca.cluster().clone(),
         leaf_cas: vec![leaf_ca.public_key().clone()],
