@@ -10,10 +10,9 @@ use clap::{Args, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
 use tether::agent::{Agent, AgentConfig};
-use tether::client::{DialClient, DialClientConfig};
 use tether::egress::allow_list::AllowList;
 use tether::identity::{CertificateAuthority, Identity, parse_ca_keys};
-use tether::protocol::{ClusterName, Endpoint, Target};
+use tether::protocol::{ClusterName, Target};
 
 use cli::shutdown_signal;
 
@@ -53,7 +52,11 @@ enum Command {
     /// Run an agent: dial out to the root's proxies and serve dials it allows.
     Agent(AgentArgs),
     /// Reach HOST:PORT in CLUSTER through a proxy, over stdin/stdout (works as ProxyCommand).
-    Dial(DialArgs),
+    Dial(cli::dial::DialArgs),
+    /// Save a client profile (proxy, root cluster, identity, root CA) for `tether dial`.
+    Login(cli::login::LoginArgs),
+    /// Print an ssh_config block per leaf, so `ssh HOST.LEAF` dials through the root.
+    SshConfig(cli::login::SshConfigArgs),
     /// Print the tether.dev CustomResourceDefinitions as YAML (what crds/ holds).
     Crd,
     /// Run the Kubernetes operator: reconcile ReverseTunnels into running agents.
@@ -206,26 +209,6 @@ struct AgentArgs {
     egress: cli::egress::EgressArgs,
 }
 
-#[derive(Args)]
-struct DialArgs {
-    /// The cluster the target is in.
-    cluster: ClusterName,
-    /// The target, HOST:PORT (`_apiserver:443` for the cluster's API server).
-    target: String,
-    /// The proxy's address, HOST:PORT.
-    #[arg(long, value_parser = cli::parse_host_port)]
-    proxy: String,
-    /// The root cluster's name.
-    #[arg(long)]
-    root_cluster: ClusterName,
-    /// The client key; its certificate is read from IDENTITY-cert.pub.
-    #[arg(long)]
-    identity: PathBuf,
-    /// File of CA public keys trusted to sign the proxies' host certificates.
-    #[arg(long)]
-    root_ca: PathBuf,
-}
-
 fn main() -> std::process::ExitCode {
     tether::stream::tune_allocator();
     let cli = Cli::parse();
@@ -288,7 +271,9 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Cert(cert) => issue(cert),
         Command::Proxy(args) => cli::proxy::run(*args).await,
         Command::Agent(args) => run_agent(args).await,
-        Command::Dial(args) => run_dial(args).await,
+        Command::Dial(args) => cli::dial::run(args).await,
+        Command::Login(args) => cli::login::run(args),
+        Command::SshConfig(args) => cli::login::run_ssh_config(args),
         Command::Crd => {
             print!("{}", tether::operator::crds_yaml()?);
             Ok(())
@@ -471,27 +456,5 @@ async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
         signal_stop.cancel();
     });
     agent.run(stop).await;
-    Ok(())
-}
-
-async fn run_dial(args: DialArgs) -> anyhow::Result<()> {
-    let target = Target {
-        cluster: args.cluster,
-        endpoint: Endpoint::parse(&args.target)?,
-    };
-    let config = DialClientConfig {
-        proxy_addr: args.proxy,
-        root_cluster: args.root_cluster,
-        root_cas: read_cas(&args.root_ca)?,
-        identity: Arc::new(cli::load_identity("--identity", &args.identity)?),
-        timeout: Duration::from_secs(15),
-        route: tether::transport::Route::direct(),
-    };
-    tether::client::check_client_identity(&config.identity, std::time::SystemTime::now())
-        .with_context(|| format!("--identity {}", args.identity.display()))?;
-    let client = DialClient::connect(&config).await?;
-    // The output really closes when the far end does, so an ssh ProxyCommand sees it end.
-    let stdio = tokio::io::join(tokio::io::stdin(), cli::stdio::ClosingStdout::new());
-    client.splice(&target, stdio).await?;
     Ok(())
 }
