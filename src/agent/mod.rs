@@ -32,8 +32,9 @@ pub use tunnel::{Tunnel, TunnelEvent};
 pub enum AgentEvent {
     /// Dialling the proxy address.
     Connecting,
-    /// A tunnel to this proxy is up.
-    Connected { proxy_id: String },
+    /// A tunnel to this proxy is up, over `carrier` (`ssh`, `tls-alpn`, `tls-websocket`,
+    /// `websocket`: what the root address and the load balancer in front led to).
+    Connected { proxy_id: String, carrier: String },
     /// The tunnel failed or closed; a reconnect follows unless the agent is closing.
     Disconnected { reason: String },
     /// The agent has stopped for good.

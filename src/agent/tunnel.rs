@@ -25,7 +25,7 @@ use crate::protocol::control::{
 };
 use crate::protocol::{busy, ssh};
 use crate::stream::frames::{next_channel_message, send_message};
-use crate::transport::{self, Opened};
+use crate::transport::{self, Opened, Used};
 
 /// How long a refused agent waits for the proxy's disconnect that says why.
 const REFUSAL_REASON_WAIT: Duration = Duration::from_secs(1);
@@ -75,6 +75,8 @@ pub struct Tunnel {
     ca_keys: Option<watch::Receiver<Option<Arc<CaKeySet>>>>,
     /// The control protocol version agreed with the proxy.
     pub protocol: ProtocolVersion,
+    /// What carries SSH to the proxy (TLS by ALPN, WebSocket, ...): the agent says which.
+    pub carrier: Used,
     /// The root cluster and the CA keys the agent trusts for it: who may sign the root's key
     /// sets.
     root: Arc<(ClusterName, Vec<PublicKey>)>,
@@ -140,7 +142,10 @@ impl Tunnel {
         // in `connect_claiming` drops this future mid-handshake, the guard's drop shuts the
         // socket down so that task (and the socket) ends too instead of leaking.
         let Opened {
-            io: socket, guard, ..
+            io: socket,
+            guard,
+            carrier,
+            ..
         } = opened;
         let ssh_config = Arc::new(ssh::client_config());
         let verdict = Arc::new(Mutex::new(None));
@@ -220,9 +225,10 @@ impl Tunnel {
             }
         };
         guard.release();
-        info!(proxy = %proxy_id, ?interval, %protocol, "tunnel connected");
+        info!(proxy = %proxy_id, ?interval, %protocol, %carrier, "tunnel connected");
         Ok(Tunnel {
             proxy_id,
+            carrier,
             _claim: claim,
             held: None,
             leaf_report: None,

@@ -21,21 +21,49 @@ impl Haproxy {
     /// Starts haproxy balancing (`random`, `roundrobin`, ...) over `backends`, with fast health
     /// checks and redispatch, and waits until it accepts connections.
     pub fn start(balance: &str, backends: &[SocketAddr]) -> Haproxy {
-        for _ in 0..5 {
-            let addr = free_addr();
-            let dir = tempfile::tempdir().expect("tempdir");
-            let mut servers = String::new();
-            for (i, b) in backends.iter().enumerate() {
-                servers.push_str(&format!("  server s{i} {b}\n"));
-            }
-            let config = format!(
+        let mut servers = String::new();
+        for (i, b) in backends.iter().enumerate() {
+            servers.push_str(&format!("  server s{i} {b}\n"));
+        }
+        Self::launch(|addr| {
+            format!(
                 "global\n  maxconn 4000\n\
                  defaults\n  mode tcp\n  timeout connect 1s\n  timeout client 120s\n  timeout server 120s\n  retries 3\n  option redispatch 1\n\
                  frontend tunnels\n  bind {addr}\n  default_backend proxies\n\
                  backend proxies\n  balance {balance}\n  default-server check inter 100ms fall 1 rise 1\n{servers}"
-            );
+            )
+        })
+    }
+
+    /// Starts haproxy as an L7 load balancer, the way clouds put one on 443: `mode http`,
+    /// terminating TLS with `pem` (certificate chain and key) and no ALPN, forwarding HTTP to
+    /// `backends` in the clear or, with `reencrypt`, in TLS without ALPN and without checking
+    /// their certificates. Either way a backend sees no ALPN from the client.
+    pub fn start_l7(backends: &[SocketAddr], pem: &std::path::Path, reencrypt: bool) -> Haproxy {
+        let tls = if reencrypt { " ssl verify none" } else { "" };
+        let mut servers = String::new();
+        for (i, b) in backends.iter().enumerate() {
+            servers.push_str(&format!("  server s{i} {b}{tls}\n"));
+        }
+        let pem = pem.display().to_string();
+        Self::launch(|addr| {
+            format!(
+                "global\n  maxconn 4000\n\
+                 defaults\n  mode http\n  timeout connect 1s\n  timeout client 120s\n  timeout server 120s\n  timeout tunnel 1h\n\
+                 frontend https\n  bind {addr} ssl crt {pem}\n  default_backend proxies\n\
+                 backend proxies\n  balance roundrobin\n{servers}"
+            )
+        })
+    }
+
+    /// Runs haproxy with the configuration `config(addr)` on a free address, trying another
+    /// if it loses the port race, and waits until it accepts connections.
+    fn launch(config: impl Fn(SocketAddr) -> String) -> Haproxy {
+        for _ in 0..5 {
+            let addr = free_addr();
+            let dir = tempfile::tempdir().expect("tempdir");
             let path = dir.path().join("haproxy.cfg");
-            std::fs::write(&path, config).expect("write haproxy.cfg");
+            std::fs::write(&path, config(addr)).expect("write haproxy.cfg");
             let mut cmd = Command::new("haproxy");
             cmd.arg("-db")
                 .arg("-f")

@@ -19,7 +19,7 @@ use crate::support::*;
 const TOKEN: &str = "s3cret-token-for-tests-only";
 
 /// A one-line HTTP server standing in for a service in the leaf.
-async fn http_server() -> std::net::SocketAddr {
+pub(crate) async fn http_server() -> std::net::SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     tokio::spawn(async move {

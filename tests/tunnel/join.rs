@@ -22,9 +22,9 @@ use crate::support::{AnyHost, leaf, pki, wait_for, within};
 
 /// Tokens by ID, with whether each is spent; admitted leaves by name.
 #[derive(Default)]
-struct MemoryAuthority {
+pub(crate) struct MemoryAuthority {
     tokens: Mutex<HashMap<String, (JoinToken, bool)>>,
-    leaves: Mutex<HashMap<String, Vec<String>>>,
+    pub(crate) leaves: Mutex<HashMap<String, Vec<String>>>,
 }
 
 impl JoinAuthority for MemoryAuthority {
@@ -65,7 +65,7 @@ impl JoinAuthority for MemoryAuthority {
     }
 }
 
-async fn root_proxy(pki: &Pki, authority: Option<Arc<MemoryAuthority>>) -> ProxyServer {
+pub(crate) async fn root_proxy(pki: &Pki, authority: Option<Arc<MemoryAuthority>>) -> ProxyServer {
     let mut config = pki.proxy_config("proxy-1").expect("config");
     // The root trusts only itself until a leaf joins.
     let mut trust = TrustStore::new();
@@ -75,7 +75,7 @@ async fn root_proxy(pki: &Pki, authority: Option<Arc<MemoryAuthority>>) -> Proxy
     ProxyServer::start(config).await.expect("proxy starts")
 }
 
-fn request(proxy: &ProxyServer, pki: &Pki, token: &JoinToken) -> JoinRequest {
+pub(crate) fn request(proxy: &ProxyServer, pki: &Pki, token: &JoinToken) -> JoinRequest {
     JoinRequest {
         root_address: proxy.local_addr().to_string(),
         route: tether::transport::Route::direct(),
@@ -87,7 +87,7 @@ fn request(proxy: &ProxyServer, pki: &Pki, token: &JoinToken) -> JoinRequest {
     }
 }
 
-fn authority_with(token: &JoinToken) -> Arc<MemoryAuthority> {
+pub(crate) fn authority_with(token: &JoinToken) -> Arc<MemoryAuthority> {
     let authority = MemoryAuthority::default();
     authority
         .tokens

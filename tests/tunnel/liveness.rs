@@ -73,7 +73,7 @@ async fn the_agent_reconnects_after_the_proxy_restarts() {
             .expect("restart on the same port");
     within("the agent to reconnect", Duration::from_secs(30), async {
         loop {
-            if let Ok(AgentEvent::Connected { proxy_id }) = rig.events.recv().await {
+            if let Ok(AgentEvent::Connected { proxy_id, .. }) = rig.events.recv().await {
                 assert_eq!(proxy_id, "p1-restarted");
                 break;
             }

@@ -16,6 +16,7 @@ mod metrics;
 mod policy;
 mod skew;
 mod startup;
+mod tls_port;
 
 use tether::protocol::DialError;
 

@@ -195,7 +195,7 @@ impl<'a> PoolRun<'a> {
         (self.failures, self.busy, self.duplicates) = (0, 0, 0);
         self.last_error = None;
         let proxy_id = tunnel.proxy_id.clone();
-        info!(proxy = %proxy_id, "holding a tunnel");
+        info!(proxy = %proxy_id, carrier = %tunnel.carrier, "holding a tunnel");
         let tunnel_stop = self.stop.child_token();
         self.held.insert(
             proxy_id.clone(),
@@ -208,6 +208,7 @@ impl<'a> PoolRun<'a> {
         );
         let _ = self.pool.events.send(AgentEvent::Connected {
             proxy_id: proxy_id.clone(),
+            carrier: tunnel.carrier.to_string(),
         });
         let tx = self.tunnel_tx.clone();
         let tunnel = tunnel
