@@ -32,7 +32,7 @@ use paths::{Env, PathUnderTest, chisel, direct, haproxy, measure, openssh, ratho
 use procs::{Procs, target_dir, which};
 use report::report;
 use setup::{ensure_packages, install_others, raise_nofile};
-use tunnel::{TetherFiles, convergence, idle_memory, tether_path};
+use tunnel::{Carrier, TetherFiles, convergence, idle_memory, tether_path, tether_path_over};
 use workloads::bench_server;
 
 type Res<T> = Result<T, String>;
@@ -180,6 +180,20 @@ fn main() {
             "tether",
             Box::new(|e, pr, p| match &files {
                 Ok(f) => tether_path(e, f, pr, p),
+                Err(err) => Err(format!("certificates: {err}")),
+            }),
+        ),
+        (
+            "tether tls-alpn",
+            Box::new(|e, pr, p| match &files {
+                Ok(f) => tether_path_over(e, f, pr, p, Carrier::TlsAlpn),
+                Err(err) => Err(format!("certificates: {err}")),
+            }),
+        ),
+        (
+            "tether websocket via L7 haproxy",
+            Box::new(|e, pr, p| match &files {
+                Ok(f) => tether_path_over(e, f, pr, p, Carrier::L7WebSocket),
                 Err(err) => Err(format!("certificates: {err}")),
             }),
         ),

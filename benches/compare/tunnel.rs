@@ -64,6 +64,17 @@ impl TetherFiles {
 
     /// Starts a proxy with a client entry: (pid, tunnel port, entry port).
     pub(crate) fn proxy(&self, env: &Env, procs: &mut Procs, name: &str) -> Res<(u32, u16, u16)> {
+        self.proxy_with(env, procs, name, &[])
+    }
+
+    /// [`proxy`](Self::proxy) with more arguments (a TLS port).
+    fn proxy_with(
+        &self,
+        env: &Env,
+        procs: &mut Procs,
+        name: &str,
+        extra: &[String],
+    ) -> Res<(u32, u16, u16)> {
         let (port, entry) = (free_port()?, free_port()?);
         let pid = procs.spawn(
             name,
@@ -88,7 +99,8 @@ impl TetherFiles {
                 .args(["--max-connections-per-ip", "4096", "--shutdown-grace", "1s"])
                 // The idle-memory run holds 1,000 streams from 127.0.0.1.
                 .args(["--client-max-connections", "4096"])
-                .args(["--client-max-connections-per-ip", "4096"]),
+                .args(["--client-max-connections-per-ip", "4096"])
+                .args(extra),
             &env.logs,
         )?;
         wait_port(port, Duration::from_secs(10))?;
@@ -114,8 +126,50 @@ pub(crate) fn tether_path(
     procs: &mut Procs,
     iperf: u16,
 ) -> Res<PathUnderTest> {
-    let (proxy, port, entry) = files.proxy(env, procs, "tether-proxy")?;
-    let agent = spawn_agent(env, files, procs, "tether-agent", port, &[iperf])?;
+    tether_path_over(env, files, procs, iperf, Carrier::Ssh)
+}
+
+/// What carries the agent's tunnel in a Tether path (#17: the TLS port's overhead).
+#[derive(Clone, Copy)]
+pub(crate) enum Carrier {
+    /// SSH on the tunnel port.
+    Ssh,
+    /// TLS to the proxy's TLS port, SSH inside by ALPN.
+    TlsAlpn,
+    /// TLS to a haproxy in `mode http` that terminates it, then SSH in WebSocket frames over
+    /// plain HTTP to the proxy's TLS port.
+    L7WebSocket,
+}
+
+/// Tether's path with the agent's tunnel over `carrier`; the clients' side is the same.
+pub(crate) fn tether_path_over(
+    env: &Env,
+    files: &TetherFiles,
+    procs: &mut Procs,
+    iperf: u16,
+    carrier: Carrier,
+) -> Res<PathUnderTest> {
+    let tls = free_port()?;
+    let extra = match carrier {
+        Carrier::Ssh => vec![],
+        _ => vec!["--tls-listen".to_owned(), local(tls).to_string()],
+    };
+    let (proxy, port, entry) = files.proxy_with(env, procs, "tether-proxy", &extra)?;
+    let mut server_pids = vec![proxy];
+    let address = match carrier {
+        Carrier::Ssh => local(port).to_string(),
+        Carrier::TlsAlpn => {
+            wait_port(tls, Duration::from_secs(10))?;
+            format!("tls://{}", local(tls))
+        }
+        Carrier::L7WebSocket => {
+            wait_port(tls, Duration::from_secs(10))?;
+            let (pid, lb) = l7_haproxy(env, files, procs, tls)?;
+            server_pids.push(pid);
+            format!("tls://{}", local(lb))
+        }
+    };
+    let agent = spawn_agent_to(env, files, procs, "tether-agent", &address, &[iperf])?;
     let echo = Dial::Entry(Arc::new(files.entry(entry, env.echo.port())?));
     ready(env, procs, &echo)?;
     let fwd = free_port()?;
@@ -142,10 +196,39 @@ pub(crate) fn tether_path(
     Ok(PathUnderTest {
         iperf: fwd,
         echo,
-        server_pids: vec![proxy],
+        server_pids,
         agent_pids: vec![agent],
         note: "iperf3 via `tether forward` → HTTP CONNECT entry; echo clients speak CONNECT".into(),
     })
+}
+
+/// haproxy in `mode http` terminating TLS (a self-signed certificate, no ALPN) in front of the
+/// proxy's TLS port, in plain HTTP: an L7 load balancer. (pid, its port).
+fn l7_haproxy(env: &Env, files: &TetherFiles, procs: &mut Procs, backend: u16) -> Res<(u32, u16)> {
+    let issued = rcgen::generate_simple_self_signed(vec!["localhost".into()])
+        .map_err(|e| e.to_string())?;
+    let pem = files.dir.join("l7.pem");
+    let key = issued.signing_key.serialize_pem();
+    fs::write(&pem, format!("{}{key}", issued.cert.pem())).map_err(|e| e.to_string())?;
+    let lb = free_port()?;
+    let cfg = format!(
+        "global\n  maxconn 8192\ndefaults\n  mode http\n  timeout connect 5s\n  \
+         timeout client 120s\n  timeout server 120s\n  timeout tunnel 1h\n\
+         frontend https\n  bind {} ssl crt {}\n  default_backend proxy\n\
+         backend proxy\n  server s1 {}\n",
+        local(lb),
+        pem.display(),
+        local(backend)
+    );
+    let path = env.tmp.join("haproxy-l7.cfg");
+    fs::write(&path, cfg).map_err(|e| e.to_string())?;
+    let pid = procs.spawn(
+        "haproxy-l7",
+        Command::new("haproxy").arg("-db").arg("-f").arg(&path),
+        &env.logs,
+    )?;
+    wait_port(lb, Duration::from_secs(10))?;
+    Ok((pid, lb))
 }
 
 /// Starts an agent of the proxy on `port`, allowed to dial the echo server and `ports`.
@@ -155,6 +238,19 @@ pub(crate) fn spawn_agent(
     procs: &mut Procs,
     name: &str,
     port: u16,
+    ports: &[u16],
+) -> Res<u32> {
+    spawn_agent_to(env, files, procs, name, &local(port).to_string(), ports)
+}
+
+/// Starts an agent dialling `address` (any carrier), allowed to dial the echo server and
+/// `ports`.
+pub(crate) fn spawn_agent_to(
+    env: &Env,
+    files: &TetherFiles,
+    procs: &mut Procs,
+    name: &str,
+    address: &str,
     ports: &[u16],
 ) -> Res<u32> {
     let allowed: Vec<String> = ports
@@ -179,7 +275,7 @@ pub(crate) fn spawn_agent(
                 "--root-ca",
                 "root-ca.pub",
                 "--proxy",
-                &local(port).to_string(),
+                address,
             ])
             .args(["--allow", &format!("127.0.0.1/32:{}", allowed.join(","))]),
         &env.logs,
