@@ -32,7 +32,7 @@ use paths::{Env, PathUnderTest, chisel, direct, haproxy, measure, openssh, ratho
 use procs::{Procs, target_dir, which};
 use report::report;
 use setup::{ensure_packages, install_others, raise_nofile};
-use tunnel::{Carrier, TetherFiles, convergence, idle_memory, tether_path, tether_path_over};
+use tunnel::{Carrier, TetherFiles, convergence, idle_memory, tether_path_over};
 use workloads::bench_server;
 
 type Res<T> = Result<T, String>;
@@ -165,6 +165,14 @@ fn main() {
     let mut results = Vec::new();
     type Setup<'a> = Box<dyn Fn(&Env, &mut Procs, u16) -> Res<PathUnderTest> + 'a>;
     let files = TetherFiles::create(&env);
+    // Tether's path with the agent's tunnel over `carrier` (#17: what TLS and WebSocket cost).
+    let tether = |carrier: Carrier| -> Setup {
+        let files = &files;
+        Box::new(move |e, pr, p| match files {
+            Ok(f) => tether_path_over(e, f, pr, p, carrier),
+            Err(err) => Err(format!("certificates: {err}")),
+        })
+    };
     let mut paths: Vec<(&str, Setup)> = vec![
         ("direct TCP", Box::new(|e, _, p| direct(e, p))),
         ("haproxy", Box::new(haproxy)),
@@ -176,26 +184,12 @@ fn main() {
             "ssh -R default cipher",
             Box::new(|e, pr, p| openssh(e, pr, p, None)),
         ),
-        (
-            "tether",
-            Box::new(|e, pr, p| match &files {
-                Ok(f) => tether_path(e, f, pr, p),
-                Err(err) => Err(format!("certificates: {err}")),
-            }),
-        ),
-        (
-            "tether tls-alpn",
-            Box::new(|e, pr, p| match &files {
-                Ok(f) => tether_path_over(e, f, pr, p, Carrier::TlsAlpn),
-                Err(err) => Err(format!("certificates: {err}")),
-            }),
-        ),
+        ("tether", tether(Carrier::Ssh)),
+        ("tether tls-alpn", tether(Carrier::TlsAlpn)),
+        ("tether websocket", tether(Carrier::WebSocket)),
         (
             "tether websocket via L7 haproxy",
-            Box::new(|e, pr, p| match &files {
-                Ok(f) => tether_path_over(e, f, pr, p, Carrier::L7WebSocket),
-                Err(err) => Err(format!("certificates: {err}")),
-            }),
+            tether(Carrier::L7WebSocket),
         ),
     ];
     let have = |n: &str| which(n, &env.tools).is_some();

@@ -120,15 +120,6 @@ impl TetherFiles {
     }
 }
 
-pub(crate) fn tether_path(
-    env: &Env,
-    files: &TetherFiles,
-    procs: &mut Procs,
-    iperf: u16,
-) -> Res<PathUnderTest> {
-    tether_path_over(env, files, procs, iperf, Carrier::Ssh)
-}
-
 /// What carries the agent's tunnel in a Tether path (#17: the TLS port's overhead).
 #[derive(Clone, Copy)]
 pub(crate) enum Carrier {
@@ -136,6 +127,9 @@ pub(crate) enum Carrier {
     Ssh,
     /// TLS to the proxy's TLS port, SSH inside by ALPN.
     TlsAlpn,
+    /// A WebSocket upgrade in plain HTTP straight to the proxy's TLS port: the framing's own
+    /// cost, without a load balancer.
+    WebSocket,
     /// TLS to a haproxy in `mode http` that terminates it, then SSH in WebSocket frames over
     /// plain HTTP to the proxy's TLS port.
     L7WebSocket,
@@ -161,6 +155,10 @@ pub(crate) fn tether_path_over(
         Carrier::TlsAlpn => {
             wait_port(tls, Duration::from_secs(10))?;
             format!("tls://{}", local(tls))
+        }
+        Carrier::WebSocket => {
+            wait_port(tls, Duration::from_secs(10))?;
+            format!("ws://{}", local(tls))
         }
         Carrier::L7WebSocket => {
             wait_port(tls, Duration::from_secs(10))?;
@@ -205,8 +203,8 @@ pub(crate) fn tether_path_over(
 /// haproxy in `mode http` terminating TLS (a self-signed certificate, no ALPN) in front of the
 /// proxy's TLS port, in plain HTTP: an L7 load balancer. (pid, its port).
 fn l7_haproxy(env: &Env, files: &TetherFiles, procs: &mut Procs, backend: u16) -> Res<(u32, u16)> {
-    let issued = rcgen::generate_simple_self_signed(vec!["localhost".into()])
-        .map_err(|e| e.to_string())?;
+    let issued =
+        rcgen::generate_simple_self_signed(vec!["localhost".into()]).map_err(|e| e.to_string())?;
     let pem = files.dir.join("l7.pem");
     let key = issued.signing_key.serialize_pem();
     fs::write(&pem, format!("{}{key}", issued.cert.pem())).map_err(|e| e.to_string())?;
@@ -271,12 +269,7 @@ pub(crate) fn spawn_agent_to(
                 "--identity",
                 "agent",
             ])
-            .args([
-                "--root-ca",
-                "root-ca.pub",
-                "--proxy",
-                address,
-            ])
+            .args(["--root-ca", "root-ca.pub", "--proxy", address])
             .args(["--allow", &format!("127.0.0.1/32:{}", allowed.join(","))]),
         &env.logs,
     )
