@@ -666,3 +666,54 @@ async fn the_tls_port_renders_only_when_asked_with_the_secret_given() {
     let volumes = deployment["spec"]["template"]["spec"]["volumes"].to_string();
     assert!(volumes.contains("root-tls"), "{volumes}");
 }
+
+/// `leaf.egressProxy` (#17): the operator gets HTTPS_PROXY and NO_PROXY, and the credentials
+/// and CA Secrets as files for its flags; nothing of it by default; a URL with credentials in
+/// it (they would sit in the Deployment for every reader) is refused by the schema.
+#[tokio::test]
+async fn the_egress_proxy_renders_as_env_and_mounted_secrets_only_when_asked() {
+    let cp = support::kube::control_plane().await;
+    let off = render_text(cp, "tether", "tether", LEAF_ONLY);
+    assert!(
+        !off.contains("HTTPS_PROXY") && !off.contains("egress-proxy"),
+        "{off}"
+    );
+    let values = [
+        "--set",
+        "leaf.egressProxy.url=http://proxy.corp:3128,leaf.egressProxy.noProxy=10.96.0.1\\,.svc,leaf.egressProxy.credentialsSecret.name=egress-creds,leaf.egressProxy.caSecret.name=egress-ca",
+    ];
+    let docs = render(cp, "tether", "tether", &concat(&[LEAF_ONLY, &values]));
+    let deployment = find(&docs, "Deployment", "tether-operator");
+    let pod = &deployment["spec"]["template"]["spec"];
+    let container = &pod["containers"][0];
+    let args = strings(&container["args"]).join(" ");
+    for flag in [
+        "--egress-proxy-credentials /etc/tether/egress-proxy/credentials/credentials",
+        "--egress-proxy-ca /etc/tether/egress-proxy/ca/ca.crt",
+    ] {
+        assert!(args.contains(flag), "{flag} in {args}");
+    }
+    let env = container["env"].as_array().expect("env");
+    let var = |name: &str| {
+        env.iter()
+            .find(|e| e["name"] == name)
+            .map(|e| e["value"].clone())
+    };
+    assert_eq!(var("HTTPS_PROXY"), Some("http://proxy.corp:3128".into()));
+    assert_eq!(var("NO_PROXY"), Some("10.96.0.1,.svc".into()));
+    let volumes = serde_json::to_string(&pod["volumes"]).expect("json");
+    assert!(
+        volumes.contains("egress-creds") && volumes.contains("egress-ca"),
+        "{volumes}"
+    );
+    let chart = chart_arg();
+    let (ok, _, err) = helm(
+        cp,
+        &concat(&[
+            &["template", "tether", &chart],
+            LEAF_ONLY,
+            &["--set", "leaf.egressProxy.url=http://u:p@proxy.corp:3128"],
+        ]),
+    );
+    assert!(!ok && err.contains("egressProxy/url"), "{err}");
+}
