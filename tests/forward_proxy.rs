@@ -4,8 +4,6 @@
 mod support;
 
 use std::net::{SocketAddr, TcpListener as StdListener};
-use std::path::PathBuf;
-use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,68 +19,8 @@ use tokio_util::sync::CancellationToken;
 
 use support::haproxy::Haproxy;
 use support::procs::{Files, Proc, agent_command, free_addr};
+use support::tinyproxy::{PASSWORD, Tinyproxy, USER};
 use support::*;
-
-const USER: &str = "user";
-const PASSWORD: &str = "pass-7f3a9c";
-
-/// A running tinyproxy: Basic auth `USER:PASSWORD`, CONNECT only to `ports`, clients from
-/// loopback, its log (every CONNECT request) in a file. Killed on drop.
-struct Tinyproxy {
-    /// The process.
-    proc: Proc,
-    /// Where it listens.
-    addr: SocketAddr,
-    /// Its log: `CONNECT ... Request (file descriptor N): CONNECT host:port HTTP/1.1`.
-    log: PathBuf,
-    /// Holds its configuration and log.
-    _dir: tempfile::TempDir,
-}
-
-impl Tinyproxy {
-    fn start(ports: &[u16]) -> Tinyproxy {
-        for _ in 0..5 {
-            let addr = free_addr();
-            let dir = tempfile::tempdir().expect("tempdir");
-            let mut config = format!(
-                "Port {}\nListen 127.0.0.1\nTimeout 120\nAllow 127.0.0.1\nMaxClients 200\nLogLevel Connect\nBasicAuth {USER} {PASSWORD}\n",
-                addr.port()
-            );
-            for port in ports {
-                config.push_str(&format!("ConnectPort {port}\n"));
-            }
-            let path = dir.path().join("tinyproxy.conf");
-            std::fs::write(&path, config).expect("write tinyproxy.conf");
-            let log = dir.path().join("tinyproxy.log");
-            let mut cmd = Command::new("tinyproxy");
-            cmd.arg("-d").arg("-c").arg(&path);
-            let proc = Proc::logged("tinyproxy", &mut cmd, log.clone())
-                .unwrap_or_else(|e| panic!("{e} (apt-get install tinyproxy)"));
-            let mut proxy = Tinyproxy {
-                proc,
-                addr,
-                log,
-                _dir: dir,
-            };
-            // If it lost the port race it exits: then try another port.
-            if proxy.proc.accepts(&[addr], Duration::from_secs(10)) {
-                return proxy;
-            }
-        }
-        panic!("tinyproxy did not start");
-    }
-
-    /// `http://USER:PASSWORD@ADDR` with `password` instead of the right one.
-    fn url(&self, password: &str) -> String {
-        format!("http://{USER}:{password}@{}", self.addr)
-    }
-
-    /// How many CONNECT requests it logged (accepted or not).
-    fn connects(&self) -> usize {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        text.lines().filter(|l| l.contains("): CONNECT ")).count()
-    }
-}
 
 /// Three proxies that announce each other, behind haproxy.
 struct Root {

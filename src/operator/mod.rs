@@ -19,6 +19,7 @@ pub mod api_client;
 pub mod context;
 pub mod controller;
 pub mod crd;
+pub mod egress_proxy;
 pub mod endpoints;
 pub mod error;
 pub mod events;

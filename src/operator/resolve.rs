@@ -230,6 +230,11 @@ pub async fn resolve(
     )
         .hash(&mut hasher);
     (key_text.trim(), cert_text.trim(), ca_text.trim()).hash(&mut hasher);
+    // `None`: the operator's own route, which the caller sets.
+    let route = match &spec.tunnel.egress_proxy {
+        Some(egress) => Some(super::egress_proxy::route(egress, secrets, &mut hasher).await?),
+        None => None,
+    };
     let identity_ca = fingerprint(&PublicKey::from(
         identity.certificate.signature_key().clone(),
     ));
@@ -243,6 +248,7 @@ pub async fn resolve(
         api_server: spec.tunnel.api_server.clone(),
         kube,
         heartbeat_interval: heartbeat,
+        route: route.unwrap_or_default(),
         ..AgentConfig::new(
             leaf,
             root,

@@ -7,13 +7,15 @@
 //! - [`procs`]: child processes (one [`procs::Proc`]), free ports, HTTP GETs, `tether` itself;
 //! - [`kube`]: a real control plane (etcd, kube-apiserver, kube-controller-manager);
 //! - [`tunnel_e2e`]: the operator's end-to-end pieces (CRDs, Secrets, an operator in-process);
-//! - [`haproxy`], [`relay`]: a real load balancer, and a relay that can black-hole a path.
+//! - [`haproxy`], [`relay`]: a real load balancer, and a relay that can black-hole a path;
+//! - [`tinyproxy`]: a real forward proxy with Basic auth.
 #![allow(dead_code)]
 
 pub mod haproxy;
 pub mod kube;
 pub mod procs;
 pub mod relay;
+pub mod tinyproxy;
 pub mod tunnel_e2e;
 
 use std::future::Future;

@@ -159,7 +159,10 @@ async fn apply(rt: &ReverseTunnel, ctx: &Context) -> Result<Action> {
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
     match resolve(rt, &secrets, ctx.kube_upstream.as_ref()).await {
         Ok(mut desired) => {
-            desired.config.route = ctx.route.clone();
+            // The operator's own route, unless the spec names one.
+            if rt.spec.tunnel.egress_proxy.is_none() {
+                desired.config.route = ctx.route.clone();
+            }
             ctx.ensure_running(rt, desired);
             ctx.failures.succeeded(&key);
             Ok(Action::requeue(RESYNC))

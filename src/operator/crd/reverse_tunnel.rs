@@ -166,6 +166,50 @@ pub struct TunnelSettings {
     #[serde(default = "default_heartbeat_interval")]
     #[schemars(length(max = 32), regex(pattern = DURATION_PATTERN))]
     pub heartbeat_interval: String,
+    /// The forward proxy the agent (and a `TrustedCluster`'s join) reaches the root through,
+    /// with HTTP CONNECT, instead of the operator's own (its `HTTPS_PROXY`, `NO_PROXY`). Unset:
+    /// the operator's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub egress_proxy: Option<EgressProxy>,
+}
+
+/// A forward proxy between this cluster and the root (issue #17).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct EgressProxy {
+    /// `http://HOST:PORT` or `https://HOST:PORT` (TLS to the proxy itself), without
+    /// credentials: they go in `credentialsSecretRef`, out of every reader's sight. Empty:
+    /// direct, whatever the operator's environment says.
+    #[schemars(
+        length(max = 300),
+        regex(pattern = r"^$|^[Hh][Tt][Tt][Pp][Ss]?://[^@/?#]+/?$")
+    )]
+    pub url: String,
+    /// Roots reached directly although a proxy is set, as `NO_PROXY` lists them: `*`, host
+    /// names (and the names under them), `.domain` suffixes, IPs and CIDRs, each with an
+    /// optional `:port`, comma-separated.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    #[schemars(length(max = 4096))]
+    pub no_proxy: String,
+    /// A Secret key holding the proxy's Basic credentials as one line `user:password`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials_secret_ref: Option<SecretKeyReference>,
+    /// A Secret key holding the PEM CA certificates an `https://` proxy's certificate must
+    /// chain to. Unset: the system's CA certificates.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_secret_ref: Option<SecretKeyReference>,
+}
+
+/// One key of a Secret in the namespace of this object.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretKeyReference {
+    /// Name of the Secret, in the namespace of this object.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    /// The key in it.
+    #[schemars(length(min = 1, max = 253))]
+    pub key: String,
 }
 
 fn default_heartbeat_interval() -> String {

@@ -95,7 +95,7 @@ pub struct TrustedClusterSpec {
     /// re-enabling needs no new token.
     #[serde(default = "enabled_default")]
     pub enabled: bool,
-    /// The tunnel's allow-list, API server address and heartbeat, passed on to the
+    /// The tunnel's allow-list, API server address, heartbeat and egress proxy, passed on to the
     /// `ReverseTunnel` this object owns (edits apply to it at once).
     #[serde(flatten)]
     pub tunnel: TunnelSettings,

@@ -28,7 +28,18 @@ pub(super) async fn ensure_joined(
         ));
     }
     let mut request = join_request(tc, secrets).await?;
-    request.route = ctx.route.clone();
+    request.route = match &tc.spec.tunnel.egress_proxy {
+        None => ctx.route.clone(),
+        Some(egress) => {
+            let mut unused = std::collections::hash_map::DefaultHasher::new();
+            crate::operator::egress_proxy::route(egress, secrets, &mut unused)
+                .await
+                .map_err(|u| {
+                    let retry = u.retry.then_some(Duration::from_secs(10));
+                    Blocked::new(u.problem.reason, u.problem.message, retry)
+                })?
+        }
+    };
     info!(trusted_cluster = %name, root = %request.root_address, token = %request.token, "joining the root");
     let joined = join(&request).await.map_err(|e| {
         let retry = if e.is_transient() {
