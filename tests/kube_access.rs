@@ -749,13 +749,20 @@ async fn proxy_and_agent_processes_serve_kubectl_with_their_kube_flags() {
     let (server_crt, server_key) = pki.issue("proxy", true, &[]);
     let (carol_crt, carol_key) = pki.issue("carol", false, &[]);
 
-    let (listen, admin, kube) = (
+    let (listen, admin, kube, tls) = (
+        support::procs::free_addr(),
         support::procs::free_addr(),
         support::procs::free_addr(),
         support::procs::free_addr(),
     );
     let mut proxy = support::procs::proxy_command(&files, "proxy-1", listen, admin, &[]);
     proxy
+        .arg("--tls-listen")
+        .arg(tls.to_string())
+        .arg("--tls-cert")
+        .arg(&server_crt)
+        .arg("--tls-key")
+        .arg(&server_key)
         .arg("--kube-listen")
         .arg(kube.to_string())
         .arg("--kube-tls-cert")
@@ -802,6 +809,18 @@ async fn proxy_and_agent_processes_serve_kubectl_with_their_kube_flags() {
     let (user, groups) = whoami(&bin, &as_carol, &[]).await;
     assert_eq!(user, "tether:root:carol");
     assert!(groups.contains(&EDITORS.to_owned()), "{groups:?}");
+
+    // The same endpoint on the TLS port (#17), carol's client certificate verified there.
+    let on_tls_port = cert_kubeconfig(
+        dir,
+        "carol-tls",
+        &format!("https://{tls}"),
+        &dir.join("ca.crt"),
+        &carol_crt,
+        &carol_key,
+    );
+    let (user, _) = whoami(&bin, &on_tls_port, &[]).await;
+    assert_eq!(user, "tether:root:carol", "through the TLS port");
 
     // A watch held open over a minute, idle, still carries what comes after.
     let selector = ["--field-selector", "metadata.name=after-a-minute"];

@@ -190,7 +190,8 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
         );
     }
     let kube_tls = args.kube.tls()?;
-    let tls_port = args.tls_port.load(&args.proxy_id)?;
+    let kube_client_ca = args.kube.kube_client_ca.as_deref();
+    let tls_port = args.tls_port.load(&args.proxy_id, kube_client_ca)?;
     let ca = match &args.ca {
         Some(path) => Some(CertificateAuthority::load(path, args.cluster.clone())?),
         None => None,
@@ -352,10 +353,12 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
         &serving,
     )
     .await?;
-    super::tls_port::TlsPortArgs::serve(tls_port, &proxy).await?;
+    let mut tls_port = tls_port;
     if let (Some(listen), Some(tls)) = (args.kube.kube_listen, kube_tls) {
         let listener = super::bind("--kube-listen", listen).await?;
         println!("Kubernetes endpoint on https://{}", listener.local_addr()?);
+        let (hand, handed) = tether::proxy::kube_entry::hand_off();
+        tls_port = tls_port.map(|(addr, port)| (addr, port.with_kube(hand)));
         let config = tether::proxy::kube_entry::KubeEntryConfig {
             bearer: bearer.clone(),
             tokens: file_tokens,
@@ -363,13 +366,15 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
             ..tether::proxy::kube_entry::KubeEntryConfig::new(tls)
         };
         let stopped = serving.clone();
-        tasks.spawn(tether::proxy::kube_entry::serve(
+        tasks.spawn(tether::proxy::kube_entry::serve_with(
             listener,
+            Some(handed),
             config,
             proxy.dialer(),
             async move { stopped.cancelled().await },
         ));
     }
+    super::tls_port::TlsPortArgs::serve(tls_port, &proxy).await?;
     if let Some(addr) = args.admin_listen {
         let listener = super::bind("--admin-listen", addr).await?;
         println!("admin endpoint on {}", listener.local_addr()?);

@@ -1,7 +1,7 @@
 //! `tether proxy`'s TLS port flags: one port for everything, for a load balancer's 443.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use clap::Args;
@@ -29,16 +29,24 @@ pub struct TlsPortArgs {
 
 impl TlsPortArgs {
     /// The port's TLS settings, read at start-up so a bad file stops the proxy before it
-    /// serves; `None` without `--tls-listen`.
-    pub fn load(&self, proxy_id: &str) -> anyhow::Result<Option<(SocketAddr, TlsPort)>> {
+    /// serves; `None` without `--tls-listen`. With `kube_client_ca` (the Kubernetes endpoint's
+    /// `--kube-client-ca`), client certificates are verified on this port too.
+    pub fn load(
+        &self,
+        proxy_id: &str,
+        kube_client_ca: Option<&Path>,
+    ) -> anyhow::Result<Option<(SocketAddr, TlsPort)>> {
         let Some(listen) = self.tls_listen else {
             return Ok(None);
         };
         let port = match (&self.tls_cert, &self.tls_key) {
-            (Some(cert), Some(key)) => TlsPort::from_files(cert, key)
+            (Some(cert), Some(key)) => TlsPort::from_files(cert, key, kube_client_ca)
                 .with_context(|| format!("--tls-cert {}: cannot use it", cert.display()))?,
-            _ => TlsPort::self_issued(vec![proxy_id.to_owned(), "localhost".to_owned()])
-                .context("--tls-listen: cannot issue the port's certificate")?,
+            _ => {
+                let names = vec![proxy_id.to_owned(), "localhost".to_owned()];
+                TlsPort::self_issued(names, kube_client_ca)
+                    .context("--tls-listen: cannot issue the port's certificate")?
+            }
         };
         Ok(Some((listen, port)))
     }

@@ -25,7 +25,7 @@ use crate::support::{self, Rig, echo_once, echo_server, leaf, pki, within};
 async fn serve_tls_port(proxy: &ProxyServer) -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
-    let port = TlsPort::self_issued(vec!["localhost".into()]).expect("certificate");
+    let port = TlsPort::self_issued(vec!["localhost".into()], None).expect("certificate");
     proxy.serve_tls_port(listener, port);
     addr
 }
@@ -226,7 +226,7 @@ async fn curl_reaches_the_client_entry_on_the_tls_port() {
     let (cert, key) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
     std::fs::write(&cert, issued.cert.pem()).expect("write");
     std::fs::write(&key, issued.signing_key.serialize_pem()).expect("write");
-    let port = TlsPort::from_files(&cert, &key)
+    let port = TlsPort::from_files(&cert, &key, None)
         .expect("port")
         .with_client_entry(hand);
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");

@@ -24,7 +24,7 @@ mod request;
 mod request_info;
 mod tls;
 
-pub use tls::{KubeTlsError, server_config, who_of_certificate};
+pub use tls::{KubeTlsError, server_config, server_config_with, who_of_certificate};
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -33,17 +33,18 @@ use std::time::Duration;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use arc_swap::ArcSwap;
 
-use super::access::{BearerTokens, LeafAccess};
+use super::access::{BearerTokens, LeafAccess, Who};
 use super::client_entry::ClientTokens;
 use super::client_entry::admission::{Door, DoorSettings, SourcePermit};
 use super::dialer::ProxyDialer;
+use crate::transport::Io;
 use request::Connection;
 
 /// Settings of the Kubernetes endpoint.
@@ -104,6 +105,36 @@ pub async fn serve(
     dialer: ProxyDialer,
     shutdown: impl std::future::Future,
 ) {
+    serve_with(listener, None, config, dialer, shutdown).await
+}
+
+/// A request the TLS port ([`crate::proxy::tls_port`]) read and passes on, its TLS already
+/// done there: served like this endpoint's own connections (same admission and deadlines).
+pub struct KubeHandedOver {
+    /// The decrypted stream, the request head put back in front.
+    pub stream: Box<dyn Io>,
+    /// The client's address: its per-source share, penalties, audit.
+    pub peer: SocketAddr,
+    /// Who the client certificate the TLS port verified names, if one was shown.
+    pub certificate: Option<Who>,
+}
+
+/// Where the TLS port passes Kubernetes requests (bounded: a full endpoint closes them).
+pub type KubeHandOff = mpsc::Sender<KubeHandedOver>;
+
+/// A hand-off channel: the sender for the TLS port, the receiver for [`serve_with`].
+pub fn hand_off() -> (KubeHandOff, mpsc::Receiver<KubeHandedOver>) {
+    mpsc::channel(64)
+}
+
+/// [`serve`], also serving what `handed` passes on.
+pub async fn serve_with(
+    listener: TcpListener,
+    mut handed: Option<mpsc::Receiver<KubeHandedOver>>,
+    config: KubeEntryConfig,
+    dialer: ProxyDialer,
+    shutdown: impl std::future::Future,
+) {
     let acceptor = TlsAcceptor::from(config.tls.clone());
     let total = Arc::new(Semaphore::new(
         config.max_connections.min(Semaphore::MAX_PERMITS),
@@ -126,15 +157,18 @@ pub async fn serve(
             biased;
             _ = &mut shutdown => break,
             Some(_) = connections.join_next(), if !connections.is_empty() => {}
+            Some(passed) = next_handed(&mut handed) => {
+                let from = passed.peer;
+                let Some(held) = admit(&entry, &total, from) else { continue };
+                let connection = Arc::new(Connection { from, certificate: passed.certificate });
+                let served = serve_http(entry.clone(), passed.stream, connection, config.handshake_timeout, held);
+                connections.spawn(served.instrument(info_span!("kube", %from, port = "tls")));
+            }
             accepted = listener.accept() => match accepted {
                 Ok((socket, from)) => {
-                    let Ok(source) = entry.door.admit(from.ip()) else { continue };
-                    let Ok(permit) = total.clone().try_acquire_owned() else {
-                        debug!(%from, "Kubernetes endpoint full; closing a new connection");
-                        continue;
-                    };
+                    let Some(held) = admit(&entry, &total, from) else { continue };
                     let served = serve_connection(
-                        entry.clone(), acceptor.clone(), socket, from, config.handshake_timeout, (permit, source),
+                        entry.clone(), acceptor.clone(), socket, from, config.handshake_timeout, held,
                     );
                     connections.spawn(served.instrument(info_span!("kube", %from)));
                 }
@@ -151,6 +185,30 @@ pub async fn serve(
     );
 }
 
+/// The next request passed on, if there is a hand-off; never resolves if there is none.
+async fn next_handed(
+    handed: &mut Option<mpsc::Receiver<KubeHandedOver>>,
+) -> Option<KubeHandedOver> {
+    match handed {
+        Some(receiver) => receiver.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// What a connection holds while served: a slot of the total, and of its source's share.
+type Held = (OwnedSemaphorePermit, SourcePermit);
+
+/// Admits a connection from `from`, or `None` (it is closed) when its source or the endpoint
+/// is full, or its source is serving a penalty.
+fn admit(entry: &KubeEntry, total: &Arc<Semaphore>, from: SocketAddr) -> Option<Held> {
+    let source = entry.door.admit(from.ip()).ok()?;
+    let Ok(permit) = total.clone().try_acquire_owned() else {
+        debug!(%from, "Kubernetes endpoint full; closing a new connection");
+        return None;
+    };
+    Some((permit, source))
+}
+
 /// One TLS connection: its handshake within the deadline, then its requests in turn.
 async fn serve_connection(
     entry: Arc<KubeEntry>,
@@ -158,7 +216,7 @@ async fn serve_connection(
     socket: TcpStream,
     from: SocketAddr,
     timeout: Duration,
-    _held: (OwnedSemaphorePermit, SourcePermit),
+    held: Held,
 ) {
     let _ = socket.set_nodelay(true);
     let tls = match tokio::time::timeout(timeout, acceptor.accept(socket)).await {
@@ -179,6 +237,17 @@ async fn serve_connection(
         .and_then(|chain| chain.first())
         .and_then(|leaf| who_of_certificate(leaf));
     let connection = Arc::new(Connection { from, certificate });
+    serve_http(entry, tls, connection, timeout, held).await
+}
+
+/// A connection's requests in turn, after its TLS.
+async fn serve_http<S: Io>(
+    entry: Arc<KubeEntry>,
+    stream: S,
+    connection: Arc<Connection>,
+    timeout: Duration,
+    _held: Held,
+) {
     let service = service_fn(move |request| {
         let (entry, connection) = (entry.clone(), connection.clone());
         async move {
@@ -189,7 +258,7 @@ async fn serve_connection(
         .timer(TokioTimer::new())
         .header_read_timeout(timeout)
         .max_buf_size(MAX_HEAD_BYTES)
-        .serve_connection(TokioIo::new(tls), service)
+        .serve_connection(TokioIo::new(stream), service)
         .with_upgrades()
         .await;
     if let Err(e) = served {

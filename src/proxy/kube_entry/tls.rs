@@ -39,6 +39,16 @@ pub fn server_config(
 ) -> Result<Arc<rustls::ServerConfig>, KubeTlsError> {
     let chain = read_certificates(certificate)?;
     let key = PrivateKeyDer::from_pem_file(key).map_err(|e| file_error(key, e))?;
+    server_config_with(chain, key, client_ca)
+}
+
+/// [`server_config`] with the certificate chain and key in hand (the TLS port's self-issued
+/// ones, or read from files).
+pub fn server_config_with(
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    client_ca: Option<&Path>,
+) -> Result<Arc<rustls::ServerConfig>, KubeTlsError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
