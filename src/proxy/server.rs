@@ -288,10 +288,14 @@ pub(super) async fn accept_loop(shared: Arc<ProxyShared>, listener: TcpListener,
                 let _permit = permit;
                 let metrics = conn_shared.metrics.clone();
                 let served = async move {
+                    let Some(carried) = Carried::at_accept(&conn_shared, &socket, peer, handshake)
+                    else {
+                        return;
+                    };
                     match port {
-                        Port::Ssh => serve_tcp(conn_shared, socket, peer, handshake).await,
+                        Port::Ssh => serve_ssh(conn_shared, socket, carried).await,
                         Port::Tls(tls) => {
-                            super::tls_port::serve(conn_shared, tls, socket, peer, handshake).await
+                            super::tls_port::serve(conn_shared, tls, socket, carried).await
                         }
                     }
                 };
@@ -314,28 +318,6 @@ pub(super) async fn accept_loop(shared: Arc<ProxyShared>, listener: TcpListener,
 /// still held: russh's task sees end-of-file at once, so this bounds only a stuck task.
 const SHUTDOWN_LINGER: Duration = Duration::from_secs(2);
 
-/// Serves one connection on the SSH port: the socket itself carries SSH.
-async fn serve_tcp(
-    shared: Arc<ProxyShared>,
-    socket: TcpStream,
-    peer: SocketAddr,
-    handshake: HandshakePermit,
-) {
-    let deadline = tokio::time::Instant::now() + shared.config.limits.handshake_timeout;
-    let _ = socket.set_nodelay(true);
-    let guard = match HandshakeGuard::new(&socket) {
-        Ok(g) => g,
-        Err(e) => return warn!(error = %e, "cannot guard the handshake; dropping the connection"),
-    };
-    let carried = Carried {
-        peer,
-        handshake,
-        guard,
-        deadline,
-    };
-    serve_ssh(shared, socket, carried).await;
-}
-
 /// What a connection brings to its SSH session whatever carries it (the SSH port's socket, or
 /// TLS or WebSocket on the TLS port).
 pub(super) struct Carried {
@@ -347,6 +329,32 @@ pub(super) struct Carried {
     pub guard: HandshakeGuard,
     /// The whole handshake's deadline, measured from accept (TLS and WebSocket included).
     pub deadline: tokio::time::Instant,
+}
+
+impl Carried {
+    /// A connection just accepted on either port: its deadline starts now, its socket sends
+    /// without delay (SSH's packets are small) and is guarded. `None` (and logged) only when
+    /// the process is out of descriptors.
+    fn at_accept(
+        shared: &ProxyShared,
+        socket: &TcpStream,
+        peer: SocketAddr,
+        handshake: HandshakePermit,
+    ) -> Option<Self> {
+        let deadline = tokio::time::Instant::now() + shared.config.limits.handshake_timeout;
+        let _ = socket.set_nodelay(true);
+        let guard = HandshakeGuard::new(socket)
+            .inspect_err(
+                |e| warn!(error = %e, "cannot guard the handshake; dropping the connection"),
+            )
+            .ok()?;
+        Some(Self {
+            peer,
+            handshake,
+            guard,
+            deadline,
+        })
+    }
 }
 
 /// Serves one connection's SSH session. Its handshake (version exchange, key exchange,

@@ -25,21 +25,18 @@ mod http;
 
 pub use http::MAX_HEAD;
 
-use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 
 use tokio::net::TcpStream;
-use tokio::time::{Instant, timeout_at};
+use tokio::time::timeout_at;
 use tokio_rustls::TlsAcceptor;
-use tracing::{debug, warn};
+use tracing::debug;
 
 use super::client_entry::HandOff;
 use super::kube_entry::{KubeHandOff, KubeTlsError, who_of_certificate};
-use super::limits::HandshakePermit;
 use super::server::{Carried, serve_ssh};
 use super::shared::ProxyShared;
-use crate::stream::HandshakeGuard;
 use crate::transport::tls::{ALPN_HTTP1, ALPN_SSH};
 use http::Over;
 
@@ -119,21 +116,9 @@ pub(super) async fn serve(
     shared: Arc<ProxyShared>,
     port: Arc<TlsPort>,
     socket: TcpStream,
-    peer: SocketAddr,
-    handshake: HandshakePermit,
+    carried: Carried,
 ) {
-    let deadline = Instant::now() + shared.config.limits.handshake_timeout;
-    let _ = socket.set_nodelay(true);
-    let guard = match HandshakeGuard::new(&socket) {
-        Ok(g) => g,
-        Err(e) => return warn!(error = %e, "cannot guard the handshake; dropping the connection"),
-    };
-    let carried = Carried {
-        peer,
-        handshake,
-        guard,
-        deadline,
-    };
+    let deadline = carried.deadline;
     let mut first = [0u8; 1];
     let peeked = tokio::select! {
         r = timeout_at(deadline, socket.peek(&mut first)) => r,
