@@ -247,12 +247,51 @@ async fn invalid_specs_are_rejected_with_clear_messages() {
     );
     let msg = api_message(create(&|v| v["spec"]["proxyAddress"] = json!("no port")).await);
     assert!(msg.contains("spec.proxyAddress"), "{msg}");
+    let msg = api_message(create(&|v| v["spec"]["proxyAddress"] = json!("https://lb:443")).await);
+    assert!(msg.contains("spec.proxyAddress"), "{msg}");
 
     // The example itself is valid.
     let ok: DynamicObject = serde_json::from_value(base.clone()).expect("object");
     api.create(&PostParams::default(), &ok)
         .await
         .expect("the example is accepted");
+}
+
+/// A ReverseTunnel naming the proxies' TLS port (#17): the schema takes `tls://HOST:PORT`, and
+/// the operator's agent holds its tunnel through it (SSH by ALPN) and serves dials.
+#[tokio::test]
+async fn a_reverse_tunnel_reaches_the_tls_port() {
+    let (_, client, ns) = crds_and_namespace("op-tls").await;
+    let (leaf, pki, proxy) = root_proxy_for_leaf_1().await;
+    let echo = echo_server().await.expect("echo");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let tls = listener.local_addr().expect("addr");
+    let port = tether::proxy::tls_port::TlsPort::self_issued(vec!["localhost".into()], None)
+        .expect("certificate");
+    proxy.serve_tls_port(listener, port);
+    create_secrets(&client, &ns, &pki).await;
+    let stop = start_operator(client.clone(), &ns, None);
+    let manifest = example(
+        &format!("tls://{tls}"),
+        &[format!("127.0.0.1:{}", echo.port())],
+    );
+    let api: Api<DynamicObject> = Api::namespaced_with(
+        client.clone(),
+        &ns,
+        &ApiResource::erase::<ReverseTunnel>(&()),
+    );
+    let object: DynamicObject = serde_json::from_value(manifest).expect("object");
+    api.create(&PostParams::default(), &object)
+        .await
+        .expect("a tls:// proxy address is accepted");
+    let target = format!("127.0.0.1.{leaf}.tether:{}", echo.port());
+    eventually("a dial through the tunnel on the TLS port", || async {
+        (echo_through(&proxy, &target).await.ok()? == b"ping").then_some(())
+    })
+    .await;
+    stop.cancel();
 }
 
 #[tokio::test]

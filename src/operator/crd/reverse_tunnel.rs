@@ -87,11 +87,13 @@ pub struct ReverseTunnelSpec {
     /// addresses this cluster's targets as `HOST.<leafCluster>.tether`.
     #[schemars(length(min = 1, max = 63))]
     pub leaf_cluster: String,
-    /// `host:port` of the root's proxies (their load balancer). Resolved again on every
-    /// connection attempt, so a changed DNS record is followed.
+    /// `host:port` of the root's proxies (their load balancer's tunnel port), or
+    /// `tls://host:port` for their TLS port (SSH by ALPN, or over WebSocket behind an L7 load
+    /// balancer that terminates TLS), or `ws://host:port` (WebSocket in plain HTTP). Resolved
+    /// again on every connection attempt, so a changed DNS record is followed.
     #[schemars(
-        length(min = 3, max = 261),
-        regex(pattern = r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):[0-9]{1,5}$")
+        length(min = 3, max = 268),
+        regex(pattern = r"^((tls|ws)://)?(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):[0-9]{1,5}/?$")
     )]
     pub proxy_address: String,
     /// Secret holding the agent's identity: `key` (OpenSSH private key, unencrypted) and

@@ -66,11 +66,12 @@ use super::{Condition, SecretReference};
 )]
 #[serde(rename_all = "camelCase")]
 pub struct TrustedClusterSpec {
-    /// `host:port` of the root's proxies (their load balancer): joins and tunnels both go
-    /// there.
+    /// `host:port` of the root's proxies (their load balancer), or `tls://host:port` for
+    /// their TLS port, or `ws://host:port` (as a ReverseTunnel's `proxyAddress`): joins and
+    /// tunnels both go there.
     #[schemars(
-        length(min = 3, max = 261),
-        regex(pattern = r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):[0-9]{1,5}$")
+        length(min = 3, max = 268),
+        regex(pattern = r"^((tls|ws)://)?(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):[0-9]{1,5}/?$")
     )]
     pub root_address: String,
     /// Secret whose key `token` holds the join token (`ID.SECRET`) the root issued with
