@@ -374,7 +374,11 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
             async move { stopped.cancelled().await },
         ));
     }
-    super::tls_port::TlsPortArgs::serve(tls_port, &proxy).await?;
+    let kube_client_ca = args.kube.kube_client_ca.clone();
+    let serve_tls = args
+        .tls_port
+        .serve(tls_port, &proxy, kube_client_ca, &tasks, serving.clone());
+    serve_tls.await?;
     if let Some(addr) = args.admin_listen {
         let listener = super::bind("--admin-listen", addr).await?;
         println!("admin endpoint on {}", listener.local_addr()?);

@@ -3,8 +3,12 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
+use std::sync::Arc;
+
 use anyhow::Context;
 use clap::Args;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use tether::proxy::ProxyServer;
 use tether::proxy::tls_port::TlsPort;
@@ -51,17 +55,34 @@ impl TlsPortArgs {
         Ok(Some((listen, port)))
     }
 
-    /// Binds the port and serves it on `proxy`.
+    /// Binds the port and serves it on `proxy`. A certificate from files is followed: when
+    /// `--tls-cert` changes (a renewed Secret), the port presents the new one from the next
+    /// connection on, until `stop`.
     pub async fn serve(
+        &self,
         port: Option<(SocketAddr, TlsPort)>,
         proxy: &ProxyServer,
+        kube_client_ca: Option<PathBuf>,
+        tasks: &TaskTracker,
+        stop: CancellationToken,
     ) -> anyhow::Result<()> {
         let Some((listen, port)) = port else {
             return Ok(());
         };
         let listener = super::bind("--tls-listen", listen).await?;
         println!("TLS port on {}", listener.local_addr()?);
-        proxy.serve_tls_port(listener, port);
+        let port = Arc::new(port);
+        proxy.serve_tls_port(listener, port.clone());
+        if let (Some(cert), Some(key)) = (self.tls_cert.clone(), self.tls_key.clone()) {
+            tasks.spawn(tether::proxy::reload::follow_file(
+                "TLS port certificate",
+                cert,
+                tether::proxy::reload::POLL,
+                Arc::default(),
+                stop,
+                move |cert: &Path| port.reload_files(cert, &key, kube_client_ca.as_deref()),
+            ));
+        }
         Ok(())
     }
 }

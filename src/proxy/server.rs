@@ -141,10 +141,10 @@ impl ProxyServer {
 
     /// Serves the TLS port on `listener` ([`super::tls_port`]), with this proxy's limits,
     /// lifecycle and SSH settings, until the proxy drains.
-    pub fn serve_tls_port(&self, listener: TcpListener, port: TlsPort) {
+    pub fn serve_tls_port(&self, listener: TcpListener, port: impl Into<Arc<TlsPort>>) {
         let local_addr = listener.local_addr().ok();
         let span = info_span!("tls_port", id = %self.shared.config.proxy_id, listen = ?local_addr);
-        let accepting = accept_loop(self.shared.clone(), listener, Port::Tls(Arc::new(port)));
+        let accepting = accept_loop(self.shared.clone(), listener, Port::Tls(port.into()));
         self.shared.tasks.spawn(accepting.instrument(span));
     }
 

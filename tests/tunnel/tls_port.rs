@@ -272,3 +272,65 @@ async fn a_leaf_joins_through_the_tls_port() {
     assert_eq!(joined.root_cas, vec![pki.root.public_key().clone()]);
     assert!(authority.leaves.lock().expect("lock").contains_key("leaf"));
 }
+
+/// The certificate a TLS handshake with `addr` is shown, as DER.
+async fn presented_certificate(addr: SocketAddr) -> Vec<u8> {
+    let config = tether::transport::tls::client_config(None).expect("settings");
+    let socket = TcpStream::connect(addr).await.expect("connect");
+    let (tls, _) = tether::transport::tls::connect(socket, "localhost", config)
+        .await
+        .expect("handshake");
+    let chain = tls.get_ref().1.peer_certificates().expect("a certificate");
+    chain[0].to_vec()
+}
+
+/// Writes a fresh self-signed certificate for localhost and its key to `cert` and `key`; the
+/// certificate's DER.
+fn write_certificate(cert: &std::path::Path, key: &std::path::Path) -> Vec<u8> {
+    let issued = rcgen::generate_simple_self_signed(vec!["localhost".into()]).expect("issue");
+    // Written beside and renamed over, as the kubelet swaps a Secret's files.
+    for (path, text) in [
+        (key, issued.signing_key.serialize_pem()),
+        (cert, issued.cert.pem()),
+    ] {
+        let next = path.with_extension("next");
+        std::fs::write(&next, text).expect("write");
+        std::fs::rename(&next, path).expect("rename");
+    }
+    issued.cert.der().to_vec()
+}
+
+/// `tether proxy --tls-listen --tls-cert --tls-key`: the port presents the files' certificate,
+/// and a renewed one (a cert-manager Secret updated in place) from the next connection on,
+/// without a restart.
+#[tokio::test]
+async fn the_tls_port_follows_a_renewed_certificate() {
+    use crate::support::procs::{Files, free_addr, proxy_command, spawn};
+    let files = Files::write(&pki(), &["proxy-1"]);
+    let dir = files.dir.path();
+    let (cert, key) = (dir.join("tls.crt"), dir.join("tls.key"));
+    let first = write_certificate(&cert, &key);
+    let (listen, admin, tls) = (free_addr(), free_addr(), free_addr());
+    let mut command = proxy_command(&files, "proxy-1", listen, admin, &[]);
+    command
+        .arg("--tls-listen")
+        .arg(tls.to_string())
+        .arg("--tls-cert")
+        .arg(&cert)
+        .arg("--tls-key")
+        .arg(&key);
+    let mut proxy = spawn(command);
+    assert!(
+        proxy.accepts(&[tls], Duration::from_secs(20)),
+        "the TLS port listens"
+    );
+    assert_eq!(presented_certificate(tls).await, first);
+    let renewed = write_certificate(&cert, &key);
+    assert_ne!(renewed, first);
+    within("the renewed certificate", Duration::from_secs(30), async {
+        while presented_certificate(tls).await != renewed {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+}

@@ -28,6 +28,7 @@ pub use http::MAX_HEAD;
 use std::path::Path;
 use std::sync::Arc;
 
+use arc_swap::ArcSwap;
 use tokio::net::TcpStream;
 use tokio::time::timeout_at;
 use tokio_rustls::TlsAcceptor;
@@ -45,8 +46,9 @@ const TLS_HANDSHAKE: u8 = 0x16;
 
 /// The TLS port's settings: its certificate, and the protocols it offers.
 pub struct TlsPort {
-    /// Accepts TLS with the port's certificate, offering `tether-ssh` then `http/1.1`.
-    acceptor: TlsAcceptor,
+    /// The port's TLS settings: its certificate (replaced whole when the files change, see
+    /// [`TlsPort::reload_files`]), offering `tether-ssh` then `http/1.1`.
+    config: ArcSwap<rustls::ServerConfig>,
     /// Where HTTP CONNECT requests go: the client entry, which serves them as its own (`curl
     /// --proxy https://...`); `None`: the port has no client entry and answers 404.
     client_entry: Option<HandOff>,
@@ -81,12 +83,24 @@ impl TlsPort {
         Ok(Self::with_config(&config))
     }
 
+    /// Presents the certificate of `certificate` and `key` from the next connection on (a
+    /// renewed cert-manager Secret); `client_ca` as for [`TlsPort::from_files`]. A file that
+    /// cannot be used leaves the certificate in force as it was, and says why.
+    pub fn reload_files(
+        &self,
+        certificate: &Path,
+        key: &Path,
+        client_ca: Option<&Path>,
+    ) -> Result<(), KubeTlsError> {
+        let config = super::kube_entry::server_config(certificate, key, client_ca)?;
+        self.config.store(Arc::new(with_alpn(&config)));
+        Ok(())
+    }
+
     /// The port with the certificate of `config`; its ALPN list is replaced by the port's.
     pub fn with_config(config: &rustls::ServerConfig) -> Self {
-        let mut config = config.clone();
-        config.alpn_protocols = vec![ALPN_SSH.to_vec(), ALPN_HTTP1.to_vec()];
         Self {
-            acceptor: TlsAcceptor::from(Arc::new(config)),
+            config: ArcSwap::from_pointee(with_alpn(config)),
             client_entry: None,
             kube: None,
         }
@@ -111,6 +125,13 @@ impl TlsPort {
     }
 }
 
+/// `config` offering the port's protocols: `tether-ssh`, then `http/1.1`.
+fn with_alpn(config: &rustls::ServerConfig) -> rustls::ServerConfig {
+    let mut config = config.clone();
+    config.alpn_protocols = vec![ALPN_SSH.to_vec(), ALPN_HTTP1.to_vec()];
+    config
+}
+
 /// Serves one connection of the TLS port (the SSH port's is `server::serve_tcp`).
 pub(super) async fn serve(
     shared: Arc<ProxyShared>,
@@ -131,7 +152,7 @@ pub(super) async fn serve(
         return http::serve(shared, &port, socket, carried, Over::Plain).await;
     }
     let accepted = tokio::select! {
-        r = timeout_at(deadline, port.acceptor.accept(socket)) => r,
+        r = timeout_at(deadline, TlsAcceptor::from(port.config.load_full()).accept(socket)) => r,
         () = shared.stopped.cancelled() => return,
     };
     let tls = match accepted {
