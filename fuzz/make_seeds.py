@@ -132,6 +132,15 @@ def trust_store():
         write("trust_store", f"{name}-wire", b"\x02" + base64.b64decode(text.split()[1]))
 
 
+def connect_answer():
+    # A forward proxy's answers to the agent's CONNECT, as squid and tinyproxy write them.
+    write("connect_answer", "established", b"HTTP/1.1 200 Connection established\r\n\r\n")
+    write("connect_answer", "established-then-root", b"HTTP/1.0 200 OK\r\nProxy-Agent: t\r\n\r\nSSH-2.0-tether\r\n")
+    write("connect_answer", "auth-required", b"HTTP/1.0 407 Proxy Authentication Required\r\nProxy-Authenticate: Basic realm=\"x\"\r\nContent-Length: 5\r\n\r\nno...")
+    write("connect_answer", "forbidden-page", b"HTTP/1.1 403 Access violation\r\nContent-Type: text/html\r\nConnection: close\r\n\r\n<html><title>403</title><p>The CONNECT method not allowed</p></html>\n")
+    write("connect_answer", "ssh-greeting", b"SSH-2.0-tether\r\n")
+
+
 for make in [control_frames, join_messages, stream_credit, target_names, allow_list,
-             http_connect, socks5, token_file, trust_store]:
+             http_connect, socks5, token_file, trust_store, connect_answer]:
     make()

@@ -6,6 +6,7 @@ pub mod answer;
 mod tests;
 
 use std::fmt;
+use std::io::ErrorKind;
 use std::net::IpAddr;
 use std::path::Path;
 use std::sync::Arc;
@@ -231,7 +232,13 @@ impl ForwardProxy {
             )?),
         };
         let tls = match url.https {
-            true => Some(tls_config(system_roots(origin)?, origin)?),
+            true => {
+                server_name(&url.host).map_err(|cause| EgressError::Url {
+                    origin: origin.to_owned(),
+                    cause,
+                })?;
+                Some(tls_config(system_roots(origin)?, origin)?)
+            }
             false => None,
         };
         Ok(Self {
@@ -325,16 +332,16 @@ impl ForwardProxy {
         let io: BoxIo = match &self.tls {
             None => Box::new(socket),
             Some(config) => {
-                let name = server_name(&self.url.host);
+                let failed = |source| TransportError::ProxyTls {
+                    proxy: self.url.to_string(),
+                    target: target.to_owned(),
+                    source,
+                };
+                // Checked in `parse`: this cannot fail, and says why if it ever does.
+                let name = server_name(&self.url.host)
+                    .map_err(|cause| failed(std::io::Error::new(ErrorKind::InvalidInput, cause)))?;
                 let connector = tokio_rustls::TlsConnector::from(config.clone());
-                let tls = connector.connect(name, socket).await.map_err(|source| {
-                    TransportError::ProxyTls {
-                        proxy: self.url.to_string(),
-                        target: target.to_owned(),
-                        source,
-                    }
-                })?;
-                Box::new(tls)
+                Box::new(connector.connect(name, socket).await.map_err(failed)?)
             }
         };
         self.connect(io, target).await
@@ -548,12 +555,10 @@ fn tls_config(
 }
 
 /// The name the proxy's certificate must carry: its IP address or host name.
-fn server_name(host: &str) -> ServerName<'static> {
+fn server_name(host: &str) -> Result<ServerName<'static>, String> {
     match host.parse::<IpAddr>() {
-        Ok(ip) => ServerName::IpAddress(ip.into()),
-        // Checked at parse time to be host-name characters; a name rustls still refuses (a
-        // label too long) fails the handshake, named in its error, rather than here.
+        Ok(ip) => Ok(ServerName::IpAddress(ip.into())),
         Err(_) => ServerName::try_from(host.to_owned())
-            .unwrap_or_else(|_| ServerName::IpAddress(IpAddr::from([0, 0, 0, 0]).into())),
+            .map_err(|_| format!("{host:?} is not a name a TLS certificate can carry")),
     }
 }

@@ -331,3 +331,72 @@ async fn a_target_with_spaces_or_newlines_is_never_sent() {
         ));
     }
 }
+
+/// An `https://` proxy on loopback: TLS with a certificate for `localhost` (from `rcgen`), then
+/// the CONNECT answered with a 200 and the root's first bytes.
+async fn tls_proxy() -> (u16, String) {
+    let issued = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).expect("cert");
+    let key = rustls_pki_types::PrivateKeyDer::Pkcs8(issued.signing_key.serialize_der().into());
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("versions")
+    .with_no_client_auth()
+    .with_single_cert(vec![issued.cert.der().clone()], key)
+    .expect("server config");
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    tokio::spawn(async move {
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        // One task per connection: the first client keeps its stream while the next connects.
+        while let Ok((socket, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(socket).await else {
+                    return;
+                };
+                let mut head = [0u8; 512];
+                let _ = tls.read(&mut head).await;
+                let _ = tls
+                    .write_all(b"HTTP/1.1 200 OK\r\n\r\nSSH-2.0-root\r\n")
+                    .await;
+                let _ = tls.flush().await;
+                let _ = tls.read(&mut head).await;
+            });
+        }
+    });
+    (port, issued.cert.pem())
+}
+
+#[tokio::test]
+async fn an_https_proxy_is_checked_against_its_ca_and_tunnels() {
+    let (port, ca) = tls_proxy().await;
+    let url = format!("https://localhost:{port}");
+    let proxy = ForwardProxy::parse(&url, "test")
+        .and_then(|p| p.with_ca(ca.as_bytes(), "--egress-proxy-ca"));
+    let mut opened = proxy
+        .expect("proxy")
+        .open("root:3024")
+        .await
+        .expect("CONNECT over TLS");
+    let mut got = [0u8; 14];
+    opened
+        .io
+        .read_exact(&mut got)
+        .await
+        .expect("the root's bytes");
+    assert_eq!(&got, b"SSH-2.0-root\r\n");
+    // Another CA: the handshake fails, and says it was TLS with the proxy.
+    let other = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).expect("cert");
+    let proxy = ForwardProxy::parse(&url, "test")
+        .and_then(|p| p.with_ca(other.cert.pem().as_bytes(), "--egress-proxy-ca"))
+        .expect("proxy");
+    let err = proxy.open("root:3024").await.expect_err("untrusted");
+    assert!(matches!(err, TransportError::ProxyTls { .. }), "{err}");
+    assert!(
+        err.to_string()
+            .starts_with("TLS with the forward proxy https://localhost:"),
+        "{err}"
+    );
+}
