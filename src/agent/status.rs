@@ -26,6 +26,10 @@ pub struct ProxyTunnelStatus {
     pub connected_since: Option<SystemTime>,
     /// When the proxy last answered a heartbeat.
     pub last_heartbeat: Option<SystemTime>,
+    /// What carries the tunnel (`ssh`, `tls-alpn`, `tls-websocket`, `websocket`): whether a
+    /// load balancer in front of the root's TLS port made the agent fall back to WebSocket.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub carrier: Option<crate::transport::Used>,
 }
 
 /// The whole picture for one tunnel target (one proxy address).

@@ -375,6 +375,7 @@ mod tests {
             state,
             connected_since: since,
             last_heartbeat: since,
+            carrier: None,
         };
         let mut pool = PoolStatus {
             proxies: vec![proxy(TunnelState::Connected, Some(t0))],
@@ -430,6 +431,7 @@ mod tests {
                 state: TunnelState::Connected,
                 connected_since: Some(t0),
                 last_heartbeat: Some(t),
+                carrier: None,
             }],
             expected: 1,
             discovered: true,

@@ -81,7 +81,8 @@ impl RootAddress {
 }
 
 /// What carried SSH in the end: the agent logs it and shows it in its status.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum Used {
     /// SSH on the socket.
     Ssh,

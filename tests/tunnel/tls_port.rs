@@ -66,17 +66,25 @@ impl TlsRig {
             pki.agent_config(address, allow).expect("config"),
         ));
         self.events = agent.events();
+        let status = agent.status();
         let stop = self.stop.clone();
         tokio::spawn(async move { agent.run(stop).await });
         let events = &mut self.events;
-        within("the agent's tunnel", Duration::from_secs(20), async {
+        let carrier = within("the agent's tunnel", Duration::from_secs(20), async {
             loop {
                 if let Ok(AgentEvent::Connected { carrier, .. }) = events.recv().await {
                     return carrier;
                 }
             }
         })
-        .await
+        .await;
+        // The agent's /status says it too.
+        support::wait_for("the carrier in the status", Duration::from_secs(20), || {
+            let shown = status.borrow().proxies.first().and_then(|p| p.carrier);
+            shown.is_some_and(|used| used.to_string() == carrier)
+        })
+        .await;
+        carrier
     }
 
     /// Dials the echo server through the proxy and checks the bytes come back.

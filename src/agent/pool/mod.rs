@@ -80,6 +80,8 @@ struct Held {
     /// When the proxy last answered a heartbeat, refreshed every
     /// [`HEARTBEAT_STATUS_GRANULARITY`].
     last_heartbeat: Option<SystemTime>,
+    /// What carries the tunnel, for the status.
+    carrier: crate::transport::Used,
     stop: CancellationToken,
 }
 
@@ -188,12 +190,14 @@ impl Pool {
                     state: h.state,
                     connected_since: Some(h.since),
                     last_heartbeat: h.last_heartbeat,
+                    carrier: Some(h.carrier),
                 },
                 None => ProxyTunnelStatus {
                     proxy_id: id.clone(),
                     state: TunnelState::Connecting,
                     connected_since: None,
                     last_heartbeat: None,
+                    carrier: None,
                 },
             })
             .collect();

@@ -203,6 +203,7 @@ impl<'a> PoolRun<'a> {
                 state: TunnelState::Connected,
                 since: SystemTime::now(),
                 last_heartbeat: Some(SystemTime::now()),
+                carrier: tunnel.carrier,
                 stop: tunnel_stop.clone(),
             },
         );
