@@ -9,8 +9,11 @@ use k8s_openapi::api::core::v1::Secret;
 use kube::Api;
 use kube::api::PostParams;
 use serde_json::json;
-use tether::operator::crd::ReverseTunnel;
-use tether::operator::crd::reverse_tunnel::Phase;
+use tether::identity::{CertificateAuthority, TrustStore};
+use tether::operator::crd::reverse_tunnel::{EgressProxy, Phase, SecretKeyReference};
+use tether::operator::crd::{ReverseTunnel, TrustedCluster};
+use tether::protocol::ClusterName;
+use tokio_util::sync::CancellationToken;
 
 use support::tinyproxy::{PASSWORD, Tinyproxy, USER};
 use support::tunnel_e2e::*;
@@ -69,5 +72,69 @@ async fn a_reverse_tunnel_goes_through_the_forward_proxy_its_spec_names() {
     assert!(tiny.connects() >= 1, "the agent went through tinyproxy");
     let shown = serde_json::to_string(&status).expect("json");
     assert!(!shown.contains(PASSWORD), "the password is in the status");
+    stop.cancel();
+}
+
+/// A `TrustedCluster` naming a forward proxy joins through it, and the tunnel it owns (which
+/// takes the same `egressProxy`) connects through it too: tinyproxy logs both CONNECTs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trusted_cluster_joins_and_tunnels_through_its_forward_proxy() {
+    let (cp, client, root_ns) = crds_and_namespace("egress-join-root").await;
+    let leaf_ns = cp.new_namespace("egress-join-leaf").await;
+    let stop = CancellationToken::new();
+    let pki = tether::demo::Pki {
+        root: CertificateAuthority::generate(ClusterName::new("root").expect("name")).expect("ca"),
+        leaf: CertificateAuthority::generate(ClusterName::new("unused").expect("name"))
+            .expect("ca"),
+    };
+    let proxy = start_kube_root(&client, &root_ns, &pki, TrustStore::new(), &[], &stop).await;
+    let tiny = Tinyproxy::start(&[proxy.local_addr().port()]);
+    let token = create_join_token(&client, &root_ns).await;
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &leaf_ns);
+    create_leaf_ca(&secrets, "leaf-e").await;
+    for s in [
+        secret("join", &[("token", token.reveal())]),
+        secret(
+            "egress-proxy",
+            &[("credentials", format!("{USER}:{PASSWORD}"))],
+        ),
+    ] {
+        secrets
+            .create(&PostParams::default(), &s)
+            .await
+            .expect("Secret");
+    }
+    let operator = start_operator(client.clone(), &leaf_ns, None);
+    let mut tc = trusted_cluster("e", &proxy.local_addr().to_string(), "join", "leaf-e", &[]);
+    tc.spec.tunnel.egress_proxy = Some(EgressProxy {
+        url: format!("http://{}", tiny.addr),
+        no_proxy: String::new(),
+        credentials_secret_ref: Some(SecretKeyReference {
+            name: "egress-proxy".into(),
+            key: "credentials".into(),
+        }),
+        ca_secret_ref: None,
+    });
+    let tcs: Api<TrustedCluster> = Api::namespaced(client.clone(), &leaf_ns);
+    tcs.create(&PostParams::default(), &tc)
+        .await
+        .expect("create");
+
+    let rts: Api<ReverseTunnel> = Api::namespaced(client.clone(), &leaf_ns);
+    eventually("the owned tunnel Connected 1/1", || async {
+        let status = rts.get_opt("e").await.ok()??.status?;
+        (status.phase == Some(Phase::Connected) && status.proxies_ready.as_deref() == Some("1/1"))
+            .then_some(())
+    })
+    .await;
+    let owned = rts.get("e").await.expect("the owned tunnel");
+    assert_eq!(owned.spec.tunnel.egress_proxy, tc.spec.tunnel.egress_proxy);
+    // One CONNECT for the join, one for the tunnel (the operator's own route is direct).
+    assert!(
+        tiny.connects() >= 2,
+        "the join and the tunnel went through tinyproxy ({} CONNECTs)",
+        tiny.connects()
+    );
+    operator.cancel();
     stop.cancel();
 }
