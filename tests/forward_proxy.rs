@@ -269,10 +269,7 @@ fn tether_agent_follows_https_proxy_from_its_environment() {
         &files.path("root-ca.pub"),
     );
     cmd.args(["--heartbeat-interval", "500ms"])
-        .env("HTTPS_PROXY", tiny.url(PASSWORD))
-        .env_remove("https_proxy")
-        .env_remove("NO_PROXY")
-        .env_remove("no_proxy");
+        .env("HTTPS_PROXY", tiny.url(PASSWORD));
     let log = files.path("agent.log");
     let mut agent = Proc::logged("tether agent", &mut cmd, log.clone()).expect("tether agent");
     let started = std::time::Instant::now();
@@ -291,4 +288,37 @@ fn tether_agent_follows_https_proxy_from_its_environment() {
         "the password is in the agent's log"
     );
     agent.kill();
+}
+
+/// `tether agent` checks its egress flags before it dials: each refusal names the flag and
+/// the cause, and never echoes a password.
+#[test]
+fn tether_agent_refuses_a_bad_egress_configuration_at_start_up() {
+    let pki = pki();
+    let files = Files::write(&pki, &[]);
+    let dir = files.dir.path();
+    let base = support::procs::agent_args("127.0.0.1:9");
+    let with = |extra: &[&str]| support::procs::fails(dir, &[&base[..], extra].concat());
+    let err = with(&["--egress-proxy", "socks5://proxy:1080"]);
+    assert!(
+        err.contains("--egress-proxy: ") && err.contains("socks5"),
+        "{err}"
+    );
+    let err = with(&["--egress-proxy", "http://u:hunter2@proxy:3128"]);
+    assert!(
+        err.contains("--egress-proxy-credentials") && !err.contains("hunter2"),
+        "{err}"
+    );
+    let err = with(&[
+        "--egress-proxy",
+        "http://proxy:3128",
+        "--egress-proxy-credentials",
+        "missing-file",
+    ]);
+    assert!(
+        err.contains("--egress-proxy-credentials: cannot read missing-file"),
+        "{err}"
+    );
+    let err = with(&["--egress-proxy-ca", "ca.pem"]);
+    assert!(err.contains("no forward proxy is"), "{err}");
 }

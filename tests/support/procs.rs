@@ -487,7 +487,16 @@ pub fn operator_command(kubeconfig: &Path, ns: &str, identity: &str) -> Command 
     ] {
         cmd.env_remove(var);
     }
+    without_egress_proxy(&mut cmd);
     cmd
+}
+
+/// A machine's forward proxy (`HTTPS_PROXY` set for the test run) would carry the child's
+/// loopback dials to the root too: the children dial directly unless a test says otherwise.
+pub fn without_egress_proxy(cmd: &mut Command) {
+    for var in ["HTTPS_PROXY", "https_proxy", "NO_PROXY", "no_proxy"] {
+        cmd.env_remove(var);
+    }
 }
 
 /// `tether agent` for the leaf, dialling `proxy`, with extra arguments.
@@ -512,6 +521,7 @@ pub fn agent_command(cluster: &str, proxy: &str, identity: &Path, root_ca: &Path
         .arg(identity)
         .arg("--root-ca")
         .arg(root_ca);
+    without_egress_proxy(&mut cmd);
     cmd
 }
 
