@@ -141,6 +141,17 @@ def connect_answer():
     write("connect_answer", "ssh-greeting", b"SSH-2.0-tether\r\n")
 
 
+def websocket_frames():
+    # Selector byte: even reads the bytes as frames (as server and as client), odd has a client
+    # write them in pieces of (byte >> 1) bytes for a server to read back.
+    masked = bytes(a ^ b for a, b in zip(b"hello", [1, 2, 3, 4, 1]))
+    write("websocket_frames", "masked-binary", bytes([0, 0x82, 0x85, 1, 2, 3, 4]) + masked)
+    write("websocket_frames", "unmasked-binary-16bit", bytes([0, 0x82, 126, 0, 3]) + b"abc")
+    write("websocket_frames", "ping-then-data", bytes([0, 0x89, 0x80, 0, 0, 0, 0, 0x82, 0x81, 0, 0, 0, 0]) + b"x")
+    write("websocket_frames", "close", bytes([0, 0x88, 0x80, 0, 0, 0, 0]))
+    write("websocket_frames", "round-trip-pieces", bytes([7]) + b"the quick brown fox jumps over the lazy dog" * 4)
+
+
 for make in [control_frames, join_messages, stream_credit, target_names, allow_list,
-             http_connect, socks5, token_file, trust_store, connect_answer]:
+             http_connect, socks5, token_file, trust_store, connect_answer, websocket_frames]:
     make()
