@@ -49,6 +49,7 @@ impl Client {
             .args(args)
             .env("TETHER_CONFIG", self.path("config.yaml"))
             .env_remove("TETHER_PROFILE");
+        support::procs::without_egress_proxy(&mut command);
         command
     }
 }
@@ -221,6 +222,8 @@ async fn ssh_with_the_printed_config_reaches_a_real_sshd_in_the_leaf() {
         .arg(client.path("ssh_config"))
         .args(["db.leaf", "echo reached-$((6*7))-over-tether"])
         .env_remove("TETHER_CONFIG");
+    // ssh runs `tether dial`, which would follow a machine's HTTPS_PROXY.
+    support::procs::without_egress_proxy(&mut ssh);
     let out = run(ssh).await;
     assert_eq!(
         succeeded(&out, "ssh db.leaf").trim(),

@@ -322,3 +322,49 @@ fn tether_agent_refuses_a_bad_egress_configuration_at_start_up() {
     let err = with(&["--egress-proxy-ca", "ca.pem"]);
     assert!(err.contains("no forward proxy is"), "{err}");
 }
+
+/// The whole corporate network at once (#17): the agent's only way out is tinyproxy with Basic
+/// auth, and the root's only way in is an L7 load balancer (haproxy in `mode http`) terminating
+/// TLS in front of the proxies' TLS ports. The agent dials `tls://`, falls back to WebSocket
+/// (haproxy answers without ALPN), and holds a tunnel to each of the 3 proxies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn through_a_forward_proxy_and_an_l7_load_balancer_agents_hold_every_tunnel() {
+    let root = Root::start().await;
+    let mut tls_ports = Vec::new();
+    for proxy in &root.proxies {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        tls_ports.push(listener.local_addr().expect("addr"));
+        let port = tether::proxy::tls_port::TlsPort::self_issued(vec!["localhost".into()], None)
+            .expect("certificate");
+        proxy.serve_tls_port(listener, port);
+    }
+    let pem = tempfile::NamedTempFile::new().expect("pem");
+    let issued = rcgen::generate_simple_self_signed(vec!["localhost".into()]).expect("cert");
+    let key = issued.signing_key.serialize_pem();
+    std::fs::write(pem.path(), format!("{}{key}", issued.cert.pem())).expect("write pem");
+    let l7 = Haproxy::start_l7(&tls_ports, pem.path(), false);
+    let tiny = Tinyproxy::start(&[l7.addr.port()]);
+    let echo = echo_server().await.expect("echo");
+    let mut config = root.agent_config(via(&tiny.url(PASSWORD), ""), echo);
+    config.proxy_addr = format!("tls://localhost:{}", l7.addr.port());
+    let (agent, stop) = run(config);
+    root.wait_all_held().await;
+    assert!(tiny.connects() >= 3, "every tunnel went through tinyproxy");
+    let status = agent.status();
+    wait_for(
+        "the agent's 3 tunnels over WebSocket in TLS",
+        DEADLINE,
+        || {
+            let status = status.borrow();
+            status.proxies.len() == 3
+                && status
+                    .proxies
+                    .iter()
+                    .all(|p| p.carrier.map(|c| c.to_string()).as_deref() == Some("tls-websocket"))
+        },
+    )
+    .await;
+    stop.cancel();
+}

@@ -41,6 +41,8 @@ pub struct DialArgs {
     pub strip_leaf_suffix: bool,
     #[command(flatten)]
     pub profile: ProfileArgs,
+    #[command(flatten)]
+    pub egress: super::egress::EgressArgs,
 }
 
 /// Runs `tether dial`.
@@ -115,7 +117,7 @@ fn client_config(args: &DialArgs) -> anyhow::Result<DialClientConfig> {
         .with_context(|| format!("{identity_flag} {}", identity_path.display()))?;
     Ok(DialClientConfig {
         proxy_addr: proxy,
-        route: tether::transport::Route::direct(),
+        route: args.egress.route()?,
         root_cluster,
         root_cas: read_root_cas(
             &from.describe("--root-ca", args.root_ca.is_some()),

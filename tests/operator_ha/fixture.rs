@@ -401,6 +401,10 @@ impl Dialer {
     /// `tether dial leaf-1 <target>` through haproxy, its standard streams piped.
     pub(crate) fn command(&self, target: SocketAddr) -> tokio::process::Command {
         let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_tether"));
+        // A machine's HTTPS_PROXY would carry the loopback dial.
+        for var in ["HTTPS_PROXY", "https_proxy", "NO_PROXY", "no_proxy"] {
+            cmd.env_remove(var);
+        }
         cmd.args(["dial", LEAF, &target.to_string(), "--root-cluster", "root"])
             .args(["--proxy", &self.lb.to_string()])
             .arg("--identity")

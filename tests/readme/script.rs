@@ -181,6 +181,9 @@ impl Run {
         let mut child = Command::new("bash")
             .args(["-euo", "pipefail", "script.sh"])
             .current_dir(dir.path())
+            // A machine's forward proxy would carry the blocks' loopback dials to the root.
+            .env_remove("HTTPS_PROXY")
+            .env_remove("https_proxy")
             .env("PATH", search_path(&shell.path))
             .envs(shell.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())

@@ -593,6 +593,7 @@ fn tether_command(dir: &Path, args: &[&str]) -> Command {
         .env_remove("TETHER_TOKEN_FILE")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
+    without_egress_proxy(&mut cmd);
     cmd
 }
 
