@@ -143,7 +143,10 @@ fn an_address_in_use_is_named_with_its_flag() {
 fn an_agent_proxy_address_without_a_port_is_refused_at_start_up() {
     let files = Files::write(&tether_pki(), &[]);
     let err = fails(dir_of(&files), &agent_args("proxy.example.com"));
-    says(&err, &["--proxy", "has no port: expected [tls://]HOST:PORT"]);
+    says(
+        &err,
+        &["--proxy", "has no port: expected [tls://]HOST:PORT"],
+    );
 }
 
 #[test]
