@@ -36,6 +36,12 @@ pub struct EgressArgs {
     /// system's).
     #[arg(long, value_name = "FILE")]
     pub egress_proxy_ca: Option<PathBuf>,
+    /// PEM CA certificates the root's TLS port (a `tls://` address) must present a
+    /// certificate of, for its name. Default: not checked, as SSH inside TLS authenticates the
+    /// root with its CA either way; give it where a TLS-intercepting box must be refused
+    /// before SSH starts.
+    #[arg(long, value_name = "FILE")]
+    pub root_tls_ca: Option<PathBuf>,
 }
 
 impl EgressArgs {
@@ -53,11 +59,19 @@ impl EgressArgs {
                 .map(|(_, list)| NoProxy::parse(&list))
                 .unwrap_or_default(),
         };
-        let Some(proxy) = self.proxy(&get)? else {
-            self.refuse_orphans()?;
-            return Ok(Route::direct());
+        let mut route = match self.proxy(&get)? {
+            Some(proxy) => Route::via(Egress::via(proxy, no_proxy)),
+            None => {
+                self.refuse_orphans()?;
+                Route::direct()
+            }
         };
-        Ok(Route::via(Egress::via(proxy, no_proxy)))
+        if let Some(path) = &self.root_tls_ca {
+            let config = tether::transport::tls::client_config(Some(path))
+                .with_context(|| format!("--root-tls-ca {}", path.display()))?;
+            route.tls = Some(config);
+        }
+        Ok(route)
     }
 
     /// The proxy: from the flag, else a variable; `None` when neither names one.
@@ -191,5 +205,18 @@ mod tests {
             .expect_err("scheme")
             .to_string();
         assert!(bad.starts_with("https_proxy: "), "{bad}");
+    }
+
+    #[test]
+    fn a_root_tls_ca_that_cannot_be_read_names_the_flag() {
+        let args = EgressArgs {
+            root_tls_ca: Some("no-such-ca.pem".into()),
+            ..Default::default()
+        };
+        let err = format!(
+            "{:#}",
+            args.route_from(vars(&[])).expect_err("missing file")
+        );
+        assert!(err.contains("--root-tls-ca no-such-ca.pem"), "{err}");
     }
 }

@@ -342,3 +342,38 @@ async fn the_tls_port_follows_a_renewed_certificate() {
     })
     .await;
 }
+
+/// With a CA to check the TLS port's certificate (`--root-tls-ca`), an agent connects to a
+/// port whose certificate that CA signed, and refuses one it did not, before SSH starts.
+#[tokio::test]
+async fn a_root_tls_ca_refuses_a_port_it_did_not_sign() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let issued = rcgen::generate_simple_self_signed(vec!["localhost".into()]).expect("cert");
+    let (cert, key) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
+    std::fs::write(&cert, issued.cert.pem()).expect("write");
+    std::fs::write(&key, issued.signing_key.serialize_pem()).expect("write");
+    let (rig, pki) = TlsRig::start(|_| {}).await;
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let checked = listener.local_addr().expect("addr");
+    let port = TlsPort::from_files(&cert, &key, None).expect("port");
+    rig.proxy.serve_tls_port(listener, port);
+    let tls = tether::transport::tls::client_config(Some(&cert)).expect("CA");
+    let connect = |port: SocketAddr| {
+        let mut config = pki
+            .agent_config(
+                &format!("tls://localhost:{}", port.port()),
+                AllowList::default(),
+            )
+            .expect("config");
+        config.route.tls = Some(tls.clone());
+        tether::agent::Tunnel::connect(Arc::new(config))
+    };
+    let tunnel = connect(checked)
+        .await
+        .expect("the CA signed this port's certificate");
+    assert_eq!(tunnel.carrier.to_string(), "tls-alpn");
+    // The rig's own port presents a certificate it issued itself.
+    let err = connect(rig.tls).await.expect_err("refused");
+    let err = format!("{err:#}");
+    assert!(err.contains("TLS handshake with localhost"), "{err}");
+}

@@ -159,10 +159,11 @@ async fn apply(rt: &ReverseTunnel, ctx: &Context) -> Result<Action> {
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
     match resolve(rt, &secrets, ctx.kube_upstream.as_ref()).await {
         Ok(mut desired) => {
-            // The operator's own route, unless the spec names one.
+            // The operator's own route, unless the spec names one; its TLS settings either way.
             if rt.spec.tunnel.egress_proxy.is_none() {
                 desired.config.route = ctx.route.clone();
             }
+            desired.config.route.tls = ctx.route.tls.clone();
             ctx.ensure_running(rt, desired);
             ctx.failures.succeeded(&key);
             Ok(Action::requeue(RESYNC))

@@ -40,6 +40,8 @@ pub(super) async fn ensure_joined(
                 })?
         }
     };
+    // The operator's TLS settings for a tls:// root, whichever the proxy.
+    request.route.tls = ctx.route.tls.clone();
     info!(trusted_cluster = %name, root = %request.root_address, token = %request.token, "joining the root");
     let joined = join(&request).await.map_err(|e| {
         let retry = if e.is_transient() {
