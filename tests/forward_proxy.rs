@@ -7,7 +7,7 @@ use std::net::{SocketAddr, TcpListener as StdListener};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tether::agent::{Agent, AgentConfig, Tunnel};
+use tether::agent::{AgentConfig, Tunnel};
 use tether::client::{DialClient, DialClientConfig};
 use tether::demo::Pki;
 use tether::egress::allow_list::AllowList;
@@ -15,7 +15,6 @@ use tether::identity::Identity;
 use tether::protocol::Target;
 use tether::proxy::{Peer, ProxyServer};
 use tether::transport::{Credentials, Egress, ForwardProxy, NoProxy, Route};
-use tokio_util::sync::CancellationToken;
 
 use support::haproxy::Haproxy;
 use support::procs::{Files, Proc, agent_command, free_addr};
@@ -92,22 +91,12 @@ fn via(url: &str, no_proxy: &str) -> Route {
     Route::via(Egress::via(proxy, NoProxy::parse(no_proxy)))
 }
 
-fn run(config: AgentConfig) -> (Arc<Agent>, CancellationToken) {
-    let agent = Arc::new(Agent::new(config));
-    let stop = CancellationToken::new();
-    tokio::spawn({
-        let (agent, stop) = (agent.clone(), stop.clone());
-        async move { agent.run(stop).await }
-    });
-    (agent, stop)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_behind_a_proxy_with_basic_auth_holds_three_tunnels_and_dials_work() {
     let root = Root::start().await;
     let tiny = Tinyproxy::start(&[root.lb.addr.port()]);
     let echo = echo_server().await.expect("echo");
-    let (_agent, stop) = run(root.agent_config(via(&tiny.url(PASSWORD), ""), echo));
+    let (_agent, stop) = run_agent(root.agent_config(via(&tiny.url(PASSWORD), ""), echo));
     root.wait_all_held().await;
     assert!(tiny.connects() >= 3, "every tunnel went through tinyproxy");
 
@@ -190,7 +179,7 @@ async fn wrong_credentials_say_407_and_whose_and_never_the_password() {
     assert!(!err.contains(wrong), "{err}");
 
     // The running agent says the same in its log and its status, without the password.
-    let (agent, stop) = run(config.clone());
+    let (agent, stop) = run_agent(config.clone());
     logs.wait_for("407 Proxy Authentication Required").await;
     let status = format!("{:?}", *agent.status().borrow());
     assert!(
@@ -243,7 +232,7 @@ async fn no_proxy_naming_the_root_dials_it_directly() {
         .await
         .expect("a direct connection");
     // And with the live tinyproxy: the agent holds its tunnels and tinyproxy saw none.
-    let (_agent, stop) = run(root.agent_config(
+    let (_agent, stop) = run_agent(root.agent_config(
         via(&tiny.url(PASSWORD), "*.example.com, 127.0.0.0/8"),
         free_addr(),
     ));
@@ -349,7 +338,7 @@ async fn through_a_forward_proxy_and_an_l7_load_balancer_agents_hold_every_tunne
     let echo = echo_server().await.expect("echo");
     let mut config = root.agent_config(via(&tiny.url(PASSWORD), ""), echo);
     config.proxy_addr = format!("tls://localhost:{}", l7.addr.port());
-    let (agent, stop) = run(config);
+    let (agent, stop) = run_agent(config);
     root.wait_all_held().await;
     assert!(tiny.connects() >= 3, "every tunnel went through tinyproxy");
     let status = agent.status();

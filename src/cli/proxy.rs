@@ -190,8 +190,10 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
         );
     }
     let kube_tls = args.kube.tls()?;
-    let kube_client_ca = args.kube.kube_client_ca.as_deref();
-    let tls_port = args.tls_port.load(&args.proxy_id, kube_client_ca)?;
+    let kube_client_ca = args.kube.kube_client_ca.clone();
+    let tls_port = args
+        .tls_port
+        .load(&args.proxy_id, kube_client_ca.as_deref())?;
     let ca = match &args.ca {
         Some(path) => Some(CertificateAuthority::load(path, args.cluster.clone())?),
         None => None,
@@ -374,7 +376,6 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
             async move { stopped.cancelled().await },
         ));
     }
-    let kube_client_ca = args.kube.kube_client_ca.clone();
     let serve_tls = args
         .tls_port
         .serve(tls_port, &proxy, kube_client_ca, &tasks, serving.clone());

@@ -31,6 +31,7 @@ use crate::identity::Identity;
 use crate::protocol::control::CaKeySet;
 use crate::protocol::{ClusterName, busy, ssh};
 use crate::stream::HandshakeGuard;
+use crate::transport::Io;
 
 /// A running proxy.
 pub struct ProxyServer {
@@ -366,10 +367,7 @@ impl Carried {
 /// authentication and, for agents, the hello) ends by `carried.deadline`: then the socket is
 /// shut down whatever state the handshake is in (see [`HandshakeGuard`] for why dropping russh's
 /// futures is not enough), and the connection stays counted until its session has ended.
-pub(super) async fn serve_ssh<S>(shared: Arc<ProxyShared>, stream: S, carried: Carried)
-where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-{
+pub(super) async fn serve_ssh<S: Io>(shared: Arc<ProxyShared>, stream: S, carried: Carried) {
     let Carried {
         peer,
         handshake,

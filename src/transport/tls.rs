@@ -48,6 +48,8 @@ pub enum Inside {
 pub enum TlsError {
     #[error("{path}: {cause}")]
     CaFile { path: String, cause: String },
+    #[error("TLS settings: {0}")]
+    Settings(String),
     #[error("{0:?} is not a valid TLS server name")]
     ServerName(String),
     #[error("TLS handshake with {server}: {source}")]
@@ -64,10 +66,7 @@ pub fn client_config(ca: Option<&Path>) -> Result<Arc<rustls::ClientConfig>, Tls
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
-        .map_err(|e| TlsError::CaFile {
-            path: String::new(),
-            cause: e.to_string(),
-        })?;
+        .map_err(|e| TlsError::Settings(e.to_string()))?;
     let mut config = match ca {
         Some(path) => builder
             .with_root_certificates(roots(path)?)

@@ -128,13 +128,7 @@ pub(crate) fn start_agent(
         .agent_config(&proxy.to_string(), allow)
         .expect("agent config");
     tune(&mut config);
-    let agent = Arc::new(Agent::new(config));
-    let stop = CancellationToken::new();
-    tokio::spawn({
-        let (agent, stop) = (agent.clone(), stop.clone());
-        async move { agent.run(stop).await }
-    });
-    (agent, stop)
+    support::run_agent(config)
 }
 
 /// Leave to reach the loopback server `target` alone: the echo server the dials go to.

@@ -37,6 +37,17 @@ use tokio_util::sync::CancellationToken;
 #[allow(unused_imports)] // for the binaries that use it
 pub use tether::demo::echo_server;
 
+/// Runs an agent with `config` in the background; the token stops it.
+pub fn run_agent(config: AgentConfig) -> (Arc<Agent>, CancellationToken) {
+    let agent = Arc::new(Agent::new(config));
+    let stop = CancellationToken::new();
+    tokio::spawn({
+        let (agent, stop) = (agent.clone(), stop.clone());
+        async move { agent.run(stop).await }
+    });
+    (agent, stop)
+}
+
 /// Polls `condition` until it holds or `deadline` passes (then panics naming `what`).
 pub async fn wait_for<F: FnMut() -> bool>(what: &str, deadline: Duration, mut condition: F) {
     let started = tokio::time::Instant::now();
