@@ -23,6 +23,7 @@
 
 pub mod error;
 pub mod forward_proxy;
+pub mod http_head;
 pub mod no_proxy;
 // TLS with ALPN and the WebSocket upgrade (another step of #17, their own files).
 pub mod carrier;

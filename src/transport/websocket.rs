@@ -25,7 +25,9 @@ use std::task::{Context, Poll, ready};
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+
+use super::http_head::{HeadError, read_head};
 
 /// The path agents upgrade on; anything else on the TLS port is not a tunnel.
 pub const PATH: &str = "/tether/v1/tunnel";
@@ -111,26 +113,21 @@ where
     io.write_all(request.as_bytes()).await?;
     io.flush().await?;
     let mut head = Vec::with_capacity(1024);
-    let leftover = loop {
-        if head.len() >= MAX_HEAD {
-            return Err(WebSocketError::Refused(format!(
-                "the answer's head is over {MAX_HEAD} bytes"
-            )));
+    let len = read_head(&mut io, &mut head, MAX_HEAD, |head| {
+        check_answer(head, &key)
+    })
+    .await
+    .map_err(|e| match e {
+        HeadError::TooLarge => {
+            WebSocketError::Refused(format!("the answer's head is over {MAX_HEAD} bytes"))
         }
-        let start = head.len();
-        head.resize(MAX_HEAD, 0);
-        let n = io.read(&mut head[start..]).await?;
-        head.truncate(start + n);
-        if n == 0 {
-            return Err(WebSocketError::Refused(
-                "the server closed the connection before answering".into(),
-            ));
+        HeadError::Closed => {
+            WebSocketError::Refused("the server closed the connection before answering".into())
         }
-        if let Some(len) = check_answer(&head, &key)? {
-            break head.split_off(len);
-        }
-    };
-    Ok(WebSocket::new(io, Role::Client, leftover))
+        HeadError::Io(e) => e.into(),
+        HeadError::Parse(e) => e,
+    })?;
+    Ok(WebSocket::new(io, Role::Client, head.split_off(len)))
 }
 
 /// The length of a complete `101` answer proving `key`, `None` if more bytes are needed.

@@ -4,13 +4,14 @@
 //! Only CONNECT is served: the entry makes byte tunnels and never interprets what flows through
 //! them. Any other method gets `405` with a line saying how to use the proxy.
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
 use super::auth::{ClientTokens, base64_decode};
 use super::naming::{self, Login};
 use super::{ClientEntryConfig, HandshakeError, Request};
 use crate::protocol::{DialError, DialErrorKind};
 use crate::proxy::access::Who;
+use crate::transport::http_head::{HeadError, read_head};
 
 /// Most header lines accepted in a request head.
 const MAX_HEADERS: usize = 64;
@@ -20,37 +21,32 @@ the user name, or to HOST.CLUSTER.tether:PORT (for example `curl --proxytunnel -
 http://NAME%40LEAF:TOKEN@PROXY URL`)\n";
 
 /// What the request head said, copied out of the read buffer.
-enum Head {
-    Partial,
-    Complete {
-        len: usize,
-        method: String,
-        target: String,
-        authorization: Option<String>,
-    },
-    TooManyHeaders,
-    Invalid,
+struct Head {
+    /// The head's length: what follows is the client's first bytes for the target.
+    len: usize,
+    method: String,
+    target: String,
+    authorization: Option<String>,
 }
 
-fn parse_head(buf: &[u8]) -> Head {
+/// The head at the start of `buf`, `None` while it is incomplete.
+fn parse_head(buf: &[u8]) -> Result<Option<Head>, httparse::Error> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut headers);
-    match req.parse(buf) {
-        Ok(httparse::Status::Partial) => Head::Partial,
-        Ok(httparse::Status::Complete(len)) => Head::Complete {
-            len,
-            method: req.method.unwrap_or_default().to_owned(),
-            target: req.path.unwrap_or_default().to_owned(),
-            authorization: req
-                .headers
-                .iter()
-                .find(|h| h.name.eq_ignore_ascii_case("proxy-authorization"))
-                .and_then(|h| std::str::from_utf8(h.value).ok())
-                .map(str::to_owned),
-        },
-        Err(httparse::Error::TooManyHeaders) => Head::TooManyHeaders,
-        Err(_) => Head::Invalid,
-    }
+    let httparse::Status::Complete(len) = req.parse(buf)? else {
+        return Ok(None);
+    };
+    Ok(Some(Head {
+        len,
+        method: req.method.unwrap_or_default().to_owned(),
+        target: req.path.unwrap_or_default().to_owned(),
+        authorization: req
+            .headers
+            .iter()
+            .find(|h| h.name.eq_ignore_ascii_case("proxy-authorization"))
+            .and_then(|h| std::str::from_utf8(h.value).ok())
+            .map(str::to_owned),
+    }))
 }
 
 /// Reads and checks the request head. `first` is the byte already read to sniff the protocol.
@@ -60,48 +56,39 @@ pub(super) async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
     first: u8,
     config: &ClientEntryConfig,
 ) -> Result<Request, HandshakeError> {
+    let mut buf = vec![first];
     let max = config.max_header_bytes.max(1);
-    let mut buf = Vec::with_capacity(max.min(4096));
-    buf.push(first);
-    let (len, method, target, authorization) = loop {
-        match parse_head(&buf) {
-            Head::Complete {
-                len,
-                method,
-                target,
-                authorization,
-            } => break (len, method, target, authorization),
-            Head::Partial if buf.len() < max => {}
-            Head::Partial | Head::TooManyHeaders => {
-                return reject(
-                    stream,
-                    431,
-                    "Request Header Fields Too Large",
-                    "",
-                    "tether: request head too large\n",
-                    "request head too large",
-                )
-                .await;
-            }
-            Head::Invalid => {
-                return reject(
-                    stream,
-                    400,
-                    "Bad Request",
-                    "",
-                    "tether: malformed HTTP request\n",
-                    "malformed HTTP request",
-                )
-                .await;
-            }
+    let Head {
+        len,
+        method,
+        target,
+        authorization,
+    } = match read_head(stream, &mut buf, max, parse_head).await {
+        Ok(head) => head,
+        Err(HeadError::TooLarge | HeadError::Parse(httparse::Error::TooManyHeaders)) => {
+            return reject(
+                stream,
+                431,
+                "Request Header Fields Too Large",
+                "",
+                "tether: request head too large\n",
+                "request head too large",
+            )
+            .await;
         }
-        let start = buf.len();
-        buf.resize(max, 0);
-        let n = stream.read(&mut buf[start..]).await?;
-        buf.truncate(start + n);
-        if n == 0 {
-            return Err(HandshakeError::Closed);
+        Err(HeadError::Parse(_)) => {
+            return reject(
+                stream,
+                400,
+                "Bad Request",
+                "",
+                "tether: malformed HTTP request\n",
+                "malformed HTTP request",
+            )
+            .await;
         }
+        Err(HeadError::Closed) => return Err(HandshakeError::Closed),
+        Err(HeadError::Io(e)) => return Err(e.into()),
     };
 
     if method != "CONNECT" {

@@ -13,7 +13,7 @@
 
 use std::sync::Arc;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::time::{Instant, timeout_at};
 use tracing::debug;
 
@@ -23,6 +23,7 @@ use crate::proxy::client_entry::HandedOver;
 use crate::proxy::kube_entry::KubeHandedOver;
 use crate::proxy::server::{Carried, serve_ssh};
 use crate::proxy::shared::ProxyShared;
+use crate::transport::http_head::{HeadError, read_head};
 use crate::transport::websocket::{self, Role, WebSocket};
 use crate::transport::{Io, Prefixed};
 
@@ -79,17 +80,19 @@ pub(super) async fn serve<S: Io>(
     over: Over,
 ) {
     let deadline = carried.deadline;
-    let head = tokio::select! {
-        r = timeout_at(deadline, read_head(&mut io)) => r,
+    let mut head = Vec::with_capacity(1024);
+    let read = tokio::select! {
+        r = timeout_at(deadline, read_head(&mut io, &mut head, MAX_HEAD, head_len)) => r,
         () = shared.stopped.cancelled() => return,
     };
-    let (mut head, len) = match head {
-        Ok(Ok(Head::Complete(head, len))) => (head, len),
-        Ok(Ok(Head::TooLarge)) => {
+    let len = match read {
+        Ok(Ok(len)) => len,
+        Ok(Err(HeadError::TooLarge | HeadError::Parse(httparse::Error::TooManyHeaders))) => {
             return answer(io, deadline, 431, "Request Header Fields Too Large").await;
         }
-        Ok(Ok(Head::Invalid)) => return answer(io, deadline, 400, "Bad Request").await,
-        Ok(Err(e)) => return debug!(error = %e, "reading an HTTP head failed"),
+        Ok(Err(HeadError::Parse(_))) => return answer(io, deadline, 400, "Bad Request").await,
+        Ok(Err(HeadError::Closed)) => return debug!("closed before its HTTP head ended"),
+        Ok(Err(HeadError::Io(e))) => return debug!(error = %e, "reading an HTTP head failed"),
         Err(_) => return debug!("the HTTP head did not arrive in time"),
     };
     let peer = carried.peer;
@@ -153,37 +156,13 @@ async fn upgrade<S: Io>(
     serve_ssh(shared, WebSocket::new(io, Role::Server, leftover), carried).await
 }
 
-/// An HTTP request head, as far as it was read.
-enum Head {
-    /// The bytes read, and the head's length (what follows belongs to the connection).
-    Complete(Vec<u8>, usize),
-    /// Over [`MAX_HEAD`] bytes, or too many headers.
-    TooLarge,
-    /// Not HTTP.
-    Invalid,
-}
-
-/// Reads one HTTP request head, at most [`MAX_HEAD`] bytes of it.
-async fn read_head<S: AsyncRead + Unpin>(io: &mut S) -> std::io::Result<Head> {
-    let mut buf = Vec::with_capacity(1024);
-    loop {
-        let mut headers = [httparse::EMPTY_HEADER; 64];
-        match httparse::Request::new(&mut headers).parse(&buf) {
-            Ok(httparse::Status::Complete(len)) => return Ok(Head::Complete(buf, len)),
-            Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD => {}
-            Ok(httparse::Status::Partial) | Err(httparse::Error::TooManyHeaders) => {
-                return Ok(Head::TooLarge);
-            }
-            Err(_) => return Ok(Head::Invalid),
-        }
-        let start = buf.len();
-        buf.resize(MAX_HEAD, 0);
-        let n = io.read(&mut buf[start..]).await?;
-        buf.truncate(start + n);
-        if n == 0 {
-            return Err(std::io::ErrorKind::UnexpectedEof.into());
-        }
-    }
+/// The length of the complete request head at the start of `buf`, `None` while incomplete.
+fn head_len(buf: &[u8]) -> Result<Option<usize>, httparse::Error> {
+    let mut headers = [httparse::EMPTY_HEADER; 64];
+    Ok(match httparse::Request::new(&mut headers).parse(buf)? {
+        httparse::Status::Complete(len) => Some(len),
+        httparse::Status::Partial => None,
+    })
 }
 
 async fn write_all<S: AsyncWrite + Unpin>(io: &mut S, bytes: &[u8]) -> std::io::Result<()> {

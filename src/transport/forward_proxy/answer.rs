@@ -3,6 +3,8 @@
 
 use tokio::io::{AsyncRead, AsyncReadExt};
 
+use crate::transport::http_head::{HeadError, read_head};
+
 /// The largest answer head accepted. Real proxies answer a CONNECT in a few hundred bytes
 /// (tinyproxy: 76 for a 200, ~400 for a 407); a peer that sends more is not one.
 pub const MAX_HEAD: usize = 16 * 1024;
@@ -123,20 +125,12 @@ pub enum ReadError {
 /// root's first bytes may follow a 200 in the same segment; they are the caller's).
 pub async fn read_answer<S: AsyncRead + Unpin>(io: &mut S) -> Result<(Head, Vec<u8>), ReadError> {
     let mut buf = Vec::with_capacity(512);
-    let mut chunk = [0u8; 1024];
-    loop {
-        let room = (MAX_HEAD + 1 - buf.len()).min(chunk.len());
-        let n = io.read(&mut chunk[..room]).await.map_err(ReadError::Io)?;
-        if n == 0 {
-            return Err(match parse_head(&buf) {
-                Err(e) if !buf.is_empty() => ReadError::Answer(e),
-                _ => ReadError::Closed,
-            });
-        }
-        buf.extend_from_slice(&chunk[..n]);
-        if let Some(head) = parse_head(&buf).map_err(ReadError::Answer)? {
-            return Ok((head, buf));
-        }
+    match read_head(io, &mut buf, MAX_HEAD, parse_head).await {
+        Ok(head) => Ok((head, buf)),
+        Err(HeadError::TooLarge) => Err(ReadError::Answer(AnswerError::TooLong)),
+        Err(HeadError::Closed) => Err(ReadError::Closed),
+        Err(HeadError::Io(e)) => Err(ReadError::Io(e)),
+        Err(HeadError::Parse(e)) => Err(ReadError::Answer(e)),
     }
 }
 
