@@ -27,6 +27,8 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 
+use tokio_util::io::poll_read_buf;
+
 use super::http_head::{HeadError, read_head};
 
 /// The path agents upgrade on; anything else on the TLS port is not a tunnel.
@@ -38,6 +40,10 @@ pub const MAX_FRAME: usize = 64 * 1024;
 
 /// Largest response head the client reads before the upgrade (status line and headers).
 const MAX_HEAD: usize = 8 * 1024;
+
+/// The read buffer's size: what is left in it after a frame is at most a header and a
+/// control frame's payload (139 bytes), so a read takes nearly all of it.
+const FILL: usize = 16 * 1024;
 
 /// What RFC 6455 appends to the client's key before hashing it into the accept key.
 const ACCEPT_GUID: &str = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
@@ -325,13 +331,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocket<S> {
             self.input.drain(..self.input_at);
             self.input_at = 0;
         }
-        let start = self.input.len();
-        self.input.resize(start + 16 * 1024, 0);
-        let mut buf = ReadBuf::new(&mut self.input[start..]);
-        let polled = Pin::new(&mut self.inner).poll_read(cx, &mut buf);
-        let n = buf.filled().len();
-        self.input.truncate(start + n);
-        ready!(polled)?;
+        // Into spare capacity, not zero-filled first (this runs once per read of the
+        // connection), and up to FILL in all, so the buffer stays one size for good.
+        self.input.reserve(FILL.saturating_sub(self.input.len()));
+        let n = ready!(poll_read_buf(
+            Pin::new(&mut self.inner),
+            cx,
+            &mut self.input
+        ))?;
         Poll::Ready(Ok(n > 0))
     }
 
