@@ -7,6 +7,7 @@ pub mod control;
 pub mod dial;
 pub mod join;
 pub mod kube;
+pub mod proxy_header;
 pub mod ssh;
 pub mod stream;
 pub mod target;
