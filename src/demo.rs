@@ -66,6 +66,7 @@ impl Pki {
             )?)),
             join: None,
             access: None,
+            balancers: Default::default(),
             protocol: crate::protocol::ProtocolVersion::CURRENT,
         })
     }

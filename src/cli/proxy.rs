@@ -16,8 +16,8 @@ use tether::identity::{CertificateAuthority, Identity, TrustStore, check_own_hos
 use tether::protocol::ClusterName;
 use tether::proxy::client_entry::ClientEntryConfig;
 use tether::proxy::{
-    BearerTokens, HeartbeatPolicy, JoinAuthority, LeafAccess, Peer, PeeringConfig, ProxyConfig,
-    ProxyLimits, ProxyServer,
+    Balancers, BearerTokens, HeartbeatPolicy, JoinAuthority, LeafAccess, Peer, PeeringConfig,
+    ProxyConfig, ProxyLimits, ProxyServer,
 };
 use tether::stream::StreamLimits;
 
@@ -112,6 +112,11 @@ pub struct ProxyArgs {
     /// SSH handshakes one source IP may have in progress at once.
     #[arg(long, default_value_t = ProxyLimits::default().max_handshakes_per_ip)]
     max_handshakes_per_ip: usize,
+    /// Load balancers (addresses or CIDRs, comma-separated or repeated) whose connections
+    /// start with a PROXY protocol header (v1 or v2, as haproxy's `send-proxy-v2`): each is
+    /// then counted against the client it names. Only these are read for one.
+    #[arg(long, value_name = "CIDR", value_delimiter = ',', value_parser = parse_net)]
+    proxy_protocol_from: Vec<ipnet::IpNet>,
     /// Handshakes in progress from which new connections are dropped at random (30 % there,
     /// rising to 100 % at --max-handshakes).
     #[arg(long, default_value_t = ProxyLimits::default().handshakes_early_drop_start)]
@@ -267,6 +272,7 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
             )) as Arc<dyn JoinAuthority>
         }),
         access: dial_access(&args, root_client.as_ref()),
+        balancers: Balancers::new(args.proxy_protocol_from.clone()),
         protocol: tether::protocol::ProtocolVersion::CURRENT,
     };
     let access = config.access.clone();
@@ -570,5 +576,16 @@ impl Hangup {
             }
         }));
         Ok(hangup)
+    }
+}
+
+/// An address (one host) or a CIDR.
+fn parse_net(text: &str) -> Result<ipnet::IpNet, String> {
+    let text = text.trim();
+    match text.parse::<std::net::IpAddr>() {
+        Ok(ip) => Ok(ip.into()),
+        Err(_) => text
+            .parse()
+            .map_err(|_| format!("{text:?} is not an IP address or CIDR (such as 10.0.0.0/8)")),
     }
 }

@@ -145,8 +145,38 @@ pub struct ProxyConfig {
     /// Who may dial which leaf (in Kubernetes, RBAC on `remoteclusters/dial`); `None` lets
     /// every authenticated client dial every leaf (the leaf's allow-list still applies).
     pub access: Option<Arc<dyn super::access::LeafAccess>>,
+    /// Load balancers whose PROXY protocol header names the client (see [`Balancers`]);
+    /// empty: no connection is read for one.
+    pub balancers: Balancers,
     /// The control protocol version this proxy speaks at most: this build's
     /// ([`ProtocolVersion::CURRENT`](crate::protocol::ProtocolVersion::CURRENT)), or an older
     /// one of its major, as a proxy of an earlier release would (tests of version skew).
     pub protocol: crate::protocol::ProtocolVersion,
+}
+
+/// The load balancers in front of the proxy that prepend a PROXY protocol header
+/// (`--proxy-protocol-from`; [`crate::protocol::proxy_header`] says why). A connection from
+/// one of these addresses must start with a header, and counts against the client it names;
+/// a connection from anywhere else is never read for one, so a client cannot claim another's
+/// address. Addresses, not names: DNS cannot widen the list.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Balancers(Vec<ipnet::IpNet>);
+
+impl Balancers {
+    /// The balancers in `nets`.
+    pub fn new(nets: Vec<ipnet::IpNet>) -> Self {
+        Self(nets)
+    }
+
+    /// Whether a connection from `ip` comes through a listed balancer (an IPv4 address
+    /// accepted on a dual-stack socket counts as IPv4).
+    pub fn contains(&self, ip: std::net::IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        self.0.iter().any(|net| net.contains(&ip))
+    }
+
+    /// Whether any balancer is listed.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
 }

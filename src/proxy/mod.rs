@@ -1,5 +1,6 @@
 //! The root side: the tunnel server, its registry of remote sites, and the client entry.
 
+mod accept;
 pub mod access;
 pub mod audit;
 pub mod authority;
@@ -27,7 +28,7 @@ pub mod tunnel;
 
 pub use access::{AccessDenied, BearerTokens, LeafAccess, Reach, Who};
 pub use authority::{Admission, JoinAuthority, Refused};
-pub use config::{HeartbeatPolicy, ProxyConfig, ProxyLimits};
+pub use config::{Balancers, HeartbeatPolicy, ProxyConfig, ProxyLimits};
 pub use dialer::{Dialer, ProxyConn, ProxyDialer};
 pub use peers::{Peer, PeeringConfig};
 pub use server::ProxyServer;

@@ -4,19 +4,18 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use futures::FutureExt;
 use russh::server::Config as SshConfig;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{Instrument, debug, error, info, info_span, warn};
+use tracing::{Instrument, debug, info, info_span, warn};
 
+use super::accept::{Port, accept_loop};
 use super::config::ProxyConfig;
 use super::dialer::ProxyDialer;
 use super::handler::ConnectionHandler;
@@ -26,10 +25,10 @@ use super::quota::StreamQuota;
 use super::shared::ProxyShared;
 use super::sites::{SiteInfo, Sites};
 use super::tls_port::TlsPort;
-use crate::admin::metrics::{MetricsRegistry, ProxyMetrics, StreamMetrics, label};
+use crate::admin::metrics::{MetricsRegistry, ProxyMetrics, StreamMetrics};
 use crate::identity::Identity;
 use crate::protocol::control::CaKeySet;
-use crate::protocol::{ClusterName, busy, ssh};
+use crate::protocol::{ClusterName, ssh};
 use crate::stream::HandshakeGuard;
 use crate::transport::Io;
 
@@ -67,6 +66,7 @@ impl ProxyServer {
         let (metrics, streams) = (ProxyMetrics::default(), StreamMetrics::default());
         let shared = Arc::new(ProxyShared {
             limiter: ConnectionLimiter::with_metrics(config.limits, metrics.clone()),
+            header_reads: Arc::new(tokio::sync::Semaphore::new(config.limits.max_handshakes)),
             client_streams: StreamQuota::new(config.limits.max_streams_per_client),
             client_sessions: Arc::default(),
             peer_pool: PeerPool::new(PeerLiveness::from_heartbeat(&config.heartbeat)),
@@ -237,89 +237,6 @@ impl ProxyServer {
     }
 }
 
-/// What a listener of the proxy serves.
-#[derive(Clone)]
-pub(super) enum Port {
-    /// The SSH port: the socket carries SSH.
-    Ssh,
-    /// The TLS port: SSH by ALPN or in WebSocket frames, and HTTP ([`super::tls_port`]).
-    Tls(Arc<TlsPort>),
-}
-
-/// Accepts connections on `listener` until the proxy drains. Both ports share one
-/// [`ConnectionLimiter`]: a source's connections and handshakes count whichever port it uses.
-pub(super) async fn accept_loop(shared: Arc<ProxyShared>, listener: TcpListener, port: Port) {
-    loop {
-        let accepted = tokio::select! {
-            () = shared.draining.cancelled() => return,
-            a = listener.accept() => a,
-        };
-        let (socket, peer) = match accepted {
-            Ok(a) => a,
-            Err(e) => {
-                // Running out of file descriptors is transient; don't spin on it.
-                warn!(error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let (permit, handshake) = match shared.limiter.admit(peer.ip()) {
-            Ok(p) => p,
-            Err(refusal) => {
-                shared
-                    .metrics
-                    .refused
-                    .get_or_create(&label("reason", refusal.label()))
-                    .inc();
-                shared.limiter.log_refusal(peer, &refusal);
-                // A busy line is SSH's; on the TLS port a refused client just sees the close.
-                if let (Some(retry), Port::Ssh) = (refusal.retry_hint(), &port) {
-                    // Never waits: a fresh socket's send buffer has room for one line, and a
-                    // peer that cannot take it just sees the close.
-                    let _ = socket.try_write(&busy::busy_line(retry));
-                }
-                continue;
-            }
-        };
-        let span = info_span!("connection", %peer);
-        let conn_shared = shared.clone();
-        let port = port.clone();
-        shared.tasks.spawn(
-            async move {
-                let _permit = permit;
-                let metrics = conn_shared.metrics.clone();
-                let served = async move {
-                    let Some(carried) = Carried::at_accept(&conn_shared, &socket, peer, handshake)
-                    else {
-                        return;
-                    };
-                    match port {
-                        Port::Ssh => serve_ssh(conn_shared, socket, carried).await,
-                        // Boxed: the TLS port's future (TLS, an HTTP head, WebSocket) is far
-                        // larger than the SSH port's, and a task holds its future for the
-                        // connection's life: unboxed, every SSH-port tunnel would carry its
-                        // size (+14.6 KiB per idle tunnel, tests/idle).
-                        Port::Tls(tls) => {
-                            Box::pin(super::tls_port::serve(conn_shared, tls, socket, carried))
-                                .await
-                        }
-                    }
-                };
-                if let Err(panic) = AssertUnwindSafe(served).catch_unwind().await {
-                    metrics.connection_panics.inc();
-                    let what = panic
-                        .downcast_ref::<&str>()
-                        .map(|s| (*s).to_owned())
-                        .or_else(|| panic.downcast_ref::<String>().cloned())
-                        .unwrap_or_default();
-                    error!(panic = %what, "a connection task panicked (a bug; please report it)");
-                }
-            }
-            .instrument(span),
-        );
-    }
-}
-
 /// How long a connection shut down at its handshake deadline may take to end, its permit
 /// still held: russh's task sees end-of-file at once, so this bounds only a stuck task.
 const SHUTDOWN_LINGER: Duration = Duration::from_secs(2);
@@ -338,16 +255,15 @@ pub(super) struct Carried {
 }
 
 impl Carried {
-    /// A connection just accepted on either port: its deadline starts now, its socket sends
+    /// A connection just accepted on either port: its deadline (from accept), its socket sends
     /// without delay (SSH's packets are small) and is guarded. `None` (and logged) only when
     /// the process is out of descriptors.
-    fn at_accept(
-        shared: &ProxyShared,
+    pub(super) fn at_accept(
         socket: &TcpStream,
         peer: SocketAddr,
         handshake: HandshakePermit,
+        deadline: tokio::time::Instant,
     ) -> Option<Self> {
-        let deadline = tokio::time::Instant::now() + shared.config.limits.handshake_timeout;
         let _ = socket.set_nodelay(true);
         let guard = HandshakeGuard::new(socket)
             .inspect_err(

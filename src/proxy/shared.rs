@@ -39,6 +39,9 @@ pub struct ProxyShared {
     pub tasks: TaskTracker,
     /// Admission control.
     pub limiter: Arc<ConnectionLimiter>,
+    /// Connections from load balancers whose PROXY header is being read, before admission
+    /// can know their source: bounded by the handshake slots' count.
+    pub(super) header_reads: Arc<tokio::sync::Semaphore>,
     /// Each SSH client's share of open streams.
     pub client_streams: Arc<StreamQuota>,
     /// Client sessions carrying streams, ended when the trust stops accepting them.

@@ -629,7 +629,7 @@ async fn removing_stale_leaves_is_asked_for_and_only_then_may_the_proxies_delete
 /// tunnel Service carries it as "tls" on `root.tls.servicePort` (443); with `root.tls.secret`
 /// the proxies use its certificate, without one each issues itself one (no Secret needed).
 #[tokio::test]
-async fn the_tls_port_renders_only_when_asked_with_the_secret_given() {
+async fn the_tls_port_and_proxy_headers_render_only_when_asked() {
     let cp = support::kube::control_plane().await;
     let container_args = |docs: &[Value]| {
         let deployment = find(docs, "Deployment", "tether-proxy");
@@ -665,6 +665,21 @@ async fn the_tls_port_renders_only_when_asked_with_the_secret_given() {
     let deployment = find(&docs, "Deployment", "tether-proxy");
     let volumes = deployment["spec"]["template"]["spec"]["volumes"].to_string();
     assert!(volumes.contains("root-tls"), "{volumes}");
+
+    // PROXY protocol headers: read from nobody unless the balancers are listed.
+    assert!(!container_args(&off).contains("--proxy-protocol-from"));
+    let listed = concat(&[
+        ROOT_ONLY,
+        &[
+            "--set-json",
+            r#"root.proxyProtocolFrom=["10.0.0.0/24","192.0.2.7"]"#,
+        ],
+    ]);
+    let args = container_args(&render(cp, "tether", "tether", &listed));
+    assert!(
+        args.contains("--proxy-protocol-from 10.0.0.0/24,192.0.2.7"),
+        "{args}"
+    );
 }
 
 /// `leaf.egressProxy` (#17): the operator gets HTTPS_PROXY and NO_PROXY, and the credentials

@@ -21,6 +21,18 @@ impl Haproxy {
     /// Starts haproxy balancing (`random`, `roundrobin`, ...) over `backends`, with fast health
     /// checks and redispatch, and waits until it accepts connections.
     pub fn start(balance: &str, backends: &[SocketAddr]) -> Haproxy {
+        Self::tcp(balance, backends, "check inter 100ms fall 1 rise 1")
+    }
+
+    /// Starts haproxy in front of `backends` prepending a PROXY protocol header to each
+    /// connection (`send` is `send-proxy-v2` or `send-proxy`, version 1), without health
+    /// checks: every connection a backend sees is a client's.
+    pub fn start_sending_proxy_header(backends: &[SocketAddr], send: &str) -> Haproxy {
+        Self::tcp("roundrobin", backends, send)
+    }
+
+    /// haproxy in `mode tcp` over `backends`, each with `server_options`.
+    fn tcp(balance: &str, backends: &[SocketAddr], server_options: &str) -> Haproxy {
         let mut servers = String::new();
         for (i, b) in backends.iter().enumerate() {
             servers.push_str(&format!("  server s{i} {b}\n"));
@@ -30,7 +42,7 @@ impl Haproxy {
                 "global\n  maxconn 4000\n\
                  defaults\n  mode tcp\n  timeout connect 1s\n  timeout client 120s\n  timeout server 120s\n  retries 3\n  option redispatch 1\n\
                  frontend tunnels\n  bind {addr}\n  default_backend proxies\n\
-                 backend proxies\n  balance {balance}\n  default-server check inter 100ms fall 1 rise 1\n{servers}"
+                 backend proxies\n  balance {balance}\n  default-server {server_options}\n{servers}"
             )
         })
     }

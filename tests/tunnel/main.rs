@@ -14,6 +14,7 @@ mod liveness;
 mod logs;
 mod metrics;
 mod policy;
+mod proxy_protocol;
 mod skew;
 mod startup;
 mod tls_port;

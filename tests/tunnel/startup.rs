@@ -150,6 +150,18 @@ fn an_agent_proxy_address_without_a_port_is_refused_at_start_up() {
 }
 
 #[test]
+fn a_balancer_that_is_not_an_address_is_refused_naming_the_flag() {
+    let err = proxy_refused_with(&["--proxy-protocol-from", "10.0.0.0/8,lb.example.com"]);
+    says(
+        &err,
+        &[
+            "--proxy-protocol-from",
+            "\"lb.example.com\" is not an IP address or CIDR",
+        ],
+    );
+}
+
+#[test]
 fn client_tokens_without_a_client_entry_are_refused() {
     let err = proxy_refused_with(&["--client-tokens", "tokens.txt"]);
     says(&err, &["--client-listen"]);

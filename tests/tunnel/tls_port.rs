@@ -32,16 +32,16 @@ async fn serve_tls_port(proxy: &ProxyServer) -> SocketAddr {
 
 /// A proxy (tuned by `tune`) with its TLS port, and an agent dialling `address(tls_port)`,
 /// allowed to reach `echo`; the agent's events, and a token that stops it.
-struct TlsRig {
-    proxy: ProxyServer,
-    tls: SocketAddr,
+pub(crate) struct TlsRig {
+    pub(crate) proxy: ProxyServer,
+    pub(crate) tls: SocketAddr,
     echo: SocketAddr,
     events: broadcast::Receiver<AgentEvent>,
     stop: CancellationToken,
 }
 
 impl TlsRig {
-    async fn start(tune: impl FnOnce(&mut ProxyConfig)) -> (TlsRig, tether::demo::Pki) {
+    pub(crate) async fn start(tune: impl FnOnce(&mut ProxyConfig)) -> (TlsRig, tether::demo::Pki) {
         let pki = pki();
         let mut config = pki.proxy_config("proxy-1").expect("proxy config");
         tune(&mut config);
@@ -59,7 +59,7 @@ impl TlsRig {
     }
 
     /// Starts an agent dialling `address`; returns the carrier its first tunnel used.
-    async fn agent(&mut self, pki: &tether::demo::Pki, address: &str) -> String {
+    pub(crate) async fn agent(&mut self, pki: &tether::demo::Pki, address: &str) -> String {
         let allow = AllowList::parse(&[format!("{}/32:{}", self.echo.ip(), self.echo.port())])
             .expect("allow-list");
         let agent = Arc::new(Agent::new(
@@ -88,7 +88,7 @@ impl TlsRig {
     }
 
     /// Dials the echo server through the proxy and checks the bytes come back.
-    async fn echo_through(&self) {
+    pub(crate) async fn echo_through(&self) {
         let target =
             Target::parse(&format!("127.0.0.1.leaf.tether:{}", self.echo.port())).expect("target");
         let conn = self
