@@ -21,7 +21,7 @@ use tokio::time::{Instant, timeout_at};
 use tracing::{Instrument, error, info_span, warn};
 
 use super::limits::{ConnectionPermit, HandshakePermit};
-use super::server::{Carried, serve_ssh};
+use super::session::{Carried, serve_ssh};
 use super::shared::ProxyShared;
 use super::tls_port::TlsPort;
 use crate::admin::metrics::label;

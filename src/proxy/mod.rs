@@ -20,6 +20,7 @@ pub mod reload;
 pub mod root_keys;
 mod rotation;
 pub mod server;
+mod session;
 pub mod shared;
 pub mod sites;
 pub mod tls_port;

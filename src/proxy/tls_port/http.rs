@@ -21,7 +21,7 @@ use super::TlsPort;
 use crate::proxy::access::Who;
 use crate::proxy::client_entry::HandedOver;
 use crate::proxy::kube_entry::KubeHandedOver;
-use crate::proxy::server::{Carried, serve_ssh};
+use crate::proxy::session::{Carried, serve_ssh};
 use crate::proxy::shared::ProxyShared;
 use crate::transport::http_head::{HeadError, read_head};
 use crate::transport::websocket::{self, Role, WebSocket};

@@ -36,7 +36,7 @@ use tracing::debug;
 
 use super::client_entry::HandOff;
 use super::kube_entry::{KubeHandOff, KubeTlsError, who_of_certificate};
-use super::server::{Carried, serve_ssh};
+use super::session::{Carried, serve_ssh};
 use super::shared::ProxyShared;
 use crate::transport::tls::{ALPN_HTTP1, ALPN_SSH};
 use http::Over;
