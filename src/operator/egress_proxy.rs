@@ -9,7 +9,7 @@ use k8s_openapi::api::core::v1::Secret;
 use kube::Api;
 
 use super::crd::reverse_tunnel::{EgressProxy, SecretKeyReference};
-use super::resolve::{Unusable, secret_text, unusable};
+use super::secret_read::{Unusable, secret_text, unusable};
 use crate::transport::{Credentials, Egress, EgressError, ForwardProxy, NoProxy, Route};
 
 /// The reason of every condition this module sets.

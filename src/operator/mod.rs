@@ -30,6 +30,7 @@ pub mod replicas;
 pub mod resolve;
 pub mod root;
 pub mod root_keys;
+pub mod secret_read;
 pub mod server_version;
 pub mod stamps;
 pub mod status;

@@ -11,7 +11,7 @@ use k8s_openapi::api::core::v1::Secret;
 use kube::Api;
 
 use super::crd::ReverseTunnel;
-use super::status::Problem;
+use super::secret_read::{Unusable, secret_text, unusable};
 use crate::agent::AgentConfig;
 use crate::agent::kube::{KubeAccess, KubeGateway, KubeUpstream};
 use crate::egress::allow_list::AllowList;
@@ -42,21 +42,6 @@ pub struct Desired {
     pub ca_keys: Option<Arc<CaKeySet>>,
     /// Fingerprint of the CA key that signed the agent's certificate, for the status.
     pub identity_ca: String,
-}
-
-/// A problem, and whether retrying later may fix it without a spec or Secret change.
-pub struct Unusable {
-    /// What to report.
-    pub problem: Problem,
-    /// `true` for things that may appear on their own (a Secret not created yet).
-    pub retry: bool,
-}
-
-pub(crate) fn unusable(reason: &'static str, message: String, retry: bool) -> Unusable {
-    Unusable {
-        problem: Problem { reason, message },
-        retry,
-    }
 }
 
 /// Checks the parts of a spec that need no API call: names, allow-list and interval.
@@ -98,51 +83,6 @@ pub fn check_spec(
         ));
     }
     Ok((root, leaf, allow, heartbeat))
-}
-
-pub(crate) async fn secret_text(
-    secrets: &Api<Secret>,
-    name: &str,
-    key: &str,
-    reason: &'static str,
-) -> Result<String, Unusable> {
-    let secret = match secrets.get_opt(name).await {
-        Ok(Some(secret)) => secret,
-        Ok(None) => {
-            return Err(unusable(
-                "SecretNotFound",
-                format!("Secret {name:?} not found"),
-                true,
-            ));
-        }
-        Err(e) => {
-            return Err(unusable(
-                "SecretUnreadable",
-                format!("reading Secret {name:?}: {e}"),
-                true,
-            ));
-        }
-    };
-    let bytes = secret
-        .data
-        .as_ref()
-        .and_then(|d| d.get(key))
-        .map(|b| b.0.clone())
-        .or_else(|| {
-            secret
-                .string_data
-                .as_ref()
-                .and_then(|d| d.get(key))
-                .map(|s| s.clone().into_bytes())
-        })
-        .ok_or_else(|| unusable(reason, format!("Secret {name:?} has no key {key:?}"), false))?;
-    String::from_utf8(bytes).map_err(|_| {
-        unusable(
-            reason,
-            format!("Secret {name:?} key {key:?} is not text"),
-            false,
-        )
-    })
 }
 
 fn parse_identity(key_text: &str, cert_text: &str, secret: &str) -> Result<Identity, Unusable> {

@@ -130,7 +130,7 @@ pub(super) async fn join_request(
     tc: &TrustedCluster,
     secrets: &Api<Secret>,
 ) -> std::result::Result<JoinRequest, Blocked> {
-    let from = |u: crate::operator::resolve::Unusable| {
+    let from = |u: crate::operator::secret_read::Unusable| {
         let retry = u.retry.then_some(Duration::from_secs(10));
         Blocked::new(u.problem.reason, u.problem.message, retry)
     };

@@ -51,7 +51,8 @@ use crate::operator::crd::{
     ReverseTunnel, ReverseTunnelSpec, SecretReference, TrustedCluster, TrustedClusterStatus,
 };
 use crate::operator::error::{Error, Result};
-use crate::operator::resolve::{IDENTITY_CERT, IDENTITY_KEY, ROOT_CA_KEY, secret_text};
+use crate::operator::resolve::{IDENTITY_CERT, IDENTITY_KEY, ROOT_CA_KEY};
+use crate::operator::secret_read::secret_text;
 use crate::operator::stamps::condition;
 use crate::protocol::ClusterName;
 use crate::protocol::join::JoinToken;
