@@ -9,13 +9,12 @@
 //! nginx can all prepend this header; the proxy reads it, only from addresses it was told to
 //! trust, and counts the connection against the client's address instead.
 //!
-//! The header is read exactly, never past its end (what follows is TLS or SSH): version 2 is
-//! 16 bytes and a length, version 1 a line of at most 107 bytes read a byte at a time (it is
-//! short, sent once per connection, and the next byte is not ours).
+//! The header must be read exactly, never past its end (what follows is TLS or SSH): [`next`]
+//! says how many bytes to read next, without doing any I/O itself. Version 2 is 16 bytes and a
+//! length; version 1 a line of at most 107 bytes, read a byte at a time (it is short, sent
+//! once per connection, and the byte after it is not ours).
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-
-use tokio::io::{AsyncRead, AsyncReadExt};
 
 /// Version 2's first twelve bytes.
 pub const V2_SIGNATURE: [u8; 12] = *b"\r\n\r\n\0\r\nQUIT\n";
@@ -42,41 +41,69 @@ pub enum ProxyHeaderError {
     Io(#[from] std::io::Error),
 }
 
-/// Reads one header from the start of `io`: the client's address, or `None` when the balancer
-/// speaks for itself (v2 `LOCAL`, as in its health checks; v1 `UNKNOWN`; a family other than
-/// IPv4 and IPv6). The caller bounds it in time.
-pub async fn read_proxy_header<S: AsyncRead + Unpin>(
-    io: &mut S,
-) -> Result<Option<SocketAddr>, ProxyHeaderError> {
+/// What reading a header needs next, given the bytes read so far.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Next {
+    /// Exactly this many more bytes: never more than the header has left, so a reader that
+    /// reads exactly them never takes a byte of what follows.
+    Read(usize),
+    /// The header is complete: the client's address, or `None` when the balancer speaks for
+    /// itself (v2 `LOCAL`, as in its health checks; v1 `UNKNOWN`; a family other than IPv4
+    /// and IPv6).
+    Done(Option<SocketAddr>),
+}
+
+/// What comes after `header`, the bytes read so far from the start of the connection; an
+/// error as soon as they cannot start a valid header.
+pub fn next(header: &[u8]) -> Result<Next, ProxyHeaderError> {
     // 12 bytes can always be read: the shortest v1 line ("PROXY UNKNOWN\r\n") has 15.
-    let mut start = [0u8; 12];
-    io.read_exact(&mut start).await?;
-    if start == V2_SIGNATURE {
-        let mut rest = [0u8; 4];
-        io.read_exact(&mut rest).await?;
-        let len = usize::from(u16::from_be_bytes([rest[2], rest[3]]));
+    if header.len() < V2_SIGNATURE.len() {
+        return Ok(Next::Read(V2_SIGNATURE.len() - header.len()));
+    }
+    if header.starts_with(&V2_SIGNATURE) {
+        let Some(fixed) = header.get(..16) else {
+            return Ok(Next::Read(16 - header.len()));
+        };
+        let len = usize::from(u16::from_be_bytes([fixed[14], fixed[15]]));
         if len > MAX_V2_BODY {
             return Err(ProxyHeaderError::TooLong(len));
         }
-        let mut body = vec![0u8; len];
-        io.read_exact(&mut body).await?;
-        return parse_v2(rest[0], rest[1], &body);
+        return match (16 + len).checked_sub(header.len()) {
+            Some(0) => parse_v2(fixed[12], fixed[13], &header[16..]).map(Next::Done),
+            Some(more) => Ok(Next::Read(more)),
+            None => Err(ProxyHeaderError::V2("read past its announced length")),
+        };
     }
-    if !start.starts_with(b"PROXY ") {
-        let shown: String = String::from_utf8_lossy(&start)
+    if !header.starts_with(b"PROXY ") {
+        let shown: String = String::from_utf8_lossy(&header[..V2_SIGNATURE.len()])
             .chars()
             .map(|c| if c.is_control() { '.' } else { c })
             .collect();
         return Err(ProxyHeaderError::Missing(shown));
     }
-    let mut line = start.to_vec();
-    while !line.ends_with(b"\r\n") {
-        if line.len() >= MAX_V1 {
-            return Err(ProxyHeaderError::V1("no CRLF within 107 bytes"));
-        }
-        line.push(io.read_u8().await?);
+    if header.ends_with(b"\r\n") {
+        return parse_v1(header).map(Next::Done);
     }
-    parse_v1(&line)
+    if header.len() >= MAX_V1 {
+        return Err(ProxyHeaderError::V1("no CRLF within 107 bytes"));
+    }
+    // A byte at a time: the line's end is not known before it is read.
+    Ok(Next::Read(1))
+}
+
+/// The header at the start of `bytes` (already read, such as a peeked segment) and its
+/// length; [`ProxyHeaderError::Io`] (end of file) when `bytes` ends inside it.
+pub fn from_bytes(bytes: &[u8]) -> Result<(Option<SocketAddr>, usize), ProxyHeaderError> {
+    let mut len = 0;
+    loop {
+        match next(&bytes[..len])? {
+            Next::Done(source) => return Ok((source, len)),
+            Next::Read(more) if len + more <= bytes.len() => len += more,
+            Next::Read(_) => {
+                return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into());
+            }
+        }
+    }
 }
 
 /// Parses a whole version 1 line, `PROXY TCP4 SRC DST SPORT DPORT\r\n`.

@@ -16,6 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::FutureExt;
+use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::{Instant, timeout_at};
 use tracing::{Instrument, error, info_span, warn};
@@ -26,7 +27,7 @@ use super::shared::ProxyShared;
 use super::tls_port::TlsPort;
 use crate::admin::metrics::label;
 use crate::protocol::busy;
-use crate::protocol::proxy_header::read_proxy_header;
+use crate::protocol::proxy_header::{self, Next, ProxyHeaderError};
 
 /// What a listener of the proxy serves.
 #[derive(Clone)]
@@ -134,6 +135,21 @@ fn through_balancer(
         }
     };
     tasks.spawn(task.instrument(info_span!("balancer", %balancer)));
+}
+
+/// Reads the PROXY header at the start of `socket`, exactly: what follows is TLS's or SSH's.
+async fn read_proxy_header(socket: &mut TcpStream) -> Result<Option<SocketAddr>, ProxyHeaderError> {
+    let mut header = Vec::with_capacity(64);
+    loop {
+        match proxy_header::next(&header)? {
+            Next::Done(source) => return Ok(source),
+            Next::Read(more) => {
+                let at = header.len();
+                header.resize(at + more, 0);
+                socket.read_exact(&mut header[at..]).await?;
+            }
+        }
+    }
 }
 
 /// Counts and logs a connection from a balancer closed for its header. A warning: the
