@@ -116,6 +116,36 @@ pub struct Context {
     kubernetes_version: watch::Receiver<Option<String>>,
     /// How every agent and join reaches its root (directly, or the leaf's forward proxy).
     pub route: crate::transport::Route,
+    /// When each leaf CA key set this replica signs is issued: always after the last one.
+    pub key_set_clock: KeySetClock,
+}
+
+/// Issue times of the leaf CA key sets this replica signs, per TrustedCluster.
+///
+/// The root applies a key set only if it was issued after the one it holds (seconds), so a
+/// replay cannot take a leaf back. A reconcile reads its TrustedCluster from a cache that may
+/// not hold its own last status write yet; from that stale status, the set published last
+/// looked older than it was, and a rotation whose phases ran within one second signed a new
+/// set with the same issue time as the one the root had just applied, refused for good
+/// (tests/ca_rotation.rs failed so in CI). Remembering what was issued keeps the times rising
+/// whatever the cache says.
+#[derive(Default)]
+pub struct KeySetClock(Mutex<HashMap<String, u64>>);
+
+impl KeySetClock {
+    /// The issue time of a new key set for `owner` (namespace/name): now, but after
+    /// `published` (the last set its status shows) and after every set issued here for it.
+    pub fn next(&self, owner: &str, published: Option<u64>) -> u64 {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let mut issued = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let last = issued.entry(owner.to_owned()).or_default();
+        *last = now
+            .max(published.map_or(0, |p| p.saturating_add(1)))
+            .max(last.saturating_add(1));
+        *last
+    }
 }
 
 impl Context {
@@ -146,6 +176,7 @@ impl Context {
             kube_upstream,
             kubernetes_version,
             route,
+            key_set_clock: KeySetClock::default(),
         }
     }
 
@@ -428,5 +459,26 @@ fn start_agent(
         mute,
         status: own_status,
         task,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::KeySetClock;
+
+    #[test]
+    fn key_sets_are_issued_in_order_whatever_a_stale_status_says() {
+        let clock = KeySetClock::default();
+        let first = clock.next("leaf/to-root", None);
+        // Within the same second, from a status that does not show `first` yet.
+        let second = clock.next("leaf/to-root", None);
+        assert!(second > first, "{second} after {first}");
+        assert!(clock.next("leaf/to-root", Some(first)) > second);
+        // A published set from the future (another replica's clock) is passed too.
+        assert_eq!(clock.next("leaf/to-root", Some(u64::MAX - 1)), u64::MAX);
+        // And nothing overflows at the end of time.
+        assert_eq!(clock.next("leaf/to-root", Some(u64::MAX)), u64::MAX);
+        // Each TrustedCluster has its own order.
+        assert!(clock.next("other/to-root", None) <= second);
     }
 }

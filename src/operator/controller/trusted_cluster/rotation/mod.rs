@@ -106,7 +106,15 @@ pub(super) async fn rotate(
     };
     let decided = plan(&facts);
     let root_trusts_set_of = facts.trusted_set();
-    let key_set = key_set(&decided, &keys, published.as_ref(), previous.as_ref())?;
+    let owner = format!("{}/{}", tc.namespace().unwrap_or_default(), tc.name_any());
+    let issue_time = |published| ctx.key_set_clock.next(&owner, published);
+    let key_set = key_set(
+        &decided,
+        &keys,
+        published.as_ref(),
+        previous.as_ref(),
+        issue_time,
+    )?;
     let mut last_rotated = previous.as_ref().and_then(|s| s.last_rotated.clone());
     if let Some(change) = decided.change {
         change_secret(tc, ctx, secrets, &keys, change).await?;
@@ -139,12 +147,13 @@ pub(super) async fn rotate(
 }
 
 /// The signed set `decided` publishes: the one published before when it holds the same keys
-/// (so the root is not asked again), else a new one, issued after it.
+/// (so the root is not asked again), else a new one, issued at `issue_time(published's)`.
 fn key_set(
     decided: &Plan,
     keys: &LeafKeys,
     published: Option<&KeySet>,
     previous: Option<&CaRotationStatus>,
+    issue_time: impl FnOnce(Option<u64>) -> u64,
 ) -> std::result::Result<Option<SignedKeySet>, Blocked> {
     let Some(which) = &decided.publish else {
         return Ok(None);
@@ -164,10 +173,7 @@ fn key_set(
     if same {
         return Ok(previous.and_then(|s| s.key_set.clone()));
     }
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    let issued_at = now.max(published.map_or(0, |p| p.issued_at + 1));
+    let issued_at = issue_time(published.map(|p| p.issued_at));
     let signer = keys.get(which[0]);
     let set = KeySet {
         cluster: signer.cluster().clone(),
