@@ -21,7 +21,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::time::{Instant, timeout_at};
 use tracing::{Instrument, error, info_span, warn};
 
-use super::limits::{ConnectionPermit, HandshakePermit};
+use super::limits::{ConnectionPermit, HandshakePermit, Refusal};
 use super::session::{Carried, serve_ssh};
 use super::shared::ProxyShared;
 use super::tls_port::TlsPort;
@@ -86,12 +86,7 @@ fn admit(
         Ok(permits) => return Some(permits),
         Err(refusal) => refusal,
     };
-    shared
-        .metrics
-        .refused
-        .get_or_create(&label("reason", refusal.label()))
-        .inc();
-    shared.limiter.log_refusal(peer, &refusal);
+    count_refusal(shared, peer, &refusal);
     // A busy line is SSH's; on the TLS port a refused client just sees the close.
     if let (Some(retry), Port::Ssh) = (refusal.retry_hint(), port) {
         // Never waits: a fresh socket's send buffer has room for one line, and a peer that
@@ -152,15 +147,20 @@ async fn read_proxy_header(socket: &mut TcpStream) -> Result<Option<SocketAddr>,
     }
 }
 
-/// Counts and logs a connection from a balancer closed for its header. A warning: the
-/// balancer is trusted, so this is a misconfiguration (no `send-proxy-v2`) to see at once.
-fn refuse_header(shared: &ProxyShared, balancer: SocketAddr, why: &str) {
+/// Counts a refused connection, and logs it at most once a second (a flood of refusals, or
+/// a balancer whose health checks send no header, must not become a flood of log lines).
+fn count_refusal(shared: &ProxyShared, peer: SocketAddr, refusal: &Refusal) {
     shared
         .metrics
         .refused
-        .get_or_create(&label("reason", "proxy-header"))
+        .get_or_create(&label("reason", refusal.label()))
         .inc();
-    warn!(%balancer, why, "closed a connection from a load balancer: bad PROXY protocol header");
+    shared.limiter.log_refusal(peer, refusal);
+}
+
+/// Closes a connection from a balancer for its header: counted and logged like any refusal.
+fn refuse_header(shared: &ProxyShared, balancer: SocketAddr, why: &str) {
+    count_refusal(shared, balancer, &Refusal::ProxyHeader(why.to_owned()));
 }
 
 /// Serves one admitted connection; a panic in it is counted and logged, never the process's.

@@ -115,6 +115,9 @@ pub enum Refusal {
     EarlyDrop { in_flight: usize, start: usize },
     #[error("{limit} handshakes from peer proxies are already in progress, their limit")]
     PeerHandshakes { limit: usize },
+    /// From a listed load balancer (`--proxy-protocol-from`), before its client is known.
+    #[error("no valid PROXY protocol header from a listed load balancer: {0}")]
+    ProxyHeader(String),
 }
 
 /// What a refused agent is told to wait before its next try when the proxy is only busy
@@ -134,7 +137,7 @@ impl Refusal {
             | Refusal::HandshakesPerIp { .. }
             | Refusal::PeerHandshakes { .. }
             | Refusal::EarlyDrop { .. } => Some(BUSY_RETRY),
-            Refusal::PerIp { .. } | Refusal::Total { .. } => None,
+            Refusal::PerIp { .. } | Refusal::Total { .. } | Refusal::ProxyHeader(_) => None,
         }
     }
 
@@ -147,6 +150,7 @@ impl Refusal {
             Refusal::HandshakesPerIp { .. } => "handshakes_per_ip",
             Refusal::EarlyDrop { .. } => "early_drop",
             Refusal::PeerHandshakes { .. } => "peer_handshakes",
+            Refusal::ProxyHeader(_) => "proxy_header",
         }
     }
 }

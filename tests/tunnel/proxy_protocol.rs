@@ -123,7 +123,7 @@ async fn only_a_listed_balancer_is_read_for_a_header() {
         .shared()
         .metrics
         .refused
-        .get_or_create(&label("reason", "proxy-header"))
+        .get_or_create(&label("reason", "proxy_header"))
         .get();
     assert_eq!(refused, 1, "the refusal is counted");
 
